@@ -1,0 +1,1 @@
+"""mojax: multi-objective alignment for LLMs in JAX/Flax."""

@@ -1,0 +1,156 @@
+"""The combiner contract: stacked per-objective updates -> n weights -> one update.
+
+Every combiner in mojax is built by :func:`weighted_combiner` from a *weighting*
+
+    weighting(gram, state, **extra_args) -> (weights f32[n], new_state)
+
+where ``gram`` is the n x n Gram matrix of the per-objective updates (or ``None`` for
+weightings that only read per-sample statistics) expressed in units of ``gram_scale**2``:
+the true Gram is ``gram_scale**2 * gram``. ``gram_scale`` is passed as an extra argument and
+is 1.0 except when the raw fp32 Gram would overflow or underflow (gradient norms near 1e30 or
+1e-30); scale-invariant weightings ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Below this trace (in fp32 units) the raw Gram has lost its digits to underflow.
+_TINY_TRACE = 1e-30
+
+
+class Weighting(Protocol):
+    """(gram f32[n, n] | None, state, **extra_args) -> (weights f32[n], state)."""
+
+    def __call__(self, gram: jax.Array | None, state: Any, **extra_args: Any) -> tuple[jax.Array, Any]: ...
+
+
+class WeightsState(NamedTuple):
+    """State of a stateless combiner: the weights of its latest update."""
+
+    weights: jax.Array
+
+
+def objective_count(updates: Any, name: str, expected: int | None = None) -> int:
+    """Size n of the leading objective axis shared by every leaf; ValueError naming the leaf otherwise."""
+    leaves = jax.tree_util.tree_leaves_with_path(updates)
+    if not leaves:
+        raise ValueError(f"{name}: `updates` has no array leaves; expected a pytree whose leaves carry a leading objective axis.")
+    sizes: dict[int, str] = {}
+    for path, leaf in leaves:
+        where = jax.tree_util.keystr(path) or "<root>"
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(f"{name}: leaf {where} is a scalar; every leaf of `updates` needs a leading objective axis of size n.")
+        sizes.setdefault(jnp.shape(leaf)[0], where)
+    if len(sizes) > 1:
+        seen = ", ".join(f"{size} (e.g. leaf {where})" for size, where in sizes.items())
+        raise ValueError(f"{name}: leaves of `updates` disagree on the leading objective axis: sizes {seen}; all must be equal.")
+    (n,) = sizes
+    if expected is not None and n != expected:
+        raise ValueError(f"{name}: `updates` has {n} objectives on its leading axis, but the combiner was built for {expected}.")
+    return n
+
+
+def require_num_objectives(name: str, num_objectives: int | None, *implied_by: tuple[str, Sequence[float] | jax.Array | None]) -> int:
+    """n from `num_objectives` or from the length of a vector argument; ValueError if absent or inconsistent."""
+    candidates = {label: len(jnp.atleast_1d(jnp.asarray(v))) for label, v in implied_by if v is not None}
+    if num_objectives is not None:
+        if int(num_objectives) < 1:
+            raise ValueError(f"{name}: num_objectives must be >= 1, got {num_objectives}.")
+        candidates["num_objectives"] = int(num_objectives)
+    if not candidates:
+        raise ValueError(f"{name}: pass num_objectives=n (the size of the leading objective axis) so the state can be sized at init.")
+    if len(set(candidates.values())) > 1:
+        raise ValueError(f"{name}: inconsistent number of objectives: {candidates}.")
+    return next(iter(candidates.values()))
+
+
+def as_vector(name: str, label: str, value: Sequence[float] | jax.Array | float, n: int) -> jax.Array:
+    """f32[n] from a scalar (broadcast) or a length-n vector; ValueError on a wrong length."""
+    vec = jnp.asarray(value, jnp.float32)
+    if vec.ndim == 0:
+        return jnp.full((n,), vec)
+    if vec.shape != (n,):
+        raise ValueError(f"{name}: `{label}` has shape {vec.shape}; expected a scalar or a vector of length n = {n}.")
+    return vec
+
+
+def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc: str) -> jax.Array:
+    """The extra argument `key`; ValueError saying what the combiner needs if it is missing."""
+    value = extra_args.get(key)
+    if value is None:
+        raise ValueError(f"{name}: update() needs the extra argument `{key}` ({shape_doc}); pass it as tx.update(grads, state, params, {key}=...).")
+    return jnp.asarray(value)
+
+
+def _raw_gram(updates: Any, inv_scale: jax.Array | float) -> jax.Array:
+    """sum over leaves of <g_i, g_j> (fp32 accumulation); with sharded leaves, a local dot then one n x n all-reduce."""
+
+    def leaf_gram(leaf: jax.Array) -> jax.Array:
+        scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
+        rest = tuple(range(1, leaf.ndim))
+        return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf_gram, updates)))
+
+
+def _max_abs(updates: Any) -> jax.Array:
+    """max |g| over every leaf and objective, in fp32."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in jax.tree.leaves(updates)]))
+
+
+def tree_gram(updates: Any) -> tuple[jax.Array, jax.Array]:
+    """(G / s^2, s) with G_ij = <g_i, g_j> over the pytree; s = 1 unless the raw fp32 Gram over- or underflows."""
+    raw = _raw_gram(updates, 1.0)
+    healthy = jnp.all(jnp.isfinite(raw)) & (jnp.trace(raw) > _TINY_TRACE)
+
+    def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
+        peak = _max_abs(updates)
+        scale = jnp.where(peak > 0, peak, 1.0)
+        return _raw_gram(updates, 1.0 / scale), scale
+
+    return jax.lax.cond(healthy, lambda _: (raw, jnp.ones((), jnp.float32)), rescaled, None)
+
+
+def combine(weights: jax.Array, updates: Any) -> Any:
+    """sum_i w_i g_i on every leaf, contracting the objective axis with tensordot (never .sum(0))."""
+    return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), updates)
+
+
+def weighted_combiner(
+    name: str,
+    weighting: Weighting,
+    init_state: Callable[[], Any],
+    *,
+    num_objectives: int,
+    uses_gram: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """An optax transform: check the objective axis, (Gram ->) weighting -> tensordot, state.weights = applied weights."""
+
+    def init_fn(params: Any) -> Any:
+        del params
+        return init_state()
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        del params
+        objective_count(updates, name, num_objectives)
+        if uses_gram:
+            gram, scale = tree_gram(updates)
+            extra_args = {**extra_args, "gram_scale": scale}
+        else:
+            gram = None
+        weights, state = weighting(gram, state, **extra_args)
+        weights = weights.astype(jnp.float32)
+        return combine(weights, updates), state._replace(weights=weights)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def initial_weights(n: int) -> jax.Array:
+    """Uniform f32[n], the logged weights before the first update."""
+    return jnp.full((n,), 1.0 / n, jnp.float32)
