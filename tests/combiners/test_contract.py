@@ -1,0 +1,250 @@
+"""The combiner contract (DESIGN.md §3), checked on every combiner in the registry."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from combiner_cases import CASES, extra_args, stacked_gradients
+from flax import nnx
+from optax._src.test_utils import log_compilations
+
+N = 3
+TINY_SHAPES = {"b": (3,), "w": (4, 3)}
+
+
+def case_param(name: str) -> Any:
+    """A pytest parameter for one registry entry, skipped while its module has not landed."""
+    missing = not CASES[name].available()
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(missing, reason=f"{CASES[name].module} not in this checkout"))
+
+
+ALL = [case_param(name) for name in CASES]
+WITH_REQUIRED = [
+    pytest.param(name, key, id=f"{name}-{key}", marks=case_param(name).marks) for name, case in CASES.items() for key in case.required
+]
+WITH_OPTIONAL = [case_param(name) for name, case in CASES.items() if case.optional]
+
+
+class Outcome(NamedTuple):
+    """One jitted update of a combiner on the tiny stacked gradients."""
+
+    params: Any
+    grads: Any
+    init_state: Any
+    update: Any
+    state: Any
+
+
+def tiny_params(dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Parameters of a 4 -> 3 linear layer, without the objective axis."""
+    return {key: np.full(shape, 0.1, dtype) for key, shape in TINY_SHAPES.items()}
+
+
+# name -> (n, dtype, adds unknown extra args): every single-update check of one combiner, compiled once.
+VARIANTS = {"f32": (N, np.float32, False), "unknown_args": (N, np.float32, True), "bf16": (N, jnp.bfloat16, False), "single": (1, np.float32, False)}
+UNKNOWN_ARGS = {"unrelated_statistic": np.ones(7, np.float32), "objective_values": np.zeros(N, np.float32)}
+
+
+@functools.cache
+def outcomes(name: str) -> dict[str, Outcome]:
+    """Init on unstacked params, then one update per variant, all inside a single jitted program."""
+    case = CASES[name]
+    inputs, combiners = {}, {}
+    for variant, (n, dtype, unknown) in VARIANTS.items():
+        combiners[variant] = case.make(n)
+        params = tiny_params(dtype)
+        extras = dict(extra_args(case, n), **(UNKNOWN_ARGS if unknown else {}))
+        inputs[variant] = (stacked_gradients(TINY_SHAPES, n, seed=1, dtype=dtype), combiners[variant].init(params), params, extras)
+
+    @jax.jit
+    def run_all(inputs):
+        return {variant: combiners[variant].update(grads, state, params, **extras) for variant, (grads, state, params, extras) in inputs.items()}
+
+    results = run_all(inputs)
+    return {variant: Outcome(params, grads, state, *results[variant]) for variant, (grads, state, params, _) in inputs.items()}
+
+
+def weighted_sum(weights: jax.Array, grads: Any) -> Any:
+    """sum_i w_i g_i per leaf, in fp32 numpy: the contract's combine, computed independently."""
+    return jax.tree.map(lambda g: np.tensordot(np.asarray(weights, np.float32), np.asarray(g, np.float32), axes=1), grads)
+
+
+def assert_f32_vector(weights: jax.Array, n: int) -> None:
+    """weights is a finite f32[n]."""
+    assert weights.dtype == jnp.float32 and weights.shape == (n,), (weights.dtype, weights.shape)
+    assert np.all(np.isfinite(weights)), weights
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_weights_are_f32_vectors_before_and_after_update(name):
+    outcome = outcomes(name)["f32"]
+    assert_f32_vector(outcome.init_state.weights, N)
+    assert_f32_vector(outcome.state.weights, N)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_update_has_the_structure_shapes_and_dtypes_of_params(name):
+    outcome = outcomes(name)["f32"]
+    assert jax.tree.structure(outcome.update) == jax.tree.structure(outcome.params)
+    shapes_dtypes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert shapes_dtypes(outcome.update) == shapes_dtypes(outcome.params)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_update_is_the_sum_weighted_by_the_logged_weights(name):
+    outcome = outcomes(name)["f32"]
+    expected = weighted_sum(outcome.state.weights, outcome.grads)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5), outcome.update, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_extra_args_are_ignored(name):
+    plain, noisy = outcomes(name)["f32"], outcomes(name)["unknown_args"]
+    jax.tree.map(np.testing.assert_array_equal, noisy.update, plain.update)
+    np.testing.assert_array_equal(noisy.state.weights, plain.state.weights)
+
+
+def regression_problem(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs x f32[16, 4] and n nearby regression targets f32[n, 16, 3], far from the tiny params."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    true_w = 2.0 + 0.2 * rng.standard_normal((n, 4, 3)).astype(np.float32)
+    return x, np.einsum("bi,nio->nbo", x, true_w)
+
+
+def objective_losses(params: dict[str, jax.Array], x: jax.Array, targets: jax.Array) -> jax.Array:
+    """f32[n]: mean squared error of the linear layer against each objective's targets."""
+    prediction = x @ params["w"] + params["b"]
+    return jnp.mean((prediction[None] - targets) ** 2, axis=(1, 2))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_trains_in_a_jitted_chain_without_recompiling(name):
+    case, steps = CASES[name], 6
+    tx = optax.chain(case.make(N), optax.adam(5e-2))
+    x, targets = regression_problem(N)
+
+    @jax.jit
+    def step(params, state, extras):
+        losses = objective_losses(params, x, targets)
+        jac = jax.jacrev(objective_losses)(params, x, targets)
+        updates, state = tx.update(jac, state, params, **extras)
+        return optax.apply_updates(params, updates), state, losses
+
+    params = tiny_params()
+    state = tx.init(params)
+    batches = [extra_args(case, N, seed=seed) for seed in range(steps)]
+    params, state, first_losses = step(params, state, batches[0])
+    with log_compilations() as compilations:
+        for extras in batches[1:]:
+            params, state, losses = step(params, state, extras)
+    assert not compilations, [log.getMessage() for log in compilations]
+    assert np.all(np.asarray(objective_losses(params, x, targets)) < np.asarray(first_losses)), (first_losses, losses)
+
+
+class TinyLinear(nnx.Module):
+    """A 4 -> 3 linear layer whose parameters match TINY_SHAPES."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.full(TINY_SHAPES["w"], 0.1))
+        self.b = nnx.Param(jnp.full(TINY_SHAPES["b"], 0.1))
+
+    def __call__(self, x):
+        return x @ self.w[...] + self.b[...]
+
+
+def nnx_objective_losses(model: TinyLinear, x: jax.Array, targets: jax.Array) -> jax.Array:
+    """f32[n]: per-objective mean squared error of the NNX layer."""
+    return jnp.mean((model(x)[None] - targets) ** 2, axis=(1, 2))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nnx_optimizer_applies_the_combined_update(name):
+    case, learning_rate = CASES[name], 0.1
+    x, targets = regression_problem(N)
+    model = TinyLinear()
+    optimizer = nnx.Optimizer(model, optax.chain(case.make(N), optax.sgd(learning_rate)), wrt=nnx.Param)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    jac = jax.jacrev(lambda p: nnx_objective_losses(nnx.merge(graphdef, p, rest), x, targets))(params)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, jac, extras):
+        optimizer.update(model, jac, **extras)
+
+    nnx_step(model, optimizer, jac, extra_args(case, N))
+    weights = optimizer.opt_state[0].weights[...]
+    assert_f32_vector(weights, N)
+    assert int(optimizer.step[...]) == 1
+    combined = weighted_sum(weights, {"w": jac["w"][...], "b": jac["b"][...]})
+    for key in TINY_SHAPES:
+        assert np.any(combined[key] != 0), "degenerate check: the combined update is zero"
+        np.testing.assert_allclose(getattr(model, key)[...], 0.1 - learning_rate * combined[key], rtol=1e-5, atol=1e-6)
+
+
+def abstract_update(name: str, grads: Any, extras: dict[str, Any], n: int = N) -> Any:
+    """Trace one update without compiling it: enough to reach every trace-time check."""
+    tx = CASES[name].make(n)
+    params = tiny_params()
+    return jax.eval_shape(lambda g, e: tx.update(g, tx.init(params), params, **e), grads, extras)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_leaves_with_different_objective_counts_raise_naming_the_leaf(name):
+    grads = stacked_gradients(TINY_SHAPES, N)
+    grads["w"] = stacked_gradients({"w": TINY_SHAPES["w"]}, N + 1)["w"]
+    with pytest.raises(ValueError, match=re.escape("['w']")):
+        abstract_update(name, grads, extra_args(CASES[name], N))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_wrong_objective_count_raises(name):
+    grads = stacked_gradients(TINY_SHAPES, N + 1)
+    with pytest.raises(ValueError) as excinfo:
+        abstract_update(name, grads, extra_args(CASES[name], N))
+    message = str(excinfo.value)
+    assert re.search(rf"\b{N + 1}\b", message) and re.search(rf"\b{N}\b", message), message
+
+
+@pytest.mark.parametrize(("name", "key"), WITH_REQUIRED)
+def test_missing_required_extra_arg_raises_naming_it(name, key):
+    extras = extra_args(CASES[name], N)
+    del extras[key]
+    with pytest.raises(ValueError, match=re.escape(f"`{key}`")):
+        abstract_update(name, stacked_gradients(TINY_SHAPES, N), extras)
+
+
+@pytest.mark.parametrize("name", WITH_OPTIONAL)
+def test_optional_extra_args_may_be_omitted(name):
+    case = CASES[name]
+    extras = {key: value for key, value in extra_args(case, N).items() if key in case.required}
+    update, state = abstract_update(name, stacked_gradients(TINY_SHAPES, N), extras)
+    assert state.weights.shape == (N,) and update["w"].shape == TINY_SHAPES["w"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_leaves_give_finite_bf16_updates_and_fp32_weights(name):
+    outcome = outcomes(name)["bf16"]
+    assert_f32_vector(outcome.state.weights, N)
+    for got, want in zip(jax.tree.leaves(outcome.update), jax.tree.leaves(weighted_sum(outcome.state.weights, outcome.grads))):
+        assert got.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_single_objective_gives_a_positive_multiple_of_its_gradient(name):
+    outcome = outcomes(name)["single"]
+    assert_f32_vector(outcome.state.weights, 1)
+    assert outcome.state.weights[0] > 0, outcome.state.weights
+    jax.tree.map(
+        lambda got, g: np.testing.assert_allclose(got, outcome.state.weights[0] * g[0], rtol=1e-5, atol=1e-6),
+        outcome.update,
+        outcome.grads,
+    )
