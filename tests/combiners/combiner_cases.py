@@ -31,6 +31,7 @@ class CombinerCase:
     name: str
     module: str
     build: Callable[[ModuleType, int], optax.GradientTransformationExtraArgs]
+    uses_gram: bool
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
 
@@ -42,34 +43,33 @@ class CombinerCase:
         """The combiner built for n objectives."""
         return self.build(importlib.import_module(self.module), n)
 
-    @property
-    def uses_statistics(self) -> bool:
-        """Whether the weights come from per-sample statistics rather than the Gram matrix."""
-        return bool(self.required)
-
 
 CASES: dict[str, CombinerCase] = {
     case.name: case
     for case in (
-        CombinerCase("linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n))),
-        CombinerCase("mgda", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n)),
-        CombinerCase("gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n)),
+        CombinerCase("linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n)), uses_gram=False),
+        CombinerCase("mgda", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n), uses_gram=True),
+        CombinerCase("gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n), uses_gram=True),
         CombinerCase(
-            "p_gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n)
+            "p_gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n), uses_gram=True
         ),
-        CombinerCase("pcgrad", "mojax.combiners.pcgrad", lambda m, n: m.pcgrad(num_objectives=n, seed=0)),
-        CombinerCase("cagrad", "mojax.combiners.cagrad", lambda m, n: m.cagrad(num_objectives=n, c=0.5)),
-        CombinerCase("upgrad", "mojax.combiners.upgrad", lambda m, n: m.upgrad(num_objectives=n)),
-        CombinerCase("nash_mtl", "mojax.combiners.nash_mtl", lambda m, n: m.nash_mtl(num_objectives=n)),
+        CombinerCase("pcgrad", "mojax.combiners.pcgrad", lambda m, n: m.pcgrad(num_objectives=n, seed=0), uses_gram=True),
+        CombinerCase("cagrad", "mojax.combiners.cagrad", lambda m, n: m.cagrad(num_objectives=n, c=0.5), uses_gram=True),
+        CombinerCase("upgrad", "mojax.combiners.upgrad", lambda m, n: m.upgrad(num_objectives=n), uses_gram=True),
+        CombinerCase("nash_mtl", "mojax.combiners.nash_mtl", lambda m, n: m.nash_mtl(num_objectives=n), uses_gram=True),
         CombinerCase(
-            "pama", "mojax.combiners.pama", lambda m, n: m.pama_solve(num_objectives=n), required=("advantages",), optional=("mask",)
+            "pama", "mojax.combiners.pama", lambda m, n: m.pama_solve(num_objectives=n),
+            uses_gram=False,
+            required=("advantages",),
+            optional=("mask",),
         ),
         CombinerCase(
             "ctwa",
             "mojax.combiners.ctwa",
             lambda m, n: m.ctwa_reweight(np.full((n,), 1.0 / n, np.float32), np.full((n,), 0.1, np.float32)),
+            uses_gram=False,
             required=("rewards", "signal"),
-            optional=("group_ids",),
+            optional=("group_ids", "mask"),
         ),
     )
 }
