@@ -1,0 +1,173 @@
+"""mojax LLaMA: cache consistency, padding invariance, dtypes, logical axes, eval_shape (torch-free).
+
+HF numerical parity lives in test_hf.py (needs torch).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
+from mojax.models.config import ModelConfig as _MC
+from mojax.models.llama import PARAM_AXIS_NAMES, apply_rope, attention, rope_inv_freq
+from tests.models.hf_fixtures import random_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(ModelConfig.tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def fwd(model):
+    return nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask)[0])
+
+
+def _ids(B, T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, 256, (B, T)), jnp.int32)
+
+
+def test_forward_shapes(model):
+    ids = _ids(2, 5)
+    logits, cache = model(ids)
+    assert logits.shape == (2, 5, 256) and logits.dtype == jnp.float32 and cache is None
+    h, _ = model.hidden_states(ids)
+    assert h.shape == (2, 5, 64)
+    np.testing.assert_allclose(model.logits(h), logits, atol=1e-6)
+
+
+def test_left_padding_does_not_change_real_tokens(model, fwd):
+    ids = _ids(2, 8, seed=1)
+    # row 1: 3 left pads with arbitrary ids; its real tokens are ids[1, 3:]
+    mask = jnp.asarray([[1] * 8, [0] * 3 + [1] * 5], jnp.int32)
+    out = fwd(model, ids, mask)
+    alt = ids.at[1, :3].set(jnp.asarray([7, 99, 200]))
+    out_alt = fwd(model, alt, mask)
+    np.testing.assert_allclose(out[1, 3:], out_alt[1, 3:], atol=1e-6)
+    # unpadded reference for row 1 (default positions restart at 0 after the pads)
+    ref = fwd(model, ids[1:, 3:], jnp.ones((1, 5), jnp.int32))
+    np.testing.assert_allclose(out[1, 3:], ref[0], atol=2e-5)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_cache_prefill_then_decode_matches_full_forward(model, fwd):
+    B, P, G = 2, 6, 3
+    ids = _ids(B, P + G, seed=2)
+    mask = jnp.asarray([[1] * (P + G), [0] * 2 + [1] * (P + G - 2)], jnp.int32)
+    full = fwd(model, ids, mask)
+    step = nnx.jit(lambda m, ids, mask, cache: m(ids, attention_mask=mask, cache=cache))
+    cache = model.init_cache(B, P + G + 2)
+    assert cache.keys.shape == (2, B, P + G + 2, 2, 16) and cache.valid.dtype == jnp.bool_
+    logits, cache = step(model, ids[:, :P], mask[:, :P], cache)
+    outs = [logits]
+    for t in range(P, P + G):
+        logits, cache = step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(logits)
+    inc = jnp.concatenate(outs, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=2e-5)
+    assert int(cache.index) == P + G
+    np.testing.assert_array_equal(cache.lengths, [P + G, P + G - 2])
+
+
+def test_cache_chunked_prefill_and_explicit_positions(model):
+    ids = _ids(1, 7, seed=3)
+    full, _ = model(ids, positions=jnp.arange(7)[None] + 5)
+    cache = model.init_cache(1, 7)
+    a, cache = model(ids[:, :4], positions=jnp.arange(4)[None] + 5, cache=cache)
+    b, cache = model(ids[:, 4:], positions=jnp.arange(4, 7)[None] + 5, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize("kv_heads,tie", [(4, False), (1, True)])
+def test_mha_mqa_tied(kv_heads, tie):
+    cfg = ModelConfig.tiny(num_key_value_heads=kv_heads, tie_word_embeddings=tie, num_hidden_layers=1)
+    m = random_llama(cfg, seed=4)
+    state = nnx.state(m, nnx.Param)
+    assert ("lm_head" in state) != tie
+    assert m.model.layers.self_attn.k_proj.kernel.shape == (1, 64, kv_heads, 16)
+    ids = _ids(1, 4, seed=5)
+    full, _ = m(ids)
+    cache = m.init_cache(1, 4)
+    a, cache = m(ids[:, :3], cache=cache)
+    b, cache = m(ids[:, 3:], cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, atol=2e-5)
+
+
+def test_gqa_equals_repeated_kv_mha():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 3, 5)) > 0.3)
+    out = attention(q, k, v, mask)
+    ref = attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)  # HF repeat_kv
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2),
+                                         mask=mask[:, None])
+    np.testing.assert_allclose(out, dense, atol=1e-5)
+
+
+def test_rope_is_relative():
+    inv = rope_inv_freq(ModelConfig.tiny())
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+
+    def dot(pq, pk):
+        from mojax.models.llama import rope_cos_sin
+        cq, sq = rope_cos_sin(jnp.asarray([[pq]]), inv, jnp.float32)
+        ck, sk = rope_cos_sin(jnp.asarray([[pk]]), inv, jnp.float32)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert dot(7, 3) == pytest.approx(dot(14, 10), abs=1e-4)
+
+
+def test_llama3_inv_freq_matches_reference():
+    cfg = ModelConfig.tiny(rope_theta=500000.0, head_dim=16, rope_scaling=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))
+    inv = rope_inv_freq(cfg)
+    base = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    wl = 2 * np.pi / base
+    ref = np.where(wl < 32 / 4, base, np.where(wl > 32 / 1, base / 8,
+                   (1 - (32 / wl - 1) / 3) * base / 8 + (32 / wl - 1) / 3 * base))
+    np.testing.assert_allclose(inv, ref, rtol=1e-5)
+    assert not np.allclose(inv, base)
+
+
+def test_bf16_compute_and_params():
+    cfg = ModelConfig.tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, num_hidden_layers=1)
+    m = random_llama(cfg, seed=6)
+    assert m.model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ids = _ids(2, 4, seed=7)
+    logits, _ = m(ids)
+    h, _ = m.hidden_states(ids)
+    assert logits.dtype == jnp.float32 and h.dtype == jnp.bfloat16
+    ref = random_llama(cfg.replace(dtype=jnp.float32, param_dtype=jnp.float32), seed=6)(ids)[0]
+    assert float(jnp.max(jnp.abs(logits - ref))) < 0.1
+    cache = m.init_cache(2, 4)
+    assert cache.keys.dtype == jnp.bfloat16
+
+
+def test_logical_axes_and_eval_shape_70b():
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig.llama_70b(), rngs=nnx.Rngs(0)))
+    specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+    flat = {".".join(str(k) for k in path): tuple(v.get_value()) if hasattr(v, "get_value") else tuple(v)
+            for path, v in nnx.to_flat_state(specs)}
+    assert flat == LOGICAL_AXES
+    for names in flat.values():
+        assert set(names) <= set(PARAM_AXIS_NAMES)
+    q = abstract.model.layers.self_attn.q_proj.kernel
+    assert q.shape == (80, 8192, 64, 128)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == ModelConfig.llama_70b().num_params()
+
+
+def test_real_init_and_jit_construct():
+    cfg = ModelConfig.tiny(num_hidden_layers=1)
+    m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    assert float(jnp.std(m.model.embed_tokens.embedding[...])) == pytest.approx(0.02, rel=0.1)
+    np.testing.assert_array_equal(m.model.norm.scale[...], 1.0)
+    assert _MC is ModelConfig
