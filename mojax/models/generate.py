@@ -1,0 +1,257 @@
+"""Batched autoregressive sampling with a preallocated KV cache: one compile per shape bucket.
+
+``generate`` left-pads the prompts to a bucketed width, prefills the cache once, then runs a
+``lax.while_loop`` of single-token decode steps that stops as soon as every sequence has emitted a
+stop token. Each chosen token comes with two log-probabilities: under the distribution it was
+sampled from (temperature, top-k and top-p applied) and under the unmodified model distribution
+(softmax of the raw logits), which is the one PPO ratios and KL penalties need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each new token is chosen: argmax at temperature 0, else temperature, then top-k, then top-p sampling.
+
+    ``top_k=0`` and ``top_p=1.0`` switch those filters off. A sequence that emits any of
+    ``stop_token_ids`` is finished: the stop token is kept, and every later position holds
+    ``pad_token_id`` with response mask 0. Prompts are left-padded to ``bucket_length(P,
+    prompt_bucket_multiple)`` columns so that prompts of nearby lengths share one compilation.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    prompt_bucket_multiple: int | None = None
+
+    def __post_init__(self):
+        stop = self.stop_token_ids
+        object.__setattr__(self, "stop_token_ids", (stop,) if isinstance(stop, (int, np.integer)) else tuple(stop))
+        _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
+        _require_int("pad_token_id", self.pad_token_id, minimum=0)
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"SamplingConfig: temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}.")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}.")
+        if self.prompt_bucket_multiple is not None:
+            _require_int("prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two")
+
+
+class GenerationResult(NamedTuple):
+    """Sampled responses (N = max_new_tokens columns) and the full sequences for the training forward.
+
+    ``sampler_logprobs`` are log-probabilities of the chosen tokens under the distribution they were
+    drawn from (temperature, top-k, top-p applied; 0 under greedy decoding, a point mass).
+    ``model_logprobs`` are log-probabilities under the unmodified model distribution
+    ``log_softmax(logits)``. Both are 0 where ``response_mask`` is 0. ``sequences`` is the prompt as
+    given followed by the response; ``sequence_mask`` marks its real tokens (usable as the attention
+    mask of a forward pass without a cache, whose default positions are then correct).
+    """
+
+    tokens: jax.Array
+    response_mask: jax.Array
+    sampler_logprobs: jax.Array
+    model_logprobs: jax.Array
+    sequences: jax.Array
+    sequence_mask: jax.Array
+
+
+class _DecodeState(NamedTuple):
+    """Carry of the decode loop: the next response column to fill, the cache and the response buffers."""
+
+    step: jax.Array
+    cache: Any
+    finished: jax.Array
+    tokens: jax.Array
+    response_mask: jax.Array
+    sampler_logprobs: jax.Array
+    model_logprobs: jax.Array
+
+
+def _require_int(name: str, value: Any, *, minimum: int, meaning: str = "") -> None:
+    """ValueError unless `value` is a Python/NumPy integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"SamplingConfig: {name} must be an integer >= {minimum}{note}, got {value!r}.")
+
+
+def bucket_length(n: int, multiple: int | None = None) -> int:
+    """Smallest bucket >= n: the next power of two, or the next multiple of `multiple` when given."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"bucket_length: n must be an integer >= 1, got {n!r}.")
+    if multiple is None:
+        return 1 << (int(n) - 1).bit_length()
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise ValueError(f"bucket_length: multiple must be an integer >= 1 or None, got {multiple!r}.")
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+def _candidates(scaled_logits: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """(logits, vocabulary ids) of the tokens that survive top-k then top-p; removed ones get -inf."""
+    vocab = scaled_logits.shape[-1]
+    if top_k == 0 and top_p == 1.0:
+        return scaled_logits, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled_logits.shape)
+    values, ids = jax.lax.top_k(scaled_logits, min(top_k, vocab) if top_k else vocab)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    return values, ids
+
+
+def _pick(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table[b, index[b]] for every row b."""
+    return jnp.take_along_axis(table, index[:, None], axis=-1)[:, 0]
+
+
+def sample_next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(token i32[B], sampler log-prob f32[B], model log-prob f32[B]) for next-token logits [B, V]."""
+    logits = logits.astype(jnp.float32)
+    if config.temperature == 0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampler_logprob = jnp.zeros(token.shape, jnp.float32)
+    else:
+        values, ids = _candidates(logits / config.temperature, config.top_k, config.top_p)
+        choice = jax.random.categorical(key, values, axis=-1)
+        token = _pick(ids, choice)
+        sampler_logprob = _pick(jax.nn.log_softmax(values, axis=-1), choice)
+    return token, sampler_logprob, _pick(jax.nn.log_softmax(logits, axis=-1), token)
+
+
+def _record(state: _DecodeState, logits: jax.Array, key: jax.Array, config: SamplingConfig) -> _DecodeState:
+    """Sample column `state.step` from `logits`; finished sequences get pad and mask 0."""
+    token, sampler_logprob, model_logprob = sample_next_token(logits, jax.random.fold_in(key, state.step), config)
+    active = ~state.finished
+    token = jnp.where(active, token, config.pad_token_id)
+    stop_ids = jnp.asarray(config.stop_token_ids, jnp.int32).reshape(-1)
+    emitted_stop = (token[:, None] == stop_ids[None, :]).any(axis=-1)
+
+    def put(buffer, column):
+        return jax.lax.dynamic_update_index_in_dim(buffer, column.astype(buffer.dtype), state.step, axis=1)
+
+    return state._replace(
+        step=state.step + 1,
+        finished=state.finished | (active & emitted_stop),
+        tokens=put(state.tokens, token),
+        response_mask=put(state.response_mask, active),
+        sampler_logprobs=put(state.sampler_logprobs, jnp.where(active, sampler_logprob, 0.0)),
+        model_logprobs=put(state.model_logprobs, jnp.where(active, model_logprob, 0.0)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: SamplingConfig):
+    """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped."""
+    model = nnx.merge(graphdef, state)
+    batch, width = prompt_ids.shape
+    new = config.max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    prompt_lengths = prompt_mask.sum(axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, cache = model(prompt_ids, positions=positions, attention_mask=prompt_mask, cache=model.init_cache(batch, width + new))
+    start = _DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        finished=jnp.zeros((batch,), bool),
+        tokens=jnp.full((batch, new), config.pad_token_id, jnp.int32),
+        response_mask=jnp.zeros((batch, new), jnp.float32),
+        sampler_logprobs=jnp.zeros((batch, new), jnp.float32),
+        model_logprobs=jnp.zeros((batch, new), jnp.float32),
+    )
+    start = _record(start, logits[:, -1], rng_key, config)
+
+    def unfinished(s: _DecodeState) -> jax.Array:
+        return (s.step < new) & ~jnp.all(s.finished)
+
+    def decode_one(s: _DecodeState) -> _DecodeState:
+        previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
+        step_logits, cache = model(
+            previous,
+            positions=(prompt_lengths + s.step - 1)[:, None],
+            attention_mask=jnp.ones((batch, 1), jnp.int32),
+            cache=s.cache,
+        )
+        return _record(s._replace(cache=cache), step_logits[:, -1], rng_key, config)
+
+    end = jax.lax.while_loop(unfinished, decode_one, start)
+    return end.tokens, end.response_mask, end.sampler_logprobs, end.model_logprobs
+
+
+def _split_model(model: Any) -> tuple[Any, Any]:
+    """(graphdef, state) from an NNX module or an already split pair."""
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    if isinstance(model, tuple) and len(model) == 2:
+        return model
+    raise ValueError(f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, got {type(model).__name__}.")
+
+
+def _check_prompts(prompt_ids: Any, prompt_mask: Any, model_config: Any, config: SamplingConfig) -> None:
+    """ValueError unless ids/mask are matching [B, P] arrays of left-padded prompts that fit the model context."""
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"generate: prompt_ids must have shape [batch, prompt_length] with both >= 1, got {ids.shape}.")
+    if mask.shape != ids.shape:
+        raise ValueError(f"generate: prompt_mask shape {mask.shape} must equal prompt_ids shape {ids.shape}.")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"generate: prompt_ids must hold integer token ids, got dtype {ids.dtype}.")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("generate: prompt_mask must hold only 0 (padding) and 1 (real token).")
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or (mask[:, -1] == 0).any():
+        raise ValueError("generate: prompts must be left-padded with at least one real token: each prompt_mask row must be 0...0 1...1.")
+    vocab = model_config.vocab_size
+    used = ids[mask.astype(bool)]
+    for name, tokens in (("prompt_ids", used), ("stop_token_ids", np.asarray(config.stop_token_ids)), ("pad_token_id", np.asarray([config.pad_token_id]))):
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise ValueError(f"generate: {name} must lie in [0, vocab_size={vocab}), got values in [{tokens.min()}, {tokens.max()}].")
+    longest = int(mask.sum(axis=1).max())
+    context = model_config.max_position_embeddings
+    if longest + config.max_new_tokens > context:
+        raise ValueError(
+            f"generate: the longest prompt ({longest} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds "
+            f"the model context max_position_embeddings={context}; shorten the prompts or max_new_tokens."
+        )
+
+
+def generate(model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig) -> GenerationResult:
+    """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token)."""
+    if not isinstance(config, SamplingConfig):
+        raise ValueError(f"generate: config must be a SamplingConfig, got {type(config).__name__}.")
+    graphdef, state = _split_model(model)
+    _check_prompts(prompt_ids, prompt_mask, nnx.merge(graphdef, state).config, config)
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    extra = bucket_length(prompt_ids.shape[1], config.prompt_bucket_multiple) - prompt_ids.shape[1]
+    tokens, response_mask, sampler_logprobs, model_logprobs = _generate_bucket(
+        graphdef,
+        state,
+        jnp.pad(prompt_ids, ((0, 0), (extra, 0)), constant_values=config.pad_token_id),
+        jnp.pad(prompt_mask, ((0, 0), (extra, 0))),
+        rng_key,
+        config,
+    )
+    return GenerationResult(
+        tokens=tokens,
+        response_mask=response_mask,
+        sampler_logprobs=sampler_logprobs,
+        model_logprobs=model_logprobs,
+        sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
+        sequence_mask=jnp.concatenate([prompt_mask, response_mask.astype(jnp.int32)], axis=1),
+    )

@@ -1,0 +1,250 @@
+"""Tests for mojax.models.generate: cached sampling against the cache-free forward of a tiny random LLaMA."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mojax.models.config import ModelConfig
+from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
+from mojax.models.llama import LlamaForCausalLM
+
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    """Two left-padded prompts: 3 real tokens and 6 real tokens in 6 columns."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, size=(2, 6)).astype(np.int32)
+    mask = np.array([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32)
+    return np.where(mask == 1, ids, 0).astype(np.int32), mask
+
+
+@pytest.fixture(scope="module")
+def greedy(model, prompts):
+    return generate(model, *prompts, jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0))
+
+
+@jax.jit
+def _cache_free_logits(graphdef, state, sequences, mask):
+    return nnx.merge(graphdef, state)(sequences, attention_mask=mask)[0]
+
+
+def full_forward_logits(model, sequences, mask):
+    """Logits of a jitted cache-free forward over whole sequences."""
+    return np.asarray(_cache_free_logits(*nnx.split(model), jnp.asarray(sequences), jnp.asarray(mask)), np.float64)
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def reference_adjusted_logprobs(logits, temperature, top_k, top_p):
+    """Log-probabilities after temperature, top-k and top-p (HF order), by sorting one row in NumPy."""
+    scaled = logits / temperature
+    order = np.argsort(-scaled, kind="stable")[: top_k or scaled.size]
+    probs = np.exp(log_softmax(scaled[order]))
+    kept = order[(np.cumsum(probs) - probs) < top_p]
+    out = np.full(scaled.shape, -np.inf)
+    out[kept] = log_softmax(scaled[kept])
+    return out
+
+
+def test_greedy_equals_stepwise_argmax_of_cache_free_forward(model, prompts, greedy):
+    """Each prompt unpadded at the left of a fixed-width row; causal attention ignores what lies to the right."""
+    ids, mask = prompts
+    lengths = mask.sum(1)
+    rows = np.zeros((2, ids.shape[1] + NEW), np.int32)
+    for b, length in enumerate(lengths):
+        rows[b, :length] = ids[b, mask[b] == 1]
+    for step in range(NEW):
+        logits = full_forward_logits(model, rows, np.ones_like(rows))
+        for b, length in enumerate(lengths):
+            rows[b, length + step] = logits[b, length + step - 1].argmax()
+    for b, length in enumerate(lengths):
+        np.testing.assert_array_equal(np.asarray(greedy.tokens[b]), rows[b, length : length + NEW])
+    np.testing.assert_array_equal(greedy.response_mask, np.ones((2, NEW)))
+    np.testing.assert_array_equal(greedy.sampler_logprobs, np.zeros((2, NEW)))
+
+
+def test_result_shapes_and_full_sequences(prompts, greedy):
+    ids, mask = prompts
+    assert isinstance(greedy, GenerationResult)
+    assert greedy.tokens.dtype == jnp.int32 and greedy.tokens.shape == (2, NEW)
+    assert greedy.model_logprobs.dtype == jnp.float32 and greedy.response_mask.dtype == jnp.float32
+    np.testing.assert_array_equal(greedy.sequences, np.concatenate([ids, greedy.tokens], 1))
+    np.testing.assert_array_equal(greedy.sequence_mask, np.concatenate([mask, np.ones((2, NEW), np.int32)], 1))
+
+
+def test_graphdef_state_pair_gives_the_same_result(model, prompts, greedy):
+    pair = generate(nnx.split(model), *prompts, jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0))
+    np.testing.assert_array_equal(pair.tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.3, 0, 1.0), (0.8, 7, 0.9)])
+def test_logprobs_match_cache_free_forward(model, prompts, temperature, top_k, top_p):
+    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p)
+    result = generate(model, *prompts, jax.random.key(3), config)
+    logits = full_forward_logits(model, result.sequences, result.sequence_mask)
+    prompt_width = prompts[0].shape[1]
+    for b in range(2):
+        for j in range(NEW):
+            row, token = logits[b, prompt_width - 1 + j], int(result.tokens[b, j])
+            adjusted = reference_adjusted_logprobs(row, temperature, top_k, top_p)
+            assert np.isfinite(adjusted[token]), "sampled a token outside the top-k/top-p set"
+            np.testing.assert_allclose(result.model_logprobs[b, j], log_softmax(row)[token], atol=2e-5)
+            np.testing.assert_allclose(result.sampler_logprobs[b, j], adjusted[token], atol=2e-5)
+
+
+def test_left_padding_does_not_change_results(model, prompts, greedy):
+    ids, mask = prompts
+    """Prompt 0 alone (3 columns, bucket 4) against the same prompt left-padded beside a longer one (bucket 8)."""
+    alone = generate(model, ids[:1, 3:], mask[:1, 3:], jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0))
+    np.testing.assert_array_equal(alone.tokens[0], greedy.tokens[0])
+    np.testing.assert_allclose(alone.model_logprobs[0], greedy.model_logprobs[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("filters", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_degenerate_filters_equal_greedy(model, prompts, greedy, filters):
+    result = generate(model, *prompts, jax.random.key(5), SamplingConfig(max_new_tokens=NEW, temperature=1.0, **filters))
+    np.testing.assert_array_equal(result.tokens, greedy.tokens)
+    np.testing.assert_allclose(result.sampler_logprobs, np.zeros((2, NEW)), atol=1e-6)
+    np.testing.assert_allclose(result.model_logprobs, greedy.model_logprobs, atol=1e-6)
+
+
+def test_stop_tokens_finish_sequences_and_mask_the_rest(model, prompts, greedy):
+    """Both rows stop early, so the decode loop also exits before max_new_tokens."""
+    stops = (int(greedy.tokens[0, 1]), int(greedy.tokens[1, 2]))
+    is_stop = np.isin(np.asarray(greedy.tokens), stops)
+    first_stop = [int(np.argmax(row)) for row in is_stop]
+    pad = model.config.vocab_size - 1
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=stops, pad_token_id=pad)
+    result = generate(model, *prompts, jax.random.key(0), config)
+    for b, last in enumerate(first_stop):
+        keep = np.arange(NEW) <= last
+        np.testing.assert_array_equal(result.response_mask[b], keep.astype(np.float32))
+        np.testing.assert_array_equal(result.tokens[b], np.where(keep, greedy.tokens[b], pad))
+        np.testing.assert_allclose(result.model_logprobs[b], np.where(keep, greedy.model_logprobs[b], 0.0), atol=1e-6)
+        np.testing.assert_array_equal(result.sequence_mask[b, -NEW:], keep.astype(np.int32))
+    assert max(first_stop) < NEW - 1
+
+
+def test_sampling_is_deterministic_for_a_fixed_key(model, prompts):
+    config = SamplingConfig(max_new_tokens=NEW, temperature=1.3)
+    first, again = (generate(model, *prompts, jax.random.key(7), config) for _ in range(2))
+    other = generate(model, *prompts, jax.random.key(8), config)
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    np.testing.assert_array_equal(first.sampler_logprobs, again.sampler_logprobs)
+    assert not np.array_equal(first.tokens, other.tokens)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8)])
+def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k, top_p):
+    logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
+    draws = 20_000
+    config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, sampler_logprob, model_logprob = jax.jit(sample_next_token, static_argnums=2)(
+        jnp.broadcast_to(logits, (draws, logits.size)), jax.random.key(11), config
+    )
+    expected = np.exp(reference_adjusted_logprobs(logits.astype(np.float64), temperature, top_k, top_p))
+    counts = np.bincount(np.asarray(tokens), minlength=logits.size)
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    chi_square = (((counts - draws * expected)[support]) ** 2 / (draws * expected[support])).sum()
+    assert chi_square < 25.0, f"chi-square {chi_square:.1f} over {support.sum() - 1} degrees of freedom; counts {counts}"
+    np.testing.assert_allclose(np.exp(sampler_logprob), expected[np.asarray(tokens)], rtol=1e-5)
+    np.testing.assert_allclose(model_logprob, log_softmax(logits.astype(np.float64))[np.asarray(tokens)], atol=1e-6)
+
+
+class TraceCountingLlama(LlamaForCausalLM):
+    """A LlamaForCausalLM that counts how often its forward is traced or run."""
+
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        TraceCountingLlama.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_prompts_in_one_bucket_share_one_compilation():
+    counting = TraceCountingLlama(dataclasses.replace(ModelConfig.tiny(), num_hidden_layers=1), rngs=nnx.Rngs(1))
+    config = SamplingConfig(max_new_tokens=2, temperature=0.0)
+    width = lambda n: (np.full((1, n), 5, np.int32), np.ones((1, n), np.int32))
+    generate(counting, *width(5), jax.random.key(0), config)
+    traced = TraceCountingLlama.calls
+    assert traced > 0
+    generate(counting, *width(7), jax.random.key(1), config)
+    assert TraceCountingLlama.calls == traced, "a prompt of the same bucket (8) was traced again"
+
+
+@pytest.mark.parametrize("n, multiple, expected", [(1, None, 1), (5, None, 8), (8, None, 8), (9, None, 16), (1, 16, 16), (17, 16, 32), (32, 16, 32)])
+def test_bucket_length(n, multiple, expected):
+    assert bucket_length(n, multiple) == expected
+
+
+@pytest.mark.parametrize("n, multiple", [(0, None), (-3, None), (2.5, None), (4, 0), (True, None)])
+def test_bucket_length_rejects_bad_input(n, multiple):
+    with pytest.raises(ValueError, match="bucket_length"):
+        bucket_length(n, multiple)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", -0.1, "temperature"),
+        ("temperature", float("nan"), "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("top_k", -1, "top_k"),
+        ("max_new_tokens", 0, "max_new_tokens"),
+        ("stop_token_ids", (2, -1), "stop_token_ids"),
+        ("pad_token_id", -1, "pad_token_id"),
+        ("prompt_bucket_multiple", 0, "prompt_bucket_multiple"),
+    ],
+)
+def test_sampling_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(SamplingConfig(max_new_tokens=4), **{field: value})
+
+
+def bad_prompt_case(name, model_config):
+    """(prompt_ids, prompt_mask, SamplingConfig, expected message) for the invalid call called `name`."""
+    ids, mask, two = np.full((2, 4), 5, np.int32), np.ones((2, 4), np.int32), SamplingConfig(max_new_tokens=2)
+    return {
+        "1-D ids": (ids[0], mask[0], two, "shape"),
+        "mask shape": (ids, mask[:, :3], two, "prompt_mask shape"),
+        "float ids": (ids.astype(np.float32), mask, two, "integer"),
+        "right padding": (ids, np.array([[1, 1, 1, 0], [1, 1, 1, 1]]), two, "left-padded"),
+        "empty prompt": (ids, np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), two, "left-padded"),
+        "mask values": (ids, mask * 2, two, "only 0"),
+        "id too large": (ids + model_config.vocab_size, mask, two, "prompt_ids must lie"),
+        "stop id too large": (ids, mask, SamplingConfig(max_new_tokens=2, stop_token_ids=model_config.vocab_size), "stop_token_ids"),
+        "too long": (ids, mask, SamplingConfig(max_new_tokens=model_config.max_position_embeddings - 3), "max_position_embeddings"),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name", ["1-D ids", "mask shape", "float ids", "right padding", "empty prompt", "mask values", "id too large", "stop id too large", "too long"]
+)
+def test_generate_rejects_bad_prompts(model, name):
+    ids, mask, config, message = bad_prompt_case(name, model.config)
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, mask, jax.random.key(0), config)
+
+
+def test_generate_rejects_a_non_config_and_a_non_model(model):
+    ids, mask = np.full((1, 2), 5, np.int32), np.ones((1, 2), np.int32)
+    with pytest.raises(ValueError, match="SamplingConfig"):
+        generate(model, ids, mask, jax.random.key(0), {"max_new_tokens": 2})
+    with pytest.raises(ValueError, match="nnx.Module"):
+        generate(object(), ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=2))
