@@ -1,0 +1,132 @@
+"""Per-objective gradients from one shared forward pass, and the probe mode of the trainer.
+
+``per_objective_grads``: for ``loss_fn(params, *args) -> f32[n]`` run ``jax.vjp`` once (one
+forward) and vmap its pullback over the n unit cotangents ``eye(n)``: row i is grad L_i. With a
+``probe_mask`` only the probe parameters are differentiated; the others are closed over as
+constants, so no backward work or residual memory is spent on them.
+
+``probe_combined_grads`` (DESIGN.md section 1, GAPO's last-layer trick generalised, arXiv
+2507.01915): the per-objective gradients of the probe parameters go through a combiner, whose
+state gives the loss weights w; then grad sum_i stop_gradient(w_i) L_i over all parameters is
+one backward pass that reuses the same forward. Under ``jax.jit`` XLA prunes the non-probe part
+of the n per-objective pullbacks, so they cost n backward passes through the probe only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ProbeMask = Any  # a bool pytree shaped like (a prefix of) params, or a callable params -> such a pytree
+
+
+def _probe_flags(probe_mask: ProbeMask, params: Any) -> list[bool]:
+    """One static bool per leaf of params from an optax-style mask (pytree prefix or callable)."""
+    mask = probe_mask(params) if callable(probe_mask) else probe_mask
+    try:
+        full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub), mask, params)
+    except ValueError as err:
+        raise ValueError(f"probe_mask: its structure must match params (or a prefix of it): {err}") from err
+    flags = jax.tree.leaves(full)
+    if not all(isinstance(flag, (bool, np.bool_)) for flag in flags):
+        raise ValueError("probe_mask: every leaf must be a static Python bool (True = probe parameter), as in optax.masked.")
+    if not any(flags):
+        raise ValueError("probe_mask: it selects no parameter; expected at least one True leaf.")
+    return [bool(flag) for flag in flags]
+
+
+def _check_losses(losses: jax.Array) -> int:
+    """n for a loss vector f32[n]; ValueError otherwise."""
+    if jnp.ndim(losses) != 1:
+        raise ValueError(f"loss_fn must return a vector of n per-objective losses (or (losses, aux) with has_aux=True); got shape {jnp.shape(losses)}.")
+    return jnp.shape(losses)[0]
+
+
+def _masked_like(treedef: Any, values: list, flags: list[bool]) -> Any:
+    """The params structure holding values[k] at probe leaves and optax.MaskedNode() elsewhere."""
+    return jax.tree.unflatten(treedef, [value if flag else optax.MaskedNode() for value, flag in zip(values, flags)])
+
+
+def _vjp(fn: Callable, primal: Any, has_aux: bool) -> tuple[jax.Array, Callable, Any]:
+    """(losses, pullback, aux or None) from one forward pass of fn at primal."""
+    out = jax.vjp(fn, primal, has_aux=has_aux)
+    return out[0], out[1], (out[2] if has_aux else None)
+
+
+def _reported(losses: jax.Array, aux: Any, has_aux: bool) -> Any:
+    """losses, or (losses, aux) with has_aux, as jax.value_and_grad reports its value."""
+    return (losses, aux) if has_aux else losses
+
+
+def _stacked_pullback(pullback: Callable, losses: jax.Array) -> Any:
+    """(grad L_1, ..., grad L_n) stacked on a leading axis: the pullback vmapped over eye(n)."""
+    n = _check_losses(losses)
+    (stacked,) = jax.vmap(pullback)(jnp.eye(n, dtype=losses.dtype))
+    return stacked
+
+
+def per_objective_grads(
+    loss_fn: Callable, params: Any, *args: Any, probe_mask: ProbeMask | None = None, has_aux: bool = False
+) -> tuple[Any, Any]:
+    """(losses, stacked grads) with grads[i] = d L_i / d params from one forward (jax.vjp) and a vmapped pullback.
+
+    Returns ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, like
+    ``jax.value_and_grad``. ``grads`` has the structure of ``params`` and every leaf a leading
+    objective axis of size n. With ``probe_mask`` only the probe leaves are differentiated and
+    ``grads`` keeps the structure of ``params`` with ``optax.MaskedNode()`` in place of every
+    non-probe leaf (as ``optax.masked`` does), so ``jax.tree.leaves(grads)`` are the probe
+    gradients only and a combiner sees exactly those.
+    """
+    if probe_mask is None:
+        losses, pullback, aux = _vjp(lambda p: loss_fn(p, *args), params, has_aux)
+        return _reported(losses, aux, has_aux), _stacked_pullback(pullback, losses)
+    leaves, treedef = jax.tree.flatten(params)
+    flags = _probe_flags(probe_mask, params)
+
+    def loss_of_probe(probe_leaves):
+        supply = iter(probe_leaves)
+        merged = [next(supply) if flag else leaf for leaf, flag in zip(leaves, flags)]
+        return loss_fn(jax.tree.unflatten(treedef, merged), *args)
+
+    probe_leaves = [leaf for leaf, flag in zip(leaves, flags) if flag]
+    losses, pullback, aux = _vjp(loss_of_probe, probe_leaves, has_aux)
+    supply = iter(_stacked_pullback(pullback, losses))
+    grads = _masked_like(treedef, [next(supply) if flag else None for flag in flags], flags)
+    return _reported(losses, aux, has_aux), grads
+
+
+def probe_combined_grads(
+    loss_fn: Callable,
+    params: Any,
+    combiner: optax.GradientTransformationExtraArgs,
+    combiner_state: Any,
+    *args: Any,
+    probe_mask: ProbeMask,
+    has_aux: bool = False,
+    **extra_args: Any,
+) -> tuple[Any, Any, Any]:
+    """(grad_params sum_i sg(w_i) L_i, new combiner state, losses), w = combiner weights of the probe gradients.
+
+    One forward (``jax.vjp`` over all parameters); the n per-objective gradients of the probe
+    parameters (structure as in :func:`per_objective_grads`) go through
+    ``combiner.update(probe_grads, combiner_state, probe_params, losses=losses, **extra_args)``;
+    its new state's ``weights`` f32[n], held constant, are the cotangent of one full backward
+    pass. ``losses`` is ``(losses, aux)`` with ``has_aux``. The combiner must be a mojax combiner
+    (a state with ``weights``), not a chain; apply the optimizer to the returned gradients.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    flags = _probe_flags(probe_mask, params)
+    losses, pullback, aux = _vjp(lambda p: loss_fn(p, *args), params, has_aux)
+    probe_grads = _masked_like(treedef, jax.tree.leaves(_stacked_pullback(pullback, losses)), flags)
+    probe_params = _masked_like(treedef, leaves, flags)
+    _, new_state = combiner.update(probe_grads, combiner_state, probe_params, **{"losses": losses, **extra_args})
+    weights = getattr(new_state, "weights", None)
+    if weights is None or jnp.shape(weights) != jnp.shape(losses):
+        raise ValueError(f"probe_combined_grads: the combiner's state must have a field `weights` of shape {jnp.shape(losses)} (a mojax combiner, not an optax chain); got {type(new_state).__name__}.")
+    (grads,) = pullback(jax.lax.stop_gradient(weights).astype(losses.dtype))
+    return grads, new_state, _reported(losses, aux, has_aux)
