@@ -1,0 +1,313 @@
+"""Model throughput: mojax (jax.jit, functional) against HF transformers PyTorch LlamaForCausalLM on CPU.
+
+For each config, one random mojax model is exported to a HF folder (config.json + model.safetensors)
+and loaded by ``transformers.LlamaForCausalLM``, so both sides run the same weights; the first
+forward doubles as a parity check (max |logits difference|, loss difference, greedy tokens).
+
+Measured, side by side, fp32, steady state (warm-up excluded; compile time reported separately),
+median of ``--repeats`` runs:
+  forward         logits of a [B, T] batch (torch under ``inference_mode``)
+  forward+backward  next-token cross-entropy and its gradient w.r.t. every parameter (no optimizer)
+  decode          greedy generation of N tokens after [B, P] prompts with a KV cache:
+                  ``mojax.models.generate.generate`` against ``model.generate(use_cache=True)``
+
+Run on a quiet machine: ``python benchmarks/model.py`` (writes benchmarks/results/model.{json,md});
+``--smoke`` runs tiny sizes in seconds to check the script (write it elsewhere with ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from mojax.models.config import ModelConfig  # noqa: E402
+from mojax.models.generate import SamplingConfig, generate  # noqa: E402
+from mojax.models.llama import LlamaForCausalLM  # noqa: E402
+
+TORCH_THREADS = 2
+
+# name -> (model config, forward/backward batch [B, T], decode batch [B, P, N])
+FULL_SIZES = {
+    "10M (V 8192, d 256, 8 layers)": (
+        ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        (8, 128),
+        (4, 32, 32),
+    ),
+    "56M (V 32000, d 512, 8 layers)": (
+        ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        (4, 128),
+        (4, 32, 32),
+    ),
+}
+SMOKE_SIZES = {"tiny (V 256, d 64, 2 layers)": (ModelConfig.tiny(), (2, 16), (2, 8, 4))}
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
+    """HF LlamaForCausalLM parameter names and [out, in] layouts from a mojax model."""
+    c, m = model.config, model.model
+    layers = m.layers
+    per_layer = {
+        "input_layernorm.weight": lambda i: layers.input_layernorm.scale[i],
+        "post_attention_layernorm.weight": lambda i: layers.post_attention_layernorm.scale[i],
+        "self_attn.q_proj.weight": lambda i: layers.self_attn.q_proj.kernel[i].reshape(c.hidden_size, -1).T,
+        "self_attn.k_proj.weight": lambda i: layers.self_attn.k_proj.kernel[i].reshape(c.hidden_size, -1).T,
+        "self_attn.v_proj.weight": lambda i: layers.self_attn.v_proj.kernel[i].reshape(c.hidden_size, -1).T,
+        "self_attn.o_proj.weight": lambda i: layers.self_attn.o_proj.kernel[i].reshape(-1, c.hidden_size).T,
+        "mlp.gate_proj.weight": lambda i: layers.mlp.gate_proj.kernel[i].T,
+        "mlp.up_proj.weight": lambda i: layers.mlp.up_proj.kernel[i].T,
+        "mlp.down_proj.weight": lambda i: layers.mlp.down_proj.kernel[i].T,
+    }
+    weights = {"model.embed_tokens.weight": m.embed_tokens.embedding[...], "model.norm.weight": m.norm.scale[...]}
+    if not c.tie_word_embeddings:
+        weights["lm_head.weight"] = model.lm_head.kernel[...].T
+    for i in range(c.num_hidden_layers):
+        weights.update({f"model.layers.{i}.{name}": get(i) for name, get in per_layer.items()})
+    return {name: np.ascontiguousarray(np.asarray(w, np.float32)) for name, w in weights.items()}
+
+
+def load_into_torch(model: LlamaForCausalLM, folder: Path):
+    """Save `model` as a HF folder (config.json + model.safetensors) and load it with transformers."""
+    import torch
+    from transformers import LlamaForCausalLM as TorchLlama
+
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return TorchLlama.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float, list[float]]:
+    """(output and seconds of the first call, seconds of each of `repeats` later calls after one more warm-up)."""
+    start = time.perf_counter()
+    output = fn()
+    first = time.perf_counter() - start
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return output, first, runs
+
+
+def next_token_loss(logits, ids):
+    """Mean next-token cross-entropy over a [B, T] batch (HF's `labels=input_ids` loss)."""
+    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1).mean()
+
+
+def mojax_steps(model: LlamaForCausalLM):
+    """Jitted functional forward and forward+backward over the split model state."""
+    graphdef, state = nnx.split(model)
+
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids)[0]
+
+    def loss(state, ids):
+        return next_token_loss(forward(state, ids), ids)
+
+    return state, jax.jit(forward), jax.jit(jax.value_and_grad(loss))
+
+
+def row(config_name, op, shape, tokens, mojax_timing, torch_timing):
+    """One result record from two `timed` results: medians, tokens/s and the mojax/torch throughput ratio."""
+    (_, mojax_first, mojax_runs), (_, torch_first, torch_runs) = mojax_timing, torch_timing
+    mojax_s, torch_s = statistics.median(mojax_runs), statistics.median(torch_runs)
+    return {
+        "config": config_name,
+        "op": op,
+        "shape": shape,
+        "tokens": tokens,
+        "mojax_median_ms": 1e3 * mojax_s,
+        "torch_median_ms": 1e3 * torch_s,
+        "mojax_tokens_per_s": tokens / mojax_s,
+        "torch_tokens_per_s": tokens / torch_s,
+        "ratio_mojax_over_torch": torch_s / mojax_s,
+        "mojax_compile_s": max(mojax_first - mojax_s, 0.0),
+        "torch_first_call_extra_s": max(torch_first - torch_s, 0.0),
+        "mojax_runs_ms": [1e3 * t for t in mojax_runs],
+        "torch_runs_ms": [1e3 * t for t in torch_runs],
+    }
+
+
+def bench_config(name, config, train_shape, decode_shape, repeats, folder):
+    """Forward, forward+backward and decode timings for one model size, and the parity of their outputs."""
+    import torch
+
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    torch_model = load_into_torch(model, folder)
+    batch, length = train_shape
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, size=(batch, length)).astype(np.int32)
+    ids_jax, ids_torch = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
+    state, forward, value_and_grad = mojax_steps(model)
+
+    def torch_forward():
+        with torch.inference_mode():
+            return torch_model(input_ids=ids_torch).logits
+
+    def torch_forward_backward():
+        torch_model.zero_grad(set_to_none=True)
+        loss = torch_model(input_ids=ids_torch, labels=ids_torch).loss
+        loss.backward()
+        return loss.detach()
+
+    shape = f"{batch}x{length}"
+    timings = {
+        "forward": (timed(lambda: jax.block_until_ready(forward(state, ids_jax)), repeats), timed(torch_forward, repeats)),
+        "forward+backward": (timed(lambda: jax.block_until_ready(value_and_grad(state, ids_jax)), repeats),
+                             timed(torch_forward_backward, repeats)),
+    }
+    results = [row(name, op, shape, batch * length, *pair) for op, pair in timings.items()]
+    (mojax_logits, _, _), (torch_logits, _, _) = timings["forward"]
+    ((mojax_loss, _), _, _), (torch_loss, _, _) = timings["forward+backward"]
+
+    d_batch, prompt, new = decode_shape
+    prompts = np.random.default_rng(1).integers(3, config.vocab_size, size=(d_batch, prompt)).astype(np.int32)
+    mask = np.ones_like(prompts)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, pad_token_id=config.pad_token_id)
+    prompts_torch, mask_torch = torch.from_numpy(prompts.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    def mojax_decode():
+        return jax.block_until_ready(generate(model, prompts, mask, jax.random.key(0), sampling).tokens)
+
+    def torch_decode():
+        with torch.inference_mode():
+            return torch_model.generate(input_ids=prompts_torch, attention_mask=mask_torch, max_new_tokens=new,
+                                        min_new_tokens=new, do_sample=False, use_cache=True,
+                                        pad_token_id=config.pad_token_id)[:, prompt:]
+
+    decode = (timed(mojax_decode, repeats), timed(torch_decode, repeats))
+    results.append(row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, *decode))
+    (mojax_tokens, _, _), (torch_tokens, _, _) = decode
+    parity = {
+        "config": name,
+        "parameters": config.num_params(),
+        "max_abs_logits_diff": float(np.abs(np.asarray(mojax_logits) - torch_logits.numpy()).max()),
+        "loss_mojax": float(mojax_loss),
+        "loss_torch": float(torch_loss),
+        "greedy_tokens_equal_fraction": float((np.asarray(mojax_tokens) == torch_tokens.numpy()).mean()),
+    }
+    return results, parity
+
+
+def machine_info() -> dict:
+    """nproc, CPU model, platform, Python and library versions."""
+    import flax
+    import optax
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "jax_devices": [str(d) for d in jax.devices()],
+    }
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page: conditions, throughput table, parity table."""
+    m = report["machine"]
+    lines = [
+        "# Model throughput: mojax (JAX) vs HF transformers (PyTorch), CPU, fp32",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['platform']}; torch threads {m['torch_threads']}  ",
+        f"Versions: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, optax {m['optax']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}  ",
+        f"Load average (1/5/15 min) before: {report['load_average_before']}, after: {report['load_average_after']}  ",
+        f"Median of {report['repeats']} steady-state runs after one compile/warm-up call and one more warm-up; "
+        "tokens/s counts input tokens for forward passes and generated tokens for decode (prefill included). "
+        "ratio = mojax tokens/s / torch tokens/s (> 1: mojax faster).",
+        "",
+        "| config | op | shape | mojax ms | torch ms | mojax tok/s | torch tok/s | ratio | mojax compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['config']} | {r['op']} | {r['shape']} | {r['mojax_median_ms']:.1f} | {r['torch_median_ms']:.1f} | "
+            f"{r['mojax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | {r['ratio_mojax_over_torch']:.2f} | "
+            f"{r['mojax_compile_s']:.2f} |"
+        )
+    lines += ["", "Parity (same weights through safetensors):", "",
+              "| config | parameters | max abs logits diff | loss mojax | loss torch | greedy tokens equal |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for p in report["parity"]:
+        lines.append(f"| {p['config']} | {p['parameters']:,} | {p['max_abs_logits_diff']:.2e} | {p['loss_mojax']:.6f} | "
+                     f"{p['loss_torch']:.6f} | {p['greedy_tokens_equal_fraction']:.2%} |")
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script quickly")
+    parser.add_argument("--repeats", type=int, default=5, help="steady-state runs per measurement (median reported)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for model.json/.md")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(TORCH_THREADS)
+    hf_logging.disable_progress_bar()
+    report = {
+        "command": "python " + shlex.join(["benchmarks/model.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(),
+        "repeats": args.repeats,
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "results": [],
+        "parity": [],
+    }
+    sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (name, (config, train_shape, decode_shape)) in enumerate(sizes.items()):
+            folder = Path(tmp) / str(index)
+            folder.mkdir()
+            results, parity = bench_config(name, config, train_shape, decode_shape, args.repeats, folder)
+            report["results"] += results
+            report["parity"].append(parity)
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    text = markdown(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "model.md").write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
