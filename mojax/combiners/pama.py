@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from mojax.combiners._base import initial_weights, require_extra_arg, require_num_objectives, weighted_combiner
+from mojax.diagnostics.covariance import safe_divide
 
 _ADVANTAGES_DOC = "f32[n, B, T] per-objective token advantages, objective axis first"
 
@@ -74,9 +75,8 @@ def pama_statistics(
     """a_i = sum_{b,t} m_bt I_bt^(i) / sum_{b,t} m_bt, the masked mean of max(A, 0) 1[u <= 1+eps]; 0 with no tokens."""
     clipped = _clipping_aware_advantages(advantages, ratio, clip_eps)
     weights = jnp.ones(clipped.shape[1:], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    total = jnp.sum(weights)
     summed = jnp.tensordot(clipped, weights, axes=((1, 2), (0, 1)))
-    return jnp.where(total > 0, summed / jnp.where(total > 0, total, 1.0), 0.0)
+    return safe_divide(summed, jnp.sum(weights))
 
 
 def _project_zero(low: jax.Array, high: jax.Array) -> jax.Array:

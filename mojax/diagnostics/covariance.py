@@ -36,7 +36,7 @@ class CovarianceStatistics(NamedTuple):
     num_valid_groups: jax.Array  # i32[]
 
 
-def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """numerator / denominator where denominator > 0, else 0 (never NaN)."""
     positive = denominator > 0
     return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
@@ -69,7 +69,7 @@ def ctwa_signal(
     advantages = jnp.asarray(advantages, jnp.float32)
     token_count = jnp.sum(mask, axis=-1)
     if advantages.shape == mask.shape:
-        sequence_advantage = _safe_divide(jnp.sum(advantages * mask, axis=-1), token_count)
+        sequence_advantage = safe_divide(jnp.sum(advantages * mask, axis=-1), token_count)
     elif advantages.shape == mask.shape[:1]:
         sequence_advantage = advantages
     else:
@@ -80,7 +80,7 @@ def ctwa_signal(
     unclipped = unclipped.astype(jnp.float32) * mask
     summed = sequence_advantage * jnp.sum(ratio * unclipped, axis=-1)
     if w_agg == "mean":
-        return _safe_divide(summed, token_count)
+        return safe_divide(summed, token_count)
     if w_agg == "mean_unclipped":
         return summed / (jnp.sum(unclipped, axis=-1) + _UNCLIPPED_COUNT_EPS)
     return summed
@@ -165,36 +165,36 @@ def covariance_statistics(
 
     count = group_sum(kept)
     group_valid = count >= 2
-    w_centred = (w - _safe_divide(group_sum(w), count)[segment]) * kept
-    r_centred = (r - _safe_divide(group_sum(r), count[:, None])[segment]) * kept[:, None]
+    w_centred = (w - safe_divide(group_sum(w), count)[segment]) * kept
+    r_centred = (r - safe_divide(group_sum(r), count[:, None])[segment]) * kept[:, None]
     cross = group_sum(r_centred * w_centred[:, None])
     w_square = group_sum(w_centred**2)
     r_square = group_sum(r_centred**2)
 
     weight = group_valid.astype(jnp.float32)
     num_valid = jnp.sum(weight)
-    group_cov = _safe_divide(cross, count[:, None])
-    corr_denominator = jnp.sqrt(_safe_divide(r_square, count[:, None]) * _safe_divide(w_square, count)[:, None])
+    group_cov = safe_divide(cross, count[:, None])
+    corr_denominator = jnp.sqrt(safe_divide(r_square, count[:, None]) * safe_divide(w_square, count)[:, None])
     corr_valid = group_valid[:, None] & (corr_denominator > eps)
-    group_corr = jnp.where(corr_valid, _safe_divide(group_cov, corr_denominator), 0.0)
+    group_corr = jnp.where(corr_valid, safe_divide(group_cov, corr_denominator), 0.0)
 
     if global_metrics:
         pooled_count = jnp.sum(count * weight)
-        cov = _safe_divide(weight @ cross, pooled_count)
-        pooled_denominator = jnp.sqrt(_safe_divide(weight @ r_square, pooled_count) * _safe_divide(weight @ w_square, pooled_count))
-        corr = jnp.where(pooled_denominator > eps, _safe_divide(cov, pooled_denominator), 0.0)
+        cov = safe_divide(weight @ cross, pooled_count)
+        pooled_denominator = jnp.sqrt(safe_divide(weight @ r_square, pooled_count) * safe_divide(weight @ w_square, pooled_count))
+        corr = jnp.where(pooled_denominator > eps, safe_divide(cov, pooled_denominator), 0.0)
     else:
-        cov = _safe_divide(weight @ group_cov, num_valid)
-        corr = _safe_divide(jnp.sum(group_corr, axis=0), jnp.sum(corr_valid, axis=0).astype(jnp.float32))
+        cov = safe_divide(weight @ group_cov, num_valid)
+        corr = safe_divide(jnp.sum(group_corr, axis=0), jnp.sum(corr_valid, axis=0).astype(jnp.float32))
 
-    interference = _safe_divide(weight @ jnp.maximum(-group_cov, 0.0), num_valid)
+    interference = safe_divide(weight @ jnp.maximum(-group_cov, 0.0), num_valid)
     valid_rows = valid.astype(jnp.float32)
     return CovarianceStatistics(
         cov=cov,
         corr=corr,
-        frac_neg=_safe_divide(weight @ (group_cov < 0).astype(jnp.float32), num_valid),
+        frac_neg=safe_divide(weight @ (group_cov < 0).astype(jnp.float32), num_valid),
         interference=interference,
         interference_index=jnp.mean(interference),
-        mean_reward=_safe_divide(valid_rows @ jnp.where(valid[:, None], rewards, 0.0), jnp.sum(valid_rows)),
+        mean_reward=safe_divide(valid_rows @ jnp.where(valid[:, None], rewards, 0.0), jnp.sum(valid_rows)),
         num_valid_groups=num_valid.astype(jnp.int32),
     )

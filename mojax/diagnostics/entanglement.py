@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mojax.diagnostics.covariance import safe_divide
+
 
 class EntanglementStatistics(NamedTuple):
     """Per-pair gradient geometry and the predicted first-order moves of both log-probabilities (f32[P])."""
@@ -31,12 +33,6 @@ class EntanglementStatistics(NamedTuple):
     condition: jax.Array
     delta_chosen: jax.Array
     delta_rejected: jax.Array
-
-
-def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """numerator / denominator where denominator > 0, else 0 (never NaN)."""
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
 def _pair_count(tree: Any, label: str) -> int:
@@ -83,8 +79,8 @@ def entanglement_statistics(
         inner=inner,
         norm_chosen=norm_chosen,
         norm_rejected=norm_rejected,
-        cosine=_safe_divide(inner, norm_chosen * norm_rejected),
-        condition=_safe_divide(inner, jnp.minimum(square_chosen, square_rejected)),
+        cosine=safe_divide(inner, norm_chosen * norm_rejected),
+        condition=safe_divide(inner, jnp.minimum(square_chosen, square_rejected)),
         delta_chosen=a_w * square_chosen - a_l * inner,
         delta_rejected=a_w * inner - a_l * square_rejected,
     )

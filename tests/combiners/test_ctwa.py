@@ -112,11 +112,11 @@ def test_controller_arithmetic():
 
 def test_gate_stops_objectives_at_their_target():
     """T-CTWA-4: an objective whose batch mean reward reached obj_target gets no deficit even below c*."""
-    state = _fresh_state([0.5, 0.5], [0.1, 0.1])
+    state = _fresh_state([0.25, 0.25, 0.5], 0.1)
     state = ctwa_controller_step(
-        state, jnp.asarray([-0.2, -0.2]), jnp.asarray([0.3, 0.96]), cov_targets=jnp.asarray([0.1, 0.1]), obj_targets=jnp.asarray([1.0, 0.95])
+        state, jnp.asarray([-0.2, -0.2, 0.0]), jnp.asarray([0.3, 0.96, 0.5]), cov_targets=jnp.full(3, 0.1), obj_targets=jnp.asarray([1.0, 0.95, 0.5])
     )
-    np.testing.assert_allclose(state.deficit, [0.3, 0.0], atol=1e-7)
+    np.testing.assert_allclose(state.deficit, [0.3, 0.0, 0.0], atol=1e-7)  # reaching the target exactly also gates
     tx = ctwa_reweight([0.5, 0.5], 0.1, obj_targets=[1.0, 0.95])
     rewards = jnp.asarray([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
     _, state = jax.jit(tx.update)(jnp.ones((2, 3)), tx.init(None), rewards=rewards, signal=jnp.asarray([1.0, -1.0, 2.0, 0.0]))
