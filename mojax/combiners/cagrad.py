@@ -1,0 +1,82 @@
+"""CAGrad (Liu et al. 2021, arXiv 2110.14048): the best worst-case improvement within a ball around the mean gradient."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mojax.combiners._base import WeightsState, initial_weights, require_num_objectives, weighted_combiner
+from mojax.combiners.qp import simplex_min_norm, trace_normalized
+
+# Bisection steps on kappa: enough to pin an fp32 root even 1e-7 below the bracket's top.
+_BISECTION_STEPS = 48
+_RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c * c, 2: lambda c: 1.0 + c}
+
+
+def shifted_min_norm(gram: jax.Array, kappa: jax.Array) -> jax.Array:
+    """w(k) = argmin_{w in simplex} |g_w + k g_0|^2: the min-norm point of the g_i shifted by k g_0 (g_0 the mean)."""
+    n = gram.shape[0]
+    mean = jnp.full((n,), 1.0 / n, jnp.float32)
+    with_mean = gram @ mean
+    ones = jnp.ones((n,), jnp.float32)
+    shifted = gram + kappa * (jnp.outer(with_mean, ones) + jnp.outer(ones, with_mean)) + kappa**2 * (mean @ with_mean) * jnp.outer(ones, ones)
+    return simplex_min_norm(shifted)
+
+
+def cagrad_direction_weights(gram: jax.Array, radius: jax.Array) -> jax.Array:
+    """w* = argmin_{w in simplex} g_w.g_0 + r |g_w|, r > 0: w* = w(k*) with |g_w(k*)| = r k*, k* found by bisection (|g_w(k)| / k is nonincreasing)."""
+    norm_of = lambda w: jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
+    upper = jnp.sqrt(jnp.max(jnp.diag(gram))) / radius
+
+    def halve(_: int, bracket: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        low, high = bracket
+        middle = 0.5 * (low + high)
+        inside = norm_of(shifted_min_norm(gram, middle)) > radius * middle
+        return jnp.where(inside, middle, low), jnp.where(inside, high, middle)
+
+    _, kappa = lax.fori_loop(0, _BISECTION_STEPS, halve, (jnp.zeros((), jnp.float32), upper))
+    return shifted_min_norm(gram, kappa)
+
+
+def cagrad_weights(gram: jax.Array, c: float, norm_eps: float) -> jax.Array:
+    """w = 1/n + (c |g_0| / |g_w*|) w* (d = g_0 + c |g_0| g_w*/|g_w*|, Alg. 1 of 2110.14048); 0 when |g_w*| < norm_eps (near Pareto-stationary, as TorchJD)."""
+    n = gram.shape[0]
+    mean = jnp.full((n,), 1.0 / n, jnp.float32)
+    with_mean = gram @ mean
+    radius = c * jnp.sqrt(jnp.maximum(mean @ with_mean, 0.0))
+    worst_vertex = jax.nn.one_hot(jnp.argmin(with_mean), n, dtype=jnp.float32)
+    solvable = radius > 0
+    best = jnp.where(solvable, cagrad_direction_weights(gram, jnp.where(solvable, radius, 1.0)), worst_vertex)
+    best_norm = jnp.sqrt(jnp.maximum(best @ gram @ best, 0.0))
+    stationary = best_norm < norm_eps
+    return jnp.where(stationary, 0.0, mean + radius / jnp.where(stationary, 1.0, best_norm) * best)
+
+
+def cagrad(
+    *,
+    num_objectives: int,
+    c: float = 0.5,
+    rescale: Literal[0, 1, 2] = 1,
+    norm_eps: float = 1e-4,
+) -> optax.GradientTransformationExtraArgs:
+    """CAGrad on G / tr(G) (TorchJD's normalisation, G -> 0 below norm_eps); rescale 1 divides d by 1 + c^2, 2 by 1 + c, 0 not at all."""
+    n = require_num_objectives("cagrad", num_objectives)
+    c = float(c)
+    if not (c >= 0 and c < float("inf")):
+        raise ValueError(f"cagrad: `c` (the radius of the ball around the mean gradient, in units of |g_0|) must be a finite number >= 0, got {c}.")
+    if rescale not in _RESCALE_DIVISORS:
+        raise ValueError(f"cagrad: `rescale` must be 0 (none), 1 (divide by 1 + c^2) or 2 (divide by 1 + c), got {rescale!r}.")
+    norm_eps = float(norm_eps)
+    if not (norm_eps >= 0 and norm_eps < float("inf")):
+        raise ValueError(f"cagrad: `norm_eps` must be a finite number >= 0, got {norm_eps}.")
+    divisor = _RESCALE_DIVISORS[rescale](c)
+
+    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+        del extra_args
+        return cagrad_weights(trace_normalized(gram, gram_scale, norm_eps), c, norm_eps) / divisor, state
+
+    return weighted_combiner("cagrad", weighting, lambda: WeightsState(weights=initial_weights(n)), num_objectives=n, uses_gram=True)

@@ -1,0 +1,61 @@
+"""Nash-MTL (Navon et al. 2022, arXiv 2202.01017): the Nash bargaining direction d = J^T a with G a = 1/a."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mojax.combiners._base import initial_weights, require_num_objectives, weighted_combiner
+from mojax.combiners.qp import log_barrier_newton
+
+
+class NashMTLState(NamedTuple):
+    """Weights of the latest update and the bargaining solution on the trace-normalised Gram (the next warm start)."""
+
+    weights: jax.Array
+    alpha: jax.Array
+
+
+def nash_mtl_weights(
+    gram: jax.Array, gram_scale: jax.Array, warm_start: jax.Array, *, max_norm: float | None, reg_eps: float, max_iter: int
+) -> tuple[jax.Array, jax.Array]:
+    """(weights, a_hat): a_hat solves (G/tr G + reg_eps I) a = 1/a; true a = a_hat / (gram_scale sqrt(tr G)), shrunk so |d| <= max_norm."""
+    n = gram.shape[0]
+    trace = jnp.trace(gram)
+    alive = trace > 0
+    normalized = jnp.where(alive, gram / jnp.where(alive, trace, 1.0), 0.0)
+    start = jnp.where(jnp.isfinite(warm_start) & (warm_start > 0), warm_start, 1.0)
+    alpha = log_barrier_newton(normalized + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iter=max_iter)
+    direction_norm = jnp.sqrt(jnp.maximum(alpha @ normalized @ alpha, 0.0))
+    shrink = 1.0 if max_norm is None else jnp.minimum(1.0, max_norm / jnp.maximum(direction_norm, max_norm))
+    unit = jnp.asarray(gram_scale, jnp.float32) * jnp.sqrt(jnp.where(alive, trace, 1.0))
+    return jnp.where(alive, alpha * shrink / unit, 0.0), alpha
+
+
+def nash_mtl(
+    *, num_objectives: int, max_norm: float | None = 1.0, reg_eps: float = 1e-6, max_iter: int = 100
+) -> optax.GradientTransformationExtraArgs:
+    """d = sum_i a_i g_i with <g_i, d> = 1/a_i (damped Newton on 1/2 a^T G a - sum log a, warm-started from state), rescaled to |d| <= max_norm (None: no cap)."""
+    n = require_num_objectives("nash_mtl", num_objectives)
+    if max_norm is not None and not (float(max_norm) > 0 and float(max_norm) < float("inf")):
+        raise ValueError(f"nash_mtl: `max_norm` must be a finite number > 0, or None for no cap on |d|; got {max_norm}.")
+    if not (float(reg_eps) > 0 and float(reg_eps) < 1):
+        raise ValueError(f"nash_mtl: `reg_eps` must be in (0, 1) (it makes G/tr(G) + reg_eps I positive definite so a exists); got {reg_eps}.")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"nash_mtl: `max_iter` must be a positive integer (Newton steps per update), got {max_iter}.")
+    max_norm = None if max_norm is None else float(max_norm)
+
+    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+        del extra_args
+        weights, alpha = nash_mtl_weights(
+            gram.astype(jnp.float32), gram_scale, state.alpha, max_norm=max_norm, reg_eps=float(reg_eps), max_iter=int(max_iter)
+        )
+        return weights, state._replace(alpha=alpha)
+
+    def init_state() -> NashMTLState:
+        return NashMTLState(weights=initial_weights(n), alpha=jnp.ones((n,), jnp.float32))
+
+    return weighted_combiner("nash_mtl", weighting, init_state, num_objectives=n, uses_gram=True)

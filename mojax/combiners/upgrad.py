@@ -1,0 +1,51 @@
+"""UPGrad (Quinton & Rey 2024, arXiv 2406.16232): average of the projections of the g_i onto the dual cone of the rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mojax.combiners._base import WeightsState, as_vector, initial_weights, require_num_objectives, weighted_combiner
+from mojax.combiners.qp import box_qp, trace_normalized
+
+
+def upgrad_weights(gram: jax.Array, preference: jax.Array) -> jax.Array:
+    """w = sum_i v^(i), v^(i) = argmin_{v >= preference_i e_i} v^T G v, so J^T v^(i) projects preference_i g_i onto {x: Jx >= 0} (Prop. 1 of 2406.16232)."""
+    lower_bounds = jnp.diag(preference)
+    projections = jax.vmap(box_qp, in_axes=(None, 0))(gram, lower_bounds)
+    return jnp.ones_like(preference) @ projections
+
+
+def _check_eps(name: str, label: str, value: float) -> float:
+    """A nonnegative finite float hyperparameter; ValueError otherwise."""
+    value = float(value)
+    if not (value >= 0 and value < float("inf")):
+        raise ValueError(f"{name}: `{label}` must be a finite number >= 0, got {value}.")
+    return value
+
+
+def upgrad(
+    *,
+    num_objectives: int,
+    preference: Sequence[float] | jax.Array | None = None,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+) -> optax.GradientTransformationExtraArgs:
+    """d = J^T w, w the UPGrad weights of G / tr(G) + reg_eps I; TorchJD's normalisation: G -> 0 when tr(true G) < norm_eps (d is then the preference-weighted sum)."""
+    n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
+    weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
+    if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
+        raise ValueError(f"upgrad: `preference` must be finite and >= 0 (one weight per projected gradient), got {weights_of_rows}.")
+    norm_eps = _check_eps("upgrad", "norm_eps", norm_eps)
+    reg_eps = _check_eps("upgrad", "reg_eps", reg_eps)
+    regulariser = reg_eps * jnp.eye(n, dtype=jnp.float32)
+
+    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+        del extra_args
+        normalized = trace_normalized(gram, gram_scale, norm_eps) + regulariser
+        return upgrad_weights(normalized, weights_of_rows), state
+
+    return weighted_combiner("upgrad", weighting, lambda: WeightsState(weights=initial_weights(n)), num_objectives=n, uses_gram=True)
