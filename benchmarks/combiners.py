@@ -6,9 +6,9 @@ Each mojax combiner runs jitted (the first call, trace + compile + run, is repor
 peer runs in the same process on the same numbers. Steady-state times are medians over repeats,
 each ended by `block_until_ready` (jax) or by the call returning (torch, numpy).
 
-Memory floor: the jitted time of two streaming reads of the stacked gradients, `(J @ u, w @ J)`
-(per leaf for `tree`): the least any Gram-based combiner can do (one read for the Gram, one for
-the combine). Gram-free combiners (linear, PAMA, CTWA) need only the second read.
+Memory floor: twice the jitted time of `w @ J` (`mojax.combiners._base.combine`, per leaf for
+`tree`), i.e. two streaming reads of the stacked gradients: the least a Gram-based combiner can do
+(one read for the Gram, one for the combine). Gram-free combiners (linear, PAMA, CTWA) need one.
 
     python benchmarks/combiners.py            # full grid, writes benchmarks/results/combiners.{json,md}
     python benchmarks/combiners.py --quick    # smoke run, under a minute
@@ -209,19 +209,13 @@ def peers(n: int, stats: dict[str, np.ndarray]) -> dict[str, tuple[str, Callable
 # ---------------------------------------------------------------- floor and profile
 
 
-def two_reads(grads: Any, probes: Any, weights: jax.Array) -> tuple[jax.Array, Any]:
-    """The memory floor: (sum over leaves of J_leaf . u_leaf, w @ J_leaf per leaf), two streaming reads of J."""
-    dots = sum(jnp.tensordot(g, u, axes=u.ndim) for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(probes)))
-    return dots, jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
-
-
 def profile_cell(grads: Any, n: int, repeats: int, budget_s: float) -> dict[str, float]:
-    """Floor (two reads), the combine alone (one read) and the tree Gram alone, in ms, for these stacked gradients."""
+    """The combine alone (w @ J, one read of J), the floor (twice that) and the tree Gram alone, in ms."""
     weights = jnp.asarray(graded_weights(n))
-    probes = jax.tree.map(lambda g: jnp.ones(g.shape[1:], g.dtype), grads)
+    combine_ms = median_ms(jax_call(jax.jit(combine), weights, grads), repeats, budget_s)
     return {
-        "floor_ms": median_ms(jax_call(jax.jit(two_reads), grads, probes, weights), repeats, budget_s),
-        "combine_ms": median_ms(jax_call(jax.jit(combine), weights, grads), repeats, budget_s),
+        "floor_ms": 2.0 * combine_ms,
+        "combine_ms": combine_ms,
         "gram_ms": median_ms(jax_call(jax.jit(tree_gram), grads), repeats, budget_s),
     }
 
@@ -242,12 +236,19 @@ class Row:
     peer: str
     peer_ms: float
     floor_ms: float
+    gram_ms: float
+    combine_ms: float
     rel_diff: float
 
     @property
     def speedup(self) -> float:
         """Peer time / mojax time (> 1: mojax is faster)."""
         return self.peer_ms / self.mojax_ms
+
+    @property
+    def rest_ms(self) -> float:
+        """mojax time not spent in the Gram (if used) or the combine: solver, statistics, checks and dispatch."""
+        return self.mojax_ms - self.gram_ms - self.combine_ms
 
     @property
     def over_floor(self) -> float:
@@ -293,7 +294,8 @@ def run_cell(n: int, d: int, names: list[str], layouts: list[str], repeats: int,
             label, peer = peer_of[name]
             peer_ms = math.nan if peer is None else median_ms(lambda: peer(parts), repeats, budget_s)
             diff = math.nan if peer is None else relative_difference(mojax_out, peer(parts).numpy())
-            row = Row(name, n, d_tree, layout, mojax_ms, first_s, label, peer_ms, profile["floor_ms"], diff)
+            gram_ms = profile["gram_ms"] if case.uses_gram else 0.0
+            row = Row(name, n, d_tree, layout, mojax_ms, first_s, label, peer_ms, profile["floor_ms"], gram_ms, profile["combine_ms"], diff)
             results.append(row)
             log(format_row(row))
         del grads, host, parts
@@ -307,15 +309,16 @@ def format_row(row: Row) -> str:
     """One table line."""
     return (
         f"| {row.combiner} | {row.n} | {row.d:.1e} | {row.layout} | {row.mojax_ms:.3f} | {row.peer} | {row.peer_ms:.3f} | "
-        f"{row.speedup:.2f}x | {row.floor_ms:.3f} | {row.over_floor:.2f}x | {row.first_call_s:.2f} | {row.rel_diff:.1e} |"
+        f"{row.speedup:.2f}x | {row.floor_ms:.3f} | {row.over_floor:.2f}x | {row.gram_ms:.3f} | {row.combine_ms:.3f} | {row.rest_ms:.3f} | "
+        f"{row.first_call_s:.2f} | {row.rel_diff:.1e} |"
     )
 
 
 TABLE_HEADER = (
-    "| combiner | n | d | layout | mojax ms | peer | peer ms | peer/mojax | floor ms | mojax/floor | first call s | rel diff |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| combiner | n | d | layout | mojax ms | peer | peer ms | peer/mojax | floor ms | mojax/floor | Gram ms | combine ms | rest ms | first call s | rel diff |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-PROFILE_HEADER = "| n | d | layout | leaves | floor ms (2 reads) | combine ms (1 read) | tree Gram ms |\n|---|---|---|---|---|---|---|"
+PROFILE_HEADER = "| n | d | layout | leaves | combine w @ J ms (1 read) | floor ms (2 x combine) | tree Gram ms | Gram / combine |\n|---|---|---|---|---|---|---|---|"
 
 
 def machine() -> dict[str, Any]:
@@ -355,7 +358,7 @@ def verdict(results: list[Row], min_floor_d: int) -> list[str]:
 def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles: list[dict[str, Any]], summary: list[str]) -> None:
     """benchmarks/results/<stem>.json and .md."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [dict(dataclasses.asdict(r), speedup=r.speedup, over_floor=r.over_floor) for r in results]
+    records = [dict(dataclasses.asdict(r), speedup=r.speedup, over_floor=r.over_floor, rest_ms=r.rest_ms) for r in results]
     path.with_suffix(".json").write_text(json.dumps({**meta, "profile": profiles, "results": records, "summary": summary}, indent=1))
     lines = [
         "# Combiner overhead: mojax vs peers and the memory floor",
@@ -365,10 +368,12 @@ def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles
         f"Machine: {meta['machine']['nproc']} cores, {meta['machine']['cpu']}, {meta['machine']['memory_gib']} GiB; torch threads {meta['machine']['torch_threads']}  ",
         f"Versions: python {meta['machine']['python']}, " + ", ".join(f"{k} {v}" for k, v in meta["machine"]["versions"].items()) + "  ",
         f"Load before: `{meta['load_before']}`  ",
-        f"Load after: `{meta['load_after']}`",
+        f"Load after: `{meta['load_after']}`  ",
+        f"Cells (n, d) done: {meta['cells_done']}" + ("" if not meta["skipped_combiners"] else f"; combiners not in this checkout: {', '.join(meta['skipped_combiners'])}"),
         "",
         "Times are steady-state medians (ms) of jitted calls ended by `block_until_ready`; `first call` is trace + compile + run.",
-        "`floor` = jitted `(J @ u, w @ J)`: two streaming reads of the fp32 stacked gradients (per leaf for `tree`).",
+        "`floor` = 2 x the jitted combine `w @ J` alone (per leaf for `tree`): two streaming reads of the fp32 stacked gradients, the least a Gram-based combiner needs; Gram-free ones (linear, PAMA, CTWA) need half.",
+        "`Gram ms` and `combine ms` are the tree Gram and `w @ J` timed alone on the same data; `rest` = mojax - Gram - combine: solver, statistics, checks and dispatch.",
         "`rel diff` = max |mojax - peer| / max |peer| over the combined update (PCGrad's random order and NashMTL's solver differ by design).",
         f"`tree` = LLaMA-like pytree ({TREE_LAYERS} blocks, ~200 leaves) with the same total d; torchjd peers pay the concatenation into one matrix, as `torchjd.autojac` does.",
         f"PAMA/CTWA statistics: B = {BATCH}, T = {LENGTH}.",
@@ -380,7 +385,10 @@ def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles
         "## Floor and profile (same data, no combiner logic)",
         "",
         PROFILE_HEADER,
-        *[f"| {p['n']} | {p['d']:.1e} | {p['layout']} | {p['leaves']} | {p['floor_ms']:.3f} | {p['combine_ms']:.3f} | {p['gram_ms']:.3f} |" for p in profiles],
+        *[
+            f"| {p['n']} | {p['d']:.1e} | {p['layout']} | {p['leaves']} | {p['combine_ms']:.3f} | {p['floor_ms']:.3f} | {p['gram_ms']:.3f} | {p['gram_ms'] / p['combine_ms']:.1f} |"
+            for p in profiles
+        ],
         "",
         "## All measurements",
         "",
@@ -421,16 +429,15 @@ def main(argv: list[str] | None = None) -> None:
         "skipped_combiners": [name for name in args.combiners.split(",") if not CASES[name].available()],
     }
     print(f"{meta['load_before']}\n{TABLE_HEADER}", flush=True)
+    cells = [(int(float(d)), int(n)) for d in args.d.split(",") for n in args.n.split(",")]
     results, profiles = [], []
-    for d in (int(float(x)) for x in args.d.split(",")):
-        for n in (int(x) for x in args.n.split(",")):
-            cell_rows, cell_profiles = run_cell(n, d, names, args.layouts.split(","), args.repeats, args.budget_s, lambda line: print(line, flush=True))
-            results += cell_rows
-            profiles += cell_profiles
-    meta["load_after"] = load()
-    summary = verdict(results, min_floor_d=10**6)
-    print("\n".join(["", *summary, meta["load_after"]]))
-    write_results(Path(args.out), meta, results, profiles, summary)
+    for done, (d, n) in enumerate(cells, start=1):
+        cell_rows, cell_profiles = run_cell(n, d, names, args.layouts.split(","), args.repeats, args.budget_s, lambda line: print(line, flush=True))
+        results += cell_rows
+        profiles += cell_profiles
+        meta.update(load_after=load(), cells_done=f"{done}/{len(cells)}")
+        write_results(Path(args.out), meta, results, profiles, verdict(results, min_floor_d=10**6))
+    print("\n".join(["", *verdict(results, min_floor_d=10**6), meta["load_after"]]))
 
 
 if __name__ == "__main__":
