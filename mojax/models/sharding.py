@@ -1,6 +1,6 @@
 """Logical-axis sharding: rules as data, device meshes, and directly-sharded model creation.
 
-Every ``nnx.Param`` of a mojax model names its dimensions with logical axes (``LOGICAL_AXES``)
+Every ``nnx.Param`` of a mojax model names its dimensions with logical axes (``PARAM_AXIS_NAMES``)
 through ``nnx.with_partitioning``. A *rule set* maps each logical axis to a tuple of mesh axes
 (``MESH_AXES``); the empty tuple means "replicated along this dimension". Presets live in
 ``RULES``; a custom rule set is any mapping, e.g. ``{**RULES["fsdp_tp"], "kv_heads": ()}``.
@@ -21,8 +21,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mojax.models.llama import PARAM_AXIS_NAMES
+
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
 BATCH_AXES = ("data", "fsdp")
 
 Rules = Mapping[str, tuple[str, ...]]
@@ -30,7 +31,7 @@ Rules = Mapping[str, tuple[str, ...]]
 
 def _preset(**sharded: tuple[str, ...]) -> Rules:
     """A read-only rule set: the given logical axes sharded, every other one replicated."""
-    return MappingProxyType({name: tuple(sharded.get(name, ())) for name in LOGICAL_AXES})
+    return MappingProxyType({name: tuple(sharded.get(name, ())) for name in PARAM_AXIS_NAMES})
 
 
 RULES: Mapping[str, Rules] = MappingProxyType(
@@ -54,8 +55,8 @@ def resolve_rules(rules: str | Rules) -> Rules:
         raise ValueError(f"rules must be a preset name or a mapping, got {type(rules).__name__}")
     resolved = {}
     for logical, mesh_axes in rules.items():
-        if logical not in LOGICAL_AXES:
-            raise ValueError(f"unknown logical axis {logical!r} in rules; expected one of {LOGICAL_AXES}")
+        if logical not in PARAM_AXIS_NAMES:
+            raise ValueError(f"unknown logical axis {logical!r} in rules; expected one of {PARAM_AXIS_NAMES}")
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         unknown = [a for a in mesh_axes if a not in MESH_AXES]
         if unknown:
@@ -113,7 +114,9 @@ def _spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _check_divisible(where: str, names: Sequence[str | None], shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
+def _check_divisible(
+    where: str, names: Sequence[str | None], shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh
+) -> None:
     """Raise unless every sharded dimension of ``shape`` is divisible by its mesh axes' total size."""
     for dim, (logical, size, entry) in enumerate(zip(names, shape, spec)):
         axes = _spec_axes(entry)
