@@ -1,6 +1,11 @@
-"""LLaMA-style Flax NNX models, value/reward heads and HF safetensors interop."""
+"""LLaMA-style Flax NNX models, value/reward heads and HF safetensors interop.
+
+Importing this package never imports transformers or torch (safetensors is imported only when
+weights are read or written).
+"""
 
 from mojax.models.config import ModelConfig
+from mojax.models.heads import LlamaRewardModel, LlamaValueModel, ValueHead
 from mojax.models.llama import (
     KV_CACHE_LOGICAL_AXES,
     LOGICAL_AXES,
@@ -9,6 +14,7 @@ from mojax.models.llama import (
     LlamaModel,
     init_kv_cache,
 )
+from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 
 __all__ = [
     "KV_CACHE_LOGICAL_AXES",
@@ -16,6 +22,13 @@ __all__ = [
     "KVCache",
     "LlamaForCausalLM",
     "LlamaModel",
+    "LlamaRewardModel",
+    "LlamaValueModel",
     "ModelConfig",
+    "ValueHead",
     "init_kv_cache",
+    "load_causal_lm",
+    "load_reward_model",
+    "load_value_model",
+    "save_pretrained",
 ]

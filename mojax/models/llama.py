@@ -108,18 +108,23 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     (``_compute_default_rope_parameters`` / ``_compute_llama3_parameters``)."""
     dim = config.head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    # float32 maths as torch does; the pow is evaluated in float64 and rounded, which reproduces
+    # torch's (nearly always correctly rounded) float32 pow bit for bit where numpy's powf does not.
+    power = (np.float64(config.rope_theta) ** exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / power).astype(np.float32)
     if config.rope_scaling is None:
         return inv_freq
     rs = config.rope_scaling
+    f32 = np.float32
     factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
     old_ctx = rs["original_max_position_embeddings"]
-    low_freq_wavelen = old_ctx / low
-    high_freq_wavelen = old_ctx / high
-    wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
-    inv_llama = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-    smooth = ((np.float32(old_ctx) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
-    smoothed = ((1 - smooth) * inv_llama / np.float32(factor) + smooth * inv_llama).astype(np.float32)
+    low_freq_wavelen = f32(old_ctx / low)
+    high_freq_wavelen = f32(old_ctx / high)
+    # torch evaluates `scalar / tensor` as `tensor.reciprocal() * scalar`, all in float32.
+    wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+    inv_llama = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
+    smooth = ((f32(1) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
+    smoothed = (f32(1) - smooth) * inv_llama / f32(factor) + smooth * inv_llama
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, inv_llama).astype(np.float32)
 

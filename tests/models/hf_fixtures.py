@@ -36,7 +36,7 @@ TINY_HF_KWARGS: dict[str, Any] = dict(
 )
 
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=32)
+                   high_freq_factor=4.0, original_max_position_embeddings=256)
 
 
 def hf_llama_config(**overrides: Any):

@@ -12,7 +12,7 @@ from flax import nnx
 from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
 from mojax.models.config import ModelConfig as _MC
 from mojax.models.llama import PARAM_AXIS_NAMES, apply_rope, attention, rope_inv_freq
-from tests.models.hf_fixtures import random_llama
+from hf_fixtures import random_llama
 
 
 @pytest.fixture(scope="module")
