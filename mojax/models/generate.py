@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -44,14 +45,17 @@ class SamplingConfig:
         _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
         _require_int("pad_token_id", self.pad_token_id, minimum=0)
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"SamplingConfig: temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}.")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+        if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}.")
         if self.prompt_bucket_multiple is not None:
             _require_int("prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two")
+        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("pad_token_id", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
 class GenerationResult(NamedTuple):
@@ -83,6 +87,11 @@ class _DecodeState(NamedTuple):
     response_mask: jax.Array
     sampler_logprobs: jax.Array
     model_logprobs: jax.Array
+
+
+def _is_real(value: Any) -> bool:
+    """True for Python/NumPy real numbers other than bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _require_int(name: str, value: Any, *, minimum: int, meaning: str = "") -> None:
@@ -230,10 +239,20 @@ def _check_prompts(prompt_ids: Any, prompt_mask: Any, model_config: Any, config:
         )
 
 
+def _check_key(rng_key: Any) -> None:
+    """ValueError unless `rng_key` is one PRNG key: typed (jax.random.key) or raw uint32[2] (jax.random.PRNGKey)."""
+    dtype, shape = getattr(rng_key, "dtype", None), getattr(rng_key, "shape", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype == jnp.uint32 and shape == (2,)
+    if not (typed or raw):
+        raise ValueError(f"generate: rng_key must be a single jax.random.key(...) or PRNGKey(...), got dtype {dtype} and shape {shape}.")
+
+
 def generate(model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig) -> GenerationResult:
     """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token)."""
     if not isinstance(config, SamplingConfig):
         raise ValueError(f"generate: config must be a SamplingConfig, got {type(config).__name__}.")
+    _check_key(rng_key)
     graphdef, state = _split_model(model)
     _check_prompts(prompt_ids, prompt_mask, nnx.merge(graphdef, state).config, config)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)

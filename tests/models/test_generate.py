@@ -250,9 +250,18 @@ def test_generate_rejects_bad_prompts(model, name):
         generate(model, ids, mask, jax.random.key(0), config)
 
 
-def test_generate_rejects_a_non_config_and_a_non_model(model):
+def test_generate_rejects_a_bad_config_model_or_key(model):
     ids, mask = np.full((1, 2), 5, np.int32), np.ones((1, 2), np.int32)
     with pytest.raises(ValueError, match="SamplingConfig"):
         generate(model, ids, mask, jax.random.key(0), {"max_new_tokens": 2})
     with pytest.raises(ValueError, match="nnx.Module"):
         generate(object(), ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=2))
+    for key in (None, np.zeros(2, np.int32), jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(ValueError, match="rng_key"):
+            generate(model, ids, mask, key, SamplingConfig(max_new_tokens=2))
+
+
+def test_sampling_config_normalises_numpy_scalars():
+    config = SamplingConfig(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float32(0.25), stop_token_ids=[np.int32(4)])
+    assert config == SamplingConfig(max_new_tokens=3, temperature=0.5, top_p=0.25, stop_token_ids=(4,))
+    assert type(config.temperature) is float and type(config.stop_token_ids[0]) is int
