@@ -109,13 +109,13 @@ def _fista(gram: jax.Array, active: jax.Array, tol: float, max_iters: int) -> ja
 
 
 def _support_solve(gram: jax.Array, support: jax.Array) -> jax.Array:
-    """Solve G_SS a_S = mu 1, 1^T a_S = 1 (a = 0 off S) by least squares, then clip to the simplex."""
+    """Solve G_SS a_S = mu 1, 1^T a_S = 1 (a = 0 off S) by pseudo-inverse (least squares), then clip to the simplex."""
     n = gram.shape[0]
     mask = support.astype(jnp.float32)
     block = gram * jnp.outer(mask, mask) + jnp.diag(1.0 - mask)
     kkt = jnp.block([[block, mask[:, None]], [mask[None, :], jnp.zeros((1, 1), jnp.float32)]])
     rhs = jnp.zeros((n + 1,), jnp.float32).at[n].set(1.0)
-    alpha = jnp.clip(jnp.linalg.lstsq(kkt, rhs)[0][:n], 0.0, None) * mask
+    alpha = jnp.clip((jnp.linalg.pinv(kkt) @ rhs)[:n], 0.0, None) * mask
     total = jnp.sum(alpha)
     return alpha / jnp.where(total > 0, total, 1.0)
 
@@ -172,10 +172,14 @@ def min_norm_weights(
     *,
     active: jax.Array | None = None,
     solver: str = "projected_gradient",
-    tol: float = PGD_TOL,
+    tol: float | None = None,
     max_iters: int | None = None,
 ) -> jax.Array:
-    """argmin_{alpha in simplex over the active set} alpha^T G alpha, f32[n] (Sener & Koltun, arXiv 1810.04650)."""
+    """argmin_{alpha in simplex over the active set} alpha^T G alpha, f32[n] (Sener & Koltun, arXiv 1810.04650).
+
+    ``tol`` / ``max_iters`` default to the solver's constants: the relative KKT gap 1e-7 and 1000
+    steps (projected_gradient), the step size gamma 1e-3 and 100 steps (frank_wolfe, as torchjd).
+    """
     check_solver("min_norm_weights", solver)
     gram = jnp.asarray(gram)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
@@ -186,15 +190,17 @@ def min_norm_weights(
         raise ValueError(f"min_norm_weights: `active` has shape {active.shape}; expected a bool vector of length n = {n}.")
     if max_iters is not None and max_iters < 1:
         raise ValueError(f"min_norm_weights: max_iters must be a positive integer, got {max_iters}.")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"min_norm_weights: tol must be > 0, got {tol}.")
     scaled = _normalized(gram, active)
     if n == 1:
         return active.astype(jnp.float32)
     if solver == "frank_wolfe":
-        alpha = _frank_wolfe(scaled, active, FW_EPSILON, max_iters or FW_MAX_ITERS)
+        alpha = _frank_wolfe(scaled, active, tol or FW_EPSILON, max_iters or FW_MAX_ITERS)
     elif n == 2:
         alpha = _two_objectives(scaled, active)
     else:
-        alpha = _projected_gradient(scaled, active, tol, max_iters or PGD_MAX_ITERS)
+        alpha = _projected_gradient(scaled, active, tol or PGD_TOL, max_iters or PGD_MAX_ITERS)
     return jnp.where(jnp.any(active), alpha, 0.0)
 
 
