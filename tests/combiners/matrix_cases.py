@@ -1,0 +1,45 @@
+"""Jacobians for the Gram-weighting tests (known answers, degenerate rows) and a jitted single-leaf update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+# TorchJD's golden-value Jacobian (tests/unit/aggregation/test_values.py).
+J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], np.float32)
+
+# Two objectives in R^3 that every weighting must survive without NaN.
+DEGENERATE = {
+    "zero_row": np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], np.float32),
+    "all_zero": np.zeros((2, 3), np.float32),
+    "identical": np.array([[1.0, -2.0, 0.5], [1.0, -2.0, 0.5]], np.float32),
+    "anti_parallel": np.array([[1.0, -2.0, 0.5], [-3.0, 6.0, -1.5]], np.float32),
+    "tiny": np.array([[1e-30, -2e-30, 0.0], [-1e-30, 0.0, 3e-30]], np.float32),
+    "huge": np.array([[1e30, -2e30, 0.0], [-1e30, 0.0, 3e30]], np.float32),
+    "mixed_scales": np.array([[1e-30, 0.0, 0.0], [-1.0, 1.0, 0.0]], np.float32),
+}
+
+
+def jacobians(n: int, d: int) -> st.SearchStrategy[np.ndarray]:
+    """f32[n, d] with entries in [-4, 4] and a trace large enough for the Gram normalisations to act."""
+    entries = st.floats(-4.0, 4.0, allow_nan=False, width=32)
+    return hnp.arrays(np.float32, (n, d), elements=entries).filter(lambda j: float(np.sum(j.astype(np.float64) ** 2)) > 1e-2)
+
+
+def jitted_update(tx: optax.GradientTransformationExtraArgs) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:
+    """(J f32[n, d], state) -> (d = the combined update f32[d], new state), compiled once per shape."""
+    update = jax.jit(lambda jac, state: tx.update({"p": jac}, state))
+
+    def run(jac: np.ndarray, state: Any = None) -> tuple[np.ndarray, Any]:
+        state = tx.init({"p": jnp.zeros(np.shape(jac)[1:], jnp.asarray(jac).dtype)}) if state is None else state
+        out, state = update(jnp.asarray(jac), state)
+        return np.asarray(out["p"], np.float64), state
+
+    return run
