@@ -159,8 +159,23 @@ def test_degenerate_batches_are_finite(rewards, w, ids, valid):
     for leaf in out:
         assert np.all(np.isfinite(leaf))
     if int(out.num_valid_groups) == 0 or np.ptp(rewards) == 0 or np.ptp(w) == 0:
-        np.testing.assert_array_equal(out.cov, 0.0)
-        np.testing.assert_array_equal(out.corr, 0.0)
+        for field in ("cov", "corr", "frac_neg", "interference"):
+            np.testing.assert_array_equal(getattr(out, field), 0.0)
+
+
+def test_even_count_median_averages_the_middle_pair():
+    """|w| = (1, 1, 2, 4, 300, 300): median 3, so 300 <= 100 x 3 is kept (the lower middle, 2, would drop it)."""
+    w = np.asarray([1.0, -1.0, 2.0, 4.0, 300.0, -300.0])
+    rewards = np.asarray([[0.0], [1.0], [0.0], [1.0], [1.0], [0.0]])
+    out = statistics(jnp.asarray(rewards, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(out.cov, reference_statistics(rewards, w, np.zeros(6))["cov"], rtol=1e-6)
+    assert float(out.cov[0]) > 50
+
+
+def test_no_outlier_filter_when_the_median_is_zero():
+    rewards = jnp.asarray([[0.0], [0.0], [0.0], [1.0], [2.0]])
+    out = statistics(rewards, jnp.asarray([0.0, 0.0, 0.0, 1.0, 2.0]))
+    np.testing.assert_allclose(out.cov, [np.cov([0, 0, 0, 1, 2], [0, 0, 0, 1, 2], bias=True)[0, 1]], rtol=1e-6)
 
 
 def test_signal_empty_rows_and_nonfinite_signals_are_dropped():
