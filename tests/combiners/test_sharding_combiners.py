@@ -9,12 +9,17 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from combiner_cases import CASES, extra_args, is_shape, llama_like_shapes, stacked_gradients
+from combiner_cases import CASES, extra_args, is_shape, stacked_gradients
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 N = 3
-SHAPES = llama_like_shapes(hidden=32, ffn=64, vocab=64, layers=1)
+# A LLaMA-like slice (embedding, one block's norm and projections, LM head), every dim divisible by 8.
+SHAPES = {
+    "embed": (64, 32),
+    "layers": [{"attn_norm": (32,), "q": (32, 32), "o": (32, 32), "gate": (32, 64), "down": (64, 32)}],
+    "lm_head": (32, 64),
+}
 # Leaves whose FSDP axis is their second dimension (output projections), as in MaxText-style rules.
 SHARDED_ON_SECOND_DIM = {"o", "down"}
 COLLECTIVE = re.compile(
