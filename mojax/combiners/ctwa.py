@@ -142,8 +142,8 @@ def ctwa_reweight(
         if rewards.ndim != 2 or rewards.shape[1] != n:
             raise ValueError(f"{name}: `rewards` has shape {rewards.shape}; expected (B, n) with n = {n} objectives.")
         mask = extra_args.get("mask")
-        if mask is not None and jnp.ndim(mask) != 2:
-            raise ValueError(f"{name}: `mask` has shape {jnp.shape(mask)}; expected (B, T).")
+        if mask is not None and (jnp.ndim(mask) != 2 or jnp.shape(mask)[0] != rewards.shape[0]):
+            raise ValueError(f"{name}: `mask` has shape {jnp.shape(mask)}; expected (B, T) with B = {rewards.shape[0]} like `rewards`.")
         statistics = covariance_statistics(
             rewards,
             signal,

@@ -262,6 +262,7 @@ def test_bad_construction_raises(kwargs, message):
         (dict(rewards=jnp.ones((4, 3)), signal=jnp.ones(4)), r"`rewards` has shape \(4, 3\); expected \(B, n\) with n = 2"),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(5)), r"`signal` has shape \(5,\)"),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), mask=jnp.ones(4)), r"`mask` has shape \(4,\); expected \(B, T\)"),
+        (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), mask=jnp.ones((3, 5))), r"expected \(B, T\) with B = 4"),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), group_ids=jnp.ones(4)), "expected integer prompt ids"),
     ],
 )
