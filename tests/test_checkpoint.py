@@ -1,7 +1,6 @@
 """Checkpoints restore model, optimizer, step and key exactly, onto other meshes, and resume training."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -9,24 +8,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mojax.checkpoint import Checkpointer
+from mojax.models import LlamaForCausalLM, ModelConfig
 from mojax.models.sharding import create_sharded, make_mesh
 
 
-class TinyMLP(nnx.Module):
-    """Stand-in model whose parameters carry logical axis names."""
-
-    def __init__(self, *, rngs):
-        init = nnx.initializers.normal(0.3)
-        self.up = nnx.Param(nnx.with_partitioning(init, ("embed", "mlp"))(rngs.params(), (16, 32)))
-        self.down = nnx.Param(nnx.with_partitioning(init, ("mlp", "embed"))(rngs.params(), (32, 16)))
-
-    def __call__(self, x):
-        return jnp.tanh(x @ self.up[...]) @ self.down[...]
-
-
 def make_model():
-    with nnx.use_eager_sharding(False):
-        return TinyMLP(rngs=nnx.Rngs(0))
+    return LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=1), rngs=nnx.Rngs(0))
 
 
 def make_optimizer(model):
@@ -35,11 +22,12 @@ def make_optimizer(model):
 
 @nnx.jit
 def train_step(model, optimizer, key):
-    """One AdamW step on a batch drawn from ``key``; returns the loss."""
-    x = jax.random.normal(key, (8, 16))
+    """One AdamW step on a batch of token ids drawn from ``key``; returns the loss."""
+    ids = jax.random.randint(key, (8, 9), 0, 256)
 
     def loss_fn(m):
-        return jnp.mean((m(x) - jnp.sin(x)) ** 2)
+        logits, _ = m(ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
@@ -57,6 +45,11 @@ def train(model, optimizer, key, start, stop, checkpointer=None, save_every=1):
     return losses, key
 
 
+def up_proj(model):
+    """The stacked MLP up-projection kernel [L, D, F] ("layers", "embed", "mlp")."""
+    return model.model.layers.mlp.up_proj.kernel
+
+
 def host_params(model):
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
@@ -72,10 +65,10 @@ def assert_trees_equal(a, b):
 def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
     mesh = make_mesh(fsdp=8)
     model = create_sharded(make_model, mesh, "fsdp")
-    full_losses, _ = train(model, make_optimizer(model), jax.random.key(7), 0, 6)
-    full_params = host_params(model)
+    uninterrupted = nnx.clone(model)
+    full_losses, _ = train(uninterrupted, make_optimizer(uninterrupted), jax.random.key(7), 0, 6)
+    full_params = host_params(uninterrupted)
 
-    model = create_sharded(make_model, mesh, "fsdp")
     with Checkpointer(tmp_path, max_to_keep=2) as checkpointer:
         first_losses, _ = train(model, make_optimizer(model), jax.random.key(7), 0, 5, checkpointer, save_every=2)
     del model
@@ -87,14 +80,14 @@ def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
         assert checkpointer.all_steps() == [2, 4]
     assert step == 4 and int(optimizer.step[...]) == 4
     assert metadata == {"loss": first_losses[3]}
-    assert model.up.sharding.spec == P("fsdp", None)
+    assert up_proj(model).sharding.spec == P(None, "fsdp", None)
     resumed_losses, _ = train(model, optimizer, key, step, 6)
     assert first_losses[:4] == full_losses[:4]
     assert resumed_losses == full_losses[4:]
     assert_trees_equal(host_params(model), full_params)
 
 
-@pytest.mark.parametrize("mesh_shape, rules, up_spec", [(None, None, P(None, None)), ((2, 2, 2), "fsdp_tp", P("fsdp", "tensor"))])
+@pytest.mark.parametrize("mesh_shape, rules, up_spec", [(None, None, P(None, None, None)), ((2, 2, 2), "fsdp_tp", P(None, "fsdp", "tensor"))])
 def test_restore_onto_a_different_mesh(tmp_path, mesh_shape, rules, up_spec):
     model = create_sharded(make_model, make_mesh(fsdp=8), "fsdp")
     optimizer = make_optimizer(model)
@@ -106,11 +99,11 @@ def test_restore_onto_a_different_mesh(tmp_path, mesh_shape, rules, up_spec):
         restored = checkpointer.restore_latest(
             model_factory=make_model, optimizer_factory=make_optimizer, mesh=mesh, rules=rules
         )
-    assert restored.model.up.sharding.spec == up_spec
-    assert len(restored.model.up.sharding.device_set) == (1 if mesh is None else 8)
+    assert up_proj(restored.model).sharding.spec == up_spec
+    assert len(up_proj(restored.model).sharding.device_set) == (1 if mesh is None else 8)
     assert_trees_equal(host_params(restored.model), host_params(model))
     assert_trees_equal(nnx.state(restored.optimizer), nnx.state(optimizer))
-    assert restored.optimizer.opt_state[0].mu["up"].sharding.spec == up_spec
+    assert restored.optimizer.opt_state[0].mu["model"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == up_spec
     np.testing.assert_array_equal(jax.random.key_data(restored.rng_key), jax.random.key_data(key))
     assert jax.random.key_impl(restored.rng_key) == jax.random.key_impl(key)
     expected, _ = train(model, optimizer, key, 2, 3)
