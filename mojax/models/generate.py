@@ -212,31 +212,41 @@ def _split_model(model: Any) -> tuple[Any, Any]:
     raise ValueError(f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, got {type(model).__name__}.")
 
 
-def _check_prompts(prompt_ids: Any, prompt_mask: Any, model_config: Any, config: SamplingConfig) -> None:
-    """ValueError unless ids/mask are matching [B, P] arrays of left-padded prompts that fit the model context."""
+def _check_prompt_shapes(prompt_ids: Any, prompt_mask: Any) -> None:
+    """ValueError unless ids and mask are matching [B, P] arrays (B, P >= 1) and the ids are integers."""
+    ids_shape, mask_shape = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
+    if len(ids_shape) != 2 or min(ids_shape) < 1:
+        raise ValueError(f"generate: prompt_ids must have shape [batch, prompt_length] with both >= 1, got {ids_shape}.")
+    if mask_shape != ids_shape:
+        raise ValueError(f"generate: prompt_mask shape {mask_shape} must equal prompt_ids shape {ids_shape}.")
+    if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+        raise ValueError(f"generate: prompt_ids must hold integer token ids, got dtype {jnp.result_type(prompt_ids)}.")
+
+
+def _check_prompt_values(prompt_ids: Any, prompt_mask: Any, model_config: Any, config: SamplingConfig) -> None:
+    """ValueError unless the prompts are left-padded, their ids are in the vocabulary, and they fit the model context."""
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
-    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise ValueError(f"generate: prompt_ids must have shape [batch, prompt_length] with both >= 1, got {ids.shape}.")
-    if mask.shape != ids.shape:
-        raise ValueError(f"generate: prompt_mask shape {mask.shape} must equal prompt_ids shape {ids.shape}.")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"generate: prompt_ids must hold integer token ids, got dtype {ids.dtype}.")
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("generate: prompt_mask must hold only 0 (padding) and 1 (real token).")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or (mask[:, -1] == 0).any():
         raise ValueError("generate: prompts must be left-padded with at least one real token: each prompt_mask row must be 0...0 1...1.")
-    vocab = model_config.vocab_size
     used = ids[mask.astype(bool)]
-    for name, tokens in (("prompt_ids", used), ("stop_token_ids", np.asarray(config.stop_token_ids)), ("pad_token_id", np.asarray([config.pad_token_id]))):
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(f"generate: {name} must lie in [0, vocab_size={vocab}), got values in [{tokens.min()}, {tokens.max()}].")
+    if used.min() < 0 or used.max() >= model_config.vocab_size:
+        raise ValueError(f"generate: prompt_ids must lie in [0, vocab_size={model_config.vocab_size}), got values in [{used.min()}, {used.max()}].")
     longest = int(mask.sum(axis=1).max())
-    context = model_config.max_position_embeddings
-    if longest + config.max_new_tokens > context:
+    if longest + config.max_new_tokens > model_config.max_position_embeddings:
         raise ValueError(
-            f"generate: the longest prompt ({longest} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds "
-            f"the model context max_position_embeddings={context}; shorten the prompts or max_new_tokens."
+            f"generate: the longest prompt ({longest} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the model "
+            f"context max_position_embeddings={model_config.max_position_embeddings}; shorten the prompts or max_new_tokens."
         )
+
+
+def _check_special_tokens(model_config: Any, config: SamplingConfig) -> None:
+    """ValueError unless the stop and pad token ids are in the model vocabulary."""
+    vocab = model_config.vocab_size
+    for name, tokens in (("stop_token_ids", config.stop_token_ids), ("pad_token_id", (config.pad_token_id,))):
+        if any(t >= vocab for t in tokens):
+            raise ValueError(f"generate: {name} must lie in [0, vocab_size={vocab}), got {tokens}.")
 
 
 def _check_key(rng_key: Any) -> None:
@@ -249,12 +259,20 @@ def _check_key(rng_key: Any) -> None:
 
 
 def generate(model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig) -> GenerationResult:
-    """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token)."""
+    """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token).
+
+    Works eagerly and inside an outer ``jax.jit``; checks that need the prompt values (left padding,
+    vocabulary range, context length) run only when the prompts are concrete.
+    """
     if not isinstance(config, SamplingConfig):
         raise ValueError(f"generate: config must be a SamplingConfig, got {type(config).__name__}.")
     _check_key(rng_key)
     graphdef, state = _split_model(model)
-    _check_prompts(prompt_ids, prompt_mask, nnx.merge(graphdef, state).config, config)
+    model_config = nnx.merge(graphdef, state).config
+    _check_prompt_shapes(prompt_ids, prompt_mask)
+    _check_special_tokens(model_config, config)
+    if not any(isinstance(x, jax.core.Tracer) for x in (prompt_ids, prompt_mask)):
+        _check_prompt_values(prompt_ids, prompt_mask, model_config, config)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     extra = bucket_length(prompt_ids.shape[1], config.prompt_bucket_multiple) - prompt_ids.shape[1]
