@@ -41,21 +41,21 @@ class SamplingConfig:
 
     def __post_init__(self):
         stop = self.stop_token_ids
-        object.__setattr__(self, "stop_token_ids", (stop,) if isinstance(stop, (int, np.integer)) else tuple(stop))
+        stop = (stop,) if _is_int(stop) else tuple(stop) if isinstance(stop, (tuple, list, np.ndarray)) else (stop,)
+        if not all(_is_int(t) and t >= 0 for t in stop):
+            raise ValueError(f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}.")
         _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
         _require_int("pad_token_id", self.pad_token_id, minimum=0)
+        if self.prompt_bucket_multiple is not None:
+            _require_int("prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two")
         if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"SamplingConfig: temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}.")
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}.")
-        if self.prompt_bucket_multiple is not None:
-            _require_int("prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two")
         for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("pad_token_id", int)):
             object.__setattr__(self, name, kind(getattr(self, name)))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
 
 
 class GenerationResult(NamedTuple):
@@ -94,20 +94,25 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_int(value: Any) -> bool:
+    """True for Python/NumPy integers other than bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _require_int(name: str, value: Any, *, minimum: int, meaning: str = "") -> None:
     """ValueError unless `value` is a Python/NumPy integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not _is_int(value) or value < minimum:
         note = f" ({meaning})" if meaning else ""
         raise ValueError(f"SamplingConfig: {name} must be an integer >= {minimum}{note}, got {value!r}.")
 
 
 def bucket_length(n: int, multiple: int | None = None) -> int:
     """Smallest bucket >= n: the next power of two, or the next multiple of `multiple` when given."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not _is_int(n) or n < 1:
         raise ValueError(f"bucket_length: n must be an integer >= 1, got {n!r}.")
     if multiple is None:
         return 1 << (int(n) - 1).bit_length()
-    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+    if not _is_int(multiple) or multiple < 1:
         raise ValueError(f"bucket_length: multiple must be an integer >= 1 or None, got {multiple!r}.")
     return -(-int(n) // int(multiple)) * int(multiple)
 
