@@ -29,12 +29,12 @@ def _check_eps(name: str, label: str, value: float) -> float:
 
 def upgrad(
     *,
-    num_objectives: int,
+    num_objectives: int | None = None,
     preference: Sequence[float] | jax.Array | None = None,
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
 ) -> optax.GradientTransformationExtraArgs:
-    """d = J^T w, w the UPGrad weights of G / tr(G) + reg_eps I; TorchJD's normalisation: G -> 0 when tr(true G) < norm_eps (d is then the preference-weighted sum)."""
+    """d = J^T w, w the UPGrad weights of G / tr(G) + reg_eps I (n from num_objectives or len(preference)); TorchJD's normalisation: G -> 0 when tr(true G) < norm_eps (d is then the preference-weighted sum)."""
     n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
     if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
