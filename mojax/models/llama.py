@@ -16,8 +16,11 @@ Call convention (shared by the sampler and the trainer)::
 * ``cache=None``: plain causal forward, returns ``(logits, None)``.
 * ``cache=model.init_cache(B, S)``: the T new tokens are written at ``cache.index`` and attend to
   every valid earlier slot plus causally among themselves; T may be a whole prompt (prefill) or 1
-  (decode). Returns the updated cache (``index + T``). Writing past ``S`` is not checked inside
-  jit (``dynamic_update_slice`` clamps): size the cache for prompt + generation.
+  (decode). Returns the updated cache (``index + T``). Writing past ``S`` raises when the index
+  is concrete; inside jit it cannot be checked (``dynamic_update_slice`` clamps the start, which
+  would overwrite the last slots): size the cache for prompt + generation.
+* Call it under ``nnx.jit`` (or ``jax.jit`` over ``nnx.split`` state): eagerly, every call re-traces
+  the layer scan. ``remat=True`` wraps each layer in ``jax.checkpoint`` for training.
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
 
 Logical axis names of every ``nnx.Param`` (read them with ``nnx.get_partition_spec``; the
@@ -332,6 +335,9 @@ class LlamaModel(nnx.Module):
                 raise ValueError(f"cache batch size {cache.batch_size} != input batch size {B}")
             if T > cache.max_length:
                 raise ValueError(f"{T} new tokens do not fit in a cache of length {cache.max_length}")
+            if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_length:
+                raise ValueError(f"cache overflow: writing {T} tokens at slot {int(cache.index)} of a cache "
+                                 f"of length {cache.max_length}")
             index = jnp.asarray(cache.index, jnp.int32)
             if positions is None:
                 positions = default_positions(attention_mask, cache.lengths)

@@ -20,19 +20,19 @@ def value_model():
 def test_value_model_shapes_and_cache(value_model):
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, (2, 6)), jnp.int32)
     mask = jnp.asarray([[1] * 6, [0, 0, 1, 1, 1, 1]])
-    values, cache = value_model(ids, attention_mask=mask)
-    assert values.shape == (2, 6, 3) and values.dtype == jnp.float32 and cache is None
-    h, _ = value_model.hidden_states(ids)
+    h = nnx.eval_shape(lambda m: m.hidden_states(ids)[0], value_model)
     assert h.shape == (2, 6, 64)
     kv = nnx.state(value_model, nnx.Param)["value_head"]
     assert kv["kernel"].shape == (64, 3) and kv["bias"].shape == (3,)
     from mojax.models.llama import init_kv_cache
 
-    cache = init_kv_cache(CFG, 2, 6)
-    a, cache = value_model(ids[:, :4], attention_mask=mask[:, :4], cache=cache)
-    b, cache = value_model(ids[:, 4:], attention_mask=mask[:, 4:], cache=cache)
+    run = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c))
+    values, none = run(value_model, ids, mask, None)
+    assert values.shape == (2, 6, 3) and values.dtype == jnp.float32 and none is None
+    cached, cache = run(value_model, ids, mask, init_kv_cache(CFG, 2, 8))
+    assert int(cache.index) == 6
     real = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate([a, b], 1))[real], np.asarray(values)[real], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(values)[real], atol=2e-5)
 
 
 def test_value_head_partitioning():
@@ -62,11 +62,11 @@ def test_reward_model_pools_token_scores():
     rm = random_module(lambda: LlamaRewardModel(CFG, 2, rngs=nnx.Rngs(0)), seed=2)
     ids = jnp.asarray([[0, 0, 9, 10, 11], [9, 10, 11, 12, 0]], jnp.int32)
     mask = (ids != 0).astype(jnp.int32)
-    scores = rm(ids, attention_mask=mask)
-    tok = rm.token_scores(ids, attention_mask=mask)
+    scores, tok = nnx.jit(lambda m, i, mk: (m(i, attention_mask=mk), m.token_scores(i, attention_mask=mk)))(
+        rm, ids, mask)
     assert scores.shape == (2, 2) and tok.shape == (2, 5, 2)
     np.testing.assert_allclose(scores, jnp.stack([tok[0, 4], tok[1, 3]]), atol=1e-6)
     # left-padded row scores the same as the unpadded sequence
-    alone = rm(ids[:1, 2:])
+    alone = nnx.jit(lambda m, i: m(i))(rm, ids[:1, 2:])
     np.testing.assert_allclose(scores[0], alone[0], atol=2e-5)
     assert rm.score.kernel.shape == (64, 2)

