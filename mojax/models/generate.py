@@ -170,6 +170,12 @@ def _record(state: _DecodeState, logits: jax.Array, key: jax.Array, config: Samp
     )
 
 
+def _last_logits(model: Any, input_ids, positions, attention_mask, cache) -> tuple[jax.Array, Any]:
+    """(fp32 logits [B, V] at the last input position, updated cache): the LM head runs on one position only."""
+    hidden, cache = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
+    return model.logits(hidden[:, -1]).astype(jnp.float32), cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: SamplingConfig):
     """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped."""
@@ -179,7 +185,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: 
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_lengths = prompt_mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    logits, cache = model(prompt_ids, positions=positions, attention_mask=prompt_mask, cache=model.init_cache(batch, width + new))
+    logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, model.init_cache(batch, width + new))
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -189,20 +195,16 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: 
         sampler_logprobs=jnp.zeros((batch, new), jnp.float32),
         model_logprobs=jnp.zeros((batch, new), jnp.float32),
     )
-    start = _record(start, logits[:, -1], rng_key, config)
+    start = _record(start, logits, rng_key, config)
 
     def unfinished(s: _DecodeState) -> jax.Array:
         return (s.step < new) & ~jnp.all(s.finished)
 
     def decode_one(s: _DecodeState) -> _DecodeState:
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
-        step_logits, cache = model(
-            previous,
-            positions=(prompt_lengths + s.step - 1)[:, None],
-            attention_mask=jnp.ones((batch, 1), jnp.int32),
-            cache=s.cache,
-        )
-        return _record(s._replace(cache=cache), step_logits[:, -1], rng_key, config)
+        positions = (prompt_lengths + s.step - 1)[:, None]
+        step_logits, cache = _last_logits(model, previous, positions, jnp.ones((batch, 1), jnp.int32), s.cache)
+        return _record(s._replace(cache=cache), step_logits, rng_key, config)
 
     end = jax.lax.while_loop(unfinished, decode_one, start)
     return end.tokens, end.response_mask, end.sampler_logprobs, end.model_logprobs
@@ -265,6 +267,9 @@ def _check_key(rng_key: Any) -> None:
 
 def generate(model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig) -> GenerationResult:
     """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token).
+
+    `model` is a ``LlamaForCausalLM`` (anything with its ``init_cache``, ``hidden_states`` and
+    ``logits`` methods and a ``config``) or its ``nnx.split`` pair ``(graphdef, state)``.
 
     Works eagerly and inside an outer ``jax.jit``; checks that need the prompt values (left padding,
     vocabulary range, context length) run only when the prompts are concrete.

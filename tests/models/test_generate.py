@@ -182,13 +182,13 @@ def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k
 
 
 class TraceCountingLlama(LlamaForCausalLM):
-    """A LlamaForCausalLM that counts how often its forward is traced or run."""
+    """A LlamaForCausalLM that counts how often its decoder stack is traced or run."""
 
     calls = 0
 
-    def __call__(self, *args, **kwargs):
+    def hidden_states(self, *args, **kwargs):
         TraceCountingLlama.calls += 1
-        return super().__call__(*args, **kwargs)
+        return super().hidden_states(*args, **kwargs)
 
 
 def test_prompts_in_one_bucket_share_one_compilation():
