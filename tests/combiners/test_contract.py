@@ -141,7 +141,9 @@ def test_trains_in_a_jitted_chain_without_recompiling(name):
     params = tiny_params()
     state = tx.init(params)
     batches = [extra_args(case, N, seed=seed) for seed in range(steps)]
-    params, state, first_losses = step(params, state, batches[0])
+    with log_compilations() as first_compilations:
+        params, state, first_losses = step(params, state, batches[0])
+    assert first_compilations, "the compilation log saw nothing: it could not detect a recompilation either"
     with log_compilations() as compilations:
         for extras in batches[1:]:
             params, state, losses = step(params, state, extras)

@@ -116,3 +116,16 @@ def test_only_small_all_reduces_cross_devices(name):
     assert oversized == [], f"all-reduces larger than n x n = {N * N} elements: {oversized}"
     if CASES[name].uses_gram:
         assert any(N * N in sizes for _, sizes in ops), f"no n x n all-reduce of the Gram matrix in {ops}"
+
+
+@pytest.mark.parametrize("name", [case_param(name) for name in CASES])
+def test_init_on_abstract_sharded_params_and_replicated_weights(name):
+    abstract = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(fsdp_mesh(), P(*sharding.spec[1:]))),
+        SHAPES,
+        stacked_shardings(),
+        is_leaf=is_shape,
+    )
+    assert jax.eval_shape(CASES[name].make(N).init, abstract).weights.shape == (N,)
+    (_, sharded_state), _, _ = sharded_and_plain(name)
+    assert sharded_state.weights.sharding.is_fully_replicated, sharded_state.weights.sharding
