@@ -37,10 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 from mojax.models.config import ModelConfig  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
+from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
 
 TORCH_THREADS = 2
@@ -65,36 +65,12 @@ FULL_SIZES = {
 SMOKE_SIZES = {"tiny (V 256, d 64, 2 layers)": (ModelConfig.tiny(), (2, 16), (2, 8, 4))}
 
 
-def hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
-    """HF LlamaForCausalLM parameter names and [out, in] layouts from a mojax model."""
-    c, m = model.config, model.model
-    layers = m.layers
-    per_layer = {
-        "input_layernorm.weight": lambda i: layers.input_layernorm.scale[i],
-        "post_attention_layernorm.weight": lambda i: layers.post_attention_layernorm.scale[i],
-        "self_attn.q_proj.weight": lambda i: layers.self_attn.q_proj.kernel[i].reshape(c.hidden_size, -1).T,
-        "self_attn.k_proj.weight": lambda i: layers.self_attn.k_proj.kernel[i].reshape(c.hidden_size, -1).T,
-        "self_attn.v_proj.weight": lambda i: layers.self_attn.v_proj.kernel[i].reshape(c.hidden_size, -1).T,
-        "self_attn.o_proj.weight": lambda i: layers.self_attn.o_proj.kernel[i].reshape(-1, c.hidden_size).T,
-        "mlp.gate_proj.weight": lambda i: layers.mlp.gate_proj.kernel[i].T,
-        "mlp.up_proj.weight": lambda i: layers.mlp.up_proj.kernel[i].T,
-        "mlp.down_proj.weight": lambda i: layers.mlp.down_proj.kernel[i].T,
-    }
-    weights = {"model.embed_tokens.weight": m.embed_tokens.embedding[...], "model.norm.weight": m.norm.scale[...]}
-    if not c.tie_word_embeddings:
-        weights["lm_head.weight"] = model.lm_head.kernel[...].T
-    for i in range(c.num_hidden_layers):
-        weights.update({f"model.layers.{i}.{name}": get(i) for name, get in per_layer.items()})
-    return {name: np.ascontiguousarray(np.asarray(w, np.float32)) for name, w in weights.items()}
-
-
 def load_into_torch(model: LlamaForCausalLM, folder: Path):
-    """Save `model` as a HF folder (config.json + model.safetensors) and load it with transformers."""
+    """Save `model` as a HF folder with `mojax.models.hf.save_pretrained` and load it with transformers."""
     import torch
     from transformers import LlamaForCausalLM as TorchLlama
 
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_pretrained(model, folder)
     return TorchLlama.from_pretrained(folder, dtype=torch.float32).eval()
 
 
