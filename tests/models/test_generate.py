@@ -44,6 +44,7 @@ def greedy(model, prompts):
 
 @jax.jit
 def _cache_free_logits(graphdef, state, sequences, mask):
+    """Logits of the model's plain causal forward (no KV cache)."""
     return nnx.merge(graphdef, state)(sequences, attention_mask=mask)[0]
 
 
@@ -53,6 +54,7 @@ def full_forward_logits(model, sequences, mask):
 
 
 def log_softmax(x):
+    """Row-wise log-softmax in NumPy."""
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
@@ -122,8 +124,8 @@ def test_logprobs_match_cache_free_forward(model, prompts, temperature, top_k, t
 
 
 def test_left_padding_does_not_change_results(model, prompts, greedy):
-    ids, mask = prompts
     """Prompt 0 alone (3 columns, bucket 4) against the same prompt left-padded beside a longer one (bucket 8)."""
+    ids, mask = prompts
     alone = generate(model, ids[:1, 3:], mask[:1, 3:], jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0))
     np.testing.assert_array_equal(alone.tokens[0], greedy.tokens[0])
     np.testing.assert_allclose(alone.model_logprobs[0], greedy.model_logprobs[0], atol=2e-5)
