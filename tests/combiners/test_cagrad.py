@@ -1,0 +1,116 @@
+"""CAGrad: spec §7 and TorchJD golden values, optimality of the ball problem, equivariance, scale, degenerate rows."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matrix_cases import DEGENERATE, J_BASE, jacobians, jitted_update
+from mojax.combiners.cagrad import cagrad
+from mojax.combiners.qp import simplex_min_norm
+
+plain2 = jitted_update(cagrad(num_objectives=2, rescale=0))
+plain3 = jitted_update(cagrad(num_objectives=3, rescale=0))
+ORTHOGONAL = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], np.float32)
+
+
+@pytest.mark.parametrize(("rescale", "divisor"), [(0, 1.0), (1, 1.25), (2, 1.5)])
+def test_spec_orthogonal_example(rescale, divisor):
+    """g1 = (1,0), g2 = (0,2), c = 0.5: w* = (1, 0), d = g_0 + 0.5 sqrt(1.25) (1, 0) = (1.059017, 1), then / (1 + c^2) or / (1 + c)."""
+    direction, state = jitted_update(cagrad(num_objectives=2, c=0.5, rescale=rescale))(ORTHOGONAL)
+    np.testing.assert_allclose(direction, np.array([1.059017, 1.0, 0.0]) / divisor, rtol=1e-5)
+    np.testing.assert_allclose(state.weights, np.array([1.059017, 0.5]) / divisor, rtol=1e-5)
+
+
+def test_c_zero_is_the_mean_gradient():
+    direction, state = jitted_update(cagrad(num_objectives=2, c=0.0))(ORTHOGONAL)
+    np.testing.assert_allclose(state.weights, [0.5, 0.5])
+    np.testing.assert_allclose(direction, [0.5, 1.0, 0.0])
+
+
+def test_torchjd_golden_value():
+    """J_base, c = 0.5 (TorchJD has no rescaling): d = [0.1835, 1.2041, 1.2041]."""
+    direction, _ = plain2(J_BASE)
+    np.testing.assert_allclose(direction, [0.1835, 1.2041, 1.2041], atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(jacobians(3, 5))
+def test_direction_solves_the_ball_problem(jac):
+    """d = g_0 + c|g_0| g_w/|g_w| lies on the ball's boundary and w* is optimal: <g_i, d> >= <g_w*, d>, with equality on supp(w*)."""
+    direction, state = plain3(jac)
+    wide = jac.astype(np.float64)
+    if not np.any(state.weights):  # |g_w*| < norm_eps |J|_F: then 0 is (nearly) in the convex hull of the rows
+        closest = np.asarray(simplex_min_norm(jnp.asarray(jac @ jac.T)), np.float64)
+        assert np.linalg.norm(closest @ wide) < 1e-4 * np.sqrt(np.sum(wide**2))
+        return
+    mean = wide.mean(axis=0)
+    radius = 0.5 * np.linalg.norm(mean)
+    scale = np.sum(wide**2)
+    np.testing.assert_allclose(np.linalg.norm(direction - mean), radius, rtol=1e-4, atol=1e-5 * np.sqrt(scale))
+    extra = np.asarray(state.weights, np.float64) - 1.0 / 3
+    best = extra / extra.sum()
+    improvements = wide @ direction
+    worst = best @ improvements
+    assert np.all(improvements >= worst - 1e-4 * scale)
+    np.testing.assert_allclose(improvements[best > 1e-3], worst, atol=1e-4 * scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(jacobians(3, 5), st.permutations(range(3)))
+def test_permutation_equivariant(jac, order):
+    """Permuting the objectives leaves d unchanged; it permutes the weights whenever w* is unique (independent rows)."""
+    order = np.asarray(order)
+    direction, state = plain3(jac)
+    permuted_direction, permuted = plain3(jac[order])
+    np.testing.assert_allclose(permuted_direction, direction, rtol=1e-4, atol=1e-4 * np.abs(jac).max())
+    gram = jac.astype(np.float64) @ jac.T.astype(np.float64)
+    if np.linalg.eigvalsh(gram / np.trace(gram))[0] > 1e-3:
+        np.testing.assert_allclose(np.asarray(permuted.weights), np.asarray(state.weights)[order], rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(jacobians(3, 5))
+def test_weights_are_scale_invariant_above_norm_eps(jac):
+    """Only ratios of norms enter the weights: k J has J's weights for k up to 1e20."""
+    _, state = plain3(jac)
+    for factor in (10.0, 1e20):
+        _, scaled = plain3((jac.astype(np.float64) * factor).astype(np.float32))
+        np.testing.assert_allclose(scaled.weights, state.weights, rtol=1e-4, atol=1e-4)
+
+
+def test_below_norm_eps_gives_zero_weights():
+    """TorchJD's rule: tr(G) < norm_eps zeroes the normalised Gram, |g_w| < norm_eps, so the weights are 0."""
+    _, state = plain2(ORTHOGONAL * 1e-3)
+    np.testing.assert_array_equal(state.weights, [0.0, 0.0])
+    _, unthresholded = jitted_update(cagrad(num_objectives=2, rescale=0, norm_eps=0.0))(ORTHOGONAL * 1e-3)
+    np.testing.assert_allclose(unthresholded.weights, [1.059017, 0.5], rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_rows_give_finite_weights(case):
+    """Zero, identical, anti-parallel rows, norms 1e-30 / 1e30: finite weights; d stays within the ball around g_0."""
+    jac = DEGENERATE[case]
+    direction, state = plain2(jac)
+    weights = np.asarray(state.weights)
+    assert np.all(np.isfinite(weights)) and np.all(np.isfinite(direction))
+    assert np.all(weights >= 0)
+    if np.any(weights):
+        mean = jac.astype(np.float64).mean(axis=0)
+        assert np.linalg.norm(direction - mean) <= 0.5 * np.linalg.norm(mean) * (1 + 1e-4) + 1e-6 * np.abs(jac).max()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"c": -0.1}, "`c`"),
+        ({"c": float("inf")}, "`c`"),
+        ({"rescale": 3}, "rescale"),
+        ({"norm_eps": -1.0}, "norm_eps"),
+        ({"num_objectives": 0}, "num_objectives"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cagrad(**{"num_objectives": 2, **kwargs})
