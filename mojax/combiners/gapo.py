@@ -11,8 +11,8 @@ d = sum_i lambda_i g^_i; the paper's P-GAPO is p = 1, d = sum_i lambda_i g_i / |
 In both, an objective with ||g_i|| < eps is excluded (alpha_i = 0): with p >= 1 its rescaled
 gradient would be 0 (stalling GAPO) or blow up (p = 2). If every objective is excluded the update
 is 0. Norms are read from the Gram (in units of ``gram_scale``), so 1e-30 and 1e30 gradients and
-bf16 updates are handled in fp32 without overflow; a weight below the fp32 range (||g||^p > 1e38)
-underflows to 0. The state holds ``weights`` (w), ``alpha`` and ``grad_norms`` for logging.
+bf16 updates are handled in fp32 without overflow; eps**p must be >= 1e-37 so that the largest
+weight 1 / eps**p is finite, and a weight below the fp32 range (||g||^p > 1e38) underflows to 0. The state holds ``weights`` (w), ``alpha`` and ``grad_norms`` for logging.
 Applied to a probe subset (the LM head, as in the paper's last-layer variant) through
 :func:`mojax.combiners.grads.probe_combined_grads`, w weights the full-model losses.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from mojax.combiners._base import as_vector, initial_weights, require_num_objectives, weighted_combiner
-from mojax.combiners.minnorm import MinNormState, check_solver, grad_log_norms, rescaled_min_norm
+from mojax.combiners.minnorm import MinNormState, check_divisor_floor, check_solver, grad_log_norms, rescaled_min_norm
 
 # Tolerance on sum(preference) = 1.
 _SIMPLEX_ATOL = 1e-6
@@ -55,8 +55,7 @@ def gapo_rescale(
     check_solver("gapo_rescale", solver)
     if not (np.isfinite(p) and p >= 0):
         raise ValueError(f"gapo_rescale: p must be a finite number >= 0 (0 is MGDA, 1 unit gradients), got {p}.")
-    if not eps > 0:
-        raise ValueError(f"gapo_rescale: eps must be > 0 (gradients with norm below it are excluded), got {eps}.")
+    check_divisor_floor("gapo_rescale", eps, p)
     fixed_alpha = None if preference is None else _preference_on_simplex(preference, n)
     log_eps = float(np.log(eps))
 

@@ -20,6 +20,7 @@ import optax
 from mojax.combiners._base import initial_weights, require_extra_arg, require_num_objectives, weighted_combiner
 from mojax.combiners.minnorm import (
     MinNormState,
+    check_divisor_floor,
     check_solver,
     grad_log_norms,
     min_norm_weights,
@@ -60,8 +61,7 @@ def mgda(
     check_solver("mgda", solver)
     if normalize not in NORMALIZERS:
         raise ValueError(f"mgda: unknown normalize={normalize!r}; expected one of {NORMALIZERS}.")
-    if not eps > 0:
-        raise ValueError(f"mgda: eps must be > 0 (the clamp of the normalisers), got {eps}.")
+    check_divisor_floor("mgda", eps, {"none": 0.0, "l2": 1.0, "loss": 1.0, "loss+": 2.0}[normalize])
 
     def weighting(gram, state, *, gram_scale=1.0, **extra_args):
         del state

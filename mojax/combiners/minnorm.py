@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SOLVERS = ("projected_gradient", "frank_wolfe")
@@ -41,6 +42,8 @@ PGD_MAX_ITERS = 1000
 # torchjd / Sener & Koltun Frank-Wolfe constants.
 FW_EPSILON = 1e-3
 FW_MAX_ITERS = 100
+# Smallest divisor c_i of a rescaled gradient g_i / c_i: its loss weight alpha_i / c_i must stay finite in fp32.
+MIN_DIVISOR = 1e-37
 # ||g1 - g2||^2 below this fraction of ||g1||^2 + ||g2||^2: the two gradients are identical in fp32.
 _IDENTICAL_REL = 1e-12
 
@@ -58,6 +61,14 @@ def check_solver(name: str, solver: str) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"{name}: unknown solver {solver!r}; expected one of {SOLVERS}.")
     return solver
+
+
+def check_divisor_floor(name: str, eps: float, power: float) -> None:
+    """ValueError unless eps > 0 and eps**power >= MIN_DIVISOR, so that 1 / eps**power fits in fp32."""
+    if not eps > 0:
+        raise ValueError(f"{name}: eps must be > 0 (the floor of the gradient normalisers), got {eps}.")
+    if power * np.log10(eps) < np.log10(MIN_DIVISOR):
+        raise ValueError(f"{name}: eps**{power:g} = 1e{power * np.log10(eps):.0f} is below {MIN_DIVISOR:g}; the loss weights up to 1 / eps**{power:g} would overflow fp32. Use a larger eps.")
 
 
 def kkt_gap(gram: jax.Array, alpha: jax.Array, active: jax.Array) -> jax.Array:

@@ -197,6 +197,7 @@ def test_bad_updates_raise(build, updates, extra, message):
         ({"num_objectives": 2, "normalize": "max"}, "normalize"),
         ({"num_objectives": 2, "solver": "cvx"}, "solver"),
         ({"num_objectives": 2, "eps": 0.0}, "eps"),
+        ({"num_objectives": 2, "normalize": "loss+", "eps": 1e-20}, "overflow"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
