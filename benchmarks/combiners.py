@@ -6,9 +6,10 @@ Each mojax combiner runs jitted (the first call, trace + compile + run, is repor
 peer runs in the same process on the same numbers. Steady-state times are medians over repeats,
 each ended by `block_until_ready` (jax) or by the call returning (torch, numpy).
 
-Memory floor: twice the jitted time of `w @ J` (`mojax.combiners._base.combine`, per leaf for
-`tree`), i.e. two streaming reads of the stacked gradients: the least a Gram-based combiner can do
-(one read for the Gram, one for the combine). Gram-free combiners (linear, PAMA, CTWA) need one.
+Memory floor: twice the jitted time of `w @ J` alone (the faster of `mojax.combiners._base.combine`
+and a per-leaf `[n, size]` matmul), i.e. two streaming reads of the stacked gradients: the least a
+Gram-based combiner can do (one read for the Gram, one for the combine). Gram-free combiners
+(linear, PAMA, CTWA) need one.
 
     python benchmarks/combiners.py            # full grid, writes benchmarks/results/combiners.{json,md}
     python benchmarks/combiners.py --quick    # smoke run, under a minute
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO / "tests" / "combiners"))
 
 from combiner_cases import CASES, graded_weights, is_shape, llama_like_shapes, per_sample_statistics, stacked_gradients  # noqa: E402
 
-from mojax.combiners._base import combine, tree_gram  # noqa: E402
+from mojax.combiners._base import _raw_gram, combine, tree_gram  # noqa: E402
 
 TREE_LAYERS = 22  # 9 leaves per block + embed, final norm, LM head = 201 leaves
 BATCH, LENGTH = 32, 256  # rollout size of the per-sample statistics (PAMA, CTWA)
@@ -209,15 +210,34 @@ def peers(n: int, stats: dict[str, np.ndarray]) -> dict[str, tuple[str, Callable
 # ---------------------------------------------------------------- floor and profile
 
 
+def matrix_rows(leaf: jax.Array) -> jax.Array:
+    """A stacked leaf f[n, *shape] viewed as the matrix f[n, size] (a free reshape of a row-major array)."""
+    return leaf.reshape(leaf.shape[0], -1)
+
+
+def combine_as_matrices(weights: jax.Array, grads: Any) -> Any:
+    """Candidate combine: w @ J per leaf on the [n, size] view, reshaped back."""
+    return jax.tree.map(lambda leaf: (weights.astype(leaf.dtype) @ matrix_rows(leaf)).reshape(leaf.shape[1:]), grads)
+
+
+def gram_as_matrices(grads: Any) -> jax.Array:
+    """Candidate Gram: sum over leaves of m m^T on the [n, size] view, fp32 accumulation."""
+    dot = lambda m: jax.lax.dot_general(m, m, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return sum(dot(matrix_rows(leaf)) for leaf in jax.tree.leaves(grads))
+
+
 def profile_cell(grads: Any, n: int, repeats: int, budget_s: float) -> dict[str, float]:
-    """The combine alone (w @ J, one read of J), the floor (twice that) and the tree Gram alone, in ms."""
+    """Gram and combine timed alone, as mojax does them (_base) and on [n, size] views; floor = 2 x the faster combine, in ms."""
     weights = jnp.asarray(graded_weights(n))
-    combine_ms = median_ms(jax_call(jax.jit(combine), weights, grads), repeats, budget_s)
-    return {
-        "floor_ms": 2.0 * combine_ms,
-        "combine_ms": combine_ms,
-        "gram_ms": median_ms(jax_call(jax.jit(tree_gram), grads), repeats, budget_s),
+    timed = lambda fn, *args: median_ms(jax_call(jax.jit(fn), *args), repeats, budget_s)
+    profile = {
+        "combine_ms": timed(combine, weights, grads),
+        "combine_2d_ms": timed(combine_as_matrices, weights, grads),
+        "gram_ms": timed(tree_gram, grads),
+        "raw_gram_ms": timed(lambda g: _raw_gram(g, 1.0), grads),
+        "gram_2d_ms": timed(gram_as_matrices, grads),
     }
+    return {**profile, "floor_ms": 2.0 * min(profile["combine_ms"], profile["combine_2d_ms"])}
 
 
 # ---------------------------------------------------------------- one combiner
@@ -318,7 +338,10 @@ TABLE_HEADER = (
     "| combiner | n | d | layout | mojax ms | peer | peer ms | peer/mojax | floor ms | mojax/floor | Gram ms | combine ms | rest ms | first call s | rel diff |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-PROFILE_HEADER = "| n | d | layout | leaves | combine w @ J ms (1 read) | floor ms (2 x combine) | tree Gram ms | Gram / combine |\n|---|---|---|---|---|---|---|---|"
+PROFILE_HEADER = (
+    "| n | d | layout | leaves | combine ms (_base) | combine ms ([n, size] views) | floor ms | tree_gram ms (_base) | _raw_gram ms (no overflow guard) | Gram ms ([n, size] views) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def machine() -> dict[str, Any]:
@@ -372,7 +395,7 @@ def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles
         f"Cells (n, d) done: {meta['cells_done']}" + ("" if not meta["skipped_combiners"] else f"; combiners not in this checkout: {', '.join(meta['skipped_combiners'])}"),
         "",
         "Times are steady-state medians (ms) of jitted calls ended by `block_until_ready`; `first call` is trace + compile + run.",
-        "`floor` = 2 x the jitted combine `w @ J` alone (per leaf for `tree`): two streaming reads of the fp32 stacked gradients, the least a Gram-based combiner needs; Gram-free ones (linear, PAMA, CTWA) need half.",
+        "`floor` = 2 x the jitted `w @ J` alone (the faster of `_base.combine` and a per-leaf matmul on `[n, size]` views): two streaming reads of the fp32 stacked gradients, the least a Gram-based combiner needs; Gram-free ones (linear, PAMA, CTWA) need half.",
         "`Gram ms` and `combine ms` are the tree Gram and `w @ J` timed alone on the same data; `rest` = mojax - Gram - combine: solver, statistics, checks and dispatch.",
         "`rel diff` = max |mojax - peer| / max |peer| over the combined update (PCGrad's random order and NashMTL's solver differ by design).",
         f"`tree` = LLaMA-like pytree ({TREE_LAYERS} blocks, ~200 leaves) with the same total d; torchjd peers pay the concatenation into one matrix, as `torchjd.autojac` does.",
@@ -382,11 +405,12 @@ def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles
         "",
         *summary,
         "",
-        "## Floor and profile (same data, no combiner logic)",
+        "## Floor and profile (same data, no combiner logic; `[n, size] views` = each leaf reshaped to a matrix first, a candidate for `_base`)",
         "",
         PROFILE_HEADER,
         *[
-            f"| {p['n']} | {p['d']:.1e} | {p['layout']} | {p['leaves']} | {p['combine_ms']:.3f} | {p['floor_ms']:.3f} | {p['gram_ms']:.3f} | {p['gram_ms'] / p['combine_ms']:.1f} |"
+            f"| {p['n']} | {p['d']:.1e} | {p['layout']} | {p['leaves']} | {p['combine_ms']:.3f} | {p['combine_2d_ms']:.3f} | {p['floor_ms']:.3f} | "
+            f"{p['gram_ms']:.3f} | {p['raw_gram_ms']:.3f} | {p['gram_2d_ms']:.3f} |"
             for p in profiles
         ],
         "",
