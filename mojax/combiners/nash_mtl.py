@@ -13,7 +13,7 @@ from mojax.combiners.qp import log_barrier_newton
 
 
 class NashMTLState(NamedTuple):
-    """Weights of the latest update and the bargaining solution on the trace-normalised Gram (the next warm start)."""
+    """Weights of the latest update and the bargaining solution for the unit-normalised rows (the next warm start)."""
 
     weights: jax.Array
     alpha: jax.Array
@@ -22,17 +22,21 @@ class NashMTLState(NamedTuple):
 def nash_mtl_weights(
     gram: jax.Array, gram_scale: jax.Array, warm_start: jax.Array, *, max_norm: float | None, reg_eps: float, max_iter: int
 ) -> tuple[jax.Array, jax.Array]:
-    """(weights, a_hat): a_hat solves (G/tr G + reg_eps I) a = 1/a; true a = a_hat / (gram_scale sqrt(tr G)), shrunk so |d| <= max_norm."""
+    """(weights, b): b solves (C + reg_eps I) b = 1/b on the cosine matrix C = D G D, D = diag(1/|g_i|); a = D b / gram_scale, shrunk so |d| <= max_norm.
+
+    Row scaling commutes with the bargaining equation (g_i -> c_i g_i sends a_i -> a_i / c_i), so solving on C is
+    exact up to reg_eps, which keeps C + reg_eps I positive definite when rows are dependent; zero rows get weight 0.
+    """
     n = gram.shape[0]
-    trace = jnp.trace(gram)
-    alive = trace > 0
-    normalized = jnp.where(alive, gram / jnp.where(alive, trace, 1.0), 0.0)
+    squared_norms = jnp.diag(gram)
+    alive = squared_norms > 0
+    inverse_norms = jnp.where(alive, 1.0 / jnp.sqrt(jnp.where(alive, squared_norms, 1.0)), 0.0)
+    cosines = gram * jnp.outer(inverse_norms, inverse_norms)
     start = jnp.where(jnp.isfinite(warm_start) & (warm_start > 0), warm_start, 1.0)
-    alpha = log_barrier_newton(normalized + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iter=max_iter)
-    direction_norm = jnp.sqrt(jnp.maximum(alpha @ normalized @ alpha, 0.0))
-    shrink = 1.0 if max_norm is None else jnp.minimum(1.0, max_norm / jnp.maximum(direction_norm, max_norm))
-    unit = jnp.asarray(gram_scale, jnp.float32) * jnp.sqrt(jnp.where(alive, trace, 1.0))
-    return jnp.where(alive, alpha * shrink / unit, 0.0), alpha
+    alpha = log_barrier_newton(cosines + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iter=max_iter)
+    direction_norm = jnp.sqrt(jnp.maximum(alpha @ cosines @ alpha, 0.0))
+    shrink = 1.0 if max_norm is None else max_norm / jnp.maximum(direction_norm, max_norm)
+    return alpha * inverse_norms * shrink / jnp.asarray(gram_scale, jnp.float32), alpha
 
 
 def nash_mtl(
