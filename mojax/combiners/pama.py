@@ -75,7 +75,7 @@ def pama_statistics(
     """a_i = sum_{b,t} m_bt I_bt^(i) / sum_{b,t} m_bt, the masked mean of max(A, 0) 1[u <= 1+eps]; 0 with no tokens."""
     clipped = _clipping_aware_advantages(advantages, ratio, clip_eps)
     weights = jnp.ones(clipped.shape[1:], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    summed = jnp.tensordot(clipped, weights, axes=((1, 2), (0, 1)))
+    summed = jnp.sum(clipped * weights, axis=(1, 2))
     return safe_divide(summed, jnp.sum(weights))
 
 

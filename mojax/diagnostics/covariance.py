@@ -86,6 +86,14 @@ def ctwa_signal(
     return summed
 
 
+def _unsharded(x: jax.Array) -> jax.Array:
+    """x replicated if it is explicitly sharded (sorts and segment sums need the whole, tiny, per-sample axis)."""
+    sharding = jax.typeof(x).sharding
+    if any(axis is not None for axis in sharding.spec):
+        return jax.reshard(x, jax.NamedSharding(sharding.mesh, jax.P()))
+    return x
+
+
 def _masked_median(values: jax.Array, keep: jax.Array) -> jax.Array:
     """Median of values[keep] (mean of the two middle ones for an even count), 0 if nothing is kept."""
     count = jnp.sum(keep)
@@ -107,7 +115,7 @@ def _segments(group_ids: jax.Array | None, batch: int, num_groups: int | None) -
     """(segment id i32[B], in-range bool[B], static segment count): one group if ids are absent."""
     if group_ids is None:
         return jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), 1
-    group_ids = jnp.asarray(group_ids)
+    group_ids = _unsharded(jnp.asarray(group_ids))
     if group_ids.shape != (batch,):
         raise ValueError(f"covariance_statistics: `group_ids` has shape {group_ids.shape}; expected (B,) = ({batch},).")
     if not jnp.issubdtype(group_ids.dtype, jnp.integer):
@@ -140,14 +148,14 @@ def covariance_statistics(
     ``num_groups`` (static): ids lie in [0, num_groups) and others are ignored; absent, any integer ids
     are relabelled by sorting. ``mean_reward`` is the batch mean of r_j over valid samples.
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    signal = jnp.asarray(signal, jnp.float32)
+    rewards = _unsharded(jnp.asarray(rewards, jnp.float32))
+    signal = _unsharded(jnp.asarray(signal, jnp.float32))
     if rewards.ndim != 2:
         raise ValueError(f"covariance_statistics: `rewards` has shape {rewards.shape}; expected (B, n).")
     batch = rewards.shape[0]
     if signal.shape != (batch,):
         raise ValueError(f"covariance_statistics: `signal` has shape {signal.shape}; expected (B,) = ({batch},) like `rewards`.")
-    valid = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid).astype(bool)
+    valid = jnp.ones((batch,), bool) if valid is None else _unsharded(jnp.asarray(valid).astype(bool))
     if valid.shape != (batch,):
         raise ValueError(f"covariance_statistics: `valid` has shape {valid.shape}; expected (B,) = ({batch},).")
     segment, in_range, num_segments = _segments(group_ids, batch, num_groups)

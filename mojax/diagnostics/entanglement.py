@@ -50,7 +50,7 @@ def _pair_dot(left: Any, right: Any) -> jax.Array:
     def leaf_dot(a: jax.Array, b: jax.Array) -> jax.Array:
         a = jnp.reshape(a, (a.shape[0], -1)).astype(jnp.float32)
         b = jnp.reshape(b, (b.shape[0], -1)).astype(jnp.float32)
-        return jnp.einsum("pd,pd->p", a, b)
+        return jnp.sum(a * b, axis=1)
 
     return sum(jax.tree.leaves(jax.tree.map(leaf_dot, left, right)))
 

@@ -275,3 +275,23 @@ def test_bad_extra_args_raise(extra, message):
 def test_controller_gate_needs_mean_reward():
     with pytest.raises(ValueError, match="needs `mean_reward`"):
         ctwa_controller_step(_fresh_state([1.0], 0.1), jnp.zeros(1), cov_targets=jnp.ones(1), obj_targets=jnp.ones(1))
+
+
+def test_combiner_with_a_batch_sharded_over_an_explicit_mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(7)
+    batch = (
+        jnp.asarray(rng.normal(size=(16, 2)), jnp.float32),
+        jnp.asarray(rng.normal(size=16), jnp.float32),
+        jnp.asarray(rng.integers(0, 4, 16), jnp.int32),
+        jnp.asarray(rng.random((16, 3)) < 0.8, jnp.float32),
+    )
+    tx = ctwa_reweight([0.4, 0.6], [0.3, 0.3])
+    step = jax.jit(lambda g, s, r, w, i, m: tx.update(g, s, rewards=r, signal=w, group_ids=i, mask=m))
+    grads = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    expected = step(grads, tx.init(None), *batch)
+    got = step(grads, tx.init(None), *jax.device_put(batch, jax.NamedSharding(mesh, jax.P("data"))))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

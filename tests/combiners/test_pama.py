@@ -210,3 +210,24 @@ def test_bad_construction_raises():
     tx = pama_solve(num_objectives=2)
     with pytest.raises(ValueError, match="built for 2"):
         tx.update(jnp.ones((3, 4)), tx.init(None), advantages=jnp.ones((2, 1, 1)))
+
+
+def test_combiner_with_a_batch_sharded_over_an_explicit_mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(2)
+    advantages = jnp.asarray(rng.normal(size=(3, 16, 4)), jnp.float32)
+    mask = jnp.asarray(rng.random((16, 4)) < 0.7, jnp.float32)
+    ratio = jnp.asarray(rng.uniform(0.7, 1.4, (16, 4)), jnp.float32)
+    tx = pama_solve(num_objectives=3)
+    step = jax.jit(lambda g, s, a, m, u: tx.update(g, s, advantages=a, mask=m, ratio=u))
+    grads = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    expected = step(grads, tx.init(None), advantages, mask, ratio)
+    sharded = (
+        jax.device_put(advantages, jax.NamedSharding(mesh, jax.P(None, "data"))),
+        *jax.device_put((mask, ratio), jax.NamedSharding(mesh, jax.P("data"))),
+    )
+    got = step(grads, tx.init(None), *sharded)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

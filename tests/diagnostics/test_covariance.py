@@ -208,3 +208,22 @@ def test_signal_empty_rows_and_nonfinite_signals_are_dropped():
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+def test_batch_sharded_over_devices_gives_the_same_statistics(axis_type):
+    """Signal, segment sums and the sort-based median/relabelling run on a batch sharded along a `data` axis."""
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+    rng = np.random.default_rng(6)
+    adv, mask, logp_new, logp_old, rewards, ids = (jnp.asarray(x) for x in _random_batch(rng, batch=16, n=2))
+    inputs = (adv, mask, logp_new, logp_old, rewards, ids.astype(jnp.int32))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    sharded = jax.device_put(inputs, jax.NamedSharding(mesh, jax.P("data")))
+
+    @jax.jit
+    def run(adv, mask, logp_new, logp_old, rewards, ids):
+        return statistics(rewards, ctwa_signal(adv, mask, logp_new, logp_old), ids, valid=jnp.sum(mask, axis=1) > 0)
+
+    for a, b in zip(run(*sharded), run(*inputs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
