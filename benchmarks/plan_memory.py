@@ -52,7 +52,8 @@ def per_device_bytes(abstract_tree) -> int:
     import jax
 
     return sum(
-        math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_tree)
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(abstract_tree)
     )
 
 
@@ -74,7 +75,9 @@ def plan(model_name: str, preset: str, mesh_shape: tuple[int, int, int], seq_len
         return LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0))
 
     model_def, model_state = abstract_sharded(new_model, mesh, preset)
-    optimizer_def, optimizer_state = abstract_sharded(lambda: nnx.Optimizer(new_model(), tx, wrt=nnx.Param), mesh, preset)
+    optimizer_def, optimizer_state = abstract_sharded(
+        lambda: nnx.Optimizer(new_model(), tx, wrt=nnx.Param), mesh, preset
+    )
     batch = mesh_shape[0] * mesh_shape[1]
     ids = jax.ShapeDtypeStruct((batch, seq_len + 1), "int32", sharding=batch_sharding(mesh))
 
@@ -144,11 +147,10 @@ def machine() -> str:
     """A one-line description of the machine and software versions."""
     import jax
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or platform.machine(),
-    ) if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line for line in lines if line.startswith("model name")]
+    cpu = names[0].split(":", 1)[1].strip() if names else platform.processor() or platform.machine()
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}, jax {jax.__version__} (CPU backend, simulated devices)"

@@ -170,8 +170,8 @@ def abstract_sharded(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules)
     )
 
 
-def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules) -> Any:
-    """Build ``factory()`` (an NNX object) with every array created directly in its sharded layout."""
+def sharded_init(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules) -> tuple[nnx.GraphDef, Callable[[], Any]]:
+    """(graphdef, jitted init returning the state of ``factory()`` with each device computing only its shards)."""
     graphdef, abstract_state = abstract_sharded(factory, mesh, rules)
 
     def init_state():
@@ -179,7 +179,13 @@ def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules) -
             return nnx.state(factory())
 
     shardings = jax.tree.map(lambda value: value.sharding, abstract_state)
-    return nnx.merge(graphdef, jax.jit(init_state, out_shardings=shardings)())
+    return graphdef, jax.jit(init_state, out_shardings=shardings)
+
+
+def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules) -> Any:
+    """Build ``factory()`` (an NNX object) with every array created directly in its sharded layout."""
+    graphdef, init = sharded_init(factory, mesh, rules)
+    return nnx.merge(graphdef, init())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

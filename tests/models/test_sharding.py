@@ -20,6 +20,7 @@ from mojax.models.sharding import (
     logical_to_spec,
     make_mesh,
     resolve_rules,
+    sharded_init,
     state_shardings,
 )
 
@@ -214,6 +215,14 @@ def test_fsdp_holds_an_eighth_of_the_parameters_per_device():
         assert count < 0.13 * total
 
 
+def test_sharded_init_never_holds_the_whole_model_on_one_device():
+    _, init = sharded_init(make_model, make_mesh(fsdp=8), "fsdp")
+    memory = init.lower().compile().memory_analysis()
+    total = sum(value.size * 4 for value in jax.tree.leaves(nnx.state(nnx.eval_shape(make_model))))
+    assert memory.output_size_in_bytes < 0.13 * total
+    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 0.5 * total  # a full copy is >= total
+
+
 def ops(hlo):
     """Names of the collective operations in an HLO text."""
     names = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -232,6 +241,7 @@ def test_sharded_greedy_sampling_matches_unsharded():
     config = SamplingConfig(max_new_tokens=6, temperature=0.0)
     expected = generate(make_model(), ids, mask, jax.random.key(0), config)
     mesh = make_mesh(fsdp=4, tensor=2)
-    sharded = generate(sharded_model("fsdp_tp", (1, 4, 2)), jax.device_put(ids, batch_sharding(mesh)), mask, jax.random.key(0), config)
+    sharded_ids = jax.device_put(ids, batch_sharding(mesh))
+    sharded = generate(sharded_model("fsdp_tp", (1, 4, 2)), sharded_ids, mask, jax.random.key(0), config)
     np.testing.assert_array_equal(sharded.tokens, expected.tokens)
     np.testing.assert_allclose(sharded.model_logprobs, expected.model_logprobs, rtol=1e-5, atol=1e-5)
