@@ -12,7 +12,8 @@ In both, an objective with ||g_i|| < eps is excluded (alpha_i = 0): with p >= 1 
 gradient would be 0 (stalling GAPO) or blow up (p = 2). If every objective is excluded the update
 is 0. Norms are read from the Gram (in units of ``gram_scale``), so 1e-30 and 1e30 gradients and
 bf16 updates are handled in fp32 without overflow; eps**p must be >= 1e-37 so that the largest
-weight 1 / eps**p is finite, and a weight below the fp32 range (||g||^p > 1e38) underflows to 0. The state holds ``weights`` (w), ``alpha`` and ``grad_norms`` for logging.
+weight 1 / eps**p is finite, and a weight below the fp32 range (||g||^p > 1e38) underflows to 0.
+The state holds ``weights`` (w), ``alpha`` and ``grad_norms`` for logging.
 Applied to a probe subset (the LM head, as in the paper's last-layer variant) through
 :func:`mojax.combiners.grads.probe_combined_grads`, w weights the full-model losses.
 """
@@ -38,7 +39,9 @@ def _preference_on_simplex(preference: Sequence[float] | jax.Array, n: int) -> j
     lam = as_vector("gapo_rescale", "preference", preference, n)
     values = np.asarray(lam, np.float64)
     if not (np.all(np.isfinite(values)) and np.all(values >= 0) and abs(values.sum() - 1.0) <= _SIMPLEX_ATOL):
-        raise ValueError(f"gapo_rescale: `preference` {values.tolist()} is not on the simplex; expected n = {n} non-negative entries summing to 1.")
+        raise ValueError(
+            f"gapo_rescale: `preference` {values.tolist()} is not on the simplex; expected n = {n} non-negative entries summing to 1."
+        )
     return lam
 
 

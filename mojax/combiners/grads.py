@@ -43,7 +43,10 @@ def _probe_flags(probe_mask: ProbeMask, params: Any) -> list[bool]:
 def _check_losses(losses: jax.Array) -> int:
     """n for a loss vector f32[n]; ValueError otherwise."""
     if jnp.ndim(losses) != 1:
-        raise ValueError(f"loss_fn must return a vector of n per-objective losses (or (losses, aux) with has_aux=True); got shape {jnp.shape(losses)}.")
+        raise ValueError(
+            "loss_fn must return a vector of n per-objective losses (or (losses, aux) with has_aux=True); "
+            f"got shape {jnp.shape(losses)}."
+        )
     return jnp.shape(losses)[0]
 
 
@@ -127,6 +130,9 @@ def probe_combined_grads(
     _, new_state = combiner.update(probe_grads, combiner_state, probe_params, **{"losses": losses, **extra_args})
     weights = getattr(new_state, "weights", None)
     if weights is None or jnp.shape(weights) != jnp.shape(losses):
-        raise ValueError(f"probe_combined_grads: the combiner's state must have a field `weights` of shape {jnp.shape(losses)} (a mojax combiner, not an optax chain); got {type(new_state).__name__}.")
+        raise ValueError(
+            f"probe_combined_grads: the combiner's state must have a field `weights` of shape {jnp.shape(losses)} "
+            f"(a mojax combiner, not an optax chain); got {type(new_state).__name__}."
+        )
     (grads,) = pullback(jax.lax.stop_gradient(weights).astype(losses.dtype))
     return grads, new_state, _reported(losses, aux, has_aux)

@@ -13,10 +13,11 @@ Solvers (``solver=``):
   or 1 at the boundaries and (1/2, 1/2) for identical gradients.
 * ``"projected_gradient"`` (default, n > 2): accelerated projected gradient on the simplex
   (FISTA, Beck & Teboulle 2009, with the gradient restart of arXiv 1204.3982; step 1/L with L an
-  upper bound of lambda_max(G)) until the KKT gap below is under ``tol`` or ``max_iters`` steps,
-  then the KKT linear system on the support it found is solved exactly and that point is kept
-  when its KKT gap is smaller. Accurate to fp32 round-off (KKT gap ~1e-7 of max_i ||g_i||^2);
-  projection zeroes coordinates exactly, so the support is identified in finitely many steps.
+  upper bound of lambda_max(G)) until the KKT gap max_{alpha_i > 0} (G alpha)_i - min_i (G alpha)_i
+  is under ``tol`` (relative to max_i G_ii) or after ``max_iters`` steps; then the KKT linear
+  system on the support it found is solved exactly, and that point is kept when its KKT gap is
+  smaller. Projection zeroes coordinates exactly, so the support is found in finitely many steps.
+  Accurate to fp32 round-off: KKT gap ~1e-7 of max_i ||g_i||^2, weights to ~cond(G) x 1e-7.
 * ``"frank_wolfe"``: Algorithm 2 of Sener & Koltun from the uniform point, as torchjd's ``MGDA``
   (stop when the step gamma < 1e-3, at most 100 iterations; also used for n = 2). Sublinear:
   ~1e-3 error when the optimum lies on a face. Use it to reproduce torchjd or the paper.
@@ -68,7 +69,10 @@ def check_divisor_floor(name: str, eps: float, power: float) -> None:
     if not eps > 0:
         raise ValueError(f"{name}: eps must be > 0 (the floor of the gradient normalisers), got {eps}.")
     if power * np.log10(eps) < np.log10(MIN_DIVISOR):
-        raise ValueError(f"{name}: eps**{power:g} = 1e{power * np.log10(eps):.0f} is below {MIN_DIVISOR:g}; the loss weights up to 1 / eps**{power:g} would overflow fp32. Use a larger eps.")
+        raise ValueError(
+            f"{name}: eps**{power:g} = 1e{power * np.log10(eps):.0f} is below {MIN_DIVISOR:g}; the loss weights "
+            f"up to 1 / eps**{power:g} would overflow fp32. Use a larger eps."
+        )
 
 
 def kkt_gap(gram: jax.Array, alpha: jax.Array, active: jax.Array) -> jax.Array:

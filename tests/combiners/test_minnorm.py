@@ -105,7 +105,8 @@ def test_known_answers_frank_wolfe(case):
 
 def test_known_directions():
     """d = J^T alpha: T-MGDA-1 (0.2, 0.4), T-MGDA-3 (0.2, 0.6), torchjd J_base (0, 1, 1), T-MGDA-5 zero."""
-    for case, direction in [("T-MGDA-1", [0.2, 0.4]), ("T-MGDA-3 edge optimum", [0.2, 0.6]), ("torchjd J_base", [0, 1, 1]), ("T-MGDA-5 anti-parallel", [0, 0])]:
+    directions = {"T-MGDA-1": [0.2, 0.4], "T-MGDA-3 edge optimum": [0.2, 0.6], "torchjd J_base": [0, 1, 1], "T-MGDA-5 anti-parallel": [0, 0]}
+    for case, direction in directions.items():
         jac = np.asarray(KNOWN[case][0], np.float32)
         np.testing.assert_allclose(solve(jac @ jac.T) @ jac, direction, atol=1e-5)
 
