@@ -7,6 +7,7 @@ Models live in `mojax.models`, diagnostics in `mojax.diagnostics`.
 
 from mojax.combiners import (
     CtwaState,
+    PamaState,
     WeightsState,
     cagrad,
     combine,
@@ -20,8 +21,10 @@ from mojax.combiners import (
     nash_mtl,
     noon,
     pama_closed_form,
+    pama_combined_advantage,
     pama_solve,
     pama_statistics,
+    pama_token_advantage,
     pcgrad,
     per_objective_grads,
     probe_combined_grads,
@@ -29,12 +32,23 @@ from mojax.combiners import (
     upgrad,
     weighted_combiner,
 )
-from mojax.diagnostics import covariance_statistics, ctwa_signal, entanglement_statistics, npo_loss
+from mojax.diagnostics import (
+    CovarianceStatistics,
+    EntanglementStatistics,
+    covariance_statistics,
+    ctwa_signal,
+    entanglement_statistics,
+    npo_loss,
+    shared_prefix_mask,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CovarianceStatistics",
     "CtwaState",
+    "EntanglementStatistics",
+    "PamaState",
     "WeightsState",
     "cagrad",
     "combine",
@@ -52,11 +66,14 @@ __all__ = [
     "noon",
     "npo_loss",
     "pama_closed_form",
+    "pama_combined_advantage",
     "pama_solve",
     "pama_statistics",
+    "pama_token_advantage",
     "pcgrad",
     "per_objective_grads",
     "probe_combined_grads",
+    "shared_prefix_mask",
     "tree_gram",
     "upgrad",
     "weighted_combiner",

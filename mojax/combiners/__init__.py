@@ -9,12 +9,21 @@ from mojax.combiners.linear import linear_scalarize
 from mojax.combiners.mgda import mgda
 from mojax.combiners.minnorm import min_norm_weights
 from mojax.combiners.nash_mtl import nash_mtl
-from mojax.combiners.pama import noon, pama_closed_form, pama_solve, pama_statistics
+from mojax.combiners.pama import (
+    PamaState,
+    noon,
+    pama_closed_form,
+    pama_combined_advantage,
+    pama_solve,
+    pama_statistics,
+    pama_token_advantage,
+)
 from mojax.combiners.pcgrad import pcgrad
 from mojax.combiners.upgrad import upgrad
 
 __all__ = [
     "CtwaState",
+    "PamaState",
     "WeightsState",
     "cagrad",
     "combine",
@@ -28,8 +37,10 @@ __all__ = [
     "nash_mtl",
     "noon",
     "pama_closed_form",
+    "pama_combined_advantage",
     "pama_solve",
     "pama_statistics",
+    "pama_token_advantage",
     "pcgrad",
     "per_objective_grads",
     "probe_combined_grads",

@@ -10,7 +10,10 @@ covariance with the effective training signal w (see ``mojax.diagnostics.covaria
     log l_j += eta * delta_j                             lambda_j = exp(log l_j)
 
 As in the reference code there is no projection: lambda only grows and its sum drifts above 1
-(``renormalize=True`` divides by the sum instead, for unnormalised advantage estimators). The
+(``renormalize=True`` divides by the sum instead, for unnormalised advantage estimators). Where the
+reference would overflow fp32 (log l_j > 60, lambda ~ 1e26, reached only when targets stay out of
+reach), every log-weight is shifted down by the same amount, which keeps the ratios lambda_i/lambda_j
+exact instead of returning inf and NaN. The
 transform applies the current lambda to the stacked per-objective updates, then adapts lambda from
 this batch's statistics for the next step; ``ctwa_next_weights`` gives the trainer the lambda with
 which to scalarise the next batch's rewards.
@@ -30,6 +33,8 @@ from mojax.combiners._base import as_vector, require_extra_arg, weighted_combine
 from mojax.diagnostics.covariance import CovarianceStatistics, covariance_statistics
 
 _MIN_WEIGHT = 1e-8
+# Ceiling on the largest log-weight: exp(60) ~ 1e26 leaves fp32 room to multiply gradients.
+_MAX_LOG_WEIGHT = 60.0
 
 
 class CtwaState(NamedTuple):
@@ -90,6 +95,7 @@ def ctwa_controller_step(
     log_weights = state.log_weights + lr * deficit
     if renormalize:
         log_weights = log_weights - jax.nn.logsumexp(log_weights)
+    log_weights = log_weights - jnp.maximum(jnp.max(log_weights) - _MAX_LOG_WEIGHT, 0.0)
     return state._replace(log_weights=log_weights, ema=smoothed, initialized=jnp.ones((), bool), deficit=deficit)
 
 

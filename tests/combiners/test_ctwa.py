@@ -229,6 +229,17 @@ def test_weights_only_grow(values, lr, ema):
         assert np.all(np.asarray(state.deficit) >= 0) and np.all(np.isfinite(state.log_weights))
 
 
+def test_unreachable_targets_never_overflow_and_keep_the_ratios():
+    state = _fresh_state([0.2, 0.3, 0.5], 0.1)
+    deficit_gap = jnp.asarray([0.0, 1.0, 2.0])  # the targets exceed the statistic by these amounts, every step
+    for _ in range(200):
+        state = ctwa_controller_step(state, -deficit_gap, cov_targets=jnp.zeros(3), lr=1.0)
+    weights = np.asarray(ctwa_next_weights(state))
+    assert np.all(np.isfinite(weights)) and float(np.max(state.log_weights)) == pytest.approx(60.0)
+    expected_log_ratios = np.log([0.3 / 0.2, 0.5 / 0.2]) + 200 * np.asarray([1.0, 2.0])
+    np.testing.assert_allclose(np.asarray(state.log_weights[1:] - state.log_weights[0]), expected_log_ratios, rtol=1e-5)
+
+
 def test_single_objective():
     tx = ctwa_reweight([1.0], [0.1])
     update, state = jax.jit(tx.update)(jnp.ones((1, 2)), tx.init(None), rewards=jnp.asarray([[1.0], [0.0]]), signal=jnp.asarray([1.0, 0.0]))
