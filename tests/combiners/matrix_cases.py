@@ -43,3 +43,13 @@ def jitted_update(tx: optax.GradientTransformationExtraArgs) -> Callable[[np.nda
         return np.asarray(out["p"], np.float64), state
 
     return run
+
+
+def balanced(jac: np.ndarray) -> bool:
+    """Every row within 1e-3 of the largest in norm: scaling J by 1e-3 keeps every Gram entry inside fp32's normal range.
+
+    A row 1e-19 times smaller than the largest has a squared norm that flushes to zero in the fp32 Gram, and
+    Gram weightings then treat it as a zero row; scale tests exclude such Jacobians.
+    """
+    norms = np.linalg.norm(jac.astype(np.float64), axis=1)
+    return bool(norms.min() >= 1e-3 * norms.max())

@@ -35,7 +35,7 @@ def test_orthogonal_rows_get_inverse_norms():
     np.testing.assert_allclose(state.weights, [2.0, 1 / 3, 1 / 40], rtol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(jacobians(3, 5).filter(independent))
 def test_solves_the_bargaining_equation_and_has_norm_sqrt_n(jac):
     """a_i <g_i, d> = 1 for every i (the Nash bargaining solution), hence |d|^2 = sum_i a_i <g_i, d> = n."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from matrix_cases import DEGENERATE, J_BASE, jacobians, jitted_update
+from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
 from mojax.combiners.pcgrad import pcgrad
 
 run2 = jitted_update(pcgrad(num_objectives=2, seed=0))
@@ -74,7 +74,7 @@ def test_seed_fixes_the_orders():
     assert not np.array_equal(jax.random.key_data(key_a), jax.random.key_data(key_b))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(jacobians(2, 4))
 def test_two_objectives_never_conflict_and_are_permutation_equivariant(jac):
     """n = 2: <d, g_i> >= 0 for both rows; swapping the rows swaps the weights."""
@@ -86,7 +86,7 @@ def test_two_objectives_never_conflict_and_are_permutation_equivariant(jac):
 
 
 @settings(max_examples=20, deadline=None)
-@given(jacobians(2, 4))
+@given(jacobians(2, 4).filter(balanced))
 def test_weights_are_scale_invariant(jac):
     """Projections are ratios of inner products: the weights of k J equal those of J (k = 1e-20, 1e20 included)."""
     _, state = run2(jac)

@@ -20,7 +20,7 @@ def normalized_gram(jac: np.ndarray, reg: float = 1e-4) -> np.ndarray:
     return gram / np.trace(gram) + reg * np.eye(len(gram))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(jacobians(5, 7))
 def test_box_qp_matches_quadprog_and_satisfies_kkt(jac):
     """v = argmin v^T G v s.t. v >= u equals quadprog's; v >= u, G v >= 0, (v - u) . G v = 0."""

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matrix_cases import DEGENERATE, J_BASE, jacobians, jitted_update
+from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
 from mojax.combiners.pcgrad import pcgrad
 from mojax.combiners.upgrad import upgrad
 
@@ -51,7 +51,7 @@ def test_two_objectives_with_one_conflict_is_half_of_pcgrad():
     np.testing.assert_allclose(upgrad_direction, pcgrad_direction / 2, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(jacobians(3, 5))
 def test_never_conflicts(jac):
     """<d, g_j> >= 0 for all j, up to the regulariser's slack reg_eps tr(G) |w|."""
@@ -73,7 +73,7 @@ def test_permutation_equivariant(jac, order):
 
 
 @settings(max_examples=15, deadline=None)
-@given(jacobians(3, 5))
+@given(jacobians(3, 5).filter(balanced))
 def test_weights_are_scale_invariant_above_norm_eps(jac):
     """G is trace-normalised: k J has J's weights (so d is linear in k) while tr(k^2 G) >= norm_eps, up to k = 1e20."""
     _, state = run3(jac)
