@@ -77,7 +77,8 @@ def test_p1_equals_mgda_with_l2_normalisation():
 def test_property_progress_proportional_to_norm_power(n, p, d, seed):
     """<d, g_i> / ||g_i||^p = ||d||^2 on the support and >= it elsewhere (Theorem 3.3 via the KKT conditions)."""
     rng = np.random.default_rng(seed)
-    jac = (rng.normal(size=(n, d)) * 10.0 ** rng.uniform(-1, 1, size=(n, 1))).astype(np.float32)
+    jac = np.zeros((n, 6), np.float32)  # d <= 6 columns, zero-padded so that each (n, p) compiles once
+    jac[:, :d] = rng.normal(size=(n, d)) * 10.0 ** rng.uniform(-1, 1, size=(n, 1))
     direction, state = run(jac, p=p)
     norms = np.linalg.norm(jac.astype(np.float64), axis=1)
     per_unit_progress = jac.astype(np.float64) @ direction / norms**p

@@ -111,6 +111,16 @@ def test_known_directions():
         np.testing.assert_allclose(solve(jac @ jac.T) @ jac, direction, atol=1e-5)
 
 
+def test_support_solve_finishes_an_unconverged_run():
+    """The exact KKT solve on the support found so far: T-MGDA-3 exact after 10 steps, an interior optimum after 1."""
+    jac = np.asarray(KNOWN["T-MGDA-3 edge optimum"][0], np.float32)
+    np.testing.assert_allclose(solve(jac @ jac.T, max_iters=10), [0.4, 0.0, 0.6], atol=1e-6)
+    jac = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    expected = reference_min_norm(gram_of(jac))
+    assert np.all(expected > 0)
+    np.testing.assert_allclose(solve(jac @ jac.T, max_iters=1), expected, atol=1e-5)
+
+
 def test_two_objectives_boundaries_are_exact():
     """v12 >= v11 gives exactly (1, 0), v12 >= v22 exactly (0, 1) (not 0.999 / 0.001 as in the official code)."""
     np.testing.assert_array_equal(solve(jnp.array([[1.0, 1.5], [1.5, 4.0]])), [1.0, 0.0])
