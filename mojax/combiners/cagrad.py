@@ -10,7 +10,7 @@ import optax
 from jax import lax
 
 from mojax.combiners._base import WeightsState, initial_weights, require_num_objectives, weighted_combiner
-from mojax.combiners.qp import simplex_min_norm, trace_normalized
+from mojax.combiners.qp import nonnegative_hyperparameter, simplex_min_norm, trace_normalized
 
 # Bisection steps on kappa: enough to pin an fp32 root even 1e-7 below the bracket's top.
 _BISECTION_STEPS = 48
@@ -65,14 +65,10 @@ def cagrad(
 ) -> optax.GradientTransformationExtraArgs:
     """CAGrad on G / tr(G) (TorchJD's normalisation, G -> 0 below norm_eps); rescale 1 divides d by 1 + c^2, 2 by 1 + c, 0 not at all."""
     n = require_num_objectives("cagrad", num_objectives)
-    c = float(c)
-    if not (c >= 0 and c < float("inf")):
-        raise ValueError(f"cagrad: `c` (the radius of the ball around the mean gradient, in units of |g_0|) must be a finite number >= 0, got {c}.")
+    c = nonnegative_hyperparameter("cagrad", "c", c, "radius of the ball around the mean gradient, in units of |g_0|")
     if rescale not in _RESCALE_DIVISORS:
         raise ValueError(f"cagrad: `rescale` must be 0 (none), 1 (divide by 1 + c^2) or 2 (divide by 1 + c), got {rescale!r}.")
-    norm_eps = float(norm_eps)
-    if not (norm_eps >= 0 and norm_eps < float("inf")):
-        raise ValueError(f"cagrad: `norm_eps` must be a finite number >= 0, got {norm_eps}.")
+    norm_eps = nonnegative_hyperparameter("cagrad", "norm_eps", norm_eps, "|g_w*| / |J|_F below which the weights are 0")
     divisor = _RESCALE_DIVISORS[rescale](c)
 
     def weighting(gram, state, *, gram_scale=1.0, **extra_args):

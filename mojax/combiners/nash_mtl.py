@@ -47,7 +47,7 @@ def nash_mtl(
     if max_norm is not None and not (float(max_norm) > 0 and float(max_norm) < float("inf")):
         raise ValueError(f"nash_mtl: `max_norm` must be a finite number > 0, or None for no cap on |d|; got {max_norm}.")
     if not (float(reg_eps) > 0 and float(reg_eps) < 1):
-        raise ValueError(f"nash_mtl: `reg_eps` must be in (0, 1) (it makes G/tr(G) + reg_eps I positive definite so a exists); got {reg_eps}.")
+        raise ValueError(f"nash_mtl: `reg_eps` must be in (0, 1) (the ridge on the cosine matrix that keeps it positive definite, so a exists for dependent rows); got {reg_eps}.")
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"nash_mtl: `max_iter` must be a positive integer (Newton steps per update), got {max_iter}.")
     max_norm = None if max_norm is None else float(max_norm)

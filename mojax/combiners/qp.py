@@ -1,4 +1,4 @@
-"""Small jit-safe solvers on n x n Gram matrices: nonnegative, box and simplex QPs, and the Nash log-barrier.
+"""Small jit-safe solvers on n x n Gram matrices (nonnegative, box and simplex QPs, the Nash log-barrier) and their shared checks.
 
 All three QPs reduce to one exact active-set solver (Lawson & Hanson 1974, in the Gram form of
 Bro & de Jong 1997); the Nash-MTL fixed point G a = 1/a is the minimiser of a self-concordant
@@ -21,12 +21,10 @@ _FULL_STEP_DECREMENT = 0.25
 
 
 def _solve_on(passive: jax.Array, quadratic: jax.Array, linear: jax.Array) -> jax.Array:
-    """x_P = -Q_PP^-1 p_P (one step of iterative refinement) and x = 0 off the passive set P."""
+    """x_P = -Q_PP^-1 p_P and x = 0 off the passive set P (identity rows stand in for the fixed coordinates)."""
     both = passive[:, None] & passive[None, :]
     system = jnp.where(both, quadratic, 0.0) + jnp.diag(jnp.where(passive, 0.0, 1.0))
-    target = jnp.where(passive, -linear, 0.0)
-    solution = jnp.linalg.solve(system, target)
-    solution = solution + jnp.linalg.solve(system, target - system @ solution)
+    solution = jnp.linalg.solve(system, jnp.where(passive, -linear, 0.0))
     return jnp.where(passive, solution, 0.0)
 
 
@@ -40,6 +38,7 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
     max_outer = 3 * n
 
     def descent(x: jax.Array) -> jax.Array:
+        """-(Q x + p), the negative gradient."""
         return -(quadratic @ x + linear)
 
     def step_back(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -54,6 +53,7 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
         return x, passive, _solve_on(passive, quadratic, linear), count + 1
 
     def keep_stepping_back(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """The latest solve is infeasible on the passive set (at most n drops)."""
         _, passive, trial, count = carry
         return jnp.any(passive & (trial <= 0)) & (count < n)
 
@@ -70,6 +70,7 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
         return x, passive, barred.at[entering].set(~accepted), outer + 1
 
     def improvable(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """Some fixed, unbarred coordinate still has a descent direction (KKT violated), within 3n rounds."""
         x, passive, barred, outer = carry
         return jnp.any(~passive & ~barred & (descent(x) > tol)) & (outer < max_outer)
 
@@ -97,12 +98,14 @@ def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iter: int) -> j
     gram = jnp.asarray(gram, jnp.float32)
 
     def newton_step(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(H^-1 grad f, grad f . H^-1 grad f = squared Newton decrement) at a."""
         gradient = gram @ a - 1.0 / a
         hessian = gram + jnp.diag(1.0 / (a * a))
         step = jnp.linalg.solve(hessian, gradient)
         return step, gradient @ step
 
     def body(carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """a <- a - t H^-1 grad f, t = 1 / (1 + decrement) outside the quadratic region; a stays > 0."""
         a, _, count = carry
         step, decrement_sq = newton_step(a)
         decrement = jnp.sqrt(jnp.maximum(decrement_sq, 0.0))
@@ -110,6 +113,7 @@ def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iter: int) -> j
         return a - damping * step, decrement_sq, count + 1
 
     def unconverged(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """Squared decrement above tolerance and iterations left."""
         _, decrement_sq, count = carry
         return (decrement_sq > _NEWTON_TOL) & (count < max_iter)
 
@@ -125,3 +129,11 @@ def trace_normalized(gram: jax.Array, gram_scale: jax.Array | float, norm_eps: f
     frobenius = jnp.asarray(gram_scale, jnp.float32) * jnp.sqrt(jnp.maximum(trace, 0.0))
     negligible = frobenius <= jnp.sqrt(jnp.float32(norm_eps))
     return jnp.where(negligible, 0.0, gram / jnp.where(negligible, 1.0, trace))
+
+
+def nonnegative_hyperparameter(name: str, label: str, value: float, meaning: str) -> float:
+    """float(value) if finite and >= 0; otherwise a ValueError naming the combiner, the argument and its meaning."""
+    value = float(value)
+    if not (0.0 <= value < float("inf")):
+        raise ValueError(f"{name}: `{label}` ({meaning}) must be a finite number >= 0, got {value}.")
+    return value

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mojax.combiners._base import WeightsState, as_vector, initial_weights, require_num_objectives, weighted_combiner
-from mojax.combiners.qp import box_qp, trace_normalized
+from mojax.combiners.qp import box_qp, nonnegative_hyperparameter, trace_normalized
 
 
 def upgrad_weights(gram: jax.Array, preference: jax.Array) -> jax.Array:
@@ -17,14 +17,6 @@ def upgrad_weights(gram: jax.Array, preference: jax.Array) -> jax.Array:
     lower_bounds = jnp.diag(preference)
     projections = jax.vmap(box_qp, in_axes=(None, 0))(gram, lower_bounds)
     return jnp.ones_like(preference) @ projections
-
-
-def _check_eps(name: str, label: str, value: float) -> float:
-    """A nonnegative finite float hyperparameter; ValueError otherwise."""
-    value = float(value)
-    if not (value >= 0 and value < float("inf")):
-        raise ValueError(f"{name}: `{label}` must be a finite number >= 0, got {value}.")
-    return value
 
 
 def upgrad(
@@ -39,8 +31,8 @@ def upgrad(
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
     if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
         raise ValueError(f"upgrad: `preference` must be finite and >= 0 (one weight per projected gradient), got {weights_of_rows}.")
-    norm_eps = _check_eps("upgrad", "norm_eps", norm_eps)
-    reg_eps = _check_eps("upgrad", "reg_eps", reg_eps)
+    norm_eps = nonnegative_hyperparameter("upgrad", "norm_eps", norm_eps, "J's squared Frobenius norm below which G is zeroed")
+    reg_eps = nonnegative_hyperparameter("upgrad", "reg_eps", reg_eps, "ridge added to the trace-normalised Gram")
     regulariser = reg_eps * jnp.eye(n, dtype=jnp.float32)
 
     def weighting(gram, state, *, gram_scale=1.0, **extra_args):
