@@ -88,7 +88,11 @@ def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mesh_shape, rules, up_spec", [(None, None, P(None, None, None)), ((2, 2, 2), "fsdp_tp", P(None, "fsdp", "tensor"))]
+    "mesh_shape, rules, up_spec",
+    [
+        pytest.param(None, None, P(None, None, None), marks=pytest.mark.slow),
+        ((2, 2, 2), "fsdp_tp", P(None, "fsdp", "tensor")),
+    ],
 )
 def test_restore_onto_a_different_mesh(tmp_path, mesh_shape, rules, up_spec):
     model = create_sharded(make_model, make_mesh(fsdp=8), "fsdp")
