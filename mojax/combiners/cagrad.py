@@ -14,6 +14,9 @@ from mojax.combiners.qp import nonnegative_hyperparameter, simplex_min_norm, tra
 
 # Bisection steps on kappa: enough to pin an fp32 root even 1e-7 below the bracket's top.
 _BISECTION_STEPS = 48
+# Below this |g_w| / |J|_F the fp32 Gram cannot resolve g_w* (w^T G w carries ~n eps of round-off, so |g_w| ~ 3e-4
+# is noise and its direction arbitrary): such points are treated as Pareto-stationary whatever norm_eps is.
+_STATIONARY_FLOOR = 1e-3
 _RESCALE_DIVISORS = {0: lambda c: 1.0, 1: lambda c: 1.0 + c * c, 2: lambda c: 1.0 + c}
 
 
@@ -23,12 +26,16 @@ def shifted_min_norm(gram: jax.Array, kappa: jax.Array) -> jax.Array:
     mean = jnp.full((n,), 1.0 / n, jnp.float32)
     with_mean = gram @ mean
     ones = jnp.ones((n,), jnp.float32)
-    shifted = gram + kappa * (jnp.outer(with_mean, ones) + jnp.outer(ones, with_mean)) + kappa**2 * (mean @ with_mean) * jnp.outer(ones, ones)
+    cross = jnp.outer(with_mean, ones) + jnp.outer(ones, with_mean)
+    shifted = gram + kappa * cross + kappa**2 * (mean @ with_mean) * jnp.outer(ones, ones)
     return simplex_min_norm(shifted)
 
 
 def cagrad_direction_weights(gram: jax.Array, radius: jax.Array) -> jax.Array:
-    """w* = argmin_{w in simplex} g_w.g_0 + r |g_w|, r > 0: w* = w(k*) with |g_w(k*)| = r k*, k* found by bisection (|g_w(k)| / k is nonincreasing)."""
+    """w* = argmin_{w in simplex} g_w.g_0 + r |g_w| (r > 0) = w(k*) with |g_w(k*)| = r k*, by bisection on k.
+
+    |g_w| = min_t (|g_w|^2 / t + t) / 2, so for t = r k the inner problem is w(k); |g_w(k)| / k is nonincreasing.
+    """
     norm_of = lambda w: jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
     upper = jnp.sqrt(jnp.max(jnp.diag(gram))) / radius
 
@@ -43,7 +50,7 @@ def cagrad_direction_weights(gram: jax.Array, radius: jax.Array) -> jax.Array:
 
 
 def cagrad_weights(gram: jax.Array, c: float, norm_eps: float) -> jax.Array:
-    """w = 1/n + (c |g_0| / |g_w*|) w* (d = g_0 + c |g_0| g_w*/|g_w*|, Alg. 1 of 2110.14048); 0 when |g_w*| < norm_eps (near Pareto-stationary, as TorchJD)."""
+    """w = 1/n + (c |g_0| / |g_w*|) w*, i.e. d = g_0 + c |g_0| g_w*/|g_w*| (Alg. 1, 2110.14048); 0 if |g_w*| is below eps or the floor."""
     n = gram.shape[0]
     mean = jnp.full((n,), 1.0 / n, jnp.float32)
     with_mean = gram @ mean
@@ -52,7 +59,7 @@ def cagrad_weights(gram: jax.Array, c: float, norm_eps: float) -> jax.Array:
     solvable = radius > 0
     best = jnp.where(solvable, cagrad_direction_weights(gram, jnp.where(solvable, radius, 1.0)), worst_vertex)
     best_norm = jnp.sqrt(jnp.maximum(best @ gram @ best, 0.0))
-    stationary = best_norm < norm_eps
+    stationary = best_norm < max(norm_eps, _STATIONARY_FLOOR)
     return jnp.where(stationary, 0.0, mean + radius / jnp.where(stationary, 1.0, best_norm) * best)
 
 
@@ -63,16 +70,21 @@ def cagrad(
     rescale: Literal[0, 1, 2] = 1,
     norm_eps: float = 1e-4,
 ) -> optax.GradientTransformationExtraArgs:
-    """CAGrad on G / tr(G) (TorchJD's normalisation, G -> 0 below norm_eps); rescale 1 divides d by 1 + c^2, 2 by 1 + c, 0 not at all."""
+    """CAGrad (arXiv 2110.14048) on G / tr(G); `rescale` 1 divides d by 1 + c^2, 2 by 1 + c, 0 not at all (TorchJD's form).
+
+    Like TorchJD, G is zeroed when the true tr(G) = |J|_F^2 is below `norm_eps` (0 disables this), and the weights
+    are 0 near Pareto-stationarity: |g_w*| / |J|_F < max(norm_eps, 1e-3), the fp32 resolution of |g_w*|.
+    """
     n = require_num_objectives("cagrad", num_objectives)
     c = nonnegative_hyperparameter("cagrad", "c", c, "radius of the ball around the mean gradient, in units of |g_0|")
     if rescale not in _RESCALE_DIVISORS:
-        raise ValueError(f"cagrad: `rescale` must be 0 (none), 1 (divide by 1 + c^2) or 2 (divide by 1 + c), got {rescale!r}.")
-    norm_eps = nonnegative_hyperparameter("cagrad", "norm_eps", norm_eps, "|g_w*| / |J|_F below which the weights are 0")
+        raise ValueError(f"cagrad: `rescale` must be 0 (none), 1 (d / (1 + c^2)) or 2 (d / (1 + c)), got {rescale!r}.")
+    norm_eps = nonnegative_hyperparameter("cagrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
     divisor = _RESCALE_DIVISORS[rescale](c)
 
     def weighting(gram, state, *, gram_scale=1.0, **extra_args):
         del extra_args
         return cagrad_weights(trace_normalized(gram, gram_scale, norm_eps), c, norm_eps) / divisor, state
 
-    return weighted_combiner("cagrad", weighting, lambda: WeightsState(weights=initial_weights(n)), num_objectives=n, uses_gram=True)
+    initial = lambda: WeightsState(weights=initial_weights(n))
+    return weighted_combiner("cagrad", weighting, initial, num_objectives=n, uses_gram=True)

@@ -22,7 +22,7 @@ class NashMTLState(NamedTuple):
 def nash_mtl_weights(
     gram: jax.Array, gram_scale: jax.Array, warm_start: jax.Array, *, max_norm: float | None, reg_eps: float, max_iter: int
 ) -> tuple[jax.Array, jax.Array]:
-    """(weights, b): b solves (C + reg_eps I) b = 1/b on the cosine matrix C = D G D, D = diag(1/|g_i|); a = D b / gram_scale, shrunk so |d| <= max_norm.
+    """(weights, b): (C + reg_eps I) b = 1/b on the cosines C = D G D, D = diag(1/|g_i|); a = D b / gram_scale, |d| <= max_norm.
 
     Row scaling commutes with the bargaining equation (g_i -> c_i g_i sends a_i -> a_i / c_i), so solving on C is
     exact up to reg_eps, which keeps C + reg_eps I positive definite when rows are dependent; zero rows get weight 0.
@@ -42,12 +42,16 @@ def nash_mtl_weights(
 def nash_mtl(
     *, num_objectives: int, max_norm: float | None = 1.0, reg_eps: float = 1e-6, max_iter: int = 100
 ) -> optax.GradientTransformationExtraArgs:
-    """d = sum_i a_i g_i with <g_i, d> = 1/a_i (damped Newton on 1/2 a^T G a - sum log a, warm-started from state), rescaled to |d| <= max_norm (None: no cap)."""
+    """Nash-MTL (arXiv 2202.01017): d = sum_i a_i g_i with <g_i, d> = 1/a_i, shrunk to |d| <= max_norm (None: no cap).
+
+    a minimises 1/2 a^T G a - sum(log a) (damped Newton, at most `max_iter` steps, warm-started from the state).
+    Without the cap |d|^2 = sum_i a_i <g_i, d> = n whatever the scale of G, while a scales as 1 / |g|.
+    """
     n = require_num_objectives("nash_mtl", num_objectives)
     if max_norm is not None and not (float(max_norm) > 0 and float(max_norm) < float("inf")):
         raise ValueError(f"nash_mtl: `max_norm` must be a finite number > 0, or None for no cap on |d|; got {max_norm}.")
     if not (float(reg_eps) > 0 and float(reg_eps) < 1):
-        raise ValueError(f"nash_mtl: `reg_eps` must be in (0, 1) (the ridge on the cosine matrix that keeps it positive definite, so a exists for dependent rows); got {reg_eps}.")
+        raise ValueError(f"nash_mtl: `reg_eps` (ridge on the cosine matrix, so a exists for dependent rows) must be in (0, 1); got {reg_eps}.")
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"nash_mtl: `max_iter` must be a positive integer (Newton steps per update), got {max_iter}.")
     max_norm = None if max_norm is None else float(max_norm)

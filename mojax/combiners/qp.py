@@ -58,7 +58,7 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
         return jnp.any(passive & (trial <= 0)) & (count < n)
 
     def free_one(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Free the steepest eligible coordinate, re-solve, restore feasibility; a coordinate whose solve is not positive is round-off and is barred."""
+        """Free the steepest eligible coordinate, re-solve, restore feasibility; one whose solve is <= 0 is round-off: bar it."""
         x, passive, barred, outer = carry
         entering = jnp.argmax(jnp.where(passive | barred, -jnp.inf, descent(x)))
         widened = passive.at[entering].set(True)

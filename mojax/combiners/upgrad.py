@@ -13,7 +13,7 @@ from mojax.combiners.qp import box_qp, nonnegative_hyperparameter, trace_normali
 
 
 def upgrad_weights(gram: jax.Array, preference: jax.Array) -> jax.Array:
-    """w = sum_i v^(i), v^(i) = argmin_{v >= preference_i e_i} v^T G v, so J^T v^(i) projects preference_i g_i onto {x: Jx >= 0} (Prop. 1 of 2406.16232)."""
+    """w = sum_i v^(i), v^(i) = argmin_{v >= p_i e_i} v^T G v: J^T v^(i) projects p_i g_i onto {x: Jx >= 0} (Prop. 1, 2406.16232)."""
     lower_bounds = jnp.diag(preference)
     projections = jax.vmap(box_qp, in_axes=(None, 0))(gram, lower_bounds)
     return jnp.ones_like(preference) @ projections
@@ -26,12 +26,16 @@ def upgrad(
     norm_eps: float = 1e-4,
     reg_eps: float = 1e-4,
 ) -> optax.GradientTransformationExtraArgs:
-    """d = J^T w, w the UPGrad weights of G / tr(G) + reg_eps I (n from num_objectives or len(preference)); TorchJD's normalisation: G -> 0 when tr(true G) < norm_eps (d is then the preference-weighted sum)."""
+    """UPGrad (arXiv 2406.16232): d = J^T w with w the UPGrad weights of G / tr(G) + reg_eps I, as TorchJD computes them.
+
+    n comes from `num_objectives` or len(`preference`) (default 1/n). Like TorchJD, G is zeroed when the true
+    tr(G) = |J|_F^2 is below `norm_eps`, so tiny gradients get d = sum_i preference_i g_i; norm_eps = 0 disables that.
+    """
     n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
     if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
-        raise ValueError(f"upgrad: `preference` must be finite and >= 0 (one weight per projected gradient), got {weights_of_rows}.")
-    norm_eps = nonnegative_hyperparameter("upgrad", "norm_eps", norm_eps, "J's squared Frobenius norm below which G is zeroed")
+        raise ValueError(f"upgrad: `preference` must be finite and >= 0 (one weight per projected row), got {weights_of_rows}.")
+    norm_eps = nonnegative_hyperparameter("upgrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
     reg_eps = nonnegative_hyperparameter("upgrad", "reg_eps", reg_eps, "ridge added to the trace-normalised Gram")
     regulariser = reg_eps * jnp.eye(n, dtype=jnp.float32)
 
@@ -40,4 +44,5 @@ def upgrad(
         normalized = trace_normalized(gram, gram_scale, norm_eps) + regulariser
         return upgrad_weights(normalized, weights_of_rows), state
 
-    return weighted_combiner("upgrad", weighting, lambda: WeightsState(weights=initial_weights(n)), num_objectives=n, uses_gram=True)
+    initial = lambda: WeightsState(weights=initial_weights(n))
+    return weighted_combiner("upgrad", weighting, initial, num_objectives=n, uses_gram=True)

@@ -41,9 +41,9 @@ def test_direction_solves_the_ball_problem(jac):
     """d = g_0 + c|g_0| g_w/|g_w| lies on the ball's boundary and w* is optimal: <g_i, d> >= <g_w*, d>, with equality on supp(w*)."""
     direction, state = plain3(jac)
     wide = jac.astype(np.float64)
-    if not np.any(state.weights):  # |g_w*| < norm_eps |J|_F: then 0 is (nearly) in the convex hull of the rows
+    if not np.any(state.weights):  # |g_w*| < 1e-3 |J|_F: then 0 is (nearly) in the convex hull of the rows
         closest = np.asarray(simplex_min_norm(jnp.asarray(jac @ jac.T)), np.float64)
-        assert np.linalg.norm(closest @ wide) < 1e-4 * np.sqrt(np.sum(wide**2))
+        assert np.linalg.norm(closest @ wide) < 1e-3 * np.sqrt(np.sum(wide**2))
         return
     mean = wide.mean(axis=0)
     radius = 0.5 * np.linalg.norm(mean)
@@ -86,6 +86,15 @@ def test_below_norm_eps_gives_zero_weights():
     np.testing.assert_array_equal(state.weights, [0.0, 0.0])
     _, unthresholded = jitted_update(cagrad(num_objectives=2, rescale=0, norm_eps=0.0))(ORTHOGONAL * 1e-3)
     np.testing.assert_allclose(unthresholded.weights, [1.059017, 0.5], rtol=1e-5)
+
+
+def test_pareto_stationary_rows_give_zero_weights_at_every_scale():
+    """g_w* = 0 exactly (a conflicting pair spans 0): |g_w*| is fp32 round-off, so the weights are 0 at any scale."""
+    jac = np.zeros((3, 5), np.float32)
+    jac[0, 1], jac[1, 1], jac[2, 0] = -1.25, 1.75, 1.0
+    for factor in (1.0, 10.0, 1e20):
+        _, state = plain3(jac * np.float32(factor))
+        np.testing.assert_array_equal(state.weights, [0.0, 0.0, 0.0])
 
 
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
