@@ -9,7 +9,8 @@ by its largest diagonal entry, so G -> kG (k > 0) leaves the weights unchanged.
 
 Solvers (``solver=``):
 
-* n = 1: alpha = 1. n = 2: the closed form clip(<g2 - g1, g2> / ||g1 - g2||^2, 0, 1), exactly 0
+* n = 1: alpha = 1. n = 2: the closed form clip(<g2 - g1, g2> / ||g1 - g2||^2, 0, 1), decided by
+  comparing G12 with G11 and G22 first (no cancellation for nearly parallel gradients): exactly 0
   or 1 at the boundaries and (1/2, 1/2) for identical gradients.
 * ``"projected_gradient"`` (default, n > 2): accelerated projected gradient on the simplex
   (FISTA, Beck & Teboulle 2009, with the gradient restart of arXiv 1204.3982; step 1/L with L an
@@ -39,14 +40,12 @@ SOLVERS = ("projected_gradient", "frank_wolfe")
 
 # Defaults of the accurate solver: KKT gap relative to max_i G_ii, and an iteration cap.
 PGD_TOL = 1e-7
-PGD_MAX_ITERS = 1000
+PGD_MAX_ITERS = 3000
 # torchjd / Sener & Koltun Frank-Wolfe constants.
 FW_EPSILON = 1e-3
 FW_MAX_ITERS = 100
 # Smallest divisor c_i of a rescaled gradient g_i / c_i: its loss weight alpha_i / c_i must stay finite in fp32.
 MIN_DIVISOR = 1e-37
-# ||g1 - g2||^2 below this fraction of ||g1||^2 + ||g2||^2: the two gradients are identical in fp32.
-_IDENTICAL_REL = 1e-12
 
 
 class MinNormState(NamedTuple):
@@ -165,11 +164,13 @@ def _frank_wolfe(gram: jax.Array, active: jax.Array, epsilon: float, max_iters: 
 
 
 def _two_objectives(gram: jax.Array, active: jax.Array) -> jax.Array:
-    """gamma = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1) -> (gamma, 1 - gamma); 1/2 each if g1 = g2."""
+    """gamma = 1 if G12 >= G11, 0 if G12 >= G22, else (G22 - G12) / ((G11 - G12) + (G22 - G12)); 1/2 if both hold (g1 = g2)."""
     g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
-    spread = g11 + g22 - 2.0 * g12
-    identical = spread <= _IDENTICAL_REL * (g11 + g22)
-    gamma = jnp.where(identical, 0.5, jnp.clip((g22 - g12) / jnp.where(identical, 1.0, spread), 0.0, 1.0))
+    first_is_min, second_is_min = g12 >= g11, g12 >= g22
+    # Both differences are > 0 in the interior case, so their sum has no cancellation.
+    spread = jnp.where(first_is_min | second_is_min, 1.0, (g11 - g12) + (g22 - g12))
+    interior = (g22 - g12) / spread
+    gamma = jnp.where(first_is_min, jnp.where(second_is_min, 0.5, 1.0), jnp.where(second_is_min, 0.0, interior))
     pair = jnp.stack([gamma, 1.0 - gamma])
     return jnp.where(jnp.all(active), pair, _uniform(active))
 

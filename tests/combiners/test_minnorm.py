@@ -125,6 +125,9 @@ def test_two_objectives_boundaries_are_exact():
     """v12 >= v11 gives exactly (1, 0), v12 >= v22 exactly (0, 1) (not 0.999 / 0.001 as in the official code)."""
     np.testing.assert_array_equal(solve(jnp.array([[1.0, 1.5], [1.5, 4.0]])), [1.0, 0.0])
     np.testing.assert_array_equal(solve(jnp.array([[4.0, 1.5], [1.5, 1.0]])), [0.0, 1.0])
+    # Parallel gradients 3e-5 apart in length: ||g1 - g2||^2 cancels in fp32, the comparisons do not.
+    nearly_parallel = np.array([[0.6736893], [0.6736698]], np.float32)
+    np.testing.assert_array_equal(solve(nearly_parallel @ nearly_parallel.T), [0.0, 1.0])
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -206,7 +209,7 @@ def test_property_permutation_equivariance(n, d, seed):
     alpha_perm = np.asarray(solve(jac[perm] @ jac[perm].T), np.float64)
     max_norm = np.sqrt(np.max(np.diag(gram_of(jac))))
     np.testing.assert_allclose(alpha_perm @ jac[perm], alpha @ jac, atol=2e-3 * max_norm)
-    if d >= n and np.linalg.cond(gram_of(jac)) < 1e3:  # unique and well-conditioned: weights permute too
+    if d >= n and np.linalg.cond(gram_of(jac)) < 1e2:  # unique and well-conditioned: weights permute too
         np.testing.assert_allclose(alpha_perm, alpha[perm], atol=1e-4)
 
 
