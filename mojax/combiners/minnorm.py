@@ -193,7 +193,7 @@ def min_norm_weights(
 ) -> jax.Array:
     """argmin_{alpha in simplex over the active set} alpha^T G alpha, f32[n] (Sener & Koltun, arXiv 1810.04650).
 
-    ``tol`` / ``max_iters`` default to the solver's constants: the relative KKT gap 1e-7 and 1000
+    ``tol`` / ``max_iters`` default to the solver's constants: the relative KKT gap 1e-7 and 3000
     steps (projected_gradient), the step size gamma 1e-3 and 100 steps (frank_wolfe, as torchjd).
     """
     check_solver("min_norm_weights", solver)
