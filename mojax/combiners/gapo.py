@@ -51,7 +51,7 @@ def gapo_rescale(
     *,
     num_objectives: int | None = None,
     eps: float = 1e-8,
-    solver: str = "projected_gradient",
+    solver: str = "active_set",
 ) -> optax.GradientTransformationExtraArgs:
     """d = sum_i alpha_i g_i / max(||g_i||, eps)^p, alpha = MinNorm (GAPO) or the preference (P-GAPO); arXiv 2507.01915."""
     n = require_num_objectives("gapo_rescale", num_objectives, ("preference", preference))

@@ -51,7 +51,7 @@ def _log_normalizers(normalize: str, log_norms: jax.Array, extra_args: dict, n: 
 def mgda(
     *,
     num_objectives: int,
-    solver: str = "projected_gradient",
+    solver: str = "active_set",
     normalize: str = "none",
     drop_zero_norm: bool = False,
     eps: float = 1e-8,

@@ -12,13 +12,10 @@ Solvers (``solver=``):
 * n = 1: alpha = 1. n = 2: the closed form clip(<g2 - g1, g2> / ||g1 - g2||^2, 0, 1), decided by
   comparing G12 with G11 and G22 first (no cancellation for nearly parallel gradients): exactly 0
   or 1 at the boundaries and (1/2, 1/2) for identical gradients.
-* ``"projected_gradient"`` (default, n > 2): accelerated projected gradient on the simplex
-  (FISTA, Beck & Teboulle 2009, with the gradient restart of arXiv 1204.3982; step 1/L with L an
-  upper bound of lambda_max(G)) until the KKT gap max_{alpha_i > 0} (G alpha)_i - min_i (G alpha)_i
-  is under ``tol`` (relative to max_i G_ii) or after ``max_iters`` steps; then the KKT linear
-  system on the support it found is solved exactly, and that point is kept when its KKT gap is
-  smaller. Projection zeroes coordinates exactly, so the support is found in finitely many steps.
-  Accurate to fp32 round-off: KKT gap ~1e-7 of max_i ||g_i||^2, weights to ~cond(G) x 1e-7.
+* ``"active_set"`` (default, n > 2): the exact active-set solver of ``mojax.combiners.qp``
+  (Lawson-Hanson on the equivalent nonnegative QP; shared with CAGrad and UPGrad). It terminates
+  in finitely many steps at the support of the optimum and solves the KKT system there, so it is
+  accurate to fp32 round-off: weights to ~cond(G) x 1e-7.
 * ``"frank_wolfe"``: Algorithm 2 of Sener & Koltun from the uniform point, as torchjd's ``MGDA``
   (stop when the step gamma < 1e-3, at most 100 iterations; also used for n = 2). Sublinear:
   ~1e-3 error when the optimum lies on a face. Use it to reproduce torchjd or the paper.
@@ -34,13 +31,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-SOLVERS = ("projected_gradient", "frank_wolfe")
+from mojax.combiners.qp import simplex_min_norm
 
-# Defaults of the accurate solver: KKT gap relative to max_i G_ii, and an iteration cap.
-PGD_TOL = 1e-7
-PGD_MAX_ITERS = 3000
+SOLVERS = ("active_set", "frank_wolfe")
+
 # torchjd / Sener & Koltun Frank-Wolfe constants.
 FW_EPSILON = 1e-3
 FW_MAX_ITERS = 100
@@ -88,60 +83,6 @@ def _uniform(active: jax.Array) -> jax.Array:
     return mask / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _project(values: jax.Array, active: jax.Array) -> jax.Array:
-    """Euclidean projection onto the simplex of the active coordinates (inactive ones -> 0)."""
-    # An entry at least 1 below every other one is zeroed by the simplex projection.
-    return optax.projections.projection_simplex(jnp.where(active, values, jnp.min(values) - 2.0))
-
-
-def _lipschitz_bound(gram: jax.Array) -> jax.Array:
-    """Upper bound of lambda_max(G): min(trace G, max_i sum_j |G_ij|)."""
-    return jnp.minimum(jnp.trace(gram), jnp.max(jnp.sum(jnp.abs(gram), axis=1)))
-
-
-def _fista(gram: jax.Array, active: jax.Array, tol: float, max_iters: int) -> jax.Array:
-    """Accelerated projected gradient on alpha^T G alpha over the simplex, restarted when momentum points uphill (arXiv 1204.3982)."""
-    bound = _lipschitz_bound(gram)
-    step = jnp.where(bound > 0, 1.0 / jnp.where(bound > 0, bound, 1.0), 0.0)
-    start = _uniform(active)
-
-    def unconverged(carry):
-        k, _, _, _, gap = carry
-        return (k < max_iters) & (gap > tol)
-
-    def iterate(carry):
-        k, x, y, t, _ = carry
-        x_next = _project(y - step * (gram @ y), active)
-        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-        restart = jnp.dot(y - x_next, x_next - x) > 0
-        momentum = jnp.where(restart, 0.0, (t - 1.0) / t_next)
-        y_next = x_next + momentum * (x_next - x)
-        return k + 1, x_next, y_next, jnp.where(restart, 1.0, t_next), kkt_gap(gram, x_next, active)
-
-    carry = (jnp.zeros((), jnp.int32), start, start, jnp.ones((), jnp.float32), kkt_gap(gram, start, active))
-    return jax.lax.while_loop(unconverged, iterate, carry)[1]
-
-
-def _support_solve(gram: jax.Array, support: jax.Array) -> jax.Array:
-    """Solve G_SS a_S = mu 1, 1^T a_S = 1 (a = 0 off S) by pseudo-inverse (least squares), then clip to the simplex."""
-    n = gram.shape[0]
-    mask = support.astype(jnp.float32)
-    block = gram * jnp.outer(mask, mask) + jnp.diag(1.0 - mask)
-    kkt = jnp.block([[block, mask[:, None]], [mask[None, :], jnp.zeros((1, 1), jnp.float32)]])
-    rhs = jnp.zeros((n + 1,), jnp.float32).at[n].set(1.0)
-    alpha = jnp.clip((jnp.linalg.pinv(kkt) @ rhs)[:n], 0.0, None) * mask
-    total = jnp.sum(alpha)
-    return alpha / jnp.where(total > 0, total, 1.0)
-
-
-def _projected_gradient(gram: jax.Array, active: jax.Array, tol: float, max_iters: int) -> jax.Array:
-    """FISTA to a KKT gap <= tol, then the exact solve on its support if that lowers the gap."""
-    rough = _fista(gram, active, tol, max_iters)
-    exact = _support_solve(gram, rough > 0)
-    better = (jnp.sum(exact) > 0) & (kkt_gap(gram, exact, active) <= kkt_gap(gram, rough, active))
-    return jnp.where(better, exact, rough)
-
-
 def _frank_wolfe(gram: jax.Array, active: jax.Array, epsilon: float, max_iters: int) -> jax.Array:
     """Sener & Koltun Alg. 2 (torchjd MGDA): step to the vertex argmin (G alpha) with the exact 2-point line search."""
     n = gram.shape[0]
@@ -187,14 +128,14 @@ def min_norm_weights(
     gram: jax.Array,
     *,
     active: jax.Array | None = None,
-    solver: str = "projected_gradient",
+    solver: str = "active_set",
     tol: float | None = None,
     max_iters: int | None = None,
 ) -> jax.Array:
     """argmin_{alpha in simplex over the active set} alpha^T G alpha, f32[n] (Sener & Koltun, arXiv 1810.04650).
 
-    ``tol`` / ``max_iters`` default to the solver's constants: the relative KKT gap 1e-7 and 3000
-    steps (projected_gradient), the step size gamma 1e-3 and 100 steps (frank_wolfe, as torchjd).
+    ``tol`` / ``max_iters`` tune ``frank_wolfe`` only (default: stop when the step gamma < 1e-3, at
+    most 100 steps, as torchjd); ``active_set`` is exact and takes neither.
     """
     check_solver("min_norm_weights", solver)
     gram = jnp.asarray(gram)
@@ -216,7 +157,7 @@ def min_norm_weights(
     elif n == 2:
         alpha = _two_objectives(scaled, active)
     else:
-        alpha = _projected_gradient(scaled, active, tol or PGD_TOL, max_iters or PGD_MAX_ITERS)
+        alpha = simplex_min_norm(scaled, active)
     return jnp.where(jnp.any(active), alpha, 0.0)
 
 

@@ -85,12 +85,19 @@ def box_qp(quadratic: jax.Array, lower: jax.Array) -> jax.Array:
     return lower + nonnegative_qp(quadratic, quadratic @ lower)
 
 
-def simplex_min_norm(gram: jax.Array) -> jax.Array:
-    """argmin_{w in simplex} w^T K w: z = argmin_{z >= 0} z^T (K + 11^T) z - 2 1^T z, then w = z / sum(z)."""
+def simplex_min_norm(gram: jax.Array, active: jax.Array | None = None) -> jax.Array:
+    """argmin_{w in simplex over the active set} w^T K w: z = argmin_{z >= 0} z^T (K + 11^T) z - 2 a^T z, w = z / sum(z).
+
+    An inactive coordinate (a_i = 0, its K row and column zeroed) has gradient sum(z) + 1 > 0 and stays at
+    0; with no active coordinate every weight is 0.
+    """
     n = gram.shape[-1]
     ones = jnp.ones((n,), jnp.float32)
-    z = nonnegative_qp(gram + jnp.outer(ones, ones), -ones)
-    return z / (ones @ z)
+    mask = ones if active is None else jnp.asarray(active, jnp.float32)
+    block = jnp.asarray(gram, jnp.float32) * jnp.outer(mask, mask)
+    z = nonnegative_qp(block + jnp.outer(ones, ones), 1.0 - 2.0 * mask)
+    total = ones @ z
+    return z / jnp.where(total > 0, total, 1.0)
 
 
 def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iter: int) -> jax.Array:

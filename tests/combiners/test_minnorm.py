@@ -20,7 +20,7 @@ def solve(gram, active=None, **kwargs):
     """Jitted min_norm_weights, always with an explicit mask so that each (n, solver) compiles once."""
     gram = jnp.asarray(gram)
     return _jit_min_norm(gram, active=jnp.ones(gram.shape[0], bool) if active is None else active, **kwargs)
-SOLVERS = ("projected_gradient", "frank_wolfe")
+SOLVERS = ("active_set", "frank_wolfe")
 # Objective counts for property tests: n = 1, the n = 2 closed form, and the iterative solver at 3, 5, 8
 # (a few shapes, so that the suite compiles each solver only a few times).
 SIZES = st.sampled_from([1, 2, 3, 5, 8])
@@ -152,9 +152,14 @@ def test_degenerate_inputs_give_finite_simplex_weights_at_the_min_norm(jac, solv
     np.testing.assert_allclose(alpha @ jac, expected @ jac, atol=1e-6)
 
 
-def test_identical_gradients_split_evenly():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_identical_gradients_give_a_valid_split(solver):
+    """Every point of the simplex is optimal (spec: any valid alpha, then d = g); the n = 2 closed form splits evenly."""
     np.testing.assert_allclose(solve(jnp.full((2, 2), 3.0)), [0.5, 0.5])
-    np.testing.assert_allclose(solve(jnp.full((5, 5), 3.0)), [0.2] * 5, atol=1e-6)
+    jac = np.tile([[1.0, -2.0, 0.5]], (5, 1))
+    alpha = np.asarray(solve(jnp.asarray(jac @ jac.T), solver=solver))
+    assert np.all(alpha >= 0) and alpha.sum() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(alpha @ jac, jac[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
