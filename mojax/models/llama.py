@@ -79,6 +79,8 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 """Parameter path -> logical axis names (the table in the module docstring)."""
 
 PARAM_AXIS_NAMES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+# Mesh axes that split the batch of activations (data parallel and FSDP).
+BATCH_AXES = ("data", "fsdp")
 """The whole vocabulary of logical axis names used on Params."""
 
 KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
@@ -272,11 +274,30 @@ class LlamaDecoderLayers(nnx.Module):
         }
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x with its leading (batch) dim split over the Auto mesh axes of BATCH_AXES set by ``jax.set_mesh``.
+
+    Without this, XLA propagates the FSDP weight layout (split along embed) into the activations
+    and every device computes the whole global batch. No-op without a mesh, with Explicit axes
+    (their shardings are types, not hints), or when the axes do not divide the batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Auto}
+    axes = tuple(name for name in BATCH_AXES if name in auto)
+    size = math.prod(mesh.shape[name] for name in axes)
+    if size == 1 or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 def _decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                    mask: jax.Array, eps: float, dtype: Any,
                    past: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
     """One LLaMA block on x [B, T, D]. Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd]."""
     w = {k: v.astype(dtype) for k, v in p.items()}
+    x = constrain_batch(x)
     h = rms_norm(x, w["ln1"], eps)
     q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
     k = jnp.einsum("btd,dnh->btnh", h, w["wk"])
@@ -295,7 +316,7 @@ def _decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: j
     gate = jnp.einsum("btd,df->btf", h, w["wg"])
     up = jnp.einsum("btd,df->btf", h, w["wu"])
     x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["wd"])
-    return x, (k, v)
+    return constrain_batch(x), (k, v)
 
 
 class LlamaModel(nnx.Module):

@@ -21,10 +21,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mojax.models.llama import PARAM_AXIS_NAMES
+from mojax.models.llama import BATCH_AXES, PARAM_AXIS_NAMES
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 Rules = Mapping[str, tuple[str, ...]]
 

@@ -245,3 +245,21 @@ def test_sharded_greedy_sampling_matches_unsharded():
     sharded = generate(sharded_model("fsdp_tp", (1, 4, 2)), sharded_ids, mask, jax.random.key(0), config)
     np.testing.assert_array_equal(sharded.tokens, expected.tokens)
     np.testing.assert_allclose(sharded.model_logprobs, expected.model_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_activations_stay_split_by_batch_under_set_mesh():
+    """With the mesh set, the residual stream is constrained to the batch split: the compiled step's
+    temporaries stay near one device's share of the batch instead of the whole global batch."""
+    mesh = make_mesh(fsdp=8)
+    graphdef, state = nnx.split(sharded_model("fsdp", (1, 8, 1)))
+    ids = jax.device_put(make_batch(), batch_sharding(mesh))
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state).model(ids)[0])
+    gradient = jax.jit(jax.grad(lambda state, ids: loss_fn(state, graphdef, ids)[0]))
+    loose_forward, loose_gradient = forward.lower(state, ids).compile(), gradient.lower(state, ids).compile()
+    with jax.set_mesh(mesh):
+        tight_forward, tight_gradient = forward.lower(state, ids).compile(), gradient.lower(state, ids).compile()
+        hidden = tight_forward(state, ids)
+    assert hidden.sharding.shard_shape(hidden.shape)[0] == ids.shape[0] // 8
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(loose_forward(state, ids)), rtol=1e-5, atol=1e-5)
+    temporaries = lambda compiled: compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries(tight_gradient) < 0.5 * temporaries(loose_gradient)
