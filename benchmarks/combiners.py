@@ -365,16 +365,32 @@ def load() -> str:
 
 
 def verdict(results: list[Row], min_floor_d: int) -> list[str]:
-    """The issue's targets: faster than the peer everywhere; within 2x of the floor for d >= min_floor_d."""
+    """The issue's targets (faster than the peer everywhere; within 2x of the floor for d >= min_floor_d) as counts and a per-combiner table."""
     compared = [r for r in results if not math.isnan(r.peer_ms)]
     slower = [r for r in compared if r.speedup < 1.0]
-    far = [r for r in results if r.d >= min_floor_d and r.over_floor > 2.0]
+    big = [r for r in results if r.d >= min_floor_d]
+    far = [r for r in big if r.over_floor > 2.0]
     lines = [f"- faster than the peer in {len(compared) - len(slower)}/{len(compared)} measurements with a peer."]
     lines += [f"  - no peer: {label}" for label in sorted({r.peer for r in results if math.isnan(r.peer_ms)})]
-    lines += [f"  - slower: {r.combiner} n={r.n} d={r.d:.1e} {r.layout}: {r.mojax_ms:.3f} ms vs {r.peer} {r.peer_ms:.3f} ms ({1 / r.speedup:.2f}x slower)" for r in slower]
-    big = [r for r in results if r.d >= min_floor_d]
-    lines += [f"- within 2x of the floor at d >= {min_floor_d:.0e}: {len(big) - len(far)}/{len(big)} measurements."]
-    lines += [f"  - over: {r.combiner} n={r.n} d={r.d:.1e} {r.layout}: {r.over_floor:.2f}x the floor ({r.mojax_ms:.3f} vs {r.floor_ms:.3f} ms)" for r in far]
+    lines += [f"- within 2x of the floor at d >= {min_floor_d:.0e}: {len(big) - len(far)}/{len(big)} measurements.", ""]
+    return lines + ranges_table(results)
+
+
+def span(values: list[float]) -> str:
+    """'min-max' of the values, or '-' if there are none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return f"{min(finite):.2f}-{max(finite):.2f}" if finite else "-"
+
+
+def ranges_table(results: list[Row]) -> list[str]:
+    """Per combiner and layout: range over n of peer/mojax and of mojax/floor at each d."""
+    sizes = sorted({r.d for r in results})
+    header = " | ".join(f"peer/mojax d={d:.0e}" for d in sizes) + " | " + " | ".join(f"mojax/floor d={d:.0e}" for d in sizes)
+    lines = [f"| combiner | layout | {header} |", "|---|---|" + "---|" * (2 * len(sizes))]
+    for layout in sorted({r.layout for r in results}):
+        for name in dict.fromkeys(r.combiner for r in results):
+            cell = lambda d, key: span([getattr(r, key) for r in results if (r.combiner, r.layout, r.d) == (name, layout, d)])
+            lines.append(f"| {name} | {layout} | " + " | ".join(cell(d, "speedup") for d in sizes) + " | " + " | ".join(cell(d, "over_floor") for d in sizes) + " |")
     return lines
 
 
@@ -401,7 +417,7 @@ def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles
         f"`tree` = LLaMA-like pytree ({TREE_LAYERS} blocks, ~200 leaves) with the same total d; torchjd peers pay the concatenation into one matrix, as `torchjd.autojac` does.",
         f"PAMA/CTWA statistics: B = {BATCH}, T = {LENGTH}.",
         "",
-        "## Summary",
+        "## Summary (ranges are over n in the table below)",
         "",
         *summary,
         "",
