@@ -29,6 +29,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/combiners.py
+	$(PY) benchmarks/model.py
+	$(PY) benchmarks/plan_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -88,15 +88,25 @@ def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc
     return jnp.asarray(value)
 
 
-def _raw_gram(updates: Any, inv_scale: jax.Array | float) -> jax.Array:
-    """sum over leaves of <g_i, g_j> (fp32 accumulation); with sharded leaves, a local dot then one n x n all-reduce."""
+def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
+    """<g_i, g_j> over one leaf in fp32: one [n, -1] matmul if `flatten`, else one dot contracting every non-leading dim."""
+    scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
+    if flatten:
+        scaled = scaled.reshape(scaled.shape[0], -1)
+    rest = tuple(range(1, scaled.ndim))
+    return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 
-    def leaf_gram(leaf: jax.Array) -> jax.Array:
-        scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
-        rest = tuple(range(1, leaf.ndim))
-        return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 
-    return sum(jax.tree.leaves(jax.tree.map(leaf_gram, updates)))
+def _raw_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | None = None) -> jax.Array:
+    """sum over leaves of <g_i, g_j> (fp32 accumulation).
+
+    Flattening each leaf to [n, -1] runs 2-5x faster on XLA:CPU, but a leaf sharded along a minor
+    dimension would be all-gathered to reshape it. So the default flattens only on a single-device
+    process, where nothing can be sharded; with several devices every non-leading dimension is
+    contracted in one dot, which stays a local partial dot plus an n x n all-reduce for any sharding.
+    """
+    flatten = jax.device_count() == 1 if flatten is None else flatten
+    return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in jax.tree.leaves(updates))
 
 
 def _max_abs(updates: Any) -> jax.Array:

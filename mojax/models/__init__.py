@@ -14,9 +14,11 @@ from mojax.models.llama import (
     LlamaModel,
     init_kv_cache,
 )
+from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
 from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 
 __all__ = [
+    "GenerationResult",
     "KV_CACHE_LOGICAL_AXES",
     "LOGICAL_AXES",
     "KVCache",
@@ -25,10 +27,14 @@ __all__ = [
     "LlamaRewardModel",
     "LlamaValueModel",
     "ModelConfig",
+    "SamplingConfig",
     "ValueHead",
+    "bucket_length",
+    "generate",
     "init_kv_cache",
     "load_causal_lm",
     "load_reward_model",
     "load_value_model",
+    "sample_next_token",
     "save_pretrained",
 ]

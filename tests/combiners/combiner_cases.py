@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -35,10 +34,6 @@ class CombinerCase:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
 
-    def available(self) -> bool:
-        """Whether the method's module exists in this checkout."""
-        return importlib.util.find_spec(self.module) is not None
-
     def make(self, n: int) -> optax.GradientTransformationExtraArgs:
         """The combiner built for n objectives."""
         return self.build(importlib.import_module(self.module), n)
@@ -49,6 +44,16 @@ CASES: dict[str, CombinerCase] = {
     for case in (
         CombinerCase("linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n)), uses_gram=False),
         CombinerCase("mgda", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n), uses_gram=True),
+        CombinerCase(
+            "mgda_frank_wolfe", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n, solver="frank_wolfe"), uses_gram=True
+        ),
+        CombinerCase(
+            "mgda_loss_plus",
+            "mojax.combiners.mgda",
+            lambda m, n: m.mgda(num_objectives=n, normalize="loss+", drop_zero_norm=True),
+            uses_gram=True,
+            required=("losses",),
+        ),
         CombinerCase("gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n), uses_gram=True),
         CombinerCase(
             "p_gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n), uses_gram=True
@@ -85,6 +90,7 @@ def per_sample_statistics(n: int, batch: int, length: int, seed: int = 0) -> dic
         "signal": rng.standard_normal(batch).astype(np.float32),
         "group_ids": (np.arange(batch) // 2).astype(np.int32),
         "advantages": rng.standard_normal((n, batch, length)).astype(np.float32),
+        "losses": rng.uniform(0.5, 2.0, n).astype(np.float32),
         "mask": mask,
     }
 

@@ -144,27 +144,6 @@ def test_bf16_updates(preference):
     np.testing.assert_allclose(np.asarray(update["w"], np.float32), expected, atol=1e-2)
 
 
-@pytest.mark.parametrize("preference", [None, (0.25, 0.75)])
-def test_chain_with_adam_under_jit_compiles_once(preference):
-    traces = []
-    tx = optax.chain(gapo_rescale(2.0, preference, num_objectives=2), optax.adam(1e-2))
-    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-
-    @jax.jit
-    def step(params, state, key):
-        traces.append(1)
-        grads = jax.tree.map(lambda p: jax.random.normal(key, (2, *p.shape)), params)
-        update, state = tx.update(grads, state, params, rewards=jnp.ones((4, 2)))
-        return optax.apply_updates(params, update), state
-
-    state, key = tx.init(params), jax.random.key(0)
-    for _ in range(3):
-        key, sub = jax.random.split(key)
-        params, state = step(params, state, sub)
-    assert len(traces) == 1
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((params, state)))
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

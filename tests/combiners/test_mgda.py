@@ -151,30 +151,6 @@ def test_n_equals_one_passes_the_gradient_through():
 
 
 @pytest.mark.parametrize(
-    ("n", "kwargs"), [(3, {}), (2, {"normalize": "loss+", "drop_zero_norm": True}), (2, {"solver": "frank_wolfe"})]
-)
-def test_chain_with_adam_under_jit_compiles_once(n, kwargs):
-    traces = []
-    tx = optax.chain(mgda(num_objectives=n, **kwargs), optax.adam(1e-2))
-    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-    key = jax.random.key(0)
-
-    @jax.jit
-    def step(params, state, key):
-        traces.append(1)
-        grads = jax.tree.map(lambda p: jax.random.normal(key, (n, *p.shape)), params)
-        update, state = tx.update(grads, state, params, losses=jnp.arange(1.0, n + 1), unused_statistic=jnp.ones(5))
-        return optax.apply_updates(params, update), state
-
-    state = tx.init(params)
-    for _ in range(3):
-        key, sub = jax.random.split(key)
-        params, state = step(params, state, sub)
-    assert len(traces) == 1
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((params, state)))
-
-
-@pytest.mark.parametrize(
     ("build", "updates", "extra", "message"),
     [
         (lambda: mgda(num_objectives=2), jnp.ones((3, 4)), {}, "built for 2"),
