@@ -127,6 +127,13 @@ def tree_gram(updates: Any) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(healthy, lambda _: (raw, jnp.ones((), jnp.float32)), rescaled, None)
 
 
+def cosine_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(C, 1/|g|) with C = D G D, D = diag(1/|g_i|): the Gram of the unit gradients; a zero row gets 1/|g| = 0."""
+    diag = jnp.diag(gram).astype(jnp.float32)
+    inverse_norms = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+    return (gram.astype(jnp.float32) * inverse_norms[:, None]) * inverse_norms[None, :], inverse_norms
+
+
 def combine(weights: jax.Array, updates: Any) -> Any:
     """sum_i w_i g_i on every leaf, contracting the objective axis with tensordot (never .sum(0))."""
     return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), updates)

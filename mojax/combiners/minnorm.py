@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mojax.combiners._base import cosine_gram
 from mojax.combiners.qp import simplex_min_norm
 
 SOLVERS = ("active_set", "frank_wolfe")
@@ -169,10 +170,8 @@ def grad_log_norms(gram: jax.Array, gram_scale: jax.Array | float = 1.0) -> jax.
 
 def rescaled_gram(gram: jax.Array, log_divisors: jax.Array) -> jax.Array:
     """Gram of g_i / c_i up to a positive factor, from cosines and log-lengths so no scale over/underflows."""
-    diag = jnp.diag(gram).astype(jnp.float32)
-    inv_norm = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
-    cosines = (gram.astype(jnp.float32) * inv_norm[:, None]) * inv_norm[None, :]
-    log_lengths = 0.5 * jnp.log(diag) - log_divisors
+    cosines, _ = cosine_gram(gram)
+    log_lengths = 0.5 * jnp.log(jnp.diag(gram).astype(jnp.float32)) - log_divisors
     longest = jnp.max(jnp.where(jnp.isfinite(log_lengths), log_lengths, -jnp.inf))
     relative = jnp.exp(log_lengths - jnp.where(jnp.isfinite(longest), longest, 0.0))
     return (cosines * relative[:, None]) * relative[None, :]

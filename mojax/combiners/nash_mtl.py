@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mojax.combiners._base import initial_weights, require_num_objectives, weighted_combiner
+from mojax.combiners._base import cosine_gram, initial_weights, require_num_objectives, weighted_combiner
 from mojax.combiners.qp import log_barrier_newton
 
 
@@ -28,10 +28,7 @@ def nash_mtl_weights(
     exact up to reg_eps, which keeps C + reg_eps I positive definite when rows are dependent; zero rows get weight 0.
     """
     n = gram.shape[0]
-    squared_norms = jnp.diag(gram)
-    alive = squared_norms > 0
-    inverse_norms = jnp.where(alive, 1.0 / jnp.sqrt(jnp.where(alive, squared_norms, 1.0)), 0.0)
-    cosines = gram * jnp.outer(inverse_norms, inverse_norms)
+    cosines, inverse_norms = cosine_gram(gram)
     start = jnp.where(jnp.isfinite(warm_start) & (warm_start > 0), warm_start, 1.0)
     alpha = log_barrier_newton(cosines + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iter=max_iter)
     direction_norm = jnp.sqrt(jnp.maximum(alpha @ cosines @ alpha, 0.0))

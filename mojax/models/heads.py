@@ -39,12 +39,17 @@ class ValueHead(nnx.Module):
         return out + self.bias[...].astype(jnp.float32)
 
 
+def _require_positive_int(name: str, value: object) -> None:
+    """ValueError unless `value` is an int >= 1 (the number of head outputs)."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class LlamaValueModel(nnx.Module):
     """Trunk + value head: ``model(input_ids, ...) -> (values f32[B, T, n], cache)``."""
 
     def __init__(self, config: ModelConfig, num_objectives: int, *, remat: bool = False, rngs: nnx.Rngs):
-        if not isinstance(num_objectives, int) or num_objectives < 1:
-            raise ValueError(f"num_objectives must be a positive int, got {num_objectives!r}")
+        _require_positive_int("num_objectives", num_objectives)
         self.config = config
         self.num_objectives = num_objectives
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
@@ -82,8 +87,7 @@ class LlamaRewardModel(nnx.Module):
     """HF ``LlamaForSequenceClassification``: ``model(input_ids, ...) -> scores f32[B, num_labels]``."""
 
     def __init__(self, config: ModelConfig, num_labels: int = 1, *, remat: bool = False, rngs: nnx.Rngs):
-        if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        _require_positive_int("num_labels", num_labels)
         self.config = config
         self.num_labels = num_labels
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
