@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -79,7 +80,10 @@ def llama_like_for_total(total: int, layers: int = TREE_LAYERS) -> dict[str, Any
     """LLaMA-like shapes with `layers` blocks whose total size is within 2 * hidden of `total` (vocab absorbs the rest)."""
 
     def size(hidden: int, vocab: int) -> int:
-        return sum(int(np.prod(s)) for s in jax.tree.leaves(llama_like_shapes(hidden, 8 * hidden // 3, vocab, layers), is_leaf=is_shape))
+        return sum(
+            int(np.prod(s))
+            for s in jax.tree.leaves(llama_like_shapes(hidden, 8 * hidden // 3, vocab, layers), is_leaf=is_shape)
+        )
 
     hidden = 4
     while size(hidden + 4, 4 * (hidden + 4)) <= total:
@@ -126,7 +130,9 @@ def pama_numpy_weights(advantages: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return share_high * at_high + (1.0 - share_high) * at_low
 
 
-def ctwa_numpy_step(rewards: np.ndarray, signal: np.ndarray, group_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ctwa_numpy_step(
+    rewards: np.ndarray, signal: np.ndarray, group_ids: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """CTWA's first step in numpy: (applied uniform weights, next weights from the within-group covariances)."""
     n = rewards.shape[1]
     applied = np.full(n, 1.0 / n, np.float32)
@@ -155,7 +161,9 @@ def matrix_peer(aggregate: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
     return lambda parts: aggregate(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
-def weighted_rows_peer(weights_of: Callable[[list[torch.Tensor]], torch.Tensor]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+def weighted_rows_peer(
+    weights_of: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """A Gram-free peer: w = weights_of(leaves), then w @ J leaf by leaf (no concatenation needed)."""
 
     def run(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +190,9 @@ def nash_mtl_peer(n: int) -> tuple[str, Callable[[list[torch.Tensor]], torch.Ten
     return "torchjd NashMTL", matrix_peer(tja.NashMTL(n_tasks=n))
 
 
-def peers(n: int, stats: dict[str, np.ndarray]) -> dict[str, tuple[str, Callable[[list[torch.Tensor]], torch.Tensor] | None]]:
+def peers(
+    n: int, stats: dict[str, np.ndarray]
+) -> dict[str, tuple[str, Callable[[list[torch.Tensor]], torch.Tensor] | None]]:
     """combiner name -> (peer label, peer on the list of torch leaf rows, or None if unavailable) for n objectives."""
     linear_w = torch.from_numpy(graded_weights(n))
     return {
@@ -196,12 +206,18 @@ def peers(n: int, stats: dict[str, np.ndarray]) -> dict[str, tuple[str, Callable
         "nash_mtl": nash_mtl_peer(n),
         "pama": (
             "numpy Thm 1 + torch w @ J",
-            weighted_rows_peer(lambda parts: torch.from_numpy(pama_numpy_weights(stats["advantages"], stats["mask"]).astype(np.float32))),
+            weighted_rows_peer(
+                lambda parts: torch.from_numpy(
+                    pama_numpy_weights(stats["advantages"], stats["mask"]).astype(np.float32)
+                )
+            ),
         ),
         "ctwa": (
             "numpy cov + torch w @ J",
             weighted_rows_peer(
-                lambda parts: torch.from_numpy(ctwa_numpy_step(stats["rewards"], stats["signal"], stats["group_ids"], stats["mask"])[0])
+                lambda parts: torch.from_numpy(
+                    ctwa_numpy_step(stats["rewards"], stats["signal"], stats["group_ids"], stats["mask"])[0]
+                )
             ),
         ),
     }
@@ -276,7 +292,9 @@ class Row:
         return self.mojax_ms / self.floor_ms
 
 
-def time_mojax(name: str, n: int, grads: Any, extras: dict[str, jax.Array], repeats: int, budget_s: float) -> tuple[float, float, np.ndarray]:
+def time_mojax(
+    name: str, n: int, grads: Any, extras: dict[str, jax.Array], repeats: int, budget_s: float
+) -> tuple[float, float, np.ndarray]:
     """(steady ms, first call s, the combined update flattened to f32[d]) of one jitted mojax update."""
     tx = CASES[name].make(n)
     state = tx.init(jax.tree.map(lambda g: g[0], grads))
@@ -293,7 +311,9 @@ def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
 
 
-def run_cell(n: int, d: int, names: list[str], layouts: list[str], repeats: int, budget_s: float, log: Callable[[str], None]) -> tuple[list[Row], list[dict[str, Any]]]:
+def run_cell(
+    n: int, d: int, names: list[str], layouts: list[str], repeats: int, budget_s: float, log: Callable[[str], None]
+) -> tuple[list[Row], list[dict[str, Any]]]:
     """Every combiner and its peer on one (n, d), in each layout; returns rows and the floor/profile records."""
     shapes = llama_like_for_total(d)
     d_tree = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=is_shape))
@@ -312,10 +332,23 @@ def run_cell(n: int, d: int, names: list[str], layouts: list[str], repeats: int,
             extras = {key: jnp.asarray(stats[key]) for key in case.required + case.optional}
             mojax_ms, first_s, mojax_out = time_mojax(name, n, grads, extras, repeats, budget_s)
             label, peer = peer_of[name]
-            peer_ms = math.nan if peer is None else median_ms(lambda: peer(parts), repeats, budget_s)
+            peer_ms = math.nan if peer is None else median_ms(functools.partial(peer, parts), repeats, budget_s)
             diff = math.nan if peer is None else relative_difference(mojax_out, peer(parts).numpy())
             gram_ms = profile["gram_ms"] if case.uses_gram else 0.0
-            row = Row(name, n, d_tree, layout, mojax_ms, first_s, label, peer_ms, profile["floor_ms"], gram_ms, profile["combine_ms"], diff)
+            row = Row(
+                name,
+                n,
+                d_tree,
+                layout,
+                mojax_ms,
+                first_s,
+                label,
+                peer_ms,
+                profile["floor_ms"],
+                gram_ms,
+                profile["combine_ms"],
+                diff,
+            )
             results.append(row)
             log(format_row(row))
         del grads, host, parts
@@ -346,7 +379,14 @@ PROFILE_HEADER = (
 
 def machine() -> dict[str, Any]:
     """CPU model, core count, memory and library versions."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     packages = ["jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchjd", "quadprog", "cvxpy"]
     return {
         "nproc": os.cpu_count(),
@@ -385,27 +425,45 @@ def span(values: list[float]) -> str:
 def ranges_table(results: list[Row]) -> list[str]:
     """Per combiner and layout: range over n of peer/mojax and of mojax/floor at each d."""
     sizes = sorted({r.d for r in results})
-    header = " | ".join(f"peer/mojax d={d:.0e}" for d in sizes) + " | " + " | ".join(f"mojax/floor d={d:.0e}" for d in sizes)
+    header = (
+        " | ".join(f"peer/mojax d={d:.0e}" for d in sizes) + " | " + " | ".join(f"mojax/floor d={d:.0e}" for d in sizes)
+    )
     lines = [f"| combiner | layout | {header} |", "|---|---|" + "---|" * (2 * len(sizes))]
     for layout in sorted({r.layout for r in results}):
         for name in dict.fromkeys(r.combiner for r in results):
-            cell = lambda d, key: span([getattr(r, key) for r in results if (r.combiner, r.layout, r.d) == (name, layout, d)])
-            lines.append(f"| {name} | {layout} | " + " | ".join(cell(d, "speedup") for d in sizes) + " | " + " | ".join(cell(d, "over_floor") for d in sizes) + " |")
+            cell = lambda d, key, name=name, layout=layout: span(
+                [getattr(r, key) for r in results if (r.combiner, r.layout, r.d) == (name, layout, d)]
+            )
+            lines.append(
+                f"| {name} | {layout} | "
+                + " | ".join(cell(d, "speedup") for d in sizes)
+                + " | "
+                + " | ".join(cell(d, "over_floor") for d in sizes)
+                + " |"
+            )
     return lines
 
 
-def write_results(path: Path, meta: dict[str, Any], results: list[Row], profiles: list[dict[str, Any]], summary: list[str]) -> None:
+def write_results(
+    path: Path, meta: dict[str, Any], results: list[Row], profiles: list[dict[str, Any]], summary: list[str]
+) -> None:
     """benchmarks/results/<stem>.json and .md."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [dict(dataclasses.asdict(r), speedup=r.speedup, over_floor=r.over_floor, rest_ms=r.rest_ms) for r in results]
-    path.with_suffix(".json").write_text(json.dumps({**meta, "profile": profiles, "results": records, "summary": summary}, indent=1))
+    records = [
+        dict(dataclasses.asdict(r), speedup=r.speedup, over_floor=r.over_floor, rest_ms=r.rest_ms) for r in results
+    ]
+    path.with_suffix(".json").write_text(
+        json.dumps({**meta, "profile": profiles, "results": records, "summary": summary}, indent=1)
+    )
     lines = [
         "# Combiner overhead: mojax vs peers and the memory floor",
         "",
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}  ",
         f"Machine: {meta['machine']['nproc']} cores, {meta['machine']['cpu']}, {meta['machine']['memory_gib']} GiB; torch threads {meta['machine']['torch_threads']}  ",
-        f"Versions: python {meta['machine']['python']}, " + ", ".join(f"{k} {v}" for k, v in meta["machine"]["versions"].items()) + "  ",
+        f"Versions: python {meta['machine']['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in meta["machine"]["versions"].items())
+        + "  ",
         f"Load before: `{meta['load_before']}`  ",
         f"Load after: `{meta['load_after']}`  ",
         f"Cells (n, d) done: {meta['cells_done']}",
@@ -444,12 +502,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="2,3,5,8", help="comma-separated numbers of objectives")
     parser.add_argument("--d", default="1e5,1e6,1e7", help="comma-separated parameter counts")
-    parser.add_argument("--combiners", default=",".join(name for name in CASES if not name.startswith("mgda_")), help="comma-separated registry names (the mgda_ variants are tested, not benchmarked, by default)")
+    parser.add_argument(
+        "--combiners",
+        default=",".join(name for name in CASES if not name.startswith("mgda_")),
+        help="comma-separated registry names (the mgda_ variants are tested, not benchmarked, by default)",
+    )
     parser.add_argument("--layouts", default="flat,tree", help="flat, tree or both")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (after one warm-up)")
-    parser.add_argument("--budget-s", type=float, default=2.0, help="stop repeating a measurement after this many seconds (min 3 runs)")
+    parser.add_argument(
+        "--budget-s", type=float, default=2.0, help="stop repeating a measurement after this many seconds (min 3 runs)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: n=3, d=1e5, 3 repeats")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "combiners"), help="output path stem (.json and .md)")
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "results" / "combiners"), help="output path stem (.json and .md)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.d, args.repeats = "3", "1e5", 3
@@ -471,7 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     cells = [(int(float(d)), int(n)) for d in args.d.split(",") for n in args.n.split(",")]
     results, profiles = [], []
     for done, (d, n) in enumerate(cells, start=1):
-        cell_rows, cell_profiles = run_cell(n, d, names, args.layouts.split(","), args.repeats, args.budget_s, lambda line: print(line, flush=True))
+        cell_rows, cell_profiles = run_cell(
+            n, d, names, args.layouts.split(","), args.repeats, args.budget_s, lambda line: print(line, flush=True)
+        )
         results += cell_rows
         profiles += cell_profiles
         meta.update(load_after=load(), cells_done=f"{done}/{len(cells)}")

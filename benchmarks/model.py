@@ -48,16 +48,34 @@ TORCH_THREADS = 2
 # name -> (model config, forward/backward batch [B, T], decode batch [B, P, N])
 FULL_SIZES = {
     "10M (V 8192, d 256, 8 layers)": (
-        ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        ModelConfig(
+            vocab_size=8192,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         (8, 128),
         (4, 32, 32),
     ),
     "56M (V 32000, d 512, 8 layers)": (
-        ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        ModelConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         (4, 128),
         (4, 32, 32),
     ),
@@ -156,9 +174,14 @@ def bench_config(name, config, train_shape, decode_shape, repeats, folder):
 
     shape = f"{batch}x{length}"
     timings = {
-        "forward": (timed(lambda: jax.block_until_ready(forward(state, ids_jax)), repeats), timed(torch_forward, repeats)),
-        "forward+backward": (timed(lambda: jax.block_until_ready(value_and_grad(state, ids_jax)), repeats),
-                             timed(torch_forward_backward, repeats)),
+        "forward": (
+            timed(lambda: jax.block_until_ready(forward(state, ids_jax)), repeats),
+            timed(torch_forward, repeats),
+        ),
+        "forward+backward": (
+            timed(lambda: jax.block_until_ready(value_and_grad(state, ids_jax)), repeats),
+            timed(torch_forward_backward, repeats),
+        ),
     }
     results = [row(name, op, shape, batch * length, *pair) for op, pair in timings.items()]
     (mojax_logits, _, _), (torch_logits, _, _) = timings["forward"]
@@ -175,9 +198,15 @@ def bench_config(name, config, train_shape, decode_shape, repeats, folder):
 
     def torch_decode():
         with torch.inference_mode():
-            return torch_model.generate(input_ids=prompts_torch, attention_mask=mask_torch, max_new_tokens=new,
-                                        min_new_tokens=new, do_sample=False, use_cache=True,
-                                        pad_token_id=config.pad_token_id)[:, prompt:]
+            return torch_model.generate(
+                input_ids=prompts_torch,
+                attention_mask=mask_torch,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=config.pad_token_id,
+            )[:, prompt:]
 
     decode = (timed(mojax_decode, repeats), timed(torch_decode, repeats))
     results.append(row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, *decode))
@@ -200,8 +229,14 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
@@ -242,12 +277,18 @@ def markdown(report: dict) -> str:
             f"{r['mojax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | {r['ratio_mojax_over_torch']:.2f} | "
             f"{r['mojax_compile_s']:.2f} |"
         )
-    lines += ["", "Parity (same weights through safetensors):", "",
-              "| config | parameters | max abs logits diff | loss mojax | loss torch | greedy tokens equal |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Parity (same weights through safetensors):",
+        "",
+        "| config | parameters | max abs logits diff | loss mojax | loss torch | greedy tokens equal |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for p in report["parity"]:
-        lines.append(f"| {p['config']} | {p['parameters']:,} | {p['max_abs_logits_diff']:.2e} | {p['loss_mojax']:.6f} | "
-                     f"{p['loss_torch']:.6f} | {p['greedy_tokens_equal_fraction']:.2%} |")
+        lines.append(
+            f"| {p['config']} | {p['parameters']:,} | {p['max_abs_logits_diff']:.2e} | {p['loss_mojax']:.6f} | "
+            f"{p['loss_torch']:.6f} | {p['greedy_tokens_equal_fraction']:.2%} |"
+        )
     return "\n".join(lines + [""])
 
 

@@ -40,8 +40,12 @@ def model_config(name: str):
 
     from mojax.models import ModelConfig
 
-    presets = {"tiny": ModelConfig.tiny, "7b": ModelConfig.llama_7b, "13b": ModelConfig.llama_13b,
-               "70b": ModelConfig.llama_70b}
+    presets = {
+        "tiny": ModelConfig.tiny,
+        "7b": ModelConfig.llama_7b,
+        "13b": ModelConfig.llama_13b,
+        "70b": ModelConfig.llama_70b,
+    }
     if name not in presets:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(presets)}")
     return presets[name](dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -93,9 +97,7 @@ def plan(model_name: str, preset: str, mesh_shape: tuple[int, int, int], seq_len
         return nnx.state(model), nnx.state(optimizer), loss
 
     shardings = jax.tree.map(lambda leaf: leaf.sharding, (model_state, optimizer_state))
-    step = jax.jit(
-        train_step, out_shardings=(*shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0, 1)
-    )
+    step = jax.jit(train_step, out_shardings=(*shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0, 1))
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(model_state, optimizer_state, ids).compile()
@@ -103,7 +105,9 @@ def plan(model_name: str, preset: str, mesh_shape: tuple[int, int, int], seq_len
     memory = compiled.memory_analysis()
     params = sum(leaf.size for leaf in jax.tree.leaves(model_state))
     total = (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
         + memory.temp_size_in_bytes
     )
     return {
@@ -111,7 +115,7 @@ def plan(model_name: str, preset: str, mesh_shape: tuple[int, int, int], seq_len
         "params": params,
         "devices": math.prod(mesh_shape),
         "rules": preset,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=False)),
         "batch": batch,
         "seq_len": seq_len,
         "arguments_gib": memory.argument_size_in_bytes / GIB,
@@ -158,9 +162,17 @@ def machine() -> str:
 
 
 COLUMNS = (
-    ("model", "model"), ("params", "params (B)"), ("devices", "devices"), ("rules", "rules"),
-    ("mesh", "mesh d×f×t"), ("batch", "batch"), ("arguments_gib", "arguments"), ("outputs_gib", "outputs"),
-    ("temporaries_gib", "temporaries"), ("total_gib", "total"), ("state_lower_bound_gib", "params+Adam bound"),
+    ("model", "model"),
+    ("params", "params (B)"),
+    ("devices", "devices"),
+    ("rules", "rules"),
+    ("mesh", "mesh d×f×t"),
+    ("batch", "batch"),
+    ("arguments_gib", "arguments"),
+    ("outputs_gib", "outputs"),
+    ("temporaries_gib", "temporaries"),
+    ("total_gib", "total"),
+    ("state_lower_bound_gib", "params+Adam bound"),
     ("compile_s", "compile s"),
 )
 

@@ -116,9 +116,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint found in {self._manager.directory}")
         info = self._manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
         model_def, model_target = abstract_sharded(model_factory, mesh, rules)
-        optimizer_def, optimizer_target = abstract_sharded(
-            lambda: optimizer_factory(model_factory()), mesh, rules
-        )
+        optimizer_def, optimizer_target = abstract_sharded(lambda: optimizer_factory(model_factory()), mesh, rules)
         key_target = jax.ShapeDtypeStruct(
             tuple(info["rng_data_shape"]), "uint32", sharding=NamedSharding(mesh, PartitionSpec())
         )

@@ -150,44 +150,74 @@ def methods(n: int) -> list[Method]:
         Method("upgrad", mojax.upgrad(num_objectives=n)),
         Method("nash-mtl", mojax.nash_mtl(num_objectives=n)),
         Method("pama", mojax.pama_solve(num_objectives=n), noon=True),
-        Method("ctwa", mojax.ctwa_reweight(uniform, cov_targets=[0.05] * n, lr=0.3), next_weights=mojax.ctwa_next_weights),
+        Method(
+            "ctwa", mojax.ctwa_reweight(uniform, cov_targets=[0.05] * n, lr=0.3), next_weights=mojax.ctwa_next_weights
+        ),
     ]
 
 
 def svg_line_panels(series: dict[str, np.ndarray], titles: tuple[str, ...], path: Path) -> None:
     """One SVG panel per objective, one polyline per method; no plotting dependency."""
     width, height, pad = 330, 240, 36
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(titles)}" height="{height + 24 * ((len(series) + 3) // 4) + 10}" font-family="sans-serif" font-size="11">']
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+        "#000000",
+    ]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(titles)}" height="{height + 24 * ((len(series) + 3) // 4) + 10}" font-family="sans-serif" font-size="11">'
+    ]
     for panel, title in enumerate(titles):
         values = np.stack([s[:, panel] for s in series.values()])
         lo, hi = float(values.min()), float(values.max())
         span = hi - lo or 1.0
         x0 = panel * width
-        parts.append(f'<text x="{x0 + width / 2}" y="16" text-anchor="middle" font-size="13">{title}: expected reward vs step</text>')
-        parts.append(f'<rect x="{x0 + pad}" y="{pad - 10}" width="{width - 1.5 * pad}" height="{height - 1.5 * pad}" fill="none" stroke="#999"/>')
-        parts.append(f'<text x="{x0 + 4}" y="{pad - 4}">{hi:.2f}</text><text x="{x0 + 4}" y="{height - pad / 2 - 10}">{lo:.2f}</text>')
-        for color, values_one in zip(palette, series.values()):
+        parts.append(
+            f'<text x="{x0 + width / 2}" y="16" text-anchor="middle" font-size="13">{title}: expected reward vs step</text>'
+        )
+        parts.append(
+            f'<rect x="{x0 + pad}" y="{pad - 10}" width="{width - 1.5 * pad}" height="{height - 1.5 * pad}" fill="none" stroke="#999"/>'
+        )
+        parts.append(
+            f'<text x="{x0 + 4}" y="{pad - 4}">{hi:.2f}</text><text x="{x0 + 4}" y="{height - pad / 2 - 10}">{lo:.2f}</text>'
+        )
+        for color, values_one in zip(palette, series.values(), strict=False):
             curve = values_one[:, panel]
             xs = x0 + pad + np.arange(len(curve)) / max(len(curve) - 1, 1) * (width - 1.5 * pad)
             ys = pad - 10 + (hi - curve) / span * (height - 1.5 * pad)
-            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=False))
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.4" points="{points}"/>')
-    for index, (color, name) in enumerate(zip(palette, series)):
+    for index, (color, name) in enumerate(zip(palette, series, strict=False)):
         x, y = 10 + (index % 4) * 180, height + 10 + 24 * (index // 4)
-        parts.append(f'<rect x="{x}" y="{y}" width="14" height="4" fill="{color}"/><text x="{x + 20}" y="{y + 6}">{name}</text>')
+        parts.append(
+            f'<rect x="{x}" y="{y}" width="14" height="4" fill="{color}"/><text x="{x + 20}" y="{y + 6}">{name}</text>'
+        )
     parts.append("</svg>")
     path.write_text("\n".join(parts))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width text table of the final expected rewards and the cost per step."""
-    header = f"{'method':<10}" + "".join(f"{name:>10}" for name in OBJECTIVES) + f"{'min':>8}{'mean':>8}{'ms/step':>9}  final weights"
+    header = (
+        f"{'method':<10}"
+        + "".join(f"{name:>10}" for name in OBJECTIVES)
+        + f"{'min':>8}{'mean':>8}{'ms/step':>9}  final weights"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         rewards = row["final_expected_rewards"]
         lines.append(
-            f"{row['method']:<10}" + "".join(f"{r:>10.3f}" for r in rewards) + f"{min(rewards):>8.3f}{np.mean(rewards):>8.3f}{row['ms_per_step']:>9.2f}  "
+            f"{row['method']:<10}"
+            + "".join(f"{r:>10.3f}" for r in rewards)
+            + f"{min(rewards):>8.3f}{np.mean(rewards):>8.3f}{row['ms_per_step']:>9.2f}  "
             + np.array2string(np.asarray(row["final_weights"]), precision=2, suppress_small=True)
         )
     return "\n".join(lines)
@@ -219,7 +249,9 @@ def run(steps: int, batch: int, group: int, lr: float, seed: int, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     svg_line_panels(curves, OBJECTIVES, out_dir / "trajectories.svg")
     settings = {"steps": steps, "batch": batch, "group": group, "lr": lr, "seed": seed}
-    (out_dir / "results.json").write_text(json.dumps({"settings": settings, "objectives": OBJECTIVES, "methods": rows}, indent=2))
+    (out_dir / "results.json").write_text(
+        json.dumps({"settings": settings, "objectives": OBJECTIVES, "methods": rows}, indent=2)
+    )
     return rows
 
 
@@ -232,7 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
-    parser.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(m.name for m in methods(len(OBJECTIVES))))
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated subset of: " + ", ".join(m.name for m in methods(len(OBJECTIVES))),
+    )
     args = parser.parse_args(argv)
     selected = tuple(name.strip() for name in args.methods.split(",") if name.strip())
     unknown = set(selected) - {m.name for m in methods(len(OBJECTIVES))}
@@ -241,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.steps, args.batch, args.group) < 1 or args.group < 2:
         parser.error("--steps and --batch must be >= 1 and --group >= 2 (group baselines need two samples)")
     rows = run(args.steps, args.batch, args.group, args.lr, args.seed, args.out, selected)
-    print(f"three-reward contextual bandit, {args.steps} steps, {args.batch} contexts x {args.group} samples, Adam lr {args.lr}")
+    print(
+        f"three-reward contextual bandit, {args.steps} steps, {args.batch} contexts x {args.group} samples, Adam lr {args.lr}"
+    )
     print(f"expected reward at the uniform start policy: {rows[0]['initial_expected_rewards']}")
     print(format_table(rows))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'trajectories.svg'}")

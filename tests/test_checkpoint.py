@@ -58,7 +58,7 @@ def assert_trees_equal(a, b):
     """Same paths and bit-identical leaves (Variable metadata such as eager_sharding may differ)."""
     a, b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert [path for path, _ in a] == [path for path, _ in b]
-    for (path, x), (_, y) in zip(a, b):
+    for (path, x), (_, y) in zip(a, b, strict=False):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 

@@ -40,23 +40,33 @@ def objective_count(updates: Any, name: str, expected: int | None = None) -> int
     """Size n of the leading objective axis shared by every leaf; ValueError naming the leaf otherwise."""
     leaves = jax.tree_util.tree_leaves_with_path(updates)
     if not leaves:
-        raise ValueError(f"{name}: `updates` has no array leaves; expected a pytree whose leaves carry a leading objective axis.")
+        raise ValueError(
+            f"{name}: `updates` has no array leaves; expected a pytree whose leaves carry a leading objective axis."
+        )
     sizes: dict[int, str] = {}
     for path, leaf in leaves:
         where = jax.tree_util.keystr(path) or "<root>"
         if jnp.ndim(leaf) == 0:
-            raise ValueError(f"{name}: leaf {where} is a scalar; every leaf of `updates` needs a leading objective axis of size n.")
+            raise ValueError(
+                f"{name}: leaf {where} is a scalar; every leaf of `updates` needs a leading objective axis of size n."
+            )
         sizes.setdefault(jnp.shape(leaf)[0], where)
     if len(sizes) > 1:
         seen = ", ".join(f"{size} (e.g. leaf {where})" for size, where in sizes.items())
-        raise ValueError(f"{name}: leaves of `updates` disagree on the leading objective axis: sizes {seen}; all must be equal.")
+        raise ValueError(
+            f"{name}: leaves of `updates` disagree on the leading objective axis: sizes {seen}; all must be equal."
+        )
     (n,) = sizes
     if expected is not None and n != expected:
-        raise ValueError(f"{name}: `updates` has {n} objectives on its leading axis, but the combiner was built for {expected}.")
+        raise ValueError(
+            f"{name}: `updates` has {n} objectives on its leading axis, but the combiner was built for {expected}."
+        )
     return n
 
 
-def require_num_objectives(name: str, num_objectives: int | None, *implied_by: tuple[str, Sequence[float] | jax.Array | None]) -> int:
+def require_num_objectives(
+    name: str, num_objectives: int | None, *implied_by: tuple[str, Sequence[float] | jax.Array | None]
+) -> int:
     """n from `num_objectives` or from the length of a vector argument; ValueError if absent or inconsistent."""
     candidates = {label: len(jnp.atleast_1d(jnp.asarray(v))) for label, v in implied_by if v is not None}
     if num_objectives is not None:
@@ -64,7 +74,9 @@ def require_num_objectives(name: str, num_objectives: int | None, *implied_by: t
             raise ValueError(f"{name}: num_objectives must be >= 1, got {num_objectives}.")
         candidates["num_objectives"] = int(num_objectives)
     if not candidates:
-        raise ValueError(f"{name}: pass num_objectives=n (the size of the leading objective axis) so the state can be sized at init.")
+        raise ValueError(
+            f"{name}: pass num_objectives=n (the size of the leading objective axis) so the state can be sized at init."
+        )
     if len(set(candidates.values())) > 1:
         raise ValueError(f"{name}: inconsistent number of objectives: {candidates}.")
     return next(iter(candidates.values()))
@@ -84,7 +96,9 @@ def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc
     """The extra argument `key`; ValueError saying what the combiner needs if it is missing."""
     value = extra_args.get(key)
     if value is None:
-        raise ValueError(f"{name}: update() needs the extra argument `{key}` ({shape_doc}); pass it as tx.update(grads, state, params, {key}=...).")
+        raise ValueError(
+            f"{name}: update() needs the extra argument `{key}` ({shape_doc}); pass it as tx.update(grads, state, params, {key}=...)."
+        )
     return jnp.asarray(value)
 
 

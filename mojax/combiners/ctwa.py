@@ -52,7 +52,9 @@ def _check_initial_weights(init_weights: Sequence[float] | jax.Array) -> np.ndar
     """Concrete f64[n] initial lambda; ValueError unless finite, nonnegative and summing to 1 (as the reference)."""
     weights = np.asarray(init_weights, np.float64)
     if weights.ndim != 1 or weights.size == 0:
-        raise ValueError(f"ctwa_reweight: `init_weights` has shape {weights.shape}; expected a non-empty vector of n weights.")
+        raise ValueError(
+            f"ctwa_reweight: `init_weights` has shape {weights.shape}; expected a non-empty vector of n weights."
+        )
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise ValueError(f"ctwa_reweight: `init_weights` = {weights.tolist()}; expected finite nonnegative weights.")
     if not np.isclose(weights.sum(), 1.0):
@@ -89,7 +91,9 @@ def ctwa_controller_step(
     gate = jnp.ones_like(value)
     if obj_targets is not None:
         if mean_reward is None:
-            raise ValueError("ctwa_controller_step: `obj_targets` needs `mean_reward` (f32[n], the batch mean of each reward) for the gate.")
+            raise ValueError(
+                "ctwa_controller_step: `obj_targets` needs `mean_reward` (f32[n], the batch mean of each reward) for the gate."
+            )
         gate = (jnp.asarray(mean_reward, jnp.float32) < obj_targets).astype(jnp.float32)
     deficit = jnp.maximum(cov_targets - smoothed, 0.0) * gate
     log_weights = state.log_weights + lr * deficit
@@ -149,7 +153,9 @@ def ctwa_reweight(
             raise ValueError(f"{name}: `rewards` has shape {rewards.shape}; expected (B, n) with n = {n} objectives.")
         mask = extra_args.get("mask")
         if mask is not None and (jnp.ndim(mask) != 2 or jnp.shape(mask)[0] != rewards.shape[0]):
-            raise ValueError(f"{name}: `mask` has shape {jnp.shape(mask)}; expected (B, T) with B = {rewards.shape[0]} like `rewards`.")
+            raise ValueError(
+                f"{name}: `mask` has shape {jnp.shape(mask)}; expected (B, T) with B = {rewards.shape[0]} like `rewards`."
+            )
         statistics = covariance_statistics(
             rewards,
             signal,

@@ -34,7 +34,9 @@ def _probe_flags(probe_mask: ProbeMask, params: Any) -> list[bool]:
         raise ValueError(f"probe_mask: its structure must match params (or a prefix of it): {err}") from err
     flags = jax.tree.leaves(full)
     if not all(isinstance(flag, (bool, np.bool_)) for flag in flags):
-        raise ValueError("probe_mask: every leaf must be a static Python bool (True = probe parameter), as in optax.masked.")
+        raise ValueError(
+            "probe_mask: every leaf must be a static Python bool (True = probe parameter), as in optax.masked."
+        )
     if not any(flags):
         raise ValueError("probe_mask: it selects no parameter; expected at least one True leaf.")
     return [bool(flag) for flag in flags]
@@ -52,7 +54,9 @@ def _check_losses(losses: jax.Array) -> int:
 
 def _masked_like(treedef: Any, values: list, flags: list[bool]) -> Any:
     """The params structure holding values[k] at probe leaves and optax.MaskedNode() elsewhere."""
-    return jax.tree.unflatten(treedef, [value if flag else optax.MaskedNode() for value, flag in zip(values, flags)])
+    return jax.tree.unflatten(
+        treedef, [value if flag else optax.MaskedNode() for value, flag in zip(values, flags, strict=False)]
+    )
 
 
 def _vjp(fn: Callable, primal: Any, has_aux: bool) -> tuple[jax.Array, Callable, Any]:
@@ -93,10 +97,10 @@ def per_objective_grads(
 
     def loss_of_probe(probe_leaves):
         supply = iter(probe_leaves)
-        merged = [next(supply) if flag else leaf for leaf, flag in zip(leaves, flags)]
+        merged = [next(supply) if flag else leaf for leaf, flag in zip(leaves, flags, strict=False)]
         return loss_fn(jax.tree.unflatten(treedef, merged), *args)
 
-    probe_leaves = [leaf for leaf, flag in zip(leaves, flags) if flag]
+    probe_leaves = [leaf for leaf, flag in zip(leaves, flags, strict=False) if flag]
     losses, pullback, aux = _vjp(loss_of_probe, probe_leaves, has_aux)
     supply = iter(_stacked_pullback(pullback, losses))
     grads = _masked_like(treedef, [next(supply) if flag else None for flag in flags], flags)

@@ -33,7 +33,9 @@ NORMALIZERS = ("none", "l2", "loss", "loss+")
 def _log_loss_scales(losses: jax.Array, n: int, eps: float) -> jax.Array:
     """log max(|l_i|, eps) from the extra argument `losses` f32[n]; ValueError on a wrong shape."""
     if losses.shape != (n,):
-        raise ValueError(f"mgda: the extra argument `losses` has shape {losses.shape}; expected f32[{n}], one loss per objective.")
+        raise ValueError(
+            f"mgda: the extra argument `losses` has shape {losses.shape}; expected f32[{n}], one loss per objective."
+        )
     return jnp.log(jnp.maximum(jnp.abs(losses.astype(jnp.float32)), eps))
 
 

@@ -141,11 +141,15 @@ def min_norm_weights(
     check_solver("min_norm_weights", solver)
     gram = jnp.asarray(gram)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
-        raise ValueError(f"min_norm_weights: `gram` has shape {gram.shape}; expected a square n x n matrix with n >= 1.")
+        raise ValueError(
+            f"min_norm_weights: `gram` has shape {gram.shape}; expected a square n x n matrix with n >= 1."
+        )
     n = gram.shape[0]
     active = jnp.ones((n,), bool) if active is None else jnp.asarray(active, bool)
     if active.shape != (n,):
-        raise ValueError(f"min_norm_weights: `active` has shape {active.shape}; expected a bool vector of length n = {n}.")
+        raise ValueError(
+            f"min_norm_weights: `active` has shape {active.shape}; expected a bool vector of length n = {n}."
+        )
     if max_iters is not None and max_iters < 1:
         raise ValueError(f"min_norm_weights: max_iters must be a positive integer, got {max_iters}.")
     if tol is not None and not tol > 0:

@@ -20,7 +20,13 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl_weights(
-    gram: jax.Array, gram_scale: jax.Array, warm_start: jax.Array, *, max_norm: float | None, reg_eps: float, max_iter: int
+    gram: jax.Array,
+    gram_scale: jax.Array,
+    warm_start: jax.Array,
+    *,
+    max_norm: float | None,
+    reg_eps: float,
+    max_iter: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(weights, b): (C + reg_eps I) b = 1/b on the cosines C = D G D, D = diag(1/|g_i|); a = D b / gram_scale, |d| <= max_norm.
 
@@ -46,9 +52,13 @@ def nash_mtl(
     """
     n = require_num_objectives("nash_mtl", num_objectives)
     if max_norm is not None and not (float(max_norm) > 0 and float(max_norm) < float("inf")):
-        raise ValueError(f"nash_mtl: `max_norm` must be a finite number > 0, or None for no cap on |d|; got {max_norm}.")
+        raise ValueError(
+            f"nash_mtl: `max_norm` must be a finite number > 0, or None for no cap on |d|; got {max_norm}."
+        )
     if not (float(reg_eps) > 0 and float(reg_eps) < 1):
-        raise ValueError(f"nash_mtl: `reg_eps` (ridge on the cosine matrix, so a exists for dependent rows) must be in (0, 1); got {reg_eps}.")
+        raise ValueError(
+            f"nash_mtl: `reg_eps` (ridge on the cosine matrix, so a exists for dependent rows) must be in (0, 1); got {reg_eps}."
+        )
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"nash_mtl: `max_iter` must be a positive integer (Newton steps per update), got {max_iter}.")
     max_norm = None if max_norm is None else float(max_norm)
@@ -56,7 +66,12 @@ def nash_mtl(
     def weighting(gram, state, *, gram_scale=1.0, **extra_args):
         del extra_args
         weights, alpha = nash_mtl_weights(
-            gram.astype(jnp.float32), gram_scale, state.alpha, max_norm=max_norm, reg_eps=float(reg_eps), max_iter=int(max_iter)
+            gram.astype(jnp.float32),
+            gram_scale,
+            state.alpha,
+            max_norm=max_norm,
+            reg_eps=float(reg_eps),
+            max_iter=int(max_iter),
         )
         return weights, state._replace(alpha=alpha)
 

@@ -117,7 +117,9 @@ def _check_token_array(label: str, value: Any, shape: tuple[int, ...]) -> jax.Ar
     """`value` as f32 of exactly `shape` (B, T); ValueError naming the mismatch otherwise."""
     array = jnp.asarray(value, jnp.float32)
     if array.shape != shape:
-        raise ValueError(f"pama_solve: `{label}` has shape {array.shape}; expected (B, T) = {shape}, matching `advantages`.")
+        raise ValueError(
+            f"pama_solve: `{label}` has shape {array.shape}; expected (B, T) = {shape}, matching `advantages`."
+        )
     return array
 
 
@@ -146,7 +148,9 @@ def pama_solve(*, num_objectives: int, clip_eps: float = 0.2) -> optax.GradientT
         del gram
         advantages = require_extra_arg("pama_solve", extra_args, "advantages", _ADVANTAGES_DOC)
         if advantages.ndim != 3 or advantages.shape[0] != n:
-            raise ValueError(f"pama_solve: `advantages` has shape {advantages.shape}; expected (n, B, T) with n = {n} ({_ADVANTAGES_DOC}).")
+            raise ValueError(
+                f"pama_solve: `advantages` has shape {advantages.shape}; expected (n, B, T) with n = {n} ({_ADVANTAGES_DOC})."
+            )
         token_shape = advantages.shape[1:]
         mask, ratio = (extra_args.get(key) for key in ("mask", "ratio"))
         mask = None if mask is None else _check_token_array("mask", mask, token_shape)

@@ -41,7 +41,9 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
         """-(Q x + p), the negative gradient."""
         return -(quadratic @ x + linear)
 
-    def step_back(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def step_back(
+        carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Move from x towards the infeasible solve s until the first passive coordinate hits 0; drop it."""
         x, passive, trial, count = carry
         blocking = passive & (trial <= 0)
@@ -57,7 +59,9 @@ def nonnegative_qp(quadratic: jax.Array, linear: jax.Array) -> jax.Array:
         _, passive, trial, count = carry
         return jnp.any(passive & (trial <= 0)) & (count < n)
 
-    def free_one(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def free_one(
+        carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Free the steepest eligible coordinate, re-solve, restore feasibility; one whose solve is <= 0 is round-off: bar it."""
         x, passive, barred, outer = carry
         entering = jnp.argmax(jnp.where(passive | barred, -jnp.inf, descent(x)))

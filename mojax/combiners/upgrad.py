@@ -34,7 +34,9 @@ def upgrad(
     n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
     if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
-        raise ValueError(f"upgrad: `preference` must be finite and >= 0 (one weight per projected row), got {weights_of_rows}.")
+        raise ValueError(
+            f"upgrad: `preference` must be finite and >= 0 (one weight per projected row), got {weights_of_rows}."
+        )
     norm_eps = nonnegative_hyperparameter("upgrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
     reg_eps = nonnegative_hyperparameter("upgrad", "reg_eps", reg_eps, "ridge added to the trace-normalised Gram")
     regulariser = reg_eps * jnp.eye(n, dtype=jnp.float32)

@@ -65,7 +65,9 @@ def ctwa_signal(
         raise ValueError(f"ctwa_signal: `mask` has shape {mask.shape}; expected (B, T).")
     for label, value in (("logp_new", logp_new), ("logp_old", logp_old)):
         if jnp.shape(value) != mask.shape:
-            raise ValueError(f"ctwa_signal: `{label}` has shape {jnp.shape(value)}; expected (B, T) = {mask.shape} like `mask`.")
+            raise ValueError(
+                f"ctwa_signal: `{label}` has shape {jnp.shape(value)}; expected (B, T) = {mask.shape} like `mask`."
+            )
     advantages = jnp.asarray(advantages, jnp.float32)
     token_count = jnp.sum(mask, axis=-1)
     if advantages.shape == mask.shape:
@@ -73,8 +75,12 @@ def ctwa_signal(
     elif advantages.shape == mask.shape[:1]:
         sequence_advantage = advantages
     else:
-        raise ValueError(f"ctwa_signal: `advantages` has shape {advantages.shape}; expected (B, T) = {mask.shape} or (B,) = {mask.shape[:1]}.")
-    log_ratio = jnp.clip(jnp.asarray(logp_new, jnp.float32) - jnp.asarray(logp_old, jnp.float32), -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        raise ValueError(
+            f"ctwa_signal: `advantages` has shape {advantages.shape}; expected (B, T) = {mask.shape} or (B,) = {mask.shape[:1]}."
+        )
+    log_ratio = jnp.clip(
+        jnp.asarray(logp_new, jnp.float32) - jnp.asarray(logp_old, jnp.float32), -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND
+    )
     ratio = jnp.exp(log_ratio)
     unclipped = jnp.where(sequence_advantage[:, None] >= 0, ratio <= 1.0 + clip_eps_high, ratio >= 1.0 - clip_eps_low)
     unclipped = unclipped.astype(jnp.float32) * mask
@@ -119,7 +125,9 @@ def _segments(group_ids: jax.Array | None, batch: int, num_groups: int | None) -
     if group_ids.shape != (batch,):
         raise ValueError(f"covariance_statistics: `group_ids` has shape {group_ids.shape}; expected (B,) = ({batch},).")
     if not jnp.issubdtype(group_ids.dtype, jnp.integer):
-        raise ValueError(f"covariance_statistics: `group_ids` has dtype {group_ids.dtype}; expected integer prompt ids.")
+        raise ValueError(
+            f"covariance_statistics: `group_ids` has dtype {group_ids.dtype}; expected integer prompt ids."
+        )
     if num_groups is None:
         return _dense_group_ids(group_ids).astype(jnp.int32), jnp.ones((batch,), bool), batch
     if num_groups < 1:
@@ -154,7 +162,9 @@ def covariance_statistics(
         raise ValueError(f"covariance_statistics: `rewards` has shape {rewards.shape}; expected (B, n).")
     batch = rewards.shape[0]
     if signal.shape != (batch,):
-        raise ValueError(f"covariance_statistics: `signal` has shape {signal.shape}; expected (B,) = ({batch},) like `rewards`.")
+        raise ValueError(
+            f"covariance_statistics: `signal` has shape {signal.shape}; expected (B,) = ({batch},) like `rewards`."
+        )
     valid = jnp.ones((batch,), bool) if valid is None else _unsharded(jnp.asarray(valid).astype(bool))
     if valid.shape != (batch,):
         raise ValueError(f"covariance_statistics: `valid` has shape {valid.shape}; expected (B,) = ({batch},).")
@@ -189,7 +199,9 @@ def covariance_statistics(
     if global_metrics:
         pooled_count = jnp.sum(count * weight)
         cov = safe_divide(weight @ cross, pooled_count)
-        pooled_denominator = jnp.sqrt(safe_divide(weight @ r_square, pooled_count) * safe_divide(weight @ w_square, pooled_count))
+        pooled_denominator = jnp.sqrt(
+            safe_divide(weight @ r_square, pooled_count) * safe_divide(weight @ w_square, pooled_count)
+        )
         corr = jnp.where(pooled_denominator > eps, safe_divide(cov, pooled_denominator), 0.0)
     else:
         cov = safe_divide(weight @ group_cov, num_valid)

@@ -39,7 +39,9 @@ def _pair_count(tree: Any, label: str) -> int:
     """Size P of the leading pair axis shared by every leaf of `tree`; ValueError otherwise."""
     sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
     if not sizes or None in sizes or len(sizes) > 1:
-        raise ValueError(f"entanglement_statistics: every leaf of `{label}` needs the same leading pair axis P; got leading sizes {sizes}.")
+        raise ValueError(
+            f"entanglement_statistics: every leaf of `{label}` needs the same leading pair axis P; got leading sizes {sizes}."
+        )
     (pairs,) = sizes
     return pairs
 
@@ -65,10 +67,14 @@ def entanglement_statistics(
     is the predicted direction of each log-probability after a small gradient step on the margin loss.
     """
     if jax.tree.structure(grad_chosen) != jax.tree.structure(grad_rejected):
-        raise ValueError("entanglement_statistics: `grad_chosen` and `grad_rejected` must be pytrees of the same structure.")
+        raise ValueError(
+            "entanglement_statistics: `grad_chosen` and `grad_rejected` must be pytrees of the same structure."
+        )
     pairs = _pair_count(grad_chosen, "grad_chosen")
     if _pair_count(grad_rejected, "grad_rejected") != pairs:
-        raise ValueError("entanglement_statistics: `grad_chosen` and `grad_rejected` disagree on the number of pairs P.")
+        raise ValueError(
+            "entanglement_statistics: `grad_chosen` and `grad_rejected` disagree on the number of pairs P."
+        )
     inner = _pair_dot(grad_chosen, grad_rejected)
     square_chosen = _pair_dot(grad_chosen, grad_chosen)
     square_rejected = _pair_dot(grad_rejected, grad_rejected)
@@ -120,9 +126,15 @@ def shared_prefix_mask(
     """
     chosen_ids, rejected_ids = jnp.asarray(chosen_ids), jnp.asarray(rejected_ids)
     if chosen_ids.ndim != 2 or rejected_ids.ndim != 2 or chosen_ids.shape[0] != rejected_ids.shape[0]:
-        raise ValueError(f"shared_prefix_mask: ids have shapes {chosen_ids.shape} and {rejected_ids.shape}; expected (P, T_w) and (P, T_l).")
-    chosen_mask = jnp.ones(chosen_ids.shape, jnp.float32) if chosen_mask is None else jnp.asarray(chosen_mask, jnp.float32)
-    rejected_mask = jnp.ones(rejected_ids.shape, jnp.float32) if rejected_mask is None else jnp.asarray(rejected_mask, jnp.float32)
+        raise ValueError(
+            f"shared_prefix_mask: ids have shapes {chosen_ids.shape} and {rejected_ids.shape}; expected (P, T_w) and (P, T_l)."
+        )
+    chosen_mask = (
+        jnp.ones(chosen_ids.shape, jnp.float32) if chosen_mask is None else jnp.asarray(chosen_mask, jnp.float32)
+    )
+    rejected_mask = (
+        jnp.ones(rejected_ids.shape, jnp.float32) if rejected_mask is None else jnp.asarray(rejected_mask, jnp.float32)
+    )
     if chosen_mask.shape != chosen_ids.shape or rejected_mask.shape != rejected_ids.shape:
         raise ValueError("shared_prefix_mask: each mask must have the shape of its ids, (P, T).")
     overlap = min(chosen_ids.shape[1], rejected_ids.shape[1])

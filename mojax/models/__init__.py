@@ -5,7 +5,9 @@ weights are read or written).
 """
 
 from mojax.models.config import ModelConfig
+from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
 from mojax.models.heads import LlamaRewardModel, LlamaValueModel, ValueHead
+from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 from mojax.models.llama import (
     KV_CACHE_LOGICAL_AXES,
     LOGICAL_AXES,
@@ -14,8 +16,6 @@ from mojax.models.llama import (
     LlamaModel,
     init_kv_cache,
 )
-from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
-from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 
 __all__ = [
     "GenerationResult",

@@ -144,8 +144,16 @@ class ModelConfig:
                     f"({self.num_attention_heads}); pass head_dim explicitly"
                 )
             s("head_dim", self.hidden_size // self.num_attention_heads)
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"ModelConfig.{k} must be a positive int, got {v!r}")
@@ -184,9 +192,15 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count of `LlamaForCausalLM` (no buffers)."""
-        d, f, h, kv, hd, L, v = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                                 self.num_key_value_heads, self.head_dim, self.num_hidden_layers,
-                                 self.vocab_size)
+        d, f, h, kv, hd, L, v = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            self.num_hidden_layers,
+            self.vocab_size,
+        )
         per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
         return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
 
@@ -194,38 +208,79 @@ class ModelConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
         """~107k parameters (GQA 4/2 heads, 2 layers, vocab 256): tests and CPU demos."""
-        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        kw = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         kw.update(overrides)
         return cls(**kw)
 
     @classmethod
     def llama_7b(cls, **overrides: Any) -> ModelConfig:
         """Llama-2 7B shapes (MHA, 32 layers)."""
-        kw = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
-                  max_position_embeddings=4096, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         return cls(**kw)
 
     @classmethod
     def llama_13b(cls, **overrides: Any) -> ModelConfig:
         """Llama-2 13B shapes (MHA, 40 layers)."""
-        kw = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                  num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5,
-                  max_position_embeddings=4096, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            vocab_size=32000,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         return cls(**kw)
 
     @classmethod
     def llama_70b(cls, **overrides: Any) -> ModelConfig:
         """Llama-3 70B shapes (GQA 64/8 heads, 80 layers, vocab 128256)."""
-        kw = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
-                  max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
-                  eos_token_id=128001)
+        kw = dict(
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            bos_token_id=128000,
+            eos_token_id=128001,
+        )
         kw.update(overrides)
         return cls(**kw)
 
@@ -254,8 +309,10 @@ class ModelConfig:
                 continue
             elif key in _FIXED_HF_FIELDS:
                 if value not in _FIXED_HF_FIELDS[key]:
-                    errors.append(f"{key}={value!r} is not supported (supported: "
-                                  f"{', '.join(repr(v) for v in _FIXED_HF_FIELDS[key])})")
+                    errors.append(
+                        f"{key}={value!r} is not supported (supported: "
+                        f"{', '.join(repr(v) for v in _FIXED_HF_FIELDS[key])})"
+                    )
             elif key == "rope_theta":
                 rope_theta = value
             elif key in ("rope_parameters", "rope_scaling"):
@@ -279,18 +336,23 @@ class ModelConfig:
                     except ValueError as e:
                         errors.append(str(e))
                 else:
-                    errors.append(f"{key}: rope_type={rope_type!r} is not supported "
-                                  "(supported: 'default', 'llama3')")
+                    errors.append(f"{key}: rope_type={rope_type!r} is not supported (supported: 'default', 'llama3')")
             elif key == "auto_map":
-                errors.append("auto_map (custom remote modeling code) is not supported: mojax never "
-                              "runs remote code; supported architecture: standard LlamaForCausalLM")
+                errors.append(
+                    "auto_map (custom remote modeling code) is not supported: mojax never "
+                    "runs remote code; supported architecture: standard LlamaForCausalLM"
+                )
             else:
                 errors.append(f"unknown field {key}={value!r}")
         if errors:
-            raise ValueError("unsupported HF LLaMA config: " + "; ".join(errors)
-                             + ". Supported fields: " + ", ".join(_DIRECT_FIELDS)
-                             + ", rope_theta, rope_parameters/rope_scaling (rope_type 'default' or "
-                             "'llama3'), hidden_act='silu', attention_bias=False, mlp_bias=False")
+            raise ValueError(
+                "unsupported HF LLaMA config: "
+                + "; ".join(errors)
+                + ". Supported fields: "
+                + ", ".join(_DIRECT_FIELDS)
+                + ", rope_theta, rope_parameters/rope_scaling (rope_type 'default' or "
+                "'llama3'), hidden_act='silu', attention_bias=False, mlp_bias=False"
+            )
         if rope_theta is not None:
             kw["rope_theta"] = rope_theta
         kw["rope_scaling"] = rope_scaling

@@ -43,17 +43,29 @@ class SamplingConfig:
         stop = self.stop_token_ids
         stop = (stop,) if _is_int(stop) else tuple(stop) if isinstance(stop, (tuple, list, np.ndarray)) else (stop,)
         if not all(_is_int(t) and t >= 0 for t in stop):
-            raise ValueError(f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}.")
+            raise ValueError(
+                f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}."
+            )
         _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
         _require_int("pad_token_id", self.pad_token_id, minimum=0)
         if self.prompt_bucket_multiple is not None:
-            _require_int("prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two")
+            _require_int(
+                "prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two"
+            )
         if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"SamplingConfig: temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}.")
+            raise ValueError(
+                f"SamplingConfig: temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}."
+            )
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
-        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("pad_token_id", int)):
+        for name, kind in (
+            ("max_new_tokens", int),
+            ("temperature", float),
+            ("top_k", int),
+            ("top_p", float),
+            ("pad_token_id", int),
+        ):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
 
@@ -135,7 +147,9 @@ def _pick(table: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(table, index[:, None], axis=-1)[:, 0]
 
 
-def sample_next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_next_token(
+    logits: jax.Array, key: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(token i32[B], sampler log-prob f32[B], model log-prob f32[B]) for next-token logits [B, V]."""
     logits = logits.astype(jnp.float32)
     if config.temperature == 0:
@@ -216,14 +230,18 @@ def _split_model(model: Any) -> tuple[Any, Any]:
         return nnx.split(model)
     if isinstance(model, tuple) and len(model) == 2:
         return model
-    raise ValueError(f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, got {type(model).__name__}.")
+    raise ValueError(
+        f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, got {type(model).__name__}."
+    )
 
 
 def _check_prompt_shapes(prompt_ids: Any, prompt_mask: Any) -> None:
     """ValueError unless ids and mask are matching [B, P] arrays (B, P >= 1) and the ids are integers."""
     ids_shape, mask_shape = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
     if len(ids_shape) != 2 or min(ids_shape) < 1:
-        raise ValueError(f"generate: prompt_ids must have shape [batch, prompt_length] with both >= 1, got {ids_shape}.")
+        raise ValueError(
+            f"generate: prompt_ids must have shape [batch, prompt_length] with both >= 1, got {ids_shape}."
+        )
     if mask_shape != ids_shape:
         raise ValueError(f"generate: prompt_mask shape {mask_shape} must equal prompt_ids shape {ids_shape}.")
     if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
@@ -236,10 +254,14 @@ def _check_prompt_values(prompt_ids: Any, prompt_mask: Any, model_config: Any, c
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("generate: prompt_mask must hold only 0 (padding) and 1 (real token).")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or (mask[:, -1] == 0).any():
-        raise ValueError("generate: prompts must be left-padded with at least one real token: each prompt_mask row must be 0...0 1...1.")
+        raise ValueError(
+            "generate: prompts must be left-padded with at least one real token: each prompt_mask row must be 0...0 1...1."
+        )
     used = ids[mask.astype(bool)]
     if used.min() < 0 or used.max() >= model_config.vocab_size:
-        raise ValueError(f"generate: prompt_ids must lie in [0, vocab_size={model_config.vocab_size}), got values in [{used.min()}, {used.max()}].")
+        raise ValueError(
+            f"generate: prompt_ids must lie in [0, vocab_size={model_config.vocab_size}), got values in [{used.min()}, {used.max()}]."
+        )
     longest = int(mask.sum(axis=1).max())
     if longest + config.max_new_tokens > model_config.max_position_embeddings:
         raise ValueError(
@@ -262,10 +284,14 @@ def _check_key(rng_key: Any) -> None:
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
     raw = dtype == jnp.uint32 and shape == (2,)
     if not (typed or raw):
-        raise ValueError(f"generate: rng_key must be a single jax.random.key(...) or PRNGKey(...), got dtype {dtype} and shape {shape}.")
+        raise ValueError(
+            f"generate: rng_key must be a single jax.random.key(...) or PRNGKey(...), got dtype {dtype} and shape {shape}."
+        )
 
 
-def generate(model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig) -> GenerationResult:
+def generate(
+    model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig
+) -> GenerationResult:
     """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token).
 
     `model` is a ``LlamaForCausalLM`` (anything with its ``init_cache``, ``hidden_states`` and

@@ -34,8 +34,9 @@ class ValueHead(nnx.Module):
         self.bias = _param(rngs, (num_outputs,), (None,), param_dtype, init=nnx.initializers.zeros)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...d,dn->...n", hidden, self.kernel[...].astype(hidden.dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "...d,dn->...n", hidden, self.kernel[...].astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
         return out + self.bias[...].astype(jnp.float32)
 
 
@@ -55,14 +56,24 @@ class LlamaValueModel(nnx.Module):
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         self.value_head = ValueHead(config.hidden_size, num_objectives, param_dtype=config.param_dtype, rngs=rngs)
 
-    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         return self.model(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
 
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         h, cache = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
         return self.value_head(h), cache
 
@@ -76,8 +87,10 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Ar
     B, T = input_ids.shape
     if pad_token_id is None:
         if B != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined "
-                             "(config.pad_token_id is None), as in transformers")
+            raise ValueError(
+                "Cannot handle batch sizes > 1 if no padding token is defined "
+                "(config.pad_token_id is None), as in transformers"
+            )
         return jnp.full((B,), T - 1, jnp.int32)
     non_pad = (input_ids != pad_token_id).astype(jnp.int32)
     return jnp.argmax(jnp.arange(T, dtype=jnp.int32)[None, :] * non_pad, axis=-1).astype(jnp.int32)
@@ -93,14 +106,16 @@ class LlamaRewardModel(nnx.Module):
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         self.score = ScoreHead(config.hidden_size, num_labels, param_dtype=config.param_dtype, rngs=rngs)
 
-    def token_scores(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                     attention_mask: jax.Array | None = None) -> jax.Array:
+    def token_scores(
+        self, input_ids: jax.Array, *, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Per-token scores f32[B, T, num_labels] (HF ``score(hidden_states)`` before pooling)."""
         h, _ = self.model(input_ids, positions=positions, attention_mask=attention_mask)
         return self.score(h)
 
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, *, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         input_ids = jnp.asarray(input_ids)
         idx = last_non_pad_index(input_ids, self.config.pad_token_id)
         scores = self.token_scores(input_ids, positions=positions, attention_mask=attention_mask)
@@ -114,5 +129,6 @@ class ScoreHead(nnx.Module):
         self.kernel = _param(rngs, (hidden_size, num_labels), ("embed", None), param_dtype)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,dn->...n", hidden, self.kernel[...].astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,dn->...n", hidden, self.kernel[...].astype(hidden.dtype), preferred_element_type=jnp.float32
+        )

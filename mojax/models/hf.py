@@ -97,7 +97,9 @@ def _weight_files(path: str) -> list[str]:
     if os.path.isfile(os.path.join(path, SAFE_WEIGHTS)):
         return [SAFE_WEIGHTS]
     present = sorted(os.listdir(path))
-    pickled = [f for f in present if f.endswith((".bin", ".pt", ".pth", ".ckpt")) or f == "pytorch_model.bin.index.json"]
+    pickled = [
+        f for f in present if f.endswith((".bin", ".pt", ".pth", ".ckpt")) or f == "pytorch_model.bin.index.json"
+    ]
     if pickled:
         raise ValueError(
             f"{path!r} has only pickle-based weights ({', '.join(pickled)}); mojax never unpickles. "
@@ -166,8 +168,9 @@ def _hf_shape(kind: str, mojax_shape: tuple[int, ...]) -> tuple[int, ...]:
     raise AssertionError(kind)
 
 
-def _read_one(reader: _SafetensorsReader, name: str, kind: str, bounds: list[tuple[int, int]],
-              mojax_shape: tuple[int, ...]) -> np.ndarray:
+def _read_one(
+    reader: _SafetensorsReader, name: str, kind: str, bounds: list[tuple[int, int]], mojax_shape: tuple[int, ...]
+) -> np.ndarray:
     """Read the mojax-layout block ``bounds`` of a single (unstacked) tensor."""
     if kind == "same":
         return reader.read(name, tuple(slice(a, b) for a, b in bounds))
@@ -202,22 +205,30 @@ def _path_key(path) -> tuple[str, ...]:
 def _flat_shardings(shardings: Any) -> dict[tuple[str, ...], jax.sharding.Sharding] | jax.sharding.Sharding | None:
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return shardings
-    leaves = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
     out = {}
     for path, leaf in leaves:
         if isinstance(leaf, nnx.Variable):
             leaf = leaf.get_value()
         if not isinstance(leaf, jax.sharding.Sharding):
-            raise TypeError(f"shardings leaf at {jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
-                            "expected a jax.sharding.Sharding")
+            raise TypeError(
+                f"shardings leaf at {jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
+                "expected a jax.sharding.Sharding"
+            )
         out[_path_key(path)] = leaf
     return out
 
 
-def _load_state(path: str, graphdef: nnx.GraphDef, abstract_state: Any, config: ModelConfig, head: str | None,
-                shardings: Any, optional: Callable[[tuple[str, ...]], bool] = lambda k: False,
-                ignore: Callable[[str], bool] = lambda n: False) -> Any:
+def _load_state(
+    path: str,
+    graphdef: nnx.GraphDef,
+    abstract_state: Any,
+    config: ModelConfig,
+    head: str | None,
+    shardings: Any,
+    optional: Callable[[tuple[str, ...]], bool] = lambda k: False,
+    ignore: Callable[[str], bool] = lambda n: False,
+) -> Any:
     """Fill ``abstract_state`` from the safetensors in ``path``; returns the concrete state.
 
     Leaves without an HF rule for which ``optional(key)`` is true are taken from the
@@ -234,14 +245,19 @@ def _load_state(path: str, graphdef: nnx.GraphDef, abstract_state: Any, config: 
         for _, (name, _, stacked) in rules.items():
             expected.update(name.format(i=i) for i in range(L)) if stacked else expected.add(name)
         missing = sorted(expected - available)
-        unexpected = sorted(n for n in available - expected
-                            if not _IGNORED_TENSORS.match(n) and not ignore(n)
-                            and not (n == "lm_head.weight" and config.tie_word_embeddings))
+        unexpected = sorted(
+            n
+            for n in available - expected
+            if not _IGNORED_TENSORS.match(n)
+            and not ignore(n)
+            and not (n == "lm_head.weight" and config.tie_word_embeddings)
+        )
         if missing or unexpected:
             raise ValueError(
                 f"tensor names in {path!r} do not match a mojax "
                 f"{'LlamaForCausalLM' if head == 'lm_head' else 'LlamaForSequenceClassification' if head == 'score' else 'Llama trunk'}"
-                f" with this config: missing {missing or 'none'}; unexpected {unexpected or 'none'}")
+                f" with this config: missing {missing or 'none'}; unexpected {unexpected or 'none'}"
+            )
 
         new_leaves = []
         for p, leaf in leaves:
@@ -260,8 +276,15 @@ def _load_state(path: str, graphdef: nnx.GraphDef, abstract_state: Any, config: 
             if got != want:
                 raise ValueError(f"{first}: shape {got} in the checkpoint, config expects {want}")
 
-            def read(index: Index, name=name, kind=kind, stacked=stacked, shape=shape,
-                     per_layer_shape=per_layer_shape, dtype=dtype) -> np.ndarray:
+            def read(
+                index: Index,
+                name=name,
+                kind=kind,
+                stacked=stacked,
+                shape=shape,
+                per_layer_shape=per_layer_shape,
+                dtype=dtype,
+            ) -> np.ndarray:
                 bounds = _norm_index(index, shape)
                 if stacked:
                     (l0, l1), rest = bounds[0], bounds[1:]
@@ -300,8 +323,14 @@ def _num_labels(raw: dict) -> int:
     return 2  # transformers' PreTrainedConfig default
 
 
-def load_causal_lm(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                   shardings: Any = None, remat: bool = False):
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    shardings: Any = None,
+    remat: bool = False,
+):
     """A mojax ``LlamaForCausalLM`` with the weights of the local HF folder ``path``."""
     from mojax.models.llama import LlamaForCausalLM
 
@@ -311,8 +340,14 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_d
     return nnx.merge(graphdef, _load_state(os.fspath(path), graphdef, state, config, "lm_head", shardings))
 
 
-def load_reward_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                      shardings: Any = None, remat: bool = False):
+def load_reward_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    shardings: Any = None,
+    remat: bool = False,
+):
     """A mojax ``LlamaRewardModel`` from a HF ``LlamaForSequenceClassification`` folder."""
     from mojax.models.heads import LlamaRewardModel
 
@@ -323,9 +358,16 @@ def load_reward_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, para
     return nnx.merge(graphdef, _load_state(os.fspath(path), graphdef, state, config, "score", shardings))
 
 
-def load_value_model(path: str | os.PathLike, num_objectives: int, *, dtype: Any = jnp.float32,
-                     param_dtype: Any = jnp.float32, shardings: Any = None, remat: bool = False,
-                     seed: int = 0):
+def load_value_model(
+    path: str | os.PathLike,
+    num_objectives: int,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    shardings: Any = None,
+    remat: bool = False,
+    seed: int = 0,
+):
     """A mojax ``LlamaValueModel`` whose trunk comes from a HF causal-LM or reward-model folder.
 
     If the folder is a ``LlamaForSequenceClassification`` with ``num_labels == num_objectives``,
@@ -341,25 +383,35 @@ def load_value_model(path: str | os.PathLike, num_objectives: int, *, dtype: Any
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     from mojax.models.heads import ValueHead
 
-    head = nnx.state(ValueHead(config.hidden_size, num_objectives, param_dtype=config.param_dtype,
-                               rngs=nnx.Rngs(seed)))  # small: D x n
+    head = nnx.state(
+        ValueHead(config.hidden_size, num_objectives, param_dtype=config.param_dtype, rngs=nnx.Rngs(seed))
+    )  # small: D x n
     with _SafetensorsReader(path) as reader:
         names = reader.names()
-        score = (reader.read("score.weight", ()) if "score.weight" in names else None)
+        score = reader.read("score.weight", ()) if "score.weight" in names else None
     if score is not None and score.shape == (num_objectives, config.hidden_size):
         head["kernel"].set_value(jnp.asarray(score.T, config.param_dtype))
     abstract["value_head"] = head
-    state = _load_state(path, graphdef, abstract, config, None, shardings,
-                        optional=lambda k: k[:1] == ("value_head",),
-                        ignore=lambda n: n in ("lm_head.weight", "score.weight"))
+    state = _load_state(
+        path,
+        graphdef,
+        abstract,
+        config,
+        None,
+        shardings,
+        optional=lambda k: k[:1] == ("value_head",),
+        ignore=lambda n: n in ("lm_head.weight", "score.weight"),
+    )
     if shardings is not None:
         flat = _flat_shardings(shardings)
+
         def place(p, x):
             key = _path_key(p)
             if key[:1] != ("value_head",):
                 return x
             sh = flat if isinstance(flat, jax.sharding.Sharding) else flat[key]
             return jax.device_put(x, sh)
+
         state = jax.tree_util.tree_map_with_path(place, state)
     return nnx.merge(graphdef, state)
 

@@ -93,8 +93,9 @@ KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 _INIT_STD = 0.02  # HF initializer_range default
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: Any,
-           init: Any = None) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: Any, init: Any = None
+) -> nnx.Param:
     init = nnx.initializers.normal(_INIT_STD) if init is None else init
     value = nnx.with_partitioning(init, names)(rngs.params(), shape, dtype)
     return nnx.Param(value, eager_sharding=False)
@@ -160,7 +161,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * np.float32(hd ** -0.5)
+    scores = scores * np.float32(hd**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, np.float32(-1e30))
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
@@ -233,8 +234,14 @@ class _Embed(nnx.Module):
 
 class LlamaAttentionWeights(nnx.Module):
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
-        L, D, H, KV, hd, pd = (c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
-                               c.num_key_value_heads, c.head_dim, c.param_dtype)
+        L, D, H, KV, hd, pd = (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.param_dtype,
+        )
         self.q_proj = _Kernel((L, D, H, hd), ("layers", "embed", "heads", "head_dim"), dtype=pd, rngs=rngs)
         self.k_proj = _Kernel((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype=pd, rngs=rngs)
         self.v_proj = _Kernel((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype=pd, rngs=rngs)
@@ -284,7 +291,9 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Auto}
+    auto = {
+        name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=False) if kind == jax.sharding.AxisType.Auto
+    }
     axes = tuple(name for name in BATCH_AXES if name in auto)
     size = math.prod(mesh.shape[name] for name in axes)
     if size == 1 or x.shape[0] % size:
@@ -292,9 +301,17 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
-def _decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                   mask: jax.Array, eps: float, dtype: Any,
-                   past: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
+def _decoder_layer(
+    p: dict[str, jax.Array],
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    eps: float,
+    dtype: Any,
+    past: tuple[jax.Array, jax.Array] | None,
+    index: jax.Array | None,
+):
     """One LLaMA block on x [B, T, D]. Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd]."""
     w = {k: v.astype(dtype) for k, v in p.items()}
     x = constrain_batch(x)
@@ -329,9 +346,14 @@ class LlamaModel(nnx.Module):
         self.layers = LlamaDecoderLayers(config, rngs=rngs)
         self.norm = _Scale((config.hidden_size,), ("norm",), dtype=config.param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         dtype = c.dtype
         input_ids = jnp.asarray(input_ids)
@@ -357,8 +379,10 @@ class LlamaModel(nnx.Module):
             if T > cache.max_length:
                 raise ValueError(f"{T} new tokens do not fit in a cache of length {cache.max_length}")
             if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_length:
-                raise ValueError(f"cache overflow: writing {T} tokens at slot {int(cache.index)} of a cache "
-                                 f"of length {cache.max_length}")
+                raise ValueError(
+                    f"cache overflow: writing {T} tokens at slot {int(cache.index)} of a cache "
+                    f"of length {cache.max_length}"
+                )
             index = jnp.asarray(cache.index, jnp.int32)
             if positions is None:
                 positions = default_positions(attention_mask, cache.lengths)
@@ -375,13 +399,17 @@ class LlamaModel(nnx.Module):
         eps = c.rms_norm_eps
 
         if cache is None:
+
             def body(x, p):
                 return _decoder_layer(p, x, cos, sin, mask, eps, dtype, None, None)
+
             xs = params
         else:
+
             def body(x, inp):
                 p, pk, pv = inp
                 return _decoder_layer(p, x, cos, sin, mask, eps, dtype, (pk, pv), index)
+
             xs = (params, cache.keys, cache.values)
         if self.remat:
             body = jax.checkpoint(body)
@@ -391,7 +419,9 @@ class LlamaModel(nnx.Module):
         if cache is not None:
             cache = KVCache(
                 keys=jax.lax.dynamic_update_slice(cache.keys, k_new.astype(cache.keys.dtype), (0, 0, index, 0, 0)),
-                values=jax.lax.dynamic_update_slice(cache.values, v_new.astype(cache.values.dtype), (0, 0, index, 0, 0)),
+                values=jax.lax.dynamic_update_slice(
+                    cache.values, v_new.astype(cache.values.dtype), (0, 0, index, 0, 0)
+                ),
                 valid=valid,
                 index=index + T,
             )
@@ -405,16 +435,22 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _Kernel((config.hidden_size, config.vocab_size), ("embed", "vocab"),
-                                   dtype=config.param_dtype, rngs=rngs)
+            self.lm_head = _Kernel(
+                (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype=config.param_dtype, rngs=rngs
+            )
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
         """Empty cache for ``batch_size`` rows and ``max_length`` slots (prompt + generation)."""
         return init_kv_cache(self.config, batch_size, max_length, dtype)
 
-    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
         return self.model(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
 
@@ -427,8 +463,13 @@ class LlamaForCausalLM(nnx.Module):
         w = self.lm_head.kernel[...].astype(dtype)
         return jnp.einsum("...d,dv->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         h, cache = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
         return self.logits(h).astype(jnp.float32), cache

@@ -76,9 +76,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
             f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} = {math.prod(sizes.values())} "
             f"must equal the number of devices, {len(devices)}"
         )
-    return jax.make_mesh(
-        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: str | Rules) -> PartitionSpec:
@@ -117,7 +115,7 @@ def _check_divisible(
     where: str, names: Sequence[str | None], shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh
 ) -> None:
     """Raise unless every sharded dimension of ``shape`` is divisible by its mesh axes' total size."""
-    for dim, (logical, size, entry) in enumerate(zip(names, shape, spec)):
+    for dim, (logical, size, entry) in enumerate(zip(names, shape, spec, strict=False)):
         axes = _spec_axes(entry)
         shards = math.prod(mesh.shape[a] for a in axes)
         if size % shards:

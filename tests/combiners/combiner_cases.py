@@ -42,10 +42,15 @@ class CombinerCase:
 CASES: dict[str, CombinerCase] = {
     case.name: case
     for case in (
-        CombinerCase("linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n)), uses_gram=False),
+        CombinerCase(
+            "linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n)), uses_gram=False
+        ),
         CombinerCase("mgda", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n), uses_gram=True),
         CombinerCase(
-            "mgda_frank_wolfe", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n, solver="frank_wolfe"), uses_gram=True
+            "mgda_frank_wolfe",
+            "mojax.combiners.mgda",
+            lambda m, n: m.mgda(num_objectives=n, solver="frank_wolfe"),
+            uses_gram=True,
         ),
         CombinerCase(
             "mgda_loss_plus",
@@ -54,16 +59,27 @@ CASES: dict[str, CombinerCase] = {
             uses_gram=True,
             required=("losses",),
         ),
-        CombinerCase("gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n), uses_gram=True),
         CombinerCase(
-            "p_gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n), uses_gram=True
+            "gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n), uses_gram=True
         ),
-        CombinerCase("pcgrad", "mojax.combiners.pcgrad", lambda m, n: m.pcgrad(num_objectives=n, seed=0), uses_gram=True),
-        CombinerCase("cagrad", "mojax.combiners.cagrad", lambda m, n: m.cagrad(num_objectives=n, c=0.5), uses_gram=True),
+        CombinerCase(
+            "p_gapo",
+            "mojax.combiners.gapo",
+            lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n),
+            uses_gram=True,
+        ),
+        CombinerCase(
+            "pcgrad", "mojax.combiners.pcgrad", lambda m, n: m.pcgrad(num_objectives=n, seed=0), uses_gram=True
+        ),
+        CombinerCase(
+            "cagrad", "mojax.combiners.cagrad", lambda m, n: m.cagrad(num_objectives=n, c=0.5), uses_gram=True
+        ),
         CombinerCase("upgrad", "mojax.combiners.upgrad", lambda m, n: m.upgrad(num_objectives=n), uses_gram=True),
         CombinerCase("nash_mtl", "mojax.combiners.nash_mtl", lambda m, n: m.nash_mtl(num_objectives=n), uses_gram=True),
         CombinerCase(
-            "pama", "mojax.combiners.pama", lambda m, n: m.pama_solve(num_objectives=n),
+            "pama",
+            "mojax.combiners.pama",
+            lambda m, n: m.pama_solve(num_objectives=n),
             uses_gram=False,
             required=("advantages",),
             optional=("mask",),
@@ -115,7 +131,12 @@ def llama_like_shapes(hidden: int, ffn: int, vocab: int, layers: int) -> dict[st
         "up": (hidden, ffn),
         "down": (ffn, hidden),
     }
-    return {"embed": (vocab, hidden), "layers": [dict(block) for _ in range(layers)], "final_norm": (hidden,), "lm_head": (hidden, vocab)}
+    return {
+        "embed": (vocab, hidden),
+        "layers": [dict(block) for _ in range(layers)],
+        "final_norm": (hidden,),
+        "lm_head": (hidden, vocab),
+    }
 
 
 def is_shape(node: Any) -> bool:

@@ -30,7 +30,9 @@ DEGENERATE = {
 def jacobians(n: int, d: int) -> st.SearchStrategy[np.ndarray]:
     """f32[n, d] with entries in [-4, 4] and a trace large enough for the Gram normalisations to act."""
     entries = st.floats(-4.0, 4.0, allow_nan=False, width=32)
-    return hnp.arrays(np.float32, (n, d), elements=entries).filter(lambda j: float(np.sum(j.astype(np.float64) ** 2)) > 1e-2)
+    return hnp.arrays(np.float32, (n, d), elements=entries).filter(
+        lambda j: float(np.sum(j.astype(np.float64) ** 2)) > 1e-2
+    )
 
 
 def jitted_update(tx: optax.GradientTransformationExtraArgs) -> Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]:

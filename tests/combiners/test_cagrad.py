@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
+
 from mojax.combiners.cagrad import cagrad
 from mojax.combiners.qp import simplex_min_norm
 

@@ -25,9 +25,7 @@ def case_param(name: str) -> Any:
 
 
 ALL = [case_param(name) for name in CASES]
-WITH_REQUIRED = [
-    pytest.param(name, key, id=f"{name}-{key}") for name, case in CASES.items() for key in case.required
-]
+WITH_REQUIRED = [pytest.param(name, key, id=f"{name}-{key}") for name, case in CASES.items() for key in case.required]
 WITH_OPTIONAL = [case_param(name) for name, case in CASES.items() if case.optional]
 
 
@@ -47,7 +45,12 @@ def tiny_params(dtype: Any = np.float32) -> dict[str, np.ndarray]:
 
 
 # name -> (n, dtype, adds unknown extra args): every single-update check of one combiner, compiled once.
-VARIANTS = {"f32": (N, np.float32, False), "unknown_args": (N, np.float32, True), "bf16": (N, jnp.bfloat16, False), "single": (1, np.float32, False)}
+VARIANTS = {
+    "f32": (N, np.float32, False),
+    "unknown_args": (N, np.float32, True),
+    "bf16": (N, jnp.bfloat16, False),
+    "single": (1, np.float32, False),
+}
 UNKNOWN_ARGS = {"unrelated_statistic": np.ones(7, np.float32), "objective_values": np.zeros(N, np.float32)}
 
 
@@ -60,19 +63,32 @@ def outcomes(name: str) -> dict[str, Outcome]:
         combiners[variant] = case.make(n)
         params = tiny_params(dtype)
         extras = dict(extra_args(case, n), **(UNKNOWN_ARGS if unknown else {}))
-        inputs[variant] = (stacked_gradients(TINY_SHAPES, n, seed=1, dtype=dtype), combiners[variant].init(params), params, extras)
+        inputs[variant] = (
+            stacked_gradients(TINY_SHAPES, n, seed=1, dtype=dtype),
+            combiners[variant].init(params),
+            params,
+            extras,
+        )
 
     @jax.jit
     def run_all(inputs):
-        return {variant: combiners[variant].update(grads, state, params, **extras) for variant, (grads, state, params, extras) in inputs.items()}
+        return {
+            variant: combiners[variant].update(grads, state, params, **extras)
+            for variant, (grads, state, params, extras) in inputs.items()
+        }
 
     results = run_all(inputs)
-    return {variant: Outcome(params, grads, state, *results[variant]) for variant, (grads, state, params, _) in inputs.items()}
+    return {
+        variant: Outcome(params, grads, state, *results[variant])
+        for variant, (grads, state, params, _) in inputs.items()
+    }
 
 
 def weighted_sum(weights: jax.Array, grads: Any) -> Any:
     """sum_i w_i g_i per leaf, in fp32 numpy: the contract's combine, computed independently."""
-    return jax.tree.map(lambda g: np.tensordot(np.asarray(weights, np.float32), np.asarray(g, np.float32), axes=1), grads)
+    return jax.tree.map(
+        lambda g: np.tensordot(np.asarray(weights, np.float32), np.asarray(g, np.float32), axes=1), grads
+    )
 
 
 def assert_f32_vector(weights: jax.Array, n: int) -> None:
@@ -100,7 +116,9 @@ def test_update_has_the_structure_shapes_and_dtypes_of_params(name):
 def test_update_is_the_sum_weighted_by_the_logged_weights(name):
     outcome = outcomes(name)["f32"]
     expected = weighted_sum(outcome.state.weights, outcome.grads)
-    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5), outcome.update, expected)
+    jax.tree.map(
+        lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5), outcome.update, expected
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -233,7 +251,11 @@ def test_optional_extra_args_may_be_omitted(name):
 def test_bf16_leaves_give_finite_bf16_updates_and_fp32_weights(name):
     outcome = outcomes(name)["bf16"]
     assert_f32_vector(outcome.state.weights, N)
-    for got, want in zip(jax.tree.leaves(outcome.update), jax.tree.leaves(weighted_sum(outcome.state.weights, outcome.grads))):
+    for got, want in zip(
+        jax.tree.leaves(outcome.update),
+        jax.tree.leaves(weighted_sum(outcome.state.weights, outcome.grads)),
+        strict=False,
+    ):
         assert got.dtype == jnp.bfloat16
         assert np.all(np.isfinite(np.asarray(got, np.float32)))
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)

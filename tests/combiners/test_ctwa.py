@@ -1,9 +1,6 @@
 """CTWA: covariance law and closed loop on a bandit (T-CTWA-1, -5), controller arithmetic (T-CTWA-3), gate (T-CTWA-4),
 parity with the numpy transcription, the combiner under jit, properties and errors."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +8,10 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_ctwa import reference_controller, reference_signal, reference_statistics  # noqa: E402
 
 from mojax.combiners.ctwa import ctwa_controller_step, ctwa_next_weights, ctwa_reweight
 from mojax.diagnostics import covariance_statistics
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diagnostics"))
-from reference_ctwa import reference_controller, reference_signal, reference_statistics  # noqa: E402
 
 # The 4-armed bandit of T-CTWA-1: objective 1 pays on arms 0-1, objective 2 on arms 2-3.
 ARM_REWARDS = np.asarray([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
@@ -48,7 +43,9 @@ def test_covariance_law_on_the_bandit():
     np.testing.assert_allclose(vanilla, [0.0188, -0.0188], atol=1e-6)  # the pi^2-weighted covariance instead
 
     arms = _policy_samples(START_POLICY, 10)
-    stats = jax.jit(covariance_statistics)(jnp.asarray(ARM_REWARDS.T[arms], jnp.float32), jnp.asarray(signal[arms], jnp.float32))
+    stats = jax.jit(covariance_statistics)(
+        jnp.asarray(ARM_REWARDS.T[arms], jnp.float32), jnp.asarray(signal[arms], jnp.float32)
+    )
     np.testing.assert_allclose(stats.cov, [0.084, -0.084], atol=1e-6)
     np.testing.assert_allclose(stats.interference, [0.0, 0.084], atol=1e-6)
     np.testing.assert_allclose(stats.interference_index, 0.042, atol=1e-6)
@@ -114,12 +111,18 @@ def test_gate_stops_objectives_at_their_target():
     """T-CTWA-4: an objective whose batch mean reward reached obj_target gets no deficit even below c*."""
     state = _fresh_state([0.25, 0.25, 0.5], 0.1)
     state = ctwa_controller_step(
-        state, jnp.asarray([-0.2, -0.2, 0.0]), jnp.asarray([0.3, 0.96, 0.5]), cov_targets=jnp.full(3, 0.1), obj_targets=jnp.asarray([1.0, 0.95, 0.5])
+        state,
+        jnp.asarray([-0.2, -0.2, 0.0]),
+        jnp.asarray([0.3, 0.96, 0.5]),
+        cov_targets=jnp.full(3, 0.1),
+        obj_targets=jnp.asarray([1.0, 0.95, 0.5]),
     )
     np.testing.assert_allclose(state.deficit, [0.3, 0.0, 0.0], atol=1e-7)  # reaching the target exactly also gates
     tx = ctwa_reweight([0.5, 0.5], 0.1, obj_targets=[1.0, 0.95])
     rewards = jnp.asarray([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
-    _, state = jax.jit(tx.update)(jnp.ones((2, 3)), tx.init(None), rewards=rewards, signal=jnp.asarray([1.0, -1.0, 2.0, 0.0]))
+    _, state = jax.jit(tx.update)(
+        jnp.ones((2, 3)), tx.init(None), rewards=rewards, signal=jnp.asarray([1.0, -1.0, 2.0, 0.0])
+    )
     assert float(state.deficit[1]) == 0.0 and float(state.deficit[0]) > 0.0
 
 
@@ -129,7 +132,9 @@ def test_combiner_matches_the_reference_loop(use_corr_target, global_metrics):
     rng = np.random.default_rng(4)
     batch, length, n = 24, 5, 3
     init, targets, caps = np.asarray([0.2, 0.3, 0.5]), np.asarray([0.3, 0.05, 0.1]), np.asarray([0.5, 9.0, 9.0])
-    tx = ctwa_reweight(init, targets, lr=0.5, ema=0.3, obj_targets=caps, use_corr_target=use_corr_target, global_metrics=global_metrics)
+    tx = ctwa_reweight(
+        init, targets, lr=0.5, ema=0.3, obj_targets=caps, use_corr_target=use_corr_target, global_metrics=global_metrics
+    )
     step = jax.jit(tx.update)
     state = tx.init(None)
     log_w, ema, initialized = np.log(init), np.zeros(n), False
@@ -169,7 +174,9 @@ def test_combiner_under_jit_in_a_chain_without_recompiling():
     def step(params, state, rewards, signal, group_ids):
         traces.append(1)
         stacked = jax.tree.map(lambda p: jnp.ones((n, *p.shape)), params)
-        updates, state = tx.update(stacked, state, params, rewards=rewards, signal=signal, group_ids=group_ids, advantages=None)
+        updates, state = tx.update(
+            stacked, state, params, rewards=rewards, signal=signal, group_ids=group_ids, advantages=None
+        )
         return optax.apply_updates(params, updates), state
 
     state = tx.init(params)
@@ -177,7 +184,9 @@ def test_combiner_under_jit_in_a_chain_without_recompiling():
     rng = np.random.default_rng(5)
     for _ in range(4):
         rewards = jnp.asarray(rng.normal(size=(8, n)), jnp.float32)
-        params, state = step(params, state, rewards, jnp.asarray(rng.normal(size=8), jnp.float32), jnp.arange(8, dtype=jnp.int32) // 2)
+        params, state = step(
+            params, state, rewards, jnp.asarray(rng.normal(size=8), jnp.float32), jnp.arange(8, dtype=jnp.int32) // 2
+        )
     assert len(traces) == 1
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == structure
     assert bool(state[0].initialized)
@@ -190,7 +199,9 @@ def test_applies_current_weights_then_adapts():
     step = jax.jit(tx.update)
     update, state = step(grads, tx.init(None), **no_groups)
     np.testing.assert_allclose(update, [0.25, 0.75], rtol=1e-6)
-    np.testing.assert_allclose(ctwa_next_weights(state), np.asarray([0.25, 0.75]) * np.exp(0.5), rtol=1e-6)  # cov = 0: all grow
+    np.testing.assert_allclose(
+        ctwa_next_weights(state), np.asarray([0.25, 0.75]) * np.exp(0.5), rtol=1e-6
+    )  # cov = 0: all grow
     update, state = step(grads, state, **no_groups)
     np.testing.assert_allclose(update, np.asarray([0.25, 0.75]) * np.exp(0.5), rtol=1e-6)
     assert int(state.statistics.num_valid_groups) == 0 and np.all(np.isfinite(state.log_weights))
@@ -242,7 +253,9 @@ def test_unreachable_targets_never_overflow_and_keep_the_ratios():
 
 def test_single_objective():
     tx = ctwa_reweight([1.0], [0.1])
-    update, state = jax.jit(tx.update)(jnp.ones((1, 2)), tx.init(None), rewards=jnp.asarray([[1.0], [0.0]]), signal=jnp.asarray([1.0, 0.0]))
+    update, state = jax.jit(tx.update)(
+        jnp.ones((1, 2)), tx.init(None), rewards=jnp.asarray([[1.0], [0.0]]), signal=jnp.asarray([1.0, 0.0])
+    )
     np.testing.assert_allclose(update, [1.0, 1.0])
     np.testing.assert_allclose(state.statistics.cov, [0.25])
     np.testing.assert_allclose(state.deficit, [0.0])
@@ -254,7 +267,10 @@ def test_single_objective():
         (dict(init_weights=[0.5, 0.6], cov_targets=0.1), "sum to 1.1; expected weights summing to 1"),
         (dict(init_weights=[1.5, -0.5], cov_targets=0.1), "expected finite nonnegative weights"),
         (dict(init_weights=[[0.5, 0.5]], cov_targets=0.1), "expected a non-empty vector"),
-        (dict(init_weights=[0.5, 0.5], cov_targets=[0.1, 0.1, 0.1]), r"`cov_targets` has shape \(3,\); expected a scalar or a vector of length n = 2"),
+        (
+            dict(init_weights=[0.5, 0.5], cov_targets=[0.1, 0.1, 0.1]),
+            r"`cov_targets` has shape \(3,\); expected a scalar or a vector of length n = 2",
+        ),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, obj_targets=[1.0]), "`obj_targets` has shape"),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, lr=-1.0), "lr must be"),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, ema=0.0), r"must lie in \(0, 1\]"),
@@ -270,9 +286,15 @@ def test_bad_construction_raises(kwargs, message):
     [
         (dict(signal=jnp.ones(4)), "needs the extra argument `rewards`"),
         (dict(rewards=jnp.ones((4, 2))), "needs the extra argument `signal`"),
-        (dict(rewards=jnp.ones((4, 3)), signal=jnp.ones(4)), r"`rewards` has shape \(4, 3\); expected \(B, n\) with n = 2"),
+        (
+            dict(rewards=jnp.ones((4, 3)), signal=jnp.ones(4)),
+            r"`rewards` has shape \(4, 3\); expected \(B, n\) with n = 2",
+        ),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(5)), r"`signal` has shape \(5,\)"),
-        (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), mask=jnp.ones(4)), r"`mask` has shape \(4,\); expected \(B, T\)"),
+        (
+            dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), mask=jnp.ones(4)),
+            r"`mask` has shape \(4,\); expected \(B, T\)",
+        ),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), mask=jnp.ones((3, 5))), r"expected \(B, T\) with B = 4"),
         (dict(rewards=jnp.ones((4, 2)), signal=jnp.ones(4), group_ids=jnp.ones(4)), "expected integer prompt ids"),
     ],

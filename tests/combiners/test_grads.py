@@ -49,7 +49,9 @@ def test_agrees_with_separate_grads():
     params = make_params()
     losses, grads = per_objective_grads(losses_fn, params, INPUTS)
     np.testing.assert_allclose(losses, losses_fn(params, INPUTS), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, separate_grads(params, INPUTS))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, separate_grads(params, INPUTS)
+    )
     assert all(leaf.shape[0] == N for leaf in jax.tree.leaves(grads))
 
 
@@ -62,7 +64,9 @@ def test_has_aux_returns_value_like_value_and_grad():
 
     (losses, aux), grads = per_objective_grads(with_aux, params, INPUTS, has_aux=True)
     np.testing.assert_allclose(aux["total"], jnp.sum(losses))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, separate_grads(params, INPUTS))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, separate_grads(params, INPUTS)
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,7 +74,9 @@ def test_has_aux_returns_value_like_value_and_grad():
     [
         pytest.param(HEAD_ONLY, id="prefix"),
         pytest.param({"body": {"W1": False}, "head": {"W2": True, "b": True}}, id="full-structure"),
-        pytest.param(lambda p: jax.tree.map(lambda leaf: leaf.ndim == 2 and leaf.shape[0] == 3, p), id="callable-W2-only"),
+        pytest.param(
+            lambda p: jax.tree.map(lambda leaf: leaf.ndim == 2 and leaf.shape[0] == 3, p), id="callable-W2-only"
+        ),
     ],
 )
 def test_probe_mask_restricts_leaves(probe_mask):
@@ -95,7 +101,9 @@ def test_one_forward_pass_per_call():
         lambda calls: per_objective_grads(losses_fn, params, INPUTS, calls),
         lambda calls: per_objective_grads(losses_fn, params, INPUTS, calls, probe_mask=HEAD_ONLY),
         lambda calls: jax.jit(lambda p: per_objective_grads(losses_fn, p, INPUTS, calls))(params),
-        lambda calls: probe_combined_grads(losses_fn, params, P_GAPO, P_GAPO.init(params), INPUTS, calls, probe_mask=HEAD_ONLY),
+        lambda calls: probe_combined_grads(
+            losses_fn, params, P_GAPO, P_GAPO.init(params), INPUTS, calls, probe_mask=HEAD_ONLY
+        ),
     ):
         calls = []
         run(calls)
@@ -110,7 +118,10 @@ def flops(fn, *args) -> float:
 def test_probe_spends_no_backward_work_on_the_rest():
     """On a body-heavy model the probe costs ~ one forward + backward, far below n full backward passes."""
     keys = jax.random.split(jax.random.key(2), 3)
-    params = {"body": [jax.random.normal(k, (96, 96)) / 10 for k in keys[:2]], "head": jax.random.normal(keys[2], (96, 2))}
+    params = {
+        "body": [jax.random.normal(k, (96, 96)) / 10 for k in keys[:2]],
+        "head": jax.random.normal(keys[2], (96, 2)),
+    }
     x = jax.random.normal(jax.random.key(3), (64, 96))
 
     def deep_losses(p, x):
@@ -134,7 +145,9 @@ def test_t_gapo_3_probe_gradient_is_the_rescaled_min_norm_point():
     tx = gapo_rescale(1.0, num_objectives=N)
     grads, state, losses = probe_combined_grads(losses_fn, params, tx, tx.init(params), INPUTS, probe_mask=HEAD_ONLY)
     head = separate_grads(params, INPUTS)["head"]
-    rows = np.concatenate([np.asarray(head["W2"]).reshape(N, -1), np.asarray(head["b"]).reshape(N, -1)], axis=1).astype(np.float64)
+    rows = np.concatenate([np.asarray(head["W2"]).reshape(N, -1), np.asarray(head["b"]).reshape(N, -1)], axis=1).astype(
+        np.float64
+    )
     unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     alpha = np.asarray(state.alpha, np.float64)
     expected = alpha @ unit

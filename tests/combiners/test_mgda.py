@@ -156,7 +156,12 @@ def test_n_equals_one_passes_the_gradient_through():
         (lambda: mgda(num_objectives=2), jnp.ones((3, 4)), {}, "built for 2"),
         (lambda: mgda(num_objectives=2), {"a": jnp.ones((2, 4)), "b": jnp.ones((3,))}, {}, "disagree"),
         (lambda: mgda(num_objectives=2, normalize="loss"), jnp.ones((2, 4)), {}, "losses"),
-        (lambda: mgda(num_objectives=2, normalize="loss"), jnp.ones((2, 4)), {"losses": jnp.ones(3)}, r"losses.*shape \(3,\)"),
+        (
+            lambda: mgda(num_objectives=2, normalize="loss"),
+            jnp.ones((2, 4)),
+            {"losses": jnp.ones(3)},
+            r"losses.*shape \(3,\)",
+        ),
     ],
 )
 def test_bad_updates_raise(build, updates, extra, message):

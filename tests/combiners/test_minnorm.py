@@ -20,6 +20,8 @@ def solve(gram, active=None, **kwargs):
     """Jitted min_norm_weights, always with an explicit mask so that each (n, solver) compiles once."""
     gram = jnp.asarray(gram)
     return _jit_min_norm(gram, active=jnp.ones(gram.shape[0], bool) if active is None else active, **kwargs)
+
+
 SOLVERS = ("active_set", "frank_wolfe")
 # Objective counts for property tests: n = 1, the n = 2 closed form, and the iterative solver at 3, 5, 8
 # (a few shapes, so that the suite compiles each solver only a few times).
@@ -105,7 +107,12 @@ def test_known_answers_frank_wolfe(case):
 
 def test_known_directions():
     """d = J^T alpha: T-MGDA-1 (0.2, 0.4), T-MGDA-3 (0.2, 0.6), torchjd J_base (0, 1, 1), T-MGDA-5 zero."""
-    directions = {"T-MGDA-1": [0.2, 0.4], "T-MGDA-3 edge optimum": [0.2, 0.6], "torchjd J_base": [0, 1, 1], "T-MGDA-5 anti-parallel": [0, 0]}
+    directions = {
+        "T-MGDA-1": [0.2, 0.4],
+        "T-MGDA-3 edge optimum": [0.2, 0.6],
+        "torchjd J_base": [0, 1, 1],
+        "T-MGDA-5 anti-parallel": [0, 0],
+    }
     for case, direction in directions.items():
         jac = np.asarray(KNOWN[case][0], np.float32)
         np.testing.assert_allclose(solve(jac @ jac.T) @ jac, direction, atol=1e-5)
@@ -202,7 +209,9 @@ def test_property_scale_invariance(n, d, seed, exponent):
     jac = random_jacobian(n, d, seed)
     gram = jac @ jac.T
     alpha, scaled = solve(gram), solve(gram * np.float32(10.0 ** (exponent / 3)))
-    np.testing.assert_allclose(np.asarray(scaled) @ jac, np.asarray(alpha) @ jac, atol=2e-3 * np.sqrt(np.max(np.diag(gram))))
+    np.testing.assert_allclose(
+        np.asarray(scaled) @ jac, np.asarray(alpha) @ jac, atol=2e-3 * np.sqrt(np.max(np.diag(gram)))
+    )
 
 
 @settings(max_examples=30, deadline=None)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from matrix_cases import DEGENERATE, jacobians, jitted_update
+
 from mojax.combiners.nash_mtl import nash_mtl
 
 capped2 = jitted_update(nash_mtl(num_objectives=2))

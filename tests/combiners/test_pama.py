@@ -1,8 +1,5 @@
 """PAMA: closed form (T-PAMA-1..6), Noon statistics, the combiner, and parity with the CTWA port's reading."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +7,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_ctwa import reference_pama_port  # noqa: E402
 
 from mojax.combiners.pama import (
     noon,
@@ -19,9 +17,6 @@ from mojax.combiners.pama import (
     pama_statistics,
     pama_token_advantage,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diagnostics"))
-from reference_ctwa import reference_pama_port  # noqa: E402
 
 closed_form = jax.jit(pama_closed_form)
 finite = st.floats(-10.0, 10.0, allow_nan=False, width=32)
@@ -75,7 +70,10 @@ def test_closed_form_permutation_equivariant(a, rng):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=5), st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=3))
+@given(
+    st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=5),
+    st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=3),
+)
 def test_adding_objectives_above_the_minimum_keeps_the_optimum(base, extra):
     """T-PAMA-6: under Noon (a >= 0), objectives with a_i >= min a do not move s*."""
     base = np.asarray(base, np.float32)
@@ -134,7 +132,9 @@ def test_bound_tightness_toy():
     grads = jax.jacrev(lambda t: -_noon_ppo_objectives(t, phi, advantages))(theta)  # descent on -L_i, (n,)
     np.testing.assert_allclose(grads, [-1.0, 0.5])
     tx = pama_solve(num_objectives=2)
-    update, state = tx.update(grads, tx.init(theta), advantages=advantages[:, None, :], ratio=jnp.exp(theta * phi)[None])
+    update, state = tx.update(
+        grads, tx.init(theta), advantages=advantages[:, None, :], ratio=jnp.exp(theta * phi)[None]
+    )
     np.testing.assert_allclose(state.statistics, [1.0, 0.5])
     np.testing.assert_allclose(state.weights, [0.0, 1.0])
     np.testing.assert_allclose(update, grads[1])
@@ -150,8 +150,12 @@ def test_combiner_under_jit_in_a_chain_without_recompiling():
     @jax.jit
     def step(params, state, advantages, mask, ratio):
         traces.append(1)
-        stacked = jax.tree.map(lambda p: jnp.ones((n, *p.shape)) * jnp.arange(1.0, n + 1).reshape((n,) + (1,) * p.ndim), params)
-        updates, state = tx.update(stacked, state, params, advantages=advantages, mask=mask, ratio=ratio, rewards=None, unused=1.0)
+        stacked = jax.tree.map(
+            lambda p: jnp.ones((n, *p.shape)) * jnp.arange(1.0, n + 1).reshape((n,) + (1,) * p.ndim), params
+        )
+        updates, state = tx.update(
+            stacked, state, params, advantages=advantages, mask=mask, ratio=ratio, rewards=None, unused=1.0
+        )
         return optax.apply_updates(params, updates), state
 
     state = tx.init(params)
@@ -192,7 +196,10 @@ def test_stationary_steps_and_edge_cases_never_nan():
         ({}, "needs the extra argument `advantages`"),
         ({"advantages": jnp.ones((3, 2, 4))}, r"expected \(n, B, T\) with n = 2"),
         ({"advantages": jnp.ones((2, 8))}, r"expected \(n, B, T\)"),
-        ({"advantages": jnp.ones((2, 2, 4)), "mask": jnp.ones((2, 3))}, r"`mask` has shape \(2, 3\); expected \(B, T\) = \(2, 4\)"),
+        (
+            {"advantages": jnp.ones((2, 2, 4)), "mask": jnp.ones((2, 3))},
+            r"`mask` has shape \(2, 3\); expected \(B, T\) = \(2, 4\)",
+        ),
         ({"advantages": jnp.ones((2, 2, 4)), "ratio": jnp.ones((4,))}, r"`ratio` has shape"),
     ],
 )

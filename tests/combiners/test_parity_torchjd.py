@@ -72,7 +72,9 @@ def tight_cagrad_direction(jac: np.ndarray, c: float) -> np.ndarray:
     mean = wide.mean(axis=0)
     w = cp.Variable(len(wide))
     objective = (wide @ mean) @ w + c * np.linalg.norm(mean) * cp.norm(wide.T @ w)
-    cp.Problem(cp.Minimize(objective), [w >= 0, cp.sum(w) == 1]).solve(cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    cp.Problem(cp.Minimize(objective), [w >= 0, cp.sum(w) == 1]).solve(
+        cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10
+    )
     best = wide.T @ w.value
     return mean + c * np.linalg.norm(mean) * best / np.linalg.norm(best)
 
@@ -93,4 +95,7 @@ def test_nash_mtl_matches_torchjd(n, d):
     pytest.importorskip("ecos")
     jacobians = random_jacobians(n, d)
     got = mojax_directions(nash_mtl(num_objectives=n, max_norm=1.0), jacobians)
-    assert relative_errors(got, torchjd_directions(lambda: aggregation.NashMTL(n_tasks=n, max_norm=1.0), jacobians)).max() < 1e-4
+    assert (
+        relative_errors(got, torchjd_directions(lambda: aggregation.NashMTL(n_tasks=n, max_norm=1.0), jacobians)).max()
+        < 1e-4
+    )

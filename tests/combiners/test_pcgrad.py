@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
-
 from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
+
 from mojax.combiners.pcgrad import pcgrad
 
 run2 = jitted_update(pcgrad(num_objectives=2, seed=0))
@@ -50,7 +50,10 @@ def test_torchjd_golden_value():
 def test_three_objectives_match_some_projection_order_and_orders_vary_across_steps():
     """Each step's d is the sum over rows of a reference projection in one of the orders; the key moves on."""
     jac = np.array([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.2], [-0.5, -1.0, 0.3]], np.float32)
-    rows = [[reference_row(jac, i, order) for order in itertools.permutations([j for j in range(3) if j != i])] for i in range(3)]
+    rows = [
+        [reference_row(jac, i, order) for order in itertools.permutations([j for j in range(3) if j != i])]
+        for i in range(3)
+    ]
     possible = [sum(choice) for choice in itertools.product(*rows)]
     assert len({tuple(np.round(p, 6)) for p in possible}) > 1, "degenerate check: the order must matter here"
     seen, state = set(), None
@@ -105,7 +108,9 @@ def test_degenerate_rows_give_finite_weights(case):
     np.testing.assert_allclose(direction, want, rtol=1e-5, atol=1e-6 * np.abs(jac).max())
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"num_objectives": 0}, "num_objectives"), ({"num_objectives": 2, "seed": 0.5}, "seed")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"num_objectives": 0}, "num_objectives"), ({"num_objectives": 2, "seed": 0.5}, "seed")]
+)
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pcgrad(**kwargs)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-
 from matrix_cases import jacobians
+
 from mojax.combiners.qp import box_qp, log_barrier_newton, nonnegative_qp, simplex_min_norm, trace_normalized
 
 box_rows = jax.jit(jax.vmap(box_qp, in_axes=(None, 0)))
@@ -88,7 +88,9 @@ def test_simplex_min_norm_identical_rows_is_a_valid_split():
 
 def test_log_barrier_newton_solves_the_nash_equation():
     """Orthogonal rows give a_i = 1/|g_i|; random Grams satisfy a_i (G a)_i = 1."""
-    np.testing.assert_allclose(newton(jnp.diag(jnp.array([1.0, 4.0, 0.25])), jnp.ones(3), max_iter=50), [1.0, 0.5, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        newton(jnp.diag(jnp.array([1.0, 4.0, 0.25])), jnp.ones(3), max_iter=50), [1.0, 0.5, 2.0], rtol=1e-6
+    )
     jac = np.random.default_rng(0).standard_normal((5, 9))
     gram = jac @ jac.T / np.trace(jac @ jac.T)
     a = np.asarray(newton(jnp.asarray(gram, jnp.float32), jnp.ones(5), max_iter=50), np.float64)
@@ -104,7 +106,13 @@ def test_log_barrier_newton_warm_start_and_iteration_cap():
 
 @pytest.mark.parametrize(
     ("scale", "trace", "norm_eps", "zeroed"),
-    [(1.0, 2.0, 1e-4, False), (1.0, 5e-5, 1e-4, True), (1e-3, 50.0, 1e-4, True), (1e30, 1.0, 1e-4, False), (1.0, 0.0, 0.0, True)],
+    [
+        (1.0, 2.0, 1e-4, False),
+        (1.0, 5e-5, 1e-4, True),
+        (1e-3, 50.0, 1e-4, True),
+        (1e30, 1.0, 1e-4, False),
+        (1.0, 0.0, 0.0, True),
+    ],
 )
 def test_trace_normalized_thresholds_the_true_frobenius_norm(scale, trace, norm_eps, zeroed):
     """G -> G / tr G unless gram_scale^2 tr G < norm_eps (TorchJD's rule), without overflowing gram_scale^2."""

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
+
 from mojax.combiners.pcgrad import pcgrad
 from mojax.combiners.upgrad import upgrad
 

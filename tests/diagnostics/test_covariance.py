@@ -1,8 +1,6 @@
 """Covariance-law statistics: T-CTWA-2, parity with the numpy transcription, invariances, edge cases, errors."""
 
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_ctwa import reference_signal, reference_statistics  # noqa: E402
 
 from mojax.diagnostics import covariance_statistics, ctwa_signal
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_ctwa import reference_signal, reference_statistics  # noqa: E402
 
 statistics = jax.jit(covariance_statistics, static_argnames=("num_groups", "outlier_factor", "global_metrics", "eps"))
 signal_fn = jax.jit(ctwa_signal, static_argnames=("clip_eps_low", "clip_eps_high", "w_agg"))
@@ -55,7 +51,9 @@ def test_signal_matches_reference(w_agg):
     adv, mask, logp_new, logp_old, *_ = _random_batch(rng)
     mask[5] = 0.0
     expected = reference_signal(adv, mask, logp_new, logp_old, 0.2, 0.28, w_agg)
-    got = np.asarray(signal_fn(*(jnp.asarray(x, jnp.float32) for x in (adv, mask, logp_new, logp_old)), 0.2, 0.28, w_agg))
+    got = np.asarray(
+        signal_fn(*(jnp.asarray(x, jnp.float32) for x in (adv, mask, logp_new, logp_old)), 0.2, 0.28, w_agg)
+    )
     has_tokens = mask.sum(-1) > 0
     np.testing.assert_allclose(got[has_tokens], expected[has_tokens], rtol=2e-5, atol=1e-6)
     assert np.all(np.isfinite(got))
@@ -135,12 +133,20 @@ def test_statistics_invariant_to_sample_order_and_reward_shifts(seed, shift, glo
     group_shift = rng.normal(size=(4, 1)) * 3
     run = functools.partial(statistics, global_metrics=global_metrics)
     base = run(jnp.asarray(rewards, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(ids, jnp.int32))
-    permuted = run(jnp.asarray(rewards[order], jnp.float32), jnp.asarray(w[order], jnp.float32), jnp.asarray(ids[order], jnp.int32))
-    shifted = run(jnp.asarray(rewards + shift + group_shift[ids], jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(ids, jnp.int32))
+    permuted = run(
+        jnp.asarray(rewards[order], jnp.float32), jnp.asarray(w[order], jnp.float32), jnp.asarray(ids[order], jnp.int32)
+    )
+    shifted = run(
+        jnp.asarray(rewards + shift + group_shift[ids], jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        jnp.asarray(ids, jnp.int32),
+    )
     for field in ("cov", "corr", "frac_neg", "interference", "interference_index", "num_valid_groups"):
         np.testing.assert_allclose(getattr(permuted, field), getattr(base, field), rtol=1e-4, atol=1e-5, err_msg=field)
         if field != "frac_neg":  # a covariance of exactly 0 may change sign under rounding
-            np.testing.assert_allclose(getattr(shifted, field), getattr(base, field), rtol=1e-3, atol=2e-4, err_msg=field)
+            np.testing.assert_allclose(
+                getattr(shifted, field), getattr(base, field), rtol=1e-3, atol=2e-4, err_msg=field
+            )
     np.testing.assert_allclose(permuted.mean_reward, base.mean_reward, rtol=1e-5, atol=1e-6)
 
 
@@ -196,15 +202,36 @@ def test_signal_empty_rows_and_nonfinite_signals_are_dropped():
     ("call", "message"),
     [
         (lambda: covariance_statistics(jnp.ones(4), jnp.ones(4)), r"`rewards` has shape \(4,\); expected \(B, n\)"),
-        (lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(3)), r"`signal` has shape \(3,\); expected \(B,\) = \(4,\)"),
-        (lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(3, jnp.int32)), "`group_ids` has shape"),
+        (
+            lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(3)),
+            r"`signal` has shape \(3,\); expected \(B,\) = \(4,\)",
+        ),
+        (
+            lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(3, jnp.int32)),
+            "`group_ids` has shape",
+        ),
         (lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(4)), "expected integer prompt ids"),
-        (lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(4, jnp.int32), num_groups=0), "num_groups must be >= 1"),
+        (
+            lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(4, jnp.int32), num_groups=0),
+            "num_groups must be >= 1",
+        ),
         (lambda: covariance_statistics(jnp.ones((4, 2)), jnp.ones(4), valid=jnp.ones(3)), "`valid` has shape"),
-        (lambda: ctwa_signal(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)), w_agg="max"), "w_agg='max'"),
-        (lambda: ctwa_signal(jnp.ones((2, 4)), jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3))), r"`advantages` has shape \(2, 4\)"),
-        (lambda: ctwa_signal(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 2)), jnp.ones((2, 3))), "`logp_new` has shape"),
-        (lambda: ctwa_signal(jnp.ones(2), jnp.ones(2), jnp.ones(2), jnp.ones(2)), r"`mask` has shape \(2,\); expected \(B, T\)"),
+        (
+            lambda: ctwa_signal(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3)), w_agg="max"),
+            "w_agg='max'",
+        ),
+        (
+            lambda: ctwa_signal(jnp.ones((2, 4)), jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 3))),
+            r"`advantages` has shape \(2, 4\)",
+        ),
+        (
+            lambda: ctwa_signal(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 2)), jnp.ones((2, 3))),
+            "`logp_new` has shape",
+        ),
+        (
+            lambda: ctwa_signal(jnp.ones(2), jnp.ones(2), jnp.ones(2), jnp.ones(2)),
+            r"`mask` has shape \(2,\); expected \(B, T\)",
+        ),
     ],
 )
 def test_bad_input_raises(call, message):

@@ -97,7 +97,9 @@ def test_predicted_moves_match_autodiff_for_margin_losses(loss_kind):
         coeffs = (BETA * f_prime / lengths[0], BETA * f_prime / lengths[1])
 
         def loss(t):
-            return -jax.nn.log_sigmoid(BETA * (_token_logp(t, chosen_ids) / lengths[0] - _token_logp(t, rejected_ids) / lengths[1]) - gamma)
+            return -jax.nn.log_sigmoid(
+                BETA * (_token_logp(t, chosen_ids) / lengths[0] - _token_logp(t, rejected_ids) / lengths[1]) - gamma
+            )
 
     elif loss_kind == "ipo":
         tau = 0.1
@@ -127,17 +129,27 @@ def test_predicted_moves_match_autodiff_for_margin_losses(loss_kind):
 
 def test_statistics_over_pytrees_and_pairs():
     rng = np.random.default_rng(0)
-    chosen = {"a": jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-    rejected = {"a": jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    chosen = {
+        "a": jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    rejected = {
+        "a": jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
     flat = lambda tree: np.concatenate([np.asarray(tree["a"]).reshape(3, -1), np.asarray(tree["b"])[:, None]], axis=1)  # noqa: E731
-    w, l = flat(chosen), flat(rejected)
+    w, lo = flat(chosen), flat(rejected)
     out = statistics(chosen, rejected, jnp.asarray([1.0, 2.0, 0.5]), 0.7)
-    inner = np.sum(w * l, axis=1)
+    inner = np.sum(w * lo, axis=1)
     np.testing.assert_allclose(out.inner, inner, rtol=1e-5)
     np.testing.assert_allclose(out.norm_chosen, np.linalg.norm(w, axis=1), rtol=1e-5)
-    np.testing.assert_allclose(out.cosine, inner / np.linalg.norm(w, axis=1) / np.linalg.norm(l, axis=1), rtol=1e-5)
-    np.testing.assert_allclose(out.delta_chosen, np.asarray([1.0, 2.0, 0.5]) * np.sum(w * w, 1) - 0.7 * inner, rtol=1e-5)
-    np.testing.assert_allclose(out.delta_rejected, np.asarray([1.0, 2.0, 0.5]) * inner - 0.7 * np.sum(l * l, 1), rtol=1e-5)
+    np.testing.assert_allclose(out.cosine, inner / np.linalg.norm(w, axis=1) / np.linalg.norm(lo, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        out.delta_chosen, np.asarray([1.0, 2.0, 0.5]) * np.sum(w * w, 1) - 0.7 * inner, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.delta_rejected, np.asarray([1.0, 2.0, 0.5]) * inner - 0.7 * np.sum(lo * lo, 1), rtol=1e-5
+    )
 
 
 def test_zero_gradients_are_finite():
@@ -164,7 +176,10 @@ def test_masking_the_shared_prefix_reduces_entanglement_not_the_margin_gradient(
     theta = jnp.asarray([0.1, 0.2, -0.1])
     table_logp = lambda t, ids, mu: jnp.sum(mu * jax.vmap(lambda i: _token_logp(t, i[None]))(ids))  # noqa: E731
     full_w, full_l = (jax.grad(table_logp)(theta, ids[0], jnp.ones(4))[None] for ids in (chosen, rejected))
-    sparse_w, sparse_l = jax.grad(table_logp)(theta, chosen[0], mu_w[0])[None], jax.grad(table_logp)(theta, rejected[0], mu_l[0])[None]
+    sparse_w, sparse_l = (
+        jax.grad(table_logp)(theta, chosen[0], mu_w[0])[None],
+        jax.grad(table_logp)(theta, rejected[0], mu_l[0])[None],
+    )
     np.testing.assert_allclose(full_w - full_l, sparse_w - sparse_l, atol=1e-6)
     assert statistics(sparse_w, sparse_l).inner[0] < statistics(full_w, full_l).inner[0]
 
@@ -174,9 +189,17 @@ def test_masking_the_shared_prefix_reduces_entanglement_not_the_margin_gradient(
     [
         (lambda: entanglement_statistics({"a": jnp.ones((2, 3))}, {"b": jnp.ones((2, 3))}), "same structure"),
         (lambda: entanglement_statistics(jnp.ones((2, 3)), jnp.ones((3, 3))), "disagree on the number of pairs"),
-        (lambda: entanglement_statistics({"a": jnp.ones((2, 3)), "b": jnp.ones(())}, {"a": jnp.ones((2, 3)), "b": jnp.ones(())}), "leading pair axis"),
+        (
+            lambda: entanglement_statistics(
+                {"a": jnp.ones((2, 3)), "b": jnp.ones(())}, {"a": jnp.ones((2, 3)), "b": jnp.ones(())}
+            ),
+            "leading pair axis",
+        ),
         (lambda: shared_prefix_mask(jnp.ones((2, 3)), jnp.ones((3, 3))), r"expected \(P, T_w\) and \(P, T_l\)"),
-        (lambda: shared_prefix_mask(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 2))), "each mask must have the shape"),
+        (
+            lambda: shared_prefix_mask(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 2))),
+            "each mask must have the shape",
+        ),
     ],
 )
 def test_bad_input_raises(call, message):

@@ -35,8 +35,14 @@ TINY_HF_KWARGS: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=256)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=256,
+)
 
 
 def hf_llama_config(**overrides: Any):
@@ -99,8 +105,9 @@ def _randomize_torch(model, seed: int, std: float = 0.1):
     return model
 
 
-def save_hf_causal_lm(path: str | os.PathLike, seed: int = 0, max_shard_size: str | int | None = None,
-                      **config_overrides: Any):
+def save_hf_causal_lm(
+    path: str | os.PathLike, seed: int = 0, max_shard_size: str | int | None = None, **config_overrides: Any
+):
     """Build a tiny random torch `LlamaForCausalLM`, save it to ``path``; return the torch model."""
     import torch
     from transformers import LlamaForCausalLM
@@ -130,19 +137,30 @@ def save_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 300, corpus: 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = corpus or [
-        "the quick brown fox jumps over the lazy dog",
-        "a helpful and harmless assistant answers concisely",
-        "multi objective alignment balances several rewards",
-    ] * 20
+    corpus = (
+        corpus
+        or [
+            "the quick brown fox jumps over the lazy dog",
+            "a helpful and harmless assistant answers concisely",
+            "multi objective alignment balances several rewards",
+        ]
+        * 20
+    )
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     hf.save_pretrained(os.fspath(path))
     return hf

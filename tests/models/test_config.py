@@ -47,8 +47,14 @@ def test_from_hf_dict_fields():
 
 
 def test_roundtrip_hf_dict_and_json(tmp_path):
-    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     c = ModelConfig.from_hf({**HF_DICT, "rope_parameters": llama3})
     assert dict(c.rope_scaling) == {k: v for k, v in llama3.items() if k not in ("rope_type", "rope_theta")}
     hash(c)
@@ -62,8 +68,16 @@ def test_roundtrip_hf_dict_and_json(tmp_path):
 
 def test_legacy_v4_rope_fields():
     d = {k: v for k, v in HF_DICT.items() if k != "rope_parameters"}
-    d.update(rope_theta=123.0, rope_scaling={"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    d.update(
+        rope_theta=123.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 2.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    )
     c = ModelConfig.from_hf(d)
     assert c.rope_theta == 123.0 and c.rope_scaling["factor"] == 2.0
     d["rope_scaling"] = None
@@ -80,8 +94,11 @@ def test_legacy_v4_rope_fields():
         ("sliding_window", 4096, "unknown field sliding_window"),
         ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type='yarn'.*'llama3'"),
         ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 2.0}, "missing"),
-        ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-         "unexpected keys"),
+        (
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+            "unexpected keys",
+        ),
         ("auto_map", {"AutoModel": "x.Y"}, "remote"),
     ],
 )
@@ -118,8 +135,10 @@ def test_presets():
 
 def test_to_hf_llamaconfig():
     pytest.importorskip("transformers")
-    c = ModelConfig.tiny(rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=64), rope_theta=5e5)
+    c = ModelConfig.tiny(
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+        rope_theta=5e5,
+    )
     hf = c.to_hf()
     assert hf.rope_parameters["rope_type"] == "llama3" and hf.rope_parameters["rope_theta"] == 5e5
     assert hf.num_key_value_heads == 2 and hf.head_dim == 16

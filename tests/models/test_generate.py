@@ -126,14 +126,18 @@ def test_logprobs_match_cache_free_forward(model, prompts, temperature, top_k, t
 def test_left_padding_does_not_change_results(model, prompts, greedy):
     """Prompt 0 alone (3 columns, bucket 4) against the same prompt left-padded beside a longer one (bucket 8)."""
     ids, mask = prompts
-    alone = generate(model, ids[:1, 3:], mask[:1, 3:], jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0))
+    alone = generate(
+        model, ids[:1, 3:], mask[:1, 3:], jax.random.key(0), SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+    )
     np.testing.assert_array_equal(alone.tokens[0], greedy.tokens[0])
     np.testing.assert_allclose(alone.model_logprobs[0], greedy.model_logprobs[0], atol=2e-5)
 
 
 @pytest.mark.parametrize("filters", [{"top_k": 1}, {"top_p": 1e-6}])
 def test_degenerate_filters_equal_greedy(model, prompts, greedy, filters):
-    result = generate(model, *prompts, jax.random.key(5), SamplingConfig(max_new_tokens=NEW, temperature=1.0, **filters))
+    result = generate(
+        model, *prompts, jax.random.key(5), SamplingConfig(max_new_tokens=NEW, temperature=1.0, **filters)
+    )
     np.testing.assert_array_equal(result.tokens, greedy.tokens)
     np.testing.assert_allclose(result.sampler_logprobs, np.zeros((2, NEW)), atol=1e-6)
     np.testing.assert_allclose(result.model_logprobs, greedy.model_logprobs, atol=1e-6)
@@ -178,7 +182,9 @@ def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k
     support = expected > 0
     assert counts[~support].sum() == 0
     chi_square = (((counts - draws * expected)[support]) ** 2 / (draws * expected[support])).sum()
-    assert chi_square < 25.0, f"chi-square {chi_square:.1f} over {support.sum() - 1} degrees of freedom; counts {counts}"
+    assert chi_square < 25.0, (
+        f"chi-square {chi_square:.1f} over {support.sum() - 1} degrees of freedom; counts {counts}"
+    )
     np.testing.assert_allclose(np.exp(sampler_logprob), expected[np.asarray(tokens)], rtol=1e-5)
     np.testing.assert_allclose(model_logprob, log_softmax(logits.astype(np.float64))[np.asarray(tokens)], atol=1e-6)
 
@@ -204,7 +210,10 @@ def test_prompts_in_one_bucket_share_one_compilation():
     assert TraceCountingLlama.calls == traced, "a prompt of the same bucket (8) was traced again"
 
 
-@pytest.mark.parametrize("n, multiple, expected", [(1, None, 1), (5, None, 8), (8, None, 8), (9, None, 16), (1, 16, 16), (17, 16, 32), (32, 16, 32)])
+@pytest.mark.parametrize(
+    "n, multiple, expected",
+    [(1, None, 1), (5, None, 8), (8, None, 8), (9, None, 16), (1, 16, 16), (17, 16, 32), (32, 16, 32)],
+)
 def test_bucket_length(n, multiple, expected):
     assert bucket_length(n, multiple) == expected
 
@@ -248,13 +257,34 @@ def bad_prompt_case(name, model_config):
         "empty prompt": (ids, np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), two, "left-padded"),
         "mask values": (ids, mask * 2, two, "only 0"),
         "id too large": (ids + model_config.vocab_size, mask, two, "prompt_ids must lie"),
-        "stop id too large": (ids, mask, SamplingConfig(max_new_tokens=2, stop_token_ids=model_config.vocab_size), "stop_token_ids"),
-        "too long": (ids, mask, SamplingConfig(max_new_tokens=model_config.max_position_embeddings - 3), "max_position_embeddings"),
+        "stop id too large": (
+            ids,
+            mask,
+            SamplingConfig(max_new_tokens=2, stop_token_ids=model_config.vocab_size),
+            "stop_token_ids",
+        ),
+        "too long": (
+            ids,
+            mask,
+            SamplingConfig(max_new_tokens=model_config.max_position_embeddings - 3),
+            "max_position_embeddings",
+        ),
     }[name]
 
 
 @pytest.mark.parametrize(
-    "name", ["1-D ids", "mask shape", "float ids", "right padding", "empty prompt", "mask values", "id too large", "stop id too large", "too long"]
+    "name",
+    [
+        "1-D ids",
+        "mask shape",
+        "float ids",
+        "right padding",
+        "empty prompt",
+        "mask values",
+        "id too large",
+        "stop id too large",
+        "too long",
+    ],
 )
 def test_generate_rejects_bad_prompts(model, name):
     ids, mask, config, message = bad_prompt_case(name, model.config)
@@ -274,6 +304,8 @@ def test_generate_rejects_a_bad_config_model_or_key(model):
 
 
 def test_sampling_config_normalises_numpy_scalars():
-    config = SamplingConfig(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float32(0.25), stop_token_ids=[np.int32(4)])
+    config = SamplingConfig(
+        max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float32(0.25), stop_token_ids=[np.int32(4)]
+    )
     assert config == SamplingConfig(max_new_tokens=3, temperature=0.5, top_p=0.25, stop_token_ids=(4,))
     assert type(config.temperature) is float and type(config.stop_token_ids[0]) is int

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_fixtures import random_module
+
 from mojax.models import ModelConfig
 from mojax.models.heads import LlamaRewardModel, LlamaValueModel, last_non_pad_index
 
@@ -48,10 +48,14 @@ def test_value_model_rejects_bad_n():
 
 
 def test_last_non_pad_index_matches_hf_rule():
-    ids = jnp.asarray([[5, 6, 7, 0, 0],    # right padding -> 2
-                       [0, 0, 5, 6, 7],    # left padding -> 4
-                       [0, 0, 0, 0, 0],    # all pad -> 0 (argmax of zeros)
-                       [5, 0, 6, 0, 0]])   # pad id inside -> rightmost non-pad = 2
+    ids = jnp.asarray(
+        [
+            [5, 6, 7, 0, 0],  # right padding -> 2
+            [0, 0, 5, 6, 7],  # left padding -> 4
+            [0, 0, 0, 0, 0],  # all pad -> 0 (argmax of zeros)
+            [5, 0, 6, 0, 0],
+        ]
+    )  # pad id inside -> rightmost non-pad = 2
     np.testing.assert_array_equal(last_non_pad_index(ids, 0), [2, 4, 0, 2])
     np.testing.assert_array_equal(last_non_pad_index(ids[:1], None), [4])
     with pytest.raises(ValueError, match="no padding token"):
@@ -63,7 +67,8 @@ def test_reward_model_pools_token_scores():
     ids = jnp.asarray([[0, 0, 9, 10, 11], [9, 10, 11, 12, 0]], jnp.int32)
     mask = (ids != 0).astype(jnp.int32)
     scores, tok = nnx.jit(lambda m, i, mk: (m(i, attention_mask=mk), m.token_scores(i, attention_mask=mk)))(
-        rm, ids, mask)
+        rm, ids, mask
+    )
     assert scores.shape == (2, 2) and tok.shape == (2, 5, 2)
     np.testing.assert_allclose(scores, jnp.stack([tok[0, 4], tok[1, 3]]), atol=1e-6)
     # left-padded row scores the same as the unpadded sequence

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from hf_fixtures import LLAMA3_ROPE, save_hf_causal_lm, save_hf_reward_model
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 
 ATOL = 1e-5
@@ -65,8 +66,11 @@ def _batch(seed=0, B=3, T=10, pad_left=(0, 3, 6), vocab=128):
 
 def _torch_logits(torch, model, ids, mask=None, **kw):
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                    attention_mask=None if mask is None else torch.tensor(mask), **kw)
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=None if mask is None else torch.tensor(mask),
+            **kw,
+        )
     return out.logits.float().numpy()
 
 
@@ -118,7 +122,7 @@ def test_cache_decode_matches_torch(torch, hf_lms):
     pre, cache = _step(model, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), cache)
     outs = [pre]
     for t in range(6, 9):
-        lg, cache = _step(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
+        lg, cache = _step(model, jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache)
         outs.append(lg)
     got = np.asarray(jnp.concatenate(outs, 1))
     real = mask.astype(bool)
@@ -173,12 +177,14 @@ def test_export_roundtrip_transformers(torch, hf_lms, hf_rm, tmp_path, kind):
     save_pretrained(model, tmp_path / "out")
     reloaded = cls.from_pretrained(tmp_path / "out").eval()
     ids, mask = _batch(seed=9)
-    np.testing.assert_allclose(_torch_logits(torch, reloaded, ids, mask), _torch_logits(torch, tm, ids, mask), atol=1e-6)
+    np.testing.assert_allclose(
+        _torch_logits(torch, reloaded, ids, mask), _torch_logits(torch, tm, ids, mask), atol=1e-6
+    )
     # and back into mojax, sharded into several files
     save_pretrained(model, tmp_path / "out2", max_shard_size="16KB")
     assert (tmp_path / "out2" / "model.safetensors.index.json").exists()
     again = (load_causal_lm if kind == "causal" else load_reward_model)(tmp_path / "out2")
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -196,15 +202,19 @@ def test_tied_export_has_no_lm_head(hf_lms, tmp_path):
 
 def _mesh_shardings(abstract_state, mesh, rules):
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda s: NamedSharding(mesh, P(*(rules.get(n) for n in s))), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, P(*(rules.get(n) for n in s))), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("rules", [
-    "fsdp_tp",  # the preset of mojax.models.sharding, through its state_shardings
-    {"layers": "tensor", "head_dim": "fsdp", "norm": "fsdp", "vocab": "fsdp"},  # odd slices
-])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "fsdp_tp",  # the preset of mojax.models.sharding, through its state_shardings
+        {"layers": "tensor", "head_dim": "fsdp", "norm": "fsdp", "vocab": "fsdp"},  # odd slices
+    ],
+)
 def test_sharded_load(hf_lms, rules):
     from mojax.models.llama import LlamaForCausalLM
 
@@ -232,8 +242,9 @@ def test_sharded_load(hf_lms, rules):
     assert q.sharding.shard_shape(q.shape) != q.shape  # really split, not replicated
     if isinstance(rules, str):  # one forward on the sharded weights (jit follows the placements)
         ids, mask = _batch(seed=2)
-        np.testing.assert_allclose(_fwd(model, jnp.asarray(ids), jnp.asarray(mask)),
-                                   _fwd(ref, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-5)
+        np.testing.assert_allclose(
+            _fwd(model, jnp.asarray(ids), jnp.asarray(mask)), _fwd(ref, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-5
+        )
 
 
 @pytest.mark.parity
@@ -259,8 +270,11 @@ def test_missing_and_unexpected_tensors(hf_lms, tmp_path):
     del sd["model.layers.1.mlp.up_proj.weight"]
     sd["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\].*"
-                                         r"unexpected \['model.layers.0.self_attn.q_proj.bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['model.layers.1.mlp.up_proj.weight'\].*"
+        r"unexpected \['model.layers.0.self_attn.q_proj.bias'\]",
+    ):
         load_causal_lm(tmp_path)
     # wrong shape
     sd = load_file(str(src / "model.safetensors"))
@@ -295,5 +309,5 @@ def test_save_without_torch_roundtrip(tmp_path):
     model = random_llama(ModelConfig.tiny(num_hidden_layers=1, tie_word_embeddings=True), seed=1)
     save_pretrained(model, tmp_path)
     again = load_causal_lm(tmp_path)
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=False):
         np.testing.assert_array_equal(a, b)

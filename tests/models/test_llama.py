@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import random_llama
 
 from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
 from mojax.models.llama import PARAM_AXIS_NAMES, apply_rope, attention, rope_inv_freq
-from hf_fixtures import random_llama
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +71,14 @@ def test_cache_prefill_then_decode_matches_full_forward(model, fwd, step):
     logits, cache = step(model, ids[:, :P], mask[:, :P], cache)
     outs = [logits]
     for t in range(P, P + G):
-        logits, cache = step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        logits, cache = step(model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         outs.append(logits)
     inc = jnp.concatenate(outs, axis=1)
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=2e-5)
     assert int(cache.index) == P + G
     np.testing.assert_array_equal(cache.lengths, [P + G, P + G - 2])
-    np.testing.assert_array_equal(cache.valid[:, P + G:], False)
+    np.testing.assert_array_equal(cache.valid[:, P + G :], False)
 
 
 def test_cache_explicit_positions(model, step):
@@ -115,8 +115,7 @@ def test_gqa_equals_repeated_kv_mha():
     out = attention(q, k, v, mask)
     ref = attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)  # HF repeat_kv
     np.testing.assert_allclose(out, ref, atol=1e-6)
-    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2),
-                                         mask=mask[:, None])
+    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask=mask[:, None])
     np.testing.assert_allclose(out, dense, atol=1e-5)
 
 
@@ -128,6 +127,7 @@ def test_rope_is_relative():
 
     def dot(pq, pk):
         from mojax.models.llama import rope_cos_sin
+
         cq, sq = rope_cos_sin(jnp.asarray([[pq]]), inv, jnp.float32)
         ck, sk = rope_cos_sin(jnp.asarray([[pk]]), inv, jnp.float32)
         return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
@@ -136,13 +136,19 @@ def test_rope_is_relative():
 
 
 def test_llama3_inv_freq_matches_reference():
-    cfg = ModelConfig.tiny(rope_theta=500000.0, head_dim=16, rope_scaling=dict(
-        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))
+    cfg = ModelConfig.tiny(
+        rope_theta=500000.0,
+        head_dim=16,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32),
+    )
     inv = rope_inv_freq(cfg)
     base = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
     wl = 2 * np.pi / base
-    ref = np.where(wl < 32 / 4, base, np.where(wl > 32 / 1, base / 8,
-                   (1 - (32 / wl - 1) / 3) * base / 8 + (32 / wl - 1) / 3 * base))
+    ref = np.where(
+        wl < 32 / 4,
+        base,
+        np.where(wl > 32 / 1, base / 8, (1 - (32 / wl - 1) / 3) * base / 8 + (32 / wl - 1) / 3 * base),
+    )
     np.testing.assert_allclose(inv, ref, rtol=1e-5)
     assert not np.allclose(inv, base)
 
@@ -166,8 +172,10 @@ def test_bf16_compute_and_params(model, fwd):
 def test_logical_axes_and_eval_shape_70b():
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig.llama_70b(), rngs=nnx.Rngs(0)))
     specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
-    flat = {".".join(str(k) for k in path): tuple(v.get_value()) if hasattr(v, "get_value") else tuple(v)
-            for path, v in nnx.to_flat_state(specs)}
+    flat = {
+        ".".join(str(k) for k in path): tuple(v.get_value()) if hasattr(v, "get_value") else tuple(v)
+        for path, v in nnx.to_flat_state(specs)
+    }
     assert flat == LOGICAL_AXES
     for names in flat.values():
         assert set(names) <= set(PARAM_AXIS_NAMES)

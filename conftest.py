@@ -1,0 +1,19 @@
+"""Test environment for the tests and the doctests: 8 simulated CPU devices, fully offline, deterministic hypothesis.
+
+Hypothesis runs the registered ``mojax`` profile (derandomized, no example database, so every run tries
+the same examples); set ``MOJAX_HYPOTHESIS_PROFILE=explore`` to search with fresh random examples.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from hypothesis import settings  # noqa: E402 (the environment above must be set before JAX is imported anywhere)
+
+settings.register_profile("mojax", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=200, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("MOJAX_HYPOTHESIS_PROFILE", "mojax"))
