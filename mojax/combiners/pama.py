@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mojax._numerics import safe_divide
 from mojax.combiners._base import initial_weights, require_extra_arg, require_num_objectives, weighted_combiner
-from mojax.diagnostics.covariance import safe_divide
 
 _ADVANTAGES_DOC = "f32[n, B, T] per-objective token advantages, objective axis first"
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mojax._numerics import safe_divide
+
 _LOG_RATIO_BOUND = 20.0
 _UNCLIPPED_COUNT_EPS = 1e-8
 _SIGNAL_AGGREGATIONS = ("mean", "mean_unclipped", "sum")
@@ -34,12 +36,6 @@ class CovarianceStatistics(NamedTuple):
     interference_index: jax.Array  # f32[], mean_j interference_j
     mean_reward: jax.Array
     num_valid_groups: jax.Array  # i32[]
-
-
-def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """numerator / denominator where denominator > 0, else 0 (never NaN)."""
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
 def ctwa_signal(
