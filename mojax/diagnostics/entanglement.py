@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mojax.diagnostics.covariance import safe_divide
+from mojax._numerics import safe_divide
 
 
 class EntanglementStatistics(NamedTuple):
