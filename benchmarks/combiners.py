@@ -41,11 +41,10 @@ import torch
 import torchjd.aggregation as tja
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "combiners"))
 
-from combiner_cases import CASES, graded_weights, is_shape, llama_like_shapes, per_sample_statistics, stacked_gradients  # noqa: E402
-
-from mojax.combiners._base import _raw_gram, combine, tree_gram  # noqa: E402
+from mojax.combiners import REGISTRY, make  # noqa: E402
+from mojax.combiners._base import combine, raw_tree_gram, tree_gram  # noqa: E402
+from mojax.testing import graded_weights, is_shape, llama_like_shapes, per_sample_statistics, stacked_gradients  # noqa: E402
 
 TREE_LAYERS = 22  # 9 leaves per block + embed, final norm, LM head = 201 leaves
 BATCH, LENGTH = 32, 256  # rollout size of the per-sample statistics (PAMA, CTWA)
@@ -250,7 +249,7 @@ def profile_cell(grads: Any, n: int, repeats: int, budget_s: float) -> dict[str,
         "combine_ms": timed(combine, weights, grads),
         "combine_2d_ms": timed(combine_as_matrices, weights, grads),
         "gram_ms": timed(tree_gram, grads),
-        "raw_gram_ms": timed(lambda g: _raw_gram(g, 1.0), grads),
+        "raw_gram_ms": timed(lambda g: raw_tree_gram(g, 1.0), grads),
         "gram_2d_ms": timed(gram_as_matrices, grads),
     }
     return {**profile, "floor_ms": 2.0 * min(profile["combine_ms"], profile["combine_2d_ms"])}
@@ -292,11 +291,17 @@ class Row:
         return self.mojax_ms / self.floor_ms
 
 
+def build(name: str, n: int) -> Any:
+    """The registry combiner `name` for n objectives, with graded (non-uniform) weights where it takes weights, as its peer."""
+    graded = {"linear": {"weights": graded_weights(n)}, "p_gapo": {"preference": graded_weights(n)}}
+    return make(name, n, **graded.get(name, {}))
+
+
 def time_mojax(
     name: str, n: int, grads: Any, extras: dict[str, jax.Array], repeats: int, budget_s: float
 ) -> tuple[float, float, np.ndarray]:
     """(steady ms, first call s, the combined update flattened to f32[d]) of one jitted mojax update."""
-    tx = CASES[name].make(n)
+    tx = build(name, n)
     state = tx.init(jax.tree.map(lambda g: g[0], grads))
     update = jax.jit(lambda g, s, e: tx.update(g, s, None, **e)[0])
     start = time.perf_counter()
@@ -328,13 +333,13 @@ def run_cell(
         profiles.append({"n": n, "d": d_tree, "layout": layout, "leaves": len(jax.tree.leaves(grads)), **profile})
         parts = torch_rows(host if layout == "tree" else {"J": host})
         for name in names:
-            case = CASES[name]
-            extras = {key: jnp.asarray(stats[key]) for key in case.required + case.optional}
+            spec = REGISTRY[name]
+            extras = {key: jnp.asarray(stats[key]) for key in spec.reads}
             mojax_ms, first_s, mojax_out = time_mojax(name, n, grads, extras, repeats, budget_s)
-            label, peer = peer_of[name]
+            label, peer = peer_of.get(name, ("no peer", None))
             peer_ms = math.nan if peer is None else median_ms(functools.partial(peer, parts), repeats, budget_s)
             diff = math.nan if peer is None else relative_difference(mojax_out, peer(parts).numpy())
-            gram_ms = profile["gram_ms"] if case.uses_gram else 0.0
+            gram_ms = profile["gram_ms"] if spec.uses_gram else 0.0
             row = Row(
                 name,
                 n,
@@ -372,7 +377,7 @@ TABLE_HEADER = (
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 PROFILE_HEADER = (
-    "| n | d | layout | leaves | combine ms (_base) | combine ms ([n, size] views) | floor ms | tree_gram ms (_base) | _raw_gram ms (no overflow guard) | Gram ms ([n, size] views) |\n"
+    "| n | d | layout | leaves | combine ms (_base) | combine ms ([n, size] views) | floor ms | tree_gram ms (_base) | raw_tree_gram ms (no overflow guard) | Gram ms ([n, size] views) |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -504,7 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d", default="1e5,1e6,1e7", help="comma-separated parameter counts")
     parser.add_argument(
         "--combiners",
-        default=",".join(name for name in CASES if not name.startswith("mgda_")),
+        default=",".join(REGISTRY),
         help="comma-separated registry names (the mgda_ variants are tested, not benchmarked, by default)",
     )
     parser.add_argument("--layouts", default="flat,tree", help="flat, tree or both")

@@ -2,13 +2,13 @@
 
 Every combiner in mojax is built by :func:`weighted_combiner` from a *weighting*
 
-    weighting(gram, state, **extra_args) -> (weights f32[n], new_state)
+    weighting(gram, gram_scale, state, **extra_args) -> (weights f32[n], new_state)
 
 where ``gram`` is the n x n Gram matrix of the per-objective updates (or ``None`` for
 weightings that only read per-sample statistics) expressed in units of ``gram_scale**2``:
-the true Gram is ``gram_scale**2 * gram``. ``gram_scale`` is passed as an extra argument and
-is 1.0 except when the raw fp32 Gram would overflow or underflow (gradient norms near 1e30 or
-1e-30); scale-invariant weightings ignore it.
+the true Gram is ``gram_scale**2 * gram``. ``gram_scale`` (f32[]) is passed explicitly, never
+through the user's extra arguments; it is 1.0 except when the raw fp32 Gram would overflow or
+underflow (gradient norms near 1e30 or 1e-30), and scale-invariant weightings ignore it.
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from mojax import _checks as checks
 
 # Below this trace (in fp32 units) the raw Gram has lost its digits to underflow.
 _TINY_TRACE = 1e-30
 
 
 class Weighting(Protocol):
-    """(gram f32[n, n] | None, state, **extra_args) -> (weights f32[n], state)."""
+    """(gram f32[n, n] | None, gram_scale f32[], state, **extra_args) -> (weights f32[n], state)."""
 
-    def __call__(self, gram: jax.Array | None, state: Any, **extra_args: Any) -> tuple[jax.Array, Any]: ...
+    def __call__(
+        self, gram: jax.Array | None, gram_scale: jax.Array, state: Any, **extra_args: Any
+    ) -> tuple[jax.Array, Any]: ...
 
 
 class WeightsState(NamedTuple):
@@ -68,28 +73,23 @@ def require_num_objectives(
     name: str, num_objectives: int | None, *implied_by: tuple[str, Sequence[float] | jax.Array | None]
 ) -> int:
     """n from `num_objectives` or from the length of a vector argument; ValueError if absent or inconsistent."""
-    candidates = {label: len(jnp.atleast_1d(jnp.asarray(v))) for label, v in implied_by if v is not None}
+    candidates = {label: len(np.atleast_1d(np.asarray(v))) for label, v in implied_by if v is not None}
     if num_objectives is not None:
-        if int(num_objectives) < 1:
-            raise ValueError(f"{name}: num_objectives must be >= 1, got {num_objectives}.")
-        candidates["num_objectives"] = int(num_objectives)
+        candidates["num_objectives"] = checks.integer(name, "num_objectives", num_objectives, minimum=1)
     if not candidates:
         raise ValueError(
-            f"{name}: pass num_objectives=n (the size of the leading objective axis) so the state can be sized at init."
+            checks.message(
+                name, "num_objectives", "is missing", "num_objectives=n, the size of the leading objective axis"
+            )
         )
     if len(set(candidates.values())) > 1:
-        raise ValueError(f"{name}: inconsistent number of objectives: {candidates}.")
+        raise ValueError(checks.message(name, "num_objectives", f"is inconsistent: {candidates}", "one value of n"))
     return next(iter(candidates.values()))
 
 
 def as_vector(name: str, label: str, value: Sequence[float] | jax.Array | float, n: int) -> jax.Array:
-    """f32[n] from a scalar (broadcast) or a length-n vector; ValueError on a wrong length."""
-    vec = jnp.asarray(value, jnp.float32)
-    if vec.ndim == 0:
-        return jnp.full((n,), vec)
-    if vec.shape != (n,):
-        raise ValueError(f"{name}: `{label}` has shape {vec.shape}; expected a scalar or a vector of length n = {n}.")
-    return vec
+    """f32[n] from a finite scalar (broadcast) or a finite length-n vector; TypeError or ValueError otherwise."""
+    return jnp.asarray(checks.finite_vector(name, label, value, length=n), jnp.float32)
 
 
 def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc: str) -> jax.Array:
@@ -111,7 +111,7 @@ def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> 
     return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _raw_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | None = None) -> jax.Array:
+def raw_tree_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | None = None) -> jax.Array:
     """sum over leaves of <g_i, g_j> (fp32 accumulation).
 
     Flattening each leaf to [n, -1] runs 2-5x faster on XLA:CPU, but a leaf sharded along a minor
@@ -130,13 +130,13 @@ def _max_abs(updates: Any) -> jax.Array:
 
 def tree_gram(updates: Any) -> tuple[jax.Array, jax.Array]:
     """(G / s^2, s) with G_ij = <g_i, g_j> over the pytree; s = 1 unless the raw fp32 Gram over- or underflows."""
-    raw = _raw_gram(updates, 1.0)
+    raw = raw_tree_gram(updates, 1.0)
     healthy = jnp.all(jnp.isfinite(raw)) & (jnp.trace(raw) > _TINY_TRACE)
 
     def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
         peak = _max_abs(updates)
         scale = jnp.where(peak > 0, peak, 1.0)
-        return _raw_gram(updates, 1.0 / scale), scale
+        return raw_tree_gram(updates, 1.0 / scale), scale
 
     return jax.lax.cond(healthy, lambda _: (raw, jnp.ones((), jnp.float32)), rescaled, None)
 
@@ -172,10 +172,9 @@ def weighted_combiner(
         objective_count(updates, name, num_objectives)
         if uses_gram:
             gram, scale = tree_gram(updates)
-            extra_args = {**extra_args, "gram_scale": scale}
         else:
-            gram = None
-        weights, state = weighting(gram, state, **extra_args)
+            gram, scale = None, jnp.ones((), jnp.float32)
+        weights, state = weighting(gram, scale, state, **extra_args)
         weights = weights.astype(jnp.float32)
         return combine(weights, updates), state._replace(weights=weights)
 

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from mojax import _checks as checks
 from mojax.combiners._base import WeightsState, initial_weights, require_num_objectives, weighted_combiner
-from mojax.combiners.qp import nonnegative_hyperparameter, simplex_min_norm, trace_normalized
+from mojax.combiners.qp import simplex_min_norm, trace_normalized
 
 # Bisection steps on kappa: enough to pin an fp32 root even 1e-7 below the bracket's top.
 _BISECTION_STEPS = 48
@@ -76,13 +77,13 @@ def cagrad(
     are 0 near Pareto-stationarity: |g_w*| / |J|_F < max(norm_eps, 1e-3), the fp32 resolution of |g_w*|.
     """
     n = require_num_objectives("cagrad", num_objectives)
-    c = nonnegative_hyperparameter("cagrad", "c", c, "radius of the ball around the mean gradient, in units of |g_0|")
+    c = checks.nonnegative("cagrad", "c", c, "radius of the ball around the mean gradient, in units of |g_0|")
     if rescale not in _RESCALE_DIVISORS:
         raise ValueError(f"cagrad: `rescale` must be 0 (none), 1 (d / (1 + c^2)) or 2 (d / (1 + c)), got {rescale!r}.")
-    norm_eps = nonnegative_hyperparameter("cagrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
+    norm_eps = checks.nonnegative("cagrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
     divisor = _RESCALE_DIVISORS[rescale](c)
 
-    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+    def weighting(gram, gram_scale, state, **extra_args):
         del extra_args
         return cagrad_weights(trace_normalized(gram, gram_scale, norm_eps), c, norm_eps) / divisor, state
 

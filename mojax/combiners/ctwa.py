@@ -5,7 +5,7 @@ each step raises the log-weight of every objective whose reward has too little w
 covariance with the effective training signal w (see ``mojax.diagnostics.covariance``):
 
     v_j      = cov_j (or corr_j)                        this batch's statistic
-    e_j      = v_j on the first step, else (1 - tau) e_j + tau v_j
+    e_j      = v_j on the first step, else (1 - tau) e_j + tau v_j    tau = ``ema_rate``; e is ``state.ema``
     delta_j  = max(0, c*_j - e_j) * gate_j               gate_j = 0 once mean r_j >= obj_target_j
     log l_j += eta * delta_j                             lambda_j = exp(log l_j)
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mojax import _checks as checks
 from mojax.combiners._base import as_vector, require_extra_arg, weighted_combiner
 from mojax.diagnostics.covariance import CovarianceStatistics, covariance_statistics
 
@@ -80,14 +81,14 @@ def ctwa_controller_step(
     *,
     cov_targets: jax.Array,
     lr: float = 0.02,
-    ema: float = 0.1,
+    ema_rate: float = 0.1,
     obj_targets: jax.Array | None = None,
     renormalize: bool = False,
 ) -> CtwaState:
     """One CTWA update: e <- v (first) or (1-tau)e + tau v; delta = relu(c* - e) gate; log l += eta delta (2602.06869)."""
     value = jnp.asarray(value, jnp.float32)
     cov_targets = jnp.asarray(cov_targets, jnp.float32)
-    smoothed = jnp.where(state.initialized, (1.0 - ema) * state.ema + ema * value, value)
+    smoothed = jnp.where(state.initialized, (1.0 - ema_rate) * state.ema + ema_rate * value, value)
     gate = jnp.ones_like(value)
     if obj_targets is not None:
         if mean_reward is None:
@@ -108,7 +109,7 @@ def ctwa_reweight(
     cov_targets: Sequence[float] | jax.Array | float,
     *,
     lr: float = 0.02,
-    ema: float = 0.1,
+    ema_rate: float = 0.1,
     obj_targets: Sequence[float] | jax.Array | float | None = None,
     use_corr_target: bool = False,
     renormalize: bool = False,
@@ -124,14 +125,12 @@ def ctwa_reweight(
     reached the target; None disables the gate.
     """
     name = "ctwa_reweight"
-    start = _check_initial_weights(init_weights)
+    start = checks.simplex(name, "init_weights", init_weights)
     n = start.size
     targets = as_vector(name, "cov_targets", cov_targets, n)
     caps = None if obj_targets is None else as_vector(name, "obj_targets", obj_targets, n)
-    if not (np.isfinite(lr) and lr >= 0):
-        raise ValueError(f"{name}: lr must be a finite number >= 0, got {lr}.")
-    if not 0 < ema <= 1:
-        raise ValueError(f"{name}: ema (the EMA rate tau) must lie in (0, 1], got {ema}.")
+    checks.nonnegative(name, "lr", lr, "the step size of the log-weights")
+    checks.in_range(name, "ema_rate", ema_rate, low=0.0, high=1.0, low_open=True, meaning="the EMA rate tau")
     start_log = jnp.log(jnp.maximum(jnp.asarray(start, jnp.float32), _MIN_WEIGHT))
 
     def init_state() -> CtwaState:
@@ -145,8 +144,10 @@ def ctwa_reweight(
             statistics=_empty_statistics(n),
         )
 
-    def weighting(gram: None, state: CtwaState, **extra_args: Any) -> tuple[jax.Array, CtwaState]:
-        del gram
+    def weighting(
+        gram: None, gram_scale: jax.Array, state: CtwaState, **extra_args: Any
+    ) -> tuple[jax.Array, CtwaState]:
+        del gram, gram_scale
         rewards = require_extra_arg(name, extra_args, "rewards", "f32[B, n] per-objective rewards")
         signal = require_extra_arg(name, extra_args, "signal", "f32[B] per-sample training signal, see ctwa_signal")
         if rewards.ndim != 2 or rewards.shape[1] != n:
@@ -173,7 +174,7 @@ def ctwa_reweight(
             statistics.mean_reward,
             cov_targets=targets,
             lr=lr,
-            ema=ema,
+            ema_rate=ema_rate,
             obj_targets=caps,
             renormalize=renormalize,
         )

@@ -27,22 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mojax.combiners._base import as_vector, initial_weights, require_num_objectives, weighted_combiner
+from mojax import _checks as checks
+from mojax.combiners._base import initial_weights, require_num_objectives, weighted_combiner
 from mojax.combiners.minnorm import MinNormState, check_divisor_floor, check_solver, grad_log_norms, rescaled_min_norm
-
-# Tolerance on sum(preference) = 1.
-_SIMPLEX_ATOL = 1e-6
-
-
-def _preference_on_simplex(preference: Sequence[float] | jax.Array, n: int) -> jax.Array:
-    """lambda as f32[n]; ValueError unless lambda >= 0 and sum(lambda) = 1."""
-    lam = as_vector("gapo_rescale", "preference", preference, n)
-    values = np.asarray(lam, np.float64)
-    if not (np.all(np.isfinite(values)) and np.all(values >= 0) and abs(values.sum() - 1.0) <= _SIMPLEX_ATOL):
-        raise ValueError(
-            f"gapo_rescale: `preference` {values.tolist()} is not on the simplex; expected n = {n} non-negative entries summing to 1."
-        )
-    return lam
 
 
 def gapo_rescale(
@@ -59,10 +46,14 @@ def gapo_rescale(
     if not (np.isfinite(p) and p >= 0):
         raise ValueError(f"gapo_rescale: p must be a finite number >= 0 (0 is MGDA, 1 unit gradients), got {p}.")
     check_divisor_floor("gapo_rescale", eps, p)
-    fixed_alpha = None if preference is None else _preference_on_simplex(preference, n)
+    fixed_alpha = (
+        None
+        if preference is None
+        else jnp.asarray(checks.simplex("gapo_rescale", "preference", preference, length=n), jnp.float32)
+    )
     log_eps = float(np.log(eps))
 
-    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+    def weighting(gram, gram_scale, state, **extra_args):
         del state, extra_args
         log_norms = grad_log_norms(gram, gram_scale)
         active = log_norms >= log_eps

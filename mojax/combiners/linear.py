@@ -15,8 +15,8 @@ def linear_scalarize(weights: Sequence[float] | jax.Array) -> optax.GradientTran
     n = require_num_objectives("linear_scalarize", None, ("weights", weights))
     fixed = as_vector("linear_scalarize", "weights", weights, n)
 
-    def weighting(gram, state, **extra_args):
-        del gram, extra_args
+    def weighting(gram, gram_scale, state, **extra_args):
+        del gram, gram_scale, extra_args
         return fixed, state
 
     return weighted_combiner(

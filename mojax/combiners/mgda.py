@@ -65,7 +65,7 @@ def mgda(
         raise ValueError(f"mgda: unknown normalize={normalize!r}; expected one of {NORMALIZERS}.")
     check_divisor_floor("mgda", eps, {"none": 0.0, "l2": 1.0, "loss": 1.0, "loss+": 2.0}[normalize])
 
-    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+    def weighting(gram, gram_scale, state, **extra_args):
         del state
         log_norms = grad_log_norms(gram, gram_scale)
         active = log_norms > -jnp.inf if drop_zero_norm else jnp.ones((n,), bool)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mojax import _checks as checks
 from mojax.combiners._base import cosine_gram
 from mojax.combiners.qp import simplex_min_norm
 
@@ -54,28 +55,17 @@ class MinNormState(NamedTuple):
 
 def check_solver(name: str, solver: str) -> str:
     """`solver` if it is one of SOLVERS; ValueError naming the choices otherwise."""
-    if solver not in SOLVERS:
-        raise ValueError(f"{name}: unknown solver {solver!r}; expected one of {SOLVERS}.")
-    return solver
+    return checks.choice(name, "solver", solver, SOLVERS)
 
 
 def check_divisor_floor(name: str, eps: float, power: float) -> None:
     """ValueError unless eps > 0 and eps**power >= MIN_DIVISOR, so that 1 / eps**power fits in fp32."""
-    if not eps > 0:
-        raise ValueError(f"{name}: eps must be > 0 (the floor of the gradient normalisers), got {eps}.")
+    checks.positive(name, "eps", eps, "the floor of the gradient normalisers")
     if power * np.log10(eps) < np.log10(MIN_DIVISOR):
         raise ValueError(
             f"{name}: eps**{power:g} = 1e{power * np.log10(eps):.0f} is below {MIN_DIVISOR:g}; the loss weights "
             f"up to 1 / eps**{power:g} would overflow fp32. Use a larger eps."
         )
-
-
-def kkt_gap(gram: jax.Array, alpha: jax.Array, active: jax.Array) -> jax.Array:
-    """max_{alpha_i > 0} (G alpha)_i - min_{i active} (G alpha)_i: 0 exactly at the min-norm point."""
-    progress = gram @ alpha
-    on_support = jnp.max(jnp.where(alpha > 0, progress, -jnp.inf))
-    lowest = jnp.min(jnp.where(active, progress, jnp.inf))
-    return on_support - lowest
 
 
 def _uniform(active: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ def nash_mtl_weights(
     *,
     max_norm: float | None,
     reg_eps: float,
-    max_iter: int,
+    max_iters: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(weights, b): (C + reg_eps I) b = 1/b on the cosines C = D G D, D = diag(1/|g_i|); a = D b / gram_scale, |d| <= max_norm.
 
@@ -36,18 +36,18 @@ def nash_mtl_weights(
     n = gram.shape[0]
     cosines, inverse_norms = cosine_gram(gram)
     start = jnp.where(jnp.isfinite(warm_start) & (warm_start > 0), warm_start, 1.0)
-    alpha = log_barrier_newton(cosines + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iter=max_iter)
+    alpha = log_barrier_newton(cosines + reg_eps * jnp.eye(n, dtype=jnp.float32), start, max_iters=max_iters)
     direction_norm = jnp.sqrt(jnp.maximum(alpha @ cosines @ alpha, 0.0))
     shrink = 1.0 if max_norm is None else max_norm / jnp.maximum(direction_norm, max_norm)
     return alpha * inverse_norms * shrink / jnp.asarray(gram_scale, jnp.float32), alpha
 
 
 def nash_mtl(
-    *, num_objectives: int, max_norm: float | None = 1.0, reg_eps: float = 1e-6, max_iter: int = 100
+    *, num_objectives: int, max_norm: float | None = 1.0, reg_eps: float = 1e-6, max_iters: int = 100
 ) -> optax.GradientTransformationExtraArgs:
     """Nash-MTL (arXiv 2202.01017): d = sum_i a_i g_i with <g_i, d> = 1/a_i, shrunk to |d| <= max_norm (None: no cap).
 
-    a minimises 1/2 a^T G a - sum(log a) (damped Newton, at most `max_iter` steps, warm-started from the state).
+    a minimises 1/2 a^T G a - sum(log a) (damped Newton, at most `max_iters` steps, warm-started from the state).
     Without the cap |d|^2 = sum_i a_i <g_i, d> = n whatever the scale of G, while a scales as 1 / |g|.
     """
     n = require_num_objectives("nash_mtl", num_objectives)
@@ -59,11 +59,13 @@ def nash_mtl(
         raise ValueError(
             f"nash_mtl: `reg_eps` (ridge on the cosine matrix, so a exists for dependent rows) must be in (0, 1); got {reg_eps}."
         )
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"nash_mtl: `max_iter` must be a positive integer (Newton steps per update), got {max_iter}.")
+    if int(max_iters) != max_iters or max_iters < 1:
+        raise ValueError(
+            f"nash_mtl: `max_iters` must be a positive integer (Newton steps per update), got {max_iters}."
+        )
     max_norm = None if max_norm is None else float(max_norm)
 
-    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+    def weighting(gram, gram_scale, state, **extra_args):
         del extra_args
         weights, alpha = nash_mtl_weights(
             gram.astype(jnp.float32),
@@ -71,7 +73,7 @@ def nash_mtl(
             state.alpha,
             max_norm=max_norm,
             reg_eps=float(reg_eps),
-            max_iter=int(max_iter),
+            max_iters=int(max_iters),
         )
         return weights, state._replace(alpha=alpha)
 

@@ -3,7 +3,7 @@
 PAMA clips every per-objective advantage at zero ("Noon PPO", A_t = max(A'_t, 0)) and bounds the
 min-norm problem min_{c in simplex} ||sum_i c_i grad L_i|| by G_max * sum_i c_i a_i, where
 
-    a_i = E_t[ max(A_t^(i), 0) * 1[u_t <= 1 + eps] ]
+    a_i = E_t[ max(A_t^(i), 0) * 1[u_t <= 1 + epsilon_high] ]
 
 is the mean clipping-aware positive advantage of objective i (u_t is the PPO ratio, shared by all
 objectives). Theorem 1 of the paper minimises (c^T a)^2 over the simplex: the optimum is the
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mojax import _checks as checks
 from mojax._numerics import safe_divide
 from mojax.combiners._base import initial_weights, require_extra_arg, require_num_objectives, weighted_combiner
 
@@ -57,23 +58,32 @@ def noon(advantages: jax.Array) -> jax.Array:
     return jnp.maximum(advantages, 0.0)
 
 
-def _unclipped(ratio: jax.Array | None, clip_eps: float) -> jax.Array:
-    """1[u_t <= 1 + eps]: tokens whose positive-advantage PPO term still has a gradient; all ones if u is absent."""
+def _unclipped(ratio: jax.Array | None, upper: float) -> jax.Array:
+    """1[u_t <= 1 + epsilon_high]: tokens whose positive-advantage PPO term still has a gradient; all ones if u is absent."""
     if ratio is None:
         return jnp.ones((), jnp.float32)
-    return (jnp.asarray(ratio, jnp.float32) <= 1.0 + clip_eps).astype(jnp.float32)
+    return (jnp.asarray(ratio, jnp.float32) <= 1.0 + upper).astype(jnp.float32)
 
 
-def _clipping_aware_advantages(advantages: jax.Array, ratio: jax.Array | None, clip_eps: float) -> jax.Array:
-    """I_t^(i) = max(A_t^(i), 0) * 1[u_t <= 1 + eps], f32[n, B, T] (arXiv 2508.07768, Eq. 10)."""
-    return noon(jnp.asarray(advantages, jnp.float32)) * _unclipped(ratio, clip_eps)
+def _upper_clip(epsilon: float, epsilon_high: float | None) -> float:
+    """The PPO clip range above 1: epsilon_high, or epsilon when it is None (TRL's convention)."""
+    return epsilon if epsilon_high is None else epsilon_high
+
+
+def _clipping_aware_advantages(advantages: jax.Array, ratio: jax.Array | None, upper: float) -> jax.Array:
+    """I_t^(i) = max(A_t^(i), 0) * 1[u_t <= 1 + epsilon_high], f32[n, B, T] (arXiv 2508.07768, Eq. 10)."""
+    return noon(jnp.asarray(advantages, jnp.float32)) * _unclipped(ratio, upper)
 
 
 def pama_statistics(
-    advantages: jax.Array, mask: jax.Array | None = None, ratio: jax.Array | None = None, clip_eps: float = 0.2
+    advantages: jax.Array,
+    mask: jax.Array | None = None,
+    ratio: jax.Array | None = None,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
 ) -> jax.Array:
-    """a_i = sum_{b,t} m_bt I_bt^(i) / sum_{b,t} m_bt, the masked mean of max(A, 0) 1[u <= 1+eps]; 0 with no tokens."""
-    clipped = _clipping_aware_advantages(advantages, ratio, clip_eps)
+    """a_i = sum_{b,t} m_bt I_bt^(i) / sum_{b,t} m_bt, the masked mean of max(A, 0) 1[u <= 1 + epsilon_high]; 0 with no tokens."""
+    clipped = _clipping_aware_advantages(advantages, ratio, _upper_clip(epsilon, epsilon_high))
     weights = jnp.ones(clipped.shape[1:], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
     summed = jnp.sum(clipped * weights, axis=(1, 2))
     return safe_divide(summed, jnp.sum(weights))
@@ -107,9 +117,11 @@ def pama_combined_advantage(advantages: jax.Array, weights: jax.Array) -> jax.Ar
     return jnp.tensordot(jnp.asarray(weights, jnp.float32), noon(jnp.asarray(advantages, jnp.float32)), axes=1)
 
 
-def pama_token_advantage(advantages: jax.Array, ratio: jax.Array | None = None, clip_eps: float = 0.2) -> jax.Array:
+def pama_token_advantage(
+    advantages: jax.Array, ratio: jax.Array | None = None, epsilon: float = 0.2, epsilon_high: float | None = None
+) -> jax.Array:
     """Mode "pama_token": s_t* = Proj_[min_i I_t^(i), max_i I_t^(i)](0) per token, f32[B, T] (= min_i I_t under Noon)."""
-    clipped = _clipping_aware_advantages(advantages, ratio, clip_eps)
+    clipped = _clipping_aware_advantages(advantages, ratio, _upper_clip(epsilon, epsilon_high))
     return _project_zero(jnp.min(clipped, axis=0), jnp.max(clipped, axis=0))
 
 
@@ -123,15 +135,17 @@ def _check_token_array(label: str, value: Any, shape: tuple[int, ...]) -> jax.Ar
     return array
 
 
-def pama_solve(*, num_objectives: int, clip_eps: float = 0.2) -> optax.GradientTransformationExtraArgs:
+def pama_solve(
+    *, num_objectives: int, epsilon: float = 0.2, epsilon_high: float | None = None
+) -> optax.GradientTransformationExtraArgs:
     """PAMA combiner: c* from the Noon statistics a of the extra args, d = sum_i c*_i g_i (arXiv 2508.07768).
 
     Extra args: ``advantages`` f32[n, B, T] (required), ``mask`` f32[B, T] and ``ratio`` u_t f32[B, T]
     (optional; absent ratio means on-policy, u = 1).
     """
     n = require_num_objectives("pama_solve", num_objectives)
-    if not clip_eps >= 0:
-        raise ValueError(f"pama_solve: clip_eps must be >= 0, got {clip_eps}.")
+    checks.nonnegative("pama_solve", "epsilon", epsilon, "the PPO clip range")
+    checks.nonnegative("pama_solve", "epsilon_high", _upper_clip(epsilon, epsilon_high), "the PPO clip range above 1")
 
     def init_state() -> PamaState:
         zero_count = jnp.zeros((), jnp.int32)
@@ -144,8 +158,10 @@ def pama_solve(*, num_objectives: int, clip_eps: float = 0.2) -> optax.GradientT
             num_stationary=zero_count,
         )
 
-    def weighting(gram: None, state: PamaState, **extra_args: Any) -> tuple[jax.Array, PamaState]:
-        del gram
+    def weighting(
+        gram: None, gram_scale: jax.Array, state: PamaState, **extra_args: Any
+    ) -> tuple[jax.Array, PamaState]:
+        del gram, gram_scale
         advantages = require_extra_arg("pama_solve", extra_args, "advantages", _ADVANTAGES_DOC)
         if advantages.ndim != 3 or advantages.shape[0] != n:
             raise ValueError(
@@ -155,7 +171,7 @@ def pama_solve(*, num_objectives: int, clip_eps: float = 0.2) -> optax.GradientT
         mask, ratio = (extra_args.get(key) for key in ("mask", "ratio"))
         mask = None if mask is None else _check_token_array("mask", mask, token_shape)
         ratio = None if ratio is None else _check_token_array("ratio", ratio, token_shape)
-        statistics = pama_statistics(advantages, mask, ratio, clip_eps)
+        statistics = pama_statistics(advantages, mask, ratio, epsilon, epsilon_high)
         optimum, weights = pama_closed_form(statistics)
         stationary = optimum == 0
         state = state._replace(

@@ -49,8 +49,8 @@ def pcgrad(*, num_objectives: int, seed: int = 0) -> optax.GradientTransformatio
     except TypeError:
         raise ValueError(f"pcgrad: `seed` must be an integer (it seeds the projection orders), got {seed!r}.") from None
 
-    def weighting(gram, state, **extra_args):
-        del extra_args
+    def weighting(gram, gram_scale, state, **extra_args):
+        del gram_scale, extra_args
         key, subkey = jax.random.split(state.key)
         return pcgrad_weights(gram.astype(jnp.float32), subkey), state._replace(key=key)
 

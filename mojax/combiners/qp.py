@@ -104,7 +104,7 @@ def simplex_min_norm(gram: jax.Array, active: jax.Array | None = None) -> jax.Ar
     return z / jnp.where(total > 0, total, 1.0)
 
 
-def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iter: int) -> jax.Array:
+def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iters: int) -> jax.Array:
     """argmin_{a > 0} 1/2 a^T G a - sum(log a), i.e. G a = 1/a, by damped Newton from `start` (G positive definite)."""
     gram = jnp.asarray(gram, jnp.float32)
 
@@ -126,7 +126,7 @@ def log_barrier_newton(gram: jax.Array, start: jax.Array, *, max_iter: int) -> j
     def unconverged(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         """Squared decrement above tolerance and iterations left."""
         _, decrement_sq, count = carry
-        return (decrement_sq > _NEWTON_TOL) & (count < max_iter)
+        return (decrement_sq > _NEWTON_TOL) & (count < max_iters)
 
     start = jnp.asarray(start, jnp.float32)
     a, _, _ = lax.while_loop(unconverged, body, (start, jnp.asarray(jnp.inf, jnp.float32), 0))
@@ -140,11 +140,3 @@ def trace_normalized(gram: jax.Array, gram_scale: jax.Array | float, norm_eps: f
     frobenius = jnp.asarray(gram_scale, jnp.float32) * jnp.sqrt(jnp.maximum(trace, 0.0))
     negligible = frobenius <= jnp.sqrt(jnp.float32(norm_eps))
     return jnp.where(negligible, 0.0, gram / jnp.where(negligible, 1.0, trace))
-
-
-def nonnegative_hyperparameter(name: str, label: str, value: float, meaning: str) -> float:
-    """float(value) if finite and >= 0; otherwise a ValueError naming the combiner, the argument and its meaning."""
-    value = float(value)
-    if not (0.0 <= value < float("inf")):
-        raise ValueError(f"{name}: `{label}` ({meaning}) must be a finite number >= 0, got {value}.")
-    return value

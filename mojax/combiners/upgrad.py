@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mojax import _checks as checks
 from mojax.combiners._base import WeightsState, as_vector, initial_weights, require_num_objectives, weighted_combiner
-from mojax.combiners.qp import box_qp, nonnegative_hyperparameter, trace_normalized
+from mojax.combiners.qp import box_qp, trace_normalized
 
 
 def upgrad_weights(gram: jax.Array, preference: jax.Array) -> jax.Array:
@@ -33,15 +34,17 @@ def upgrad(
     """
     n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)
-    if not bool(jnp.all(weights_of_rows >= 0)) or not bool(jnp.all(jnp.isfinite(weights_of_rows))):
+    if not bool(jnp.all(weights_of_rows >= 0)):
         raise ValueError(
-            f"upgrad: `preference` must be finite and >= 0 (one weight per projected row), got {weights_of_rows}."
+            checks.message(
+                "upgrad", "preference", f"is {weights_of_rows.tolist()}", "entries >= 0, one weight per projected row"
+            )
         )
-    norm_eps = nonnegative_hyperparameter("upgrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
-    reg_eps = nonnegative_hyperparameter("upgrad", "reg_eps", reg_eps, "ridge added to the trace-normalised Gram")
+    norm_eps = checks.nonnegative("upgrad", "norm_eps", norm_eps, "|J|_F^2 below which G is zeroed")
+    reg_eps = checks.nonnegative("upgrad", "reg_eps", reg_eps, "ridge added to the trace-normalised Gram")
     regulariser = reg_eps * jnp.eye(n, dtype=jnp.float32)
 
-    def weighting(gram, state, *, gram_scale=1.0, **extra_args):
+    def weighting(gram, gram_scale, state, **extra_args):
         del extra_args
         normalized = trace_normalized(gram, gram_scale, norm_eps) + regulariser
         return upgrad_weights(normalized, weights_of_rows), state

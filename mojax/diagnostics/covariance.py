@@ -43,15 +43,15 @@ def ctwa_signal(
     mask: jax.Array,
     logp_new: jax.Array,
     logp_old: jax.Array,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.2,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
     w_agg: str = "mean",
 ) -> jax.Array:
     """w f32[B]: aggregate over t of W_t = A u_t 1[unclipped_t] m_t, A = masked-mean advantage (arXiv 2602.06869).
 
     ``advantages`` is f32[B, T] (token advantages, averaged under the mask) or f32[B] (one per
-    sequence); u_t = exp(clip(logp_new - logp_old, -20, 20)); a token is unclipped when u_t <= 1 + eps_high
-    for A >= 0 and u_t >= 1 - eps_low for A < 0. ``w_agg``: "mean" (sum_t W_t / sum_t m_t),
+    sequence); u_t = exp(clip(logp_new - logp_old, -20, 20)); a token is unclipped when u_t <= 1 + epsilon_high
+    for A >= 0 and u_t >= 1 - epsilon for A < 0 (PPO's clip range, TRL's names; epsilon_high None means epsilon). ``w_agg``: "mean" (sum_t W_t / sum_t m_t),
     "mean_unclipped" (sum_t W_t / (sum_t 1[unclipped_t] m_t + 1e-8)) or "sum". Rows without tokens give 0.
     """
     if w_agg not in _SIGNAL_AGGREGATIONS:
@@ -78,7 +78,8 @@ def ctwa_signal(
         jnp.asarray(logp_new, jnp.float32) - jnp.asarray(logp_old, jnp.float32), -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND
     )
     ratio = jnp.exp(log_ratio)
-    unclipped = jnp.where(sequence_advantage[:, None] >= 0, ratio <= 1.0 + clip_eps_high, ratio >= 1.0 - clip_eps_low)
+    upper = epsilon if epsilon_high is None else epsilon_high
+    unclipped = jnp.where(sequence_advantage[:, None] >= 0, ratio <= 1.0 + upper, ratio >= 1.0 - epsilon)
     unclipped = unclipped.astype(jnp.float32) * mask
     summed = sequence_advantage * jnp.sum(ratio * unclipped, axis=-1)
     if w_agg == "mean":

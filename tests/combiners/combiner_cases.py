@@ -1,157 +1,62 @@
-"""Registry of every mojax combiner: how to build it for n objectives and the extra arguments it reads.
+"""Every combiner configuration the cross-cutting tests check, derived from ``mojax.combiners.REGISTRY``.
 
-Shared by the cross-cutting combiner tests and by `benchmarks/combiners.py`, so that adding a method
-means adding one `CombinerCase` here.
+One case per registry entry (built by ``make`` with its defaults) plus the solver and normaliser variants that are
+options of an entry, so a new registry entry is covered without touching this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 
+from mojax.combiners import REGISTRY, make
+from mojax.testing import graded_weights, per_sample_statistics
 
-def graded_weights(n: int) -> np.ndarray:
-    """f32[n] proportional to 1..n and summing to 1: a non-uniform point of the simplex."""
-    ramp = np.arange(1, n + 1, dtype=np.float32)
-    return ramp / ramp.sum()
+# Options that make a registry entry's defaults non-trivial, so weights differ between objectives.
+_GRADED = {"linear": lambda n: {"weights": graded_weights(n)}, "p_gapo": lambda n: {"preference": graded_weights(n)}}
+# Solver and normaliser variants: (registry name, options, extra args they require).
+_VARIANTS = {
+    "mgda_frank_wolfe": ("mgda", {"solver": "frank_wolfe"}, ()),
+    "mgda_loss_plus": ("mgda", {"normalize": "loss+", "drop_zero_norm": True}, ("losses",)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class CombinerCase:
-    """One combiner: its module, a factory for n objectives, and the extra arguments it requires or accepts."""
+    """One combiner configuration: its registry entry, options, and the extra arguments it requires or accepts."""
 
     name: str
-    module: str
-    build: Callable[[ModuleType, int], optax.GradientTransformationExtraArgs]
-    uses_gram: bool
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
+    entry: str
+    options: dict[str, Any]
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+
+    @property
+    def uses_gram(self) -> bool:
+        return REGISTRY[self.entry].uses_gram
 
     def make(self, n: int) -> optax.GradientTransformationExtraArgs:
         """The combiner built for n objectives."""
-        return self.build(importlib.import_module(self.module), n)
+        graded = _GRADED.get(self.name, lambda n: {})(n)
+        return make(self.entry, n, **graded, **self.options)
+
+
+def _case(name: str, entry: str, options: dict[str, Any], required: tuple[str, ...]) -> CombinerCase:
+    spec = REGISTRY[entry]
+    required = tuple(dict.fromkeys(spec.requires + required))
+    return CombinerCase(name, entry, options, required, tuple(key for key in spec.reads if key not in required))
 
 
 CASES: dict[str, CombinerCase] = {
-    case.name: case
-    for case in (
-        CombinerCase(
-            "linear", "mojax.combiners.linear", lambda m, n: m.linear_scalarize(graded_weights(n)), uses_gram=False
-        ),
-        CombinerCase("mgda", "mojax.combiners.mgda", lambda m, n: m.mgda(num_objectives=n), uses_gram=True),
-        CombinerCase(
-            "mgda_frank_wolfe",
-            "mojax.combiners.mgda",
-            lambda m, n: m.mgda(num_objectives=n, solver="frank_wolfe"),
-            uses_gram=True,
-        ),
-        CombinerCase(
-            "mgda_loss_plus",
-            "mojax.combiners.mgda",
-            lambda m, n: m.mgda(num_objectives=n, normalize="loss+", drop_zero_norm=True),
-            uses_gram=True,
-            required=("losses",),
-        ),
-        CombinerCase(
-            "gapo", "mojax.combiners.gapo", lambda m, n: m.gapo_rescale(p=1.0, num_objectives=n), uses_gram=True
-        ),
-        CombinerCase(
-            "p_gapo",
-            "mojax.combiners.gapo",
-            lambda m, n: m.gapo_rescale(p=1.0, preference=graded_weights(n), num_objectives=n),
-            uses_gram=True,
-        ),
-        CombinerCase(
-            "pcgrad", "mojax.combiners.pcgrad", lambda m, n: m.pcgrad(num_objectives=n, seed=0), uses_gram=True
-        ),
-        CombinerCase(
-            "cagrad", "mojax.combiners.cagrad", lambda m, n: m.cagrad(num_objectives=n, c=0.5), uses_gram=True
-        ),
-        CombinerCase("upgrad", "mojax.combiners.upgrad", lambda m, n: m.upgrad(num_objectives=n), uses_gram=True),
-        CombinerCase("nash_mtl", "mojax.combiners.nash_mtl", lambda m, n: m.nash_mtl(num_objectives=n), uses_gram=True),
-        CombinerCase(
-            "pama",
-            "mojax.combiners.pama",
-            lambda m, n: m.pama_solve(num_objectives=n),
-            uses_gram=False,
-            required=("advantages",),
-            optional=("mask",),
-        ),
-        CombinerCase(
-            "ctwa",
-            "mojax.combiners.ctwa",
-            lambda m, n: m.ctwa_reweight(np.full((n,), 1.0 / n, np.float32), np.full((n,), 0.1, np.float32)),
-            uses_gram=False,
-            required=("rewards", "signal"),
-            optional=("group_ids", "mask"),
-        ),
-    )
+    **{name: _case(name, name, {}, ()) for name in REGISTRY},
+    **{name: _case(name, entry, options, required) for name, (entry, options, required) in _VARIANTS.items()},
 }
-
-
-def per_sample_statistics(n: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Every per-sample extra argument of the contract (DESIGN.md §3) for n objectives, B = batch, T = length."""
-    rng = np.random.default_rng(seed)
-    mask = np.ones((batch, length), np.float32)
-    mask[::2, length // 2 :] = 0.0  # every other completion ends early
-    return {
-        "rewards": rng.uniform(0.0, 1.0, (batch, n)).astype(np.float32),
-        "signal": rng.standard_normal(batch).astype(np.float32),
-        "group_ids": (np.arange(batch) // 2).astype(np.int32),
-        "advantages": rng.standard_normal((n, batch, length)).astype(np.float32),
-        "losses": rng.uniform(0.5, 2.0, n).astype(np.float32),
-        "mask": mask,
-    }
 
 
 def extra_args(case: CombinerCase, n: int, batch: int = 8, length: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     """The extra arguments `case` reads (required and optional), for n objectives and a (batch, length) rollout."""
     stats = per_sample_statistics(n, batch, length, seed)
     return {key: stats[key] for key in case.required + case.optional}
-
-
-def llama_like_shapes(hidden: int, ffn: int, vocab: int, layers: int) -> dict[str, Any]:
-    """Parameter shapes of a LLaMA-style decoder (GQA with hidden/4 key-value width), as a nested dict."""
-    kv = hidden // 4
-    block = {
-        "attn_norm": (hidden,),
-        "q": (hidden, hidden),
-        "k": (hidden, kv),
-        "v": (hidden, kv),
-        "o": (hidden, hidden),
-        "mlp_norm": (hidden,),
-        "gate": (hidden, ffn),
-        "up": (hidden, ffn),
-        "down": (ffn, hidden),
-    }
-    return {
-        "embed": (vocab, hidden),
-        "layers": [dict(block) for _ in range(layers)],
-        "final_norm": (hidden,),
-        "lm_head": (hidden, vocab),
-    }
-
-
-def is_shape(node: Any) -> bool:
-    """Whether a node of a shapes tree is a leaf shape (a tuple of ints)."""
-    return isinstance(node, tuple) and all(isinstance(size, int) for size in node)
-
-
-def stacked_gradients(shapes: Any, n: int, seed: int = 0, dtype: Any = np.float32) -> Any:
-    """Per-objective gradients f[n, *shape] for every leaf shape: a shared direction with signed loadings plus noise, so objectives conflict."""
-    rng = np.random.default_rng(seed)
-    loadings = np.linspace(1.0, -0.5, n, dtype=np.float32)
-
-    def leaf(shape: tuple[int, ...]) -> np.ndarray:
-        shared = rng.standard_normal(shape, np.float32)
-        noise = rng.standard_normal((n, *shape), np.float32)
-        return (loadings.reshape((n,) + (1,) * len(shape)) * shared + noise).astype(dtype)
-
-    return jax.tree.map(leaf, shapes, is_leaf=is_shape)

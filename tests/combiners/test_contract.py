@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from combiner_cases import CASES, extra_args, stacked_gradients
+from combiner_cases import CASES, extra_args
+from compile_log import compilations as log_compilations
 from flax import nnx
-from optax._src.test_utils import log_compilations
+
+from mojax.testing import stacked_gradients
 
 N = 3
 TINY_SHAPES = {"b": (3,), "w": (4, 3)}
@@ -276,11 +278,11 @@ def test_single_objective_gives_a_positive_multiple_of_its_gradient(name):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_flattened_and_multi_dim_grams_agree(dtype):
     """The single-device Gram (each leaf reshaped to [n, -1]) equals the one contracting every dim at once."""
-    from mojax.combiners._base import _raw_gram
+    from mojax.combiners import raw_tree_gram
 
     updates = stacked_gradients({"w": (4, 3, 2), "b": (5,), "m": (6, 7)}, 3, dtype=np.float32)
     updates = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), updates)
-    flat, multi = _raw_gram(updates, 1.0, flatten=True), _raw_gram(updates, 1.0, flatten=False)
+    flat, multi = raw_tree_gram(updates, 1.0, flatten=True), raw_tree_gram(updates, 1.0, flatten=False)
     np.testing.assert_allclose(flat, multi, rtol=1e-5)
     rows = np.concatenate([np.asarray(leaf, np.float64).reshape(3, -1) for leaf in jax.tree.leaves(updates)], axis=1)
     np.testing.assert_allclose(flat, rows @ rows.T, rtol=1e-5)

@@ -82,7 +82,9 @@ def test_closed_loop_bandit_stops_the_interference():
     fixed, _, _ = _bandit_run(linear_scalarize([0.7, 0.3]), lambda state: state.weights)
     assert np.all(np.diff(fixed[:, 1]) < 0) and fixed[-1, 1] < 1e-3
 
-    adaptive, ratios, state = _bandit_run(ctwa_reweight([0.7, 0.3], [0.02, 0.02], lr=2.0, ema=0.5), ctwa_next_weights)
+    adaptive, ratios, state = _bandit_run(
+        ctwa_reweight([0.7, 0.3], [0.02, 0.02], lr=2.0, ema_rate=0.5), ctwa_next_weights
+    )
     assert ratios[-1] > 2.0 * ratios[0] and ratios[-1] > 0.9  # lambda_2 caught up with lambda_1
     assert np.all(np.diff(adaptive[-10:, 1]) > -1e-3)  # E[r_2] no longer decreasing
     assert adaptive[-1, 1] > 0.1 and adaptive[-1, 1] > 100 * fixed[-1, 1]
@@ -95,8 +97,8 @@ def _fresh_state(init_weights, cov_targets, **kwargs):
 
 def test_controller_arithmetic():
     """T-CTWA-3: two controller steps with gate off."""
-    state = _fresh_state([0.333, 0.333, 0.334], [0.15, 0.08, 0.08], lr=0.05, ema=0.1)
-    config = dict(cov_targets=jnp.asarray([0.15, 0.08, 0.08]), lr=0.05, ema=0.1)
+    state = _fresh_state([0.333, 0.333, 0.334], [0.15, 0.08, 0.08], lr=0.05, ema_rate=0.1)
+    config = dict(cov_targets=jnp.asarray([0.15, 0.08, 0.08]), lr=0.05, ema_rate=0.1)
     state = ctwa_controller_step(state, jnp.asarray([0.2, -0.05, 0.01]), **config)
     np.testing.assert_allclose(state.ema, [0.2, -0.05, 0.01], atol=1e-7)
     np.testing.assert_allclose(state.deficit, [0.0, 0.13, 0.07], atol=1e-7)
@@ -133,7 +135,13 @@ def test_combiner_matches_the_reference_loop(use_corr_target, global_metrics):
     batch, length, n = 24, 5, 3
     init, targets, caps = np.asarray([0.2, 0.3, 0.5]), np.asarray([0.3, 0.05, 0.1]), np.asarray([0.5, 9.0, 9.0])
     tx = ctwa_reweight(
-        init, targets, lr=0.5, ema=0.3, obj_targets=caps, use_corr_target=use_corr_target, global_metrics=global_metrics
+        init,
+        targets,
+        lr=0.5,
+        ema_rate=0.3,
+        obj_targets=caps,
+        use_corr_target=use_corr_target,
+        global_metrics=global_metrics,
     )
     step = jax.jit(tx.update)
     state = tx.init(None)
@@ -221,7 +229,7 @@ def test_renormalize_keeps_the_simplex_and_the_ratios():
     assert float(jnp.sum(raw)) > 1.0
 
 
-controller = jax.jit(ctwa_controller_step, static_argnames=("lr", "ema", "renormalize"))
+controller = jax.jit(ctwa_controller_step, static_argnames=("lr", "ema_rate", "renormalize"))
 
 
 @settings(max_examples=25, deadline=None)
@@ -235,7 +243,7 @@ def test_weights_only_grow(values, lr, ema):
     targets = jnp.asarray([0.1, 0.0, 0.3])
     for value in values:
         previous = state.log_weights
-        state = controller(state, jnp.asarray(value), cov_targets=targets, lr=lr, ema=ema)
+        state = controller(state, jnp.asarray(value), cov_targets=targets, lr=lr, ema_rate=ema)
         assert np.all(np.asarray(state.log_weights) >= np.asarray(previous))
         assert np.all(np.asarray(state.deficit) >= 0) and np.all(np.isfinite(state.log_weights))
 
@@ -273,7 +281,7 @@ def test_single_objective():
         ),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, obj_targets=[1.0]), "`obj_targets` has shape"),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, lr=-1.0), "lr must be"),
-        (dict(init_weights=[0.5, 0.5], cov_targets=0.1, ema=0.0), r"must lie in \(0, 1\]"),
+        (dict(init_weights=[0.5, 0.5], cov_targets=0.1, ema_rate=0.0), r"expected a number in \(0, 1\]"),
     ],
 )
 def test_bad_construction_raises(kwargs, message):

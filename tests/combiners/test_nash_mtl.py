@@ -68,7 +68,7 @@ def test_permutation_equivariant(jac, order):
 def test_warm_start_comes_from_the_state():
     """With one Newton step, a state that already holds the solution reproduces it; a fresh state does not."""
     jac = np.array([[1.0, 0.3, 0.0], [-0.2, 2.0, 0.5], [0.1, 0.0, 5.0]], np.float32)
-    one_step = jitted_update(nash_mtl(num_objectives=3, max_norm=None, max_iter=1))
+    one_step = jitted_update(nash_mtl(num_objectives=3, max_norm=None, max_iters=1))
     _, solved = free3(jac)
     _, cold = one_step(jac)
     _, warm = one_step(jac, solved)
@@ -97,7 +97,7 @@ def test_degenerate_rows_give_finite_bounded_directions(case):
         ({"max_norm": 0.0}, "max_norm"),
         ({"max_norm": -1.0}, "max_norm"),
         ({"reg_eps": 0.0}, "reg_eps"),
-        ({"max_iter": 0}, "max_iter"),
+        ({"max_iters": 0}, "max_iters"),
         ({"num_objectives": 0}, "num_objectives"),
     ],
 )

@@ -87,7 +87,7 @@ def test_statistics_masked_mean_of_unclipped_positive_advantages():
     ratio = jnp.asarray([[1.0, 1.0, 1.0]])
     np.testing.assert_allclose(pama_statistics(advantages, mask, ratio), [0.5, 2.25])
     clipped = jnp.asarray([[1.3, 1.0, 1.0]])  # token 0 above 1 + eps: no gradient, dropped
-    np.testing.assert_allclose(pama_statistics(advantages, mask, clipped, clip_eps=0.2), [0.0, 2.0])
+    np.testing.assert_allclose(pama_statistics(advantages, mask, clipped, epsilon=0.2), [0.0, 2.0])
     np.testing.assert_allclose(pama_statistics(advantages), [4 / 3, 1.5])
     np.testing.assert_array_equal(pama_statistics(advantages, jnp.zeros((1, 3))), [0.0, 0.0])
     np.testing.assert_array_equal(noon(jnp.asarray([-1.0, 0.0, 2.0])), [0.0, 0.0, 2.0])
@@ -212,8 +212,8 @@ def test_bad_extra_args_raise(extra, message):
 def test_bad_construction_raises():
     with pytest.raises(ValueError, match="num_objectives must be >= 1"):
         pama_solve(num_objectives=0)
-    with pytest.raises(ValueError, match="clip_eps must be >= 0"):
-        pama_solve(num_objectives=2, clip_eps=-0.1)
+    with pytest.raises(ValueError, match="`epsilon` is -0.1"):
+        pama_solve(num_objectives=2, epsilon=-0.1)
     tx = pama_solve(num_objectives=2)
     with pytest.raises(ValueError, match="built for 2"):
         tx.update(jnp.ones((3, 4)), tx.init(None), advantages=jnp.ones((2, 1, 1)))

@@ -11,7 +11,7 @@ from mojax.combiners.qp import box_qp, log_barrier_newton, nonnegative_qp, simpl
 
 box_rows = jax.jit(jax.vmap(box_qp, in_axes=(None, 0)))
 simplex = jax.jit(simplex_min_norm)
-newton = jax.jit(log_barrier_newton, static_argnames="max_iter")
+newton = jax.jit(log_barrier_newton, static_argnames="max_iters")
 
 
 def normalized_gram(jac: np.ndarray, reg: float = 1e-4) -> np.ndarray:
@@ -89,19 +89,19 @@ def test_simplex_min_norm_identical_rows_is_a_valid_split():
 def test_log_barrier_newton_solves_the_nash_equation():
     """Orthogonal rows give a_i = 1/|g_i|; random Grams satisfy a_i (G a)_i = 1."""
     np.testing.assert_allclose(
-        newton(jnp.diag(jnp.array([1.0, 4.0, 0.25])), jnp.ones(3), max_iter=50), [1.0, 0.5, 2.0], rtol=1e-6
+        newton(jnp.diag(jnp.array([1.0, 4.0, 0.25])), jnp.ones(3), max_iters=50), [1.0, 0.5, 2.0], rtol=1e-6
     )
     jac = np.random.default_rng(0).standard_normal((5, 9))
     gram = jac @ jac.T / np.trace(jac @ jac.T)
-    a = np.asarray(newton(jnp.asarray(gram, jnp.float32), jnp.ones(5), max_iter=50), np.float64)
+    a = np.asarray(newton(jnp.asarray(gram, jnp.float32), jnp.ones(5), max_iters=50), np.float64)
     np.testing.assert_allclose(a * (gram @ a), 1.0, rtol=1e-5)
 
 
 def test_log_barrier_newton_warm_start_and_iteration_cap():
     """One step from the solution stays there; one step from far away does not get there."""
     gram = jnp.diag(jnp.array([1.0, 4.0]))
-    np.testing.assert_allclose(newton(gram, jnp.array([1.0, 0.5]), max_iter=1), [1.0, 0.5], rtol=1e-6)
-    assert not np.allclose(newton(gram, jnp.array([50.0, 50.0]), max_iter=1), [1.0, 0.5], rtol=1e-2)
+    np.testing.assert_allclose(newton(gram, jnp.array([1.0, 0.5]), max_iters=1), [1.0, 0.5], rtol=1e-6)
+    assert not np.allclose(newton(gram, jnp.array([50.0, 50.0]), max_iters=1), [1.0, 0.5], rtol=1e-2)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from combiner_cases import CASES, extra_args, is_shape, stacked_gradients
+from combiner_cases import CASES, extra_args
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mojax.testing import is_shape, stacked_gradients
 
 N = 3
 # A LLaMA-like slice (embedding, one block's norm and projections, LM head), every dim divisible by 8.

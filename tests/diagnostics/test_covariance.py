@@ -13,7 +13,7 @@ from reference_ctwa import reference_signal, reference_statistics  # noqa: E402
 from mojax.diagnostics import covariance_statistics, ctwa_signal
 
 statistics = jax.jit(covariance_statistics, static_argnames=("num_groups", "outlier_factor", "global_metrics", "eps"))
-signal_fn = jax.jit(ctwa_signal, static_argnames=("clip_eps_low", "clip_eps_high", "w_agg"))
+signal_fn = jax.jit(ctwa_signal, static_argnames=("epsilon", "epsilon_high", "w_agg"))
 
 
 def _random_batch(rng, batch=24, length=6, n=3):

@@ -1,0 +1,74 @@
+"""Synthetic per-objective gradients and per-sample statistics, for tests and benchmarks of combiners.
+
+Public so that users can benchmark or test their own combiners the way mojax does: LLaMA-shaped gradient pytrees
+whose objectives conflict, and every per-sample extra argument of the combiner contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def graded_weights(n: int) -> np.ndarray:
+    """f32[n] proportional to 1..n and summing to 1: a non-uniform point of the simplex."""
+    ramp = np.arange(1, n + 1, dtype=np.float32)
+    return ramp / ramp.sum()
+
+
+def per_sample_statistics(n: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every per-sample extra argument of the combiner contract for n objectives, B = batch, T = length."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, length), np.float32)
+    mask[::2, length // 2 :] = 0.0  # every other completion ends early
+    return {
+        "rewards": rng.uniform(0.0, 1.0, (batch, n)).astype(np.float32),
+        "signal": rng.standard_normal(batch).astype(np.float32),
+        "group_ids": (np.arange(batch) // 2).astype(np.int32),
+        "advantages": rng.standard_normal((n, batch, length)).astype(np.float32),
+        "losses": rng.uniform(0.5, 2.0, n).astype(np.float32),
+        "mask": mask,
+        "ratio": np.exp(rng.uniform(-0.3, 0.3, (batch, length))).astype(np.float32),
+    }
+
+
+def llama_like_shapes(hidden: int, ffn: int, vocab: int, layers: int) -> dict[str, Any]:
+    """Parameter shapes of a LLaMA-style decoder (GQA with hidden/4 key-value width), as a nested dict."""
+    kv = hidden // 4
+    block = {
+        "attn_norm": (hidden,),
+        "q": (hidden, hidden),
+        "k": (hidden, kv),
+        "v": (hidden, kv),
+        "o": (hidden, hidden),
+        "mlp_norm": (hidden,),
+        "gate": (hidden, ffn),
+        "up": (hidden, ffn),
+        "down": (ffn, hidden),
+    }
+    return {
+        "embed": (vocab, hidden),
+        "layers": [dict(block) for _ in range(layers)],
+        "final_norm": (hidden,),
+        "lm_head": (hidden, vocab),
+    }
+
+
+def is_shape(node: Any) -> bool:
+    """Whether a node of a shapes tree is a leaf shape (a tuple of ints)."""
+    return isinstance(node, tuple) and all(isinstance(size, int) for size in node)
+
+
+def stacked_gradients(shapes: Any, n: int, seed: int = 0, dtype: Any = np.float32) -> Any:
+    """Per-objective gradients f[n, *shape] for every leaf shape: a shared direction with signed loadings plus noise, so objectives conflict."""
+    rng = np.random.default_rng(seed)
+    loadings = np.linspace(1.0, -0.5, n, dtype=np.float32)
+
+    def leaf(shape: tuple[int, ...]) -> np.ndarray:
+        shared = rng.standard_normal(shape, np.float32)
+        noise = rng.standard_normal((n, *shape), np.float32)
+        return (loadings.reshape((n,) + (1,) * len(shape)) * shared + noise).astype(dtype)
+
+    return jax.tree.map(leaf, shapes, is_leaf=is_shape)
