@@ -28,6 +28,7 @@ from mojax._checks import integer, message
 from mojax.data.sources import SOURCES, review_openings, source_rows
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+_RENDERED = "_mojax_rendered_prompt"
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 DataSource = str | os.PathLike | Sequence[Mapping[str, Any]] | datasets.Dataset
@@ -39,7 +40,9 @@ def _builtin_prompts(name: str, cache_dir: str | os.PathLike | None) -> list[dic
     return review_openings(rows) if name == "movie_reviews" else rows
 
 
-def _as_dataset(where: str, source: DataSource, *, builtins: bool, cache_dir: str | os.PathLike | None) -> datasets.Dataset:
+def _as_dataset(
+    where: str, source: DataSource, *, builtins: bool, cache_dir: str | os.PathLike | None
+) -> datasets.Dataset:
     """The source's rows as one `datasets.Dataset` (its only split, 'train')."""
     if isinstance(source, datasets.Dataset):
         return source
@@ -123,7 +126,8 @@ def _render(where: str, dataset: datasets.Dataset, tokenizer: Any, chat_template
         for prompt in dataset["prompt"]
     ]
     order = list(dataset.column_names)
-    return dataset.remove_columns("prompt").add_column("prompt", rendered).select_columns(order)
+    dataset = dataset.add_column(_RENDERED, rendered).remove_columns("prompt").rename_column(_RENDERED, "prompt")
+    return dataset.select_columns(order)
 
 
 def load_prompts(
