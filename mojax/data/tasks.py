@@ -37,9 +37,8 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 def _count(rng: random.Random) -> tuple[str, str]:
     text = "".join(rng.choices("abcdef", k=rng.randint(6, 12)))
     letter = rng.choice(text)
-    return f"How many times does the letter '{letter}' appear in '{text}'? Answer with the number only.", str(
-        text.count(letter)
-    )
+    prompt = f"How many times does the letter '{letter}' appear in '{text}'? Answer with the number only."
+    return prompt, str(text.count(letter))
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:

@@ -11,8 +11,11 @@ import json
 import shutil
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from mojax.data import fetch
 
 REVIEWS_CSV = (
     "category,text,movie_name,has_plot_and_reviews\n"
@@ -109,7 +112,7 @@ def no_pip(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"pip was started: {args}")
 
-    monkeypatch.setattr("mojax.data.fetch.subprocess.run", refuse)
+    monkeypatch.setattr(fetch, "subprocess", SimpleNamespace(run=refuse))
 
 
 @pytest.fixture
