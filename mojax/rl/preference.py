@@ -559,10 +559,10 @@ def check_combiner_for_preference(name_or_reads: str | Iterable[str]) -> tuple[s
             known = sorted(registry) if registry is not None else "none (no combiner registry; pass the reads tuple)"
             raise ValueError(_checks.message(where, "name_or_reads", f"is {name_or_reads!r}", f"a combiner in {known}"))
         reads = tuple(registry[name_or_reads].reads)
-        label = name_or_reads
+        seen = f"names {name_or_reads!r}, which reads"
     else:
         reads = tuple(name_or_reads)
-        label = f"a combiner reading {list(reads)}"
+        seen = "reads"
     for read in reads:
         if not isinstance(read, str):
             raise TypeError(_checks.message(where, "name_or_reads", f"holds {read!r}", "names of combiner inputs"))
@@ -572,7 +572,7 @@ def check_combiner_for_preference(name_or_reads: str | Iterable[str]) -> tuple[s
             _checks.message(
                 where,
                 "name_or_reads",
-                f"names {label}, which reads {needed}",
+                f"{seen} {needed}",
                 f"a combiner reading none of {list(_PER_SAMPLE_READS)}: preference pairs have no rewards, signal or advantages",
             )
         )
