@@ -21,7 +21,7 @@ h_eps(z) = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), TRL's conservative s
 
 where nll_w is the per-token mean negative log-likelihood of the chosen response (option ``chosen_nll``;
 without it -chosen_logps, which is that mean when the log-probabilities are length-averaged). The
-first seven are ``margin_based``: their value depends on D alone (R-DPO's length term is data, not a
+first six are ``margin_based``: their value depends on D alone (R-DPO's length term is data, not a
 function of the parameters), which is what the gradient-entanglement analysis and MODPO's margins
 assume. BCO's shift delta is TRL's running mean of the batch-mean implicit reward (``update_bco_shift``),
 carried by the trainer as state. Option names are TRL's; ``rpo_alpha`` adds rpo_alpha * nll_w once to
@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mojax import _checks
+from mojax import _checks, combiners
 from mojax._numerics import safe_divide
 
 Options = Mapping[str, Any]
@@ -197,9 +197,8 @@ def _checked_options(where: str, names: tuple[str, ...], options: Options) -> di
             _checks.message(where, "options", f"has unknown names {unknown}", f"names among {sorted(_OPTION_DEFAULTS)}")
         )
     merged = {**_OPTION_DEFAULTS, **options}
-    high = 0.5 if "robust" in names else 1.0
     merged["label_smoothing"] = _checks.in_range(
-        where, "label_smoothing", merged["label_smoothing"], low=0.0, high=high, high_open="robust" in names
+        where, "label_smoothing", merged["label_smoothing"], low=0.0, high=0.5, high_open="robust" in names
     )
     merged["simpo_gamma"] = _checks.finite(where, "simpo_gamma", merged["simpo_gamma"])
     for name in ("cpo_alpha", "dpop_lambda"):
@@ -451,7 +450,7 @@ def modpo_loss(
     Args:
       chosen, rejected, ref_chosen, ref_rejected: f32[B] sequence log-probabilities for objective 0's pairs.
       margin_chosen, margin_rejected: f32[n - 1, B] rewards r_1..r_{n-1}(x, y) of the other objectives
-        (frozen reward models or implicit DPO rewards).
+        (frozen reward models or implicit DPO rewards; held constant, no gradient flows into them).
       weights: f32[n] preference weights on the simplex, w_0 > 0.
       beta: DPO's beta.
       loss_type: a ``margin_based`` loss of ``PREFERENCE_LOSSES``.
@@ -495,7 +494,7 @@ def modpo_loss(
         )
     options = _checked_options(where, names, options)
     s_chosen, s_rejected = _log_ratios(where, record, names[0], logps, (ref_chosen, ref_rejected))
-    margin = jnp.tensordot(jnp.asarray(weights[1:], jnp.float32), rewards_w - rewards_l, axes=1)
+    margin = jax.lax.stop_gradient(jnp.tensordot(jnp.asarray(weights[1:], jnp.float32), rewards_w - rewards_l, axes=1))
     effective = (beta * (s_chosen - s_rejected) - margin) / (float(weights[0]) * beta)
     return record.fn(effective, jnp.zeros_like(effective), beta, options)
 
@@ -513,6 +512,11 @@ def stack_preference_losses(pair_losses: jax.Array, objective_ids: jax.Array, nu
 
     Returns:
       f32[n], to feed a Gram combiner (``check_combiner_for_preference``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> stack_preference_losses(jnp.array([1.0, 2.0, 3.0]), jnp.array([0, 1, 0]), 2).tolist()
+      [2.0, 2.0]
 
     References:
       Zhou et al., "Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct Preference
@@ -552,8 +556,6 @@ def check_combiner_for_preference(name_or_reads: str | Iterable[str]) -> tuple[s
     """
     where = "check_combiner_for_preference"
     if isinstance(name_or_reads, str):
-        from mojax import combiners
-
         registry = getattr(combiners, "REGISTRY", None)
         if registry is None or name_or_reads not in registry:
             known = sorted(registry) if registry is not None else "none (no combiner registry; pass the reads tuple)"

@@ -281,6 +281,16 @@ def test_modpo_margin_and_weight_on_the_first_objective():
     np.testing.assert_allclose(hinge, np.maximum(0.0, 1 - (BETA * d - margins) / weights[0]), rtol=1e-5)
 
 
+def test_modpo_margins_are_constants():
+    margin = jnp.array([[0.4, -0.2]])
+    grad = jax.grad(
+        lambda m: jnp.sum(
+            modpo_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, m, 0 * m, weights=[0.6, 0.4], beta=BETA)
+        )
+    )(margin)
+    np.testing.assert_array_equal(grad, np.zeros((1, 2)))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -401,6 +411,30 @@ def test_pair_entanglement_equals_explicit_per_pair_gradients():
     np.testing.assert_allclose(out.rejected_logps, rejected, rtol=1e-6)
     weighted = pair_entanglement(toy_logps, params, batch, probe_mask=lambda p: PROBE, coeff_chosen=2.0)
     np.testing.assert_array_equal(weighted.predicted_chosen, np.sign(2.0 * sq_w - inner))
+
+
+def toy_mean_logps(params, batch):
+    return tuple(
+        sequence_logps(
+            toy_token_logps(params, batch[f"x_{side}"], batch[f"y_{side}"]), batch[f"m_{side}"], average=True
+        )
+        for side in ("w", "l")
+    )
+
+
+def test_length_averaged_log_probs_are_the_summed_ones_with_coefficients_one_over_length():
+    """SimPO's margin on averages is a margin on sums with a = 1/|y|: the predicted moves agree in sign."""
+    params, batch = random_toy(4)
+    averaged = pair_entanglement(toy_mean_logps, params, batch, probe_mask=PROBE)
+    lengths_w, lengths_l = batch["m_w"].sum(1), batch["m_l"].sum(1)
+    summed = pair_entanglement(
+        toy_logps, params, batch, probe_mask=PROBE, coeff_chosen=1 / lengths_w, coeff_rejected=1 / lengths_l
+    )
+    np.testing.assert_array_equal(averaged.predicted_chosen, summed.predicted_chosen)
+    np.testing.assert_array_equal(averaged.predicted_rejected, summed.predicted_rejected)
+    np.testing.assert_allclose(
+        averaged.statistics.delta_chosen, summed.statistics.delta_chosen / lengths_w, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_pair_entanglement_refuses_a_bad_probe_mask():
@@ -537,8 +571,9 @@ def test_shared_prefix_mask_removes_the_common_tokens_and_keeps_the_margin_gradi
     tokens_w = toy_token_logps(params, batch["x_w"], batch["y_w"])
     np.testing.assert_allclose(toy_logps(params, masked)[0], tokens_w[:, 2:].sum(1), rtol=1e-6)
 
-    def margin_grad(b):
-        return jax.grad(lambda W: jnp.sum(jnp.subtract(*toy_logps({**params, "W": W}, b))))(params["W"])
+    margin_grad = jax.jit(
+        lambda b: jax.grad(lambda W: jnp.sum(jnp.subtract(*toy_logps({**params, "W": W}, b))))(params["W"])
+    )
 
     np.testing.assert_allclose(margin_grad(masked), margin_grad(full), rtol=1e-5, atol=1e-6)
     entangled, untangled = toy_entanglement(params, full), toy_entanglement(params, masked)
