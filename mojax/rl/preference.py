@@ -14,16 +14,16 @@ h_eps(z) = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), TRL's conservative s
     rdpo      h_eps(beta D - rdpo_alpha (|y_w| - |y_l|))           Park et al. 2024
     dpop      h_eps(beta (D - dpop_lambda relu(-s_chosen)))        Pal et al. 2024
     cpo       h_eps(beta D) + cpo_alpha nll_w, reference-free      Xu et al. 2024
-    nca_pair  -log sigmoid(beta s_w) - (log sigmoid(-beta s_w) + log sigmoid(-beta s_l)) / 2
-    bco_pair  -log sigmoid(beta s_w - delta) - log sigmoid(-(beta s_l - delta)),  delta = ``bco_delta``
-    apo_zero  (1 - sigmoid(beta s_w)) + sigmoid(beta s_l)               D'Oosterlinck et al. 2024
+    nca_pair  -log sigmoid(beta s_w) - (log sigmoid(-beta s_w) + log sigmoid(-beta s_l)) / 2   Chen et al. 2024
+    bco_pair  -log sigmoid(beta s_w - delta) - log sigmoid(delta - beta s_l)                  Jung et al. 2024
+    apo_zero  (1 - sigmoid(beta s_w)) + sigmoid(beta s_l)          D'Oosterlinck et al. 2024
     sft       nll_w
 
 where nll_w is the per-token mean negative log-likelihood of the chosen response (option ``chosen_nll``;
 without it -chosen_logps, which is that mean when the log-probabilities are length-averaged). The
 first six are ``margin_based``: their value depends on D alone (R-DPO's length term is data, not a
 function of the parameters), which is what the gradient-entanglement analysis and MODPO's margins
-assume. BCO's shift delta is TRL's running mean of the batch-mean implicit reward (``update_bco_shift``),
+assume. BCO's shift delta (``bco_delta``) is TRL's running mean of the batch-mean implicit reward (``update_bco_shift``),
 carried by the trainer as state. Option names are TRL's; ``rpo_alpha`` adds rpo_alpha * nll_w once to
 the combined loss, as TRL does.
 """
@@ -80,8 +80,7 @@ def _logistic(z: jax.Array, options: Options) -> jax.Array:
 
 def _chosen_nll(s_chosen: jax.Array, options: Options) -> jax.Array:
     """Per-token mean NLL of the chosen response: the ``chosen_nll`` option, else -log pi(y_w) as given."""
-    nll = options["chosen_nll"]
-    return -s_chosen if nll is None else jnp.asarray(nll, jnp.float32)
+    return -s_chosen if options["chosen_nll"] is None else options["chosen_nll"]
 
 
 def _sigmoid(s_w: jax.Array, s_l: jax.Array, beta: float, options: Options) -> jax.Array:
