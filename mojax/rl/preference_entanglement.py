@@ -1,0 +1,242 @@
+"""Gradient entanglement while training on preference pairs, and its two mitigations (arXiv 2410.13828).
+
+A margin loss moves log pi(y_w) and log pi(y_l) through the per-pair gradients g_w, g_l only
+(``mojax.diagnostics.entanglement`` has the first-order algebra). ``pair_entanglement`` measures them
+during training: one forward pass of the batch, then the pullback vmapped over the 2B unit cotangents
+gives grad log pi of every response on the probe parameters (LM head, last block or LoRA adapters for
+a large model), O(2B x probe size) memory. Mitigations, as losses that autodiff turns into the update:
+
+* NPO, the pairwise-normalised update c (g_w/|g_w| - g_l/|g_l|), c = |f'(m)|. Any margin loss gets it
+  by feeding it log-probabilities whose value is unchanged and whose gradient is divided by the
+  stop-gradient per-pair norm (``npo_preference_loss``): the chain rule then yields f'(m) times the
+  normalised difference, for whichever f.
+* Sparse token masks: a deterministic one on the shared prefix (``shared_prefix_mask``) or a learned
+  one, mu = sigmoid(per-token logits) multiplying the token log-probabilities, with an L1 penalty
+  l1 * mean(mu) keeping it sparse (``learned_token_mask``, ``token_mask_penalty``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mojax import _checks
+from mojax._numerics import safe_divide
+from mojax.diagnostics.entanglement import EntanglementStatistics, entanglement_statistics
+from mojax.rl.preference import PREFERENCE_LOSSES, preference_loss
+
+
+class PairEntanglement(NamedTuple):
+    """Per-pair gradient geometry on the probe set and the first-order predictions, f32[B] each.
+
+    ``statistics``: inner product, both norms, cosine, condition ratio and predicted moves.
+    ``predicted_chosen`` / ``predicted_rejected``: sign (-1, 0, 1) of the move of log pi(y_w), log pi(y_l)
+    after a small gradient step on a margin loss. ``chosen_logps`` / ``rejected_logps``: the forward pass.
+    """
+
+    statistics: EntanglementStatistics
+    predicted_chosen: jax.Array
+    predicted_rejected: jax.Array
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+
+
+def _probe_leaves(where: str, params: Any, probe_mask: Any) -> tuple[list[Any], list[bool], Any]:
+    """(leaves of params, their probe flags, treedef); ValueError unless the mask matches and selects a leaf."""
+    mask = probe_mask(params) if callable(probe_mask) else probe_mask
+    leaves, treedef = jax.tree.flatten(params)
+    flags, mask_def = jax.tree.flatten(mask)
+    if mask_def != treedef:
+        raise ValueError(
+            _checks.message(where, "probe_mask", f"has structure {mask_def}", f"a tree of bools like params, {treedef}")
+        )
+    flags = [bool(flag) for flag in flags]
+    if not any(flags):
+        raise ValueError(_checks.message(where, "probe_mask", "selects no parameter", "at least one probe leaf"))
+    return leaves, flags, treedef
+
+
+def pair_entanglement(
+    logp_fn: Callable[[Any, Any], tuple[jax.Array, jax.Array]],
+    params: Any,
+    batch: Any,
+    *,
+    probe_mask: Any,
+    coeff_chosen: jax.Array | float = 1.0,
+    coeff_rejected: jax.Array | float = 1.0,
+) -> PairEntanglement:
+    """Per-pair <g_w, g_l>, norms, cosine, condition and predicted moves on the probe parameters.
+
+    Args:
+      logp_fn: ``(params, batch) -> (chosen_logps f32[B], rejected_logps f32[B])``, the sequence
+        log-probabilities the loss sees (length-averaged ones for SimPO).
+      params: the parameter pytree.
+      batch: whatever ``logp_fn`` reads.
+      probe_mask: a pytree of bools with the structure of ``params`` (or a callable params -> such a
+        tree) marking the probe parameters; gradients are taken on those only.
+      coeff_chosen, coeff_rejected: the margin coefficients a_w, a_l (scalars or f32[B]): 1 for DPO,
+        IPO and SimPO on the log-probabilities they see; a_w > a_l for a loss with an SFT term.
+
+    Returns:
+      ``PairEntanglement``; its norms feed ``npo_preference_loss``.
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logp_fn = lambda theta, phi: (phi[0] @ theta, phi[1] @ theta)  # log pi(y) = theta . phi(y)
+      >>> phi = (jnp.array([[1.0, 1.0]]), jnp.array([[1.0, 0.9]]))  # shared features: entangled
+      >>> out = pair_entanglement(logp_fn, jnp.zeros(2), phi, probe_mask=True)
+      >>> float(out.predicted_chosen[0]), float(out.predicted_rejected[0])  # a DPO step raises both
+      (1.0, 1.0)
+    """
+    where = "pair_entanglement"
+    leaves, flags, treedef = _probe_leaves(where, params, probe_mask)
+    probe = [leaf for leaf, flag in zip(leaves, flags, strict=True) if flag]
+
+    def logps_of_probe(probe_values: list[Any]) -> jax.Array:
+        values = iter(probe_values)
+        merged = [next(values) if flag else leaf for leaf, flag in zip(leaves, flags, strict=True)]
+        chosen, rejected = logp_fn(jax.tree.unflatten(treedef, merged), batch)
+        return jnp.concatenate([jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)])
+
+    logps, pullback = jax.vjp(logps_of_probe, probe)
+    pairs = logps.shape[0] // 2
+    (grads,) = jax.vmap(pullback)(jnp.eye(2 * pairs, dtype=logps.dtype))
+    grad_chosen = [grad[:pairs] for grad in grads]
+    grad_rejected = [grad[pairs:] for grad in grads]
+    statistics = entanglement_statistics(grad_chosen, grad_rejected, coeff_chosen, coeff_rejected)
+    return PairEntanglement(
+        statistics,
+        jnp.sign(statistics.delta_chosen),
+        jnp.sign(statistics.delta_rejected),
+        logps[:pairs],
+        logps[pairs:],
+    )
+
+
+def observed_moves_agree(pred_signs: jax.Array, before: jax.Array, after: jax.Array) -> jax.Array:
+    """bool[B]: sign(after - before) == the predicted sign, per pair.
+
+    Args:
+      pred_signs: f32[B] ``PairEntanglement.predicted_chosen`` (or ``predicted_rejected``).
+      before, after: f32[B] the same log-probabilities before and after the step.
+
+    Returns:
+      bool[B]; the first-order prediction holds for a small enough step.
+    """
+    moved = jnp.sign(jnp.asarray(after, jnp.float32) - jnp.asarray(before, jnp.float32))
+    return moved == jnp.asarray(pred_signs, jnp.float32)
+
+
+def _normalised_gradient(logps: jax.Array, norms: jax.Array) -> jax.Array:
+    """Same value as logps, gradient divided by sg(norm) per pair (unchanged where the norm is 0)."""
+    logps = jnp.asarray(logps, jnp.float32)
+    norms = jax.lax.stop_gradient(jnp.asarray(norms, jnp.float32))
+    scale = jnp.where(norms > 0, norms, 1.0)
+    constant = jax.lax.stop_gradient(logps)
+    return constant + (logps - constant) / scale
+
+
+def npo_preference_loss(
+    loss_type: str | Sequence[str],
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array | None = None,
+    ref_rejected_logps: jax.Array | None = None,
+    *,
+    norm_chosen: jax.Array,
+    norm_rejected: jax.Array,
+    beta: float = 0.1,
+    **options: Any,
+) -> jax.Array:
+    """Any margin loss with the pairwise-normalised gradient (NPO), f32[B]; same value as ``preference_loss``.
+
+    The log-probabilities enter as sg(lp) + (lp - sg(lp)) / sg(|g|): per pair, the chosen and rejected
+    terms are weighted by their stop-gradient inverse norms, so the gradient of l(D) is
+    l'(D) (g_w/|g_w| - g_l/|g_l|) and a descent step changes log pi_w by eta c |g_w| (1 - cos) >= 0 and
+    log pi_l by -eta c |g_l| (1 - cos) <= 0, c = |l'(D)|. A zero norm leaves its term unscaled.
+
+    Args:
+      loss_type: ``margin_based`` loss names of ``PREFERENCE_LOSSES`` (one or a list).
+      chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: as for ``preference_loss``.
+      norm_chosen, norm_rejected: f32[B] |g_w|, |g_l| of those log-probabilities on the probe set
+        (``pair_entanglement``).
+      beta, **options: as for ``preference_loss``.
+
+    Returns:
+      f32[B] per-pair loss.
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+    """
+    where = "npo_preference_loss"
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    anchored = [name for name in names if name in PREFERENCE_LOSSES and not PREFERENCE_LOSSES[name].margin_based]
+    if anchored:
+        raise ValueError(
+            _checks.message(where, "loss_type", f"holds anchored losses {anchored}", "margin_based losses")
+        )
+    return preference_loss(
+        loss_type,
+        _normalised_gradient(chosen_logps, norm_chosen),
+        _normalised_gradient(rejected_logps, norm_rejected),
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        **options,
+    )
+
+
+def learned_token_mask(mask_logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Soft token mask mu = sigmoid(mask_logits) * mask, f32[B, T], to multiply token log-probabilities.
+
+    Use it as the mask of ``sequence_logps`` so the margin reads sum_t mu_t log pi(y_t | ...), and add
+    ``token_mask_penalty`` to the loss; the logits are per-token parameters trained with the policy.
+
+    Args:
+      mask_logits: f32[B, T] per-token logits.
+      mask: f32[B, T] response mask (padding gets mu = 0); default all ones.
+
+    Returns:
+      f32[B, T] in [0, 1].
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828. Christopoulou et al., "SparsePO: Controlling Preference Alignment of
+      LLMs via Sparse Token Masks", 2024, arXiv 2410.05102.
+    """
+    mask_logits = jnp.asarray(mask_logits, jnp.float32)
+    mask = jnp.ones_like(mask_logits) if mask is None else jnp.asarray(mask, jnp.float32)
+    if mask.shape != mask_logits.shape:
+        raise ValueError(
+            _checks.message("learned_token_mask", "mask", f"has shape {mask.shape}", f"the logits' {mask_logits.shape}")
+        )
+    return jax.nn.sigmoid(mask_logits) * mask
+
+
+def token_mask_penalty(token_mask: jax.Array, mask: jax.Array | None = None, *, l1: float) -> jax.Array:
+    """L1 sparsity penalty l1 * mean(mu) over the response tokens, f32[] (0 when there are none).
+
+    Args:
+      token_mask: f32[B, T] mu from ``learned_token_mask`` (non-negative, so its mean is its L1 norm per token).
+      mask: f32[B, T] response mask; default all ones.
+      l1: penalty weight >= 0.
+
+    Returns:
+      f32[].
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+    """
+    l1 = _checks.nonnegative("token_mask_penalty", "l1", l1)
+    token_mask = jnp.asarray(token_mask, jnp.float32)
+    mask = jnp.ones_like(token_mask) if mask is None else jnp.asarray(mask, jnp.float32)
+    return l1 * safe_divide(jnp.sum(token_mask * mask), jnp.sum(mask))
