@@ -9,7 +9,8 @@ It is run by path, not as ``-m mojax...``, because that environment has no JAX. 
 vectorizer and calibrated LinearSVC (the only place where the pickles are ever loaded), writes
 ``data/profanity_model.npz`` and ``data/profanity_vocabulary.json`` next to this file, then scores 600
 texts with scikit-learn and with :func:`profanity.offensive_probability` and prints the largest difference.
-alt-profanity-check is MIT-licensed; the exported arrays keep its licence notice in the json.
+alt-profanity-check is MIT-licensed: its licence ships beside the arrays as ``data/LICENSE.alt-profanity-check``
+and the json repeats the copyright line.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 
 SOURCE = "alt-profanity-check==1.9.1 (scikit-learn 1.9.1)"
 LICENCE = (
-    "MIT licence. Copyright (c) 2018 Victor Zhou; alt-profanity-check (c) Menelaos Kotoglou, "
-    "Dimitrios Mistriotis and contributors."
+    "MIT License. Copyright (c) 2018 Victor Zhou, 2021 Menelaos Kotoglou, and Dimitrios Mistriotis. "
+    "Full text: LICENSE.alt-profanity-check in this folder."
 )
 VERIFICATION_SIZE = 600
 

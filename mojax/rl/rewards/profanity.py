@@ -1,7 +1,8 @@
 """Non-toxicity from the alt-profanity-check linear model, re-implemented in numpy (no scikit-learn, no pickle).
 
-alt-profanity-check 1.9.1 (MIT licence, (c) Menelaos Kotoglou, Dimitrios Mistriotis and contributors; model
-by Victor Zhou) scores P(offensive) with a scikit-learn pipeline that this module reads as:
+alt-profanity-check 1.9.1 (MIT License, Copyright (c) 2018 Victor Zhou, 2021 Menelaos Kotoglou, and
+Dimitrios Mistriotis; the licence ships as ``data/LICENSE.alt-profanity-check``) scores P(offensive) with a
+scikit-learn pipeline that this module reads as:
 
     tokens   = re.findall(r"(?u)\\b\\w\\w+\\b", text.lower())         TfidfVectorizer, ngram_range (1, 1)
     x_v      = count_v(tokens) * idf_v        v in the 15,442-word vocabulary (English stop words are not in it)
@@ -11,11 +12,11 @@ by Victor Zhou) scores P(offensive) with a scikit-learn pipeline that this modul
     P        = mean_k p_k                     CalibratedClassifierCV.predict_proba(...)[:, 1]
 
 The fitted arrays were exported once by ``export_profanity.py`` (run in a throw-away environment holding
-alt-profanity-check 1.9.1, scikit-learn 1.9.1 and joblib 1.6.0) into ``data/profanity_model.npz`` (idf, coef,
-intercept, a, b; float64, 631,102 bytes compressed) and ``data/profanity_vocabulary.json`` (the vocabulary in column
-order, the tokeniser settings and the licence; 169,242 bytes). On 600 texts the numpy scores match scikit-learn's ``predict_proba``
-to a maximum absolute difference of 2.2e-16. Nothing is unpickled at run time: the arrays load with
-``allow_pickle=False``.
+alt-profanity-check 1.9.1, scikit-learn 1.9.1 and joblib 1.6.0) into ``data/profanity_model.npz`` (idf,
+coef, intercept, a, b; float64, 631,102 bytes compressed) and ``data/profanity_vocabulary.json`` (the
+vocabulary in column order, the tokeniser settings and the licence; 169,265 bytes). On 600 texts the numpy
+scores match scikit-learn's ``predict_proba`` to a maximum absolute difference of 2.2e-16. Nothing is
+unpickled at run time: the arrays load with ``allow_pickle=False``.
 
 This module imports only the standard library and numpy, so the export script can load it in that
 environment to verify the export.
