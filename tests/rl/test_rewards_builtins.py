@@ -100,9 +100,10 @@ def test_exact_match_extracts_tagged_answers_then_the_last_number():
         "<answer>Paris</answer>",
         "no answer",
         "-7.0",
+        "it costs 1,500, or 2,5",
     ]
-    answers = ["42", "42", "42", "1000", "paris", "1", -7]
-    assert run(exact_match(), completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    answers = ["42", "42", "42", "1000", "paris", "1", -7, "5"]
+    assert run(exact_match(), completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     assert run(exact_match(number_fallback=False), ["it is 42"], answer=["42"]) == [0.0]
     assert run(exact_match(r"#### (\S+)"), ["so #### 18", "18"], answer=["18", "18"]) == [1.0, 1.0]
 

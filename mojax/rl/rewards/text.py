@@ -26,7 +26,7 @@ ANSWER_PATTERN = r"<answer>(.*?)</answer>"
 ANSWER_FORMAT = r"^\s*<answer>.*?</answer>\s*$"
 """The default format of ``format``: the whole completion is one answer in tags."""
 
-NUMBER_PATTERN = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER_PATTERN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 """Numbers as written in answers: an optional minus, digits with optional thousands commas and decimals."""
 
 REFUSAL_PHRASES = (
