@@ -302,6 +302,11 @@ class ProgressBar:
         self._bar = tqdm(total=total_steps, initial=initial_step, disable=disable, file=stream, unit="step")
 
     @property
+    def disabled(self) -> bool:
+        """Whether the bar is hidden."""
+        return bool(self._bar.disable)
+
+    @property
     def postfix(self) -> str:
         """The postfix text the bar shows now."""
         return self._bar.postfix or ""
