@@ -253,13 +253,15 @@ def plot_gradient_cosine(runs: Sequence[Run], last_steps: int) -> Any | None:
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-1.0, vmax=1.0)
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small")
+                color = "white" if abs(value) > 0.6 else "black"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small", color=color)
         ticks = np.arange(len(objectives))
         ax.set_xticks(ticks, objectives, rotation=45, ha="right")
         ax.set_yticks(ticks, objectives)
-        ax.set_title(f"{run.name}: gradient cosine (last {last_steps} steps)")
+        ax.set_title(run.name)
         figure.colorbar(image, ax=ax)
     _hide_unused(axes, len(logged))
+    figure.suptitle(f"cosine of the objectives' gradients, mean of the last {last_steps} logged steps")
     return figure
 
 
