@@ -88,8 +88,8 @@ def test_logger_arguments_are_checked(tmp_path):
 
 def read_events(path):
     """Every Event in a TFRecord file (u64 length, masked crc32c of it, payload, masked crc32c of the payload)."""
-    from tensorboardX.record_writer import masked_crc32c
     from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
 
     data, events, offset = path.read_bytes(), [], 0
     while offset < len(data):
