@@ -111,7 +111,7 @@ class JsonlLogger:
         self._stream = _open_for_append("JsonlLogger", self.path, resume_from_step)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Appends ``{"step": step, **metrics}`` (NaN and inf as null) and flushes."""
+        """Appends ``{"step": step, **metrics}`` (NaN and inf as null; a `step` key in `metrics` is ignored) and flushes."""
         step = _checks.integer("JsonlLogger.log", "step", step, minimum=0)
         record = {"step": step, **{name: _json_number(value) for name, value in metrics.items() if name != "step"}}
         _write_line(self._stream, record)
