@@ -115,10 +115,10 @@ def _group_labels(where: str, group_ids: Any, batch: int) -> jax.Array:
 
 
 def _token_mask(where: str, mask: Any, shape: tuple[int, ...]) -> jax.Array:
-    """f32[n, B, T] mask from a f32[B, T] response mask or a per-objective f32[n, B, T] one."""
+    """f32[..., B, T] mask from a f32[B, T] response mask or a per-objective one of the full shape."""
     mask = jnp.asarray(mask, jnp.float32)
-    if mask.shape not in (shape, shape[1:]):
-        raise ValueError(_checks.message(where, "mask", f"has shape {mask.shape}", f"{shape[1:]} or {shape}"))
+    if mask.shape not in (shape, shape[-2:]):
+        raise ValueError(_checks.message(where, "mask", f"has shape {mask.shape}", f"{shape[-2:]} or {shape}"))
     return jnp.broadcast_to(mask, shape)
 
 
@@ -354,8 +354,7 @@ def whiten(advantages: jax.Array, mask: jax.Array, *, shift_mean: bool = True, e
     advantages = jnp.asarray(advantages, jnp.float32)
     if advantages.ndim < 2:
         raise ValueError(_checks.message(where, "advantages", f"has shape {advantages.shape}", "(..., B, T)"))
-    mask = _token_mask(where, mask, advantages.shape) if advantages.ndim == 3 else jnp.asarray(mask, jnp.float32)
-    mask = jnp.broadcast_to(mask, advantages.shape)
+    mask = _token_mask(where, mask, advantages.shape)
     axes = (-2, -1)
     count = jnp.sum(mask, axis=axes, keepdims=True)
     mean = safe_divide(jnp.sum(advantages * mask, axis=axes, keepdims=True), count)

@@ -134,7 +134,7 @@ def log_ratio(
 
     Returns:
         f32[B, T] log-ratios; under "sequence" every token of a row has the row's value and the gradient
-        of its own logp.
+        of its own logp (GSPO is meant to be aggregated with ``seq-mean-token-mean``, which verl enforces).
 
     References:
         Zheng et al., "Group Sequence Policy Optimization", 2025, arXiv 2507.18071.
@@ -416,7 +416,8 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     is a scatter that XLA:CPU runs slowly.
 
     Args:
-        logits: [B, T, V] logits (any float dtype; computed in fp32).
+        logits: [B, T, V] finite logits (any float dtype; computed in fp32). Mask vocabulary entries with a
+            large negative number rather than -inf: the one-hot contraction multiplies them by 0.
         targets: i32[B, T] token ids.
 
     Returns:
@@ -446,7 +447,7 @@ def token_entropy(logits: jax.Array) -> jax.Array:
     """Entropy f32[B, T] of softmax(logits) per token: logsumexp(z) - sum_v p_v z_v, in fp32.
 
     Args:
-        logits: [B, T, V] logits.
+        logits: [B, T, V] finite logits.
 
     Returns:
         f32[B, T] entropies in nats.
