@@ -48,7 +48,10 @@ _K3_EXPONENT_BOUND = 20.0
 
 
 class LossTerms(NamedTuple):
-    """Unnormalised loss sums f32[...] and their denominator f32[]; ``a + b`` adds two micro-batches' terms."""
+    """Unnormalised loss sums f32[...] and their denominators (f32[], or f32[...] for per-objective masks).
+
+    ``a + b`` adds the terms of two micro-batches; ``aggregate`` turns the total into the loss.
+    """
 
     sums: jax.Array
     counts: jax.Array
@@ -212,11 +215,11 @@ def loss_terms(token_losses: jax.Array, mask: jax.Array, loss_agg_mode: str = "t
 
     Args:
         token_losses: f32[B, T] or f32[n, B, T].
-        mask: f32[B, T] response mask.
+        mask: f32[B, T] response mask, or f32[n, B, T] per objective (then the counts are f32[n]).
         loss_agg_mode: one of ``LOSS_AGG_MODES``.
 
     Returns:
-        ``LossTerms(sums f32[...], counts f32[])``.
+        ``LossTerms(sums f32[...], counts)`` with counts f32[] for a f32[B, T] mask.
 
     References:
         Sheng et al., "HybridFlow: A Flexible and Efficient RLHF Framework" (verl), EuroSys 2025,
@@ -226,8 +229,8 @@ def loss_terms(token_losses: jax.Array, mask: jax.Array, loss_agg_mode: str = "t
     mask = jnp.asarray(mask, jnp.float32)
     token_losses = jnp.asarray(token_losses, jnp.float32)
     if loss_agg_mode == "token-mean":
-        return LossTerms(jnp.sum(token_losses * mask, axis=(-2, -1)), jnp.sum(mask))
-    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+        return LossTerms(jnp.sum(token_losses * mask, axis=(-2, -1)), jnp.sum(mask, axis=(-2, -1)))
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32), axis=-1)
     if loss_agg_mode == "seq-mean-token-mean":
         return LossTerms(jnp.sum(_masked_row_mean(token_losses, mask), axis=-1), rows)
     return LossTerms(jnp.sum(token_losses * mask, axis=(-2, -1)), rows)
@@ -394,6 +397,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", *, clamp
     """
     where = "kl_estimate"
     estimator = KL_ESTIMATORS[_checks.choice(where, "kind", kind, KL_ESTIMATORS)]
+    bound = None if clamp is None else _checks.positive(where, "clamp", clamp)
     logp = jnp.asarray(logp, jnp.float32)
     x = logp - _shape(where, "ref_logp", ref_logp, logp.shape, f"{logp.shape} like `logp`")
     if estimator == "k1":
@@ -403,10 +407,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", *, clamp
     else:
         x = jnp.clip(x, -_K3_EXPONENT_BOUND, _K3_EXPONENT_BOUND)
         estimate = jnp.exp(-x) + x - 1.0
-    if clamp is None:
-        return estimate
-    bound = _checks.positive(where, "clamp", clamp)
-    return jnp.clip(estimate, -bound, bound)
+    return estimate if bound is None else jnp.clip(estimate, -bound, bound)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -464,14 +465,18 @@ def value_loss_terms(
     Args and References: see ``value_loss``.
 
     Returns:
-        ``LossTerms(sums f32[n], counts f32[])``.
+        ``LossTerms(sums f32[n], counts f32[] or f32[n])``.
     """
     where = "value_loss"
     clip = _checks.nonnegative(where, "clip", clip)
     values = _shape(where, "values", values, (None, None, None), "(n, B, T) values of the vector critic")
     old_values = _shape(where, "old_values", old_values, values.shape, f"{values.shape} like `values`")
     returns = _shape(where, "returns", returns, values.shape, f"{values.shape} like `values`")
-    mask = _shape(where, "mask", mask, values.shape[1:], f"{values.shape[1:]}, the (B, T) of `values`")
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.shape not in (values.shape, values.shape[1:]):
+        raise ValueError(
+            _checks.message(where, "mask", f"has shape {mask.shape}", f"{values.shape[1:]} or {values.shape}")
+        )
     clipped = jnp.clip(values, old_values - clip, old_values + clip)
     losses = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return loss_terms(losses, mask, "token-mean")
@@ -486,7 +491,8 @@ def value_loss(
         values: f32[n, B, T] values of the critic being trained.
         old_values: f32[n, B, T] values at rollout time.
         returns: f32[n, B, T] targets (e.g. from ``gae``).
-        mask: f32[B, T] response mask.
+        mask: f32[B, T] response mask, or f32[n, B, T] per objective so that a head is not trained on
+            samples whose reward does not apply (NaN score).
         clip: c >= 0, the value clip range (TRL and Tunix 0.2; verl 0.5).
 
     Returns:

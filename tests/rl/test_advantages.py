@@ -320,6 +320,15 @@ def test_combine_rewards_is_a_weighted_nansum():
     assert np.isnan(combined[2, 0])
 
 
+def test_sum_then_normalize_runs_any_estimator_on_the_combined_reward():
+    inputs = _inputs()
+    weights = np.array([0.5, 2.0, 1.0], np.float32)
+    combined = np.asarray(combine_rewards(inputs.scores, weights))
+    advantages = compute_fn("grpo", inputs._replace(scores=combined)).advantages
+    assert advantages.shape == (1, B, T)
+    close(advantages, loop_grpo(combined, inputs.group_ids)[:, :, None] * applicable_mask(combined, inputs.mask), 1e-4)
+
+
 def _inputs(seed=1, **overrides):
     rewards, group_ids, mask, values, _ = _batch(seed)
     fields = dict(scores=rewards, mask=mask, group_ids=group_ids, values=values, weights=np.ones(N, np.float32))

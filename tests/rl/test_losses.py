@@ -226,6 +226,8 @@ def test_value_loss_by_hand():
     # objective 0: token 0 max(1, 0.7^2) = 1; token 1 max(1, 1) = 1  -> 0.5 * mean = 0.5
     # objective 1: token 0 max(1, (0.3 - 1)^2 = 0.49) = 1; token 1 max(1, (-0.8 - 1)^2 = 3.24) = 3.24 -> 1.06
     close(value_loss(values, old_values, returns, mask), [0.5, 0.5 * (1.0 + 3.24) / 2])
+    per_objective = jnp.stack([mask, mask.at[0, 0].set(0.0)])  # objective 1 has no reward on its first token
+    close(value_loss(values, old_values, returns, per_objective), [0.5, 0.5 * 3.24])
 
 
 def test_token_logprobs_and_entropy_match_log_softmax():
