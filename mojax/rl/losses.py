@@ -1,0 +1,537 @@
+"""Per-objective policy losses of the RL trainer, as (sums, counts) so that micro-batches add up exactly.
+
+Shapes: n objectives, B sequences, T response tokens; ``mask`` f32[B, T] marks the response tokens.
+The policy's log-probabilities f32[B, T] are shared by every objective; only the advantages carry
+the objective axis, so a policy loss is f32[n] (one per objective, for the combiner) while the
+shared terms (KL to the reference, entropy, value loss) are kept apart and added after combination.
+
+How the sources were read:
+
+* PPO-clip (Schulman et al. 2017) per token, L = max(-A rho, -A clip(rho, 1 - eps, 1 + eps_high)), with
+  the decoupled upper bound of DAPO (Yu et al. 2025) and the log-ratio clamped to +-20 before ``exp``
+  as verl does. Dual clip (Ye et al. 2020) bounds the loss of negative advantages: L = min(L, -c A).
+* GSPO (Zheng et al. 2025) replaces the token ratio by the sequence's geometric-mean ratio
+  s = exp(mean_t log-ratio), written per token as log s = logp - sg(logp) + sg(mean_t log-ratio) so
+  that every token keeps its own gradient of logp (the "GSPO-token" form).
+* Aggregation (verl's ``loss_agg_mode``): the token losses become ``LossTerms(sums, counts)`` and the
+  loss is sums / counts (or sums / loss_scale_factor for ``seq-mean-token-sum-norm``). Terms of
+  micro-batches add, so the accumulated loss and its gradient equal those of the full batch. Rows
+  without any response token are padding: they are not counted by the sequence means.
+* KL estimators k1, k2, k3 of Schulman ("Approximating KL Divergence", 2020), with verl's names.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mojax import _checks
+from mojax._numerics import safe_divide
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+"""Loss aggregations, named as in verl."""
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+"""Per-token ratios (PPO) or one ratio per sequence (GSPO)."""
+
+KL_ESTIMATORS: Mapping[str, str] = types.MappingProxyType(
+    {"k1": "k1", "k2": "k2", "k3": "k3", "kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+)
+"""KL estimator names and their verl aliases."""
+
+# exp(-x) of k3 is evaluated with -x clamped here (as verl), so fp32 never overflows.
+_K3_EXPONENT_BOUND = 20.0
+
+
+class LossTerms(NamedTuple):
+    """Unnormalised loss sums f32[...] and their denominators (f32[], or f32[...] for per-objective masks).
+
+    ``a + b`` adds the terms of two micro-batches; ``aggregate`` turns the total into the loss.
+    """
+
+    sums: jax.Array
+    counts: jax.Array
+
+    def __add__(self, other: LossTerms) -> LossTerms:  # type: ignore[override]
+        return LossTerms(self.sums + other.sums, self.counts + other.counts)
+
+
+def _shape(where: str, arg: str, array: Any, expected: tuple[int | None, ...], meaning: str) -> jax.Array:
+    """The f32 array if its shape matches `expected` (None: any size); ValueError naming both shapes otherwise."""
+    array = jnp.asarray(array, jnp.float32)
+    if array.ndim != len(expected) or any(e is not None and s != e for s, e in zip(array.shape, expected, strict=True)):
+        raise ValueError(_checks.message(where, arg, f"has shape {array.shape}", meaning))
+    return array
+
+
+def _token_arrays(where: str, logp: Any, old_logp: Any, mask: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """f32[B, T] log-probs, old log-probs and mask of one shape."""
+    logp = _shape(where, "logp", logp, (None, None), "(B, T) token log-probabilities")
+    old_logp = _shape(where, "old_logp", old_logp, logp.shape, f"{logp.shape} like `logp`")
+    mask = _shape(where, "mask", mask, logp.shape, f"{logp.shape} like `logp`")
+    return logp, old_logp, mask
+
+
+def _token_advantages(where: str, advantages: Any, shape: tuple[int, int]) -> jax.Array:
+    """f32[n, B, T] from f32[n, B, T] or f32[n, B] (one advantage per sequence)."""
+    advantages = jnp.asarray(advantages, jnp.float32)
+    if advantages.ndim == 2 and advantages.shape[1] == shape[0]:
+        advantages = advantages[:, :, None]
+    if advantages.ndim != 3 or advantages.shape[1] != shape[0] or advantages.shape[2] not in (1, shape[1]):
+        raise ValueError(
+            _checks.message(
+                where, "advantages", f"has shape {advantages.shape}", f"(n, {shape[0]}, {shape[1]}) or (n, {shape[0]})"
+            )
+        )
+    return jnp.broadcast_to(advantages, (advantages.shape[0], *shape))
+
+
+def _clip_bounds(where: str, epsilon: Any, epsilon_high: Any) -> tuple[float, float]:
+    """(1 - epsilon, 1 + epsilon_high) with epsilon_high defaulting to epsilon."""
+    epsilon = _checks.in_range(where, "epsilon", epsilon, low=0.0, high=1.0)
+    epsilon_high = epsilon if epsilon_high is None else _checks.nonnegative(where, "epsilon_high", epsilon_high)
+    return 1.0 - epsilon, 1.0 + epsilon_high
+
+
+def _masked_row_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """f32[..., B] mean over the tokens of each row; 0 for a row without tokens."""
+    return safe_divide(jnp.sum(x * mask, axis=-1), jnp.sum(mask, axis=-1))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x f32[..., B, T] over the tokens where mask f32[B, T] is 1, f32[...]; 0 without tokens.
+
+    Args:
+        x: f32[B, T] (e.g. KL or entropy per token) or f32[n, B, T] (e.g. advantages).
+        mask: f32[B, T] response mask.
+
+    Returns:
+        f32[] or f32[n].
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    return safe_divide(jnp.sum(jnp.asarray(x, jnp.float32) * mask, axis=(-2, -1)), jnp.sum(mask))
+
+
+def log_ratio(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    importance_sampling_level: str = "token",
+    log_ratio_clamp: float = 20.0,
+) -> jax.Array:
+    """log rho f32[B, T]: logp - old_logp per token, or GSPO's logp - sg(logp) + sg(mean_t(logp - old_logp)).
+
+    Both are clamped to +-log_ratio_clamp before anyone takes ``exp``.
+
+    Args:
+        logp: f32[B, T] log-probabilities of the policy being trained.
+        old_logp: f32[B, T] log-probabilities of the policy that sampled (or the last update's).
+        mask: f32[B, T] response mask (the sequence mean runs over it).
+        importance_sampling_level: "token" (PPO) or "sequence" (GSPO).
+        log_ratio_clamp: bound on |log rho|.
+
+    Returns:
+        f32[B, T] log-ratios; under "sequence" every token of a row has the row's value and the gradient
+        of its own logp (GSPO is meant to be aggregated with ``seq-mean-token-mean``, which verl enforces).
+
+    References:
+        Zheng et al., "Group Sequence Policy Optimization", 2025, arXiv 2507.18071.
+    """
+    where = "log_ratio"
+    _checks.choice(where, "importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    bound = _checks.positive(where, "log_ratio_clamp", log_ratio_clamp)
+    logp, old_logp, mask = _token_arrays(where, logp, old_logp, mask)
+    token = logp - old_logp
+    if importance_sampling_level == "sequence":
+        sequence = jax.lax.stop_gradient(_masked_row_mean(token, mask))[:, None]
+        token = logp - jax.lax.stop_gradient(logp) + sequence
+    return jnp.clip(token, -bound, bound)
+
+
+def ppo_token_losses(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    log_ratio_clamp: float = 20.0,
+) -> jax.Array:
+    """PPO-clip token losses f32[n, B, T] = max(-A rho, -A clip(rho, 1 - eps, 1 + eps_high)), dual-clipped if asked.
+
+    Args:
+        logp: f32[B, T] log-probabilities of the policy being trained.
+        old_logp: f32[B, T] log-probabilities of the sampling policy.
+        advantages: f32[n, B, T], or f32[n, B] broadcast over the tokens.
+        mask: f32[B, T] response mask.
+        epsilon: lower clip range in [0, 1].
+        epsilon_high: upper clip range (None: ``epsilon``; DAPO uses 0.28).
+        dual_clip: c > 1: for A < 0 the loss is min(L, -c A); None disables it (verl uses 3.0).
+        importance_sampling_level: "token" (PPO) or "sequence" (GSPO), see ``log_ratio``.
+        log_ratio_clamp: bound on |log rho| before ``exp``.
+
+    Returns:
+        f32[n, B, T] token losses (not masked; the aggregation masks them).
+
+    References:
+        Schulman et al., "Proximal Policy Optimization Algorithms", 2017, arXiv 1707.06347.
+        Ye et al., "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning", AAAI 2020,
+        arXiv 1912.09729 (dual clip).
+        Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", 2025, arXiv 2503.14476.
+        Zheng et al., "Group Sequence Policy Optimization", 2025, arXiv 2507.18071.
+    """
+    where = "ppo_policy_loss"
+    low, high = _clip_bounds(where, epsilon, epsilon_high)
+    if dual_clip is not None:
+        dual_clip = _checks.in_range(where, "dual_clip", dual_clip, low=1.0, low_open=True)
+    ratio = jnp.exp(
+        log_ratio(
+            logp, old_logp, mask, importance_sampling_level=importance_sampling_level, log_ratio_clamp=log_ratio_clamp
+        )
+    )
+    advantages = _token_advantages(where, advantages, ratio.shape)
+    losses = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
+    if dual_clip is not None:
+        losses = jnp.where(advantages < 0, jnp.minimum(losses, -dual_clip * advantages), losses)
+    return losses
+
+
+def loss_terms(token_losses: jax.Array, mask: jax.Array, loss_agg_mode: str = "token-mean") -> LossTerms:
+    """(sums, counts) of token losses f32[..., B, T] for one aggregation mode; micro-batch terms add exactly.
+
+    * ``token-mean``: (sum of m l, number of response tokens).
+    * ``seq-mean-token-mean``: (sum over rows of the row's token mean, number of non-empty rows).
+    * ``seq-mean-token-sum``: (sum over rows of the row's token sum, number of non-empty rows).
+    * ``seq-mean-token-sum-norm``: (sum over rows of the row's token sum, number of non-empty rows); the
+      loss divides the sums by ``loss_scale_factor`` instead of the counts (see ``aggregate``).
+
+    Args:
+        token_losses: f32[B, T] or f32[n, B, T].
+        mask: f32[B, T] response mask, or f32[n, B, T] per objective (then the counts are f32[n]).
+        loss_agg_mode: one of ``LOSS_AGG_MODES``.
+
+    Returns:
+        ``LossTerms(sums f32[...], counts)`` with counts f32[] for a f32[B, T] mask.
+
+    References:
+        Sheng et al., "HybridFlow: A Flexible and Efficient RLHF Framework" (verl), EuroSys 2025,
+        arXiv 2409.19256 (``loss_agg_mode``).
+    """
+    _checks.choice("loss_terms", "loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    mask = jnp.asarray(mask, jnp.float32)
+    token_losses = jnp.asarray(token_losses, jnp.float32)
+    if loss_agg_mode == "token-mean":
+        return LossTerms(jnp.sum(token_losses * mask, axis=(-2, -1)), jnp.sum(mask, axis=(-2, -1)))
+    rows = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32), axis=-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return LossTerms(jnp.sum(_masked_row_mean(token_losses, mask), axis=-1), rows)
+    return LossTerms(jnp.sum(token_losses * mask, axis=(-2, -1)), rows)
+
+
+def aggregate(terms: LossTerms, loss_agg_mode: str = "token-mean", loss_scale_factor: float | None = None) -> jax.Array:
+    """The loss from (possibly accumulated) terms: sums / counts, or sums / loss_scale_factor for the "-norm" mode.
+
+    Args:
+        terms: ``LossTerms`` from ``loss_terms`` (or ``ppo_policy_terms``) with the same ``loss_agg_mode``,
+            summed over micro-batches.
+        loss_agg_mode: one of ``LOSS_AGG_MODES``.
+        loss_scale_factor: the constant divisor of ``seq-mean-token-sum-norm`` (verl's default is the padded
+            response length T, which ``ppo_policy_loss`` passes when it is None); unused by the other modes.
+
+    Returns:
+        f32[...] loss (f32[n] for per-objective terms); 0 when nothing was counted.
+
+    References:
+        Sheng et al., "HybridFlow: A Flexible and Efficient RLHF Framework" (verl), EuroSys 2025,
+        arXiv 2409.19256.
+    """
+    where = "aggregate"
+    _checks.choice(where, "loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    if loss_agg_mode != "seq-mean-token-sum-norm":
+        return safe_divide(terms.sums, terms.counts)
+    if loss_scale_factor is None:
+        raise ValueError(
+            _checks.message(where, "loss_scale_factor", "is None", "the divisor of 'seq-mean-token-sum-norm' (e.g. T)")
+        )
+    return terms.sums / _checks.positive(where, "loss_scale_factor", loss_scale_factor)
+
+
+def ppo_policy_terms(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    log_ratio_clamp: float = 20.0,
+) -> LossTerms:
+    """``LossTerms`` of the per-objective PPO-clip loss: ``loss_terms(ppo_token_losses(...), mask, loss_agg_mode)``.
+
+    Args and References: see ``ppo_policy_loss``.
+
+    Returns:
+        ``LossTerms(sums f32[n], counts f32[])``; add the terms of micro-batches, then ``aggregate``.
+    """
+    losses = ppo_token_losses(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        dual_clip=dual_clip,
+        importance_sampling_level=importance_sampling_level,
+        log_ratio_clamp=log_ratio_clamp,
+    )
+    return loss_terms(losses, mask, loss_agg_mode)
+
+
+def ppo_policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    log_ratio_clamp: float = 20.0,
+) -> jax.Array:
+    """Per-objective PPO-clip policy losses f32[n], one per advantage column.
+
+    Token loss L = max(-A rho, -A clip(rho, 1 - epsilon, 1 + epsilon_high)) with rho = exp(log-ratio
+    clamped to +-log_ratio_clamp); with ``dual_clip`` = c, L = min(L, -c A) where A < 0. Under
+    ``importance_sampling_level="sequence"`` (GSPO) rho is the sequence's geometric-mean ratio.
+    Aggregation ``loss_agg_mode``:
+
+    * ``token-mean``: sum over all response tokens / their count;
+    * ``seq-mean-token-mean``: mean over the non-empty rows of each row's token mean;
+    * ``seq-mean-token-sum``: mean over the non-empty rows of each row's token sum;
+    * ``seq-mean-token-sum-norm``: sum over rows of each row's token sum / ``loss_scale_factor``
+      (default T, the padded response length, as verl; Dr. GRPO's constant normaliser).
+
+    Args:
+        logp: f32[B, T] log-probabilities of the policy being trained.
+        old_logp: f32[B, T] log-probabilities of the sampling policy.
+        advantages: f32[n, B, T], or f32[n, B] broadcast over the tokens.
+        mask: f32[B, T] response mask.
+        epsilon: lower clip range in [0, 1].
+        epsilon_high: upper clip range (None: ``epsilon``; DAPO uses 0.28).
+        loss_agg_mode: one of ``LOSS_AGG_MODES``.
+        loss_scale_factor: divisor of ``seq-mean-token-sum-norm`` (None: T).
+        dual_clip: c > 1 for the dual clip of negative advantages; None disables it.
+        importance_sampling_level: "token" (PPO) or "sequence" (GSPO).
+        log_ratio_clamp: bound on |log rho| before ``exp`` (verl: 20).
+
+    Returns:
+        f32[n] losses.
+
+    References:
+        Schulman et al., "Proximal Policy Optimization Algorithms", 2017, arXiv 1707.06347.
+        Ye et al., "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning", AAAI 2020,
+        arXiv 1912.09729.
+        Zheng et al., "Group Sequence Policy Optimization", 2025, arXiv 2507.18071.
+        Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective", 2025, arXiv 2503.20783.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logp = jnp.log(jnp.array([[1.5, 0.5]]))
+        >>> advantages = jnp.array([[1.0], [-1.0]])
+        >>> [round(float(loss), 4) for loss in ppo_policy_loss(logp, jnp.zeros((1, 2)), advantages, jnp.ones((1, 2)))]
+        [-0.85, 1.15]
+    """
+    terms = ppo_policy_terms(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        loss_agg_mode=loss_agg_mode,
+        dual_clip=dual_clip,
+        importance_sampling_level=importance_sampling_level,
+        log_ratio_clamp=log_ratio_clamp,
+    )
+    scale = jnp.shape(logp)[-1] if loss_scale_factor is None else loss_scale_factor
+    return aggregate(terms, loss_agg_mode, scale)
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", *, clamp: float | None = None) -> jax.Array:
+    """Per-token estimate f32[B, T] of KL(pi || pi_ref) from samples of pi, x = logp - ref_logp.
+
+    ``k1`` = x, ``k2`` = x^2 / 2, ``k3`` = exp(-x) + x - 1 (unbiased and >= 0); aliases ``kl`` (k1),
+    ``mse`` (k2), ``low_var_kl`` (k3). For k3 the exponent -x is clamped to +-20 (as verl) so that fp32
+    never overflows; ``clamp`` bounds the result to [-clamp, clamp] (verl uses 10 for k3).
+
+    Args:
+        logp: f32[B, T] log-probabilities of the policy.
+        ref_logp: f32[B, T] log-probabilities of the reference policy.
+        kind: one of ``KL_ESTIMATORS``.
+        clamp: optional bound on the result.
+
+    Returns:
+        f32[B, T] per-token estimate (not masked).
+
+    References:
+        Schulman, "Approximating KL Divergence", 2020, http://joschu.net/blog/kl-approx.html.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(kl_estimate(jnp.log(jnp.array([[2.0]])), jnp.zeros((1, 1)), "k3")[0, 0]), 4)
+        0.1931
+    """
+    where = "kl_estimate"
+    estimator = KL_ESTIMATORS[_checks.choice(where, "kind", kind, KL_ESTIMATORS)]
+    bound = None if clamp is None else _checks.positive(where, "clamp", clamp)
+    logp = jnp.asarray(logp, jnp.float32)
+    x = logp - _shape(where, "ref_logp", ref_logp, logp.shape, f"{logp.shape} like `logp`")
+    if estimator == "k1":
+        estimate = x
+    elif estimator == "k2":
+        estimate = 0.5 * x**2
+    else:
+        x = jnp.clip(x, -_K3_EXPONENT_BOUND, _K3_EXPONENT_BOUND)
+        estimate = jnp.exp(-x) + x - 1.0
+    return estimate if bound is None else jnp.clip(estimate, -bound, bound)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] f32[B, T] as the target's logit minus logsumexp, in fp32.
+
+    The target logit is taken by a one-hot contraction rather than ``take_along_axis``, whose backward
+    is a scatter that XLA:CPU runs slowly.
+
+    Args:
+        logits: [B, T, V] finite logits (any float dtype; computed in fp32). Mask vocabulary entries with a
+            large negative number rather than -inf: the one-hot contraction multiplies them by 0.
+        targets: i32[B, T] token ids.
+
+    Returns:
+        f32[B, T] log-probabilities of the targets.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(token_logprobs(jnp.zeros((1, 1, 4)), jnp.array([[2]]))[0, 0]), 4)
+        -1.3863
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    targets = jnp.asarray(targets)
+    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            _checks.message(
+                "token_logprobs",
+                "targets",
+                f"has shape {targets.shape} for logits {logits.shape}",
+                "(B, T) = logits.shape[:2]",
+            )
+        )
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    return jnp.einsum("btv,btv->bt", logits, one_hot) - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy f32[B, T] of softmax(logits) per token: logsumexp(z) - sum_v p_v z_v, in fp32.
+
+    Args:
+        logits: [B, T, V] finite logits.
+
+    Returns:
+        f32[B, T] entropies in nats.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+
+def value_loss_terms(
+    values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *, clip: float = 0.2
+) -> LossTerms:
+    """``LossTerms`` (token-mean) of the clipped value loss; ``value_loss`` is ``aggregate`` of them.
+
+    Args and References: see ``value_loss``.
+
+    Returns:
+        ``LossTerms(sums f32[n], counts f32[] or f32[n])``.
+    """
+    where = "value_loss"
+    clip = _checks.nonnegative(where, "clip", clip)
+    values = _shape(where, "values", values, (None, None, None), "(n, B, T) values of the vector critic")
+    old_values = _shape(where, "old_values", old_values, values.shape, f"{values.shape} like `values`")
+    returns = _shape(where, "returns", returns, values.shape, f"{values.shape} like `values`")
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.shape not in (values.shape, values.shape[1:]):
+        raise ValueError(
+            _checks.message(where, "mask", f"has shape {mask.shape}", f"{values.shape[1:]} or {values.shape}")
+        )
+    clipped = jnp.clip(values, old_values - clip, old_values + clip)
+    losses = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return loss_terms(losses, mask, "token-mean")
+
+
+def value_loss(
+    values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *, clip: float = 0.2
+) -> jax.Array:
+    """Clipped value loss f32[n] of the vector critic: 0.5 token-mean of max((V - R)^2, (clip(V, V_old +- c) - R)^2).
+
+    Args:
+        values: f32[n, B, T] values of the critic being trained.
+        old_values: f32[n, B, T] values at rollout time.
+        returns: f32[n, B, T] targets (e.g. from ``gae``).
+        mask: f32[B, T] response mask, or f32[n, B, T] per objective so that a head is not trained on
+            samples whose reward does not apply (NaN score).
+        clip: c >= 0, the value clip range (TRL and Tunix 0.2; verl 0.5).
+
+    Returns:
+        f32[n] losses, one per value head.
+
+    References:
+        Schulman et al., "Proximal Policy Optimization Algorithms", 2017, arXiv 1707.06347.
+    """
+    return aggregate(value_loss_terms(values, old_values, returns, mask, clip=clip), "token-mean")
+
+
+def clip_fraction(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon: float,
+    epsilon_high: float | None = None,
+) -> jax.Array:
+    """Fraction f32[] of response tokens (over all objectives) where the clipped branch of PPO is active.
+
+    The clipped branch is active where -A clip(rho) > -A rho, i.e. where the token has no gradient.
+
+    Args:
+        logp: f32[B, T] log-probabilities of the policy being trained.
+        old_logp: f32[B, T] log-probabilities of the sampling policy.
+        advantages: f32[n, B, T], or f32[n, B].
+        mask: f32[B, T] response mask.
+        epsilon: lower clip range.
+        epsilon_high: upper clip range (None: ``epsilon``).
+
+    Returns:
+        f32[] in [0, 1]; 0 without response tokens.
+    """
+    where = "clip_fraction"
+    low, high = _clip_bounds(where, epsilon, epsilon_high)
+    mask = jnp.asarray(mask, jnp.float32)
+    ratio = jnp.exp(log_ratio(logp, old_logp, mask))
+    advantages = _token_advantages(where, advantages, ratio.shape)
+    clipped = (-advantages * jnp.clip(ratio, low, high) > -advantages * ratio).astype(jnp.float32)
+    return jnp.mean(masked_mean(clipped, mask))

@@ -1,0 +1,285 @@
+"""Policy, KL, entropy and value losses: hand-computed values, loop transcriptions, GSPO, and exact micro-batching."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mojax.rl.losses import (
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    LossTerms,
+    aggregate,
+    clip_fraction,
+    kl_estimate,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_policy_terms,
+    token_entropy,
+    token_logprobs,
+    value_loss,
+)
+
+B, T, N = 6, 4, 3
+LN2 = float(np.log(2.0))
+
+
+def _batch(seed=0):
+    """Log-probs, old log-probs, f32[n, B, T] advantages and a ragged mask with one empty row."""
+    rng = np.random.default_rng(seed)
+    old_logp = rng.normal(size=(B, T)).astype(np.float32) - 2.0
+    logp = old_logp + 0.4 * rng.normal(size=(B, T)).astype(np.float32)
+    advantages = rng.normal(size=(N, B, T)).astype(np.float32)
+    lengths = np.array([4, 1, 0, 3, 2, 4])
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    return logp, old_logp, advantages, mask
+
+
+def close(got, expected, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- loop transcriptions
+
+
+def loop_ppo_loss(logp, old_logp, advantages, mask, epsilon, epsilon_high, mode, scale=None, dual_clip=None):
+    """Per-objective PPO-clip loss with plain loops over objectives, rows and tokens."""
+    losses = np.zeros(advantages.shape[0])
+    for k in range(advantages.shape[0]):
+        row_sums, row_counts = [], []
+        for b in range(mask.shape[0]):
+            total, count = 0.0, 0
+            for t in range(mask.shape[1]):
+                if not mask[b, t]:
+                    continue
+                ratio = np.exp(np.float64(logp[b, t]) - old_logp[b, t])
+                a = advantages[k, b, t]
+                loss = max(-a * ratio, -a * min(max(ratio, 1 - epsilon), 1 + epsilon_high))
+                if dual_clip is not None and a < 0:
+                    loss = min(loss, -dual_clip * a)
+                total, count = total + loss, count + 1
+            row_sums.append(total)
+            row_counts.append(count)
+        rows = [b for b in range(mask.shape[0]) if row_counts[b] > 0]
+        if mode == "token-mean":
+            losses[k] = sum(row_sums) / sum(row_counts)
+        elif mode == "seq-mean-token-mean":
+            losses[k] = sum(row_sums[b] / row_counts[b] for b in rows) / len(rows)
+        elif mode == "seq-mean-token-sum":
+            losses[k] = sum(row_sums[b] for b in rows) / len(rows)
+        else:
+            losses[k] = sum(row_sums) / scale
+    return losses
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_kl_estimators_by_hand():
+    """x = logp - ref_logp = (ln 2, -ln 2, 0): k1 = x, k2 = x^2/2, k3 = exp(-x) + x - 1."""
+    logp = jnp.asarray([[LN2, -LN2, 0.0]])
+    ref_logp = jnp.zeros((1, 3))
+    close(kl_estimate(logp, ref_logp, "k1"), [[LN2, -LN2, 0.0]])
+    close(kl_estimate(logp, ref_logp, "k2"), [[LN2**2 / 2, LN2**2 / 2, 0.0]])
+    close(kl_estimate(logp, ref_logp, "k3"), [[0.5 + LN2 - 1.0, 2.0 - LN2 - 1.0, 0.0]])
+    for alias, kind in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")):
+        assert KL_ESTIMATORS[alias] == kind
+        close(kl_estimate(logp, ref_logp, alias), np.asarray(kl_estimate(logp, ref_logp, kind)))
+
+
+def test_kl_clamp_bounds_the_estimate_and_k3_never_overflows():
+    logp = jnp.asarray([[-200.0, 0.0, 200.0]])
+    close(kl_estimate(logp, jnp.zeros((1, 3)), "k1", clamp=10.0), [[-10.0, 0.0, 10.0]])
+    close(kl_estimate(logp, jnp.zeros((1, 3)), "k3", clamp=10.0), [[10.0, 0.0, 10.0]])
+    unclamped = np.asarray(kl_estimate(logp, jnp.zeros((1, 3)), "k3"))
+    close(unclamped, [[np.exp(20.0) - 21.0, 0.0, np.exp(-20.0) + 19.0]], tol=1e-4)
+
+
+def test_ppo_loss_by_hand():
+    """Ratios (1.5, 0.5, 1.1), eps = 0.2, eps_high = 0.28, A = +2 then -1, token-mean."""
+    logp = jnp.log(jnp.asarray([[1.5, 0.5, 1.1]]))
+    advantages = jnp.asarray([[[2.0, 2.0, 2.0]], [[-1.0, -1.0, -1.0]]])
+    mask = jnp.ones((1, 3))
+    positive = [-2.0 * 1.28, -2.0 * 0.5, -2.0 * 1.1]  # clipped above at 1.28; unclipped below for A > 0
+    negative = [1.5, 0.8, 1.1]  # max(-A rho, -A clip(rho)): 0.5 -> clipped to 0.8
+    losses = ppo_policy_loss(logp, jnp.zeros((1, 3)), advantages, mask, epsilon=0.2, epsilon_high=0.28)
+    close(losses, [np.mean(positive), np.mean(negative)])
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages():
+    """A = -1 with ratio 5 costs max(5, 1.2) = 5, capped at c = 3; ratio 2 stays 2; A > 0 is untouched."""
+    logp = jnp.log(jnp.asarray([[5.0, 2.0]]))
+    advantages = jnp.asarray([[[-1.0, -1.0]], [[1.0, 1.0]]])
+    mask = jnp.asarray([[1.0, 1.0]])
+    losses = ppo_policy_loss(
+        logp, jnp.zeros((1, 2)), advantages, mask, dual_clip=3.0, loss_agg_mode="seq-mean-token-sum"
+    )
+    close(losses, [3.0 + 2.0, -1.2 - 1.2])
+    plain = ppo_policy_loss(logp, jnp.zeros((1, 2)), advantages, mask, loss_agg_mode="seq-mean-token-sum")
+    close(plain, [5.0 + 2.0, -1.2 - 1.2])
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_ppo_loss_matches_loop_for_every_aggregation(mode):
+    logp, old_logp, advantages, mask = _batch(1)
+    got = ppo_policy_loss(logp, old_logp, advantages, mask, epsilon_high=0.28, dual_clip=3.0, loss_agg_mode=mode)
+    expected = loop_ppo_loss(logp, old_logp, advantages, mask, 0.2, 0.28, mode, scale=T, dual_clip=3.0)
+    close(got, expected)
+    scaled = ppo_policy_loss(logp, old_logp, advantages, mask, loss_agg_mode=mode, loss_scale_factor=7.0)
+    close(scaled, loop_ppo_loss(logp, old_logp, advantages, mask, 0.2, 0.2, mode, scale=7.0))
+
+
+def test_sequence_advantages_broadcast_over_tokens():
+    logp, old_logp, advantages, mask = _batch(2)
+    per_sequence = advantages[:, :, 0]
+    close(
+        ppo_policy_loss(logp, old_logp, per_sequence, mask),
+        np.asarray(ppo_policy_loss(logp, old_logp, np.repeat(per_sequence[:, :, None], T, axis=2), mask)),
+    )
+
+
+def _loss_and_grad(mode, level):
+    return jax.jit(
+        jax.value_and_grad(
+            lambda logp, old_logp, adv, mask: jnp.sum(
+                ppo_policy_loss(logp, old_logp, adv, mask, loss_agg_mode=mode, importance_sampling_level=level)
+            )
+        )
+    )
+
+
+def test_gspo_equals_token_ppo_when_every_token_of_a_sequence_has_the_same_ratio():
+    logp, old_logp, advantages, mask = _batch(3)
+    shift = np.random.default_rng(0).normal(size=(B, 1)).astype(np.float32) * 0.3
+    logp = old_logp + shift
+    token, token_grad = _loss_and_grad("seq-mean-token-mean", "token")(logp, old_logp, advantages, mask)
+    sequence, sequence_grad = _loss_and_grad("seq-mean-token-mean", "sequence")(logp, old_logp, advantages, mask)
+    close(sequence, token)
+    close(sequence_grad, token_grad)
+
+
+def test_gspo_uses_the_geometric_mean_ratio_of_the_sequence():
+    """Log-ratios (ln 2, 0) give s = sqrt(2) on both tokens; A = 1 and eps = 0.5 leave it unclipped."""
+    logp = jnp.asarray([[LN2, 0.0]])
+    losses = ppo_policy_loss(
+        logp,
+        jnp.zeros((1, 2)),
+        jnp.ones((1, 1, 2)),
+        jnp.ones((1, 2)),
+        epsilon=0.5,
+        importance_sampling_level="sequence",
+    )
+    close(losses, [-np.sqrt(2.0)])
+
+
+@functools.cache
+def _accumulated(mode):
+    """Loss and gradient w.r.t. logp from the terms of two micro-batches of 3 rows, added then aggregated."""
+
+    def loss(logp, old_logp, advantages, mask):
+        halves = [slice(0, 3), slice(3, 6)]
+        parts = [
+            ppo_policy_terms(logp[s], old_logp[s], advantages[:, s], mask[s], loss_agg_mode=mode, dual_clip=3.0)
+            for s in halves
+        ]
+        return jnp.sum(aggregate(parts[0] + parts[1], mode, T))
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
+@functools.cache
+def _full(mode):
+    return jax.jit(
+        jax.value_and_grad(
+            lambda logp, old_logp, advantages, mask: jnp.sum(
+                ppo_policy_loss(logp, old_logp, advantages, mask, loss_agg_mode=mode, dual_clip=3.0)
+            )
+        )
+    )
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_micro_batch_terms_add_up_to_the_full_batch(mode):
+    logp, old_logp, advantages, mask = _batch(4)
+    value, grad = _full(mode)(logp, old_logp, advantages, mask)
+    accumulated_value, accumulated_grad = _accumulated(mode)(logp, old_logp, advantages, mask)
+    close(accumulated_value, value)
+    close(accumulated_grad, grad)
+    assert np.any(np.asarray(grad) != 0)
+
+
+def test_loss_terms_add_elementwise():
+    terms = LossTerms(jnp.asarray([1.0, 2.0]), jnp.asarray(3.0)) + LossTerms(jnp.asarray([4.0, 6.0]), jnp.asarray(1.0))
+    close(terms.sums, [5.0, 8.0])
+    close(aggregate(terms), [1.25, 2.0])
+    close(aggregate(terms, "seq-mean-token-sum-norm", 2.0), [2.5, 4.0])
+
+
+def test_value_loss_by_hand():
+    """V = (1.0, 2.0), V_old = (0.5, 2.0), R = (0.0, 3.0), c = 0.2; the third token is padding."""
+    values = jnp.asarray([[[1.0, 2.0, 9.0]], [[0.0, 0.0, 9.0]]])
+    old_values = jnp.asarray([[[0.5, 2.0, 0.0]], [[0.5, -1.0, 0.0]]])
+    returns = jnp.asarray([[[0.0, 3.0, 0.0]], [[1.0, 1.0, 0.0]]])
+    mask = jnp.asarray([[1.0, 1.0, 0.0]])
+    # objective 0: token 0 max(1, 0.7^2) = 1; token 1 max(1, 1) = 1  -> 0.5 * mean = 0.5
+    # objective 1: token 0 max(1, (0.3 - 1)^2 = 0.49) = 1; token 1 max(1, (-0.8 - 1)^2 = 3.24) = 3.24 -> 1.06
+    close(value_loss(values, old_values, returns, mask), [0.5, 0.5 * (1.0 + 3.24) / 2])
+    per_objective = jnp.stack([mask, mask.at[0, 0].set(0.0)])  # objective 1 has no reward on its first token
+    close(value_loss(values, old_values, returns, per_objective), [0.5, 0.5 * 3.24])
+
+
+def test_token_logprobs_and_entropy_match_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 7)).astype(np.float32) * 3.0
+    targets = rng.integers(0, 7, size=(2, 3))
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = np.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
+    outputs = jax.jit(
+        lambda z: (
+            token_logprobs(z, targets),
+            token_entropy(z),
+            jax.grad(lambda z: jnp.sum(token_logprobs(z, targets)))(z),
+        )
+    )(logits)
+    close(outputs[0], expected)
+    close(outputs[1], -(np.exp(log_softmax) * log_softmax).sum(-1))
+    close(outputs[2], np.eye(7)[targets] - np.exp(log_softmax))
+
+
+def test_clip_fraction_and_masked_mean_by_hand():
+    """Ratios (1.5, 0.5, 1.1, 3.0), A = +1: only 1.5 and 3.0 are clipped; the last token is padding."""
+    logp = jnp.log(jnp.asarray([[1.5, 0.5, 1.1, 3.0]]))
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
+    advantages = jnp.ones((2, 1, 4)).at[1].set(-1.0)
+    # A = +1: clipped where rho > 1.2 (1.5); A = -1: clipped where rho < 0.8 (0.5)
+    close(clip_fraction(logp, jnp.zeros((1, 4)), advantages, mask, epsilon=0.2), 2.0 / 6.0)
+    close(masked_mean(jnp.asarray([[1.0, 2.0, 6.0, 100.0]]), mask), 3.0)
+    close(masked_mean(advantages, jnp.zeros((1, 4))), [0.0, 0.0])
+
+
+def test_huge_log_ratios_stay_finite():
+    logp, old_logp, advantages, mask = _batch(5)
+    losses = ppo_policy_loss(logp + 500.0, old_logp, advantages, mask, dual_clip=3.0)
+    assert np.all(np.isfinite(np.asarray(losses)))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda b: ppo_policy_loss(*b, loss_agg_mode="seq-mean"), ValueError, "`loss_agg_mode` is 'seq-mean'"),
+        (lambda b: ppo_policy_loss(*b, importance_sampling_level="seq"), ValueError, "`importance_sampling_level`"),
+        (lambda b: ppo_policy_loss(*b, dual_clip=1.0), ValueError, "`dual_clip` is 1"),
+        (lambda b: ppo_policy_loss(*b, epsilon=-0.1), ValueError, "`epsilon` is -0.1"),
+        (lambda b: ppo_policy_loss(*b, epsilon="0.2"), TypeError, "`epsilon` is a str"),
+        (lambda b: ppo_policy_loss(b[0], b[1][:, :2], *b[2:]), ValueError, "`old_logp` has shape"),
+        (lambda b: ppo_policy_loss(b[0], b[1], b[2][:, :2], b[3]), ValueError, "`advantages` has shape"),
+        (lambda b: kl_estimate(b[0], b[1], "k4"), ValueError, "`kind` is 'k4'"),
+        (lambda b: aggregate(LossTerms(b[0], b[1]), "seq-mean-token-sum-norm"), ValueError, "`loss_scale_factor`"),
+        (lambda b: value_loss(b[2], b[2], b[2], b[3][:, :2]), ValueError, "`mask` has shape"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, error, words):
+    with pytest.raises(error, match=words):
+        call(_batch())
