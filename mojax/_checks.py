@@ -113,7 +113,9 @@ def simplex(where: str, arg: str, value: Any, *, length: int | None = None) -> n
     """A finite vector with entries >= 0 summing to 1 (within SIMPLEX_ATOL)."""
     array = finite_vector(where, arg, value, length=length)
     if np.any(array < 0) or abs(array.sum() - 1.0) > SIMPLEX_ATOL:
-        raise ValueError(message(where, arg, f"is {array.tolist()}", "non-negative entries summing to 1"))
+        raise ValueError(
+            message(where, arg, f"is {array.tolist()}", "a point of the simplex: entries >= 0 summing to 1")
+        )
     return array
 
 

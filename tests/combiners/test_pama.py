@@ -210,7 +210,7 @@ def test_bad_extra_args_raise(extra, message):
 
 
 def test_bad_construction_raises():
-    with pytest.raises(ValueError, match="num_objectives must be >= 1"):
+    with pytest.raises(ValueError, match="`num_objectives` is 0; expected an integer >= 1"):
         pama_solve(num_objectives=0)
     with pytest.raises(ValueError, match="`epsilon` is -0.1"):
         pama_solve(num_objectives=2, epsilon=-0.1)
