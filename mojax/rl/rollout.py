@@ -1,0 +1,144 @@
+"""Rollout: prompts -> completions with everything the update needs (log-probs, reference log-probs, groups).
+
+``Rollout`` is the contract between sampling and the update (f32[B, T] over the T response tokens):
+
+* ``prompt_ids`` / ``prompt_mask`` i32[B, P]: the left-padded prompts (bucketed width);
+* ``tokens`` i32[B, T], ``response_mask`` f32[B, T] (a prefix mask: response tokens, then padding);
+* ``sampler_logp``: log-probabilities under the sampling distribution (temperature, top-k, top-p applied);
+* ``old_logp``: log-probabilities of the policy that sampled, from the *training* forward (the PPO ratio's
+  denominator; sampler and trainer numerics differ, so the training forward is the consistent one);
+* ``ref_logp``: log-probabilities under the reference policy (zeros when no reference is materialised);
+* ``group_ids`` i32[B]: the prompt each completion answers (``num_generations`` consecutive completions share one);
+* ``truncated`` bool[B]: the completion hit ``max_completion_length`` without a stop token.
+
+Prompts are tokenised once, truncated on the left (or rejected) at ``max_prompt_length``, and left-padded to a
+multiple of ``prompt_bucket_multiple`` so that nearby lengths share one compiled sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mojax import _checks as checks
+from mojax.models.generate import SamplingConfig, generate
+
+
+class Rollout(NamedTuple):
+    """One batch of completions; see the module docstring for every field."""
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array
+    response_mask: jax.Array
+    sampler_logp: jax.Array
+    old_logp: jax.Array
+    ref_logp: jax.Array
+    group_ids: jax.Array
+    truncated: jax.Array
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, max_length: int, truncate: str = "left", bucket_multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids i32[B, P], mask i32[B, P]) left-padded to a multiple of `bucket_multiple`; long prompts cut or rejected.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer (no special tokens are added; a chat template has already been applied).
+      prompts: the prompt strings.
+      max_length: the longest prompt kept, in tokens.
+      truncate: ``"left"`` keeps the last `max_length` tokens; ``"error"`` raises for a longer prompt.
+      bucket_multiple: the padded width is the smallest multiple of it that holds the longest prompt.
+
+    Returns:
+      Left-padded ids (pad = the tokenizer's pad id) and the mask of real tokens.
+    """
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    for index, ids in enumerate(encoded):
+        if len(ids) > max_length and truncate == "error":
+            raise ValueError(
+                checks.message(
+                    "encode_prompts",
+                    "prompts",
+                    f"holds prompt {index} of {len(ids)} tokens",
+                    f"at most rollout.max_prompt_length = {max_length} (or rollout.truncate_prompts=left)",
+                )
+            )
+        if not ids:
+            raise ValueError(
+                checks.message("encode_prompts", "prompts", f"holds an empty prompt at {index}", "non-empty prompts")
+            )
+    encoded = [ids[-max_length:] for ids in encoded]
+    width = -(-max(len(ids) for ids in encoded) // bucket_multiple) * bucket_multiple
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(encoded), width), pad, np.int32)
+    mask = np.zeros((len(encoded), width), np.int32)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = tokens
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def repeat_prompts(
+    ids: np.ndarray, mask: np.ndarray, num_generations: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, group_ids): each prompt repeated `num_generations` times consecutively, group id = prompt index."""
+    groups = np.repeat(np.arange(ids.shape[0], dtype=np.int32), num_generations)
+    return np.repeat(ids, num_generations, axis=0), np.repeat(mask, num_generations, axis=0), groups
+
+
+def sample_rollout(
+    model: Any,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    group_ids: np.ndarray,
+    key: jax.Array,
+    sampling: SamplingConfig,
+    *,
+    policy_logp: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    reference_logp: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+    mask_truncated_completions: bool = False,
+) -> Rollout:
+    """Sample one completion per row, then score it under the policy (and the reference) with the training forward.
+
+    Args:
+      model: the policy (an NNX ``LlamaForCausalLM`` or its ``nnx.split`` pair).
+      prompt_ids, prompt_mask: i32[B, P] left-padded prompts (already repeated per generation).
+      group_ids: i32[B] prompt index of each row.
+      key: the sampling key.
+      sampling: the sampler's settings.
+      policy_logp: (prompt_ids, prompt_mask, tokens) -> f32[B, T] response log-probs of the policy.
+      reference_logp: the same under the reference policy, or None (then ``ref_logp`` is zeros).
+      mask_truncated_completions: zero the response mask of completions that never emitted a stop token.
+
+    Returns:
+      A :class:`Rollout`.
+    """
+    result = generate(model, prompt_ids, prompt_mask, key, sampling)
+    response_mask = result.response_mask.astype(jnp.float32)
+    stopped = jnp.isin(result.tokens, jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)) & (response_mask > 0)
+    truncated = ~jnp.any(stopped, axis=1)
+    if mask_truncated_completions:
+        response_mask = response_mask * (~truncated)[:, None]
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    old_logp = policy_logp(prompt_ids, prompt_mask, result.tokens) * response_mask
+    ref_logp = (
+        jnp.zeros_like(old_logp)
+        if reference_logp is None
+        else reference_logp(prompt_ids, prompt_mask, result.tokens) * response_mask
+    )
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        tokens=result.tokens,
+        response_mask=response_mask,
+        sampler_logp=result.sampler_logprobs * response_mask,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        group_ids=jnp.asarray(group_ids, jnp.int32),
+        truncated=truncated,
+    )

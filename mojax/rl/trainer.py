@@ -1,0 +1,659 @@
+"""The multi-objective RL trainer: prompts -> rollout -> per-objective rewards -> advantages -> update, resumable.
+
+Who runs where (models, tokenizers, data, checkpoints, logging) lives here; what the algorithm is lives in
+:mod:`mojax.rl.update`, :mod:`mojax.rl.advantages`, :mod:`mojax.rl.losses` and the combiners. One step:
+
+1. draw ``data.prompts_per_step`` prompts (a fresh permutation of the prompts per pass, from ``data.seed``);
+2. sample ``num_generations`` completions each and score them under the policy and the reference
+   (:mod:`mojax.rl.rollout`);
+3. score every objective (:mod:`mojax.rl.rewards`), costs negated, optionally normalised;
+4. per-objective advantages (:mod:`mojax.rl.advantages`), Noon-clipped for PAMA;
+5. the jitted update (:func:`mojax.rl.update.make_train_step`);
+6. metrics (DESIGN's keys), samples, checkpoint.
+
+Every random draw is a function of (``seed``, step), and the checkpoint holds the parameters, the optimizer and
+combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
+uninterrupted one bit for bit on CPU. Rerunning on the same ``output_dir`` resumes; a changed config is an error
+except ``steps`` and logging keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from mojax import _checks as checks
+from mojax.combiners import REGISTRY, make, noon
+from mojax.diagnostics import covariance_statistics, ctwa_signal
+from mojax.models.generate import SamplingConfig
+from mojax.rl import advantages as rl_advantages
+from mojax.rl import config as rl_config
+from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, SamplesLogger, TensorBoardLogger
+from mojax.rl.losses import token_entropy, token_logprobs
+from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
+from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, sample_rollout
+from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
+from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
+
+CRASH_ENV = "MOJAX_CRASH_AT_STEP"
+"""Test hook: kill the process with SIGKILL right after the update of this step, before its checkpoint is saved."""
+NORMALIZER_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``config.model.path``: the tiny task's model, or a Hugging Face folder / GGUF file."""
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    if config.model.path == "tiny":
+        from mojax.models import LlamaForCausalLM
+
+        model = LlamaForCausalLM(
+            tiny_model_config(dtype=dtype), remat=config.model.remat, rngs=nnx.Rngs(config.model.init_seed)
+        )
+        return model, tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    from mojax.models import load_causal_lm
+
+    model = load_causal_lm(config.model.path, dtype=dtype, remat=config.model.remat)
+    return model, AutoTokenizer.from_pretrained(config.model.path)
+
+
+def load_prompt_rows(source: Any, config: rl_config.DataSection, tokenizer: Any, seed_offset: int = 0) -> list[dict]:
+    """Prompt rows (dicts with a ``prompt`` string and any reward columns) from a data section's source."""
+    if source == "tiny":
+        return tiny_prompts(config.num_prompts, seed=config.seed + seed_offset)
+    from mojax.data import load_prompts
+
+    dataset = load_prompts(
+        list(source) if isinstance(source, list | tuple) else source,
+        limit=config.num_prompts,
+        seed=config.seed + seed_offset,
+        tokenizer=tokenizer,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+    )
+    return [dict(row) for row in dataset]
+
+
+def combiner_options(name: str, objectives: Sequence[Objective], thresholds: Sequence[float | None]) -> dict[str, Any]:
+    """The combiner's options implied by the objectives' weights (and, for the Lagrangian, their thresholds)."""
+    weights = np.asarray([objective.weight for objective in objectives], np.float64)
+    on_simplex = weights / weights.sum() if weights.sum() > 0 else np.full_like(weights, 1.0 / len(weights))
+    if name == "linear":
+        return {"weights": weights}
+    if name == "ctwa":
+        return {"init_weights": on_simplex}
+    if name in ("p_gapo", "tchebycheff"):
+        return {"preference": on_simplex}
+    if name == "lagrangian":
+        constrained = [index for index, threshold in enumerate(thresholds) if threshold is not None]
+        oriented = [
+            0.0 if threshold is None else (threshold if objective.kind == "reward" else -threshold)
+            for objective, threshold in zip(objectives, thresholds, strict=True)
+        ]
+        return {"constraints": constrained or None, "thresholds": oriented, "reward_weights": weights}
+    return {}
+
+
+def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW behind global-norm clipping, its learning-rate schedule)."""
+    peak = config.learning_rate
+    if config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, config.schedule_steps)
+    else:
+        decay = optax.linear_schedule(peak, 0.0, config.schedule_steps)
+    schedule = (
+        optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup_steps), decay], [config.warmup_steps])
+        if config.warmup_steps
+        else decay
+    )
+    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    chain = [adamw] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm), adamw]
+    return optax.chain(*chain), schedule
+
+
+def probe_flags(params: Any, patterns: Sequence[str], config: Any) -> list[bool]:
+    """One bool per parameter leaf: in the probe set (leaves whose path contains a pattern).
+
+    The default set is the final norm plus the LM head when it is untied (the tied embedding is vocabulary-sized);
+    for a tied model without explicit patterns it is the final norm and the last stacked layer weights' owners.
+    """
+    if not patterns:
+        patterns = (
+            ("model.norm", "lm_head")
+            if not config.tie_word_embeddings
+            else ("model.norm", "post_attention_layernorm", "mlp.down_proj")
+        )
+    paths = [
+        ".".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    flags = [any(pattern in path for pattern in patterns) for path in paths]
+    if not any(flags):
+        raise ValueError(
+            checks.message(
+                "Trainer",
+                "combiner.probe",
+                f"is {list(patterns)} and selects no parameter",
+                f"substrings of parameter paths such as {paths[:3]}",
+            )
+        )
+    return flags
+
+
+def response_fn(graphdef: Any, rest: Any) -> Callable:
+    """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs, entropies) f32[B, T] of the responses."""
+
+    def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
+        model = nnx.merge(graphdef, params, rest)
+        width = prompt_ids.shape[1]
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
+        hidden, _ = model.hidden_states(ids, attention_mask=mask)
+        logits = model.logits(hidden[:, width - 1 : width - 1 + tokens.shape[1]])
+        return token_logprobs(logits, tokens), token_entropy(logits)
+
+    return policy
+
+
+def _nan_stats(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
+
+
+def _typed_keys_to_data(tree: Any) -> Any:
+    """Typed PRNG keys replaced by their uint32 data (Orbax stores plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _data_to_typed_keys(tree: Any, template: Any) -> Any:
+    """The inverse of :func:`_typed_keys_to_data`, guided by a template holding the typed keys."""
+    return jax.tree.map(
+        lambda x, t: (
+            jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+            if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
+            else x
+        ),
+        tree,
+        template,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """A multi-objective PPO/GRPO run.
+
+    Args:
+      config: the run's :class:`mojax.rl.config.TrainConfig`.
+      objectives: objectives to use instead of resolving ``config.objectives`` (e.g. Python reward functions built
+        in code); their names, weights and kinds must match the config's entries.
+      callbacks: callables ``callback(step, metrics)`` run after every step.
+
+    Example:
+      >>> import tempfile
+      >>> from mojax.rl.config import load_config
+      >>> config = load_config("tiny", [f"output_dir={tempfile.mkdtemp()}", "steps=1", "eval_steps=0",
+      ...                               "logging.tensorboard=false", "logging.progress=false", "export=false"])
+      >>> metrics = Trainer(config).train()
+      >>> sorted(k for k in metrics if k.startswith("rewards/") and k.endswith("/mean"))
+      ['rewards/a_rate/mean', 'rewards/b_count/mean', 'rewards/brevity/mean']
+    """
+
+    def __init__(
+        self,
+        config: rl_config.TrainConfig,
+        *,
+        objectives: Sequence[Objective] | None = None,
+        callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = (),
+    ):
+        self.config = config
+        self.callbacks = tuple(callbacks)
+        self.output_dir = Path(config.output_dir)
+        self.objectives = (
+            tuple(objectives)
+            if objectives is not None
+            else tuple(
+                resolve(
+                    {key: rl_config.to_dict(getattr(spec, key)) for key in ("name", "fn", "weight", "kind", "options")}
+                )
+                for spec in config.objectives
+            )
+        )
+        self.names = tuple(objective.name for objective in self.objectives)
+        self.model, self.tokenizer = build_policy(config)
+        self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        self.policy = response_fn(self.graphdef, self.rest)
+        self.train_prompts = load_prompt_rows(config.data.prompts, config.data, self.tokenizer)
+        self.eval_prompts = (
+            None
+            if config.data.eval_prompts is None
+            else load_prompt_rows(config.data.eval_prompts, config.data, self.tokenizer, 1)
+        )
+        self.aggregate_first = config.algorithm.objective_aggregation == "sum_then_normalize"
+        if self.aggregate_first and config.combiner.name != "linear":
+            raise ValueError(
+                checks.message(
+                    "Trainer",
+                    "algorithm.objective_aggregation",
+                    "is 'sum_then_normalize' with a non-linear combiner",
+                    "combiner.name=linear",
+                )
+            )
+        self.num_trained = 1 if self.aggregate_first else len(self.objectives)
+        spec = REGISTRY[config.combiner.name]
+        mode = spec.mode if config.combiner.mode == "auto" else config.combiner.mode
+        options = (
+            {}
+            if self.aggregate_first
+            else combiner_options(spec.name, self.objectives, [o.threshold for o in config.objectives])
+        )
+        self.constrained = tuple(options.get("constraints") or range(1, len(self.objectives)))
+        self.combiner = make(
+            spec.name if not self.aggregate_first else "linear",
+            self.num_trained,
+            **{**options, **config.combiner.options},
+        )
+        self.optimizer, self.schedule = build_optimizer(config.optimizer)
+        algorithm = config.algorithm
+        self.update_spec = UpdateSpec(
+            mode=mode,
+            num_objectives=self.num_trained,
+            combiner_name=spec.name,
+            reads=spec.reads + (("losses",) if spec.uses_gram else ()),
+            num_iterations=algorithm.num_iterations,
+            num_minibatches=algorithm.num_minibatches,
+            num_microbatches=algorithm.num_microbatches,
+            epsilon=algorithm.epsilon,
+            epsilon_high=algorithm.epsilon_high,
+            dual_clip=algorithm.dual_clip,
+            loss_agg_mode=algorithm.loss_agg_mode,
+            loss_scale_factor=algorithm.loss_scale_factor or float(config.rollout.max_completion_length),
+            importance_sampling_level=algorithm.importance_sampling_level,
+            kl_estimator=config.kl.kl_estimator,
+            kl_clamp=config.kl.clamp,
+            kl_in_loss=config.kl.placement == "loss",
+            entropy_coef=algorithm.entropy_coef,
+        )
+        flags = probe_flags(params, config.combiner.probe, self.model.config) if mode == "probe" else None
+        self._train_step = jax.jit(
+            make_train_step(self.policy, self.combiner, self.optimizer, self.update_spec, flags), donate_argnums=0
+        )
+        self.uses_reference = config.kl.beta > 0 or config.kl.log_kl
+        self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference else None
+        self._logp = jax.jit(
+            lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
+        )
+        self.state = TrainState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            combiner_state=self.combiner.init(params),
+            consecutive_skips=jnp.zeros((), jnp.int32),
+            skipped_updates=jnp.zeros((), jnp.int32),
+        )
+        self.normalizer = init_normalizer(len(self.objectives))
+        self.kl_coef = float(config.kl.beta)
+        self.step = 0
+        self.sampling = SamplingConfig(
+            max_new_tokens=config.rollout.max_completion_length,
+            temperature=config.rollout.temperature,
+            top_k=config.rollout.top_k,
+            top_p=config.rollout.top_p,
+            stop_token_ids=self._stop_ids(),
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+            prompt_bucket_multiple=config.rollout.prompt_bucket_multiple,
+        )
+        self._checkpoints: ocp.CheckpointManager | None = None
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _stop_ids(self) -> tuple[int, ...]:
+        eos = self.model.config.eos_token_id
+        ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+
+    def _step_key(self, step: int, stream: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), stream)
+
+    def prompts_for_step(self, step: int) -> list[dict]:
+        """The prompt rows of (1-based) `step`: consecutive slices of per-pass permutations seeded by data.seed."""
+        count, size = len(self.train_prompts), self.config.data.prompts_per_step
+        start = (step - 1) * size
+        rows = []
+        for position in range(start, start + size):
+            epoch, offset = divmod(position, count)
+            order = np.random.default_rng([self.config.data.seed, epoch]).permutation(count)
+            rows.append(self.train_prompts[order[offset]])
+        return rows
+
+    def rollout(self, rows: Sequence[dict], key: jax.Array, sampling: SamplingConfig, generations: int) -> Rollout:
+        """Sample `generations` completions for each prompt row."""
+        ids, mask = encode_prompts(
+            self.tokenizer,
+            [row["prompt"] for row in rows],
+            max_length=self.config.rollout.max_prompt_length,
+            truncate=self.config.rollout.truncate_prompts,
+            bucket_multiple=self.config.rollout.prompt_bucket_multiple,
+        )
+        ids, mask, groups = repeat_prompts(ids, mask, generations)
+        model = nnx.merge(self.graphdef, self.state.params, self.rest)
+        reference = None if self.reference_params is None else functools.partial(self._logp, self.reference_params)
+        return sample_rollout(
+            model,
+            ids,
+            mask,
+            groups,
+            key,
+            sampling,
+            policy_logp=functools.partial(self._logp, self.state.params),
+            reference_logp=reference,
+            mask_truncated_completions=self.config.rollout.mask_truncated_completions,
+        )
+
+    def decode(self, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
+        """(completion strings, completion id lists) of a rollout, cut at the response mask."""
+        tokens = np.asarray(rollout.tokens)
+        lengths = np.asarray(rollout.response_mask).sum(axis=1).astype(int)
+        ids = [row[:length].tolist() for row, length in zip(tokens, lengths, strict=True)]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+
+    def score(self, rows: Sequence[dict], rollout: Rollout, generations: int) -> tuple[np.ndarray, list[str]]:
+        """(raw scores f32[B, n], completions) of the objectives on a rollout."""
+        completions, ids = self.decode(rollout)
+        prompts = [row["prompt"] for row in rows for _ in range(generations)]
+        columns = {key: [row[key] for row in rows for _ in range(generations)] for key in rows[0] if key != "prompt"}
+        raw = score(
+            self.objectives,
+            prompts,
+            completions,
+            completion_ids=ids,
+            columns=columns or None,
+            prompt_ids=np.asarray(rollout.prompt_ids),
+            prompt_mask=np.asarray(rollout.prompt_mask),
+            completion_mask=np.asarray(rollout.response_mask),
+        )
+        return raw, completions
+
+    def advantages(self, scores: np.ndarray, rollout: Rollout) -> jax.Array:
+        """f32[n, B, T] per-objective advantages of reward-oriented scores (KL in the reward when so placed)."""
+        config = self.config
+        scores = jnp.asarray(scores, jnp.float32)
+        weights = jnp.asarray([objective.weight for objective in self.objectives], jnp.float32)
+        kl_tokens = rollout.old_logp - rollout.ref_logp
+        kl_in_reward = config.kl.placement == "reward" and self.kl_coef > 0
+        if kl_in_reward:
+            scores = scores - self.kl_coef * jnp.sum(kl_tokens * rollout.response_mask, axis=1, keepdims=True)
+        if self.aggregate_first:
+            scores, weights = rl_advantages.combine_rewards(scores, weights), jnp.ones((1,), jnp.float32)
+        token_level = rl_advantages.token_rewards(
+            scores, rollout.response_mask, kl=kl_tokens if kl_in_reward else None, beta=self.kl_coef
+        )
+        inputs = rl_advantages.AdvantageInputs(
+            scores=scores,
+            mask=rollout.response_mask,
+            group_ids=rollout.group_ids,
+            token_rewards=token_level,
+            weights=weights,
+        )
+        result = rl_advantages.compute_advantages(
+            config.algorithm.advantage_estimator, inputs, **config.algorithm.estimator_options
+        )
+        use_noon = config.algorithm.noon if config.algorithm.noon is not None else config.combiner.name == "pama"
+        return noon(result.advantages) if use_noon else result.advantages
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _manager(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.checkpoint.max_to_keep)
+            self._checkpoints = ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
+        return self._checkpoints
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {
+            "train": _typed_keys_to_data(self.state),
+            "normalizer": self.normalizer,
+            "kl_coef": jnp.asarray(self.kl_coef, jnp.float32),
+        }
+
+    def save(self) -> None:
+        """Save the state after the current step (asynchronously; ``close`` waits)."""
+        self._manager().save(self.step, args=ocp.args.StandardSave(self._checkpoint_tree()), force=True)
+
+    def restore(self) -> bool:
+        """Restore the latest checkpoint of output_dir, if any; True when one was restored."""
+        manager = self._manager()
+        step = manager.latest_step()
+        if step is None:
+            return False
+        template = self._checkpoint_tree()
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        self.state = _data_to_typed_keys(restored["train"], self.state)
+        self.normalizer = type(self.normalizer)(*restored["normalizer"])
+        self.kl_coef = float(restored["kl_coef"])
+        self.step = int(step)
+        return True
+
+    def _check_resumable(self) -> None:
+        """Write config.yaml on a fresh run; on a resumed one, refuse a config that changed beyond steps/logging."""
+        path = self.output_dir / "config.yaml"
+        current = rl_config.to_dict(self.config)
+        if path.exists():
+            changed = rl_config.changed_keys(yaml.safe_load(path.read_text()), current)
+            if changed:
+                raise ValueError(
+                    checks.message(
+                        "Trainer",
+                        "config",
+                        f"differs from the run in {self.output_dir} in {changed}",
+                        "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
+                    )
+                )
+        path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _metrics(
+        self, raw: np.ndarray, oriented: np.ndarray, rollout: Rollout, advantages: jax.Array, update: Mapping[str, Any]
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        weights_of = np.asarray([objective.weight for objective in self.objectives])
+        combined = np.nansum(oriented * weights_of, axis=1)
+        metrics["reward"], metrics["reward_std"] = _nan_stats(combined)
+        groups = np.asarray(rollout.group_ids)
+        stds = [np.std(combined[groups == g]) for g in np.unique(groups)]
+        metrics["frac_reward_zero_std"] = float(np.mean(np.asarray(stds) == 0))
+        for index, name in enumerate(self.names):
+            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = _nan_stats(raw[:, index])
+        mask = np.asarray(rollout.response_mask)
+        adv = np.asarray(advantages)
+        for index, name in enumerate(self.names if not self.aggregate_first else ("combined",)):
+            metrics[f"advantages/{name}/abs_mean"] = float(np.abs(adv[index]).sum() / max(mask.sum(), 1.0))
+        weights = np.asarray(update["weights"])
+        for index, name in enumerate(self.names if not self.aggregate_first else ("combined",)):
+            metrics[f"combiner/weight/{name}"] = float(weights[index])
+        cosines = np.asarray(update["cosines"])
+        if np.all(np.isfinite(cosines)) and not self.aggregate_first:
+            for a in range(len(self.names)):
+                for b in range(a + 1, len(self.names)):
+                    metrics[f"combiner/cos/{self.names[a]}/{self.names[b]}"] = float(cosines[a, b])
+        signal = ctwa_signal(
+            jnp.einsum("n,nbt->bt", jnp.asarray(weights), advantages),
+            rollout.response_mask,
+            rollout.old_logp,
+            rollout.old_logp,
+        )
+        if not self.aggregate_first:
+            statistics = covariance_statistics(jnp.asarray(oriented), signal, rollout.group_ids)
+            for index, name in enumerate(self.names):
+                metrics[f"interference/cov/{name}"] = float(statistics.cov[index])
+                metrics[f"interference/frac_neg/{name}"] = float(statistics.frac_neg[index])
+            metrics["interference/index"] = float(statistics.interference_index)
+        if self.config.combiner.name == "lagrangian" and not self.aggregate_first:
+            log_lambda = np.asarray(self.state.combiner_state.log_lambda)
+            for index in self.constrained:
+                metrics[f"lagrangian/lambda/{self.names[index]}"] = float(np.exp(log_lambda[index]))
+        lengths = mask.sum(axis=1)
+        metrics["completions/mean_length"] = float(lengths.mean())
+        metrics["completions/clipped_ratio"] = float(np.mean(np.asarray(rollout.truncated)))
+        for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio"):
+            metrics[key] = float(update[key])
+        metrics["kl_coef"] = self.kl_coef
+        metrics["skipped_updates"] = float(self.state.skipped_updates)
+        return metrics
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def train_step(self) -> dict[str, float]:
+        """Run one step (rollout, rewards, advantages, update) and return its metrics."""
+        step = self.step + 1
+        generations = self.config.rollout.num_generations
+        rows = self.prompts_for_step(step)
+        started = time.perf_counter()
+        rollout = self.rollout(rows, self._step_key(step, 0), self.sampling, generations)
+        jax.block_until_ready(rollout.old_logp)
+        sampled = time.perf_counter()
+        raw, completions = self.score(rows, rollout, generations)
+        oriented = np.asarray(signed(raw, self.objectives), np.float32)
+        if any(spec.normalize for spec in self.config.objectives):
+            self.normalizer = update_normalizer(self.normalizer, jnp.asarray(oriented))
+            normalized = np.asarray(normalize(self.normalizer, jnp.asarray(oriented), NORMALIZER_EPS))
+            flags = np.asarray([spec.normalize for spec in self.config.objectives])
+            oriented_for_training = np.where(flags[None, :], normalized, oriented)
+        else:
+            oriented_for_training = oriented
+        scored = time.perf_counter()
+        advantages = self.advantages(oriented_for_training, rollout)
+        batch = Batch(
+            prompt_ids=rollout.prompt_ids,
+            prompt_mask=rollout.prompt_mask,
+            tokens=rollout.tokens,
+            mask=rollout.response_mask,
+            old_logp=rollout.old_logp,
+            ref_logp=rollout.ref_logp,
+            advantages=jnp.moveaxis(advantages, 0, 1),
+            rewards=jnp.asarray(oriented_for_training if not self.aggregate_first else oriented_for_training[:, :1]),
+            group_ids=rollout.group_ids,
+        )
+        self.state, update = self._train_step(self.state, batch, self._step_key(step, 1), jnp.float32(self.kl_coef))
+        update = jax.device_get(update)
+        updated = time.perf_counter()
+        self.step = step
+        metrics = self._metrics(raw, oriented, rollout, advantages, update)
+        metrics["learning_rate"] = float(
+            self.schedule(step * self.config.algorithm.num_iterations * self.config.algorithm.num_minibatches - 1)
+        )
+        metrics["timing/rollout"] = sampled - started
+        metrics["timing/rewards"] = scored - sampled
+        metrics["timing/update"] = updated - scored
+        self._adapt_kl(metrics["kl"])
+        self._last_samples = (rows, completions, raw)
+        return metrics
+
+    def _adapt_kl(self, observed: float) -> None:
+        """The adaptive KL controller: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) B / horizon)."""
+        kl = self.config.kl
+        if kl.controller == "adaptive" and math.isfinite(observed):
+            batch = self.config.data.prompts_per_step * self.config.rollout.num_generations
+            error = float(np.clip(observed / kl.target - 1.0, -0.2, 0.2))
+            self.kl_coef *= 1.0 + error * batch / kl.horizon
+
+    def evaluate(self) -> dict[str, float]:
+        """Per-objective mean rewards of one greedy completion per held-out prompt (``eval/rewards/{name}/mean``)."""
+        if self.eval_prompts is None:
+            return {}
+        sampling = SamplingConfig(
+            max_new_tokens=self.sampling.max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=self.sampling.stop_token_ids,
+            pad_token_id=self.sampling.pad_token_id,
+            prompt_bucket_multiple=self.sampling.prompt_bucket_multiple,
+        )
+        rows = self.eval_prompts
+        rollout = self.rollout(rows, self._step_key(self.step, 2), sampling, 1)
+        raw, _ = self.score(rows, rollout, 1)
+        return {f"eval/rewards/{name}/mean": _nan_stats(raw[:, index])[0] for index, name in enumerate(self.names)}
+
+    def _loggers(self, resumed_at: int | None) -> tuple[CompositeLogger, SamplesLogger]:
+        logging = self.config.logging
+        loggers = [JsonlLogger(self.output_dir / "metrics.jsonl", resume_from_step=resumed_at)]
+        if logging.tensorboard:
+            loggers.append(TensorBoardLogger(self.output_dir / "tensorboard", resume_from_step=resumed_at))
+        loggers.append(
+            ProgressBar(self.config.steps, self.step, self.names, disable=None if logging.progress else True)
+        )
+        samples = SamplesLogger(
+            self.output_dir / "samples.jsonl", max_samples=logging.samples_per_step, resume_from_step=resumed_at
+        )
+        return CompositeLogger(*loggers), samples
+
+    def train(self) -> dict[str, float]:
+        """Train until ``config.steps`` (resuming from output_dir's latest checkpoint); returns the last metrics."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_resumable()
+        resumed = self.restore()
+        logger, samples = self._loggers(self.step if resumed else None)
+        crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < self.config.steps:
+                metrics = self.train_step()
+                if self.config.eval_steps and self.step % self.config.eval_steps == 0:
+                    metrics.update(self.evaluate())
+                if crash_at == self.step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                rows, completions, raw = self._last_samples
+                generations = self.config.rollout.num_generations
+                prompts = [row["prompt"] for row in rows for _ in range(generations)]
+                samples.log(
+                    self.step, prompts, completions, {name: raw[:, i].tolist() for i, name in enumerate(self.names)}
+                )
+                logger.log(self.step, metrics)
+                for callback in self.callbacks:
+                    callback(self.step, metrics)
+                if int(self.state.consecutive_skips) >= self.config.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"Trainer: {int(self.state.consecutive_skips)} consecutive updates were skipped (non-finite loss, "
+                        f"gradient or combiner weight) at step {self.step}; the last good checkpoint is kept."
+                    )
+                if int(self.state.consecutive_skips) == 0 and (
+                    self.step % self.config.checkpoint.save_steps == 0 or self.step == self.config.steps
+                ):
+                    self.save()
+        finally:
+            if self._checkpoints is not None:
+                self._checkpoints.wait_until_finished()
+            logger.close()
+            samples.close()
+        if self.config.export:
+            self.export(self.output_dir / "policy")
+        return metrics
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the current policy as a Hugging Face folder (weights, config, tokenizer)."""
+        from mojax.models import save_pretrained
+
+        model = nnx.merge(self.graphdef, self.state.params, self.rest)
+        save_pretrained(model, path)
+        self.tokenizer.save_pretrained(os.fspath(path))
+        (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
+        return Path(path)
+
+    def close(self) -> None:
+        """Release the checkpoint manager."""
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None

@@ -1,0 +1,340 @@
+"""The RL update: per-objective PPO losses -> combiner -> one optimizer step, as one jitted function.
+
+What the algorithm is, independent of who runs where. For one rollout (batch axis first on every field of
+:class:`Batch`) the update runs ``num_iterations`` epochs, each over ``num_minibatches`` shuffled minibatches
+(``lax.scan`` both), each minibatch in ``num_microbatches`` micro-batches whose loss terms are divided by the
+*minibatch's* denominators, so accumulation gives exact token means.
+
+The loss of a minibatch is a vector f32[n + 1]: the n per-objective PPO losses L_i and one *shared* term (beta KL
+to the reference minus the entropy bonus), which is added after the combination so no combiner can trade it away.
+The combiner mode is chosen from the registry:
+
+* ``scalar`` (combiners without a Gram: linear, CTWA, PAMA, Lagrangian, Tchebycheff): the weights w come from
+  per-sample statistics once per rollout; one backward pass of sum_i w_i L_i + shared per micro-batch.
+* ``probe``: the per-objective gradients of a probe subset of the parameters (the pullback vmapped over n unit
+  cotangents; XLA prunes everything but the probe part) go through the combiner, whose weights w then weight one
+  backward pass of sum_i sg(w_i) L_i + shared over every parameter. With micro-batches this takes two passes.
+* ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory).
+
+A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer and combiner state
+unchanged, as ``optax.apply_if_finite`` does) and is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mojax.combiners import ctwa_next_weights
+from mojax.combiners._base import cosine_gram, tree_gram
+from mojax.diagnostics import ctwa_signal
+from mojax.rl import losses as rl_losses
+
+PolicyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+"""(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs f32[B, T], entropies f32[B, T])."""
+
+
+class Batch(NamedTuple):
+    """One rollout prepared for the update; every field has the batch axis first."""
+
+    prompt_ids: jax.Array  # i32[B, P]
+    prompt_mask: jax.Array  # i32[B, P]
+    tokens: jax.Array  # i32[B, T]
+    mask: jax.Array  # f32[B, T]
+    old_logp: jax.Array  # f32[B, T]
+    ref_logp: jax.Array  # f32[B, T]
+    advantages: jax.Array  # f32[B, n, T]
+    rewards: jax.Array  # f32[B, n], reward-oriented (costs negated); NaN = not applicable
+    group_ids: jax.Array  # i32[B]
+
+
+class TrainState(NamedTuple):
+    """Everything the update changes."""
+
+    params: Any
+    opt_state: Any
+    combiner_state: Any
+    consecutive_skips: jax.Array  # i32[]
+    skipped_updates: jax.Array  # i32[]
+
+
+class UpdateSpec(NamedTuple):
+    """Static settings of the update (hashable: they are compiled into the program)."""
+
+    mode: str
+    num_objectives: int
+    combiner_name: str
+    reads: tuple[str, ...]
+    num_iterations: int = 1
+    num_minibatches: int = 1
+    num_microbatches: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    dual_clip: float | None = None
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: float | None = None
+    importance_sampling_level: str = "token"
+    kl_estimator: str = "k3"
+    kl_clamp: float | None = 10.0
+    kl_in_loss: bool = True
+    entropy_coef: float = 0.0
+
+
+class Denominators(NamedTuple):
+    """What a minibatch's loss sums are divided by: the policy loss's denominator and the response-token count."""
+
+    policy: jax.Array
+    tokens: jax.Array
+
+
+def denominators(mask: jax.Array, spec: UpdateSpec) -> Denominators:
+    """The minibatch's denominators for ``spec.loss_agg_mode`` (the "-norm" mode divides by loss_scale_factor)."""
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    if spec.loss_agg_mode == "seq-mean-token-sum-norm":
+        return Denominators(jnp.asarray(spec.loss_scale_factor, jnp.float32), tokens)
+    counts = rl_losses.loss_terms(jnp.zeros_like(mask), mask, spec.loss_agg_mode).counts
+    return Denominators(jnp.maximum(counts, 1.0), tokens)
+
+
+def minibatch_losses(
+    policy: PolicyFn, params: Any, batch: Batch, divide: Denominators, beta: jax.Array, spec: UpdateSpec
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(f32[n + 1] = [L_1 .. L_n, shared], metric sums) of one (micro-)batch, normalised by the minibatch's denominators."""
+    logp, entropy = policy(params, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+    advantages = jnp.moveaxis(batch.advantages, 1, 0)
+    terms = rl_losses.ppo_policy_terms(
+        logp,
+        batch.old_logp,
+        advantages,
+        batch.mask,
+        epsilon=spec.epsilon,
+        epsilon_high=spec.epsilon_high,
+        loss_agg_mode=spec.loss_agg_mode,
+        dual_clip=spec.dual_clip,
+        importance_sampling_level=spec.importance_sampling_level,
+    )
+    objective_losses = terms.sums / divide.policy
+    kl = jnp.sum(rl_losses.kl_estimate(logp, batch.ref_logp, spec.kl_estimator, clamp=spec.kl_clamp) * batch.mask)
+    mean_entropy = jnp.sum(entropy * batch.mask) / divide.tokens
+    mean_kl = kl / divide.tokens
+    shared = (beta * mean_kl if spec.kl_in_loss else 0.0) - spec.entropy_coef * mean_entropy
+    clipped = rl_losses.clip_fraction(
+        logp,
+        batch.old_logp,
+        advantages,
+        batch.mask,
+        epsilon=spec.epsilon,
+        epsilon_high=spec.epsilon_high,
+    )
+    metrics = {
+        "kl": mean_kl,
+        "entropy": mean_entropy,
+        "clip_ratio": clipped * jnp.sum(batch.mask) / divide.tokens,
+    }
+    return jnp.concatenate([objective_losses, jnp.reshape(shared, (1,))]), metrics
+
+
+def combiner_extras(batch: Batch, losses: jax.Array, weights_for_signal: jax.Array, spec: UpdateSpec) -> dict[str, Any]:
+    """The extra arguments the combiner reads (DESIGN's names), built only for those in ``spec.reads``.
+
+    ``signal`` is CTWA's per-sample training signal of the combined advantage sum_i w_i A_i at the sampling-time
+    ratio (1: the rollout is on-policy), so it costs no extra forward; the CTWA authors' code recomputes the ratio
+    after the update instead (one more forward pass per step).
+    """
+    available = {
+        "rewards": lambda: batch.rewards,
+        "group_ids": lambda: batch.group_ids,
+        "mask": lambda: batch.mask,
+        "advantages": lambda: jnp.moveaxis(batch.advantages, 1, 0),
+        "losses": lambda: losses,
+        "signal": lambda: ctwa_signal(
+            jnp.einsum("n,bnt->bt", weights_for_signal, batch.advantages), batch.mask, batch.old_logp, batch.old_logp
+        ),
+    }
+    return {key: available[key]() for key in spec.reads if key in available}
+
+
+def scalar_weights(combiner: optax.GradientTransformationExtraArgs, state: Any, extras: dict[str, Any], n: int):
+    """(weights f32[n], new combiner state) of a scalar-mode combiner from per-sample statistics alone.
+
+    The combiner is an optax transform over stacked updates; scalar-mode weightings never look at the updates, so a
+    zero stand-in f32[n, 1] carries the objective axis and the combined update is discarded.
+    """
+    _, state = combiner.update({"objective_axis": jnp.zeros((n, 1), jnp.float32)}, state, None, **extras)
+    return state.weights, state
+
+
+def signal_weights(combiner_name: str, state: Any) -> jax.Array:
+    """The weights the combiner will apply to this rollout (CTWA applies exp(log_weights), adapted last step)."""
+    return ctwa_next_weights(state) if combiner_name == "ctwa" else state.weights
+
+
+def _split(tree: Any, parts: int) -> Any:
+    """Every leaf [B, ...] -> [parts, B / parts, ...]."""
+    return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), tree)
+
+
+def _accumulate(step: Callable, micro_batches: Any) -> Any:
+    """Sum of step(m) over the leading axis of micro_batches (a scan; the first one seeds the carry)."""
+    first = step(jax.tree.map(lambda x: x[0], micro_batches))
+
+    def body(total, micro):
+        return jax.tree.map(jnp.add, total, step(micro)), None
+
+    rest = jax.tree.map(lambda x: x[1:], micro_batches)
+    total, _ = jax.lax.scan(body, first, rest)
+    return total
+
+
+def _masked(tree: Any, flags: list[bool]) -> Any:
+    """tree with optax.MaskedNode() in place of every leaf whose flag is False."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(
+        treedef, [leaf if flag else optax.MaskedNode() for leaf, flag in zip(leaves, flags, strict=True)]
+    )
+
+
+def _cosines(stacked: Any) -> jax.Array:
+    """The n x n cosine matrix of the objectives' gradients (rows of a stacked pytree)."""
+    gram, _ = tree_gram(stacked)
+    cosines, _ = cosine_gram(gram)
+    return cosines
+
+
+def _all_finite(*trees: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(
+    policy: PolicyFn,
+    combiner: optax.GradientTransformationExtraArgs,
+    optimizer: optax.GradientTransformation,
+    spec: UpdateSpec,
+    probe_flags: list[bool] | None = None,
+) -> Callable[[TrainState, Batch, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) train step ``(state, batch, key, beta) -> (state, metrics)`` for one rollout.
+
+    Args:
+      policy: the policy's response log-probs and entropies, see :data:`PolicyFn`.
+      combiner: a mojax combiner for n objectives.
+      optimizer: the optax optimizer (clipping, schedule, AdamW) applied to the combined gradient.
+      spec: the static settings.
+      probe_flags: one bool per parameter leaf (probe mode only): True for the probe set.
+
+    Returns:
+      The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
+      (weights and cosines: of the last update).
+    """
+    n = spec.num_objectives
+    eye = jnp.eye(n + 1, dtype=jnp.float32)
+
+    def vector_loss(params, micro, divide, beta):
+        return minibatch_losses(policy, params, micro, divide, beta, spec)
+
+    def scalar_grads(params, micro_batches, divide, beta, weights):
+        cotangent = jnp.concatenate([weights, jnp.ones((1,), jnp.float32)])
+
+        def grads_of(micro):
+            vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
+            (grads,) = pullback(cotangent)
+            return grads, vector, metrics
+
+        return _accumulate(grads_of, micro_batches)
+
+    def per_objective(params, micro_batches, divide, beta):
+        """Stacked gradients f[n + 1, ...] of [L_1..L_n, shared], summed over micro-batches."""
+
+        def grads_of(micro):
+            vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
+            (stacked,) = jax.vmap(pullback)(eye)
+            return stacked, vector, metrics
+
+        return _accumulate(grads_of, micro_batches)
+
+    def combine_full(params, micro_batches, divide, beta, combiner_state, batch):
+        stacked, vector, metrics = per_objective(params, micro_batches, divide, beta)
+        objectives = jax.tree.map(lambda g: g[:n], stacked)
+        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+        combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
+        grads = jax.tree.map(lambda c, g: c + g[n], combined, stacked)
+        return grads, vector, metrics, combiner_state, _cosines(objectives)
+
+    def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
+        def probe_of(micro):
+            vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
+            (stacked,) = jax.vmap(pullback)(eye[:n])
+            return _masked(stacked, probe_flags), vector, metrics
+
+        probe, vector, metrics = _accumulate(probe_of, micro_batches)
+        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+        _, combiner_state = combiner.update(probe, combiner_state, _masked(params, probe_flags), **extras)
+        weights = jax.lax.stop_gradient(combiner_state.weights)
+        grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
+        return grads, vector, metrics, combiner_state, _cosines(probe)
+
+    def minibatch_update(carry, minibatch, beta, scalar_w):
+        state: TrainState = carry
+        divide = denominators(minibatch.mask, spec)
+        micro_batches = _split(minibatch, spec.num_microbatches)
+        if spec.mode == "scalar":
+            grads, vector, metrics = scalar_grads(state.params, micro_batches, divide, beta, scalar_w)
+            combiner_state, weights = state.combiner_state, scalar_w
+            cosines = jnp.full((n, n), jnp.nan, jnp.float32)
+        else:
+            combine = combine_full if spec.mode == "full" else combine_probe
+            grads, vector, metrics, combiner_state, cosines = combine(
+                state.params, micro_batches, divide, beta, state.combiner_state, minibatch
+            )
+            weights = combiner_state.weights
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = _all_finite(vector, grads, weights)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        skipped = (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            combiner_state=keep(combiner_state, state.combiner_state),
+            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+            skipped_updates=state.skipped_updates + skipped,
+        )
+        metrics = {
+            **metrics,
+            "loss": jnp.dot(weights, vector[:n]) + vector[n],
+            "objective_losses": vector[:n],
+            "grad_norm": optax.global_norm(grads),
+            "weights": weights,
+            "cosines": cosines,
+        }
+        return new_state, metrics
+
+    def train_step(state: TrainState, batch: Batch, key: jax.Array, beta: jax.Array):
+        scalar_w = jnp.zeros((n,), jnp.float32)
+        if spec.mode == "scalar":
+            extras = combiner_extras(
+                batch, jnp.zeros((n,), jnp.float32), signal_weights(spec.combiner_name, state.combiner_state), spec
+            )
+            scalar_w, combiner_state = scalar_weights(combiner, state.combiner_state, extras, n)
+            state = state._replace(combiner_state=combiner_state)
+        size = batch.tokens.shape[0]
+        skipped_before = state.skipped_updates
+
+        def epoch(carry, epoch_key):
+            order = jax.random.permutation(epoch_key, size) if spec.num_minibatches > 1 else jnp.arange(size)
+            minibatches = _split(jax.tree.map(lambda x: x[order], batch), spec.num_minibatches)
+            return jax.lax.scan(lambda c, mb: minibatch_update(c, mb, beta, scalar_w), carry, minibatches)
+
+        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, spec.num_iterations))
+        last = lambda x: x.reshape((-1,) + x.shape[2:])[-1]
+        mean = lambda x: jnp.mean(x.reshape((-1,) + x.shape[2:]), axis=0)
+        summary = {
+            key: (last(value) if key in ("weights", "cosines") else mean(value)) for key, value in metrics.items()
+        }
+        summary["skipped"] = state.skipped_updates - skipped_before
+        return state, summary
+
+    return train_step
