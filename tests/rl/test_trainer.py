@@ -1,0 +1,234 @@
+"""The multi-objective RL trainer end to end on the tiny task: runs, resumes bit for bit, reports, refuses bad input."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from compile_log import compilations
+
+from mojax.rl.config import CONFIG_DIR, load_config
+from mojax.rl.logging import read_metrics
+from mojax.rl.trainer import CRASH_ENV, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+# A small run: 2 prompts x 2 generations, 6 new tokens; every test of this file shares these settings.
+SMALL = [
+    "data.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_completion_length=6",
+    "rollout.max_prompt_length=8",
+    "data.num_prompts=8",
+    "eval_steps=0",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "export=false",
+]
+
+
+def small_config(output_dir: Path, *overrides: str):
+    return load_config("tiny", [f"output_dir={output_dir}", *SMALL, *overrides])
+
+
+def params_of(trainer: Trainer) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(trainer.state.params)]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if not k.startswith("timing/")} for record in records]
+
+
+@functools.cache
+def straight_run(root: str) -> tuple[list[np.ndarray], list[dict], int]:
+    """Four uninterrupted steps; also counts the compilations of steps 2-4 (there must be none)."""
+    trainer = Trainer(small_config(Path(root) / "straight", "steps=1"))
+    trainer.train()
+    trainer.config = small_config(Path(root) / "straight", "steps=4")
+    with compilations() as compiled:
+        trainer.train()
+    trainer.close()
+    return params_of(trainer), read_metrics(Path(root) / "straight"), len(compiled)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+def test_steps_after_the_first_do_not_recompile(run_root):
+    _, records, compiled = straight_run(run_root)
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    assert compiled == 0
+
+
+def test_metrics_use_the_documented_keys(run_root):
+    _, records, _ = straight_run(run_root)
+    record = records[-1]
+    for name in ("a_rate", "b_count", "brevity"):
+        for key in (
+            f"rewards/{name}/mean",
+            f"rewards/{name}/std",
+            f"advantages/{name}/abs_mean",
+            f"combiner/weight/{name}",
+        ):
+            assert key in record, key
+        assert f"interference/cov/{name}" in record and f"interference/frac_neg/{name}" in record
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "entropy",
+        "clip_ratio",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "skipped_updates",
+        "interference/index",
+        "timing/rollout",
+        "timing/rewards",
+        "timing/update",
+    ):
+        assert key in record, key
+    assert record["skipped_updates"] == 0
+    assert all(np.isfinite(record[key]) for key in ("loss", "grad_norm", "kl", "entropy"))
+
+
+def test_rerun_with_more_steps_equals_a_straight_run(run_root):
+    want_params, want_records, _ = straight_run(run_root)
+    output = Path(run_root) / "resumed"
+    first = Trainer(small_config(output, "steps=2"))
+    first.train()
+    first.close()
+    second = Trainer(small_config(output, "steps=4"))
+    second.train()
+    second.close()
+    assert second.step == 4
+    for got, want in zip(params_of(second), want_params, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert without_timing(read_metrics(output)) == without_timing(want_records)
+
+
+def test_kill_9_mid_run_resumes_bit_identically(run_root):
+    want_params, want_records, _ = straight_run(run_root)
+    output = Path(run_root) / "crashed"
+    script = (
+        "from mojax.rl.config import load_config; from mojax.rl.trainer import Trainer; "
+        f"Trainer(load_config('tiny', {[f'output_dir={output}', *SMALL, 'steps=4']!r})).train()"
+    )
+    env = {**os.environ, CRASH_ENV: "3", "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    assert [record["step"] for record in read_metrics(output)] == [1, 2]
+    resumed = Trainer(small_config(output, "steps=4"))
+    resumed.train()
+    resumed.close()
+    for got, want in zip(params_of(resumed), want_params, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert without_timing(read_metrics(output)) == without_timing(want_records)
+
+
+def test_a_changed_config_refuses_to_resume(run_root):
+    output = Path(run_root) / "straight"
+    straight_run(run_root)
+    with pytest.raises(ValueError, match=r"differs from the run .* in \['optimizer.learning_rate'\]"):
+        Trainer(small_config(output, "steps=5", "optimizer.learning_rate=0.5")).train()
+
+
+def test_grpo_raises_the_mean_reward_of_a_single_objective(tmp_path):
+    config = small_config(
+        tmp_path,
+        "steps=12",
+        "optimizer.learning_rate=0.02",
+        "rollout.num_generations=4",
+        "data.prompts_per_step=4",
+        "objectives=[{name: brevity, fn: conciseness, options: {target: 6, unit: chars}}]",
+    )
+    trainer = Trainer(config)
+    trainer.train()
+    trainer.close()
+    rewards = [record["rewards/brevity/mean"] for record in read_metrics(tmp_path)]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+
+
+def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_path):
+    calls = []
+
+    def fails_on_second_call(prompts, completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the reward service is down")
+        return [1.0] * len(completions)
+
+    from mojax.rl.rewards import Objective
+
+    config = small_config(tmp_path, "steps=3", "objectives=[{name: flaky, fn: 'mojax.rl.tiny:tiny_prompts'}]")
+    trainer = Trainer(config, objectives=[Objective("flaky", fails_on_second_call)])
+    with pytest.raises(RuntimeError, match="flaky"):
+        trainer.train()
+    trainer.close()
+    assert trainer._manager().all_steps() == [1]
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("combiner.name=not_a_combiner", "`combiner.name` is 'not_a_combiner'; expected one of"),
+        ("rollout.num_generations=1", "`rollout.num_generations` is 1 with the group estimator"),
+        ("rollout.tempreature=0.5", "`rollout.tempreature` is not a known key"),
+        ("algorithm.num_minibatches=3", "does not divide the batch of 4 completions"),
+        ("combiner.mode=probe", "`combiner.mode` is 'probe' for 'linear'"),
+        ("optimizer.schedule=cosine", "`optimizer.schedule_steps` is None"),
+    ],
+)
+def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        small_config(tmp_path, "steps=1", override)
+
+
+def test_wrong_types_raise_type_errors(tmp_path):
+    with pytest.raises(TypeError, match="`rollout.temperature` is 'hot'; expected a number"):
+        small_config(tmp_path, "steps=1", "rollout.temperature=hot")
+
+
+def test_prompts_longer_than_the_limit_are_rejected_when_truncation_is_off(tmp_path):
+    config = small_config(tmp_path, "steps=1", "rollout.truncate_prompts=error", "rollout.max_prompt_length=2")
+    with pytest.raises(ValueError, match="at most rollout.max_prompt_length = 2"):
+        Trainer(config).train()
+
+
+def test_the_example_config_is_the_packaged_tiny_config():
+    assert (REPO / "examples" / "tiny.yaml").read_text() == (CONFIG_DIR / "tiny.yaml").read_text()
+
+
+def test_cli_trains_and_plots(tmp_path, capsys):
+    from mojax.cli import main
+
+    assert main(["train", "tiny", f"output_dir={tmp_path}", *SMALL, "steps=1"]) == 0
+    assert "rewards/a_rate/mean" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "rewards.png").stat().st_size > 1000
+
+
+def test_export_writes_a_loadable_policy(tmp_path):
+    from mojax.models import load_causal_lm
+
+    trainer = Trainer(small_config(tmp_path, "steps=1", "export=true"))
+    trainer.train()
+    trainer.close()
+    loaded = load_causal_lm(tmp_path / "policy")
+    ids = jnp.asarray([[3, 4, 5]])
+    from flax import nnx
+
+    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.rest)
+    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
