@@ -306,7 +306,7 @@ def make_train_step(
             **metrics,
             "loss": jnp.dot(weights, vector[:n]) + vector[n],
             "objective_losses": vector[:n],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "weights": weights,
             "cosines": cosines,
         }
