@@ -151,7 +151,7 @@ def write_llama_gguf(
 def _add_tokenizer(writer, tokenizer) -> None:
     """A byte-level BPE HF tokenizer as ``tokenizer.ggml.*`` metadata (model gpt2)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = state["model"]["vocab"]
+    vocab = tokenizer.get_vocab()  # the BPE vocabulary and the added tokens
     tokens = sorted(vocab, key=vocab.get)
     special = set(tokenizer.all_special_tokens)
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
