@@ -70,13 +70,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
                 "load_tokenizer", "path", f"{path!r} holds no tokenizer", f"one of {HF_TOKENIZER_FILES} or a .gguf file"
             )
         )
-    _require_gguf_tokenizer(gguf_path)
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except KeyError as error:  # transformers' GGUF conversion looks the tokenizer fields up by name
+        _require_gguf_tokenizer(gguf_path, error)
+        raise
 
 
-def _require_gguf_tokenizer(path: str) -> None:
-    """ValueError unless the GGUF file carries a tokenizer (``tokenizer.ggml.model`` and its tokens)."""
+def _require_gguf_tokenizer(path: str, error: Exception) -> None:
+    """ValueError from `error` when the GGUF file carries no tokenizer (``tokenizer.ggml.model`` and its tokens)."""
     import gguf
 
     fields = gguf.GGUFReader(path).fields
@@ -89,7 +92,7 @@ def _require_gguf_tokenizer(path: str) -> None:
                 f"{path!r} is a GGUF file without a tokenizer (no {', '.join(missing)})",
                 "a GGUF file with tokenizer.ggml.* metadata, or an HF folder with tokenizer files",
             )
-        )
+        ) from error
 
 
 def end_of_turn_token_id(tokenizer: Any) -> int | None:
