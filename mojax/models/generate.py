@@ -4,9 +4,10 @@
 right-padded array, left-aligns them (the layout the cache positions assume), left-pads them to a
 bucketed width, prefills the cache once, then runs a ``lax.while_loop`` of single-token decode
 steps that stops as soon as every sequence has emitted a stop token: by default the model's eos
-ids, plus the chat template's end-of-turn token when a tokenizer is given. Each chosen token comes with two log-probabilities: under the distribution it was
-sampled from (temperature, top-k and top-p applied) and under the unmodified model distribution
-(softmax of the raw logits), which is the one PPO ratios and KL penalties need.
+ids, plus the chat template's end-of-turn token when a tokenizer is given. Each chosen token
+comes with two log-probabilities: under the distribution it was sampled from (temperature, top-k
+and top-p applied) and under the unmodified model distribution (softmax of the raw logits), which
+is the one PPO ratios and KL penalties need.
 """
 
 from __future__ import annotations
@@ -48,16 +49,7 @@ class SamplingConfig:
     prompt_bucket_multiple: int | None = None
 
     def __post_init__(self):
-        stop = self.stop_token_ids
-        stop = (
-            None
-            if stop is None
-            else (stop,)
-            if _is_int(stop)
-            else tuple(stop)
-            if isinstance(stop, (tuple, list, np.ndarray))
-            else (stop,)
-        )
+        stop = _as_tuple(self.stop_token_ids)
         if stop is not None and not all(_is_int(t) and t >= 0 for t in stop):
             raise ValueError(
                 f"SamplingConfig: stop_token_ids must be integer token ids >= 0 or None, got {self.stop_token_ids!r}."
@@ -113,6 +105,13 @@ class _DecodeState(NamedTuple):
     response_mask: jax.Array
     sampler_logprobs: jax.Array
     model_logprobs: jax.Array
+
+
+def _as_tuple(ids: Any) -> tuple | None:
+    """None, or the ids of a sequence or array (one id alone becomes a 1-tuple)."""
+    if ids is None:
+        return None
+    return tuple(ids) if isinstance(ids, (tuple, list, np.ndarray)) else (ids,)
 
 
 def _is_real(value: Any) -> bool:
@@ -263,7 +262,7 @@ def _check_prompt_shapes(prompt_ids: Any, prompt_mask: Any) -> None:
 
 
 def _check_prompt_values(prompt_ids: Any, prompt_mask: Any, model_config: Any, config: SamplingConfig) -> None:
-    """ValueError unless the prompts are left- or right-padded, their ids are in the vocabulary, and they fit the model context."""
+    """ValueError unless the prompts are left- or right-padded, in the vocabulary and within the model context."""
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("generate: prompt_mask must hold only 0 (padding) and 1 (real token).")
