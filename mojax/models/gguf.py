@@ -58,7 +58,7 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_ROTARY_PROJECTIONS = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight")
+_ROTARY_PROJECTIONS = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k)_proj\.(weight|bias)")
 _REQUIRED_KEYS = tuple(
     f"llama.{name}"
     for name in (

@@ -95,6 +95,7 @@ def write_llama_gguf(
     architecture: str = "llama",
     extra_metadata: dict[str, Any] | None = None,
     eot_token_id: int | None = None,
+    skip_metadata: tuple[str, ...] = (),
 ) -> str:
     """Write `weights` (HF names and layout) and `config` as a llama GGUF file; returns its path.
 
@@ -141,6 +142,8 @@ def write_llama_gguf(
             continue
         data, kind = _stored(weight, "F32" if weight.ndim == 1 else tensor_type)
         writer.add_tensor(gguf_name(name), data, raw_dtype=kind)
+    for key in skip_metadata:
+        del writer.kv_data[0][key]
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from gguf_fixtures import expected_weight, hf_weights, write_llama_gguf
+from gguf_fixtures import expected_weight, hf_weights, llama_cpp_permute, write_llama_gguf
 from hf_fixtures import save_tiny_tokenizer
 from safetensors.numpy import save_file
 
@@ -28,7 +28,7 @@ from mojax.models import (
     read_gguf_config,
     save_pretrained,
 )
-from mojax.models.gguf import gguf_file_in
+from mojax.models.gguf import gguf_file_in, unpermute_rotary_rows
 
 gguf = pytest.importorskip("gguf")
 
@@ -86,6 +86,24 @@ def ids(original):
 
 def relative_rms(x, reference):
     return float(np.sqrt(np.mean((np.asarray(x) - reference) ** 2) / np.mean(reference**2)))
+
+
+@pytest.mark.parametrize("heads, head_dim, columns", [(1, 2, 1), (3, 8, 5), (4, 16, 2)])
+def test_unpermute_inverts_the_converters_rotary_row_order(heads, head_dim, columns):
+    rows = np.arange(heads * head_dim * columns, dtype=np.float32).reshape(heads * head_dim, columns)
+    interleaved = llama_cpp_permute(rows, heads)
+    np.testing.assert_array_equal(unpermute_rotary_rows(interleaved, head_dim), rows)
+    np.testing.assert_array_equal(unpermute_rotary_rows(interleaved[:, 0], head_dim), rows[:, 0])  # biases
+    first_head = interleaved[:head_dim, 0] // columns  # HF row numbers in llama.cpp's order
+    half = head_dim // 2
+    assert first_head.tolist() == [r for j in range(half) for r in (j, j + half)]
+
+
+def test_missing_shape_metadata_is_named(folder, original):
+    config, _, weights = original
+    path = write_llama_gguf(folder / "no-ctx.gguf", config, weights, skip_metadata=("llama.context_length",))
+    with pytest.raises(ValueError, match="lacks \\['llama.context_length'\\]"):
+        GGUFFile(path)
 
 
 def test_config_comes_from_the_metadata(original, files):
