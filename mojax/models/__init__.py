@@ -1,11 +1,13 @@
-"""LLaMA-style Flax NNX models, value/reward heads and HF safetensors interop.
+"""LLaMA-style Flax NNX models, value/reward heads, HF safetensors and GGUF interop, tokenizers.
 
-Importing this package never imports transformers or torch (safetensors is imported only when
-weights are read or written).
+Importing this package never imports transformers, torch or gguf (safetensors is imported only
+when weights are read or written, gguf when a GGUF file is opened, transformers when a tokenizer
+is loaded).
 """
 
 from mojax.models.config import ModelConfig
 from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
+from mojax.models.gguf import SUPPORTED_TENSOR_TYPES, GGUFFile, read_gguf_config
 from mojax.models.heads import LlamaRewardModel, LlamaValueModel, ValueHead
 from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, save_pretrained
 from mojax.models.llama import (
@@ -16,8 +18,10 @@ from mojax.models.llama import (
     LlamaModel,
     init_kv_cache,
 )
+from mojax.models.tokenizer import chat_stop_token_ids, end_of_turn_token_id, load_tokenizer
 
 __all__ = [
+    "GGUFFile",
     "GenerationResult",
     "KV_CACHE_LOGICAL_AXES",
     "LOGICAL_AXES",
@@ -27,14 +31,19 @@ __all__ = [
     "LlamaRewardModel",
     "LlamaValueModel",
     "ModelConfig",
+    "SUPPORTED_TENSOR_TYPES",
     "SamplingConfig",
     "ValueHead",
     "bucket_length",
+    "chat_stop_token_ids",
+    "end_of_turn_token_id",
     "generate",
     "init_kv_cache",
     "load_causal_lm",
     "load_reward_model",
+    "load_tokenizer",
     "load_value_model",
+    "read_gguf_config",
     "sample_next_token",
     "save_pretrained",
 ]

@@ -4,12 +4,23 @@ Field names follow `transformers.LlamaConfig` so a HF `config.json` maps one to 
 JAX-side fields: ``dtype`` (compute dtype of activations) and ``param_dtype`` (storage dtype of
 the parameters). Logits, softmax and RMSNorm statistics are always computed in fp32.
 
-Loading from HF goes through an allow-list (:meth:`ModelConfig.from_hf`): a field or value that
-would change the architecture in a way mojax does not implement (biases, another activation, a
-RoPE variant other than default / llama3, ...) raises ``ValueError`` naming the field and what is
-supported, instead of silently producing a different model. Pure bookkeeping fields
-(``architectures``, ``transformers_version``, ``dtype``, ``use_cache``, ``initializer_range``, ...)
-are accepted and ignored by name.
+Loading from HF (:meth:`ModelConfig.from_hf`) sorts every field of ``config.json`` into one of
+three kinds:
+
+* maths: fields that set the forward pass (shapes, RoPE, norm epsilon, tied embeddings) and are
+  kept. A field or value that would change the maths in a way mojax does not implement (biases,
+  another activation, a RoPE variant other than default / llama3, interleaved RoPE, weights
+  quantized by GPTQ, AWQ, bitsandbytes, ...) raises ``ValueError`` naming the field and what is
+  supported, instead of silently producing a different model;
+* token ids (``bos_token_id``, ``eos_token_id`` (an int or a list), ``pad_token_id``,
+  ``unk_token_id``): kept, so that generation and export know the special tokens;
+* metadata: bookkeeping (``architectures``, ``transformers_version``, ``use_cache``,
+  ``initializer_range``, ...), tool blocks (``transformers.js_config``), markers that restate the
+  default maths (``is_llama_config``, ``rope_interleaved=False``) and a ``quantization_config``
+  whose ``quant_method`` is ``"gguf"`` (the note that the float weights beside it were
+  dequantized from a GGUF file): accepted and ignored by name.
+
+An unknown field is an error: it may change the maths.
 
 transformers is imported lazily, only by :meth:`ModelConfig.to_hf` and when a `LlamaConfig`
 object is passed to :meth:`ModelConfig.from_hf`.
@@ -64,6 +75,8 @@ _IGNORED_HF_FIELDS = frozenset(
         "torchscript",
         "tie_encoder_decoder",
         "add_cross_attention",
+        "is_llama_config",  # a marker of the LLaMA maths mojax implements
+        "transformers.js_config",  # a transformers.js block (ONNX export dtypes): no effect on the weights
     }
 )
 
@@ -74,7 +87,13 @@ _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "mlp_bias": (False,),
     "model_type": ("llama",),
     "is_decoder": (False, True),
+    "rope_interleaved": (False,),  # True rotates adjacent pairs (GPT-J style), not HF's halves
 }
+
+# `quantization_config.quant_method` of a folder whose float weights were dequantized from a GGUF
+# file: a note, not quantized weights. Every other method (gptq, awq, bitsandbytes, fp8, ...)
+# stores weights mojax cannot read as floats.
+_DEQUANTIZED_QUANT_METHODS = ("gguf",)
 
 _DIRECT_FIELDS = (
     "vocab_size",
@@ -90,7 +109,10 @@ _DIRECT_FIELDS = (
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
+    "unk_token_id",
 )
+
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def _as_dtype(x: Any) -> np.dtype:
@@ -130,6 +152,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    unk_token_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -168,7 +191,7 @@ class ModelConfig:
         s("rms_norm_eps", float(self.rms_norm_eps))
         s("rope_theta", float(self.rope_theta))
         s("tie_word_embeddings", bool(self.tie_word_embeddings))
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for k in _TOKEN_ID_FIELDS:
             s(k, _token_id(getattr(self, k)))
         s("dtype", _as_dtype(self.dtype))
         s("param_dtype", _as_dtype(self.param_dtype))
@@ -337,6 +360,10 @@ class ModelConfig:
                         errors.append(str(e))
                 else:
                     errors.append(f"{key}: rope_type={rope_type!r} is not supported (supported: 'default', 'llama3')")
+            elif key == "quantization_config":
+                error = _quantization_error(value)
+                if error:
+                    errors.append(error)
             elif key == "auto_map":
                 errors.append(
                     "auto_map (custom remote modeling code) is not supported: mojax never "
@@ -385,6 +412,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "pad_token_id": self.pad_token_id,
+            **({} if self.unk_token_id is None else {"unk_token_id": self.unk_token_id}),
             "dtype": str(self.param_dtype),
         }
 
@@ -409,6 +437,18 @@ class ModelConfig:
         if not os.path.isfile(cfg):
             raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}")
         return cls.from_json_file(cfg, **overrides)
+
+
+def _quantization_error(value: Any) -> str | None:
+    """None for a dequantized-GGUF note; the error naming the method for quantized weights."""
+    method = value.get("quant_method") if isinstance(value, Mapping) else None
+    if method in _DEQUANTIZED_QUANT_METHODS:
+        return None
+    return (
+        f"quantization_config (quant_method={method!r}) describes quantized weights, which mojax does not "
+        f"read (supported: float weights, or the note quant_method={_DEQUANTIZED_QUANT_METHODS[0]!r} of "
+        "weights dequantized from GGUF); dequantize the checkpoint to float safetensors first"
+    )
 
 
 def _check_llama3_scaling(params: dict[str, Any], where: str) -> FrozenDict:

@@ -1,10 +1,13 @@
 """Batched autoregressive sampling with a preallocated KV cache: one compile per shape bucket.
 
-``generate`` left-pads the prompts to a bucketed width, prefills the cache once, then runs a
-``lax.while_loop`` of single-token decode steps that stops as soon as every sequence has emitted a
-stop token. Each chosen token comes with two log-probabilities: under the distribution it was
-sampled from (temperature, top-k and top-p applied) and under the unmodified model distribution
-(softmax of the raw logits), which is the one PPO ratios and KL penalties need.
+``generate`` takes prompts as a ragged Python list of token-id lists or as a left- or
+right-padded array, left-aligns them (the layout the cache positions assume), left-pads them to a
+bucketed width, prefills the cache once, then runs a ``lax.while_loop`` of single-token decode
+steps that stops as soon as every sequence has emitted a stop token: by default the model's eos
+ids, plus the chat template's end-of-turn token when a tokenizer is given. Each chosen token
+comes with two log-probabilities: under the distribution it was sampled from (temperature, top-k
+and top-p applied) and under the unmodified model distribution (softmax of the raw logits), which
+is the one PPO ratios and KL penalties need.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import dataclasses
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mojax.models.tokenizer import chat_stop_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,28 +33,31 @@ class SamplingConfig:
 
     ``top_k=0`` and ``top_p=1.0`` switch those filters off. A sequence that emits any of
     ``stop_token_ids`` is finished: the stop token is kept, and every later position holds
-    ``pad_token_id`` with response mask 0. Prompts are left-padded to ``bucket_length(P,
-    prompt_bucket_multiple)`` columns so that prompts of nearby lengths share one compilation.
+    ``pad_token_id`` with response mask 0. ``stop_token_ids=None`` stands for the model config's
+    eos ids (``()`` never stops early) and ``pad_token_id=None`` for the model config's pad id
+    (else its first eos id, else 0); :func:`generate` fills them in. Prompts are left-padded to
+    ``bucket_length(P, prompt_bucket_multiple)`` columns so that prompts of nearby lengths share
+    one compilation.
     """
 
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
     prompt_bucket_multiple: int | None = None
 
     def __post_init__(self):
-        stop = self.stop_token_ids
-        stop = (stop,) if _is_int(stop) else tuple(stop) if isinstance(stop, (tuple, list, np.ndarray)) else (stop,)
-        if not all(_is_int(t) and t >= 0 for t in stop):
+        stop = _as_tuple(self.stop_token_ids)
+        if stop is not None and not all(_is_int(t) and t >= 0 for t in stop):
             raise ValueError(
-                f"SamplingConfig: stop_token_ids must be integer token ids >= 0, got {self.stop_token_ids!r}."
+                f"SamplingConfig: stop_token_ids must be integer token ids >= 0 or None, got {self.stop_token_ids!r}."
             )
         _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
-        _require_int("pad_token_id", self.pad_token_id, minimum=0)
+        if self.pad_token_id is not None:
+            _require_int("pad_token_id", self.pad_token_id, minimum=0, meaning="or None")
         if self.prompt_bucket_multiple is not None:
             _require_int(
                 "prompt_bucket_multiple", self.prompt_bucket_multiple, minimum=1, meaning="None pads to a power of two"
@@ -59,15 +68,11 @@ class SamplingConfig:
             )
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
-        for name, kind in (
-            ("max_new_tokens", int),
-            ("temperature", float),
-            ("top_k", int),
-            ("top_p", float),
-            ("pad_token_id", int),
-        ):
+        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
+        if self.pad_token_id is not None:
+            object.__setattr__(self, "pad_token_id", int(self.pad_token_id))
+        object.__setattr__(self, "stop_token_ids", None if stop is None else tuple(int(t) for t in stop))
 
 
 class GenerationResult(NamedTuple):
@@ -76,9 +81,10 @@ class GenerationResult(NamedTuple):
     ``sampler_logprobs`` are log-probabilities of the chosen tokens under the distribution they were
     drawn from (temperature, top-k, top-p applied; 0 under greedy decoding, a point mass).
     ``model_logprobs`` are log-probabilities under the unmodified model distribution
-    ``log_softmax(logits)``. Both are 0 where ``response_mask`` is 0. ``sequences`` is the prompt as
-    given followed by the response; ``sequence_mask`` marks its real tokens (usable as the attention
-    mask of a forward pass without a cache, whose default positions are then correct).
+    ``log_softmax(logits)``. Both are 0 where ``response_mask`` is 0. ``sequences`` is the prompt,
+    left-aligned (left-padded) in its given width, followed by the response; ``sequence_mask`` marks
+    its real tokens (usable as the attention mask of a forward pass without a cache, whose default
+    positions are then correct).
     """
 
     tokens: jax.Array
@@ -99,6 +105,13 @@ class _DecodeState(NamedTuple):
     response_mask: jax.Array
     sampler_logprobs: jax.Array
     model_logprobs: jax.Array
+
+
+def _as_tuple(ids: Any) -> tuple | None:
+    """None, or the ids of a sequence or array (one id alone becomes a 1-tuple)."""
+    if ids is None:
+        return None
+    return tuple(ids) if isinstance(ids, (tuple, list, np.ndarray)) else (ids,)
 
 
 def _is_real(value: Any) -> bool:
@@ -249,13 +262,16 @@ def _check_prompt_shapes(prompt_ids: Any, prompt_mask: Any) -> None:
 
 
 def _check_prompt_values(prompt_ids: Any, prompt_mask: Any, model_config: Any, config: SamplingConfig) -> None:
-    """ValueError unless the prompts are left-padded, their ids are in the vocabulary, and they fit the model context."""
+    """ValueError unless the prompts are left- or right-padded, in the vocabulary and within the model context."""
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("generate: prompt_mask must hold only 0 (padding) and 1 (real token).")
-    if (np.diff(mask.astype(np.int8), axis=1) < 0).any() or (mask[:, -1] == 0).any():
+    steps = np.diff(mask.astype(np.int8), axis=1)
+    one_block = (steps != 0).sum(axis=1) <= 1
+    if not (one_block & mask.any(axis=1)).all():
         raise ValueError(
-            "generate: prompts must be left-padded with at least one real token: each prompt_mask row must be 0...0 1...1."
+            "generate: prompts must be left-padded or right-padded with at least one real token: each prompt_mask "
+            "row must be 0...0 1...1 or 1...1 0...0."
         )
     used = ids[mask.astype(bool)]
     if used.min() < 0 or used.max() >= model_config.vocab_size:
@@ -289,28 +305,103 @@ def _check_key(rng_key: Any) -> None:
         )
 
 
+def _with_special_tokens(config: SamplingConfig, model_config: Any, tokenizer: Any) -> SamplingConfig:
+    """`config` with its stop and pad ids filled in from the model config and the tokenizer's chat template."""
+    stop = model_config.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+    if tokenizer is not None:
+        stop = stop + chat_stop_token_ids(tokenizer)
+    pad = config.pad_token_id
+    if pad is None:
+        fallback = (*model_config.eos_token_ids, 0)[0]
+        pad = fallback if model_config.pad_token_id is None else model_config.pad_token_id
+    return dataclasses.replace(config, stop_token_ids=tuple(dict.fromkeys(stop)), pad_token_id=pad)
+
+
+def _ragged_to_arrays(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P], mask i32[B, P]): the prompts of a ragged list, left-padded to the longest one."""
+    rows = [np.asarray(row) for row in prompts]
+    if not rows or any(row.ndim != 1 or row.size == 0 for row in rows):
+        raise ValueError(
+            "generate: a list of prompts must hold one or more non-empty lists of token ids, got "
+            f"row shapes {[row.shape for row in rows]}."
+        )
+    width = max(row.size for row in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.result_type(*rows))
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        ids[b, width - row.size :] = row
+        mask[b, width - row.size :] = 1
+    return ids, mask
+
+
+def _left_aligned(prompt_ids: Any, prompt_mask: Any) -> tuple[jax.Array, jax.Array]:
+    """(ids, mask) i32[B, P] with each row's padding moved to the left (right-padded rows rolled right)."""
+    ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    trailing_pad = jnp.argmax(mask[:, ::-1], axis=1)
+    order = (jnp.arange(mask.shape[1])[None, :] - trailing_pad[:, None]) % mask.shape[1]
+    return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+
+
 def generate(
-    model: Any, prompt_ids: Any, prompt_mask: Any, rng_key: jax.Array, config: SamplingConfig
+    model: Any,
+    prompt_ids: Any,
+    prompt_mask: Any = None,
+    rng_key: jax.Array | None = None,
+    config: SamplingConfig | None = None,
+    *,
+    tokenizer: Any = None,
 ) -> GenerationResult:
-    """Sample `config.max_new_tokens` tokens after each left-padded prompt i32[B, P] (mask 1 = real token).
+    """Sample `config.max_new_tokens` tokens after each prompt.
 
-    `model` is a ``LlamaForCausalLM`` (anything with its ``init_cache``, ``hidden_states`` and
-    ``logits`` methods and a ``config``) or its ``nnx.split`` pair ``(graphdef, state)``.
-
-    Works eagerly and inside an outer ``jax.jit``; checks that need the prompt values (left padding,
+    Works eagerly and inside an outer ``jax.jit``; checks that need the prompt values (padding,
     vocabulary range, context length) run only when the prompts are concrete.
+
+    Args:
+      model: a ``LlamaForCausalLM`` (anything with its ``init_cache``, ``hidden_states`` and
+        ``logits`` methods and a ``config``) or its ``nnx.split`` pair ``(graphdef, state)``.
+      prompt_ids: a ragged Python list of token-id lists, or i32[B, P], each row left-padded
+        (0...0 1...1 in the mask) or right-padded (1...1 0...0).
+      prompt_mask: i32[B, P], 1 for a real token; None means the lengths of a list's rows, or all
+        ones for an array.
+      rng_key: one ``jax.random.key`` (or ``PRNGKey``).
+      config: the :class:`SamplingConfig`; its ``stop_token_ids=None`` and ``pad_token_id=None``
+        are read from ``model.config``.
+      tokenizer: a ``transformers`` tokenizer: its eos token and its chat template's end-of-turn
+        token (:func:`~mojax.models.tokenizer.chat_stop_token_ids`) are added to the stop ids.
+
+    Returns:
+      The :class:`GenerationResult`; ``sequences`` holds the prompts left-aligned.
+
+    References:
+      Holtzman et al., "The Curious Case of Neural Text Degeneration", ICLR 2020, arXiv 1904.09751
+      (top-p); Fan et al., "Hierarchical Neural Story Generation", ACL 2018, arXiv 1805.04833 (top-k).
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from mojax.models import LlamaForCausalLM, ModelConfig
+      >>> model = LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=1), rngs=nnx.Rngs(0))
+      >>> config = SamplingConfig(max_new_tokens=3, temperature=0.0)
+      >>> out = generate(model, [[5, 6, 7], [8]], rng_key=jax.random.key(0), config=config)
+      >>> out.tokens.shape, out.sequences.shape
+      ((2, 3), (2, 6))
     """
     if not isinstance(config, SamplingConfig):
         raise ValueError(f"generate: config must be a SamplingConfig, got {type(config).__name__}.")
     _check_key(rng_key)
     graphdef, state = _split_model(model)
     model_config = nnx.merge(graphdef, state).config
+    config = _with_special_tokens(config, model_config, tokenizer)
+    if isinstance(prompt_ids, (list, tuple)):
+        prompt_ids, lengths_mask = _ragged_to_arrays(prompt_ids, config.pad_token_id)
+        prompt_mask = lengths_mask if prompt_mask is None else np.asarray(prompt_mask)
+    if prompt_mask is None:
+        prompt_mask = jnp.ones(jnp.shape(prompt_ids), jnp.int32)
     _check_prompt_shapes(prompt_ids, prompt_mask)
     _check_special_tokens(model_config, config)
     if not any(isinstance(x, jax.core.Tracer) for x in (prompt_ids, prompt_mask)):
         _check_prompt_values(prompt_ids, prompt_mask, model_config, config)
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    prompt_ids, prompt_mask = _left_aligned(prompt_ids, prompt_mask)
     extra = bucket_length(prompt_ids.shape[1], config.prompt_bucket_multiple) - prompt_ids.shape[1]
     tokens, response_mask, sampler_logprobs, model_logprobs = _generate_bucket(
         graphdef,

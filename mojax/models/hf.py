@@ -1,4 +1,4 @@
-"""HF interop: load LLaMA weights from a local HF folder (safetensors only) and export back.
+"""HF interop: load LLaMA weights from a local HF folder (safetensors only) or a GGUF file, and export back.
 
 * :func:`load_causal_lm` / :func:`load_reward_model` / :func:`load_value_model` read
   ``config.json`` (through the :class:`~mojax.models.config.ModelConfig` allow-list) and
@@ -10,8 +10,12 @@
   fine), or one ``Sharding`` for every leaf. Each array is then built with
   ``jax.make_array_from_callback``, every device shard reading only its own slice of the
   safetensors files (``safe_open(...).get_slice``), so no full weight is materialised on one device.
+* :func:`load_causal_lm` also reads a llama GGUF file (:class:`~mojax.models.gguf.GGUFFile`:
+  config from its metadata, tensors dequantized to float under their HF names), through the
+  same name mapping and sharded reads.
 * :func:`save_pretrained` writes ``config.json`` + ``model.safetensors`` (or shards + index)
-  that ``transformers`` loads (``LlamaForCausalLM`` / ``LlamaForSequenceClassification``).
+  that ``transformers`` loads (``LlamaForCausalLM`` / ``LlamaForSequenceClassification``), with
+  the tokenizer, its chat template and ``generation_config.json``, so a folder round-trips whole.
 
 Safety: never unpickles and never runs remote code. A folder with only ``pytorch_model.bin``
 gets a ``ValueError`` asking for a safetensors conversion; a missing or unexpected tensor name
@@ -24,7 +28,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,10 +37,13 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from flax import nnx
 
+from mojax._checks import message
 from mojax.models.config import ModelConfig
+from mojax.models.gguf import GGUFFile, gguf_file_in
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
 # Non-parameter buffers that old checkpoints carry; ignored when present.
 _IGNORED_TENSORS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -110,6 +117,11 @@ def _weight_files(path: str) -> list[str]:
     if shards:
         return shards
     raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path!r} (found: {present})")
+
+
+def _open_tensors(source: str | GGUFFile) -> contextlib.AbstractContextManager:
+    """The tensor reader of a safetensors folder, or an open GGUF file (left open)."""
+    return contextlib.nullcontext(source) if isinstance(source, GGUFFile) else _SafetensorsReader(source)
 
 
 def _norm_index(index: Index, shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -220,7 +232,7 @@ def _flat_shardings(shardings: Any) -> dict[tuple[str, ...], jax.sharding.Shardi
 
 
 def _load_state(
-    path: str,
+    path: str | GGUFFile,
     graphdef: nnx.GraphDef,
     abstract_state: Any,
     config: ModelConfig,
@@ -239,7 +251,7 @@ def _load_state(
     flat_sh = _flat_shardings(shardings)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
     L = config.num_hidden_layers
-    with _SafetensorsReader(path) as reader:
+    with _open_tensors(path) as reader:
         available = reader.names()
         expected: set[str] = set()
         for _, (name, _, stacked) in rules.items():
@@ -331,13 +343,40 @@ def load_causal_lm(
     shardings: Any = None,
     remat: bool = False,
 ):
-    """A mojax ``LlamaForCausalLM`` with the weights of the local HF folder ``path``."""
+    """A mojax ``LlamaForCausalLM`` with the weights of a local HF folder or a llama GGUF file.
+
+    Args:
+      path: an HF folder (``config.json`` and safetensors), a ``.gguf`` file, or a folder holding
+        exactly one ``.gguf`` file and no safetensors (safetensors win when a folder has both).
+        GGUF weights are dequantized to float (:mod:`mojax.models.gguf`).
+      dtype: compute dtype of the activations.
+      param_dtype: storage dtype of the parameters.
+      shardings: None, one ``jax.sharding.Sharding`` for every parameter, or a pytree of them shaped
+        like ``nnx.state(model)``; each device shard then reads only its own slice.
+      remat: rematerialise each decoder layer in the backward pass.
+
+    Returns:
+      The model; its ``config`` carries the special token ids.
+
+    References:
+      Touvron et al., "LLaMA: Open and Efficient Foundation Language Models", arXiv 2302.13971, 2023.
+    """
+    gguf_path = gguf_file_in(path)
+    if gguf_path is None:
+        config, _ = _read_config(path, dtype, param_dtype)
+        return _causal_lm_from(os.fspath(path), config, shardings, remat)
+    with GGUFFile(gguf_path) as file:
+        config = file.config.replace(dtype=dtype, param_dtype=param_dtype)
+        return _causal_lm_from(file, config, shardings, remat)
+
+
+def _causal_lm_from(source: str | GGUFFile, config: ModelConfig, shardings: Any, remat: bool):
+    """A ``LlamaForCausalLM`` of `config` filled from a safetensors folder or an open GGUF file."""
     from mojax.models.llama import LlamaForCausalLM
 
-    config, _ = _read_config(path, dtype, param_dtype)
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, remat=remat, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    return nnx.merge(graphdef, _load_state(os.fspath(path), graphdef, state, config, "lm_head", shardings))
+    return nnx.merge(graphdef, _load_state(source, graphdef, state, config, "lm_head", shardings))
 
 
 def load_reward_model(
@@ -448,6 +487,25 @@ def _hf_tensors(model: Any) -> tuple[dict[str, np.ndarray], str, ModelConfig, in
     return out, arch, config, n
 
 
+def _write_generation_config(path: str, hf_config: dict[str, Any], overrides: Any) -> None:
+    """``generation_config.json``: the special token ids of `hf_config`, then the fields of `overrides`."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        if not hasattr(overrides, "to_diff_dict"):
+            raise TypeError(
+                message(
+                    "save_pretrained",
+                    "generation_config",
+                    f"is a {type(overrides).__name__}",
+                    "a dict or a transformers.GenerationConfig",
+                )
+            )
+        overrides = overrides.to_diff_dict()
+    fields = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    fields.update(overrides or {})
+    with open(os.path.join(path, GENERATION_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(fields, f, indent=2, sort_keys=True)
+
+
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -459,10 +517,34 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def save_pretrained(model: Any, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``
-    when ``max_shard_size`` is exceeded) loadable by ``transformers`` and by :func:`load_causal_lm`
-    / :func:`load_reward_model`. Parameters are saved in their stored dtype (``param_dtype``)."""
+def save_pretrained(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    generation_config: Any = None,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Write a whole HF folder that ``transformers`` and :func:`load_causal_lm` / :func:`load_reward_model` load.
+
+    ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json`` when
+    ``max_shard_size`` is exceeded), parameters in their stored dtype (``param_dtype``); the
+    tokenizer files with its chat template; for a causal LM, ``generation_config.json``.
+
+    Args:
+      model: a ``LlamaForCausalLM`` or ``LlamaRewardModel``.
+      path: the folder (created if needed).
+      tokenizer: a ``transformers`` tokenizer (e.g. from :func:`mojax.models.load_tokenizer`), saved
+        with ``save_pretrained`` beside the weights so the folder round-trips whole.
+      generation_config: a dict or a ``transformers.GenerationConfig`` whose fields are written into
+        ``generation_config.json`` over the model config's ``bos_token_id``, ``eos_token_id`` and
+        ``pad_token_id``.
+      max_shard_size: bytes (int) or a size such as ``"2GB"``; None writes one file.
+
+    References:
+      Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP (System
+      Demonstrations), 2020, arXiv 1910.03771 (the folder layout).
+    """
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
@@ -475,6 +557,10 @@ def save_pretrained(model: Any, path: str | os.PathLike, *, max_shard_size: int 
         cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+    if arch == "LlamaForCausalLM":
+        _write_generation_config(path, cfg, generation_config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     for stale in (SAFE_WEIGHTS, SAFE_INDEX):
         if os.path.exists(os.path.join(path, stale)):
             os.remove(os.path.join(path, stale))

@@ -143,3 +143,83 @@ def test_to_hf_llamaconfig():
     assert hf.rope_parameters["rope_type"] == "llama3" and hf.rope_parameters["rope_theta"] == 5e5
     assert hf.num_key_value_heads == 2 and hf.head_dim == 16
     assert ModelConfig.from_hf(hf) == c
+
+
+# The published config.json of HuggingFaceTB/SmolLM2-135M-Instruct, field for field.
+SMOLLM2_135M_INSTRUCT = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 576,
+    "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536,
+    "is_llama_config": True,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "pad_token_id": 2,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_interleaved": False,
+    "rope_scaling": None,
+    "rope_theta": 100000,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}},
+    "transformers_version": "4.42.3",
+    "use_cache": True,
+    "vocab_size": 49152,
+}
+
+
+def test_smollm2_config_loads_with_its_metadata():
+    c = ModelConfig.from_hf(SMOLLM2_135M_INSTRUCT)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (576, 30, 9, 3)
+    assert (c.intermediate_size, c.vocab_size, c.head_dim, c.max_position_embeddings) == (1536, 49152, 64, 8192)
+    assert c.rope_theta == 100000.0 and c.rms_norm_eps == 1e-5 and c.rope_scaling is None and c.tie_word_embeddings
+    assert (c.bos_token_id, c.eos_token_ids, c.pad_token_id, c.unk_token_id) == (1, (2,), 2, None)
+    assert c.param_dtype == jnp.float32  # torch_dtype is metadata: the caller picks the JAX dtypes
+    assert 134e6 < c.num_params() < 135e6
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"unk_token_id": 0},
+        {"quantization_config": {"quant_method": "gguf", "source": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+    ],
+)
+def test_token_ids_and_a_dequantized_gguf_note_are_accepted(metadata):
+    c = ModelConfig.from_hf({**SMOLLM2_135M_INSTRUCT, **metadata})
+    assert c == ModelConfig.from_hf(SMOLLM2_135M_INSTRUCT).replace(unk_token_id=metadata.get("unk_token_id"))
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("rope_interleaved", True, "rope_interleaved=True.*supported: False"),
+        ("quantization_config", {"quant_method": "gptq", "bits": 4}, "quant_method='gptq'"),
+        ("quantization_config", {"quant_method": "awq", "bits": 4}, "quant_method='awq'"),
+        ("quantization_config", {"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes'"),
+        ("quantization_config", "int8", "quant_method=None"),
+    ],
+)
+def test_fields_that_change_the_maths_stay_errors(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf({**SMOLLM2_135M_INSTRUCT, field: value})
+
+
+def test_token_ids_round_trip_through_the_hf_dict():
+    c = ModelConfig.tiny(eos_token_id=[2, 5], unk_token_id=3)
+    assert c.eos_token_id == (2, 5) and c.unk_token_id == 3
+    d = c.to_hf_dict()
+    assert (d["eos_token_id"], d["unk_token_id"]) == ([2, 5], 3)
+    assert ModelConfig.from_hf(d) == c
+    assert "unk_token_id" not in ModelConfig.tiny().to_hf_dict()

@@ -253,7 +253,8 @@ def bad_prompt_case(name, model_config):
         "1-D ids": (ids[0], mask[0], two, "shape"),
         "mask shape": (ids, mask[:, :3], two, "prompt_mask shape"),
         "float ids": (ids.astype(np.float32), mask, two, "integer"),
-        "right padding": (ids, np.array([[1, 1, 1, 0], [1, 1, 1, 1]]), two, "left-padded"),
+        "mask with a hole": (ids, np.array([[1, 0, 1, 1], [1, 1, 1, 1]]), two, "left-padded or right-padded"),
+        "padding on both sides": (ids, np.array([[0, 1, 1, 0], [1, 1, 1, 1]]), two, "left-padded or right-padded"),
         "empty prompt": (ids, np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), two, "left-padded"),
         "mask values": (ids, mask * 2, two, "only 0"),
         "id too large": (ids + model_config.vocab_size, mask, two, "prompt_ids must lie"),
@@ -278,7 +279,8 @@ def bad_prompt_case(name, model_config):
         "1-D ids",
         "mask shape",
         "float ids",
-        "right padding",
+        "mask with a hole",
+        "padding on both sides",
         "empty prompt",
         "mask values",
         "id too large",
@@ -309,3 +311,92 @@ def test_sampling_config_normalises_numpy_scalars():
     )
     assert config == SamplingConfig(max_new_tokens=3, temperature=0.5, top_p=0.25, stop_token_ids=(4,))
     assert type(config.temperature) is float and type(config.stop_token_ids[0]) is int
+
+
+def greedy_cut_at(greedy, stops, pad):
+    """(tokens, response mask) of `greedy` had it stopped at the first of `stops` in each row, then padded with `pad`."""
+    tokens = np.asarray(greedy.tokens)
+    keep = np.cumsum(np.cumsum(np.isin(tokens, stops), axis=1), axis=1) <= 1
+    return np.where(keep, tokens, pad), keep.astype(np.float32)
+
+
+def assert_same_result(result, expected):
+    for field in GenerationResult._fields:
+        np.testing.assert_array_equal(getattr(result, field), getattr(expected, field), err_msg=field)
+
+
+def test_ragged_lists_equal_the_left_padded_array(model, prompts, greedy):
+    ids, mask = prompts
+    rows = [ids[b, mask[b] == 1].tolist() for b in range(len(ids))]
+    assert [len(row) for row in rows] == [3, 6]
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+    assert_same_result(generate(model, rows, rng_key=jax.random.key(0), config=config), greedy)
+
+
+def test_right_padded_array_equals_the_left_padded_one(model, prompts, greedy):
+    ids, mask = prompts
+    right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b in range(len(ids)):
+        real = ids[b, mask[b] == 1]
+        right_ids[b, : real.size], right_mask[b, : real.size] = real, 1
+    assert right_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+    assert_same_result(generate(model, right_ids, right_mask, jax.random.key(0), config), greedy)
+
+
+def test_missing_mask_means_every_token_is_real(model, prompts):
+    ids = prompts[0]
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+    assert_same_result(
+        generate(model, ids, rng_key=jax.random.key(0), config=config),
+        generate(model, ids, np.ones_like(ids), jax.random.key(0), config),
+    )
+
+
+def test_stop_and_pad_ids_default_to_the_model_config(model, prompts, greedy):
+    """The same weights under a config whose eos is a token greedy decoding emits and whose pad is the last id."""
+    stop, pad = int(greedy.tokens[0, 1]), model.config.vocab_size - 1
+    config = model.config.replace(eos_token_id=stop, pad_token_id=pad)
+    graphdef = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))[0]
+    result = generate((graphdef, nnx.state(model)), *prompts, jax.random.key(0), SamplingConfig(NEW, temperature=0.0))
+    tokens, response_mask = greedy_cut_at(greedy, [stop], pad)
+    np.testing.assert_array_equal(result.tokens, tokens)
+    np.testing.assert_array_equal(result.response_mask, response_mask)
+    assert response_mask[0].tolist() == [1, 1, 0, 0, 0]
+
+
+def chat_tokenizer(end_of_turn_id):
+    """A word-level tokenizer whose chat template ends each turn with the special token <|eot|> = `end_of_turn_id`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<|eot|>": end_of_turn_id, "user": 4, "assistant": 5}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}<|eot|> {% endfor %}"
+    return tokenizer
+
+
+def test_generation_stops_at_the_chat_end_of_turn_token(model, prompts, greedy):
+    """With the tokenizer, or with the end-of-turn id among explicit stop ids; the config's eos stays a stop id."""
+    end_of_turn = int(greedy.tokens[1, 2])
+    assert end_of_turn > 5 and end_of_turn not in np.asarray(greedy.tokens[1, :2])
+    tokens, response_mask = greedy_cut_at(greedy, [2, end_of_turn], model.config.pad_token_id)
+    with_tokenizer = generate(
+        model, *prompts, jax.random.key(0), SamplingConfig(NEW, temperature=0.0), tokenizer=chat_tokenizer(end_of_turn)
+    )
+    explicit = generate(
+        model, *prompts, jax.random.key(0), SamplingConfig(NEW, temperature=0.0, stop_token_ids=(2, end_of_turn))
+    )
+    for result in (with_tokenizer, explicit):
+        np.testing.assert_array_equal(result.tokens, tokens)
+        np.testing.assert_array_equal(result.response_mask, response_mask)
+    assert response_mask[1].tolist() == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("prompts", [[5, 6, 7], [[5, 6], []], []])
+def test_lists_must_hold_non_empty_rows_of_ids(model, prompts):
+    with pytest.raises(ValueError, match="non-empty lists of token ids"):
+        generate(model, prompts, rng_key=jax.random.key(0), config=SamplingConfig(max_new_tokens=2))

@@ -1,0 +1,142 @@
+"""Tokenizers of local checkpoints (HF folders, GGUF files) and the tokens that end a chat turn.
+
+:func:`load_tokenizer` reads an HF folder's tokenizer files, or the tokenizer that a GGUF file
+carries in its ``tokenizer.ggml.*`` metadata (vocabulary, merges, special token ids) through
+``transformers``' own GGUF conversion, which keeps the file's ``tokenizer.chat_template``.
+
+:func:`end_of_turn_token_id` reads the end-of-turn token off the chat template itself: it renders
+a user turn and an assistant turn whose content is a marker, and takes the token that the template
+writes right after the marker when that token is a special one (``<|im_end|>`` for ChatML,
+``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma, ``</s>`` for Llama 2).
+
+transformers is imported only inside :func:`load_tokenizer`; the other functions call methods of
+the tokenizer they are given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mojax._checks import message
+from mojax.models.gguf import gguf_file_in
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""Files whose presence makes a folder an HF tokenizer folder."""
+
+_TURN_MARKER = "mojaxturnmarker"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The fast tokenizer of an HF folder or of a GGUF file, offline.
+
+    Args:
+      path: an HF folder with tokenizer files (``tokenizer.json``, ...), a ``.gguf`` file, or a
+        folder holding exactly one ``.gguf`` file.
+
+    Returns:
+      A ``transformers.PreTrainedTokenizerFast`` with the checkpoint's special tokens and chat
+      template.
+
+    Raises:
+      FileNotFoundError: `path` holds no tokenizer.
+      ValueError: the GGUF file carries no tokenizer (no ``tokenizer.ggml.model`` metadata).
+
+    References:
+      Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP (System
+      Demonstrations), 2020, arXiv 1910.03771.
+
+    Example:
+      >>> import os, tempfile
+      >>> from tokenizers import Tokenizer, models, pre_tokenizers
+      >>> from transformers import PreTrainedTokenizerFast
+      >>> folder = tempfile.mkdtemp()
+      >>> words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+      >>> words.pre_tokenizer = pre_tokenizers.Whitespace()
+      >>> PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(folder)[0][-21:]
+      'tokenizer_config.json'
+      >>> load_tokenizer(folder)("hello world")["input_ids"]
+      [1, 2]
+    """
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(path)
+    gguf_path = gguf_file_in(path)
+    if gguf_path is None:
+        raise FileNotFoundError(
+            message(
+                "load_tokenizer", "path", f"{path!r} holds no tokenizer", f"one of {HF_TOKENIZER_FILES} or a .gguf file"
+            )
+        )
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except KeyError as error:  # transformers' GGUF conversion looks the tokenizer fields up by name
+        _require_gguf_tokenizer(gguf_path, error)
+        raise
+
+
+def _require_gguf_tokenizer(path: str, error: Exception) -> None:
+    """ValueError from `error` when the GGUF file carries no tokenizer (``tokenizer.ggml.model`` and its tokens)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    missing = [key for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if key not in fields]
+    if missing:
+        raise ValueError(
+            message(
+                "load_tokenizer",
+                "path",
+                f"{path!r} is a GGUF file without a tokenizer (no {', '.join(missing)})",
+                "a GGUF file with tokenizer.ggml.* metadata, or an HF folder with tokenizer files",
+            )
+        ) from error
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The special token that the chat template writes at the end of an assistant turn, or None.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer.
+
+    Returns:
+      Its id; None when the tokenizer has no chat template, the template refuses a user turn
+      followed by an assistant turn, or the text after the assistant's content does not start
+      with a special token.
+
+    References:
+      Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP (System
+      Demonstrations), 2020, arXiv 1910.03771 (chat templates).
+    """
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except (TemplateError, ValueError):
+        return None
+    after = text.split(_TURN_MARKER, 1)[-1].lstrip() if _TURN_MARKER in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def chat_stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a chat reply: the tokenizer's eos token and the chat template's end of turn.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer.
+
+    Returns:
+      Distinct ids, eos first; empty when the tokenizer has neither.
+
+    References:
+      Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP (System
+      Demonstrations), 2020, arXiv 1910.03771 (chat templates).
+    """
+    found = (getattr(tokenizer, "eos_token_id", None), end_of_turn_token_id(tokenizer))
+    return tuple(dict.fromkeys(int(i) for i in found if i is not None))

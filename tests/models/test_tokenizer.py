@@ -1,0 +1,92 @@
+"""Tokenizers from HF folders and GGUF files, and the end-of-turn token read off a chat template (offline)."""
+
+import pytest
+from gguf_fixtures import hf_weights, write_llama_gguf
+from hf_fixtures import save_tiny_tokenizer
+
+from mojax.models import ModelConfig, chat_stop_token_ids, end_of_turn_token_id, load_tokenizer
+
+pytest.importorskip("gguf")
+
+TEXTS = ["the quick brown fox jumps", "A helpful, harmless assistant!", "rewards  balance\nobjectives"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def original(folder):
+    """A byte-level BPE tokenizer with ChatML special tokens and template, saved as an HF folder."""
+    tokenizer = save_tiny_tokenizer(folder / "scratch")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder / "hf")
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_file(folder, original):
+    config = ModelConfig.tiny(vocab_size=len(original), num_hidden_layers=1)
+    _, weights = hf_weights(config, folder / "weights")
+    return write_llama_gguf(folder / "chat.gguf", config, weights, tokenizer=original)
+
+
+def test_hf_folder_tokenizer_equals_the_original(folder, original):
+    loaded = load_tokenizer(folder / "hf")
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == original(text)["input_ids"]
+    assert loaded.chat_template == CHATML
+
+
+def test_gguf_tokenizer_equals_the_original_and_keeps_the_chat_template(gguf_file, original):
+    loaded = load_tokenizer(gguf_file)
+    for text in TEXTS:
+        assert (
+            loaded(text, add_special_tokens=False)["input_ids"] == original(text, add_special_tokens=False)["input_ids"]
+        )
+    assert loaded.chat_template == CHATML
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = loaded.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (
+        loaded(rendered, add_special_tokens=False)["input_ids"]
+        == original(rendered, add_special_tokens=False)["input_ids"]
+    )
+    assert end_of_turn_token_id(loaded) == original.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_gguf_without_a_tokenizer_is_a_clear_error(folder):
+    config = ModelConfig.tiny(num_hidden_layers=1)
+    _, weights = hf_weights(config, folder / "bare-weights")
+    path = write_llama_gguf(folder / "bare.gguf", config, weights)
+    with pytest.raises(ValueError, match="GGUF file without a tokenizer.*tokenizer.ggml.model"):
+        load_tokenizer(path)
+
+
+def test_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_end_of_turn_is_the_special_token_after_the_assistant_content(original):
+    im_end = original.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_token_id(original) == im_end
+    assert chat_stop_token_ids(original) == (2, im_end)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [None, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "{{ raise_exception('no') }}"],
+)
+def test_no_end_of_turn_without_a_special_token_after_the_turn(original, template):
+    """No template, a template ending turns with plain text, or one that refuses the conversation."""
+    tokenizer = original.__class__(tokenizer_object=original.backend_tokenizer, eos_token="</s>")
+    tokenizer.chat_template = template
+    assert end_of_turn_token_id(tokenizer) is None
+    assert chat_stop_token_ids(tokenizer) == (2,)
