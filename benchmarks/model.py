@@ -190,7 +190,7 @@ def bench_config(name, config, train_shape, decode_shape, repeats, folder):
     d_batch, prompt, new = decode_shape
     prompts = np.random.default_rng(1).integers(3, config.vocab_size, size=(d_batch, prompt)).astype(np.int32)
     mask = np.ones_like(prompts)
-    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, pad_token_id=config.pad_token_id)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, pad_token_id=config.pad_token_id, stop_token_ids=())
     prompts_torch, mask_torch = torch.from_numpy(prompts.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
     def mojax_decode():

@@ -146,8 +146,10 @@ class CombinerSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerSection:
-    """AdamW with an optional warmup and decay schedule, and gradient clipping."""
+    """AdamW (or plain SGD) with an optional warmup and decay schedule, and gradient clipping."""
 
+    name: str = "adamw"
+    """``"adamw"``, or ``"sgd"`` (plain gradient steps: what the covariance law of CTWA is stated for)."""
     learning_rate: float = 1e-3
     """Peak learning rate."""
     schedule: str = "constant"
@@ -233,7 +235,8 @@ class MeshSection:
     """Device mesh and sharding rules of the policy."""
 
     shape: Mapping[str, int] | None = None
-    """Mesh axis sizes among data, fsdp, tensor (e.g. ``{fsdp: 8}``); None: every device on ``data``."""
+    """Mesh axis sizes among data, fsdp, tensor (e.g. ``{fsdp: 8}``, their product the device count); None: no mesh
+    (one device)."""
     rules: str = "fsdp"
     """A preset of ``mojax.models.sharding.RULES`` (dp, fsdp, fsdp_tp)."""
 
@@ -291,6 +294,7 @@ _CHOICES = {
     "kl.controller": ("fixed", "adaptive"),
     "combiner.mode": ("auto", "scalar", "probe", "full"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
+    "optimizer.name": ("adamw", "sgd"),
     "model.dtype": ("float32", "bfloat16"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
 }
@@ -335,6 +339,15 @@ def validate(config: TrainConfig) -> None:
     for objective in config.objectives:
         checks.choice(where, f"objectives.{objective.name}.kind", objective.kind, ("reward", "cost"))
         checks.nonnegative(where, f"objectives.{objective.name}.weight", objective.weight)
+    if ESTIMATORS[config.algorithm.advantage_estimator].needs_values:
+        raise ValueError(
+            checks.message(
+                where,
+                "algorithm.advantage_estimator",
+                f"is {config.algorithm.advantage_estimator!r}, which needs a value model (the trainer has no critic yet)",
+                "a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline or gdpo",
+            )
+        )
     estimator = ESTIMATORS[config.algorithm.advantage_estimator]
     if estimator.group_based and config.rollout.num_generations < 2:
         raise ValueError(

@@ -19,6 +19,7 @@ except ``steps`` and logging keys.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -27,7 +28,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,13 @@ import optax
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
+from jax.sharding import Mesh
 
 from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make, noon
 from mojax.diagnostics import covariance_statistics, ctwa_signal
 from mojax.models.generate import SamplingConfig
+from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
 from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, SamplesLogger, TensorBoardLogger
@@ -66,12 +69,10 @@ def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
             tiny_model_config(dtype=dtype), remat=config.model.remat, rngs=nnx.Rngs(config.model.init_seed)
         )
         return model, tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    from mojax.models import load_causal_lm
+    from mojax.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(config.model.path, dtype=dtype, remat=config.model.remat)
-    return model, AutoTokenizer.from_pretrained(config.model.path)
+    return model, load_tokenizer(config.model.path)
 
 
 def load_prompt_rows(source: Any, config: rl_config.DataSection, tokenizer: Any, seed_offset: int = 0) -> list[dict]:
@@ -112,7 +113,7 @@ def combiner_options(name: str, objectives: Sequence[Objective], thresholds: Seq
 
 
 def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(AdamW behind global-norm clipping, its learning-rate schedule)."""
+    """(AdamW or SGD behind global-norm clipping, its learning-rate schedule)."""
     peak = config.learning_rate
     if config.schedule == "constant":
         decay = optax.constant_schedule(peak)
@@ -125,8 +126,11 @@ def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientT
         if config.warmup_steps
         else decay
     )
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-    chain = [adamw] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm), adamw]
+    if config.name == "sgd":
+        step = optax.sgd(schedule)
+    else:
+        step = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    chain = [step] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm), step]
     return optax.chain(*chain), schedule
 
 
@@ -156,6 +160,26 @@ def probe_flags(params: Any, patterns: Sequence[str], config: Any) -> list[bool]
             )
         )
     return flags
+
+
+def build_mesh(config: rl_config.TrainConfig) -> Mesh | None:
+    """The device mesh of ``config.mesh`` (None: no mesh), after checking that it divides every micro-batch."""
+    if config.mesh.shape is None:
+        return None
+    mesh = make_mesh(**config.mesh.shape)
+    splits = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = config.data.prompts_per_step * config.rollout.num_generations
+    micro = batch // (config.algorithm.num_minibatches * config.algorithm.num_microbatches)
+    if micro % splits:
+        raise ValueError(
+            checks.message(
+                "Trainer",
+                "mesh.shape",
+                f"is {dict(config.mesh.shape)}: data * fsdp = {splits} does not divide the micro-batch of {micro} completions",
+                "a mesh whose data * fsdp divides batch / (num_minibatches * num_microbatches)",
+            )
+        )
+    return mesh
 
 
 def response_fn(graphdef: Any, rest: Any) -> Callable:
@@ -194,6 +218,19 @@ def _data_to_typed_keys(tree: Any, template: Any) -> Any:
         tree,
         template,
     )
+
+
+class Prepared(NamedTuple):
+    """One step's rollout, scores and advantages, before the update."""
+
+    rows: list[dict]
+    completions: list[str]
+    raw: np.ndarray  # f32[B, n] as scored (costs positive)
+    oriented: np.ndarray  # f32[B, n] reward-oriented (costs negated)
+    rollout: Rollout
+    advantages: jax.Array  # f32[n, B, T]
+    batch: Batch
+    timings: dict[str, float]
 
 
 # ------------------------------------------------------------------------------------------------------ the trainer
@@ -249,6 +286,9 @@ class Trainer:
             )
         self.model, self.tokenizer = build_policy(config)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        self.mesh = build_mesh(config)
+        if self.mesh is not None:
+            params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
         self.policy = response_fn(self.graphdef, self.rest)
         self.train_prompts = load_prompt_rows(config.data.prompts, config.data, self.tokenizer)
         self.eval_prompts = (
@@ -340,6 +380,14 @@ class Trainer:
         eos = self.model.config.eos_token_id
         ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         return ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """``jax.set_mesh`` of the run's mesh (activations are then split by batch), or nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def place_batch(self, batch: Batch) -> Batch:
+        """The batch split over the mesh's batch axes (unchanged without a mesh)."""
+        return batch if self.mesh is None else jax.device_put(batch, batch_sharding(self.mesh))
 
     def _step_key(self, step: int, stream: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), stream)
@@ -531,26 +579,19 @@ class Trainer:
         return metrics
 
     # -------------------------------------------------------------------------------------------- the loop
-    def train_step(self) -> dict[str, float]:
-        """Run one step (rollout, rewards, advantages, update) and return its metrics."""
-        step = self.step + 1
+    def prepare(self, step: int) -> Prepared:
+        """Rollout, rewards and advantages of (1-based) `step`: everything its update needs, and the timings."""
         generations = self.config.rollout.num_generations
         rows = self.prompts_for_step(step)
         started = time.perf_counter()
-        rollout = self.rollout(rows, self._step_key(step, 0), self.sampling, generations)
-        jax.block_until_ready(rollout.old_logp)
+        with self.on_mesh():
+            rollout = self.rollout(rows, self._step_key(step, 0), self.sampling, generations)
+            jax.block_until_ready(rollout.old_logp)
         sampled = time.perf_counter()
         raw, completions = self.score(rows, rollout, generations)
         oriented = np.asarray(signed(raw, self.objectives), np.float32)
-        if any(spec.normalize for spec in self.config.objectives):
-            self.normalizer = update_normalizer(self.normalizer, jnp.asarray(oriented))
-            normalized = np.asarray(normalize(self.normalizer, jnp.asarray(oriented), NORMALIZER_EPS))
-            flags = np.asarray([spec.normalize for spec in self.config.objectives])
-            oriented_for_training = np.where(flags[None, :], normalized, oriented)
-        else:
-            oriented_for_training = oriented
-        scored = time.perf_counter()
-        advantages = self.advantages(oriented_for_training, rollout)
+        trained_on = self._normalized(oriented)
+        advantages = self.advantages(trained_on, rollout)
         batch = Batch(
             prompt_ids=rollout.prompt_ids,
             prompt_mask=rollout.prompt_mask,
@@ -559,22 +600,43 @@ class Trainer:
             old_logp=rollout.old_logp,
             ref_logp=rollout.ref_logp,
             advantages=jnp.moveaxis(advantages, 0, 1),
-            rewards=jnp.asarray(oriented_for_training if not self.aggregate_first else oriented_for_training[:, :1]),
+            rewards=jnp.asarray(trained_on if not self.aggregate_first else trained_on[:, :1]),
             group_ids=rollout.group_ids,
         )
-        self.state, update = self._train_step(self.state, batch, self._step_key(step, 1), jnp.float32(self.kl_coef))
-        update = jax.device_get(update)
-        updated = time.perf_counter()
+        timings = {"timing/rollout": sampled - started, "timing/rewards": time.perf_counter() - sampled}
+        return Prepared(rows, completions, raw, oriented, rollout, advantages, batch, timings)
+
+    def _normalized(self, oriented: np.ndarray) -> np.ndarray:
+        """The scores with the running normalisation applied to the objectives configured with ``normalize``."""
+        flags = np.asarray([spec.normalize for spec in self.config.objectives])
+        if not flags.any():
+            return oriented
+        self.normalizer = update_normalizer(self.normalizer, jnp.asarray(oriented))
+        normalized = np.asarray(normalize(self.normalizer, jnp.asarray(oriented), NORMALIZER_EPS))
+        return np.where(flags[None, :], normalized, oriented)
+
+    def update(self, batch: Batch, step: int) -> dict[str, Any]:
+        """The jitted update of one rollout (on the mesh); returns its metrics on the host."""
+        with self.on_mesh():
+            self.state, update = self._train_step(
+                self.state, self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
+            )
+        return jax.device_get(update)
+
+    def train_step(self) -> dict[str, float]:
+        """Run one step (rollout, rewards, advantages, update) and return its metrics."""
+        step = self.step + 1
+        prepared = self.prepare(step)
+        started = time.perf_counter()
+        update = self.update(prepared.batch, step)
         self.step = step
-        metrics = self._metrics(raw, oriented, rollout, advantages, update)
-        metrics["learning_rate"] = float(
-            self.schedule(step * self.config.algorithm.num_iterations * self.config.algorithm.num_minibatches - 1)
-        )
-        metrics["timing/rollout"] = sampled - started
-        metrics["timing/rewards"] = scored - sampled
-        metrics["timing/update"] = updated - scored
+        metrics = self._metrics(prepared.raw, prepared.oriented, prepared.rollout, prepared.advantages, update)
+        updates_so_far = step * self.config.algorithm.num_iterations * self.config.algorithm.num_minibatches
+        metrics["learning_rate"] = float(self.schedule(updates_so_far - 1))
+        metrics.update(prepared.timings)
+        metrics["timing/update"] = time.perf_counter() - started
         self._adapt_kl(metrics["kl"])
-        self._last_samples = (rows, completions, raw)
+        self._last_samples = (prepared.rows, prepared.completions, prepared.raw)
         return metrics
 
     def _adapt_kl(self, observed: float) -> None:
@@ -597,7 +659,8 @@ class Trainer:
             prompt_bucket_multiple=self.sampling.prompt_bucket_multiple,
         )
         rows = self.eval_prompts
-        rollout = self.rollout(rows, self._step_key(self.step, 2), sampling, 1)
+        with self.on_mesh():
+            rollout = self.rollout(rows, self._step_key(self.step, 2), sampling, 1)
         raw, _ = self.score(rows, rollout, 1)
         return {f"eval/rewards/{name}/mean": _nan_stats(raw[:, index])[0] for index, name in enumerate(self.names)}
 

@@ -1,0 +1,142 @@
+"""The jitted RL update on a fixed rollout: micro-batching, probe/full equivalence, linear = combined rewards, skips,
+and the same result on 8 simulated devices (FSDP) as on one."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mojax.rl import advantages as rl_advantages
+from mojax.rl.config import load_config
+from mojax.rl.trainer import Trainer
+from mojax.rl.update import Batch
+
+# 4 prompts x 2 generations = 8 completions: divisible by 8 devices and by 2 micro-batches.
+BASE = [
+    "output_dir=unused",
+    "steps=1",
+    "data.prompts_per_step=4",
+    "rollout.num_generations=2",
+    "rollout.max_completion_length=6",
+    "rollout.max_prompt_length=8",
+    "data.num_prompts=8",
+    "kl.log_kl=false",
+    "optimizer.name=sgd",
+    "optimizer.learning_rate=1.0",
+    "optimizer.max_grad_norm=null",
+]
+"""Plain SGD with learning rate 1 and no clipping: parameter changes are the gradients themselves (Adam's first
+step, lr * sign(g), would magnify round-off in near-zero gradients)."""
+
+
+@functools.cache
+def trainer(*overrides: str) -> Trainer:
+    """A trainer on the tiny task (cached per overrides: each compiles its own update)."""
+    return Trainer(load_config("tiny", [*BASE, *overrides]))
+
+
+@functools.cache
+def fixed_batch() -> Batch:
+    """The first rollout of the tiny task, scored and turned into advantages by the default (linear, grpo) trainer."""
+    return trainer().prepare(1).batch
+
+
+def params_after(overrides: tuple[str, ...], batch: Batch, updates: int = 1) -> list[np.ndarray]:
+    """Parameters after `updates` updates on `batch`, from the common initial state (which is restored after)."""
+    run = trainer(*overrides)
+    start = run.state
+    run.state = jax.tree.map(jnp.copy, start)
+    for step in range(1, updates + 1):
+        run.update(batch, step)
+    result = [np.asarray(leaf) for leaf in jax.tree.leaves(run.state.params)]
+    run.state = start
+    return result
+
+
+def assert_trees_close(got, want, atol):
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("combiner", [("combiner.name=linear",), ("combiner.name=mgda", "combiner.mode=probe")])
+def test_micro_batched_gradients_equal_full_batch_gradients(combiner):
+    batch = fixed_batch()
+    whole = params_after(combiner, batch)
+    split = params_after((*combiner, "algorithm.num_microbatches=2"), batch)
+    assert_trees_close(split, whole, atol=2e-6)
+
+
+def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode():
+    batch = fixed_batch()
+    full = params_after(("combiner.name=mgda", "combiner.mode=full"), batch)
+    everything = "combiner.probe=[model, lm_head]"
+    probe = params_after(("combiner.name=mgda", "combiner.mode=probe", everything), batch)
+    assert_trees_close(probe, full, atol=2e-6)
+
+
+def test_linear_on_rloo_advantages_equals_one_objective_on_the_combined_reward():
+    """On-policy (ratio 1) the PPO loss is linear in the advantages, and RLOO is linear in the rewards."""
+    batch = fixed_batch()
+    weights = np.asarray([0.5, 2.0, 1.0], np.float32)
+    inputs = rl_advantages.AdvantageInputs(batch.rewards, batch.mask, batch.group_ids)
+    per_objective = rl_advantages.compute_advantages("rloo", inputs).advantages
+    combined_rewards = batch.rewards @ weights
+    single = rl_advantages.compute_advantages(
+        "rloo", rl_advantages.AdvantageInputs(combined_rewards[:, None], batch.mask, batch.group_ids)
+    ).advantages
+    weighted = params_after(
+        ("combiner.options={weights: [0.5, 2.0, 1.0]}",), batch._replace(advantages=jnp.moveaxis(per_objective, 0, 1))
+    )
+    one = params_after(
+        ("combiner.options={weights: [1.0, 0.0, 0.0]}",),
+        batch._replace(advantages=jnp.moveaxis(jnp.concatenate([single, jnp.zeros_like(per_objective[1:])]), 0, 1)),
+    )
+    assert_trees_close(weighted, one, atol=2e-6)
+
+
+def test_a_non_finite_loss_skips_the_update_and_counts_it():
+    batch = fixed_batch()
+    run = trainer()
+    start = jax.tree.map(jnp.copy, run.state)
+    poisoned = batch._replace(advantages=batch.advantages.at[0, 0, 0].set(jnp.nan))
+    run.state = jax.tree.map(jnp.copy, start)
+    metrics = run.update(poisoned, 1)
+    assert (
+        int(run.state.skipped_updates) == 1 and int(run.state.consecutive_skips) == 1 and int(metrics["skipped"]) == 1
+    )
+    for got, want in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(start.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    run.update(batch, 2)
+    assert int(run.state.consecutive_skips) == 0 and int(run.state.skipped_updates) == 1
+    run.state = start
+
+
+def test_five_updates_on_8_devices_with_fsdp_equal_one_device():
+    assert jax.device_count() == 8
+    batch = fixed_batch()
+    single = params_after(("combiner.name=mgda", "combiner.mode=probe"), batch, updates=5)
+    sharded_run = ("combiner.name=mgda", "combiner.mode=probe", "mesh.shape={fsdp: 8}")
+    sharded = params_after(sharded_run, batch, updates=5)
+    leaf = jax.tree.leaves(trainer(*sharded_run).state.params)[0]
+    assert "fsdp" in str(leaf.sharding.spec)
+    assert_trees_close(sharded, single, atol=1e-5)
+
+
+def test_the_sharded_rollout_samples_the_same_tokens():
+    single, sharded = trainer(), trainer("mesh.shape={fsdp: 8}")
+    rows = single.prompts_for_step(1)
+    key = jax.random.key(3)
+    with sharded.on_mesh():
+        on_mesh = sharded.rollout(rows, key, sharded.sampling, 2)
+    np.testing.assert_array_equal(
+        np.asarray(on_mesh.tokens), np.asarray(single.rollout(rows, key, single.sampling, 2).tokens)
+    )
+
+
+def test_a_mesh_that_does_not_divide_the_micro_batch_is_refused():
+    with pytest.raises(ValueError, match="data \\* fsdp = 8 does not divide the micro-batch of 4"):
+        Trainer(load_config("tiny", [*BASE, "mesh.shape={fsdp: 8}", "algorithm.num_microbatches=2"]))
