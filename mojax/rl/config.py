@@ -101,7 +101,8 @@ class AlgorithmSection:
     noon: bool | None = None
     """Clip negative advantages to 0 (PAMA's Noon PPO); None means on for the pama combiner only."""
     vf_coef: float = 0.1
-    """Weight of the value loss (gae only; the critic is a separate model with n outputs)."""
+    """Weight of the value loss (gae only; the critic is a separate model with n outputs, initialised from the
+    policy's trunk, trained by its own optimizer with the same settings)."""
     value_clip: float = 0.2
     """Clip range of the value loss (gae only)."""
 
@@ -339,15 +340,6 @@ def validate(config: TrainConfig) -> None:
     for objective in config.objectives:
         checks.choice(where, f"objectives.{objective.name}.kind", objective.kind, ("reward", "cost"))
         checks.nonnegative(where, f"objectives.{objective.name}.weight", objective.weight)
-    if ESTIMATORS[config.algorithm.advantage_estimator].needs_values:
-        raise ValueError(
-            checks.message(
-                where,
-                "algorithm.advantage_estimator",
-                f"is {config.algorithm.advantage_estimator!r}, which needs a value model (the trainer has no critic yet)",
-                "a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline or gdpo",
-            )
-        )
     estimator = ESTIMATORS[config.algorithm.advantage_estimator]
     if estimator.group_based and config.rollout.num_generations < 2:
         raise ValueError(

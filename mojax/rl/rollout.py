@@ -9,7 +9,8 @@
   denominator; sampler and trainer numerics differ, so the training forward is the consistent one);
 * ``ref_logp``: log-probabilities under the reference policy (zeros when no reference is materialised);
 * ``group_ids`` i32[B]: the prompt each completion answers (``num_generations`` consecutive completions share one);
-* ``truncated`` bool[B]: the completion hit ``max_completion_length`` without a stop token.
+* ``truncated`` bool[B]: the completion hit ``max_completion_length`` without a stop token;
+* ``values`` f32[n, B, T]: the vector critic's value before each response token (gae only, else None).
 
 Prompts are tokenised once, truncated on the left (or rejected) at ``max_prompt_length``, and left-padded to a
 multiple of ``prompt_bucket_multiple`` so that nearby lengths share one compiled sampler.
@@ -40,6 +41,7 @@ class Rollout(NamedTuple):
     ref_logp: jax.Array
     group_ids: jax.Array
     truncated: jax.Array
+    values: jax.Array | None = None
 
 
 def encode_prompts(

@@ -197,6 +197,29 @@ def response_fn(graphdef: Any, rest: Any) -> Callable:
     return policy
 
 
+def critic_fn(graphdef: Any, rest: Any) -> Callable:
+    """(critic params, prompt_ids, prompt_mask, tokens, response_mask) -> values f32[n, B, T] before each response token."""
+
+    def values(params, prompt_ids, prompt_mask, tokens, response_mask):
+        critic = nnx.merge(graphdef, params, rest)
+        width = prompt_ids.shape[1]
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
+        out, _ = critic(ids, attention_mask=mask)
+        return jnp.moveaxis(out[:, width - 1 : width - 1 + tokens.shape[1]], -1, 0) * response_mask
+
+    return values
+
+
+def build_critic(policy: Any, num_objectives: int, seed: int) -> Any:
+    """The vector critic: a ``LlamaValueModel`` with n outputs whose trunk starts as a copy of the policy's."""
+    from mojax.models import LlamaValueModel
+
+    critic = LlamaValueModel(policy.config, num_objectives, rngs=nnx.Rngs(seed))
+    nnx.update(critic.model, jax.tree.map(jnp.copy, nnx.state(policy.model, nnx.Param)))
+    return critic
+
+
 def _nan_stats(values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
@@ -340,10 +363,33 @@ class Trainer:
             kl_clamp=config.kl.clamp,
             kl_in_loss=config.kl.placement == "loss",
             entropy_coef=algorithm.entropy_coef,
+            vf_coef=algorithm.vf_coef,
+            value_clip=algorithm.value_clip,
         )
         flags = probe_flags(params, config.combiner.probe, self.model.config) if mode == "probe" else None
+        critic_params = critic_opt_state = critic = self._values = None
+        if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
+            critic_graphdef, critic_params, critic_rest = nnx.split(
+                build_critic(self.model, self.num_trained, config.model.init_seed + 1), nnx.Param, ...
+            )
+            if self.mesh is not None:
+                critic_params = jax.device_put(
+                    critic_params, state_shardings(critic_params, self.mesh, config.mesh.rules)
+                )
+            critic = critic_fn(critic_graphdef, critic_rest)
+            self._values = jax.jit(critic)
+            critic_opt_state = self.optimizer.init(critic_params)
         self._train_step = jax.jit(
-            make_train_step(self.policy, self.combiner, self.optimizer, self.update_spec, flags), donate_argnums=0
+            make_train_step(
+                self.policy,
+                self.combiner,
+                self.optimizer,
+                self.update_spec,
+                flags,
+                critic,
+                self.optimizer if critic else None,
+            ),
+            donate_argnums=0,
         )
         self.uses_reference = config.kl.beta > 0 or config.kl.log_kl
         self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference else None
@@ -359,6 +405,8 @@ class Trainer:
                 combiner_state=self.combiner.init(params),
                 consecutive_skips=jnp.zeros((), jnp.int32),
                 skipped_updates=jnp.zeros((), jnp.int32),
+                critic_params=critic_params,
+                critic_opt_state=critic_opt_state,
             ),
         )
         self.normalizer = init_normalizer(len(self.objectives))
@@ -415,7 +463,7 @@ class Trainer:
         ids, mask, groups = repeat_prompts(ids, mask, generations)
         model = nnx.merge(self.graphdef, self.state.params, self.rest)
         reference = None if self.reference_params is None else functools.partial(self._logp, self.reference_params)
-        return sample_rollout(
+        rollout = sample_rollout(
             model,
             ids,
             mask,
@@ -426,6 +474,12 @@ class Trainer:
             reference_logp=reference,
             mask_truncated_completions=self.config.rollout.mask_truncated_completions,
         )
+        if self._values is None:
+            return rollout
+        values = self._values(
+            self.state.critic_params, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.response_mask
+        )
+        return rollout._replace(values=values)
 
     def decode(self, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
         """(completion strings, completion id lists) of a rollout, cut at the response mask."""
@@ -451,8 +505,9 @@ class Trainer:
         )
         return raw, completions
 
-    def advantages(self, scores: np.ndarray, rollout: Rollout) -> jax.Array:
-        """f32[n, B, T] per-objective advantages of reward-oriented scores (KL in the reward when so placed)."""
+    def advantages(self, scores: np.ndarray, rollout: Rollout) -> rl_advantages.Advantages:
+        """Per-objective advantages f32[n, B, T] of reward-oriented scores (KL in the reward when so placed), with the
+        critic's returns for gae."""
         config = self.config
         scores = jnp.asarray(scores, jnp.float32)
         weights = jnp.asarray([objective.weight for objective in self.objectives], jnp.float32)
@@ -469,6 +524,7 @@ class Trainer:
             scores=scores,
             mask=rollout.response_mask,
             group_ids=rollout.group_ids,
+            values=rollout.values,
             token_rewards=token_level,
             weights=weights,
         )
@@ -476,7 +532,7 @@ class Trainer:
             config.algorithm.advantage_estimator, inputs, **config.algorithm.estimator_options
         )
         use_noon = config.algorithm.noon if config.algorithm.noon is not None else config.combiner.name == "pama"
-        return noon(result.advantages) if use_noon else result.advantages
+        return result._replace(advantages=noon(result.advantages)) if use_noon else result
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _manager(self) -> ocp.CheckpointManager:
@@ -574,6 +630,8 @@ class Trainer:
         metrics["completions/clipped_ratio"] = float(np.mean(np.asarray(rollout.truncated)))
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio"):
             metrics[key] = float(update[key])
+        if self._values is not None:
+            metrics["critic/vf_loss"] = float(update["value_loss"])
         metrics["kl_coef"] = self.kl_coef
         metrics["skipped_updates"] = float(self.state.skipped_updates)
         return metrics
@@ -591,7 +649,8 @@ class Trainer:
         raw, completions = self.score(rows, rollout, generations)
         oriented = np.asarray(signed(raw, self.objectives), np.float32)
         trained_on = self._normalized(oriented)
-        advantages = self.advantages(trained_on, rollout)
+        estimated = self.advantages(trained_on, rollout)
+        advantages = estimated.advantages
         batch = Batch(
             prompt_ids=rollout.prompt_ids,
             prompt_mask=rollout.prompt_mask,
@@ -602,6 +661,8 @@ class Trainer:
             advantages=jnp.moveaxis(advantages, 0, 1),
             rewards=jnp.asarray(trained_on if not self.aggregate_first else trained_on[:, :1]),
             group_ids=rollout.group_ids,
+            values=None if rollout.values is None else jnp.moveaxis(rollout.values, 0, 1),
+            returns=None if estimated.returns is None else jnp.moveaxis(estimated.returns, 0, 1),
         )
         timings = {"timing/rollout": sampled - started, "timing/rewards": time.perf_counter() - sampled}
         return Prepared(rows, completions, raw, oriented, rollout, advantages, batch, timings)

@@ -36,6 +36,8 @@ from mojax.rl import losses as rl_losses
 
 PolicyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs f32[B, T], entropies f32[B, T])."""
+CriticFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+"""(critic params, prompt_ids, prompt_mask, tokens, response_mask) -> values f32[n, B, T] before each response token."""
 
 
 class Batch(NamedTuple):
@@ -50,6 +52,8 @@ class Batch(NamedTuple):
     advantages: jax.Array  # f32[B, n, T]
     rewards: jax.Array  # f32[B, n], reward-oriented (costs negated); NaN = not applicable
     group_ids: jax.Array  # i32[B]
+    values: jax.Array | None = None  # f32[B, n, T] the critic's values at sampling time (gae only)
+    returns: jax.Array | None = None  # f32[B, n, T] GAE returns, the critic's targets (gae only)
 
 
 class TrainState(NamedTuple):
@@ -60,6 +64,8 @@ class TrainState(NamedTuple):
     combiner_state: Any
     consecutive_skips: jax.Array  # i32[]
     skipped_updates: jax.Array  # i32[]
+    critic_params: Any = None  # the vector critic (gae only)
+    critic_opt_state: Any = None
 
 
 class UpdateSpec(NamedTuple):
@@ -82,6 +88,8 @@ class UpdateSpec(NamedTuple):
     kl_clamp: float | None = 10.0
     kl_in_loss: bool = True
     entropy_coef: float = 0.0
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
 
 
 class Denominators(NamedTuple):
@@ -209,12 +217,39 @@ def _all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
 
 
+def critic_update(
+    critic: CriticFn, optimizer: optax.GradientTransformation, state: TrainState, minibatch: Batch, spec: UpdateSpec
+) -> tuple[Any, Any, jax.Array, Any]:
+    """(params, optimizer state, value loss, gradients) after one step of vf_coef * clipped value loss, summed over
+    the micro-batches and divided by the minibatch's token count (exact token mean)."""
+    tokens = jnp.maximum(jnp.sum(minibatch.mask), 1.0)
+
+    def loss(params, micro):
+        values = critic(params, micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask)
+        terms = rl_losses.value_loss_terms(
+            values,
+            jnp.moveaxis(micro.values, 1, 0),
+            jnp.moveaxis(micro.returns, 1, 0),
+            micro.mask,
+            clip=spec.value_clip,
+        )
+        return spec.vf_coef * jnp.sum(terms.sums) / tokens
+
+    value, grads = _accumulate(
+        lambda micro: jax.value_and_grad(loss)(state.critic_params, micro), _split(minibatch, spec.num_microbatches)
+    )
+    updates, opt_state = optimizer.update(grads, state.critic_opt_state, state.critic_params)
+    return optax.apply_updates(state.critic_params, updates), opt_state, value / spec.vf_coef, grads
+
+
 def make_train_step(
     policy: PolicyFn,
     combiner: optax.GradientTransformationExtraArgs,
     optimizer: optax.GradientTransformation,
     spec: UpdateSpec,
     probe_flags: list[bool] | None = None,
+    critic: CriticFn | None = None,
+    critic_optimizer: optax.GradientTransformation | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) train step ``(state, batch, key, beta) -> (state, metrics)`` for one rollout.
 
@@ -224,6 +259,9 @@ def make_train_step(
       optimizer: the optax optimizer (clipping, schedule, AdamW) applied to the combined gradient.
       spec: the static settings.
       probe_flags: one bool per parameter leaf (probe mode only): True for the probe set.
+      critic: the vector critic's values (gae), trained in the same step with ``critic_optimizer`` on the clipped
+        value loss (PPO's; Schulman et al. 2017, arXiv 1707.06347).
+      critic_optimizer: the critic's optimizer.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -292,7 +330,12 @@ def make_train_step(
             weights = combiner_state.weights
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = _all_finite(vector, grads, weights)
+        critic_params, critic_opt_state, value_loss, critic_grads = state.critic_params, state.critic_opt_state, 0.0, ()
+        if critic is not None:
+            critic_params, critic_opt_state, value_loss, critic_grads = critic_update(
+                critic, critic_optimizer, state, minibatch, spec
+            )
+        finite = _all_finite(vector, grads, weights, critic_grads)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = (~finite).astype(jnp.int32)
         new_state = TrainState(
@@ -301,6 +344,8 @@ def make_train_step(
             combiner_state=keep(combiner_state, state.combiner_state),
             consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
             skipped_updates=state.skipped_updates + skipped,
+            critic_params=keep(critic_params, state.critic_params),
+            critic_opt_state=keep(critic_opt_state, state.critic_opt_state),
         )
         metrics = {
             **metrics,
@@ -309,6 +354,7 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "weights": weights,
             "cosines": cosines,
+            "value_loss": jnp.asarray(value_loss, jnp.float32),
         }
         return new_state, metrics
 
