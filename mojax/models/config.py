@@ -96,7 +96,6 @@ _DIRECT_FIELDS = (
     "eos_token_id",
     "pad_token_id",
     "attention_bias",
-    "model_type",
 )
 
 
@@ -347,6 +346,8 @@ class ModelConfig:
                         f"{key}={value!r} is not supported (supported: "
                         f"{', '.join(repr(v) for v in _FIXED_HF_FIELDS[key])})"
                     )
+                elif key == "model_type":
+                    kw[key] = value
             elif key == "rope_theta":
                 rope_theta = value
             elif key in ("rope_parameters", "rope_scaling"):

@@ -7,7 +7,8 @@ q_proj.weight``) so the safetensors mapping in :mod:`mojax.models.hf` is mechani
 
 Call convention (shared by the sampler and the trainer)::
 
-    logits, cache = model(input_ids, positions=None, attention_mask=None, cache=None)
+    logits, cache = model(input_ids, positions=None, attention_mask=None, cache=None,
+                          adapters=True, dropout_rng=None)
 
 * ``input_ids`` i32[B, T]; ``attention_mask`` i32/bool[B, T] marks real tokens (0 = padding,
   typically on the left); padded tokens never change real tokens' outputs.
@@ -22,6 +23,21 @@ Call convention (shared by the sampler and the trainer)::
 * Call it under ``nnx.jit`` (or ``jax.jit`` over ``nnx.split`` state): eagerly, every call re-traces
   the layer scan. ``remat=True`` wraps each layer in ``jax.checkpoint`` for training.
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
+* ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
+  reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
+
+Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
+:class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
+bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
+build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
+slices through one body. Activations are constrained by logical name ("batch") through
+:func:`mojax.models.sharding.constrain`; no mesh axis is named here.
+
+Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
+``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model),
+:func:`merge_last_layer` undoes the split (of parameters or gradients) and
+:func:`default_probe_mask` selects the last block, final norm and untied LM head (or the LoRA
+adapters).
 
 Logical axis names of every ``nnx.Param`` (read them with ``nnx.get_partition_spec``; the
 sharding module maps them to mesh axes). Variables are created with ``eager_sharding=False``, so
@@ -42,6 +58,12 @@ model.layers.mlp.up_proj.kernel                  [L, D, F]              ("layers
 model.layers.mlp.down_proj.kernel                [L, F, D]              ("layers", "mlp", "embed")
 model.norm.scale                                 [D]                    ("norm",)
 lm_head.kernel  (absent when tied)               [D, V]                 ("embed", "vocab")
+model.layers.self_attn.q_proj.bias  (qkv_bias)   [L, H, hd]             ("layers", "heads", "head_dim")
+model.layers.self_attn.k_proj.bias  (qkv_bias)   [L, KV, hd]            ("layers", "kv_heads", "head_dim")
+model.layers.self_attn.v_proj.bias  (qkv_bias)   [L, KV, hd]            ("layers", "kv_heads", "head_dim")
+model.layers.self_attn.o_proj.bias  (o_bias)     [L, D]                 ("layers", "embed")
+model.layers.<...>.<proj>.lora_a  (LoRA)         [L, *in, r]            (kernel's "layers" and input axes, None)
+model.layers.<...>.<proj>.lora_b  (LoRA)         [L, r, *out]           ("layers", None, kernel's output axes)
 value_head.kernel  (heads.LlamaValueModel)       [D, n]                 ("embed", None)
 score.kernel  (heads.LlamaRewardModel)           [D, num_labels]        ("embed", None)
 ===============================================  =====================  ===========================================

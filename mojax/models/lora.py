@@ -15,7 +15,8 @@ kernel's, with ``None`` for the rank. The scaling alpha / r and the dropout rate
 (``model.model.layers.lora``).
 
 * Reference policy: the same model called with ``adapters=False`` (no copy of the weights).
-* Training the adapters alone: ``optax.masked(tx, lora_mask(params))`` (or split with ``nnx.LoRAParam``).
+* Training the adapters alone: :func:`adapters_only` (``tx`` behind the :func:`lora_mask`), or split
+  the model with ``nnx.LoRAParam`` and differentiate the adapter state only.
 * Probe mode: :func:`mojax.models.llama.default_probe_mask` selects the adapters when present.
 * Export: :func:`merge_lora` folds them into the kernels; ``mojax.models.hf.save_pretrained``
   writes a merged HF folder (the model itself is left unmerged).
@@ -34,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mojax import _checks
@@ -161,7 +163,8 @@ def lora_mask(state: Any) -> Any:
       state: an ``nnx.State`` (e.g. the Param part of ``nnx.split(model, nnx.Param)``).
 
     Returns:
-      The mask, for ``optax.masked(tx, lora_mask(params))`` (only adapters are updated).
+      The mask. To train the adapters alone use :func:`adapters_only` (``optax.masked`` alone
+      would pass the other leaves' gradients through unchanged rather than freeze them).
 
     References:
       Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
@@ -171,6 +174,23 @@ def lora_mask(state: Any) -> Any:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def adapters_only(tx: optax.GradientTransformation, state: Any) -> optax.GradientTransformation:
+    """``tx`` on the adapters of ``state``, zero updates (and no optimizer state) for every other leaf.
+
+    Args:
+      tx: the optimizer of the adapters (e.g. ``optax.adamw(1e-4)``).
+      state: the parameter state the optimizer will update (e.g. ``nnx.split(model, nnx.Param)[1]``).
+
+    Returns:
+      ``optax.transforms.selective_transform(tx, freeze_mask=not lora_mask(state))``.
+
+    References:
+      Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
+    """
+    frozen = jax.tree.map(lambda trainable: not trainable, lora_mask(state))
+    return optax.transforms.selective_transform(tx, freeze_mask=frozen)
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
