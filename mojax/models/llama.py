@@ -428,9 +428,6 @@ class _Linear(nnx.Module):
         )
 
 
-_Kernel = _Linear  # the LM head and heads.py use a bias-free _Linear
-
-
 class _Scale(nnx.Module):
     def __init__(self, shape, names, *, dtype, rngs: nnx.Rngs):
         self.scale = _param(rngs, shape, names, dtype, init=nnx.initializers.ones)
@@ -598,7 +595,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _Kernel(
+            self.lm_head = _Linear(
                 (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype=config.param_dtype, rngs=rngs
             )
 
@@ -761,12 +758,12 @@ def apply_split(
     Example:
       >>> from flax import nnx
       >>> from mojax.models import LlamaForCausalLM, ModelConfig
-      >>> model = LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=2, vocab_size=16), rngs=nnx.Rngs(0))
-      >>> graphdef, params = nnx.split(model, nnx.Param)
-      >>> split = split_last_layer(params)
+      >>> config = ModelConfig.tiny(num_hidden_layers=2, vocab_size=16)
+      >>> graphdef, params = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+      >>> split = jax.eval_shape(split_last_layer, params)  # shapes only, for the example
       >>> split["model"]["last_layer"]["mlp"]["up_proj"]["kernel"].shape
       (1, 64, 128)
-      >>> apply_split(graphdef, split, jnp.ones((1, 3), jnp.int32)).shape
+      >>> jax.eval_shape(lambda split: apply_split(graphdef, split, jnp.ones((1, 3), jnp.int32)), split).shape
       (1, 3, 16)
     """
     trunk = _trunk(split, "apply_split")

@@ -131,12 +131,13 @@ def add_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mo
 
     Example:
       >>> from mojax.models import LlamaForCausalLM, ModelConfig
-      >>> model = LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=1, vocab_size=16), rngs=nnx.Rngs(0))
-      >>> model = add_lora(model, LoraConfig(rank=4, targets=("q_proj", "o_proj")), rngs=nnx.Rngs(1))
+      >>> config = ModelConfig.tiny(num_hidden_layers=1, vocab_size=16)
+      >>> lora = LoraConfig(rank=4, targets=("q_proj", "o_proj"))
+      >>> model = nnx.eval_shape(lambda: add_lora(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), lora, rngs=nnx.Rngs(1)))
       >>> model.model.layers.self_attn.o_proj.lora_a.shape, model.model.layers.self_attn.o_proj.lora_b.shape
       ((1, 4, 16, 4), (1, 4, 64))
-      >>> sum(x.size for x in jax.tree.leaves(adapter_state(model)))
-      832
+      >>> sum(x.size for x in jax.tree.leaves(adapter_state(model)))  # q: 64*4 + 4*64, o: 64*4 + 4*64
+      1024
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(_checks.message("add_lora", "config", f"is a {type(config).__name__}", "a LoraConfig"))
