@@ -108,6 +108,7 @@ BIAS_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "model.layers.self_attn.o_proj.bias": ("layers", "embed"),
 }
 """Bias path -> logical axis names (q/k/v when ``config.qkv_bias``, o when ``config.o_bias``)."""
+
 KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "keys": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
     "values": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
@@ -361,22 +362,24 @@ def decoder_layer(
     ``past``: this layer's cached keys/values [B, S, KV, hd], or None without a cache.
     Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd] the new tokens' keys and values.
     """
+
+    def linear(name: str, x: jax.Array) -> jax.Array:
+        return project(x, getattr(w, name), INPUT_DIMS[name], lora, salt=list(INPUT_DIMS).index(name))
+
     x = constrain(x, ("batch", None, None))
     h = rms_norm(x, w.input_layernorm, eps)
-    q = apply_rope(project(h, w.q_proj, 1, lora, 0), inputs.cos, inputs.sin)
-    k = apply_rope(project(h, w.k_proj, 1, lora, 1), inputs.cos, inputs.sin)
-    v = project(h, w.v_proj, 1, lora, 2)
+    q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
+    k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
+    v = linear("v_proj", h)
     if past is None:
         k_all, v_all = k, v
     else:
         start = (0, inputs.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), start).astype(x.dtype)
         v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
-    x = x + project(attention(q, k_all, v_all, inputs.mask), w.o_proj, 2, lora, 3)
+    x = x + linear("o_proj", attention(q, k_all, v_all, inputs.mask))
     h = rms_norm(x, w.post_attention_layernorm, eps)
-    gate = project(h, w.gate_proj, 1, lora, 4)
-    up = project(h, w.up_proj, 1, lora, 5)
-    x = x + project(jax.nn.silu(gate) * up, w.down_proj, 1, lora, 6)
+    x = x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
     return constrain(x, ("batch", None, None)), (k, v)
 
 

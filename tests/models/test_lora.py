@@ -220,3 +220,17 @@ def test_adding_twice_and_merging_nothing_are_errors(adapted):
         merge_lora(random_llama(CONFIG, seed=0))
     with pytest.raises(TypeError, match="add_lora: `model` is a Linear"):
         add_lora(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), LORA, rngs=nnx.Rngs(0))
+
+
+def test_adapters_shard_by_their_kernel_axes():
+    from jax.sharding import PartitionSpec as P
+
+    from mojax.models import LlamaForCausalLM
+    from mojax.models.sharding import abstract_sharded, make_mesh
+
+    make = lambda: add_lora(LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)), LORA, rngs=nnx.Rngs(1))  # noqa: E731
+    _, state = abstract_sharded(make, make_mesh(fsdp=4, tensor=2), "fsdp_tp")
+    attention = state["model"]["layers"]["self_attn"]
+    assert attention["q_proj"]["lora_a"].sharding.spec == P(None, "fsdp", None)
+    assert attention["q_proj"]["lora_b"].sharding.spec == P(None, None, "tensor", None)
+    assert attention["o_proj"]["lora_b"].sharding.spec == P(None, None, "fsdp")
