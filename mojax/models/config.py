@@ -67,17 +67,19 @@ _IGNORED_HF_FIELDS = frozenset(
     }
 )
 
+# Model families (HF ``model_type``): LLaMA and Qwen2 (LLaMA maths with q, k, v biases).
+MODEL_TYPES = ("llama", "qwen2")
+
 # Fields whose only supported value is fixed; anything else changes the architecture.
 _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
     "mlp_bias": (False,),
-    "model_type": ("llama", "qwen2"),
+    "model_type": MODEL_TYPES,
     "is_decoder": (False, True),
     "use_sliding_window": (False,),  # Qwen2: sliding-window attention is not implemented
+    "use_mrope": (False,),  # Qwen2 configs may carry it; multimodal RoPE is not implemented
 }
 
-# Model families (HF ``model_type``): their architecture class prefix and the projections with biases.
-MODEL_TYPES = ("llama", "qwen2")
 # Qwen2 fields that only matter with use_sliding_window=True (rejected above): accepted and ignored.
 _SLIDING_WINDOW_FIELDS = frozenset({"sliding_window", "max_window_layers"})
 

@@ -162,7 +162,13 @@ def test_config_families_from_hf_and_back():
     qwen = {**ModelConfig.tiny().to_hf_dict(), "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
     for key in ("attention_bias", "mlp_bias"):
         qwen.pop(key)
-    qwen.update(use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=["full_attention"] * 2)
+    qwen.update(
+        use_sliding_window=False,
+        sliding_window=131072,
+        max_window_layers=28,
+        use_mrope=False,
+        layer_types=["full_attention"] * 2,
+    )
     config = ModelConfig.from_hf(qwen)
     assert config.model_type == "qwen2" and config.qkv_bias and not config.o_bias and not config.attention_bias
     assert ModelConfig.from_hf(config.to_hf_dict()) == config
@@ -174,6 +180,7 @@ def test_config_families_from_hf_and_back():
     "changes, match",
     [
         (dict(use_sliding_window=True), "use_sliding_window=True"),
+        (dict(use_mrope=True), "use_mrope=True"),
         (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
     ],
 )
