@@ -8,8 +8,8 @@ Loading from HF (:meth:`ModelConfig.from_hf`) sorts every field of ``config.json
 three kinds:
 
 * maths: fields that set the forward pass (shapes, RoPE, norm epsilon, tied embeddings) and are
-  kept. A field or value that would change the maths in a way mojax does not implement (biases,
-  another activation, a RoPE variant other than default / llama3, interleaved RoPE, weights
+  kept. A field or value that would change the maths in a way mojax does not implement (MLP
+  biases, another activation, a RoPE variant other than default / llama3, interleaved RoPE, weights
   quantized by GPTQ, AWQ, bitsandbytes, ...) raises ``ValueError`` naming the field and what is
   supported, instead of silently producing a different model;
 * token ids (``bos_token_id``, ``eos_token_id`` (an int or a list), ``pad_token_id``,
@@ -80,20 +80,28 @@ _IGNORED_HF_FIELDS = frozenset(
     }
 )
 
+# Model families (HF ``model_type``): LLaMA and Qwen2 (LLaMA maths with q, k, v biases).
+MODEL_TYPES = ("llama", "qwen2")
+
 # Fields whose only supported value is fixed; anything else changes the architecture.
 _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
-    "attention_bias": (False,),
     "mlp_bias": (False,),
-    "model_type": ("llama",),
+    "model_type": MODEL_TYPES,
     "is_decoder": (False, True),
     "rope_interleaved": (False,),  # True rotates adjacent pairs (GPT-J style), not HF's halves
+    "use_sliding_window": (False,),  # Qwen2: sliding-window attention is not implemented
+    "use_mrope": (False,),  # Qwen2 configs may carry it; multimodal RoPE is not implemented
 }
 
 # `quantization_config.quant_method` of a folder whose float weights were dequantized from a GGUF
 # file: a note, not quantized weights. Every other method (gptq, awq, bitsandbytes, fp8, ...)
 # stores weights mojax cannot read as floats.
 _DEQUANTIZED_QUANT_METHODS = ("gguf",)
+
+
+# Qwen2 fields that only matter with use_sliding_window=True (rejected above): accepted and ignored.
+_SLIDING_WINDOW_FIELDS = frozenset({"sliding_window", "max_window_layers"})
 
 _DIRECT_FIELDS = (
     "vocab_size",
@@ -110,6 +118,7 @@ _DIRECT_FIELDS = (
     "eos_token_id",
     "pad_token_id",
     "unk_token_id",
+    "attention_bias",
 )
 
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -135,6 +144,10 @@ class ModelConfig:
     ``factor, low_freq_factor, high_freq_factor, original_max_position_embeddings`` (stored as a
     hashable ``FrozenDict``). ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
     ``num_key_value_heads`` to ``num_attention_heads``.
+
+    ``model_type`` is the HF family: ``"llama"`` (biases on q, k, v and o exactly when
+    ``attention_bias``) or ``"qwen2"`` (LLaMA maths with biases on q, k and v, none on o, as
+    transformers' ``Qwen2Attention``; ``attention_bias`` must then stay False).
     """
 
     vocab_size: int = 32000
@@ -155,6 +168,8 @@ class ModelConfig:
     unk_token_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_bias: bool = False
+    model_type: str = "llama"
 
     def __post_init__(self):
         s = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -191,6 +206,13 @@ class ModelConfig:
         s("rms_norm_eps", float(self.rms_norm_eps))
         s("rope_theta", float(self.rope_theta))
         s("tie_word_embeddings", bool(self.tie_word_embeddings))
+        if not isinstance(self.attention_bias, bool | np.bool_):
+            raise ValueError(f"ModelConfig.attention_bias must be a bool, got {self.attention_bias!r}")
+        s("attention_bias", bool(self.attention_bias))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"ModelConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.model_type == "qwen2" and self.attention_bias:
+            raise ValueError("ModelConfig.attention_bias must be False for qwen2 (q, k, v biases are implied)")
         for k in _TOKEN_ID_FIELDS:
             s(k, _token_id(getattr(self, k)))
         s("dtype", _as_dtype(self.dtype))
@@ -203,6 +225,16 @@ class ModelConfig:
     def num_query_groups(self) -> int:
         """Query heads per KV head (1 = MHA, num_attention_heads = MQA)."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj carry biases (``attention_bias`` or Qwen2)."""
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether o_proj carries a bias (``attention_bias``; never for Qwen2)."""
+        return self.attention_bias
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -225,6 +257,7 @@ class ModelConfig:
             self.vocab_size,
         )
         per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
+        per_layer += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.o_bias
         return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
 
     # ------------------------------------------------------------------ presets
@@ -328,14 +361,19 @@ class ModelConfig:
         for key, value in hf.items():
             if key in _DIRECT_FIELDS:
                 kw[key] = value
-            elif key in _IGNORED_HF_FIELDS:
+            elif key in _IGNORED_HF_FIELDS or (key in _SLIDING_WINDOW_FIELDS and hf.get("model_type") == "qwen2"):
                 continue
+            elif key == "layer_types":
+                if value is not None and any(kind != "full_attention" for kind in value):
+                    errors.append(f"layer_types={value!r} is not supported (supported: only 'full_attention')")
             elif key in _FIXED_HF_FIELDS:
                 if value not in _FIXED_HF_FIELDS[key]:
                     errors.append(
                         f"{key}={value!r} is not supported (supported: "
                         f"{', '.join(repr(v) for v in _FIXED_HF_FIELDS[key])})"
                     )
+                elif key == "model_type":
+                    kw[key] = value
             elif key == "rope_theta":
                 rope_theta = value
             elif key in ("rope_parameters", "rope_scaling"):
@@ -378,7 +416,8 @@ class ModelConfig:
                 + ". Supported fields: "
                 + ", ".join(_DIRECT_FIELDS)
                 + ", rope_theta, rope_parameters/rope_scaling (rope_type 'default' or "
-                "'llama3'), hidden_act='silu', attention_bias=False, mlp_bias=False"
+                "'llama3'), attention_bias, model_type ('llama' or 'qwen2', full attention only), "
+                "hidden_act='silu', mlp_bias=False"
             )
         if rope_theta is not None:
             kw["rope_theta"] = rope_theta
@@ -392,9 +431,11 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dict(self.rope_scaling)}
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        family = {"llama": {"attention_bias": self.attention_bias}, "qwen2": {"use_sliding_window": False}}
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            **family[self.model_type],
+            "architectures": [f"{architecture_prefix(self.model_type)}ForCausalLM"],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -407,7 +448,6 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": rope,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
             "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
@@ -417,13 +457,13 @@ class ModelConfig:
         }
 
     def to_hf(self, **extra: Any):
-        """A `transformers.LlamaConfig` (imports transformers)."""
-        from transformers import LlamaConfig
+        """A `transformers.LlamaConfig` (or `Qwen2Config` for qwen2) (imports transformers)."""
+        from transformers import AutoConfig
 
         d = self.to_hf_dict()
-        d.pop("model_type")
+        model_type = d.pop("model_type")
         d.update(extra)
-        return LlamaConfig(**d)
+        return AutoConfig.for_model(model_type, **d)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -449,6 +489,11 @@ def _quantization_error(value: Any) -> str | None:
         f"read (supported: float weights, or the note quant_method={_DEQUANTIZED_QUANT_METHODS[0]!r} of "
         "weights dequantized from GGUF); dequantize the checkpoint to float safetensors first"
     )
+
+
+def architecture_prefix(model_type: str) -> str:
+    """The HF class-name prefix of a model family: ``"Llama"`` or ``"Qwen2"``."""
+    return {"llama": "Llama", "qwen2": "Qwen2"}[model_type]
 
 
 def _check_llama3_scaling(params: dict[str, Any], where: str) -> FrozenDict:

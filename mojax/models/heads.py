@@ -23,15 +23,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mojax.models.config import ModelConfig
-from mojax.models.llama import KVCache, LlamaModel, _param
+from mojax.models.llama import KVCache, LlamaModel, param_variable
 
 
 class ValueHead(nnx.Module):
     """Linear ``hidden -> n`` with bias; fp32 output. Params: kernel [D, n] ("embed", None), bias [n]."""
 
     def __init__(self, hidden_size: int, num_outputs: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, (hidden_size, num_outputs), ("embed", None), param_dtype)
-        self.bias = _param(rngs, (num_outputs,), (None,), param_dtype, init=nnx.initializers.zeros)
+        self.kernel = param_variable(rngs, (hidden_size, num_outputs), ("embed", None), param_dtype)
+        self.bias = param_variable(rngs, (num_outputs,), (None,), param_dtype, init=nnx.initializers.zeros)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         out = jnp.einsum(
@@ -126,7 +126,7 @@ class ScoreHead(nnx.Module):
     """HF ``score`` Linear without bias: kernel [D, num_labels] ("embed", None); fp32 output."""
 
     def __init__(self, hidden_size: int, num_labels: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, (hidden_size, num_labels), ("embed", None), param_dtype)
+        self.kernel = param_variable(rngs, (hidden_size, num_labels), ("embed", None), param_dtype)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         return jnp.einsum(

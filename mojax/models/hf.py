@@ -141,6 +141,7 @@ def _norm_index(index: Index, shape: Sequence[int]) -> list[tuple[int, int]]:
 #   kind "linear": mojax [in, out]     <- hf [out, in].T       (gate/up/down, lm_head, score)
 #   kind "heads":  mojax [D, N, hd]    <- hf [N*hd, D]         (q/k/v)
 #   kind "o":      mojax [N, hd, D]    <- hf [D, N*hd]         (o_proj)
+#   kind "head_bias": mojax [N, hd]    <- hf [N*hd]            (q/k/v biases)
 # stacked=True: a leading layers axis; the HF name contains "{i}".
 
 
@@ -159,6 +160,11 @@ def _rules(config: ModelConfig, head: str | None) -> dict[tuple[str, ...], tuple
         ("model", "layers", "mlp", "up_proj", "kernel"): (L + "mlp.up_proj.weight", "linear", True),
         ("model", "layers", "mlp", "down_proj", "kernel"): (L + "mlp.down_proj.weight", "linear", True),
     }
+    if config.qkv_bias:
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            r[("model", "layers", "self_attn", proj, "bias")] = (L + f"self_attn.{proj}.bias", "head_bias", True)
+    if config.o_bias:
+        r[("model", "layers", "self_attn", "o_proj", "bias")] = (L + "self_attn.o_proj.bias", "same", True)
     if head == "lm_head" and not config.tie_word_embeddings:
         r[("lm_head", "kernel")] = ("lm_head.weight", "linear", False)
     if head == "score":
@@ -177,6 +183,9 @@ def _hf_shape(kind: str, mojax_shape: tuple[int, ...]) -> tuple[int, ...]:
     if kind == "o":
         n, hd, d = mojax_shape
         return (d, n * hd)
+    if kind == "head_bias":
+        n, hd = mojax_shape
+        return (n * hd,)
     raise AssertionError(kind)
 
 
@@ -201,6 +210,10 @@ def _read_one(
         x = reader.read(name, (slice(d0, d1), slice(n0 * hd, n1 * hd)))
         x = x.reshape(d1 - d0, n1 - n0, hd)[:, :, h0:h1]
         return x.transpose(1, 2, 0)
+    if kind == "head_bias":
+        (n0, n1), (h0, h1) = bounds
+        hd = mojax_shape[1]
+        return reader.read(name, (slice(n0 * hd, n1 * hd),)).reshape(n1 - n0, hd)[:, h0:h1]
     raise AssertionError(kind)
 
 
@@ -457,16 +470,21 @@ def load_value_model(
 
 # --------------------------------------------------------------------------- writing
 def _hf_tensors(model: Any) -> tuple[dict[str, np.ndarray], str, ModelConfig, int | None]:
+    from mojax.models.config import architecture_prefix
     from mojax.models.heads import LlamaRewardModel
     from mojax.models.llama import LlamaForCausalLM
+    from mojax.models.lora import lora_config, merge_lora
 
     config: ModelConfig = model.config
+    prefix = architecture_prefix(config.model_type)
     if isinstance(model, LlamaForCausalLM):
-        head, arch, n = "lm_head", "LlamaForCausalLM", None
+        head, arch, n = "lm_head", f"{prefix}ForCausalLM", None
     elif isinstance(model, LlamaRewardModel):
-        head, arch, n = "score", "LlamaForSequenceClassification", model.num_labels
+        head, arch, n = "score", f"{prefix}ForSequenceClassification", model.num_labels
     else:
         raise TypeError(f"save_pretrained supports LlamaForCausalLM and LlamaRewardModel, got {type(model).__name__}")
+    if lora_config(model) is not None:  # LoRA: export the merged weights, leave the model as it is
+        model = merge_lora(nnx.clone(model))
     rules = _rules(config, head)
     out: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -483,6 +501,8 @@ def _hf_tensors(model: Any) -> tuple[dict[str, np.ndarray], str, ModelConfig, in
             elif kind == "o":
                 nh, hd, d = w.shape
                 w = w.transpose(2, 0, 1).reshape(d, nh * hd)
+            elif kind == "head_bias":
+                w = w.reshape(-1)
             out[name.format(i=i) if stacked else name] = np.ascontiguousarray(w)
     return out, arch, config, n
 

@@ -7,7 +7,8 @@ q_proj.weight``) so the safetensors mapping in :mod:`mojax.models.hf` is mechani
 
 Call convention (shared by the sampler and the trainer)::
 
-    logits, cache = model(input_ids, positions=None, attention_mask=None, cache=None)
+    logits, cache = model(input_ids, positions=None, attention_mask=None, cache=None,
+                          adapters=True, dropout_rng=None)
 
 * ``input_ids`` i32[B, T]; ``attention_mask`` i32/bool[B, T] marks real tokens (0 = padding,
   typically on the left); padded tokens never change real tokens' outputs.
@@ -22,6 +23,21 @@ Call convention (shared by the sampler and the trainer)::
 * Call it under ``nnx.jit`` (or ``jax.jit`` over ``nnx.split`` state): eagerly, every call re-traces
   the layer scan. ``remat=True`` wraps each layer in ``jax.checkpoint`` for training.
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
+* ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
+  reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
+
+Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
+:class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
+bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
+build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
+slices through one body. Activations are constrained by logical name ("batch") through
+:func:`mojax.models.sharding.constrain`; no mesh axis is named here.
+
+Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
+``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model),
+:func:`merge_last_layer` undoes the split (of parameters or gradients) and
+:func:`default_probe_mask` selects the last block, final norm and untied LM head (or the LoRA
+adapters).
 
 Logical axis names of every ``nnx.Param`` (read them with ``nnx.get_partition_spec``; the
 sharding module maps them to mesh axes). Variables are created with ``eager_sharding=False``, so
@@ -42,6 +58,12 @@ model.layers.mlp.up_proj.kernel                  [L, D, F]              ("layers
 model.layers.mlp.down_proj.kernel                [L, F, D]              ("layers", "mlp", "embed")
 model.norm.scale                                 [D]                    ("norm",)
 lm_head.kernel  (absent when tied)               [D, V]                 ("embed", "vocab")
+model.layers.self_attn.q_proj.bias  (qkv_bias)   [L, H, hd]             ("layers", "heads", "head_dim")
+model.layers.self_attn.k_proj.bias  (qkv_bias)   [L, KV, hd]            ("layers", "kv_heads", "head_dim")
+model.layers.self_attn.v_proj.bias  (qkv_bias)   [L, KV, hd]            ("layers", "kv_heads", "head_dim")
+model.layers.self_attn.o_proj.bias  (o_bias)     [L, D]                 ("layers", "embed")
+model.layers.<...>.<proj>.lora_a  (LoRA)         [L, *in, r]            (kernel's "layers" and input axes, None)
+model.layers.<...>.<proj>.lora_b  (LoRA)         [L, r, *out]           ("layers", None, kernel's output axes)
 value_head.kernel  (heads.LlamaValueModel)       [D, n]                 ("embed", None)
 score.kernel  (heads.LlamaRewardModel)           [D, num_labels]        ("embed", None)
 ===============================================  =====================  ===========================================
@@ -53,7 +75,7 @@ KV cache arrays are activations, not Params; their suggested logical axes are in
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +83,7 @@ import numpy as np
 from flax import nnx, struct
 
 from mojax.models.config import ModelConfig
+from mojax.models.sharding import PARAM_AXIS_NAMES, constrain  # noqa: F401 (the vocabulary, re-exported)
 
 LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "model.embed_tokens.embedding": ("vocab", "embed"),
@@ -78,10 +101,13 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 }
 """Parameter path -> logical axis names (the table in the module docstring)."""
 
-PARAM_AXIS_NAMES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
-# Mesh axes that split the batch of activations (data parallel and FSDP).
-BATCH_AXES = ("data", "fsdp")
-"""The whole vocabulary of logical axis names used on Params."""
+BIAS_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "model.layers.self_attn.q_proj.bias": ("layers", "heads", "head_dim"),
+    "model.layers.self_attn.k_proj.bias": ("layers", "kv_heads", "head_dim"),
+    "model.layers.self_attn.v_proj.bias": ("layers", "kv_heads", "head_dim"),
+    "model.layers.self_attn.o_proj.bias": ("layers", "embed"),
+}
+"""Bias path -> logical axis names (q/k/v when ``config.qkv_bias``, o when ``config.o_bias``)."""
 
 KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "keys": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
@@ -93,7 +119,7 @@ KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 _INIT_STD = 0.02  # HF initializer_range default
 
 
-def _param(
+def param_variable(
     rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: Any, init: Any = None
 ) -> nnx.Param:
     init = nnx.initializers.normal(_INIT_STD) if init is None else init
@@ -216,20 +242,203 @@ def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: 
     )
 
 
+# --------------------------------------------------------------------------- layer maths
+class Projection(NamedTuple):
+    """One linear map of a decoder layer, as arrays (a pytree; absent parts are None).
+
+    ``kernel`` [*in, *out] (e.g. q_proj [D, H, hd], o_proj [H, hd, D]); ``bias`` [*out];
+    ``lora_a`` [*in, r] and ``lora_b`` [r, *out]: the low-rank adapter of :mod:`mojax.models.lora`.
+    With a leading ``layers`` axis on every part when the weights are stacked.
+    """
+
+    kernel: jax.Array
+    bias: jax.Array | None = None
+    lora_a: jax.Array | None = None
+    lora_b: jax.Array | None = None
+
+
+class LayerWeights(NamedTuple):
+    """The weights of one decoder layer (or of all of them, stacked), named as in HF ``LlamaDecoderLayer``."""
+
+    input_layernorm: jax.Array
+    q_proj: Projection
+    k_proj: Projection
+    v_proj: Projection
+    o_proj: Projection
+    post_attention_layernorm: jax.Array
+    gate_proj: Projection
+    up_proj: Projection
+    down_proj: Projection
+
+
+INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+"""Projection name -> number of leading kernel dims it contracts (o_proj reads [H, hd])."""
+
+
+class LoraCall(NamedTuple):
+    """How adapters run in one call: ``scaling`` = alpha / r, dropout ``rate``, and a PRNG ``key`` (None: no dropout)."""
+
+    scaling: float = 1.0
+    rate: float = 0.0
+    key: jax.Array | None = None
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout of ``x`` with drop probability ``rate``; the identity when ``key`` is None or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def project(x: jax.Array, weights: Projection, input_dims: int, lora: LoraCall, salt: int) -> jax.Array:
+    """``x @ kernel + bias + scaling * dropout(x) @ lora_a @ lora_b``, contracting the last ``input_dims`` of x.
+
+    ``salt`` makes the dropout mask of each projection of a layer its own (PEFT: one dropout per module).
+    """
+    y = jnp.tensordot(x, weights.kernel, input_dims)
+    if weights.bias is not None:
+        y = y + weights.bias
+    if weights.lora_a is not None:
+        key = None if lora.key is None else jax.random.fold_in(lora.key, salt)
+        low = jnp.tensordot(dropout(x, lora.rate, key), weights.lora_a, input_dims)
+        y = y + jnp.asarray(lora.scaling, y.dtype) * jnp.tensordot(low, weights.lora_b, 1)
+    return y
+
+
+class AttentionInputs(NamedTuple):
+    """What every layer needs besides its weights: mask bool[B, T, S], RoPE cos/sin [B, T, hd],
+    and with a cache the slot ``index`` i32[] where the T new keys are written (None without a cache)."""
+
+    mask: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    index: jax.Array | None
+
+
+def key_slots(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(valid bool[B, S], query slots i32[T], write index or None) for T new tokens.
+
+    Without a cache the keys are the new tokens themselves (S = T); with one, the new tokens are
+    written at ``cache.index`` and the keys are all S cache slots.
+    """
+    T = attention_mask.shape[1]
+    if cache is None:
+        return attention_mask, jnp.arange(T, dtype=jnp.int32), None
+    index = jnp.asarray(cache.index, jnp.int32)
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+    return valid, index + jnp.arange(T, dtype=jnp.int32), index
+
+
+def causal_mask(valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+    """bool[B, T, S]: key slot s holds a real token and is not in the future of query t."""
+    slots = jnp.arange(valid.shape[1], dtype=jnp.int32)
+    return valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+
+def check_cache_fits(cache: KVCache, batch: int, new_tokens: int) -> None:
+    """ValueError when the cache's batch differs or ``new_tokens`` do not fit (checked when the index is concrete)."""
+    if cache.batch_size != batch:
+        raise ValueError(f"cache batch size {cache.batch_size} != input batch size {batch}")
+    if new_tokens > cache.max_length:
+        raise ValueError(f"{new_tokens} new tokens do not fit in a cache of length {cache.max_length}")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + new_tokens > cache.max_length:
+        raise ValueError(
+            f"cache overflow: writing {new_tokens} tokens at slot {int(cache.index)} of a cache "
+            f"of length {cache.max_length}"
+        )
+
+
+def decoder_layer(
+    w: LayerWeights,
+    x: jax.Array,
+    inputs: AttentionInputs,
+    past: tuple[jax.Array, jax.Array] | None,
+    eps: float,
+    lora: LoraCall,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One LLaMA block on x [B, T, D] (weights already in the compute dtype).
+
+    ``past``: this layer's cached keys/values [B, S, KV, hd], or None without a cache.
+    Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd] the new tokens' keys and values.
+    """
+
+    def linear(name: str, x: jax.Array) -> jax.Array:
+        return project(x, getattr(w, name), INPUT_DIMS[name], lora, salt=list(INPUT_DIMS).index(name))
+
+    x = constrain(x, ("batch", None, None))
+    h = rms_norm(x, w.input_layernorm, eps)
+    q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
+    k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
+    v = linear("v_proj", h)
+    if past is None:
+        k_all, v_all = k, v
+    else:
+        start = (0, inputs.index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), start).astype(x.dtype)
+        v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
+    x = x + linear("o_proj", attention(q, k_all, v_all, inputs.mask))
+    h = rms_norm(x, w.post_attention_layernorm, eps)
+    x = x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
+    return constrain(x, ("batch", None, None)), (k, v)
+
+
+def run_layers(
+    stacked: LayerWeights,
+    x: jax.Array,
+    inputs: AttentionInputs,
+    past: tuple[jax.Array, jax.Array] | None,
+    eps: float,
+    lora: LoraCall,
+    keys: jax.Array | None,
+    remat: bool,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, S, KV, hd]
+    and dropout keys [L].
+
+    One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
+    None, and the scan carries those empty pytrees through. ``remat`` checkpoints the body.
+    Returns (x, (k_new, v_new)) with k/v [L, B, T, KV, hd].
+    """
+
+    def body(x, layer):
+        w, layer_past, key = layer
+        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, x, (stacked, past, keys))
+
+
 # --------------------------------------------------------------------------- modules
-class _Kernel(nnx.Module):
-    def __init__(self, shape, names, *, dtype, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, shape, names, dtype)
+class _Linear(nnx.Module):
+    """A kernel and, when ``bias_names`` is given, a zero-initialised bias (HF ``nn.Linear`` init)."""
+
+    def __init__(self, shape, names, *, dtype, rngs: nnx.Rngs, bias_shape=None, bias_names=None):
+        self.kernel = param_variable(rngs, shape, names, dtype)
+        if bias_names is not None:
+            self.bias = param_variable(rngs, bias_shape, bias_names, dtype, init=nnx.initializers.zeros)
+
+    def weights(self, adapters: bool) -> Projection:
+        """The arrays of this projection; the LoRA factors only when present and ``adapters``."""
+        read = lambda name: getattr(self, name)[...] if hasattr(self, name) else None  # noqa: E731
+        with_lora = adapters and hasattr(self, "lora_a")
+        return Projection(
+            kernel=self.kernel[...],
+            bias=read("bias"),
+            lora_a=read("lora_a") if with_lora else None,
+            lora_b=read("lora_b") if with_lora else None,
+        )
 
 
 class _Scale(nnx.Module):
     def __init__(self, shape, names, *, dtype, rngs: nnx.Rngs):
-        self.scale = _param(rngs, shape, names, dtype, init=nnx.initializers.ones)
+        self.scale = param_variable(rngs, shape, names, dtype, init=nnx.initializers.ones)
 
 
 class _Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
+        self.embedding = param_variable(rngs, (vocab, dim), ("vocab", "embed"), dtype)
 
 
 class LlamaAttentionWeights(nnx.Module):
@@ -242,22 +451,32 @@ class LlamaAttentionWeights(nnx.Module):
             c.head_dim,
             c.param_dtype,
         )
-        self.q_proj = _Kernel((L, D, H, hd), ("layers", "embed", "heads", "head_dim"), dtype=pd, rngs=rngs)
-        self.k_proj = _Kernel((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype=pd, rngs=rngs)
-        self.v_proj = _Kernel((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), dtype=pd, rngs=rngs)
-        self.o_proj = _Kernel((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), dtype=pd, rngs=rngs)
+
+        def heads(n, name):
+            bias = dict(bias_shape=(L, n, hd), bias_names=("layers", name, "head_dim")) if c.qkv_bias else {}
+            return _Linear((L, D, n, hd), ("layers", "embed", name, "head_dim"), dtype=pd, rngs=rngs, **bias)
+
+        self.q_proj = heads(H, "heads")
+        self.k_proj = heads(KV, "kv_heads")
+        self.v_proj = heads(KV, "kv_heads")
+        o_bias = dict(bias_shape=(L, D), bias_names=("layers", "embed")) if c.o_bias else {}
+        self.o_proj = _Linear((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), dtype=pd, rngs=rngs, **o_bias)
 
 
 class LlamaMLPWeights(nnx.Module):
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         L, D, F, pd = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.param_dtype
-        self.gate_proj = _Kernel((L, D, F), ("layers", "embed", "mlp"), dtype=pd, rngs=rngs)
-        self.up_proj = _Kernel((L, D, F), ("layers", "embed", "mlp"), dtype=pd, rngs=rngs)
-        self.down_proj = _Kernel((L, F, D), ("layers", "mlp", "embed"), dtype=pd, rngs=rngs)
+        self.gate_proj = _Linear((L, D, F), ("layers", "embed", "mlp"), dtype=pd, rngs=rngs)
+        self.up_proj = _Linear((L, D, F), ("layers", "embed", "mlp"), dtype=pd, rngs=rngs)
+        self.down_proj = _Linear((L, F, D), ("layers", "mlp", "embed"), dtype=pd, rngs=rngs)
 
 
 class LlamaDecoderLayers(nnx.Module):
-    """All decoder layers, stacked on a leading "layers" axis and run with ``jax.lax.scan``."""
+    """All decoder layers, stacked on a leading "layers" axis and run with ``jax.lax.scan``.
+
+    ``lora`` (static) holds the adapter hyper-parameters (a :class:`mojax.models.lora.LoraConfig`)
+    once :func:`mojax.models.lora.add_lora` has added adapters, None before.
+    """
 
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         L, D, pd = c.num_hidden_layers, c.hidden_size, c.param_dtype
@@ -265,79 +484,43 @@ class LlamaDecoderLayers(nnx.Module):
         self.self_attn = LlamaAttentionWeights(c, rngs=rngs)
         self.post_attention_layernorm = _Scale((L, D), ("layers", "norm"), dtype=pd, rngs=rngs)
         self.mlp = LlamaMLPWeights(c, rngs=rngs)
+        self.lora = None
 
-    def stacked_arrays(self) -> dict[str, jax.Array]:
+    def projections(self) -> dict[str, _Linear]:
+        """Projection name (HF) -> its module."""
         a, m = self.self_attn, self.mlp
         return {
-            "ln1": self.input_layernorm.scale[...],
-            "wq": a.q_proj.kernel[...],
-            "wk": a.k_proj.kernel[...],
-            "wv": a.v_proj.kernel[...],
-            "wo": a.o_proj.kernel[...],
-            "ln2": self.post_attention_layernorm.scale[...],
-            "wg": m.gate_proj.kernel[...],
-            "wu": m.up_proj.kernel[...],
-            "wd": m.down_proj.kernel[...],
+            "q_proj": a.q_proj,
+            "k_proj": a.k_proj,
+            "v_proj": a.v_proj,
+            "o_proj": a.o_proj,
+            "gate_proj": m.gate_proj,
+            "up_proj": m.up_proj,
+            "down_proj": m.down_proj,
         }
 
+    def weights(self, adapters: bool = True) -> LayerWeights:
+        """The stacked arrays [L, ...] as a :class:`LayerWeights` (adapters left out unless ``adapters``)."""
+        return LayerWeights(
+            input_layernorm=self.input_layernorm.scale[...],
+            post_attention_layernorm=self.post_attention_layernorm.scale[...],
+            **{name: module.weights(adapters) for name, module in self.projections().items()},
+        )
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """x with its leading (batch) dim split over the Auto mesh axes of BATCH_AXES set by ``jax.set_mesh``.
-
-    Without this, XLA propagates the FSDP weight layout (split along embed) into the activations
-    and every device computes the whole global batch. No-op without a mesh, with Explicit axes
-    (their shardings are types, not hints), or when the axes do not divide the batch.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    auto = {
-        name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=False) if kind == jax.sharding.AxisType.Auto
-    }
-    axes = tuple(name for name in BATCH_AXES if name in auto)
-    size = math.prod(mesh.shape[name] for name in axes)
-    if size == 1 or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
-
-
-def _decoder_layer(
-    p: dict[str, jax.Array],
-    x: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask: jax.Array,
-    eps: float,
-    dtype: Any,
-    past: tuple[jax.Array, jax.Array] | None,
-    index: jax.Array | None,
-):
-    """One LLaMA block on x [B, T, D]. Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd]."""
-    w = {k: v.astype(dtype) for k, v in p.items()}
-    x = constrain_batch(x)
-    h = rms_norm(x, w["ln1"], eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-    k = jnp.einsum("btd,dnh->btnh", h, w["wk"])
-    v = jnp.einsum("btd,dnh->btnh", h, w["wv"])
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    if past is None:
-        k_all, v_all = k, v
-    else:
-        pk, pv = past
-        k_all = jax.lax.dynamic_update_slice(pk, k.astype(pk.dtype), (0, index, 0, 0)).astype(dtype)
-        v_all = jax.lax.dynamic_update_slice(pv, v.astype(pv.dtype), (0, index, 0, 0)).astype(dtype)
-    o = attention(q, k_all, v_all, mask)
-    x = x + jnp.einsum("btnh,nhd->btd", o, w["wo"])
-    h = rms_norm(x, w["ln2"], eps)
-    gate = jnp.einsum("btd,df->btf", h, w["wg"])
-    up = jnp.einsum("btd,df->btf", h, w["wu"])
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["wd"])
-    return constrain_batch(x), (k, v)
+    def lora_call(self, adapters: bool) -> LoraCall:
+        """The adapters' scaling and dropout rate for one call (no adapter maths unless ``adapters``)."""
+        if self.lora is None or not adapters:
+            return LoraCall()
+        return LoraCall(scaling=self.lora.scaling, rate=self.lora.dropout)
 
 
 class LlamaModel(nnx.Module):
-    """Embedding + stacked decoder layers + final norm (HF ``LlamaModel``)."""
+    """Embedding + stacked decoder layers + final norm (HF ``LlamaModel``).
+
+    ``last_layer`` is None, except in the probe-mode representation built by :func:`apply_split`:
+    then ``layers`` holds the first L - 1 blocks and ``last_layer`` the final one (stacked, [1, ...]),
+    which runs after the scan, on its own.
+    """
 
     def __init__(self, config: ModelConfig, *, remat: bool = False, rngs: nnx.Rngs):
         self.config = config
@@ -345,6 +528,7 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = _Embed(config.vocab_size, config.hidden_size, dtype=config.param_dtype, rngs=rngs)
         self.layers = LlamaDecoderLayers(config, rngs=rngs)
         self.norm = _Scale((config.hidden_size,), ("norm",), dtype=config.param_dtype, rngs=rngs)
+        self.last_layer = None
 
     def __call__(
         self,
@@ -353,6 +537,8 @@ class LlamaModel(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        adapters: bool = True,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         dtype = c.dtype
@@ -365,63 +551,40 @@ class LlamaModel(nnx.Module):
         attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
+        if cache is not None:
+            check_cache_fits(cache, B, T)
+            if self.last_layer is not None:
+                raise ValueError("a KV cache needs the stacked layers: merge_last_layer the split parameters first")
+        valid, query_slots, index = key_slots(attention_mask, cache)
+        if positions is None:
+            positions = default_positions(attention_mask, 0 if cache is None else cache.lengths)
+        cos, sin = rope_cos_sin(jnp.asarray(positions, jnp.int32), rope_inv_freq(c), dtype)
+        inputs = AttentionInputs(causal_mask(valid, query_slots), cos, sin, index)
 
-        if cache is None:
-            if positions is None:
-                positions = default_positions(attention_mask)
-            slots = jnp.arange(T, dtype=jnp.int32)
-            qslots = slots
-            valid = attention_mask
-            index = None
-        else:
-            if cache.batch_size != B:
-                raise ValueError(f"cache batch size {cache.batch_size} != input batch size {B}")
-            if T > cache.max_length:
-                raise ValueError(f"{T} new tokens do not fit in a cache of length {cache.max_length}")
-            if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_length:
-                raise ValueError(
-                    f"cache overflow: writing {T} tokens at slot {int(cache.index)} of a cache "
-                    f"of length {cache.max_length}"
-                )
-            index = jnp.asarray(cache.index, jnp.int32)
-            if positions is None:
-                positions = default_positions(attention_mask, cache.lengths)
-            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-            slots = jnp.arange(cache.max_length, dtype=jnp.int32)
-            qslots = index + jnp.arange(T, dtype=jnp.int32)
-        positions = jnp.asarray(positions, jnp.int32)
-        # mask[b, t, s]: key slot s holds a real token and is not in the future of query t.
-        mask = valid[:, None, :] & (slots[None, None, :] <= qslots[None, :, None])
-
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(c), dtype)
+        cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
+        lora = self.layers.lora_call(adapters)
+        keys = None if dropout_rng is None or lora.rate == 0.0 else jax.random.split(dropout_rng, c.num_hidden_layers)
+        past = None if cache is None else (cache.keys, cache.values)
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
-        params = self.layers.stacked_arrays()
-        eps = c.rms_norm_eps
-
-        if cache is None:
-
-            def body(x, p):
-                return _decoder_layer(p, x, cos, sin, mask, eps, dtype, None, None)
-
-            xs = params
+        if self.last_layer is None:
+            x, (k_new, v_new) = run_layers(
+                cast(self.layers.weights(adapters)), x, inputs, past, c.rms_norm_eps, lora, keys, self.remat
+            )
         else:
-
-            def body(x, inp):
-                p, pk, pv = inp
-                return _decoder_layer(p, x, cos, sin, mask, eps, dtype, (pk, pv), index)
-
-            xs = (params, cache.keys, cache.values)
-        if self.remat:
-            body = jax.checkpoint(body)
-        x, (k_new, v_new) = jax.lax.scan(body, x, xs)
-        x = rms_norm(x, self.norm.scale[...].astype(dtype), eps)
+            stacked_keys, last_key = (None, None) if keys is None else (keys[:-1], keys[-1])
+            x, _ = run_layers(
+                cast(self.layers.weights(adapters)), x, inputs, None, c.rms_norm_eps, lora, stacked_keys, self.remat
+            )
+            last = jax.tree.map(lambda a: a[0], cast(self.last_layer.weights(adapters)))
+            layer = lambda w, x: decoder_layer(w, x, inputs, None, c.rms_norm_eps, lora._replace(key=last_key))[0]  # noqa: E731
+            x = (jax.checkpoint(layer) if self.remat else layer)(last, x)
+        x = rms_norm(x, self.norm.scale[...].astype(dtype), c.rms_norm_eps)
 
         if cache is not None:
+            start = (0, 0, index, 0, 0)
             cache = KVCache(
-                keys=jax.lax.dynamic_update_slice(cache.keys, k_new.astype(cache.keys.dtype), (0, 0, index, 0, 0)),
-                values=jax.lax.dynamic_update_slice(
-                    cache.values, v_new.astype(cache.values.dtype), (0, 0, index, 0, 0)
-                ),
+                keys=jax.lax.dynamic_update_slice(cache.keys, k_new.astype(cache.keys.dtype), start),
+                values=jax.lax.dynamic_update_slice(cache.values, v_new.astype(cache.values.dtype), start),
                 valid=valid,
                 index=index + T,
             )
@@ -435,7 +598,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _Kernel(
+            self.lm_head = _Linear(
                 (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype=config.param_dtype, rngs=rngs
             )
 
@@ -450,9 +613,18 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        adapters: bool = True,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
-        return self.model(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
+        return self.model(
+            input_ids,
+            positions=positions,
+            attention_mask=attention_mask,
+            cache=cache,
+            adapters=adapters,
+            dropout_rng=dropout_rng,
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on hidden states: fp32 logits [..., V]."""
@@ -470,6 +642,170 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        adapters: bool = True,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        h, cache = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
+        h, cache = self.hidden_states(
+            input_ids,
+            positions=positions,
+            attention_mask=attention_mask,
+            cache=cache,
+            adapters=adapters,
+            dropout_rng=dropout_rng,
+        )
         return self.logits(h).astype(jnp.float32), cache
+
+
+# --------------------------------------------------------------------------- probe-mode split
+_LAYERS, _LAST = "layers", "last_layer"
+
+
+def _raw(tree: Any) -> dict:
+    """The nested dict under an ``nnx.State`` (or the mapping itself), so rebuilt trees keep its structure."""
+    return tree.raw_mapping if isinstance(tree, nnx.State) else tree
+
+
+def _trunk(state: Any, where: str) -> dict:
+    """The ``model`` sub-tree (the LlamaModel trunk) of a causal-LM or head-model state, as a dict."""
+    raw = _raw(state)
+    if "model" not in raw or _LAYERS not in raw["model"]:
+        raise ValueError(f"{where}: `state` has no model.layers; expected the nnx state of a mojax Llama model.")
+    return _raw(raw["model"])
+
+
+def _with_trunk(state: Any, trunk: dict) -> Any:
+    """``state`` (same type) with its ``model`` sub-tree replaced by ``trunk``."""
+    raw = {**_raw(state), "model": trunk}
+    return type(state)(raw) if isinstance(state, nnx.State) else raw
+
+
+def split_last_layer(state: nnx.State) -> nnx.State:
+    """The state with the final decoder block apart: ``model.layers`` [L-1, ...] and ``model.last_layer`` [1, ...].
+
+    Every stacked layer leaf (kernels, norms, biases, LoRA factors) is cut in two, so a probe mask
+    can select the final block alone. This copies the layer weights once (the slices are new
+    arrays): do it outside the differentiated function, ideally once, keeping the split state as the
+    training representation (optimizer state included) and merging only to sample or export.
+
+    Args:
+      state: ``nnx.state(model)`` or the ``nnx.Param`` part of ``nnx.split(model, nnx.Param, ...)``
+        of a ``LlamaForCausalLM`` (or a head model on the same trunk) with at least one layer.
+
+    Returns:
+      A state of the same kind with ``model.layers`` holding the first L-1 blocks and
+      ``model.last_layer`` the last one.
+
+    References:
+      Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
+      arXiv:1810.04650 (MGDA-UB: per-task gradients of the last shared layer only); Li et al.,
+      GAPO, arXiv:2507.01915 (its last-layer variant).
+    """
+    trunk = _trunk(state, "split_last_layer")
+    if _LAST in trunk:
+        raise ValueError("split_last_layer: `state` already has a model.last_layer; expected an unsplit state.")
+    layers = trunk[_LAYERS]
+    return _with_trunk(
+        state, {**trunk, _LAYERS: jax.tree.map(lambda a: a[:-1], layers), _LAST: jax.tree.map(lambda a: a[-1:], layers)}
+    )
+
+
+def merge_last_layer(split: nnx.State) -> nnx.State:
+    """The inverse of :func:`split_last_layer`: ``model.layers`` and ``model.last_layer`` concatenated back.
+
+    Also turns gradients or optimizer moments of the split parameters into those of the model.
+
+    Args:
+      split: a state (or a gradient pytree of the same structure) from :func:`split_last_layer`.
+
+    Returns:
+      The state with one stacked ``model.layers`` [L, ...] and no ``model.last_layer``.
+
+    References:
+      See :func:`split_last_layer`.
+    """
+    trunk = _trunk(split, "merge_last_layer")
+    if _LAST not in trunk:
+        raise ValueError("merge_last_layer: `split` has no model.last_layer; expected a state from split_last_layer.")
+    merged = {key: value for key, value in trunk.items() if key != _LAST}
+    merged[_LAYERS] = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), trunk[_LAYERS], trunk[_LAST])
+    return _with_trunk(split, merged)
+
+
+def apply_split(
+    graphdef: nnx.GraphDef,
+    split: nnx.State,
+    input_ids: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    adapters: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Logits f32[B, T, V] of a ``LlamaForCausalLM`` from split parameters, equal to the unsplit model's.
+
+    The first L-1 blocks run in the layer scan, then the last block on its own, so under
+    ``jax.grad`` / ``jax.vjp`` the final block's parameters are separate leaves (no KV cache here).
+
+    Args:
+      graphdef: from ``nnx.split(model)`` or ``nnx.split(model, nnx.Param, ...)`` of the unsplit model
+        (a split with more than one state needs every state but the first to be empty).
+      split: :func:`split_last_layer` of the model's (Param) state.
+      input_ids, positions, attention_mask, adapters, dropout_rng: as ``LlamaForCausalLM.__call__``.
+
+    Returns:
+      fp32 logits [B, T, V].
+
+    References:
+      See :func:`split_last_layer`.
+
+    Example:
+      >>> from flax import nnx
+      >>> from mojax.models import LlamaForCausalLM, ModelConfig
+      >>> config = ModelConfig.tiny(num_hidden_layers=2, vocab_size=16)
+      >>> graphdef, params = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+      >>> split = jax.eval_shape(split_last_layer, params)  # shapes only, for the example
+      >>> split["model"]["last_layer"]["mlp"]["up_proj"]["kernel"].shape
+      (1, 64, 128)
+      >>> jax.eval_shape(lambda split: apply_split(graphdef, split, jnp.ones((1, 3), jnp.int32)), split).shape
+      (1, 3, 16)
+    """
+    trunk = _trunk(split, "apply_split")
+    if _LAST not in trunk:
+        raise ValueError("apply_split: `split` has no model.last_layer; expected a state from split_last_layer.")
+    model = nnx.merge(graphdef, _with_trunk(split, {k: v for k, v in trunk.items() if k != _LAST}))
+    model.model.last_layer = nnx.data(nnx.merge(nnx.graphdef(model.model.layers), nnx.State(trunk[_LAST])))
+    logits, _ = model(
+        input_ids, positions=positions, attention_mask=attention_mask, adapters=adapters, dropout_rng=dropout_rng
+    )
+    return logits
+
+
+def default_probe_mask(split: nnx.State) -> Any:
+    """Bool pytree over ``split``: the parameters whose per-objective gradients the probe mode takes.
+
+    Without adapters: the last decoder block, the final norm and the LM head (when untied; a
+    tied head is the embedding, left out). With LoRA adapters (``nnx.LoRAParam`` leaves, see
+    :mod:`mojax.models.lora`): exactly the adapters, in every layer.
+
+    Args:
+      split: a state from :func:`split_last_layer` (Variables or plain arrays as leaves).
+
+    Returns:
+      A pytree with the structure of ``split`` and a bool per array (usable as an optax mask).
+
+    References:
+      See :func:`split_last_layer`.
+    """
+    _trunk(split, "default_probe_mask")
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    has_adapters = any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(split, is_leaf=is_variable))
+
+    def probe(path, leaf) -> Any:
+        if has_adapters:
+            selected = isinstance(leaf, nnx.LoRAParam)
+        else:
+            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            selected = keys[:2] in (("model", _LAST), ("model", "norm")) or keys[:1] == ("lm_head",)
+        return leaf.replace(selected) if is_variable(leaf) else selected
+
+    return jax.tree_util.tree_map_with_path(probe, split, is_leaf=is_variable)

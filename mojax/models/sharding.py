@@ -1,9 +1,15 @@
 """Logical-axis sharding: rules as data, device meshes, and directly-sharded model creation.
 
 Every ``nnx.Param`` of a mojax model names its dimensions with logical axes (``PARAM_AXIS_NAMES``)
-through ``nnx.with_partitioning``. A *rule set* maps each logical axis to a tuple of mesh axes
-(``MESH_AXES``); the empty tuple means "replicated along this dimension". Presets live in
-``RULES``; a custom rule set is any mapping, e.g. ``{**RULES["fsdp_tp"], "kv_heads": ()}``.
+through ``nnx.with_partitioning``; activations name theirs with ``ACTIVATION_AXIS_NAMES`` ("batch",
+"cache_length"). A *rule set* maps each logical axis to a tuple of mesh axes (``MESH_AXES``); the
+empty tuple means "replicated along this dimension". Presets live in ``RULES``; a custom rule set
+is any mapping, e.g. ``{**RULES["fsdp_tp"], "kv_heads": ()}``.
+
+This module owns the whole vocabulary (logical names, mesh axis names and the map between them);
+the model code only ever names logical axes, and constrains its activations with :func:`constrain`,
+which resolves them under the rules set by :func:`activation_rules` (by default the batch split
+``"batch" -> ("data", "fsdp")`` shared by every preset) on the mesh set by ``jax.set_mesh``.
 
 Divisibility is never fixed up silently: if the mesh axes assigned to a dimension do not divide
 its size, ``state_shardings`` raises a ``ValueError`` naming the variable, the dimension and the
@@ -12,8 +18,10 @@ mesh axes, and the caller overrides that logical axis in the rules (usually with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -21,16 +29,24 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mojax.models.llama import BATCH_AXES, PARAM_AXIS_NAMES
-
 MESH_AXES = ("data", "fsdp", "tensor")
+"""Mesh axis names: data parallel, fully sharded data parallel, tensor parallel."""
+
+PARAM_AXIS_NAMES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+"""The logical axis names used on Params."""
+
+ACTIVATION_AXIS_NAMES = ("batch", "cache_length")
+"""The logical axis names used only on activations (and the KV cache)."""
+
+AXIS_NAMES = PARAM_AXIS_NAMES + ACTIVATION_AXIS_NAMES
 
 Rules = Mapping[str, tuple[str, ...]]
 
 
 def _preset(**sharded: tuple[str, ...]) -> Rules:
-    """A read-only rule set: the given logical axes sharded, every other one replicated."""
-    return MappingProxyType({name: tuple(sharded.get(name, ())) for name in PARAM_AXIS_NAMES})
+    """A read-only rule set: the batch over (data, fsdp), the given axes sharded, every other one replicated."""
+    sharded = {"batch": ("data", "fsdp"), **sharded}
+    return MappingProxyType({name: tuple(sharded.get(name, ())) for name in AXIS_NAMES})
 
 
 RULES: Mapping[str, Rules] = MappingProxyType(
@@ -54,8 +70,8 @@ def resolve_rules(rules: str | Rules) -> Rules:
         raise ValueError(f"rules must be a preset name or a mapping, got {type(rules).__name__}")
     resolved = {}
     for logical, mesh_axes in rules.items():
-        if logical not in PARAM_AXIS_NAMES:
-            raise ValueError(f"unknown logical axis {logical!r} in rules; expected one of {PARAM_AXIS_NAMES}")
+        if logical not in AXIS_NAMES:
+            raise ValueError(f"unknown logical axis {logical!r} in rules; expected one of {AXIS_NAMES}")
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         unknown = [a for a in mesh_axes if a not in MESH_AXES]
         if unknown:
@@ -185,6 +201,42 @@ def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: str | Rules) -
     return nnx.merge(graphdef, init())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding for [B, ...] inputs: the batch over (data, fsdp), everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, rules: str | Rules = "dp") -> NamedSharding:
+    """Sharding for [B, ...] inputs: the batch split by the "batch" rule (every preset: over data and fsdp)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), rules))
+
+
+_ACTIVATION_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("activation_rules", default=RULES["dp"])
+
+
+@contextlib.contextmanager
+def activation_rules(rules: str | Rules) -> Iterator[Rules]:
+    """Within the block, :func:`constrain` resolves activation axes with ``rules`` (default: any preset's)."""
+    token = _ACTIVATION_RULES.set(resolve_rules(rules))
+    try:
+        yield _ACTIVATION_RULES.get()
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to the layout of its logical axis ``names`` on the mesh set by ``jax.set_mesh``.
+
+    Only the Auto axes of that mesh are used (Explicit axes carry their sharding in the type, so a
+    hint is neither needed nor allowed), and a dimension that its mesh axes do not divide is left
+    unconstrained. No-op without a mesh. The model calls it on the residual stream with
+    ``("batch", None, None)``: without it XLA propagates the FSDP weight layout (split along embed)
+    into the activations and every device computes the whole global batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Auto}
+    entries = []
+    for size, entry in zip(x.shape, logical_to_spec(names, _ACTIVATION_RULES.get()), strict=False):
+        axes = tuple(axis for axis in _spec_axes(entry) if axis in auto)
+        shards = math.prod(mesh.shape[axis] for axis in axes)
+        entries.append(axes if shards > 1 and size % shards == 0 else None)
+    if all(entry is None for entry in entries):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))

@@ -296,8 +296,8 @@ def test_pickle_only_folder_is_rejected(tmp_path):
 def test_unsupported_config_is_rejected(tmp_path):
     from mojax.models.config import ModelConfig
 
-    (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.tiny().to_hf_dict(), "attention_bias": True}))
-    with pytest.raises(ValueError, match="attention_bias"):
+    (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.tiny().to_hf_dict(), "mlp_bias": True}))
+    with pytest.raises(ValueError, match="mlp_bias"):
         load_causal_lm(tmp_path)
 
 

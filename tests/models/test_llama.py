@@ -200,3 +200,127 @@ def test_cache_overflow_is_an_error_outside_jit(model):
         model(_ids(1, 2), cache=cache.replace(index=jnp.int32(3)))
     with pytest.raises(ValueError, match="batch size"):
         model(_ids(2, 1), cache=cache)
+
+
+def test_layer_weights_use_hf_names(model):
+    from mojax.models.llama import LayerWeights, Projection
+
+    weights = model.model.layers.weights()
+    assert isinstance(weights, LayerWeights) and isinstance(weights.o_proj, Projection)
+    assert LayerWeights._fields == (
+        "input_layernorm",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "post_attention_layernorm",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    assert weights.q_proj.bias is None and weights.q_proj.lora_a is None
+    assert weights.o_proj.kernel.shape == (2, 4, 16, 64)
+
+
+def test_causal_mask_with_and_without_cache_matches_a_loop():
+    from mojax.models.llama import KVCache, causal_mask, key_slots
+
+    rng = np.random.default_rng(3)
+    new = jnp.asarray(rng.random((2, 3)) > 0.3)
+    cache_valid = jnp.asarray(rng.random((2, 7)) > 0.3)
+    cache = KVCache(keys=jnp.zeros((1, 2, 7, 1, 2)), values=jnp.zeros((1, 2, 7, 1, 2)), valid=cache_valid, index=2)
+    for c in (None, cache):
+        valid, slots, index = key_slots(new, c)
+        mask = np.asarray(causal_mask(valid, slots))
+        if c is None:
+            expected_valid, offset = np.asarray(new), 0
+            assert index is None
+        else:
+            expected_valid, offset = np.asarray(cache_valid).copy(), 2
+            expected_valid[:, 2:5] = np.asarray(new)
+            assert int(index) == 2
+        np.testing.assert_array_equal(valid, expected_valid)
+        for b in range(2):
+            for t in range(3):
+                for s in range(valid.shape[1]):
+                    assert mask[b, t, s] == (expected_valid[b, s] and s <= offset + t)
+
+
+@pytest.fixture(scope="module")
+def split_case():
+    from mojax.models.llama import split_last_layer
+
+    model = random_llama(ModelConfig.tiny(num_hidden_layers=3), seed=4)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, split_last_layer(params)
+
+
+def _split_loss(graphdef, ids):
+    from mojax.models.llama import apply_split
+
+    return lambda split: jnp.mean(jnp.sin(apply_split(graphdef, split, ids[:, :-1], attention_mask=ids[:, :-1] > 5)))
+
+
+def test_split_last_layer_shapes_and_exact_inverse(split_case):
+    from mojax.models.llama import merge_last_layer
+
+    _, params, split = split_case
+    trunk = split["model"]
+    assert trunk["layers"]["mlp"]["down_proj"]["kernel"].shape == (2, 128, 64)
+    assert trunk["last_layer"]["mlp"]["down_proj"]["kernel"].shape == (1, 128, 64)
+    np.testing.assert_array_equal(
+        trunk["last_layer"]["input_layernorm"]["scale"][...][0],
+        params["model"]["layers"]["input_layernorm"]["scale"][...][2],
+    )
+    merged = merge_last_layer(split)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, merged, params)
+
+
+def test_apply_split_logits_and_gradients_equal_the_model(split_case):
+    from mojax.models.llama import merge_last_layer
+
+    graphdef, params, split = split_case
+    ids = _ids(2, 7, seed=5)
+
+    def loss(p):
+        return jnp.mean(jnp.sin(nnx.merge(graphdef, p)(ids[:, :-1], attention_mask=ids[:, :-1] > 5)[0]))
+
+    (value, grads), (split_value, split_grads) = jax.jit(
+        lambda p, s: (jax.value_and_grad(loss)(p), jax.value_and_grad(_split_loss(graphdef, ids))(s))
+    )(params, split)
+    np.testing.assert_allclose(split_value, value, rtol=1e-6)
+    merged = merge_last_layer(split_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), merged, grads)
+    assert float(jnp.abs(split_grads["model"]["last_layer"]["mlp"]["up_proj"]["kernel"][...]).max()) > 0
+
+
+def test_default_probe_mask_selects_last_block_norm_and_untied_head(split_case):
+    from mojax.models.llama import default_probe_mask, split_last_layer
+
+    _, _, split = split_case
+    selected = {".".join(map(str, k)) for k, v in nnx.to_flat_state(default_probe_mask(split)) if v.get_value()}
+    assert selected == {
+        "lm_head.kernel",
+        "model.norm.scale",
+        *(".".join(map(str, k)) for k, _ in nnx.to_flat_state(split) if k[:2] == ("model", "last_layer")),
+    }
+    assert len(selected) == 11
+    tied = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig.tiny(tie_word_embeddings=True), rngs=nnx.Rngs(0)))
+    tied_split = split_last_layer(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(tied, nnx.Param)))
+    tied_selected = {k for k, v in nnx.to_flat_state(default_probe_mask(tied_split)) if v.get_value()}
+    assert len(tied_selected) == 10 and ("model", "embed_tokens", "embedding") not in tied_selected
+
+
+def test_split_errors_and_the_cache_guard(split_case, model):
+    from mojax.models.llama import apply_split, merge_last_layer, split_last_layer
+
+    graphdef, params, split = split_case
+    with pytest.raises(ValueError, match="already has a model.last_layer"):
+        split_last_layer(split)
+    with pytest.raises(ValueError, match="has no model.last_layer"):
+        merge_last_layer(params)
+    with pytest.raises(ValueError, match="has no model.last_layer"):
+        apply_split(graphdef, params, _ids(1, 2))
+    with pytest.raises(ValueError, match="no model.layers"):
+        split_last_layer(nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))

@@ -264,3 +264,26 @@ def test_fsdp_activations_stay_split_by_batch_under_set_mesh():
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(loose_forward(state, ids)), rtol=1e-5, atol=1e-5)
     temporaries = lambda compiled: compiled.memory_analysis().temp_size_in_bytes
     assert temporaries(tight_gradient) < 0.5 * temporaries(loose_gradient)
+
+
+def test_every_preset_splits_the_batch_over_data_and_fsdp():
+    for preset in RULES:
+        assert logical_to_spec(("batch", None), preset) == P(("data", "fsdp"), None)
+        assert logical_to_spec(("layers", "batch", "cache_length", "kv_heads", "head_dim"), preset)[1:3] == (
+            ("data", "fsdp"),
+            None,
+        )
+
+
+def test_constrain_resolves_logical_activation_axes_under_set_mesh():
+    from mojax.models.sharding import activation_rules, constrain
+
+    x = jnp.ones((8, 4))
+    assert constrain(x, ("batch", None)) is x  # no mesh: untouched
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    spec = lambda f: jax.jit(f).lower(x).compile().output_shardings.spec  # noqa: E731
+    with jax.set_mesh(mesh):
+        assert spec(lambda x: constrain(x, ("batch", None))) == P(("data", "fsdp"))
+        with activation_rules({**RULES["fsdp"], "batch": ("fsdp",), "embed": ("tensor",)}):
+            assert spec(lambda x: constrain(x, ("batch", "embed"))) == P("fsdp", "tensor")
+        assert spec(lambda x: constrain(x[:3], ("batch", None))) == P()  # 3 rows do not split over 4 shards
