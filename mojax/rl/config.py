@@ -44,6 +44,21 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSection:
+    """Low-rank adapters on the policy (rank 0: none, full fine-tuning)."""
+
+    rank: int = 0
+    """Adapter rank r (0 disables LoRA); with adapters only they are trained, the reference policy is the base model
+    with the adapters disabled (no second copy of the weights), and they are the default probe set."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during the update."""
+    targets: Sequence[str] = ("q_proj", "v_proj")
+    """Projections that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutSection:
     """How completions are sampled."""
 
@@ -141,8 +156,9 @@ class CombinerSection:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
-    """Parameter path substrings of the probe set (e.g. ``["lm_head", "model.norm"]``); empty: the default probe set
-    (the final decoder block with the final norm, plus the LM head when untied)."""
+    """Parameter path substrings of the probe set (e.g. ``["lm_head", "model.norm"]``); empty: the default probe set:
+    the LoRA adapters when present, else the final decoder block (split from the stacked layers so it can be
+    differentiated alone) with the final norm, plus the LM head when untied."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -256,6 +272,8 @@ class TrainConfig:
     """The named objectives (at least one)."""
     model: ModelSection = ModelSection()
     """The policy."""
+    lora: LoraSection = LoraSection()
+    """Low-rank adapters (rank 0: none)."""
     rollout: RolloutSection = RolloutSection()
     """Sampling."""
     algorithm: AlgorithmSection = AlgorithmSection()

@@ -42,6 +42,15 @@ from jax.sharding import Mesh
 from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make, noon
 from mojax.diagnostics import covariance_statistics, ctwa_signal
+from mojax.models import (
+    LoraConfig,
+    adapters_only,
+    add_lora,
+    apply_split,
+    default_probe_mask,
+    merge_last_layer,
+    split_last_layer,
+)
 from mojax.models.generate import SamplingConfig
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
@@ -182,16 +191,24 @@ def build_mesh(config: rl_config.TrainConfig) -> Mesh | None:
     return mesh
 
 
-def response_fn(graphdef: Any, rest: Any) -> Callable:
-    """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs, entropies) f32[B, T] of the responses."""
+def response_fn(graphdef: Any, rest: Any, *, split: bool = False, adapters: bool = True) -> Callable:
+    """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs, entropies) f32[B, T] of the responses.
+
+    With ``split`` the parameters are :func:`mojax.models.split_last_layer`'s (the final block a leaf of its own);
+    ``adapters=False`` runs the base model of a LoRA policy (the reference policy).
+    """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
-        model = nnx.merge(graphdef, params, rest)
         width = prompt_ids.shape[1]
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
-        hidden, _ = model.hidden_states(ids, attention_mask=mask)
-        logits = model.logits(hidden[:, width - 1 : width - 1 + tokens.shape[1]])
+        window = slice(width - 1, width - 1 + tokens.shape[1])
+        if split:
+            logits = apply_split(graphdef, params, ids, attention_mask=mask, adapters=adapters)[:, window]
+        else:
+            model = nnx.merge(graphdef, params, rest)
+            hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters)
+            logits = model.logits(hidden[:, window])
         return token_logprobs(logits, tokens), token_entropy(logits)
 
     return policy
@@ -308,11 +325,17 @@ class Trainer:
                 )
             )
         self.model, self.tokenizer = build_policy(config)
+        if config.lora.rank:
+            lora = config.lora
+            add_lora(
+                self.model,
+                LoraConfig(lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)),
+                rngs=nnx.Rngs(config.model.init_seed + 2),
+            )
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = build_mesh(config)
         if self.mesh is not None:
             params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
-        self.policy = response_fn(self.graphdef, self.rest)
         self.train_prompts = load_prompt_rows(config.data.prompts, config.data, self.tokenizer)
         self.eval_prompts = (
             None
@@ -366,7 +389,25 @@ class Trainer:
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
         )
-        flags = probe_flags(params, config.combiner.probe, self.model.config) if mode == "probe" else None
+        # Probe mode's default set (no patterns, no adapters): the final block, split from the stacked layers.
+        self.split = (
+            mode == "probe"
+            and not config.combiner.probe
+            and not config.lora.rank
+            and self.model.config.num_hidden_layers > 1
+        )
+        if self.split:
+            params = split_last_layer(params)
+        flags = None
+        if mode == "probe":
+            flags = (
+                jax.tree.leaves(default_probe_mask(params))
+                if not config.combiner.probe
+                else probe_flags(params, config.combiner.probe, self.model.config)
+            )
+        self.policy = response_fn(self.graphdef, self.rest, split=self.split)
+        if config.lora.rank:
+            self.optimizer = adapters_only(self.optimizer, params)
         critic_params = critic_opt_state = critic = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
@@ -392,9 +433,14 @@ class Trainer:
             donate_argnums=0,
         )
         self.uses_reference = config.kl.beta > 0 or config.kl.log_kl
-        self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference else None
+        # LoRA: the reference is the base model (adapters off) of the current parameters, no copy; else a frozen copy.
+        self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference and not config.lora.rank else None
         self._logp = jax.jit(
             lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
+        )
+        base = response_fn(self.graphdef, self.rest, split=self.split, adapters=False)
+        self._base_logp = jax.jit(
+            lambda p, ids, mask, tokens: base(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )
         # Every leaf its own buffer: the train step donates the state, and an init may share one array twice.
         self.state = jax.tree.map(
@@ -429,6 +475,11 @@ class Trainer:
         ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         return ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
 
+    def policy_model(self) -> Any:
+        """The current policy as an NNX model (its final block merged back when the training state is split)."""
+        params = merge_last_layer(self.state.params) if self.split else self.state.params
+        return nnx.merge(self.graphdef, params, self.rest)
+
     def on_mesh(self) -> contextlib.AbstractContextManager:
         """``jax.set_mesh`` of the run's mesh (activations are then split by batch), or nothing without a mesh."""
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -461,8 +512,13 @@ class Trainer:
             bucket_multiple=self.config.rollout.prompt_bucket_multiple,
         )
         ids, mask, groups = repeat_prompts(ids, mask, generations)
-        model = nnx.merge(self.graphdef, self.state.params, self.rest)
-        reference = None if self.reference_params is None else functools.partial(self._logp, self.reference_params)
+        model = self.policy_model()
+        if not self.uses_reference:
+            reference = None
+        elif self.config.lora.rank:
+            reference = functools.partial(self._base_logp, self.state.params)
+        else:
+            reference = functools.partial(self._logp, self.reference_params)
         rollout = sample_rollout(
             model,
             ids,
@@ -781,11 +837,10 @@ class Trainer:
         return metrics
 
     def export(self, path: str | os.PathLike) -> Path:
-        """Write the current policy as a Hugging Face folder (weights, config, tokenizer)."""
+        """Write the current policy as a Hugging Face folder (weights with LoRA merged, config, tokenizer)."""
         from mojax.models import save_pretrained
 
-        model = nnx.merge(self.graphdef, self.state.params, self.rest)
-        save_pretrained(model, path)
+        save_pretrained(self.policy_model(), path)
         self.tokenizer.save_pretrained(os.fspath(path))
         (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
         return Path(path)

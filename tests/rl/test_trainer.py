@@ -230,7 +230,6 @@ def test_export_writes_a_loadable_policy(tmp_path):
     trainer.close()
     loaded = load_causal_lm(tmp_path / "policy")
     ids = jnp.asarray([[3, 4, 5]])
-    from flax import nnx
 
-    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.rest)
+    model = trainer.policy_model()
     np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
