@@ -5,7 +5,7 @@ forward) and vmap its pullback over the n unit cotangents ``eye(n)``: row i is g
 ``probe_mask`` only the probe parameters are differentiated; the others are closed over as
 constants, so no backward work or residual memory is spent on them.
 
-``probe_combined_grads`` (DESIGN.md section 1, GAPO's last-layer trick generalised, arXiv
+``probe_combined_grads`` (the trainer's probe mode: GAPO's last-layer trick generalised, arXiv
 2507.01915): the per-objective gradients of the probe parameters go through a combiner, whose
 state gives the loss weights w; then grad sum_i stop_gradient(w_i) L_i over all parameters is
 one backward pass that reuses the same forward. Under ``jax.jit`` XLA prunes the non-probe part
