@@ -4,8 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
+from matrix_cases import (
+    DEGENERATE,
+    J_BASE,
+    conditioning_for_weight_tolerance,
+    jacobians,
+    jitted_update,
+    min_trace_normalized_eigenvalue,
+)
 
 from mojax.combiners.cagrad import cagrad
 from mojax.combiners.qp import simplex_min_norm
@@ -57,27 +63,23 @@ def test_direction_solves_the_ball_problem(jac):
     np.testing.assert_allclose(improvements[best > 1e-3], worst, atol=1e-4 * scale)
 
 
-@settings(max_examples=20, deadline=None)
-@given(jacobians(3, 5), st.permutations(range(3)))
-def test_permutation_equivariant(jac, order):
-    """Permuting the objectives leaves d unchanged; it permutes the weights whenever w* is unique (independent rows)."""
-    order = np.asarray(order)
-    direction, state = plain3(jac)
-    permuted_direction, permuted = plain3(jac[order])
-    np.testing.assert_allclose(permuted_direction, direction, rtol=1e-4, atol=1e-4 * np.abs(jac).max())
-    gram = jac.astype(np.float64) @ jac.T.astype(np.float64)
-    if np.linalg.eigvalsh(gram / np.trace(gram))[0] > 1e-3:
-        np.testing.assert_allclose(np.asarray(permuted.weights), np.asarray(state.weights)[order], rtol=1e-4, atol=1e-4)
+# The scale test compares the weights of J and of fl(k J) to 1e-4. Both fp32 Grams are exact up to rounding, and
+# w = 1/n + (c |g_0| / |g_w*|) w* amplifies a Gram perturbation dG^ by at most (1 + c / sqrt(lambda)) / lambda
+# (the min-norm problem's curvature is lambda = lambda_min(G / tr G), and |g_w*|^2 >= lambda / n, |g_0|^2 <= 1 / n),
+# which is <= (1 + c) / lambda^(3/2). Nearly dependent rows (lambda -> 0) make w* ill-determined; the tolerance holds
+# for lambda above this bound (about 0.073 for d = 5, c = 0.5), so the test draws only such Jacobians.
+SCALE_TOLERANCE = 1e-4
+WELL_CONDITIONED = conditioning_for_weight_tolerance(5, SCALE_TOLERANCE, amplification=1.0 + 0.5)
 
 
 @settings(max_examples=15, deadline=None)
-@given(jacobians(3, 5).filter(balanced))
+@given(jacobians(3, 5).filter(lambda jac: min_trace_normalized_eigenvalue(jac) >= WELL_CONDITIONED))
 def test_weights_are_scale_invariant_above_norm_eps(jac):
-    """Only ratios of norms enter the weights: k J has J's weights for k up to 1e20."""
+    """Only ratios of norms enter the weights: k J has J's weights for k up to 1e20 (well-conditioned rows, see above)."""
     _, state = plain3(jac)
     for factor in (10.0, 1e20):
         _, scaled = plain3((jac.astype(np.float64) * factor).astype(np.float32))
-        np.testing.assert_allclose(scaled.weights, state.weights, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(scaled.weights, state.weights, rtol=0.0, atol=SCALE_TOLERANCE)
 
 
 def test_below_norm_eps_gives_zero_weights():

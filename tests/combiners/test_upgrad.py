@@ -30,7 +30,7 @@ def padded(rows) -> np.ndarray:
     ],
 )
 def test_hand_computed_known_answers(rows, weights, direction):
-    """Spec §7 values exactly without the regulariser, and within 1e-3 with the default reg_eps = 1e-4."""
+    """The hand-computed values exactly without the regulariser, and within 1e-3 with the default reg_eps = 1e-4."""
     for run, tol in ((exact2, 2e-5), (run2, 1e-3)):
         got, state = run(padded(rows))
         np.testing.assert_allclose(state.weights, weights, atol=tol)

@@ -80,7 +80,7 @@ def reference_statistics(rewards, w, uids, global_metrics=False, outlier_factor=
 
 
 def reference_controller(log_w, ema, initialized, value, obj_mean, cov_targets, lr, tau, obj_targets=None):
-    """Spec §5.2 controller: (log_w, ema) after one step, float64."""
+    """The CTWA controller: (log_w, ema) after one step, float64."""
     value = np.asarray(value, np.float64)
     ema = (1 - tau) * np.asarray(ema, np.float64) + tau * value if initialized else value.copy()
     gate = np.ones_like(value)

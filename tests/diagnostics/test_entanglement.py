@@ -46,7 +46,10 @@ def _linear_logp(theta, phi):
 
 @pytest.mark.parametrize(
     ("phi_w", "phi_l", "both"),
-    [((1.0, 1.0), (1.0, 0.9), "increase"), ((1.0, 0.9), (1.0, 1.0), "decrease")],  # both raised, or the rejected one more
+    [
+        ((1.0, 1.0), (1.0, 0.9), "increase"),
+        ((1.0, 0.9), (1.0, 1.0), "decrease"),
+    ],  # both raised, or the rejected one more
 )
 def test_shared_features_entangle_dpo_and_npo_untangles(phi_w, phi_l, both):
     phi_w, phi_l, theta = jnp.asarray(phi_w), jnp.asarray(phi_l), jnp.zeros(2)
