@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mojax.demo
+	$(PY) examples/bandit.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
