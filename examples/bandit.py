@@ -166,8 +166,9 @@ def plot_trajectories(series: dict[str, np.ndarray], titles: tuple[str, ...], pa
 
     figure, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.6), sharex=True, squeeze=False)
     for panel, (axis, title) in enumerate(zip(axes[0], titles, strict=True)):
-        for name, curve in series.items():
-            axis.plot(curve[:, panel], label=name, linewidth=1.2)
+        for index, (name, curve) in enumerate(series.items()):
+            # The default colour cycle has 10 colours: later methods reuse them with dashed lines.
+            axis.plot(curve[:, panel], label=name, linewidth=1.2, linestyle=("-", "--")[index // 10 % 2])
         axis.set_title(f"{title}: expected reward")
         axis.set_xlabel("step")
     axes[0, 0].legend(fontsize=7, ncol=2)
