@@ -34,9 +34,11 @@ SEEDS = st.integers(0, 2**16)
 # that below the 1e-4 tolerance. Below it the optimum may not be unique (dependent rows) and only d is compared.
 UNIQUE_OPTIMUM = 1e-3
 TOLERANCE = 1e-4
-# fl(k J) and J, or J rescaled by its peak (k = 2^70 overflows the raw fp32 Gram), have Grams that differ by
-# rounding only; the weights then agree to TOLERANCE above this conditioning (see matrix_cases), with the largest
-# amplification of the scale-invariant entries: CAGrad's 1 + c for its default c = 0.5.
+# k = 2^10 is exact in fp32, so J and k J have the same trace-normalised Gram bit for bit; k = 2^70 overflows the raw
+# fp32 Gram, which is then computed on J rescaled by its peak and differs by rounding only. The weights then agree to
+# TOLERANCE above this conditioning (derived in matrix_cases and test_cagrad): min-norm and box QPs move by at most
+# gap / lambda, PCGrad's coefficients <g_i, g_j> / |g_j|^2 (|g_j|^2 >= lambda tr G) by as much, and CAGrad's weights
+# by the extra factor 1 + c (c = 0.5 by default), the largest amplification of the scale-invariant entries.
 WELL_CONDITIONED = conditioning_for_weight_tolerance(D, TOLERANCE, amplification=1.5)
 SCALES = (2.0**10, 2.0**70)
 
