@@ -272,15 +272,24 @@ def test_single_objective():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(init_weights=[0.5, 0.6], cov_targets=0.1), "sum to 1.1; expected weights summing to 1"),
-        (dict(init_weights=[1.5, -0.5], cov_targets=0.1), "expected finite nonnegative weights"),
+        (
+            dict(init_weights=[0.5, 0.6], cov_targets=0.1),
+            r"`init_weights` is \[0.5, 0.6\]; expected non-negative entries summing to 1",
+        ),
+        (
+            dict(init_weights=[1.5, -0.5], cov_targets=0.1),
+            r"`init_weights` is \[1.5, -0.5\]; expected non-negative entries",
+        ),
         (dict(init_weights=[[0.5, 0.5]], cov_targets=0.1), "expected a non-empty vector"),
         (
             dict(init_weights=[0.5, 0.5], cov_targets=[0.1, 0.1, 0.1]),
-            r"`cov_targets` has shape \(3,\); expected a scalar or a vector of length n = 2",
+            "`cov_targets` has 3 entries; expected 2, one per objective",
         ),
-        (dict(init_weights=[0.5, 0.5], cov_targets=0.1, obj_targets=[1.0]), "`obj_targets` has shape"),
-        (dict(init_weights=[0.5, 0.5], cov_targets=0.1, lr=-1.0), "lr must be"),
+        (
+            dict(init_weights=[0.5, 0.5], cov_targets=0.1, obj_targets=[1.0]),
+            "`obj_targets` has 1 entries; expected 2, one per objective",
+        ),
+        (dict(init_weights=[0.5, 0.5], cov_targets=0.1, lr=-1.0), r"`lr` is -1; expected a number in \[0, inf\]"),
         (dict(init_weights=[0.5, 0.5], cov_targets=0.1, ema_rate=0.0), r"expected a number in \(0, 1\]"),
     ],
 )

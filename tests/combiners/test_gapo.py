@@ -146,10 +146,10 @@ def test_bf16_updates(preference):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"preference": (0.5, 0.5), "num_objectives": 3}, "inconsistent number of objectives"),
-        ({"preference": (0.5, 0.6)}, "simplex"),
-        ({"preference": (1.5, -0.5)}, "simplex"),
-        ({"preference": (np.nan, 1.0)}, "simplex"),
+        ({"preference": (0.5, 0.5), "num_objectives": 3}, "`num_objectives` is inconsistent"),
+        ({"preference": (0.5, 0.6)}, "`preference` .*summing to 1"),
+        ({"preference": (1.5, -0.5)}, "`preference` .*non-negative entries"),
+        ({"preference": (np.nan, 1.0)}, r"`preference` .*finite entries \(no NaN"),
         ({"preference": [[0.5, 0.5]]}, "preference"),
         ({"num_objectives": 2, "p": -1.0}, "p must be"),
         ({"num_objectives": 2, "p": float("inf")}, "p must be"),

@@ -255,7 +255,7 @@ def test_rescaled_gram_is_scale_safe():
     [
         ({"gram": jnp.ones((2, 3))}, "square"),
         ({"gram": jnp.ones((3,))}, "square"),
-        ({"gram": jnp.eye(2), "solver": "qp"}, "unknown solver"),
+        ({"gram": jnp.eye(2), "solver": "qp"}, "`solver` is .qp."),
         ({"gram": jnp.eye(2), "active": jnp.ones(3, bool)}, "active"),
         ({"gram": jnp.eye(2), "max_iters": 0}, "max_iters"),
         ({"gram": jnp.eye(2), "tol": 0.0}, "tol"),

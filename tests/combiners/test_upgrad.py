@@ -115,7 +115,7 @@ def test_degenerate_rows_give_finite_non_conflicting_directions(case):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_objectives": 3, "preference": [0.5, 0.5]}, "inconsistent number of objectives"),
+        ({"num_objectives": 3, "preference": [0.5, 0.5]}, "`num_objectives` is inconsistent"),
         ({"num_objectives": 2, "preference": [1.0, -0.5]}, "preference"),
         ({"num_objectives": 2, "norm_eps": -1.0}, "norm_eps"),
         ({"num_objectives": 2, "reg_eps": float("nan")}, "reg_eps"),
