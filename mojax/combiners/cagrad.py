@@ -73,8 +73,32 @@ def cagrad(
 ) -> optax.GradientTransformationExtraArgs:
     """CAGrad (arXiv 2110.14048) on G / tr(G); `rescale` 1 divides d by 1 + c^2, 2 by 1 + c, 0 not at all (TorchJD's form).
 
-    Like TorchJD, G is zeroed when the true tr(G) = |J|_F^2 is below `norm_eps` (0 disables this), and the weights
-    are 0 near Pareto-stationarity: |g_w*| / |J|_F < max(norm_eps, 1e-3), the fp32 resolution of |g_w*|.
+    d = g_0 + c |g_0| g_w* / |g_w*| with g_0 the mean gradient and w* = argmin_{w in simplex} g_w.g_0 + c |g_0| |g_w|:
+    the direction with the best worst-case improvement within the ball of radius c |g_0| around g_0. Like TorchJD, G is
+    zeroed when the true tr(G) = |J|_F^2 is below `norm_eps` (0 disables this), and the weights are 0 near
+    Pareto-stationarity: |g_w*| / |J|_F < max(norm_eps, 1e-3), the fp32 resolution of |g_w*|.
+
+    Args:
+      num_objectives: n.
+      c: the radius of the ball around g_0 in units of |g_0| (0 gives the mean gradient).
+      rescale: 0 (no rescaling, TorchJD), 1 (d / (1 + c^2), the paper's code default) or 2 (d / (1 + c)).
+      norm_eps: |J|_F^2 below which G is zeroed.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``WeightsState``.
+
+    References:
+      B. Liu, X. Liu, X. Jin, P. Stone, Q. Liu. Conflict-Averse Gradient Descent for Multi-task Learning.
+      NeurIPS 2021, arXiv 2110.14048.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import cagrad
+      >>> tx = cagrad(num_objectives=2, c=0.5, rescale=0)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}  # g_1 = (1, 0), g_2 = (0, 2) on the objective axis
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([1.059, 0.5], [1.059, 1.0])
     """
     n = require_num_objectives("cagrad", num_objectives)
     c = checks.nonnegative("cagrad", "c", c, "radius of the ball around the mean gradient, in units of |g_0|")

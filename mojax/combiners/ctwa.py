@@ -119,10 +119,39 @@ def ctwa_reweight(
 ) -> optax.GradientTransformationExtraArgs:
     """CTWA combiner: d = sum_j lambda_j g_j with the current lambda, then lambda adapted for the next step.
 
-    Extra args: ``rewards`` f32[B, n] and ``signal`` f32[B] (``ctwa_signal`` of this batch) are
-    required; ``group_ids`` i32[B] (absent: one group) and ``mask`` f32[B, T] (rows without tokens
-    are padding and ignored) are optional. ``obj_targets`` gates objectives whose batch mean reward
-    reached the target; None disables the gate.
+    Args:
+      init_weights: the initial lambda, on the simplex.
+      cov_targets: c*_j, the covariance (or correlation) each objective should keep with the training signal.
+      lr: eta, the step on the log-weights.
+      ema_rate: tau, the rate of the exponential moving average of the statistic.
+      obj_targets: batch mean rewards at which an objective stops being raised (None disables the gate).
+      use_corr_target: compare the correlation instead of the covariance to the target.
+      renormalize: keep lambda on the simplex (divide by the sum) instead of letting it grow.
+      num_groups: static number of prompt groups (ids in [0, num_groups)); None relabels any ids by sorting.
+      outlier_factor: samples with |w| > outlier_factor median|w| are dropped from the statistics.
+      global_metrics: pool the group-centred products over the batch instead of averaging per group.
+
+    Extra args:
+      ``rewards`` f32[B, n] and ``signal`` f32[B] (``ctwa_signal`` of this batch) are required; ``group_ids`` i32[B]
+      (absent: one group) and ``mask`` f32[B, T] (rows without tokens are padding and ignored) are optional.
+
+    Returns:
+      A scalar-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``CtwaState``; ``ctwa_next_weights``
+      of it is the lambda with which to scalarise the next batch.
+
+    References:
+      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import ctwa_next_weights, ctwa_reweight
+      >>> tx = ctwa_reweight([0.5, 0.5], cov_targets=0.05, lr=1.0)
+      >>> rewards = jnp.asarray([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # objective 2 does not covary
+      >>> signal = jnp.asarray([1.0, -1.0, 1.0, -1.0])
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}), rewards=rewards, signal=signal)
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 4) for x in ctwa_next_weights(state)]
+      ([0.5, 0.5], [0.5, 0.5256])
     """
     name = "ctwa_reweight"
     start = checks.simplex(name, "init_weights", init_weights)

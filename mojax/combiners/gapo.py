@@ -40,7 +40,32 @@ def gapo_rescale(
     eps: float = 1e-8,
     solver: str = "active_set",
 ) -> optax.GradientTransformationExtraArgs:
-    """d = sum_i alpha_i g_i / max(||g_i||, eps)^p, alpha = MinNorm (GAPO) or the preference (P-GAPO); arXiv 2507.01915."""
+    """d = sum_i alpha_i g_i / max(||g_i||, eps)^p, alpha = MinNorm (GAPO) or the preference (P-GAPO); arXiv 2507.01915.
+
+    Args:
+      p: the norm power of the rescaling (0 is MGDA, 1 unit gradients, the paper's choice).
+      preference: lambda on the simplex for P-GAPO (no min-norm solve); None for GAPO.
+      num_objectives: n; implied by ``preference`` when that is given.
+      eps: objectives with ||g_i|| < eps are excluded (alpha_i = 0); eps**p must be >= 1e-37.
+      solver: the min-norm solver, ``"active_set"`` or ``"frank_wolfe"``.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``MinNormState``: ``weights``
+      w_i = alpha_i / max(||g_i||, eps)^p, ``alpha`` and ``grad_norms``.
+
+    References:
+      C. Li, H. Zhang, Y. Xu, H. Xue, X. Ao, Q. He. Gradient-Adaptive Policy Optimization: Towards Multi-Objective
+      Alignment of Large Language Models. ACL 2025, arXiv 2507.01915.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import gapo_rescale
+      >>> tx = gapo_rescale(p=1.0, num_objectives=2)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}  # g_1 = (1, 0), g_2 = (0, 2) on the objective axis
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.alpha], [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([0.5, 0.5], [0.5, 0.25], [0.5, 0.5])
+    """
     n = require_num_objectives("gapo_rescale", num_objectives, ("preference", preference))
     check_solver("gapo_rescale", solver)
     if not (np.isfinite(p) and p >= 0):

@@ -5,7 +5,7 @@ forward) and vmap its pullback over the n unit cotangents ``eye(n)``: row i is g
 ``probe_mask`` only the probe parameters are differentiated; the others are closed over as
 constants, so no backward work or residual memory is spent on them.
 
-``probe_combined_grads`` (DESIGN.md section 1, GAPO's last-layer trick generalised, arXiv
+``probe_combined_grads`` (the trainer's probe mode: GAPO's last-layer trick generalised, arXiv
 2507.01915): the per-objective gradients of the probe parameters go through a combiner, whose
 state gives the loss weights w; then grad sum_i stop_gradient(w_i) L_i over all parameters is
 one backward pass that reuses the same forward. Under ``jax.jit`` XLA prunes the non-probe part
@@ -82,12 +82,30 @@ def per_objective_grads(
 ) -> tuple[Any, Any]:
     """(losses, stacked grads) with grads[i] = d L_i / d params from one forward (jax.vjp) and a vmapped pullback.
 
-    Returns ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, like
-    ``jax.value_and_grad``. ``grads`` has the structure of ``params`` and every leaf a leading
-    objective axis of size n. With ``probe_mask`` only the probe leaves are differentiated and
-    ``grads`` keeps the structure of ``params`` with ``optax.MaskedNode()`` in place of every
-    non-probe leaf (as ``optax.masked`` does), so ``jax.tree.leaves(grads)`` are the probe
-    gradients only and a combiner sees exactly those.
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> f32[n]`` (or ``(f32[n], aux)`` with ``has_aux``): the n objective losses.
+      params: the parameter pytree.
+      *args: passed to ``loss_fn`` after ``params``.
+      probe_mask: optional optax-style mask (a pytree prefix of bools, or a callable on ``params``): only the probe
+        leaves are differentiated; the others are closed over as constants.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+
+    Returns:
+      ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, like ``jax.value_and_grad``. ``grads`` has
+      the structure of ``params`` and every leaf a leading objective axis of size n. With ``probe_mask`` the non-probe
+      leaves are ``optax.MaskedNode()`` (as ``optax.masked`` does), so a combiner sees the probe gradients only.
+
+    References:
+      C. Li, H. Zhang, Y. Xu, H. Xue, X. Ao, Q. He. Gradient-Adaptive Policy Optimization: Towards Multi-Objective
+      Alignment of Large Language Models. ACL 2025, arXiv 2507.01915 (per-objective gradients of a layer subset).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import per_objective_grads
+      >>> loss_fn = lambda p: jnp.stack([p["w"][0] ** 2, 3.0 * p["w"][1]])  # L_1 = w_1^2, L_2 = 3 w_2
+      >>> losses, grads = per_objective_grads(loss_fn, {"w": jnp.asarray([1.0, 2.0])})
+      >>> [round(float(x), 3) for x in losses], grads["w"].tolist()
+      ([1.0, 6.0], [[2.0, 0.0], [0.0, 3.0]])
     """
     if probe_mask is None:
         losses, pullback, aux = _vjp(lambda p: loss_fn(p, *args), params, has_aux)
@@ -119,12 +137,39 @@ def probe_combined_grads(
 ) -> tuple[Any, Any, Any]:
     """(grad_params sum_i sg(w_i) L_i, new combiner state, losses), w = combiner weights of the probe gradients.
 
-    One forward (``jax.vjp`` over all parameters); the n per-objective gradients of the probe
-    parameters (structure as in :func:`per_objective_grads`) go through
-    ``combiner.update(probe_grads, combiner_state, probe_params, losses=losses, **extra_args)``;
-    its new state's ``weights`` f32[n], held constant, are the cotangent of one full backward
-    pass. ``losses`` is ``(losses, aux)`` with ``has_aux``. The combiner must be a mojax combiner
-    (a state with ``weights``), not a chain; apply the optimizer to the returned gradients.
+    One forward (``jax.vjp`` over all parameters); the n per-objective gradients of the probe parameters (structure as
+    in :func:`per_objective_grads`) go through
+    ``combiner.update(probe_grads, combiner_state, probe_params, losses=losses, **extra_args)``; its new state's
+    ``weights`` f32[n], held constant, are the cotangent of one full backward pass. Under ``jax.jit`` the non-probe
+    part of the n per-objective pullbacks is pruned, so they cost n backward passes through the probe only.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> f32[n]`` (or ``(f32[n], aux)`` with ``has_aux``).
+      params: the parameter pytree.
+      combiner: a mojax combiner (its state has ``weights``), not an optax chain.
+      combiner_state: the combiner's state.
+      *args: passed to ``loss_fn`` after ``params``.
+      probe_mask: which leaves the combiner sees (an optax-style mask), e.g. the LM head.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      **extra_args: passed to ``combiner.update`` (``losses`` is always passed).
+
+    Returns:
+      ``(grads, new_state, losses)``: the gradient of sum_i w_i L_i for every parameter (apply the optimizer to it),
+      the combiner's new state, and ``losses`` (``(losses, aux)`` with ``has_aux``).
+
+    References:
+      C. Li, H. Zhang, Y. Xu, H. Xue, X. Ao, Q. He. Gradient-Adaptive Policy Optimization: Towards Multi-Objective
+      Alignment of Large Language Models. ACL 2025, arXiv 2507.01915 (the last-layer variant, generalised here to any
+      Gram combiner and probe subset).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import mgda, probe_combined_grads
+      >>> loss_fn = lambda p: jnp.stack([p["w"][0], 2.0 * p["w"][1]])  # g_1 = (1, 0), g_2 = (0, 2)
+      >>> params, tx = {"w": jnp.asarray([1.0, 1.0])}, mgda(num_objectives=2)
+      >>> grads, state, losses = probe_combined_grads(loss_fn, params, tx, tx.init(params), probe_mask={"w": True})
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in grads["w"]]
+      ([0.8, 0.2], [0.8, 0.4])
     """
     leaves, treedef = jax.tree.flatten(params)
     flags = _probe_flags(probe_mask, params)

@@ -109,6 +109,16 @@ def lagrangian(
     References:
       Dai, Pan, Sun, Ji, Xu, Liu, Wang, Yang. Safe RLHF: Safe Reinforcement Learning from Human Feedback. ICLR 2024,
       arXiv 2310.12773.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import lagrangian
+      >>> tx = lagrangian(num_objectives=2, constraints=[1], thresholds=0.0)  # keep objective 2's mean score >= 0
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}
+      >>> rewards = jnp.asarray([[1.0, -1.0]])  # the constraint is violated by 1: log lambda grows by 0.1
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}), rewards=rewards)
+      >>> [round(float(x), 3) for x in state.weights]
+      [0.475, 0.525]
     """
     name = "lagrangian"
     n = require_num_objectives(name, num_objectives)

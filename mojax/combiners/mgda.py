@@ -58,7 +58,34 @@ def mgda(
     drop_zero_norm: bool = False,
     eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-    """d = sum_i alpha_i g_i / c_i, alpha the min-norm simplex point of {g_i / c_i} (MGDA; arXiv 1810.04650)."""
+    """d = sum_i alpha_i g_i / c_i, alpha the min-norm simplex point of {g_i / c_i} (MGDA; arXiv 1810.04650).
+
+    Args:
+      num_objectives: n, the size of the leading objective axis.
+      solver: ``"active_set"`` (exact, the default) or ``"frank_wolfe"`` (Sener & Koltun's iterative solver).
+      normalize: the gradient normalisers c_i: ``"none"``, ``"l2"`` (||g_i||), ``"loss"`` (|l_i|) or ``"loss+"``
+        (|l_i| ||g_i||); the loss modes read the extra argument ``losses`` f32[n].
+      drop_zero_norm: exclude objectives with a zero gradient from the solve (weight 0) instead of stalling.
+      eps: the floor of every normaliser c_i.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``MinNormState``: ``weights`` (the loss
+      weights alpha_i / c_i), ``alpha`` (the simplex point) and ``grad_norms``.
+
+    References:
+      J.-A. Desideri. Multiple-gradient descent algorithm (MGDA) for multiobjective optimization. Comptes Rendus
+      Mathematique, 2012.
+      O. Sener, V. Koltun. Multi-Task Learning as Multi-Objective Optimization. NeurIPS 2018, arXiv 1810.04650.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import mgda
+      >>> tx = mgda(num_objectives=2)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}  # g_1 = (1, 0), g_2 = (0, 2) on the objective axis
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([0.8, 0.2], [0.8, 0.4])
+    """
     n = require_num_objectives("mgda", num_objectives)
     check_solver("mgda", solver)
     if normalize not in NORMALIZERS:

@@ -49,6 +49,29 @@ def nash_mtl(
 
     a minimises 1/2 a^T G a - sum(log a) (damped Newton, at most `max_iters` steps, warm-started from the state).
     Without the cap |d|^2 = sum_i a_i <g_i, d> = n whatever the scale of G, while a scales as 1 / |g|.
+
+    Args:
+      num_objectives: n.
+      max_norm: cap on |d| (None for none).
+      reg_eps: ridge on the cosine matrix, in (0, 1), so a exists for dependent rows.
+      max_iters: Newton steps per update.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``NashMTLState`` (weights, and the
+      bargaining solution of the unit rows that warm-starts the next update).
+
+    References:
+      A. Navon, A. Shamsian, I. Achituve, H. Maron, K. Kawaguchi, G. Chechik, E. Fetaya. Multi-Task Learning as a
+      Bargaining Game. ICML 2022, arXiv 2202.01017.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import nash_mtl
+      >>> tx = nash_mtl(num_objectives=2, max_norm=None)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}  # g_1 = (1, 0), g_2 = (0, 2) on the objective axis
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([1.0, 0.5], [1.0, 1.0])
     """
     n = require_num_objectives("nash_mtl", num_objectives)
     if max_norm is not None and not (float(max_norm) > 0 and float(max_norm) < float("inf")):

@@ -140,8 +140,34 @@ def pama_solve(
 ) -> optax.GradientTransformationExtraArgs:
     """PAMA combiner: c* from the Noon statistics a of the extra args, d = sum_i c*_i g_i (arXiv 2508.07768).
 
-    Extra args: ``advantages`` f32[n, B, T] (required), ``mask`` f32[B, T] and ``ratio`` u_t f32[B, T]
-    (optional; absent ratio means on-policy, u = 1).
+    a_i is the masked mean of max(A^(i), 0) 1[u <= 1 + epsilon_high]; c* attains min_{c in simplex} |c^T a| (the
+    vertex of the smallest a_i under Noon). No per-objective gradient is needed: scalar mode.
+
+    Args:
+      num_objectives: n.
+      epsilon: the PPO clip range.
+      epsilon_high: the clip range above 1 (None: epsilon).
+
+    Extra args:
+      ``advantages`` f32[n, B, T] (required), ``mask`` f32[B, T] and ``ratio`` u_t f32[B, T] (optional; absent ratio
+      means on-policy, u = 1).
+
+    Returns:
+      A scalar-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``PamaState`` (weights c*, statistics
+      a, optimum s*, stationary-step counters).
+
+    References:
+      He, Maghsudi. PAMA: Pareto Multi-Objective Alignment. ECML-PKDD 2025, arXiv 2508.07768.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import pama_solve
+      >>> tx = pama_solve(num_objectives=2)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}  # g_1 = (1, 0), g_2 = (0, 2) on the objective axis
+      >>> advantages = jnp.asarray([[[1.0, 0.0]], [[0.2, -1.0]]])  # f32[n=2, B=1, T=2]: a = (0.5, 0.1)
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}), advantages=advantages)
+      >>> [round(float(x), 3) for x in state.statistics], [round(float(x), 3) for x in state.weights]
+      ([0.5, 0.1], [0.0, 1.0])
     """
     n = require_num_objectives("pama_solve", num_objectives)
     checks.nonnegative("pama_solve", "epsilon", epsilon, "the PPO clip range")

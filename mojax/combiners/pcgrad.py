@@ -42,7 +42,31 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def pcgrad(*, num_objectives: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
-    """d = sum_i g_i^PC: PCGrad summed like TorchJD; random orders from a PRNG key in state (deterministic for n = 2)."""
+    """d = sum_i g_i^PC: PCGrad summed like TorchJD; random orders from a PRNG key in state (deterministic for n = 2).
+
+    Each g_i is projected, in its own random order, off every ORIGINAL g_j it conflicts with (<g_i^PC, g_j> < 0);
+    the projections are expressed as coefficients on the rows, so only the Gram is needed.
+
+    Args:
+      num_objectives: n.
+      seed: seeds the PRNG key (in the state) that draws the projection orders.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``PCGradState`` (weights, key).
+
+    References:
+      T. Yu, S. Kumar, A. Gupta, S. Levine, K. Hausman, C. Finn. Gradient Surgery for Multi-Task Learning.
+      NeurIPS 2020, arXiv 2001.06782.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import pcgrad
+      >>> tx = pcgrad(num_objectives=2)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])}  # <g_1, g_2> = -1: a conflict
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([2.0, 1.5], [0.5, 1.5])
+    """
     n = require_num_objectives("pcgrad", num_objectives)
     try:
         seed = operator.index(seed)

@@ -54,6 +54,16 @@ def tchebycheff(
 
     References:
       K. Miettinen. Nonlinear Multiobjective Optimization. Kluwer, 1999.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import tchebycheff
+      >>> tx = tchebycheff(num_objectives=2)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}
+      >>> _, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}), rewards=jnp.asarray([[1.0, 1.0]]))
+      >>> update, state = tx.update(grads, state, rewards=jnp.asarray([[0.5, 0.9]]))  # objective 1 fell furthest
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([1.0, 0.0], [1.0, 0.0])
     """
     name = "tchebycheff"
     n = require_num_objectives(name, num_objectives, ("preference", preference))

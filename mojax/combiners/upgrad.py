@@ -29,8 +29,30 @@ def upgrad(
 ) -> optax.GradientTransformationExtraArgs:
     """UPGrad (arXiv 2406.16232): d = J^T w with w the UPGrad weights of G / tr(G) + reg_eps I, as TorchJD computes them.
 
-    n comes from `num_objectives` or len(`preference`) (default 1/n). Like TorchJD, G is zeroed when the true
-    tr(G) = |J|_F^2 is below `norm_eps`, so tiny gradients get d = sum_i preference_i g_i; norm_eps = 0 disables that.
+    Each preference-weighted row p_i g_i is projected onto the dual cone {x: J x >= 0} and the projections are summed,
+    so d never conflicts with any objective. Like TorchJD, G is zeroed when the true tr(G) = |J|_F^2 is below
+    `norm_eps`, so tiny gradients get d = sum_i preference_i g_i; norm_eps = 0 disables that.
+
+    Args:
+      num_objectives: n; implied by ``preference`` when that is given.
+      preference: p f32[n] >= 0, the weight of each projected row (default 1/n).
+      norm_eps: |J|_F^2 below which G is zeroed.
+      reg_eps: ridge added to the trace-normalised Gram, so the projections exist for dependent rows.
+
+    Returns:
+      A Gram-mode ``optax.GradientTransformationExtraArgs`` whose state is a ``WeightsState``.
+
+    References:
+      P. Quinton, V. Rey. Jacobian Descent for Multi-Objective Optimization. arXiv 2406.16232, 2024.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.combiners import upgrad
+      >>> tx = upgrad(num_objectives=2, reg_eps=0.0)
+      >>> grads = {"w": jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])}  # <g_1, g_2> = -1: a conflict
+      >>> update, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(x), 3) for x in state.weights], [round(float(x), 3) for x in update["w"]]
+      ([1.0, 0.75], [0.25, 0.75])
     """
     n = require_num_objectives("upgrad", num_objectives, ("preference", preference))
     weights_of_rows = initial_weights(n) if preference is None else as_vector("upgrad", "preference", preference, n)

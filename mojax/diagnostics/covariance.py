@@ -49,10 +49,33 @@ def ctwa_signal(
 ) -> jax.Array:
     """w f32[B]: aggregate over t of W_t = A u_t 1[unclipped_t] m_t, A = masked-mean advantage (arXiv 2602.06869).
 
-    ``advantages`` is f32[B, T] (token advantages, averaged under the mask) or f32[B] (one per
-    sequence); u_t = exp(clip(logp_new - logp_old, -20, 20)); a token is unclipped when u_t <= 1 + epsilon_high
-    for A >= 0 and u_t >= 1 - epsilon for A < 0 (PPO's clip range, TRL's names; epsilon_high None means epsilon). ``w_agg``: "mean" (sum_t W_t / sum_t m_t),
-    "mean_unclipped" (sum_t W_t / (sum_t 1[unclipped_t] m_t + 1e-8)) or "sum". Rows without tokens give 0.
+    u_t = exp(clip(logp_new - logp_old, -20, 20)); a token is unclipped when u_t <= 1 + epsilon_high for A >= 0 and
+    u_t >= 1 - epsilon for A < 0 (PPO's clip range, TRL's names). w is the effective weight of each completion in the
+    clipped PPO update: the quantity whose covariance with each reward decides, to first order, which objectives
+    improve.
+
+    Args:
+      advantages: f32[B, T] token advantages (averaged under the mask) or f32[B], one per sequence.
+      mask: f32[B, T], 1 on completion tokens.
+      logp_new: f32[B, T] log-probabilities under the current policy.
+      logp_old: f32[B, T] log-probabilities under the behaviour policy.
+      epsilon: the PPO clip range below 1 (and above 1 when ``epsilon_high`` is None).
+      epsilon_high: the clip range above 1.
+      w_agg: ``"mean"`` (sum_t W_t / sum_t m_t), ``"mean_unclipped"`` (sum_t W_t / (sum_t 1[unclipped_t] m_t + 1e-8))
+        or ``"sum"``.
+
+    Returns:
+      w f32[B]; rows without tokens give 0.
+
+    References:
+      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.diagnostics import ctwa_signal
+      >>> mask, logp = jnp.ones((2, 2)), jnp.zeros((2, 2))  # on-policy: u = 1, nothing clipped
+      >>> [round(float(x), 3) for x in ctwa_signal(jnp.asarray([1.0, -1.0]), mask, logp, logp)]
+      [1.0, -1.0]
     """
     if w_agg not in _SIGNAL_AGGREGATIONS:
         raise ValueError(f"ctwa_signal: w_agg={w_agg!r}; expected one of {_SIGNAL_AGGREGATIONS}.")
@@ -145,13 +168,37 @@ def covariance_statistics(
 ) -> CovarianceStatistics:
     """Within-prompt Cov(r_j, w) per objective, averaged over groups of >= 2 kept samples (arXiv 2602.06869).
 
-    Samples are kept when ``valid`` (default all), w and r are finite and |w| <= outlier_factor *
-    median|w| (no filter when the median is 0). Group g has population covariance
-    c_gj = mean_k (r_kj - mean r_j)(w_k - mean w) over its kept samples; cov_j = mean_g c_gj (0 without
-    valid groups), corr_j = mean of c_gj / (std r_j std w) over groups where std r_j std w > eps. With
-    ``global_metrics`` cov and corr pool the group-centred products over all samples of valid groups.
-    ``num_groups`` (static): ids lie in [0, num_groups) and others are ignored; absent, any integer ids
-    are relabelled by sorting. ``mean_reward`` is the batch mean of r_j over valid samples.
+    Samples are kept when ``valid`` (default all), w and r are finite and |w| <= outlier_factor * median|w| (no filter
+    when the median is 0). Group g has population covariance c_gj = mean_k (r_kj - mean r_j)(w_k - mean w) over its kept
+    samples; cov_j = mean_g c_gj (0 without valid groups), corr_j = mean of c_gj / (std r_j std w) over groups where
+    std r_j std w > eps. With ``global_metrics`` cov and corr pool the group-centred products over all samples of valid
+    groups. The Interference Index of objective j is E_g[max(0, -c_gj)], and FracNeg_j = P_g[c_gj < 0].
+
+    Args:
+      rewards: f32[B, n] per-sample rewards.
+      signal: f32[B], the training signal w (:func:`ctwa_signal`).
+      group_ids: integer[B] prompt ids (absent: one group).
+      valid: bool[B], samples to use (absent: all).
+      num_groups: static number of groups (ids in [0, num_groups), others ignored); absent, ids are relabelled by
+        sorting.
+      outlier_factor: the outlier filter's multiple of median|w|.
+      global_metrics: pool over the batch instead of averaging per group.
+      eps: the floor below which a group's correlation is skipped.
+
+    Returns:
+      ``CovarianceStatistics``: cov, corr, frac_neg, interference (f32[n]), interference_index (f32[], their mean),
+      mean_reward (f32[n], over valid samples) and num_valid_groups (i32[]).
+
+    References:
+      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.diagnostics import covariance_statistics
+      >>> rewards = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # objective 2 pays where w < 0
+      >>> stats = covariance_statistics(rewards, jnp.asarray([1.0, -1.0, 1.0, -1.0]))
+      >>> [round(float(x), 3) for x in stats.cov], [round(float(x), 3) for x in stats.interference], round(float(stats.interference_index), 3)
+      ([0.5, -0.5], [0.0, 0.5], 0.25)
     """
     rewards = _unsharded(jnp.asarray(rewards, jnp.float32))
     signal = _unsharded(jnp.asarray(signal, jnp.float32))

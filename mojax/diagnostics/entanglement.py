@@ -62,9 +62,30 @@ def entanglement_statistics(
 ) -> EntanglementStatistics:
     """<g_w,g_l>, norms, cosine, <g_w,g_l>/min(|g_w|^2,|g_l|^2), and d log pi_w, d log pi_l per unit step (2410.13828).
 
-    ``grad_chosen`` / ``grad_rejected``: pytrees of grad log pi(y|x) with a leading pair axis P on every
-    leaf; ``coeff_*``: the margin coefficients a_w, a_l (scalars or f32[P]). The sign of ``delta_*``
-    is the predicted direction of each log-probability after a small gradient step on the margin loss.
+    The sign of ``delta_*`` is the predicted direction of each log-probability after a small gradient step on the
+    margin loss: delta_chosen = a_w |g_w|^2 - a_l <g_w, g_l>, delta_rejected = a_w <g_w, g_l> - a_l |g_l|^2. A
+    ``condition`` near or above 1 flags entanglement (the chosen log-probability can fall, or the rejected one rise).
+
+    Args:
+      grad_chosen: pytree of grad log pi(y_w|x) with a leading pair axis P on every leaf.
+      grad_rejected: pytree of grad log pi(y_l|x), same structure and P.
+      coeff_chosen: a_w, the margin coefficient of the chosen response (scalar or f32[P]).
+      coeff_rejected: a_l, that of the rejected response (scalar or f32[P]).
+
+    Returns:
+      ``EntanglementStatistics`` of f32[P]: inner, norm_chosen, norm_rejected, cosine, condition, delta_chosen,
+      delta_rejected (0 where a ratio's denominator is 0).
+
+    References:
+      H. Yuan, Y. Zeng, Y. Wu, H. Wang, M. Wang, L. Leqi. A Common Pitfall of Margin-based Language Model Alignment:
+      Gradient Entanglement. ICLR 2025, arXiv 2410.13828.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mojax.diagnostics import entanglement_statistics
+      >>> stats = entanglement_statistics({"w": jnp.asarray([[1.0, 0.0]])}, {"w": jnp.asarray([[0.6, 0.8]])})  # P = 1
+      >>> [round(float(x), 3) for x in (stats.cosine[0], stats.condition[0], stats.delta_chosen[0], stats.delta_rejected[0])]
+      [0.6, 0.6, 0.4, -0.4]
     """
     if jax.tree.structure(grad_chosen) != jax.tree.structure(grad_rejected):
         raise ValueError(

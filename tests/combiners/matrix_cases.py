@@ -55,3 +55,36 @@ def balanced(jac: np.ndarray) -> bool:
     """
     norms = np.linalg.norm(jac.astype(np.float64), axis=1)
     return bool(norms.min() >= 1e-3 * norms.max())
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def min_trace_normalized_eigenvalue(jac: np.ndarray) -> float:
+    """lambda_min(G / tr G) in float64, G = J J^T: how far the rows are from linear dependence (0: dependent)."""
+    wide = jac.astype(np.float64)
+    gram = wide @ wide.T
+    return float(np.linalg.eigvalsh(gram / np.trace(gram))[0])
+
+
+def gram_rounding_gap(d: int) -> float:
+    """Bound on ||G^ - G^'||_2 between the fp32 trace-normalised Grams of J and of fl(k J) (or J rescaled by its peak).
+
+    Per entry, each side is off by at most (d + 6) u relative to |g_i| |g_j| / tr G: 2u on each operand (fl(k J),
+    then the 1 / peak rescaling of ``tree_gram``), so 4u per product, d u for the length-d fp32 dot, 2u for the
+    trace normalisation. The matrix |g_i| |g_j| / tr G is rank one with spectral norm 1, so both sides together
+    differ by at most 2 (d + 6) u in spectral norm.
+    """
+    return 2.0 * (d + 6) * FP32_UNIT_ROUNDOFF
+
+
+def conditioning_for_weight_tolerance(d: int, tolerance: float, amplification: float) -> float:
+    """The smallest lambda_min(G^) at which a weighting's fp32 rounding stays below `tolerance`.
+
+    A weighting that minimises a quadratic in G^ over a convex set (the simplex, a box) moves by at most
+    ||dG^|| / lambda_min when G^ moves by dG^ (the objective's curvature on the feasible directions is at least
+    lambda_min); a further factor amplification / sqrt(lambda_min) (lambda_min <= 1) multiplies it when the
+    weights are divided by |g_w| >= sqrt(lambda_min / n) |J|_F. Solving amplification * gap / lambda^(3/2) <=
+    tolerance for lambda gives the bound.
+    """
+    return (amplification * gram_rounding_gap(d) / tolerance) ** (2.0 / 3.0)

@@ -1,11 +1,17 @@
-"""CAGrad: spec §7 and TorchJD golden values, optimality of the ball problem, equivariance, scale, degenerate rows."""
+"""CAGrad: a hand-computed orthogonal example and TorchJD golden values, optimality of the ball problem, thresholds."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from matrix_cases import DEGENERATE, J_BASE, balanced, jacobians, jitted_update
+from matrix_cases import (
+    DEGENERATE,
+    J_BASE,
+    conditioning_for_weight_tolerance,
+    jacobians,
+    jitted_update,
+    min_trace_normalized_eigenvalue,
+)
 
 from mojax.combiners.cagrad import cagrad
 from mojax.combiners.qp import simplex_min_norm
@@ -16,7 +22,7 @@ ORTHOGONAL = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], np.float32)
 
 
 @pytest.mark.parametrize(("rescale", "divisor"), [(0, 1.0), (1, 1.25), (2, 1.5)])
-def test_spec_orthogonal_example(rescale, divisor):
+def test_orthogonal_rows_known_answer_for_each_rescale(rescale, divisor):
     """g1 = (1,0), g2 = (0,2), c = 0.5: w* = (1, 0), d = g_0 + 0.5 sqrt(1.25) (1, 0) = (1.059017, 1), then / (1 + c^2) or / (1 + c)."""
     direction, state = jitted_update(cagrad(num_objectives=2, c=0.5, rescale=rescale))(ORTHOGONAL)
     np.testing.assert_allclose(direction, np.array([1.059017, 1.0, 0.0]) / divisor, rtol=1e-5)
@@ -57,27 +63,26 @@ def test_direction_solves_the_ball_problem(jac):
     np.testing.assert_allclose(improvements[best > 1e-3], worst, atol=1e-4 * scale)
 
 
-@settings(max_examples=20, deadline=None)
-@given(jacobians(3, 5), st.permutations(range(3)))
-def test_permutation_equivariant(jac, order):
-    """Permuting the objectives leaves d unchanged; it permutes the weights whenever w* is unique (independent rows)."""
-    order = np.asarray(order)
-    direction, state = plain3(jac)
-    permuted_direction, permuted = plain3(jac[order])
-    np.testing.assert_allclose(permuted_direction, direction, rtol=1e-4, atol=1e-4 * np.abs(jac).max())
-    gram = jac.astype(np.float64) @ jac.T.astype(np.float64)
-    if np.linalg.eigvalsh(gram / np.trace(gram))[0] > 1e-3:
-        np.testing.assert_allclose(np.asarray(permuted.weights), np.asarray(state.weights)[order], rtol=1e-4, atol=1e-4)
+# The scale test compares the weights of J and of fl(k J) to 1e-4, which assumes well-conditioned rows. The two fp32
+# trace-normalised Grams differ by rounding only, at most gap = 2 (d + 6) u in spectral norm (u = 2^-24, see
+# matrix_cases.gram_rounding_gap). With lambda = lambda_min(G / tr G), the min-norm problem's curvature, w* moves by at
+# most gap / lambda, and w = 1/n + (c |g_0| / |g_w*|) w* multiplies that by at most 1 + c / sqrt(lambda), because
+# |g_w*|^2 >= lambda / n and |g_0|^2 <= 1 / n in units of tr G; for lambda <= 1 the total is <= (1 + c) gap /
+# lambda^(3/2). Requiring it <= 1e-4 gives lambda >= ((1 + c) gap / 1e-4)^(2/3), about 0.073 for d = 5, c = 0.5, and
+# the test draws only such Jacobians. Nearly equal rows (lambda ~ 1e-6) make w* ill-determined: one such Jacobian
+# moved the weights by 1.5e-4. The root conftest's derandomized hypothesis profile makes the draws deterministic.
+SCALE_TOLERANCE = 1e-4
+WELL_CONDITIONED = conditioning_for_weight_tolerance(5, SCALE_TOLERANCE, amplification=1.0 + 0.5)
 
 
 @settings(max_examples=15, deadline=None)
-@given(jacobians(3, 5).filter(balanced))
+@given(jacobians(3, 5).filter(lambda jac: min_trace_normalized_eigenvalue(jac) >= WELL_CONDITIONED))
 def test_weights_are_scale_invariant_above_norm_eps(jac):
-    """Only ratios of norms enter the weights: k J has J's weights for k up to 1e20."""
+    """Only ratios of norms enter the weights: k J has J's weights for k up to 1e20 (well-conditioned rows, see above)."""
     _, state = plain3(jac)
     for factor in (10.0, 1e20):
         _, scaled = plain3((jac.astype(np.float64) * factor).astype(np.float32))
-        np.testing.assert_allclose(scaled.weights, state.weights, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(scaled.weights, state.weights, rtol=0.0, atol=SCALE_TOLERANCE)
 
 
 def test_below_norm_eps_gives_zero_weights():

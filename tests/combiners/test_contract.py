@@ -1,4 +1,4 @@
-"""The combiner contract (DESIGN.md §3), checked on every combiner in the registry."""
+"""The combiner contract of ``mojax.combiners._base`` (stacked updates -> n weights -> one update), on every registry entry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CTWA: covariance law and closed loop on a bandit (T-CTWA-1, -5), controller arithmetic (T-CTWA-3), gate (T-CTWA-4),
+"""CTWA: covariance law and closed loop on a bandit, controller arithmetic, the objective-target gate,
 parity with the numpy transcription, the combiner under jit, properties and errors."""
 
 import jax
@@ -13,7 +13,7 @@ from reference_ctwa import reference_controller, reference_signal, reference_sta
 from mojax.combiners.ctwa import ctwa_controller_step, ctwa_next_weights, ctwa_reweight
 from mojax.diagnostics import covariance_statistics
 
-# The 4-armed bandit of T-CTWA-1: objective 1 pays on arms 0-1, objective 2 on arms 2-3.
+# A 4-armed bandit: objective 1 pays on arms 0-1, objective 2 on arms 2-3.
 ARM_REWARDS = np.asarray([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
 START_POLICY = np.asarray([0.4, 0.3, 0.2, 0.1])
 
@@ -27,7 +27,7 @@ def _policy_samples(policy: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_covariance_law_on_the_bandit():
-    """T-CTWA-1: d E[r_j] / d eta of an exponential-tilting step equals Cov_pi(r_j, L); the statistic and II agree."""
+    """d E[r_j] / d eta of an exponential-tilting step equals Cov_pi(r_j, L); the statistic and II agree."""
     weights = np.asarray([0.7, 0.3])
     signal = weights @ ARM_REWARDS
     slopes = []
@@ -76,7 +76,7 @@ def _bandit_run(tx, next_weights, steps=40, eta=1.0, batch=200):
 
 
 def test_closed_loop_bandit_stops_the_interference():
-    """T-CTWA-5: fixed weights drive E[r_2] -> 0; CTWA raises lambda_2 / lambda_1 until E[r_2] stops falling."""
+    """Fixed weights drive E[r_2] -> 0; CTWA raises lambda_2 / lambda_1 until E[r_2] stops falling."""
     from mojax.combiners.linear import linear_scalarize
 
     fixed, _, _ = _bandit_run(linear_scalarize([0.7, 0.3]), lambda state: state.weights)
@@ -96,7 +96,7 @@ def _fresh_state(init_weights, cov_targets, **kwargs):
 
 
 def test_controller_arithmetic():
-    """T-CTWA-3: two controller steps with gate off."""
+    """Two controller steps with gate off."""
     state = _fresh_state([0.333, 0.333, 0.334], [0.15, 0.08, 0.08], lr=0.05, ema_rate=0.1)
     config = dict(cov_targets=jnp.asarray([0.15, 0.08, 0.08]), lr=0.05, ema_rate=0.1)
     state = ctwa_controller_step(state, jnp.asarray([0.2, -0.05, 0.01]), **config)
@@ -110,7 +110,7 @@ def test_controller_arithmetic():
 
 
 def test_gate_stops_objectives_at_their_target():
-    """T-CTWA-4: an objective whose batch mean reward reached obj_target gets no deficit even below c*."""
+    """An objective whose batch mean reward reached obj_target gets no deficit even below c*."""
     state = _fresh_state([0.25, 0.25, 0.5], 0.1)
     state = ctwa_controller_step(
         state,

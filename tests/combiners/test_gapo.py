@@ -1,4 +1,4 @@
-"""gapo_rescale: T-GAPO-1/2, progress proportional to ||g_i||^p, exclusion below eps, extremes, jit/chain, errors."""
+"""gapo_rescale: the orthogonal table for p = 0, 1, 2, P-GAPO preferences, progress proportional to ||g_i||^p, exclusion below eps, extremes, jit/chain, errors."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ ORTHOGONAL = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
         pytest.param(2.0, [0.2, 0.8], [0.2, 0.4], [0.2, 0.8], id="p=2 1:4"),
     ],
 )
-def test_t_gapo_1_table(p, alpha, direction, improvements):
+def test_orthogonal_rows_give_progress_proportional_to_norm_power_table(p, alpha, direction, improvements):
     direction_seen, state = run(ORTHOGONAL, p=p)
     np.testing.assert_allclose(state.alpha, alpha, atol=1e-6)
     np.testing.assert_allclose(direction_seen, direction, atol=1e-6)
@@ -50,7 +50,7 @@ def test_t_gapo_1_table(p, alpha, direction, improvements):
     np.testing.assert_allclose(state.grad_norms, [1.0, 2.0])
 
 
-def test_t_gapo_2_preference():
+def test_preference_weights_unit_gradients():
     """P-GAPO with lambda = (0.3, 0.7): d = 0.3 (1, 0) + 0.7 (0, 1), loss weights lambda_i / ||g_i||."""
     direction, state = run(ORTHOGONAL, preference=(0.3, 0.7))
     np.testing.assert_allclose(direction, [0.3, 0.7], atol=1e-6)
@@ -90,7 +90,7 @@ def test_property_progress_proportional_to_norm_power(n, p, d, seed):
 
 
 def test_objectives_below_eps_are_excluded():
-    """With p = 2 a 1e-9 gradient would be rescaled to length 1e9; excluded, the rest is T-GAPO-1 (p = 2)."""
+    """With p = 2 a 1e-9 gradient would be rescaled to length 1e9; excluded, the rest is the orthogonal table's p = 2 row."""
     jac = np.array([[1.0, 0.0], [0.0, 2.0], [1e-9, 1e-9]], np.float32)
     direction, state = run(jac, p=2.0)
     np.testing.assert_allclose(state.alpha, [0.2, 0.8, 0.0], atol=1e-6)
@@ -127,7 +127,7 @@ def test_anti_parallel_gradients_stall_without_nan(p):
     [(1e30, 1e-8, 1.0), (1e30, 1e-8, 0.0), (1e-30, 1e-35, 1.0), (1e-15, 1e-18, 2.0)],
 )
 def test_extreme_norms(scale, eps, p):
-    """1e30 and 1e-30 gradients (eps below them) give the unscaled T-GAPO-1 answer times scale^(1 - p)."""
+    """1e30 and 1e-30 gradients (eps below them) give the unscaled orthogonal-table answer times scale^(1 - p)."""
     direction, state = run(ORTHOGONAL * np.float32(scale), p=p, eps=eps)
     expected = {0.0: [0.8, 0.4], 1.0: [0.5, 0.5], 2.0: [0.2, 0.4]}[p]
     assert np.all(np.isfinite(state.weights)) and np.all(np.isfinite(direction))

@@ -1,4 +1,4 @@
-"""per_objective_grads and probe_combined_grads: agreement with jax.grad, probe masks, one forward, T-GAPO-3, jit, errors."""
+"""per_objective_grads and probe_combined_grads: agreement with jax.grad, probe masks, one forward, the probe gradient as rescaled min-norm point, jit, errors."""
 
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def test_probe_spends_no_backward_work_on_the_rest():
     assert combined < 1.15 * single  # a second forward pass would add ~40%
 
 
-def test_t_gapo_3_probe_gradient_is_the_rescaled_min_norm_point():
-    """T-GAPO-3: restricted to the head, grad sum_i w_i L_i = sum_i alpha_i g_i / ||g_i|| with alpha the min-norm point."""
+def test_probe_gradient_is_the_rescaled_min_norm_point():
+    """Restricted to the head, grad sum_i w_i L_i = sum_i alpha_i g_i / ||g_i|| with alpha the min-norm point."""
     params = make_params()
     tx = gapo_rescale(1.0, num_objectives=N)
     grads, state, losses = probe_combined_grads(losses_fn, params, tx, tx.init(params), INPUTS, probe_mask=HEAD_ONLY)

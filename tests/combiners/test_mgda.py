@@ -41,11 +41,11 @@ def run(jac, extra_args=None, **config):
 @pytest.mark.parametrize(
     ("jac", "alpha", "direction"),
     [
-        pytest.param([[1, 0], [-1, 1]], [0.6, 0.4], [0.2, 0.4], id="T-MGDA-1"),
-        pytest.param([[1, 0], [0, 2]], [0.8, 0.2], [0.8, 0.4], id="T-MGDA-2"),
-        pytest.param([[2, 0], [0, 1], [-1, 1]], [0.4, 0.0, 0.6], [0.2, 0.6], id="T-MGDA-3"),
-        pytest.param([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [1 / 3] * 3, [1 / 3] * 3, id="T-MGDA-4"),
-        pytest.param([[1, 2], [-3, -6]], [0.75, 0.25], [0.0, 0.0], id="T-MGDA-5"),
+        pytest.param([[1, 0], [-1, 1]], [0.6, 0.4], [0.2, 0.4], id="interior"),
+        pytest.param([[1, 0], [0, 2]], [0.8, 0.2], [0.8, 0.4], id="orthogonal"),
+        pytest.param([[2, 0], [0, 1], [-1, 1]], [0.4, 0.0, 0.6], [0.2, 0.6], id="edge-optimum"),
+        pytest.param([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [1 / 3] * 3, [1 / 3] * 3, id="basis"),
+        pytest.param([[1, 2], [-3, -6]], [0.75, 0.25], [0.0, 0.0], id="anti-parallel"),
         pytest.param([[-4, 1, 1], [6, 1, 1]], [0.6, 0.4], [0.0, 1.0, 1.0], id="torchjd-J_base"),
     ],
 )
@@ -60,7 +60,7 @@ def test_known_answers(jac, alpha, direction):
 
 
 def test_quadratics_converge_to_the_pareto_segment():
-    """T-MGDA-6: l_i = ||theta - c_i||^2 / 2; theta <- theta - eta d ends on the segment [a, b]."""
+    """l_i = ||theta - c_i||^2 / 2; theta <- theta - eta d ends on the segment [a, b]."""
     a, b = jnp.array([0.0, 0.0]), jnp.array([2.0, 1.0])
     tx = optax.chain(mgda(num_objectives=2), optax.sgd(0.2))
 

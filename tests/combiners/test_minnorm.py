@@ -1,4 +1,4 @@
-"""min_norm_weights: known answers (spec T-MGDA-1..5, torchjd golden), degenerate inputs, KKT and symmetry properties."""
+"""min_norm_weights: hand-computed known answers and TorchJD's golden value, degenerate inputs, KKT and symmetry properties."""
 
 from __future__ import annotations
 
@@ -76,13 +76,13 @@ def assert_kkt(gram64: np.ndarray, alpha: np.ndarray, rel_tol: float) -> None:
     assert np.max(progress[alpha > 0]) <= norm_sq + tol
 
 
-# Known answers, spec section 2 (T-MGDA-1..5) and torchjd's J_base golden value.
+# Hand-computed min-norm points of small Jacobians and torchjd's J_base golden value.
 KNOWN = {
-    "T-MGDA-1": ([[1, 0], [-1, 1]], [0.6, 0.4]),
-    "T-MGDA-2 orthogonal": ([[1, 0], [0, 2]], [0.8, 0.2]),
-    "T-MGDA-3 edge optimum": ([[2, 0], [0, 1], [-1, 1]], [0.4, 0.0, 0.6]),
-    "T-MGDA-4 basis": (np.eye(3), [1 / 3, 1 / 3, 1 / 3]),
-    "T-MGDA-5 anti-parallel": ([[1, 2], [-3, -6]], [0.75, 0.25]),
+    "interior optimum": ([[1, 0], [-1, 1]], [0.6, 0.4]),
+    "orthogonal": ([[1, 0], [0, 2]], [0.8, 0.2]),
+    "edge optimum": ([[2, 0], [0, 1], [-1, 1]], [0.4, 0.0, 0.6]),
+    "basis": (np.eye(3), [1 / 3, 1 / 3, 1 / 3]),
+    "anti-parallel": ([[1, 2], [-3, -6]], [0.75, 0.25]),
     "torchjd J_base": ([[-4, 1, 1], [6, 1, 1]], [0.6, 0.4]),
 }
 
@@ -96,7 +96,7 @@ def test_known_answers_accurate_solver(case):
 
 @pytest.mark.parametrize("case", KNOWN)
 def test_known_answers_frank_wolfe(case):
-    """Frank-Wolfe is sublinear: with torchjd's constants it stops a few 1e-2 off on a face; run longer ~1e-3 (spec section 2)."""
+    """Frank-Wolfe is sublinear: with torchjd's constants it stops a few 1e-2 off on a face; run longer ~1e-3."""
     jac, expected = (np.asarray(v, np.float32) for v in KNOWN[case])
     gram = jac @ jac.T
     coarse = solve(gram, solver="frank_wolfe")
@@ -106,12 +106,12 @@ def test_known_answers_frank_wolfe(case):
 
 
 def test_known_directions():
-    """d = J^T alpha: T-MGDA-1 (0.2, 0.4), T-MGDA-3 (0.2, 0.6), torchjd J_base (0, 1, 1), T-MGDA-5 zero."""
+    """d = J^T alpha: interior (0.2, 0.4), edge optimum (0.2, 0.6), torchjd J_base (0, 1, 1), anti-parallel zero."""
     directions = {
-        "T-MGDA-1": [0.2, 0.4],
-        "T-MGDA-3 edge optimum": [0.2, 0.6],
+        "interior optimum": [0.2, 0.4],
+        "edge optimum": [0.2, 0.6],
         "torchjd J_base": [0, 1, 1],
-        "T-MGDA-5 anti-parallel": [0, 0],
+        "anti-parallel": [0, 0],
     }
     for case, direction in directions.items():
         jac = np.asarray(KNOWN[case][0], np.float32)
@@ -119,8 +119,8 @@ def test_known_directions():
 
 
 def test_support_solve_finishes_an_unconverged_run():
-    """The exact KKT solve on the support found so far: T-MGDA-3 exact after 10 steps, an interior optimum after 1."""
-    jac = np.asarray(KNOWN["T-MGDA-3 edge optimum"][0], np.float32)
+    """The exact KKT solve on the support found so far: the edge optimum exact after 10 steps, an interior optimum after 1."""
+    jac = np.asarray(KNOWN["edge optimum"][0], np.float32)
     np.testing.assert_allclose(solve(jac @ jac.T, max_iters=10), [0.4, 0.0, 0.6], atol=1e-6)
     jac = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     expected = reference_min_norm(gram_of(jac))
@@ -161,7 +161,7 @@ def test_degenerate_inputs_give_finite_simplex_weights_at_the_min_norm(jac, solv
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_identical_gradients_give_a_valid_split(solver):
-    """Every point of the simplex is optimal (spec: any valid alpha, then d = g); the n = 2 closed form splits evenly."""
+    """Every point of the simplex is optimal (any valid alpha gives d = g); the n = 2 closed form splits evenly."""
     np.testing.assert_allclose(solve(jnp.full((2, 2), 3.0)), [0.5, 0.5])
     jac = np.tile([[1.0, -2.0, 0.5]], (5, 1))
     alpha = np.asarray(solve(jnp.asarray(jac @ jac.T), solver=solver))
@@ -172,7 +172,7 @@ def test_identical_gradients_give_a_valid_split(solver):
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_extreme_gram_scales(scale):
     """A Gram of entries ~1e-30 or ~1e30 (gradients ~1e-15 / 1e15) gives the unscaled answer."""
-    jac = np.asarray(KNOWN["T-MGDA-3 edge optimum"][0], np.float32)
+    jac = np.asarray(KNOWN["edge optimum"][0], np.float32)
     np.testing.assert_allclose(solve(jnp.asarray(jac @ jac.T) * scale), [0.4, 0.0, 0.6], atol=2e-6)
 
 

@@ -1,4 +1,4 @@
-"""Nash-MTL: spec §7 known answers, the bargaining equation G a = 1/a, scale (a ~ 1/k, d fixed), warm start, degenerate rows."""
+"""Nash-MTL: a hand-computed orthogonal example, the bargaining equation G a = 1/a, scale (a ~ 1/k, d fixed), warm start, degenerate rows."""
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ def independent(jac: np.ndarray) -> bool:
     return bool(np.linalg.eigvalsh(gram / np.trace(gram))[0] > 1e-2)
 
 
-def test_spec_orthogonal_example():
+def test_orthogonal_rows_known_answer():
     """g1 = (1,0), g2 = (0,2): a = (1, 0.5), d = (1, 1); with max_norm = 1, d = (1, 1)/sqrt(2)."""
     direction, state = jitted_update(nash_mtl(num_objectives=2, max_norm=None))(ORTHOGONAL)
     np.testing.assert_allclose(state.weights, [1.0, 0.5], rtol=1e-5)

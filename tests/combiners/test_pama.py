@@ -1,4 +1,4 @@
-"""PAMA: closed form (T-PAMA-1..6), Noon statistics, the combiner, and parity with the CTWA port's reading."""
+"""PAMA: closed form (hand-computed cases, permutation and Noon invariance), Noon statistics, the combiner, and parity with the CTWA port's reading."""
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,10 @@ vectors = st.lists(finite, min_size=1, max_size=7).map(lambda v: np.asarray(v, n
 @pytest.mark.parametrize(
     ("a", "s_star", "c_star"),
     [
-        ((0.3, 0.1, 0.5), 0.1, (0.0, 1.0, 0.0)),  # T-PAMA-1
-        ((-0.2, 0.4), 0.0, (2 / 3, 1 / 3)),  # T-PAMA-2
-        ((-0.3, -0.1), -0.1, (0.0, 1.0)),  # T-PAMA-3
-        ((0.7,), 0.7, (1.0,)),  # T-PAMA-4
+        ((0.3, 0.1, 0.5), 0.1, (0.0, 1.0, 0.0)),  # all positive: the smallest's vertex
+        ((-0.2, 0.4), 0.0, (2 / 3, 1 / 3)),  # straddling 0: mixed so that c^T a = 0
+        ((-0.3, -0.1), -0.1, (0.0, 1.0)),  # all negative: the largest's vertex
+        ((0.7,), 0.7, (1.0,)),  # n = 1
         ((0.0, 0.0, 0.0), 0.0, (1 / 3, 1 / 3, 1 / 3)),  # all zero: uniform
         ((0.2, 0.0, 0.0), 0.0, (0.0, 0.5, 0.5)),  # tied minimum at 0: split evenly
         ((0.4, 0.1, 0.1), 0.1, (0.0, 0.5, 0.5)),  # tied positive minimum
@@ -60,7 +60,7 @@ def test_closed_form_is_the_projection_and_is_attained(a, data):
 @settings(max_examples=40, deadline=None)
 @given(vectors, st.randoms(use_true_random=False))
 def test_closed_form_permutation_equivariant(a, rng):
-    """T-PAMA-6: permuting a leaves s* unchanged and permutes c*."""
+    """Permuting a leaves s* unchanged and permutes c*."""
     order = list(range(a.size))
     rng.shuffle(order)
     s, c = closed_form(a)
@@ -75,7 +75,7 @@ def test_closed_form_permutation_equivariant(a, rng):
     st.lists(st.floats(0.0, 10.0, width=32), min_size=1, max_size=3),
 )
 def test_adding_objectives_above_the_minimum_keeps_the_optimum(base, extra):
-    """T-PAMA-6: under Noon (a >= 0), objectives with a_i >= min a do not move s*."""
+    """Under Noon (a >= 0), objectives with a_i >= min a do not move s*."""
     base = np.asarray(base, np.float32)
     extended = np.concatenate([base, base.min() + np.asarray(extra, np.float32)])
     np.testing.assert_allclose(closed_form(extended)[0], closed_form(base)[0], atol=1e-6)
@@ -125,7 +125,7 @@ def _noon_ppo_objectives(theta, phi, advantages, clip_eps=0.2):
 
 
 def test_bound_tightness_toy():
-    """T-PAMA-5: a = (1, 0.5) so c* = e_2, the update is objective 2's alone, and the bound is attained."""
+    """a = (1, 0.5) so c* = e_2, the update is objective 2's alone, and the bound is attained."""
     phi = jnp.asarray([1.0, -1.0])
     advantages = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
     theta = jnp.zeros(())

@@ -1,4 +1,4 @@
-"""PCGrad: spec §7 and TorchJD golden values, random orders from the state key, n = 2 never conflicts, edge cases."""
+"""PCGrad: a hand-computed conflicting pair and TorchJD golden values, random orders from the state key, n = 2 never conflicts, edge cases."""
 
 import itertools
 
@@ -30,7 +30,7 @@ def reference_row(jac: np.ndarray, row: int, order: tuple[int, ...]) -> np.ndarr
     return projected
 
 
-def test_spec_example_and_orthogonal_rows():
+def test_conflicting_pair_and_orthogonal_rows():
     """g1 = (1,0), g2 = (-1,1): rows project to (0.5, 0.5) and (0, 1), d = (0.5, 1.5); orthogonal rows are unchanged."""
     direction, state = run2(np.array([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0]], np.float32))
     np.testing.assert_allclose(direction, [0.5, 1.5, 0.0], rtol=1e-6)

@@ -53,16 +53,16 @@ def test_nonnegative_qp_known_answers():
 @pytest.mark.parametrize(
     ("rows", "want"),
     [
-        ([[1.0, 0.0], [-1.0, 1.0]], [0.6, 0.4]),  # T-MGDA-1
-        ([[1.0, 0.0], [0.0, 2.0]], [0.8, 0.2]),  # T-MGDA-2
-        ([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]], [0.4, 0.0, 0.6]),  # T-MGDA-3, optimum on an edge
-        ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1 / 3, 1 / 3, 1 / 3]),  # T-MGDA-4
-        ([[1.0, 2.0], [-3.0, -6.0]], [0.75, 0.25]),  # T-MGDA-5, anti-parallel
+        ([[1.0, 0.0], [-1.0, 1.0]], [0.6, 0.4]),  # interior optimum
+        ([[1.0, 0.0], [0.0, 2.0]], [0.8, 0.2]),  # orthogonal
+        ([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]], [0.4, 0.0, 0.6]),  # optimum on an edge
+        ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1 / 3, 1 / 3, 1 / 3]),  # basis
+        ([[1.0, 2.0], [-3.0, -6.0]], [0.75, 0.25]),  # anti-parallel
         ([[3.0, 4.0]], [1.0]),  # n = 1
     ],
 )
 def test_simplex_min_norm_known_answers(rows, want):
-    """argmin_{w in simplex} |J^T w|^2 on the spec's MGDA cases (exact, unlike Frank-Wolfe)."""
+    """argmin_{w in simplex} |J^T w|^2 on the hand-computed MGDA cases (exact, unlike Frank-Wolfe)."""
     jac = np.asarray(rows, np.float32)
     np.testing.assert_allclose(simplex_min_norm(jnp.asarray(jac @ jac.T)), want, atol=1e-6)
 

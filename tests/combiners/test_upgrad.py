@@ -1,4 +1,4 @@
-"""UPGrad: spec §7 and TorchJD golden values, never conflicts, permutation equivariance, scale, preference, degenerate rows."""
+"""UPGrad: hand-computed and TorchJD golden values, never conflicts, permutation equivariance, scale, preference, degenerate rows."""
 
 import numpy as np
 import pytest
@@ -29,8 +29,8 @@ def padded(rows) -> np.ndarray:
         ([[1.0, 0.0], [-1.0, 0.1]], [1.0, 0.99505], [0.00495, 0.099505]),
     ],
 )
-def test_spec_known_answers(rows, weights, direction):
-    """Spec §7 values exactly without the regulariser, and within 1e-3 with the default reg_eps = 1e-4."""
+def test_hand_computed_known_answers(rows, weights, direction):
+    """The hand-computed values exactly without the regulariser, and within 1e-3 with the default reg_eps = 1e-4."""
     for run, tol in ((exact2, 2e-5), (run2, 1e-3)):
         got, state = run(padded(rows))
         np.testing.assert_allclose(state.weights, weights, atol=tol)

@@ -1,5 +1,5 @@
-"""Plain numpy (float64, loops over groups) transcription of the CTWA reference maths, spec §5.2 / §5.4,
-and of the CTWA repository's reading of PAMA (spec §4.1). A test oracle, written for readability."""
+"""Plain numpy (float64, loops over groups) transcription of the CTWA reference maths (arXiv 2602.06869: the
+training signal, the covariance statistics and the interference diagnostics) and of the CTWA repository's reading of PAMA. A test oracle, written for readability."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 
 def reference_signal(adv, mask, logp_new, logp_old, eps_low=0.2, eps_high=0.2, w_agg="mean"):
-    """Steps 2-6 of spec §5.2: w[b] from token advantages adv[B, T]. Rows without tokens give NaN (0/0)."""
+    """The effective training signal w[b] from token advantages adv[B, T]. Rows without tokens give NaN (0/0)."""
     adv, mask = np.asarray(adv, np.float64), np.asarray(mask, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         seq_adv = (adv * mask).sum(-1) / mask.sum(-1)
@@ -30,7 +30,7 @@ def reference_signal(adv, mask, logp_new, logp_old, eps_low=0.2, eps_high=0.2, w
 
 
 def reference_statistics(rewards, w, uids, global_metrics=False, outlier_factor=100.0, eps=1e-8):
-    """Steps 7-9 of spec §5.2 plus the §5.1 interference diagnostics; dict of float64 arrays."""
+    """The within-group covariance statistics plus the interference diagnostics; dict of float64 arrays."""
     rewards, w = np.asarray(rewards, np.float64), np.asarray(w, np.float64)
     n = rewards.shape[1]
     finite = np.isfinite(w)
@@ -80,7 +80,7 @@ def reference_statistics(rewards, w, uids, global_metrics=False, outlier_factor=
 
 
 def reference_controller(log_w, ema, initialized, value, obj_mean, cov_targets, lr, tau, obj_targets=None):
-    """Spec §5.2 controller: (log_w, ema) after one step, float64."""
+    """The CTWA controller: (log_w, ema) after one step, float64."""
     value = np.asarray(value, np.float64)
     ema = (1 - tau) * np.asarray(ema, np.float64) + tau * value if initialized else value.copy()
     gate = np.ones_like(value)
@@ -91,7 +91,7 @@ def reference_controller(log_w, ema, initialized, value, obj_mean, cov_targets, 
 
 
 def reference_pama_port(adv_btn, logp_old, logp_ref, mask, clip):
-    """The CTWA repository's PAMA reading (spec §4.1): a_i over batch tokens, u = exp(clip(old - ref)), s*."""
+    """The CTWA repository's PAMA reading: a_i over batch tokens, u = exp(clip(old - ref)), s*."""
     adv_btn = np.asarray(adv_btn, np.float64)
     u = np.exp(np.clip(np.asarray(logp_old, np.float64) - np.asarray(logp_ref, np.float64), -20, 20))
     mask = np.asarray(mask, np.float64)

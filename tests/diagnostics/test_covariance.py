@@ -1,4 +1,4 @@
-"""Covariance-law statistics: T-CTWA-2, parity with the numpy transcription, invariances, edge cases, errors."""
+"""Covariance-law statistics: a hand-computed group, parity with the numpy transcription, invariances, edge cases, errors."""
 
 import functools
 
@@ -29,7 +29,7 @@ def _random_batch(rng, batch=24, length=6, n=3):
 
 
 def test_within_group_statistic_known_answer():
-    """T-CTWA-2: one group of 4 with ratio 1 and no clipping, so w = A_hat."""
+    """One group of 4 with ratio 1 and no clipping, so w = A_hat."""
     seq_adv = jnp.asarray([1.0, -1.0, 0.5, -0.5])
     mask = jnp.ones((4, 3))
     w = ctwa_signal(jnp.tile(seq_adv[:, None], (1, 3)), mask, jnp.zeros((4, 3)), jnp.zeros((4, 3)))

@@ -1,4 +1,4 @@
-"""Gradient entanglement: T-GE-1..4 on toy models under autodiff, NPO signs, shared-prefix masking, errors."""
+"""Gradient entanglement: softmax and linear toy models under autodiff, NPO signs, shared-prefix masking, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ def _moves(loss, logp, params, chosen, rejected, step=STEP):
 
 
 def test_softmax_toy_is_disentangled():
-    """T-GE-1: pi = softmax(z) over 3 tokens at the uniform point: |g|^2 = 2/3, <g_w, g_l> = -1/3; DPO raises w, lowers l."""
+    """pi = softmax(z) over 3 tokens at the uniform point: |g|^2 = 2/3, <g_w, g_l> = -1/3; DPO raises w, lowers l."""
     logp = lambda z, y: jax.nn.log_softmax(z)[y]  # noqa: E731
     z = jnp.zeros(3)
     g_w, g_l = _pair_grads(logp, z, 0, 1)
@@ -40,13 +40,16 @@ def test_softmax_toy_is_disentangled():
 
 
 def _linear_logp(theta, phi):
-    """log pi(y) = theta^T phi(y), normalisation ignored (T-GE-2, T-GE-3)."""
+    """log pi(y) = theta^T phi(y), normalisation ignored."""
     return jnp.dot(theta, phi)
 
 
 @pytest.mark.parametrize(
     ("phi_w", "phi_l", "both"),
-    [((1.0, 1.0), (1.0, 0.9), "increase"), ((1.0, 0.9), (1.0, 1.0), "decrease")],  # T-GE-2, T-GE-3
+    [
+        ((1.0, 1.0), (1.0, 0.9), "increase"),
+        ((1.0, 0.9), (1.0, 1.0), "decrease"),
+    ],  # both raised, or the rejected one more
 )
 def test_shared_features_entangle_dpo_and_npo_untangles(phi_w, phi_l, both):
     phi_w, phi_l, theta = jnp.asarray(phi_w), jnp.asarray(phi_l), jnp.zeros(2)
@@ -71,7 +74,7 @@ def test_shared_features_entangle_dpo_and_npo_untangles(phi_w, phi_l, both):
 
 
 def test_condition_uses_the_smaller_norm():
-    """The ratio divides by min(|g_w|^2, |g_l|^2), not |g_w|^2 twice: 1.9 / 1.81 > 1 flags T-GE-2 as entangled."""
+    """The ratio divides by min(|g_w|^2, |g_l|^2), not |g_w|^2 twice: 1.9 / 1.81 > 1 flags the first case as entangled."""
     out = statistics(jnp.asarray([[1.0, 1.0], [1.0, 0.9]]), jnp.asarray([[1.0, 0.9], [1.0, 1.0]]))
     np.testing.assert_allclose(out.condition, [1.9 / 1.81, 1.9 / 1.81], rtol=1e-6)
     np.testing.assert_allclose(out.cosine, 1.9 / np.sqrt(2 * 1.81), rtol=1e-6)
@@ -85,7 +88,7 @@ def _token_logp(theta, tokens):
 
 @pytest.mark.parametrize("loss_kind", ["dpo", "ipo", "simpo", "cpo"])
 def test_predicted_moves_match_autodiff_for_margin_losses(loss_kind):
-    """T-GE-4: the weighted condition with each loss's (a_w, a_l) predicts autodiff's first-order moves exactly."""
+    """The weighted condition with each loss's (a_w, a_l) predicts autodiff's first-order moves exactly."""
     chosen_ids, rejected_ids = jnp.asarray([0, 2, 2, 4, 1]), jnp.asarray([0, 2, 3])
     theta = jnp.asarray([0.1, -0.2, 0.05])
     lengths = (float(chosen_ids.size), float(rejected_ids.size))
