@@ -2,7 +2,9 @@
 
 Every message reads ``"<callable>: `<arg>` <what was seen>; expected <what>."``. A value of the wrong
 type raises ``TypeError``; a value of the right type but outside its domain raises ``ValueError``.
-The checks run on concrete Python or numpy values at construction time, before anything is traced.
+The checks run on concrete Python or numpy values at construction time, before anything is traced. A scalar
+hyperparameter may also be a traced JAX value (``optax.inject_hyperparams`` rebuilds a factory inside ``update`` with
+its hyperparameters as arrays): its type is checked, and its range, which a tracer does not know, is not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SIMPLEX_ATOL = 1e-6
@@ -27,8 +31,15 @@ def message(where: str, arg: str, seen: str, expected: str) -> str:
     return f"{where}: `{arg}` {seen}; expected {expected}."
 
 
-def number(where: str, arg: str, value: Any) -> float:
-    """float(value) for a real number (bool excluded); TypeError otherwise."""
+def is_traced(value: Any) -> bool:
+    """Whether `value` is an abstract JAX value (inside jit): its numbers are unknown until run time."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def number(where: str, arg: str, value: Any) -> Any:
+    """float(value) for a real number (bool excluded) or a real 0-d array; a traced 0-d value is returned as is."""
+    if isinstance(value, jax.Array | np.ndarray) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.number):
+        return value if is_traced(value) else float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real | np.floating | np.integer):
         raise TypeError(message(where, arg, f"is a {type(value).__name__} ({value!r})", "a real number"))
     return float(value)
@@ -45,8 +56,10 @@ def integer(where: str, arg: str, value: Any, *, minimum: int | None = None) -> 
 
 
 def finite(where: str, arg: str, value: Any) -> float:
-    """A finite real number; TypeError for a non-number, ValueError for inf or NaN."""
+    """A finite real number; TypeError for a non-number, ValueError for inf or NaN (a traced value is not checked)."""
     value = number(where, arg, value)
+    if is_traced(value):
+        return value
     if not math.isfinite(value):
         raise ValueError(message(where, arg, f"is {value}", "a finite number"))
     return value
@@ -65,6 +78,8 @@ def in_range(
 ) -> float:
     """A finite number in [low, high] (or the open variants); ValueError naming the interval otherwise."""
     value = finite(where, arg, value)
+    if is_traced(value):
+        return value
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
