@@ -158,7 +158,7 @@ _SPECS = (
         requires=(),
         summary="Nash bargaining solution, G a = 1/a (Nash-MTL)",
         defaults=lambda n: {"num_objectives": n},
-        guarantees=frozenset({"permutation_equivariant"}),
+        guarantees=frozenset({"permutation_equivariant", "scale_invariant", "non_conflicting"}),
     ),
     CombinerSpec(
         "pama",
