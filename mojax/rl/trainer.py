@@ -69,7 +69,8 @@ NORMALIZER_EPS = 1e-6
 
 # ------------------------------------------------------------------------------------------------ building blocks
 def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``config.model.path``: the tiny task's model, or a Hugging Face folder / GGUF file."""
+    """(model, tokenizer) for ``config.model.path``: ``"tiny"`` (the tiny task's model), ``"smollm2"``
+    (SmolLM2-135M-Instruct, fetched into the cache by ``mojax fetch smollm2``), or a Hugging Face folder / GGUF file."""
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     if config.model.path == "tiny":
         from mojax.models import LlamaForCausalLM
@@ -80,8 +81,13 @@ def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
         return model, tiny_tokenizer()
     from mojax.models import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(config.model.path, dtype=dtype, remat=config.model.remat)
-    return model, load_tokenizer(config.model.path)
+    path = config.model.path
+    if path == "smollm2":
+        from mojax.data import smollm2_gguf
+
+        path = smollm2_gguf()
+    model = load_causal_lm(path, dtype=dtype, remat=config.model.remat)
+    return model, load_tokenizer(path)
 
 
 def load_prompt_rows(source: Any, config: rl_config.DataSection, tokenizer: Any, seed_offset: int = 0) -> list[dict]:
