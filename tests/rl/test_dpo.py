@@ -1,0 +1,292 @@
+"""The preference trainer end to end on the tiny task: learns, resumes bit for bit, measures gradient entanglement,
+separates the moves with NPO, combines two pair sets with MGDA, refuses bad configs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mojax.rl.dpo import DPOTrainer, encode_pairs, run_dpo, tiny_preference_pairs
+from mojax.rl.dpo_config import load_dpo_config
+from mojax.rl.logging import read_metrics
+from mojax.rl.tiny import EOS_ID, tiny_tokenizer
+
+QUIET = ["logging.tensorboard=false", "logging.progress=false", "export=false"]
+# The worked case of the entanglement paper through the trainer: plain gradient steps on one pair at a time, small
+# enough for the first-order picture, with every parameter in the probe set.
+TOY = [
+    "steps=4",
+    "optimizer.name=sgd",
+    "optimizer.learning_rate=0.001",
+    "optimizer.max_grad_norm=null",
+    "preference.probe=[model, lm_head]",
+    "data.pairs_per_step=1",
+    "preference.entanglement_pairs=1",
+]
+ENTANGLEMENT_KEYS = (
+    "inner",
+    "norm_chosen",
+    "norm_rejected",
+    "cosine",
+    "condition",
+    "predicted_chosen_up_rejected_down",
+    "observed_chosen_up_rejected_down",
+    "observed_both_up",
+    "observed_both_down",
+    "move_chosen",
+    "move_rejected",
+    "agreement_chosen",
+    "agreement_rejected",
+)
+
+
+def dpo_config(output_dir: Path, *overrides: str):
+    return load_dpo_config("dpo_tiny", [f"output_dir={output_dir}", *QUIET, *overrides])
+
+
+def params_of(trainer: DPOTrainer) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(trainer.state.params)]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if not k.startswith("timing/")} for record in records]
+
+
+@functools.cache
+def straight_run(root: str) -> tuple[DPOTrainer, list[np.ndarray], list[dict]]:
+    """The packaged dpo_tiny run (12 steps), with the parameters after step 4."""
+    after_four = []
+    trainer = DPOTrainer(
+        dpo_config(Path(root) / "straight"),
+        callbacks=[lambda step, metrics: after_four.extend(params_of(trainer)) if step == 4 else None],
+    )
+    trainer.train()
+    trainer.close()
+    return trainer, after_four, read_metrics(Path(root) / "straight")
+
+
+@functools.cache
+def toy_run(root: str, mitigation: str) -> list[dict]:
+    trainer = DPOTrainer(dpo_config(Path(root) / f"toy_{mitigation}", *TOY, f"preference.mitigation={mitigation}"))
+    trainer.train()
+    trainer.close()
+    return read_metrics(Path(root) / f"toy_{mitigation}")
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dpo_runs"))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def test_tiny_pairs_differ_in_one_token_and_prefer_more_a():
+    pairs = tiny_preference_pairs(50, seed=3)
+    assert pairs == tiny_preference_pairs(50, seed=3)
+    assert pairs != tiny_preference_pairs(50, seed=4)
+    for pair in pairs:
+        assert len(pair["chosen"]) == len(pair["rejected"])
+        assert sum(a != b for a, b in zip(pair["chosen"], pair["rejected"], strict=True)) == 1
+        assert pair["chosen"].count("a") == pair["rejected"].count("a") + 1
+
+
+def test_shared_prefix_pairs_mask_exactly_their_common_prefix():
+    rows = tiny_preference_pairs(6, seed=1, setting="shared_prefix", completion_length=8)
+    plain = encode_pairs(tiny_tokenizer(), rows, max_prompt_length=8, max_completion_length=10, eos_id=EOS_ID)
+    masked = encode_pairs(
+        tiny_tokenizer(), rows, max_prompt_length=8, max_completion_length=10, eos_id=EOS_ID, mask_shared_prefix=True
+    )
+    for row, chosen, rejected, weights_w, weights_l in zip(
+        rows, masked.chosen_ids, masked.rejected_ids, masked.chosen_weights, masked.rejected_weights, strict=True
+    ):
+        common = next(i for i, (a, b) in enumerate(zip(row["chosen"], row["rejected"], strict=True)) if a != b)
+        assert common >= 4 and chosen[common] != rejected[common]
+        expected = np.r_[np.zeros(common), np.ones(9 - common), 0.0]  # 8 characters + EOS, then one pad
+        np.testing.assert_array_equal(weights_w, expected)
+        np.testing.assert_array_equal(weights_l, expected)
+    np.testing.assert_array_equal(masked.chosen_mask, plain.chosen_mask)  # every token is still attended to
+    np.testing.assert_array_equal(plain.chosen_weights, plain.chosen_mask)
+
+
+# --------------------------------------------------------------------------------------------- the tiny run
+def test_dpo_raises_reward_accuracy_above_0_9(run_root):
+    _, _, records = straight_run(run_root)
+    assert [record["step"] for record in records] == list(range(1, 13))
+    assert records[0]["rewards/accuracies"] <= 0.5  # the policy starts as the reference: margins ~ 0
+    assert abs(records[0]["rewards/margins"]) < 1e-3
+    assert np.mean([record["rewards/accuracies"] for record in records[-4:]]) > 0.9
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.5
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+
+
+def test_metrics_use_trl_keys_and_the_entanglement_statistics_are_finite(run_root):
+    _, _, records = straight_run(run_root)
+    for record in records:
+        for key in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+            "logratios/chosen",
+            "logratios/rejected",
+            "grad_norm",
+            "learning_rate",
+            "rewards/preference/mean",
+            "combiner/weight/preference",
+            *(f"entanglement/{key}" for key in ENTANGLEMENT_KEYS),
+        ):
+            assert math.isfinite(record[key]), key
+        assert -1.0 <= record["entanglement/cosine"] <= 1.0
+        assert record["skipped_updates"] == 0
+        np.testing.assert_allclose(
+            record["rewards/margins"], record["rewards/chosen"] - record["rewards/rejected"], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            record["rewards/chosen"], 0.1 * record["logratios/chosen"], rtol=1e-4, atol=1e-6
+        )  # beta (log pi - log pi_ref)
+
+
+def test_plain_dpo_on_one_token_pairs_moves_both_logps_together(run_root):
+    """The entanglement paper's observation on the tiny model: the margin grows while both log-probs fall."""
+    _, _, records = straight_run(run_root)
+    together = [
+        record["entanglement/observed_both_up"] + record["entanglement/observed_both_down"] for record in records
+    ]
+    separated = [record["entanglement/observed_chosen_up_rejected_down"] for record in records]
+    assert np.mean(together) > 0.7 and np.mean(separated) < 0.2
+    assert records[-1]["logps/chosen"] < records[0]["logps/chosen"]  # the chosen response got less likely
+    # The first-order prediction on the probe set (final norm + LM head) matches the observed AdamW moves.
+    assert np.mean([record["entanglement/agreement_chosen"] for record in records]) > 0.85
+    assert np.mean([record["entanglement/agreement_rejected"] for record in records]) > 0.85
+
+
+def test_rerun_with_more_steps_equals_a_straight_run(run_root, tmp_path):
+    _, want_params, want_records = straight_run(run_root)
+    run_dpo("dpo_tiny", [f"output_dir={tmp_path}", *QUIET, "steps=2"])
+    second = DPOTrainer(dpo_config(tmp_path, "steps=4"))
+    second.train()
+    second.close()
+    assert second.step == 4
+    for got, want in zip(params_of(second), want_params, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert without_timing(read_metrics(tmp_path)) == without_timing(want_records[:4])
+
+
+def test_a_changed_config_refuses_to_resume(run_root):
+    with pytest.raises(ValueError, match=r"preference.beta"):
+        DPOTrainer(dpo_config(Path(run_root) / "straight", "preference.beta=0.2")).train()
+
+
+def test_each_pass_visits_every_pair_once(run_root):
+    trainer, _, _ = straight_run(run_root)
+    per_pass = 32 // 8
+    for epoch in range(2):
+        seen = np.concatenate(
+            [
+                trainer.pairs_for_step(step).chosen_ids
+                for step in range(1 + epoch * per_pass, 1 + (epoch + 1) * per_pass)
+            ]
+        )
+        np.testing.assert_array_equal(
+            np.unique(seen, axis=0), np.unique(np.asarray(trainer.pairs[0].chosen_ids), axis=0)
+        )
+
+
+# ---------------------------------------------------------------------------------- the worked case, and NPO
+def test_plain_gradient_steps_move_both_logps_as_the_theory_predicts(run_root):
+    records = toy_run(run_root, "none")
+    for record in records:
+        assert record["entanglement/agreement_chosen"] == 1.0
+        assert record["entanglement/agreement_rejected"] == 1.0
+    both = [record["entanglement/observed_both_up"] + record["entanglement/observed_both_down"] for record in records]
+    predicted_separated = [record["entanglement/predicted_chosen_up_rejected_down"] for record in records]
+    assert max(both) == 1.0  # on some one-token pair the chosen and rejected log-probs move the same way
+    assert [1.0 - b for b in both] == predicted_separated
+
+
+def test_npo_raises_the_chosen_and_lowers_the_rejected_logp_on_every_pair(run_root):
+    records = toy_run(run_root, "npo")
+    for record in records:
+        assert record["entanglement/predicted_chosen_up_rejected_down"] == 1.0
+        assert record["entanglement/observed_chosen_up_rejected_down"] == 1.0
+        assert record["entanglement/move_chosen"] > 0 > record["entanglement/move_rejected"]
+    plain = toy_run(run_root, "none")
+    assert min(record["entanglement/observed_chosen_up_rejected_down"] for record in plain) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ multi-objective
+def test_two_pair_sets_combined_by_mgda(tmp_path):
+    path = tmp_path / "prefix_pairs.jsonl"
+    rows = tiny_preference_pairs(16, seed=7, setting="shared_prefix")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    objectives = f"objectives=[{{name: one_token, pairs: tiny_synthetic}}, {{name: prefix, pairs: {path}}}]"
+    config = dpo_config(
+        tmp_path / "run",
+        objectives,
+        "combiner.name=mgda",
+        "steps=4",
+        "data.pairs_per_step=4",
+        "data.num_pairs=16",
+        "preference.entanglement_pairs=0",
+        "preference.reference=on_the_fly",
+        "optimizer.learning_rate=0.02",
+    )
+    trainer = DPOTrainer(config)
+    trainer.train()
+    trainer.close()
+    records = read_metrics(tmp_path / "run")
+    first, last = records[0], records[-1]
+    assert abs(first["rewards/margins"]) < 1e-5  # on the fly, the reference is the initial policy itself
+    for record in records:
+        weights = [record["combiner/weight/one_token"], record["combiner/weight/prefix"]]
+        assert min(weights) >= 0 and abs(sum(weights) - 1) < 1e-5
+        assert -1 <= record["combiner/cos/one_token/prefix"] <= 1
+        assert "entanglement/cosine" not in record
+    for name in ("one_token", "prefix"):
+        assert last[f"rewards/{name}/mean"] > first[f"rewards/{name}/mean"]
+        assert last[f"objectives/{name}/loss"] < first[f"objectives/{name}/loss"]
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("combiner", ["ctwa", "pama", "lagrangian"])
+def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner):
+    with pytest.raises(ValueError, match="preference pairs have no rewards, signal or advantages"):
+        dpo_config(tmp_path, f"combiner.name={combiner}")
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("preference.gamma=1", "`preference.gamma` is not a known key"),
+        ("preference.loss_type=dpo", "`preference.loss_type` is 'dpo'"),
+        ("preference.loss_type=[]", "`preference.loss_type` is empty"),
+        ("preference.mitigation=mask", "`preference.mitigation` is 'mask'"),
+        ("preference.reference=later", "`preference.reference` is 'later'"),
+        ("preference.beta=0", "`preference.beta` is 0"),
+        ("preference.loss_weights=[1, 2]", "`preference.loss_weights` has 2 entries"),
+        ("data.pairs_per_step=0", "`data.pairs_per_step` is 0"),
+        ("data.setting=two_token", "`data.setting` is 'two_token'"),
+        ("combiner.name=nope", "`combiner.name` is 'nope'"),
+    ],
+)
+def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        dpo_config(tmp_path, override)
+
+
+def test_npo_refuses_anchored_losses(tmp_path):
+    with pytest.raises(ValueError, match=r"holds \['nca_pair'\] with mitigation 'npo'"):
+        dpo_config(tmp_path, "preference.loss_type=[sigmoid, nca_pair]", "preference.mitigation=npo")
+
+
+def test_wrong_types_raise_type_errors(tmp_path):
+    with pytest.raises(TypeError, match="`preference.beta` is 'high'"):
+        dpo_config(tmp_path, "preference.beta=high")
