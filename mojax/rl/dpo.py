@@ -450,8 +450,8 @@ class DPOTrainer:
       >>> config = load_dpo_config("dpo_tiny", [f"output_dir={tempfile.mkdtemp()}", "steps=1",
       ...     "logging.tensorboard=false", "logging.progress=false", "export=false"])
       >>> metrics = DPOTrainer(config).train()
-      >>> [key for key in metrics if key.startswith("rewards/") and key.count("/") == 1]
-      ['rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies']
+      >>> sorted(key for key in metrics if key.startswith("rewards/") and key.count("/") == 1)
+      ['rewards/accuracies', 'rewards/chosen', 'rewards/margins', 'rewards/rejected']
     """
 
     def __init__(self, config: DPOConfig, *, callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = ()):

@@ -194,10 +194,22 @@ def validate(config: DPOConfig) -> None:
         if not isinstance(name, str):
             raise TypeError(checks.message(where, "preference.loss_type", f"holds {name!r}", "loss names (strings)"))
         checks.choice(where, "preference.loss_type", name, PREFERENCE_LOSSES)
+    unsupported = [name for name in names if PREFERENCE_LOSSES[name].requires]
+    if unsupported:
+        raise ValueError(
+            checks.message(
+                where,
+                "preference.loss_type",
+                f"holds {unsupported}, whose per-pair options the trainer does not provide",
+                "losses without required options (sigmoid, robust, ipo, hinge, simpo, dpop, cpo, nca_pair, apo_zero, sft)",
+            )
+        )
     if preference.loss_weights is not None:
         checks.finite_vector(where, "preference.loss_weights", preference.loss_weights, length=len(names))
     checks.positive(where, "preference.beta", preference.beta)
-    checks.in_range(where, "preference.label_smoothing", preference.label_smoothing, low=0.0, high=0.5)
+    checks.in_range(
+        where, "preference.label_smoothing", preference.label_smoothing, low=0.0, high=0.5, high_open="robust" in names
+    )
     checks.nonnegative(where, "preference.cpo_alpha", preference.cpo_alpha)
     if preference.mitigation == "npo":
         anchored = [name for name in names if not PREFERENCE_LOSSES[name].margin_based]

@@ -9,10 +9,21 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mojax.rl.dpo import DPOTrainer, encode_pairs, run_dpo, tiny_preference_pairs
+from mojax.plots import plot_runs
+from mojax.rl.dpo import (
+    DPOTrainer,
+    PairBatch,
+    StepSpec,
+    encode_pairs,
+    margin_coefficients,
+    predicted_moves,
+    run_dpo,
+    tiny_preference_pairs,
+)
 from mojax.rl.dpo_config import load_dpo_config
 from mojax.rl.logging import read_metrics
 from mojax.rl.tiny import EOS_ID, tiny_tokenizer
@@ -113,6 +124,47 @@ def test_shared_prefix_pairs_mask_exactly_their_common_prefix():
     np.testing.assert_array_equal(plain.chosen_weights, plain.chosen_mask)
 
 
+# ------------------------------------------------------------------------------------ first-order algebra
+def fake_pairs(ref_chosen, ref_rejected, chosen_lengths) -> PairBatch:
+    """Just what the loss reads: the reference log-probs and the chosen responses' token weights."""
+    weights = np.asarray([[1.0] * length + [0.0] * (4 - length) for length in chosen_lengths], np.float32)
+    return PairBatch(*([None] * 4), weights, *([None] * 3), np.asarray(ref_chosen), np.asarray(ref_rejected), None)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def spec_for(*loss_types: str, average: bool = False, npo: bool = False) -> StepSpec:
+    return StepSpec(loss_types, None, 0.5, 0.0, 0.5, 2.0, average, npo, 0, 1, ())
+
+
+def test_margin_coefficients_are_the_hand_derivatives_of_the_loss():
+    chosen, rejected = np.asarray([-3.0, -5.0], np.float32), np.asarray([-4.0, -2.0], np.float32)
+    pairs = fake_pairs([-3.5, -4.0], [-3.0, -2.5], [2, 4])
+    margin = (chosen - np.asarray([-3.5, -4.0])) - (rejected - np.asarray([-3.0, -2.5]))
+    dpo = 0.5 * sigmoid(-0.5 * margin)  # -d/dD of -log sigmoid(beta D), beta = 0.5
+    a_w, a_l = margin_coefficients(spec_for("sigmoid"), chosen, rejected, pairs, None)
+    np.testing.assert_allclose(a_w, dpo, rtol=1e-6)
+    np.testing.assert_allclose(a_l, dpo, rtol=1e-6)
+    cpo = 0.5 * sigmoid(-0.5 * (chosen - rejected))  # reference-free, plus cpo_alpha * (per-token NLL)
+    a_w, a_l = margin_coefficients(spec_for("cpo"), chosen, rejected, pairs, None)
+    np.testing.assert_allclose(a_w, cpo + 2.0 / np.asarray([2.0, 4.0]), rtol=1e-6)
+    np.testing.assert_allclose(a_l, cpo, rtol=1e-6)
+    norms = (np.asarray([2.0, 4.0], np.float32), np.asarray([0.5, 8.0], np.float32))
+    a_w, a_l = margin_coefficients(spec_for("sigmoid", npo=True), chosen, rejected, pairs, norms)
+    np.testing.assert_allclose(a_w, dpo / norms[0], rtol=1e-6)
+    np.testing.assert_allclose(a_l, dpo / norms[1], rtol=1e-6)
+
+
+def test_predicted_moves_on_shared_features_raise_both_logps():
+    """log pi(y) = theta . phi(y), phi_w = (1, 1), phi_l = (1, 0.9): <g_w, g_l> = 1.9 between |g_l|^2 and |g_w|^2."""
+    move_w, move_l = predicted_moves(jnp.asarray(1.9), jnp.asarray(2.0), jnp.asarray(1.81), 1.0, 1.0)
+    np.testing.assert_allclose([move_w, move_l], [0.1, 0.09], rtol=1e-5)
+    move_w, move_l = predicted_moves(jnp.asarray(1.9), jnp.asarray(1.81), jnp.asarray(2.0), 1.0, 1.0)  # swapped
+    assert move_w < 0 and move_l < 0
+
+
 # --------------------------------------------------------------------------------------------- the tiny run
 def test_dpo_raises_reward_accuracy_above_0_9(run_root):
     _, _, records = straight_run(run_root)
@@ -180,6 +232,12 @@ def test_rerun_with_more_steps_equals_a_straight_run(run_root, tmp_path):
     assert without_timing(read_metrics(tmp_path)) == without_timing(want_records[:4])
 
 
+def test_mojax_plot_draws_the_rewards_and_weights_of_a_dpo_run(run_root, tmp_path):
+    straight_run(run_root)
+    written = plot_runs([Path(run_root) / "straight"], tmp_path)
+    assert [path.name for path in written] == ["rewards.png", "combiner_weights.png"]
+
+
 def test_a_changed_config_refuses_to_resume(run_root):
     with pytest.raises(ValueError, match=r"preference.beta"):
         DPOTrainer(dpo_config(Path(run_root) / "straight", "preference.beta=0.2")).train()
@@ -238,6 +296,7 @@ def test_two_pair_sets_combined_by_mgda(tmp_path):
         "preference.entanglement_pairs=0",
         "preference.reference=on_the_fly",
         "optimizer.learning_rate=0.02",
+        "export=true",
     )
     trainer = DPOTrainer(config)
     trainer.train()
@@ -250,6 +309,9 @@ def test_two_pair_sets_combined_by_mgda(tmp_path):
         assert min(weights) >= 0 and abs(sum(weights) - 1) < 1e-5
         assert -1 <= record["combiner/cos/one_token/prefix"] <= 1
         assert "entanglement/cosine" not in record
+    exported = json.loads((tmp_path / "run" / "policy" / "mojax_run.json").read_text())
+    assert exported == {"step": 4, "objectives": ["one_token", "prefix"]}
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
     for name in ("one_token", "prefix"):
         assert last[f"rewards/{name}/mean"] > first[f"rewards/{name}/mean"]
         assert last[f"objectives/{name}/loss"] < first[f"objectives/{name}/loss"]
@@ -272,6 +334,8 @@ def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner)
         ("preference.reference=later", "`preference.reference` is 'later'"),
         ("preference.beta=0", "`preference.beta` is 0"),
         ("preference.loss_weights=[1, 2]", "`preference.loss_weights` has 2 entries"),
+        ("preference.loss_type=rdpo", r"holds \['rdpo'\], whose per-pair options the trainer does not provide"),
+        ("preference.label_smoothing=0.6", "`preference.label_smoothing` is 0.6"),
         ("data.pairs_per_step=0", "`data.pairs_per_step` is 0"),
         ("data.setting=two_token", "`data.setting` is 'two_token'"),
         ("combiner.name=nope", "`combiner.name` is 'nope'"),
