@@ -3,7 +3,7 @@ measured while training, its two mitigations, and multi-objective DPO through th
 
 One step of :class:`DPOTrainer`:
 
-1. take ``data.pairs_per_step`` pairs of each objective's pair set (a fresh permutation per pass, from ``data.seed``);
+1. take ``data.pairs_per_step`` pairs of each objective's pair set (a fresh permutation per pass, from ``seed``);
    each prompt is tokenised once and shared by its chosen and rejected responses;
 2. one forward pass of the 2B sequences gives the policy's sequence log-probs of chosen and rejected responses
    (summed, or length-averaged for ipo and simpo as TRL does); the reference's are the initial policy's, computed once
@@ -224,11 +224,12 @@ def encode_pairs(
     )
 
 
-def load_pair_rows(source: Any, setting: str, config: DPOConfig, tokenizer: Any) -> list[dict[str, str]]:
-    """``{prompt, chosen, rejected}`` rows of a pair source: ``"tiny_synthetic"``, a file, or a list of rows."""
+def load_pair_rows(source: Any, setting: str, config: DPOConfig, index: int = 0) -> list[dict[str, str]]:
+    """``{prompt, chosen, rejected}`` rows of the `index`-th pair source: ``"tiny_synthetic"`` (seeded by
+    ``data.seed + index``, so objectives get different pairs), a file, or a list of rows."""
     data = config.data
     if source == "tiny_synthetic":
-        return tiny_preference_pairs(data.num_pairs, seed=data.seed, setting=setting)
+        return tiny_preference_pairs(data.num_pairs, seed=data.seed + index, setting=setting)
     from mojax.data import load_pairs
 
     rows = load_pairs(
@@ -546,7 +547,7 @@ class DPOTrainer:
 
     def _encode(self, objective: PairObjectiveSection, index: int) -> PairBatch:
         data = self.config.data
-        rows = load_pair_rows(objective.pairs, objective.setting, self.config, self.tokenizer)
+        rows = load_pair_rows(objective.pairs, objective.setting, self.config, index)
         if len(rows) < data.pairs_per_step:
             raise ValueError(
                 checks.message(
@@ -587,7 +588,7 @@ class DPOTrainer:
             count = len(pairs.objective_ids)
             positions = range((step - 1) * size, step * size)
             chosen = [
-                np.random.default_rng([self.config.data.seed, index, epoch]).permutation(count)[offset]
+                np.random.default_rng([self.config.seed, index, epoch]).permutation(count)[offset]
                 for epoch, offset in (divmod(position, count) for position in positions)
             ]
             parts.append(_take(pairs, np.asarray(chosen)))

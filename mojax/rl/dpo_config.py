@@ -74,7 +74,7 @@ class PairDataSection:
     max_completion_length: int = 16
     """Longest response in tokens, end-of-sequence token included (longer responses are cut)."""
     seed: int = 0
-    """Seed of the synthetic pairs and of the pair order (each pass is a new permutation)."""
+    """Seed of the synthetic pairs, and of the shuffle and ``num_pairs`` selection of loaded ones."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,7 +110,7 @@ class DPOConfig:
     steps: int
     """The step at which the run stops (nothing else depends on it)."""
     seed: int = 0
-    """Seed of the run (the pair order uses ``data.seed``)."""
+    """Seed of the pair order: each pass over a pair set is a new permutation drawn from it."""
     model: rl_config.ModelSection = rl_config.ModelSection()
     """The policy (its initial parameters are the reference)."""
     preference: PreferenceSection = PreferenceSection()

@@ -346,6 +346,12 @@ def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
         dpo_config(tmp_path, override)
 
 
+def test_a_mesh_that_does_not_divide_the_batch_is_refused_before_compiling(tmp_path):
+    config = dpo_config(tmp_path, "mesh.shape={fsdp: 8}", "data.pairs_per_step=4")
+    with pytest.raises(ValueError, match=r"data \* fsdp = 8 does not divide the batch of 4 pairs"):
+        DPOTrainer(config)
+
+
 def test_npo_refuses_anchored_losses(tmp_path):
     with pytest.raises(ValueError, match=r"holds \['nca_pair'\] with mitigation 'npo'"):
         dpo_config(tmp_path, "preference.loss_type=[sigmoid, nca_pair]", "preference.mitigation=npo")
