@@ -352,6 +352,11 @@ def test_a_mesh_that_does_not_divide_the_batch_is_refused_before_compiling(tmp_p
         DPOTrainer(config)
 
 
+def test_a_probe_that_selects_no_parameter_is_refused_naming_its_key(tmp_path):
+    with pytest.raises(ValueError, match=r"DPOTrainer: `preference.probe` is \['nothing'\] and selects no parameter"):
+        DPOTrainer(dpo_config(tmp_path, "preference.probe=[nothing]"))
+
+
 def test_npo_refuses_anchored_losses(tmp_path):
     with pytest.raises(ValueError, match=r"holds \['nca_pair'\] with mitigation 'npo'"):
         dpo_config(tmp_path, "preference.loss_type=[sigmoid, nca_pair]", "preference.mitigation=npo")
