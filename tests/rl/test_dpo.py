@@ -280,6 +280,28 @@ def test_npo_raises_the_chosen_and_lowers_the_rejected_logp_on_every_pair(run_ro
     assert min(record["entanglement/observed_chosen_up_rejected_down"] for record in plain) == 0.0
 
 
+def test_masking_the_shared_prefix_lowers_the_entanglement_of_shared_prefix_pairs(tmp_path):
+    """Same pairs, same initial policy: leaving the common prefix out of both log-probs shrinks <g_w, g_l>."""
+    first_step = {}
+    for mitigation in ("none", "shared_prefix"):
+        output = tmp_path / mitigation
+        run_dpo(
+            "dpo_tiny",
+            [
+                f"output_dir={output}",
+                *QUIET,
+                "steps=1",
+                "data.setting=shared_prefix",
+                f"preference.mitigation={mitigation}",
+            ],
+        )
+        (first_step[mitigation],) = read_metrics(output)
+    plain, masked = first_step["none"], first_step["shared_prefix"]
+    assert masked["entanglement/inner"] < plain["entanglement/inner"]
+    assert masked["entanglement/cosine"] < plain["entanglement/cosine"]
+    assert masked["logps/chosen"] > plain["logps/chosen"]  # fewer tokens in the sum
+
+
 # ------------------------------------------------------------------------------------------ multi-objective
 def test_two_pair_sets_combined_by_mgda(tmp_path):
     path = tmp_path / "prefix_pairs.jsonl"
