@@ -1,0 +1,736 @@
+"""The preference-optimisation trainer (``mojax dpo``): DPO-family losses on fixed pairs, with gradient entanglement
+measured while training, its two mitigations, and multi-objective DPO through the combiners.
+
+One step of :class:`DPOTrainer`:
+
+1. take ``data.pairs_per_step`` pairs of each objective's pair set (a fresh permutation per pass, from ``seed``);
+   each prompt is tokenised once and shared by its chosen and rejected responses;
+2. one forward pass of the 2B sequences gives the policy's sequence log-probs of chosen and rejected responses
+   (summed, or length-averaged for ipo and simpo as TRL does); the reference's are the initial policy's, computed once
+   for every pair before training (``reference: precompute``) or per batch from a frozen copy (``on_the_fly``);
+3. ``preference_loss`` per pair, averaged over each objective's pairs into f32[n]; ``per_objective_grads`` (full mode:
+   every parameter) -> the combiner -> one AdamW step, all in one jitted function whose state is donated;
+4. metrics under TRL's names (``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``)
+   and the gradient-entanglement statistics of Yuan et al. (arXiv 2410.13828) on the probe set for the first
+   ``preference.entanglement_pairs`` pairs of the batch.
+
+How the entanglement paper was read: a step on any per-pair loss l(lp_w, lp_l) moves the parameters by
+-eta (dl/dlp_w g_w + dl/dlp_l g_l), so to first order log pi_w moves by eta (a_w |g_w|^2 - a_l <g_w, g_l>) and
+log pi_l by eta (a_w <g_w, g_l> - a_l |g_l|^2), with a_w = -dl/dlp_w and a_l = dl/dlp_l. The trainer takes a_w, a_l
+by autodiff of the loss it actually optimises (so an SFT term, length averaging or NPO's normalisation are all in
+them), predicts the signs of both moves on the probe gradients, and after the step compares them with the observed
+moves of the same log-probs on the same pairs. The prediction is for plain gradient descent on the pair alone; the
+observed step is AdamW on every parameter and the whole batch, so the agreement fraction measures how far the
+per-pair first-order picture carries.
+
+Mitigations: ``npo`` feeds the loss log-probs whose gradients are divided by their per-pair probe norms
+(``npo_preference_loss``); ``shared_prefix`` leaves the common prefix of chosen and rejected out of both sequence
+log-probs (``shared_prefix_mask``; those tokens are still attended to). Multi-objective DPO takes one pair set per
+objective (MODPO's setting, Zhou et al., arXiv 2310.03708) and a combiner that reads no per-sample rewards
+(``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and combiner state and the step, and
+nothing in a step is random, so a resumed run equals an uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from mojax import _checks as checks
+from mojax.combiners import REGISTRY, make
+from mojax.combiners._base import cosine_gram, tree_gram
+from mojax.combiners.grads import per_objective_grads
+from mojax.diagnostics import shared_prefix_mask
+from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
+from mojax.rl import config as rl_config
+from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
+from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, TensorBoardLogger
+from mojax.rl.preference import (
+    implicit_rewards,
+    preference_loss,
+    preference_metrics,
+    sequence_logps,
+    stack_preference_losses,
+)
+from mojax.rl.preference_entanglement import npo_preference_loss, observed_moves_agree, pair_entanglement
+from mojax.rl.rollout import encode_prompts
+from mojax.rl.tiny import ALPHABET
+from mojax.rl.trainer import build_optimizer, build_policy, combiner_options, probe_flags, response_fn
+from mojax.rl.update import TrainState
+
+__all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
+
+SINGLE_OBJECTIVE = "preference"
+"""The objective's name in a run without ``objectives`` (its metrics are ``rewards/preference/...``)."""
+RICH_LETTER = "a"
+"""The letter the chosen responses of the tiny synthetic pairs have more of."""
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def tiny_preference_pairs(
+    n: int, *, seed: int = 0, setting: str = "one_token", completion_length: int = 8
+) -> list[dict[str, str]]:
+    """`n` deterministic preference pairs over the tiny character vocabulary: chosen responses have more "a"s.
+
+    * ``one_token``: the chosen response is rich in "a" (each character "a" with probability 0.6); the rejected one
+      is the same string with one "a" replaced by another letter, so the two differ in exactly one token.
+    * ``shared_prefix``: both start with the same random letters (half the length); the chosen one ends in "a"s,
+      the rejected one in other letters.
+
+    Args:
+      n: number of pairs (>= 0).
+      seed: the same seed gives the same pairs.
+      setting: ``"one_token"`` or ``"shared_prefix"``.
+      completion_length: characters per response (>= 2).
+
+    Returns:
+      Rows ``{"prompt", "chosen", "rejected"}``; prompts are 3 to 8 random letters.
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828 (the one-token-differs and shared-prefix settings).
+
+    Example:
+      >>> (pair,) = tiny_preference_pairs(1, seed=0)
+      >>> sum(a != b for a, b in zip(pair["chosen"], pair["rejected"]))
+      1
+      >>> pair["chosen"].count("a") - pair["rejected"].count("a")
+      1
+    """
+    where = "tiny_preference_pairs"
+    n = checks.integer(where, "n", n, minimum=0)
+    length = checks.integer(where, "completion_length", completion_length, minimum=2)
+    checks.choice(where, "setting", setting, ("one_token", "shared_prefix"))
+    rng = random.Random(seed)
+    letters = ALPHABET[:26]
+    others = letters.replace(RICH_LETTER, "")
+    rows = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
+        if setting == "one_token":
+            chosen = [RICH_LETTER if rng.random() < 0.6 else rng.choice(others) for _ in range(length)]
+            positions = [index for index, char in enumerate(chosen) if char == RICH_LETTER] or [0]
+            chosen[positions[0]] = RICH_LETTER
+            rejected = list(chosen)
+            rejected[rng.choice(positions)] = rng.choice(others)
+            chosen, rejected = "".join(chosen), "".join(rejected)
+        else:
+            prefix = "".join(rng.choice(letters) for _ in range(length // 2))
+            chosen = prefix + RICH_LETTER * (length - length // 2)
+            rejected = prefix + "".join(rng.choice(others) for _ in range(length - length // 2))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+class PairBatch(NamedTuple):
+    """Tokenised pairs; every field has the pair axis first. Responses are right-padded and end with EOS."""
+
+    prompt_ids: Any  # i32[B, P], left-padded, shared by chosen and rejected
+    prompt_mask: Any  # i32[B, P]
+    chosen_ids: Any  # i32[B, T]
+    chosen_mask: Any  # f32[B, T] real tokens (attended to)
+    chosen_weights: Any  # f32[B, T] tokens the sequence log-prob sums over (the shared prefix masked out or not)
+    rejected_ids: Any  # i32[B, T]
+    rejected_mask: Any  # f32[B, T]
+    rejected_weights: Any  # f32[B, T]
+    ref_chosen: Any  # f32[B] the reference's sequence log-prob of the chosen response
+    ref_rejected: Any  # f32[B]
+    objective_ids: Any  # i32[B]
+
+
+def _take(batch: PairBatch, index: Any) -> PairBatch:
+    """The pairs at `index` (an index array or a slice) of every field."""
+    return PairBatch(*(field[index] for field in batch))
+
+
+def _encode_responses(tokenizer: Any, texts: Sequence[str], width: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids i32[B, width], mask f32[B, width]): each text's tokens then EOS, cut to `width`, right-padded."""
+    ids = np.full((len(texts), width), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(texts), width), np.float32)
+    for row, text in enumerate(texts):
+        tokens = (tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id])[:width]
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1.0
+    return ids, mask
+
+
+def encode_pairs(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    *,
+    max_prompt_length: int,
+    max_completion_length: int,
+    eos_id: int,
+    mask_shared_prefix: bool = False,
+    objective_id: int = 0,
+) -> PairBatch:
+    """Every pair tokenised (numpy arrays), the reference log-probs left at 0.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer (no special tokens are added).
+      rows: ``{prompt, chosen, rejected}`` rows.
+      max_prompt_length: prompts keep their last this many tokens; the width is a multiple of 8.
+      max_completion_length: responses (EOS included) are cut to this many tokens; the width.
+      eos_id: the end-of-sequence token appended to every response.
+      mask_shared_prefix: give the longest common prefix of chosen and rejected weight 0 in the log-probs.
+      objective_id: the objective the pairs belong to.
+
+    Returns:
+      A :class:`PairBatch` of numpy arrays.
+    """
+    prompt_ids, prompt_mask = encode_prompts(
+        tokenizer, [row["prompt"] for row in rows], max_length=max_prompt_length, truncate="left"
+    )
+    chosen_ids, chosen_mask = _encode_responses(
+        tokenizer, [row["chosen"] for row in rows], max_completion_length, eos_id
+    )
+    rejected_ids, rejected_mask = _encode_responses(
+        tokenizer, [row["rejected"] for row in rows], max_completion_length, eos_id
+    )
+    chosen_weights, rejected_weights = chosen_mask, rejected_mask
+    if mask_shared_prefix:
+        chosen_weights, rejected_weights = (
+            np.asarray(mask, np.float32)
+            for mask in shared_prefix_mask(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+        )
+    count = len(rows)
+    return PairBatch(
+        np.asarray(prompt_ids, np.int32),
+        np.asarray(prompt_mask, np.int32),
+        chosen_ids,
+        chosen_mask,
+        chosen_weights,
+        rejected_ids,
+        rejected_mask,
+        rejected_weights,
+        np.zeros((count,), np.float32),
+        np.zeros((count,), np.float32),
+        np.full((count,), objective_id, np.int32),
+    )
+
+
+def load_pair_rows(source: Any, setting: str, config: DPOConfig, index: int = 0) -> list[dict[str, str]]:
+    """``{prompt, chosen, rejected}`` rows of the `index`-th pair source: ``"tiny_synthetic"`` (seeded by
+    ``data.seed + index``, so objectives get different pairs), a file, or a list of rows."""
+    data = config.data
+    if source == "tiny_synthetic":
+        return tiny_preference_pairs(data.num_pairs, seed=data.seed + index, setting=setting)
+    from mojax.data import load_pairs
+
+    rows = load_pairs(
+        list(source) if isinstance(source, list | tuple) else source, limit=data.num_pairs, seed=data.seed
+    )
+    return [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+class StepSpec(NamedTuple):
+    """Static settings of the preference step (hashable: compiled into the program)."""
+
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...] | None
+    beta: float
+    label_smoothing: float
+    simpo_gamma: float
+    cpo_alpha: float
+    length_average: bool
+    npo: bool
+    entanglement_pairs: int
+    num_objectives: int
+    reads: tuple[str, ...]
+
+
+def pair_logps(policy: Callable, params: Any, batch: PairBatch, *, average: bool) -> tuple[jax.Array, jax.Array]:
+    """(chosen f32[B], rejected f32[B]) sequence log-probs from one forward pass of the 2B sequences."""
+    pairs = batch.chosen_ids.shape[0]
+    twice = lambda a, b: jnp.concatenate([a, b], axis=0)
+    token_logps, _ = policy(
+        params,
+        twice(batch.prompt_ids, batch.prompt_ids),
+        twice(batch.prompt_mask, batch.prompt_mask),
+        twice(batch.chosen_ids, batch.rejected_ids),
+        twice(batch.chosen_mask, batch.rejected_mask),
+    )
+    logps = sequence_logps(token_logps, twice(batch.chosen_weights, batch.rejected_weights), average=average)
+    return logps[:pairs], logps[pairs:]
+
+
+def per_pair_loss(
+    spec: StepSpec, chosen: jax.Array, rejected: jax.Array, batch: PairBatch, norms: tuple[jax.Array, jax.Array] | None
+) -> jax.Array:
+    """f32[B] the configured loss of each pair as a function of the log-probs it sees (NPO's when `norms` is given).
+
+    The chosen response's per-token NLL (CPO, SFT) is -chosen / its length, so that every term's gradient is a
+    multiple of g_w and autodiff with respect to (chosen, rejected) gives the exact margin coefficients.
+    """
+    length = 1.0 if spec.length_average else jnp.maximum(jnp.sum(batch.chosen_weights, axis=1), 1.0)
+    options = dict(
+        beta=spec.beta,
+        loss_weights=spec.loss_weights,
+        label_smoothing=spec.label_smoothing,
+        simpo_gamma=spec.simpo_gamma,
+        cpo_alpha=spec.cpo_alpha,
+        chosen_nll=-chosen / length,
+    )
+    refs = (batch.ref_chosen, batch.ref_rejected)
+    if norms is None:
+        return preference_loss(spec.loss_types, chosen, rejected, *refs, **options)
+    return npo_preference_loss(
+        spec.loss_types, chosen, rejected, *refs, norm_chosen=norms[0], norm_rejected=norms[1], **options
+    )
+
+
+def margin_coefficients(
+    spec: StepSpec, chosen: jax.Array, rejected: jax.Array, batch: PairBatch, norms: Any
+) -> tuple[jax.Array, jax.Array]:
+    """(a_w, a_l) f32[B]: -dl/dlog pi_w and dl/dlog pi_l of each pair's loss, the coefficients of the first-order moves."""
+    grad_chosen, grad_rejected = jax.grad(
+        lambda c, r: jnp.sum(per_pair_loss(spec, c, r, batch, norms)), argnums=(0, 1)
+    )(chosen, rejected)
+    return -grad_chosen, grad_rejected
+
+
+def predicted_moves(inner: jax.Array, square_chosen: jax.Array, square_rejected: jax.Array, a_w: Any, a_l: Any):
+    """(d log pi_w, d log pi_l) per unit step, f32[B]: a_w |g_w|^2 - a_l <g_w,g_l> and a_w <g_w,g_l> - a_l |g_l|^2.
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+    """
+    return a_w * square_chosen - a_l * inner, a_w * inner - a_l * square_rejected
+
+
+def _cosines(stacked: Any) -> jax.Array:
+    gram, _ = tree_gram(stacked)
+    cosines, _ = cosine_gram(gram)
+    return cosines
+
+
+def _all_finite(*trees: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
+
+
+def make_dpo_step(
+    policy: Callable,
+    combiner: optax.GradientTransformationExtraArgs,
+    optimizer: optax.GradientTransformation,
+    spec: StepSpec,
+    probe_mask: Any,
+) -> Callable[[TrainState, PairBatch, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) step ``(state, batch, reference_params or None) -> (state, metrics)``.
+
+    Args:
+      policy: ``mojax.rl.trainer.response_fn`` of the model.
+      combiner: a combiner for ``spec.num_objectives`` objectives.
+      optimizer: applied to the combined gradient.
+      spec: the static settings.
+      probe_mask: a bool pytree like the parameters marking the probe set.
+
+    Returns:
+      The step; jit it with ``donate_argnums=0``. With ``reference_params`` the batch's reference log-probs are
+      computed from them; otherwise the batch carries them.
+    """
+    n = spec.num_objectives
+    logps_of = functools.partial(pair_logps, policy, average=spec.length_average)
+    measured = spec.entanglement_pairs
+
+    def objective_losses(params, batch, norms):
+        chosen, rejected = logps_of(params, batch)
+        losses = per_pair_loss(spec, chosen, rejected, batch, norms)
+        return stack_preference_losses(losses, batch.objective_ids, n), (chosen, rejected)
+
+    def step(state: TrainState, batch: PairBatch, reference_params: Any):
+        if reference_params is not None:
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps_of(reference_params, batch))
+            batch = batch._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        geometry_pairs = batch.chosen_ids.shape[0] if spec.npo else measured
+        geometry = (
+            pair_entanglement(logps_of, state.params, _take(batch, slice(0, geometry_pairs)), probe_mask=probe_mask)
+            if geometry_pairs
+            else None
+        )
+        norms = (geometry.statistics.norm_chosen, geometry.statistics.norm_rejected) if spec.npo else None
+        (losses, (chosen, rejected)), grads = per_objective_grads(
+            objective_losses, state.params, batch, norms, has_aux=True
+        )
+        extras = {"losses": losses} if "losses" in spec.reads else {}
+        combined, combiner_state = combiner.update(grads, state.combiner_state, state.params, **extras)
+        updates, opt_state = optimizer.update(combined, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = _all_finite(losses, combined, combiner_state.weights)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            combiner_state=keep(combiner_state, state.combiner_state),
+            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+        )
+        rewards = implicit_rewards(chosen, rejected, batch.ref_chosen, batch.ref_rejected, beta=spec.beta)
+        metrics = {
+            **preference_metrics(rewards, chosen, rejected),
+            "loss": jnp.dot(combiner_state.weights, losses),
+            "objective_losses": losses,
+            "margins": rewards.margin,
+            "logratios/chosen": jnp.mean(chosen - batch.ref_chosen),
+            "logratios/rejected": jnp.mean(rejected - batch.ref_rejected),
+            "grad_norm": optax.tree.norm(combined),
+            "weights": combiner_state.weights,
+            "cosines": _cosines(grads),
+        }
+        if measured:
+            metrics.update(entanglement_metrics(spec, geometry, batch, norms, new_state.params, logps_of))
+        return new_state, metrics
+
+    return step
+
+
+def entanglement_metrics(
+    spec: StepSpec, geometry: Any, batch: PairBatch, norms: Any, new_params: Any, logps_of: Callable
+) -> dict[str, jax.Array]:
+    """``entanglement/*`` means over the first ``spec.entanglement_pairs`` pairs: geometry, predictions, observed moves."""
+    k = spec.entanglement_pairs
+    sub = _take(batch, slice(0, k))
+    stats = jax.tree.map(lambda x: x[:k], geometry.statistics)
+    before = (geometry.chosen_logps[:k], geometry.rejected_logps[:k])
+    sub_norms = None if norms is None else (norms[0][:k], norms[1][:k])
+    a_w, a_l = margin_coefficients(spec, *before, sub, sub_norms)
+    move_chosen, move_rejected = predicted_moves(stats.inner, stats.norm_chosen**2, stats.norm_rejected**2, a_w, a_l)
+    predicted = jnp.sign(move_chosen), jnp.sign(move_rejected)
+    after = logps_of(new_params, sub)
+    observed = after[0] - before[0], after[1] - before[1]
+    fraction = lambda flags: jnp.mean(flags.astype(jnp.float32))
+    return {
+        "entanglement/inner": jnp.mean(stats.inner),
+        "entanglement/norm_chosen": jnp.mean(stats.norm_chosen),
+        "entanglement/norm_rejected": jnp.mean(stats.norm_rejected),
+        "entanglement/cosine": jnp.mean(stats.cosine),
+        "entanglement/condition": jnp.mean(stats.condition),
+        "entanglement/predicted_chosen_up_rejected_down": fraction((predicted[0] > 0) & (predicted[1] < 0)),
+        "entanglement/observed_chosen_up_rejected_down": fraction((observed[0] > 0) & (observed[1] < 0)),
+        "entanglement/observed_both_up": fraction((observed[0] > 0) & (observed[1] > 0)),
+        "entanglement/observed_both_down": fraction((observed[0] < 0) & (observed[1] < 0)),
+        "entanglement/move_chosen": jnp.mean(observed[0]),
+        "entanglement/move_rejected": jnp.mean(observed[1]),
+        "entanglement/agreement_chosen": fraction(observed_moves_agree(predicted[0], before[0], after[0])),
+        "entanglement/agreement_rejected": fraction(observed_moves_agree(predicted[1], before[1], after[1])),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- the trainer
+class DPOTrainer:
+    """A (multi-objective) DPO-family run on preference pairs, resumable, with gradient entanglement measured.
+
+    Args:
+      config: the run's :class:`mojax.rl.dpo_config.DPOConfig`.
+      callbacks: callables ``callback(step, metrics)`` run after every step.
+
+    References:
+      Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+      NeurIPS 2023, arXiv 2305.18290. Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment:
+      Gradient Entanglement", ICLR 2025, arXiv 2410.13828. Zhou et al., "Beyond One-Preference-Fits-All Alignment:
+      Multi-Objective Direct Preference Optimization", ACL Findings 2024, arXiv 2310.03708.
+
+    Example:
+      >>> import tempfile
+      >>> config = load_dpo_config("dpo_tiny", [f"output_dir={tempfile.mkdtemp()}", "steps=1",
+      ...     "logging.tensorboard=false", "logging.progress=false", "export=false"])
+      >>> metrics = DPOTrainer(config).train()
+      >>> sorted(key for key in metrics if key.startswith("rewards/") and key.count("/") == 1)
+      ['rewards/accuracies', 'rewards/chosen', 'rewards/margins', 'rewards/rejected']
+    """
+
+    def __init__(self, config: DPOConfig, *, callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = ()):
+        self.config = config
+        self.callbacks = tuple(callbacks)
+        self.output_dir = Path(config.output_dir)
+        self.objectives = tuple(config.objectives) or (
+            PairObjectiveSection(name=SINGLE_OBJECTIVE, pairs=config.data.pairs, setting=config.data.setting),
+        )
+        self.names = tuple(objective.name for objective in self.objectives)
+        self.model, self.tokenizer = build_policy(config)
+        self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        self.mesh = self._build_mesh()
+        if self.mesh is not None:
+            params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
+        self.policy = response_fn(self.graphdef, self.rest)
+        try:
+            flags = probe_flags(params, config.preference.probe, self.model.config)
+        except ValueError as error:
+            raise ValueError(
+                str(error).replace("Trainer: `combiner.probe`", "DPOTrainer: `preference.probe`")
+            ) from None
+        self.probe_mask = jax.tree.unflatten(jax.tree.structure(params), flags)
+        n = len(self.objectives)
+        spec = REGISTRY[config.combiner.name]
+        options = combiner_options(spec.name, self.objectives, [None] * n)
+        self.combiner = make(spec.name, n, **{**options, **config.combiner.options})
+        self.optimizer, self.schedule = build_optimizer(config.optimizer)
+        preference = config.preference
+        self.spec = StepSpec(
+            loss_types=config.loss_types,
+            loss_weights=None if preference.loss_weights is None else tuple(preference.loss_weights),
+            beta=preference.beta,
+            label_smoothing=preference.label_smoothing,
+            simpo_gamma=preference.simpo_gamma,
+            cpo_alpha=preference.cpo_alpha,
+            length_average=config.length_average,
+            npo=preference.mitigation == "npo",
+            entanglement_pairs=min(preference.entanglement_pairs, config.data.pairs_per_step * n),
+            num_objectives=n,
+            reads=spec.reads,
+        )
+        self._step_fn = jax.jit(
+            make_dpo_step(self.policy, self.combiner, self.optimizer, self.spec, self.probe_mask), donate_argnums=0
+        )
+        self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))
+        self.pairs = [self._encode(objective, index) for index, objective in enumerate(self.objectives)]
+        on_the_fly = preference.reference == "on_the_fly"
+        self.reference_params = jax.tree.map(jnp.copy, params) if on_the_fly else None
+        if not on_the_fly:
+            self.pairs = [self._with_reference(pairs, params) for pairs in self.pairs]
+        # Every leaf its own buffer: the step donates the state, and an init may share one array twice.
+        self.state = jax.tree.map(
+            jnp.copy,
+            TrainState(
+                params=params,
+                opt_state=self.optimizer.init(params),
+                combiner_state=self.combiner.init(params),
+                consecutive_skips=jnp.zeros((), jnp.int32),
+                skipped_updates=jnp.zeros((), jnp.int32),
+            ),
+        )
+        self.step = 0
+        self._checkpoints: ocp.CheckpointManager | None = None
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _build_mesh(self) -> Any:
+        shape = self.config.mesh.shape
+        if shape is None:
+            return None
+        mesh = make_mesh(**shape)
+        splits = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch = self.config.data.pairs_per_step * len(self.objectives)
+        if batch % splits:
+            raise ValueError(
+                checks.message(
+                    "DPOTrainer",
+                    "mesh.shape",
+                    f"is {dict(shape)}: data * fsdp = {splits} does not divide the batch of {batch} pairs",
+                    "a mesh whose data * fsdp divides data.pairs_per_step * (number of objectives)",
+                )
+            )
+        return mesh
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """``jax.set_mesh`` of the run's mesh, or nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _place(self, batch: PairBatch) -> PairBatch:
+        arrays = PairBatch(*(jnp.asarray(field) for field in batch))
+        return arrays if self.mesh is None else jax.device_put(arrays, batch_sharding(self.mesh))
+
+    def _encode(self, objective: PairObjectiveSection, index: int) -> PairBatch:
+        data = self.config.data
+        rows = load_pair_rows(objective.pairs, objective.setting, self.config, index)
+        if len(rows) < data.pairs_per_step:
+            raise ValueError(
+                checks.message(
+                    "DPOTrainer",
+                    f"objectives.{objective.name}.pairs" if self.config.objectives else "data.pairs",
+                    f"holds {len(rows)} pairs",
+                    f"at least data.pairs_per_step = {data.pairs_per_step}",
+                )
+            )
+        return encode_pairs(
+            self.tokenizer,
+            rows,
+            max_prompt_length=data.max_prompt_length,
+            max_completion_length=data.max_completion_length,
+            eos_id=self.tokenizer.eos_token_id,
+            mask_shared_prefix=self.config.preference.mitigation == "shared_prefix",
+            objective_id=index,
+        )
+
+    def _with_reference(self, pairs: PairBatch, params: Any) -> PairBatch:
+        """The pairs with the reference (initial policy) log-probs filled in, in chunks of ``pairs_per_step``."""
+        size, count = self.config.data.pairs_per_step, len(pairs.objective_ids)
+        chosen, rejected = [], []
+        for start in range(0, count, size):
+            index = np.arange(start, start + size) % count  # the last chunk wraps: one compiled shape
+            with self.on_mesh():
+                logps = self._logps(params, self._place(_take(pairs, index)))
+            take = min(size, count - start)
+            chosen.append(np.asarray(logps[0])[:take])
+            rejected.append(np.asarray(logps[1])[:take])
+        return pairs._replace(ref_chosen=np.concatenate(chosen), ref_rejected=np.concatenate(rejected))
+
+    def pairs_for_step(self, step: int) -> PairBatch:
+        """The batch of (1-based) `step`: for each objective, the next slice of per-pass permutations of its pairs."""
+        size = self.config.data.pairs_per_step
+        parts = []
+        for index, pairs in enumerate(self.pairs):
+            count = len(pairs.objective_ids)
+            positions = range((step - 1) * size, step * size)
+            chosen = [
+                np.random.default_rng([self.config.seed, index, epoch]).permutation(count)[offset]
+                for epoch, offset in (divmod(position, count) for position in positions)
+            ]
+            parts.append(_take(pairs, np.asarray(chosen)))
+        return PairBatch(*(np.concatenate(fields, axis=0) for fields in zip(*parts, strict=True)))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _manager(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.checkpoint.max_to_keep)
+            self._checkpoints = ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
+        return self._checkpoints
+
+    def save(self) -> None:
+        """Save the state after the current step (asynchronously; ``close`` waits)."""
+        self._manager().save(self.step, args=ocp.args.StandardSave({"train": self.state}), force=True)
+
+    def restore(self) -> bool:
+        """Restore the latest checkpoint of output_dir, if any; True when one was restored."""
+        manager = self._manager()
+        step = manager.latest_step()
+        if step is None:
+            return False
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"train": self.state})
+        self.state = manager.restore(step, args=ocp.args.StandardRestore(target))["train"]
+        self.step = int(step)
+        return True
+
+    def _check_resumable(self) -> None:
+        """Write config.yaml on a fresh run; on a resumed one, refuse a config that changed beyond steps/logging."""
+        path = self.output_dir / "config.yaml"
+        current = rl_config.to_dict(self.config)
+        if path.exists():
+            changed = rl_config.changed_keys(yaml.safe_load(path.read_text()), current)
+            if changed:
+                raise ValueError(
+                    checks.message(
+                        "DPOTrainer",
+                        "config",
+                        f"differs from the run in {self.output_dir} in {changed}",
+                        "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
+                    )
+                )
+        path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def train_step(self) -> dict[str, float]:
+        """Run one step and return its metrics."""
+        step = self.step + 1
+        started = time.perf_counter()
+        batch = self.pairs_for_step(step)
+        with self.on_mesh():
+            self.state, update = self._step_fn(self.state, self._place(batch), self.reference_params)
+        update = jax.device_get(update)
+        self.step = step
+        metrics = self._metrics(update, batch.objective_ids)
+        metrics["learning_rate"] = float(self.schedule(step - 1))
+        metrics["timing/update"] = time.perf_counter() - started
+        return metrics
+
+    def _metrics(self, update: Mapping[str, Any], objective_ids: np.ndarray) -> dict[str, float]:
+        vectors = ("objective_losses", "margins", "weights", "cosines")
+        metrics = {key: float(value) for key, value in update.items() if key not in vectors}
+        margins = np.asarray(update["margins"])
+        for index, name in enumerate(self.names):
+            mine = margins[objective_ids == index]
+            metrics[f"rewards/{name}/mean"] = float(mine.mean())
+            metrics[f"rewards/{name}/accuracies"] = float(np.mean(mine > 0))
+            metrics[f"objectives/{name}/loss"] = float(update["objective_losses"][index])
+            metrics[f"combiner/weight/{name}"] = float(update["weights"][index])
+            for other in range(index + 1, len(self.names)):
+                metrics[f"combiner/cos/{name}/{self.names[other]}"] = float(update["cosines"][index, other])
+        metrics["skipped_updates"] = float(self.state.skipped_updates)
+        return metrics
+
+    def _loggers(self, resumed_at: int | None) -> CompositeLogger:
+        logging = self.config.logging
+        loggers = [JsonlLogger(self.output_dir / "metrics.jsonl", resume_from_step=resumed_at)]
+        if logging.tensorboard:
+            loggers.append(TensorBoardLogger(self.output_dir / "tensorboard", resume_from_step=resumed_at))
+        loggers.append(
+            ProgressBar(self.config.steps, self.step, self.names, disable=None if logging.progress else True)
+        )
+        return CompositeLogger(*loggers)
+
+    def train(self) -> dict[str, float]:
+        """Train until ``config.steps`` (resuming from output_dir's latest checkpoint); returns the last metrics."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_resumable()
+        resumed = self.restore()
+        logger = self._loggers(self.step if resumed else None)
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < self.config.steps:
+                metrics = self.train_step()
+                logger.log(self.step, metrics)
+                for callback in self.callbacks:
+                    callback(self.step, metrics)
+                if int(self.state.consecutive_skips) >= self.config.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"DPOTrainer: {int(self.state.consecutive_skips)} consecutive updates were skipped (non-finite "
+                        f"loss, gradient or combiner weight) at step {self.step}; the last good checkpoint is kept."
+                    )
+                if int(self.state.consecutive_skips) == 0 and (
+                    self.step % self.config.checkpoint.save_steps == 0 or self.step == self.config.steps
+                ):
+                    self.save()
+        finally:
+            if self._checkpoints is not None:
+                self._checkpoints.wait_until_finished()
+            logger.close()
+        if self.config.export:
+            self.export(self.output_dir / "policy")
+        return metrics
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the current policy as a Hugging Face folder (weights, config, tokenizer)."""
+        from mojax.models import save_pretrained
+
+        save_pretrained(nnx.merge(self.graphdef, self.state.params, self.rest), path)
+        self.tokenizer.save_pretrained(os.fspath(path))
+        (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
+        return Path(path)
+
+    def close(self) -> None:
+        """Release the checkpoint manager."""
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None
+
+
+def run_dpo(source: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Train (or resume) the run of a DPO config with ``dotted.key=value`` overrides: what ``mojax dpo`` does.
+
+    Args:
+      source: a YAML file or a built-in config name (``"dpo_tiny"``).
+      overrides: ``dotted.key=value`` assignments.
+
+    Returns:
+      The last step's metrics.
+    """
+    trainer = DPOTrainer(load_dpo_config(source, overrides))
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
