@@ -1,5 +1,5 @@
-"""The ``mojax`` command line: ``mojax train CONFIG [key=value ...]``, ``mojax plot RUN_DIR ...``, ``mojax demo``,
-``mojax fetch smollm2``.
+"""The ``mojax`` command line: ``mojax train CONFIG [key=value ...]``, ``mojax dpo CONFIG [key=value ...]``,
+``mojax plot RUN_DIR ...``, ``mojax demo``, ``mojax fetch smollm2``.
 
 ``CONFIG`` is a YAML file or the name of a built-in config (``tiny``). Overrides are dotted paths into the nested
 config with YAML scalar values (``rollout.temperature=0.7``, ``steps=100``). Rerunning ``train`` on the same
@@ -30,6 +30,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dpo(args: argparse.Namespace) -> int:
+    from mojax.rl.dpo import run_dpo
+
+    metrics = run_dpo(args.config, args.overrides)
+    print({key: round(value, 4) for key, value in metrics.items() if key.startswith(("rewards/", "logps/"))})
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from mojax.plots import plot_runs
 
@@ -54,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", help="a YAML config file, or a built-in config name (tiny)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rollout.temperature=0.7")
     train.set_defaults(run=_train)
+    dpo = commands.add_parser("dpo", help="train (or resume) a preference-optimisation run (the DPO family)")
+    dpo.add_argument("config", help="a YAML config file, or a built-in config name (dpo_tiny)")
+    dpo.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. preference.beta=0.2")
+    dpo.set_defaults(run=_dpo)
     plot = commands.add_parser("plot", help="draw the plots of one or more runs")
     plot.add_argument("run_dirs", nargs="+", help="run output directories (holding metrics.jsonl)")
     plot.add_argument("--out-dir", default=None, help="where the PNGs go (default: RUN_DIR/plots, or beside the runs)")

@@ -535,6 +535,28 @@ def apply_override(data: dict, assignment: str) -> dict:
     return root
 
 
+def read_config_data(source: str | Path | Mapping[str, Any], overrides: Sequence[str], *, where: str) -> dict:
+    """Plain nested config data from a YAML path, a built-in config name (a file of CONFIG_DIR) or a mapping, with the
+    ``dotted.key=value`` overrides applied in order."""
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.suffix and (CONFIG_DIR / f"{source}.yaml").exists():
+            path = CONFIG_DIR / f"{source}.yaml"
+        if not path.exists():
+            builtins = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise FileNotFoundError(
+                checks.message(
+                    where, "source", f"is {str(source)!r} (no such file)", f"a YAML file or one of {builtins}"
+                )
+            )
+        data = yaml.safe_load(path.read_text()) or {}
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return data
+
+
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
     """A validated TrainConfig from a YAML path, the name of a built-in config (``"tiny"``), or a mapping.
 
@@ -550,23 +572,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
       >>> config.rollout.temperature, config.combiner.name
       (0.7, 'linear')
     """
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        path = Path(source)
-        if not path.suffix and (CONFIG_DIR / f"{source}.yaml").exists():
-            path = CONFIG_DIR / f"{source}.yaml"
-        if not path.exists():
-            builtins = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise FileNotFoundError(
-                checks.message(
-                    "load_config", "source", f"is {str(source)!r} (no such file)", f"a YAML file or one of {builtins}"
-                )
-            )
-        data = yaml.safe_load(path.read_text()) or {}
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, read_config_data(source, overrides, where="load_config"))
 
 
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

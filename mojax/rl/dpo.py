@@ -469,12 +469,9 @@ class DPOTrainer:
         if self.mesh is not None:
             params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
         self.policy = response_fn(self.graphdef, self.rest)
-        try:
-            flags = probe_flags(params, config.preference.probe, self.model.config)
-        except ValueError as error:
-            raise ValueError(
-                str(error).replace("Trainer: `combiner.probe`", "DPOTrainer: `preference.probe`")
-            ) from None
+        flags = probe_flags(
+            params, config.preference.probe, self.model.config, where="DPOTrainer", key="preference.probe"
+        )
         self.probe_mask = jax.tree.unflatten(jax.tree.structure(params), flags)
         n = len(self.objectives)
         spec = REGISTRY[config.combiner.name]

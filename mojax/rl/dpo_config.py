@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mojax import _checks as checks
 from mojax.rl import config as rl_config
 
@@ -251,23 +249,4 @@ def load_dpo_config(source: str | Path | Mapping[str, Any], overrides: Sequence[
       >>> config.preference.loss_type, config.length_average
       ('ipo', True)
     """
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        path = Path(source)
-        if not path.suffix and (rl_config.CONFIG_DIR / f"{source}.yaml").exists():
-            path = rl_config.CONFIG_DIR / f"{source}.yaml"
-        if not path.exists():
-            builtins = ", ".join(sorted(p.stem for p in rl_config.CONFIG_DIR.glob("*.yaml")))
-            raise FileNotFoundError(
-                checks.message(
-                    "load_dpo_config",
-                    "source",
-                    f"is {str(source)!r} (no such file)",
-                    f"a YAML file or one of {builtins}",
-                )
-            )
-        data = yaml.safe_load(path.read_text()) or {}
-    for assignment in overrides:
-        data = rl_config.apply_override(data, assignment)
-    return rl_config.from_dict(DPOConfig, data)
+    return rl_config.from_dict(DPOConfig, rl_config.read_config_data(source, overrides, where="load_dpo_config"))

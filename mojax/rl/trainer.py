@@ -149,7 +149,9 @@ def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientT
     return optax.chain(*chain), schedule
 
 
-def probe_flags(params: Any, patterns: Sequence[str], config: Any) -> list[bool]:
+def probe_flags(
+    params: Any, patterns: Sequence[str], config: Any, *, where: str = "Trainer", key: str = "combiner.probe"
+) -> list[bool]:
     """One bool per parameter leaf: in the probe set (leaves whose path contains a pattern).
 
     The default set is the final norm plus the LM head when it is untied (the tied embedding is vocabulary-sized);
@@ -168,8 +170,8 @@ def probe_flags(params: Any, patterns: Sequence[str], config: Any) -> list[bool]
     if not any(flags):
         raise ValueError(
             checks.message(
-                "Trainer",
-                "combiner.probe",
+                where,
+                key,
                 f"is {list(patterns)} and selects no parameter",
                 f"substrings of parameter paths such as {paths[:3]}",
             )
