@@ -5,7 +5,7 @@ The factories and their state types are also exported at the top level of :mod:`
 registry live here.
 """
 
-from mojax.combiners._base import WeightsState, combine, raw_tree_gram, tree_gram, weighted_combiner
+from mojax.combiners._base import WeightsState, combine, cosine_gram, raw_tree_gram, tree_gram, weighted_combiner
 from mojax.combiners.cagrad import cagrad
 from mojax.combiners.ctwa import CtwaState, ctwa_controller_step, ctwa_next_weights, ctwa_reweight
 from mojax.combiners.gapo import gapo_rescale
@@ -80,6 +80,7 @@ __all__ = [
     "REGISTRY",
     "CombinerSpec",
     "combine",
+    "cosine_gram",
     "ctwa_controller_step",
     "ctwa_next_weights",
     "make",

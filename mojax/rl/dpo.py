@@ -33,9 +33,7 @@ nothing in a step is random, so a resumed run equals an uninterrupted one bit fo
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import random
 import time
@@ -48,18 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from flax import nnx
 
 from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make
-from mojax.combiners._base import cosine_gram, tree_gram
 from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics import shared_prefix_mask
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
-from mojax.rl import config as rl_config
 from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
-from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, TensorBoardLogger
 from mojax.rl.preference import (
     implicit_rewards,
     preference_loss,
@@ -69,9 +63,10 @@ from mojax.rl.preference import (
 )
 from mojax.rl.preference_entanglement import npo_preference_loss, observed_moves_agree, pair_entanglement
 from mojax.rl.rollout import encode_prompts
+from mojax.rl.run import Run
 from mojax.rl.tiny import ALPHABET
 from mojax.rl.trainer import build_optimizer, build_policy, combiner_options, probe_flags, response_fn
-from mojax.rl.update import TrainState
+from mojax.rl.update import TrainState, all_finite, objective_cosines
 
 __all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
@@ -315,16 +310,6 @@ def predicted_moves(inner: jax.Array, square_chosen: jax.Array, square_rejected:
     return a_w * square_chosen - a_l * inner, a_w * inner - a_l * square_rejected
 
 
-def _cosines(stacked: Any) -> jax.Array:
-    gram, _ = tree_gram(stacked)
-    cosines, _ = cosine_gram(gram)
-    return cosines
-
-
-def _all_finite(*trees: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
-
-
 def make_dpo_step(
     policy: Callable,
     combiner: optax.GradientTransformationExtraArgs,
@@ -372,7 +357,7 @@ def make_dpo_step(
         combined, combiner_state = combiner.update(grads, state.combiner_state, state.params, **extras)
         updates, opt_state = optimizer.update(combined, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = _all_finite(losses, combined, combiner_state.weights)
+        finite = all_finite(losses, combined, combiner_state.weights)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             params=keep(params, state.params),
@@ -391,7 +376,7 @@ def make_dpo_step(
             "logratios/rejected": jnp.mean(rejected - batch.ref_rejected),
             "grad_norm": optax.tree.norm(combined),
             "weights": combiner_state.weights,
-            "cosines": _cosines(grads),
+            "cosines": objective_cosines(grads),
         }
         if measured:
             metrics.update(entanglement_metrics(spec, geometry, batch, norms, new_state.params, logps_of))
@@ -433,7 +418,7 @@ def entanglement_metrics(
 
 
 # ------------------------------------------------------------------------------------------------- the trainer
-class DPOTrainer:
+class DPOTrainer(Run):
     """A (multi-objective) DPO-family run on preference pairs, resumable, with gradient entanglement measured.
 
     Args:
@@ -534,10 +519,6 @@ class DPOTrainer:
             )
         return mesh
 
-    def on_mesh(self) -> contextlib.AbstractContextManager:
-        """``jax.set_mesh`` of the run's mesh, or nothing without a mesh."""
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
     def _place(self, batch: PairBatch) -> PairBatch:
         arrays = PairBatch(*(jnp.asarray(field) for field in batch))
         return arrays if self.mesh is None else jax.device_put(arrays, batch_sharding(self.mesh))
@@ -577,6 +558,10 @@ class DPOTrainer:
             rejected.append(np.asarray(logps[1])[:take])
         return pairs._replace(ref_chosen=np.concatenate(chosen), ref_rejected=np.concatenate(rejected))
 
+    def policy_model(self) -> Any:
+        """The current policy as an NNX model."""
+        return nnx.merge(self.graphdef, self.state.params, self.rest)
+
     def pairs_for_step(self, step: int) -> PairBatch:
         """The batch of (1-based) `step`: for each objective, the next slice of per-pass permutations of its pairs."""
         size = self.config.data.pairs_per_step
@@ -592,44 +577,6 @@ class DPOTrainer:
         return PairBatch(*(np.concatenate(fields, axis=0) for fields in zip(*parts, strict=True)))
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _manager(self) -> ocp.CheckpointManager:
-        if self._checkpoints is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.checkpoint.max_to_keep)
-            self._checkpoints = ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
-        return self._checkpoints
-
-    def save(self) -> None:
-        """Save the state after the current step (asynchronously; ``close`` waits)."""
-        self._manager().save(self.step, args=ocp.args.StandardSave({"train": self.state}), force=True)
-
-    def restore(self) -> bool:
-        """Restore the latest checkpoint of output_dir, if any; True when one was restored."""
-        manager = self._manager()
-        step = manager.latest_step()
-        if step is None:
-            return False
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"train": self.state})
-        self.state = manager.restore(step, args=ocp.args.StandardRestore(target))["train"]
-        self.step = int(step)
-        return True
-
-    def _check_resumable(self) -> None:
-        """Write config.yaml on a fresh run; on a resumed one, refuse a config that changed beyond steps/logging."""
-        path = self.output_dir / "config.yaml"
-        current = rl_config.to_dict(self.config)
-        if path.exists():
-            changed = rl_config.changed_keys(yaml.safe_load(path.read_text()), current)
-            if changed:
-                raise ValueError(
-                    checks.message(
-                        "DPOTrainer",
-                        "config",
-                        f"differs from the run in {self.output_dir} in {changed}",
-                        "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
-                    )
-                )
-        path.write_text(yaml.safe_dump(current, sort_keys=False))
-
     # -------------------------------------------------------------------------------------------- the loop
     def train_step(self) -> dict[str, float]:
         """Run one step and return its metrics."""
@@ -659,61 +606,6 @@ class DPOTrainer:
                 metrics[f"combiner/cos/{name}/{self.names[other]}"] = float(update["cosines"][index, other])
         metrics["skipped_updates"] = float(self.state.skipped_updates)
         return metrics
-
-    def _loggers(self, resumed_at: int | None) -> CompositeLogger:
-        logging = self.config.logging
-        loggers = [JsonlLogger(self.output_dir / "metrics.jsonl", resume_from_step=resumed_at)]
-        if logging.tensorboard:
-            loggers.append(TensorBoardLogger(self.output_dir / "tensorboard", resume_from_step=resumed_at))
-        loggers.append(
-            ProgressBar(self.config.steps, self.step, self.names, disable=None if logging.progress else True)
-        )
-        return CompositeLogger(*loggers)
-
-    def train(self) -> dict[str, float]:
-        """Train until ``config.steps`` (resuming from output_dir's latest checkpoint); returns the last metrics."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_resumable()
-        resumed = self.restore()
-        logger = self._loggers(self.step if resumed else None)
-        metrics: dict[str, float] = {}
-        try:
-            while self.step < self.config.steps:
-                metrics = self.train_step()
-                logger.log(self.step, metrics)
-                for callback in self.callbacks:
-                    callback(self.step, metrics)
-                if int(self.state.consecutive_skips) >= self.config.max_consecutive_skips:
-                    raise RuntimeError(
-                        f"DPOTrainer: {int(self.state.consecutive_skips)} consecutive updates were skipped (non-finite "
-                        f"loss, gradient or combiner weight) at step {self.step}; the last good checkpoint is kept."
-                    )
-                if int(self.state.consecutive_skips) == 0 and (
-                    self.step % self.config.checkpoint.save_steps == 0 or self.step == self.config.steps
-                ):
-                    self.save()
-        finally:
-            if self._checkpoints is not None:
-                self._checkpoints.wait_until_finished()
-            logger.close()
-        if self.config.export:
-            self.export(self.output_dir / "policy")
-        return metrics
-
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write the current policy as a Hugging Face folder (weights, config, tokenizer)."""
-        from mojax.models import save_pretrained
-
-        save_pretrained(nnx.merge(self.graphdef, self.state.params, self.rest), path)
-        self.tokenizer.save_pretrained(os.fspath(path))
-        (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
-        return Path(path)
-
-    def close(self) -> None:
-        """Release the checkpoint manager."""
-        if self._checkpoints is not None:
-            self._checkpoints.close()
-            self._checkpoints = None
 
 
 def run_dpo(source: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, float]:

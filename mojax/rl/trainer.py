@@ -19,12 +19,8 @@ except ``steps`` and logging keys.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import math
-import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -55,15 +49,14 @@ from mojax.models.generate import SamplingConfig
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
-from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, SamplesLogger, TensorBoardLogger
+from mojax.rl.logging import SamplesLogger
 from mojax.rl.losses import token_entropy, token_logprobs
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
 from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, sample_rollout
+from mojax.rl.run import CRASH_ENV, Run  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
 from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
 
-CRASH_ENV = "MOJAX_CRASH_AT_STEP"
-"""Test hook: kill the process with SIGKILL right after the update of this step, before its checkpoint is saved."""
 NORMALIZER_EPS = 1e-6
 
 
@@ -250,24 +243,6 @@ def _nan_stats(values: np.ndarray) -> tuple[float, float]:
     return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
 
 
-def _typed_keys_to_data(tree: Any) -> Any:
-    """Typed PRNG keys replaced by their uint32 data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
-
-
-def _data_to_typed_keys(tree: Any, template: Any) -> Any:
-    """The inverse of :func:`_typed_keys_to_data`, guided by a template holding the typed keys."""
-    return jax.tree.map(
-        lambda x, t: (
-            jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
-            if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
-            else x
-        ),
-        tree,
-        template,
-    )
-
-
 class Prepared(NamedTuple):
     """One step's rollout, scores and advantages, before the update."""
 
@@ -282,7 +257,7 @@ class Prepared(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------------ the trainer
-class Trainer:
+class Trainer(Run):
     """A multi-objective PPO/GRPO run.
 
     Args:
@@ -475,7 +450,6 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id or 0,
             prompt_bucket_multiple=config.rollout.prompt_bucket_multiple,
         )
-        self._checkpoints: ocp.CheckpointManager | None = None
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _stop_ids(self) -> tuple[int, ...]:
@@ -487,10 +461,6 @@ class Trainer:
         """The current policy as an NNX model (its final block merged back when the training state is split)."""
         params = merge_last_layer(self.state.params) if self.split else self.state.params
         return nnx.merge(self.graphdef, params, self.rest)
-
-    def on_mesh(self) -> contextlib.AbstractContextManager:
-        """``jax.set_mesh`` of the run's mesh (activations are then split by batch), or nothing without a mesh."""
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def place_batch(self, batch: Batch) -> Batch:
         """The batch split over the mesh's batch axes (unchanged without a mesh)."""
@@ -599,54 +569,36 @@ class Trainer:
         return result._replace(advantages=noon(result.advantages)) if use_noon else result
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _manager(self) -> ocp.CheckpointManager:
-        if self._checkpoints is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.checkpoint.max_to_keep)
-            self._checkpoints = ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
-        return self._checkpoints
-
-    def _checkpoint_tree(self) -> dict[str, Any]:
+    def checkpoint_tree(self) -> dict[str, Any]:
+        """The training state, the reward normalisers and the KL coefficient."""
         return {
-            "train": _typed_keys_to_data(self.state),
+            **super().checkpoint_tree(),
             "normalizer": self.normalizer,
             "kl_coef": jnp.asarray(self.kl_coef, jnp.float32),
         }
 
-    def save(self) -> None:
-        """Save the state after the current step (asynchronously; ``close`` waits)."""
-        self._manager().save(self.step, args=ocp.args.StandardSave(self._checkpoint_tree()), force=True)
-
-    def restore(self) -> bool:
-        """Restore the latest checkpoint of output_dir, if any; True when one was restored."""
-        manager = self._manager()
-        step = manager.latest_step()
-        if step is None:
-            return False
-        template = self._checkpoint_tree()
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-        self.state = _data_to_typed_keys(restored["train"], self.state)
+    def load_checkpoint_tree(self, restored: Mapping[str, Any]) -> None:
+        super().load_checkpoint_tree(restored)
         self.normalizer = type(self.normalizer)(*restored["normalizer"])
         self.kl_coef = float(restored["kl_coef"])
-        self.step = int(step)
-        return True
 
-    def _check_resumable(self) -> None:
-        """Write config.yaml on a fresh run; on a resumed one, refuse a config that changed beyond steps/logging."""
-        path = self.output_dir / "config.yaml"
-        current = rl_config.to_dict(self.config)
-        if path.exists():
-            changed = rl_config.changed_keys(yaml.safe_load(path.read_text()), current)
-            if changed:
-                raise ValueError(
-                    checks.message(
-                        "Trainer",
-                        "config",
-                        f"differs from the run in {self.output_dir} in {changed}",
-                        "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
-                    )
-                )
-        path.write_text(yaml.safe_dump(current, sort_keys=False))
+    def open_logs(self, resumed_at: int | None) -> None:
+        """samples.jsonl: a few decoded completions per step."""
+        self._samples = SamplesLogger(
+            self.output_dir / "samples.jsonl",
+            max_samples=self.config.logging.samples_per_step,
+            resume_from_step=resumed_at,
+        )
+
+    def log_step(self, metrics: Mapping[str, float]) -> None:
+        rows, completions, raw = self._last_samples
+        prompts = [row["prompt"] for row in rows for _ in range(self.config.rollout.num_generations)]
+        self._samples.log(
+            self.step, prompts, completions, {name: raw[:, i].tolist() for i, name in enumerate(self.names)}
+        )
+
+    def close_logs(self) -> None:
+        self._samples.close()
 
     # ------------------------------------------------------------------------------------------------ metrics
     def _metrics(
@@ -788,73 +740,3 @@ class Trainer:
             rollout = self.rollout(rows, self._step_key(self.step, 2), sampling, 1)
         raw, _ = self.score(rows, rollout, 1)
         return {f"eval/rewards/{name}/mean": _nan_stats(raw[:, index])[0] for index, name in enumerate(self.names)}
-
-    def _loggers(self, resumed_at: int | None) -> tuple[CompositeLogger, SamplesLogger]:
-        logging = self.config.logging
-        loggers = [JsonlLogger(self.output_dir / "metrics.jsonl", resume_from_step=resumed_at)]
-        if logging.tensorboard:
-            loggers.append(TensorBoardLogger(self.output_dir / "tensorboard", resume_from_step=resumed_at))
-        loggers.append(
-            ProgressBar(self.config.steps, self.step, self.names, disable=None if logging.progress else True)
-        )
-        samples = SamplesLogger(
-            self.output_dir / "samples.jsonl", max_samples=logging.samples_per_step, resume_from_step=resumed_at
-        )
-        return CompositeLogger(*loggers), samples
-
-    def train(self) -> dict[str, float]:
-        """Train until ``config.steps`` (resuming from output_dir's latest checkpoint); returns the last metrics."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_resumable()
-        resumed = self.restore()
-        logger, samples = self._loggers(self.step if resumed else None)
-        crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
-        metrics: dict[str, float] = {}
-        try:
-            while self.step < self.config.steps:
-                metrics = self.train_step()
-                if self.config.eval_steps and self.step % self.config.eval_steps == 0:
-                    metrics.update(self.evaluate())
-                if crash_at == self.step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                rows, completions, raw = self._last_samples
-                generations = self.config.rollout.num_generations
-                prompts = [row["prompt"] for row in rows for _ in range(generations)]
-                samples.log(
-                    self.step, prompts, completions, {name: raw[:, i].tolist() for i, name in enumerate(self.names)}
-                )
-                logger.log(self.step, metrics)
-                for callback in self.callbacks:
-                    callback(self.step, metrics)
-                if int(self.state.consecutive_skips) >= self.config.max_consecutive_skips:
-                    raise RuntimeError(
-                        f"Trainer: {int(self.state.consecutive_skips)} consecutive updates were skipped (non-finite loss, "
-                        f"gradient or combiner weight) at step {self.step}; the last good checkpoint is kept."
-                    )
-                if int(self.state.consecutive_skips) == 0 and (
-                    self.step % self.config.checkpoint.save_steps == 0 or self.step == self.config.steps
-                ):
-                    self.save()
-        finally:
-            if self._checkpoints is not None:
-                self._checkpoints.wait_until_finished()
-            logger.close()
-            samples.close()
-        if self.config.export:
-            self.export(self.output_dir / "policy")
-        return metrics
-
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write the current policy as a Hugging Face folder (weights with LoRA merged, config, tokenizer)."""
-        from mojax.models import save_pretrained
-
-        save_pretrained(self.policy_model(), path)
-        self.tokenizer.save_pretrained(os.fspath(path))
-        (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
-        return Path(path)
-
-    def close(self) -> None:
-        """Release the checkpoint manager."""
-        if self._checkpoints is not None:
-            self._checkpoints.close()
-            self._checkpoints = None

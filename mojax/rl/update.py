@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mojax.combiners import ctwa_next_weights
-from mojax.combiners._base import cosine_gram, tree_gram
+from mojax.combiners import cosine_gram, ctwa_next_weights, tree_gram
 from mojax.diagnostics import ctwa_signal
 from mojax.rl import losses as rl_losses
 
@@ -206,14 +205,15 @@ def _masked(tree: Any, flags: list[bool]) -> Any:
     )
 
 
-def _cosines(stacked: Any) -> jax.Array:
+def objective_cosines(stacked: Any) -> jax.Array:
     """The n x n cosine matrix of the objectives' gradients (rows of a stacked pytree)."""
     gram, _ = tree_gram(stacked)
     cosines, _ = cosine_gram(gram)
     return cosines
 
 
-def _all_finite(*trees: Any) -> jax.Array:
+def all_finite(*trees: Any) -> jax.Array:
+    """Whether every array leaf of every tree is finite (f32/bool scalar, traced)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
 
 
@@ -299,7 +299,7 @@ def make_train_step(
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
         grads = jax.tree.map(lambda c, g: c + g[n], combined, stacked)
-        return grads, vector, metrics, combiner_state, _cosines(objectives)
+        return grads, vector, metrics, combiner_state, objective_cosines(objectives)
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         def probe_of(micro):
@@ -312,7 +312,7 @@ def make_train_step(
         _, combiner_state = combiner.update(probe, combiner_state, _masked(params, probe_flags), **extras)
         weights = jax.lax.stop_gradient(combiner_state.weights)
         grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
-        return grads, vector, metrics, combiner_state, _cosines(probe)
+        return grads, vector, metrics, combiner_state, objective_cosines(probe)
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry
@@ -335,7 +335,7 @@ def make_train_step(
             critic_params, critic_opt_state, value_loss, critic_grads = critic_update(
                 critic, critic_optimizer, state, minibatch, spec
             )
-        finite = _all_finite(vector, grads, weights, critic_grads)
+        finite = all_finite(vector, grads, weights, critic_grads)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = (~finite).astype(jnp.int32)
         new_state = TrainState(
