@@ -133,7 +133,9 @@ class Run(abc.ABC):
         path = self.output_dir / "config.yaml"
         current = rl_config.to_dict(self.config)
         if path.exists():
-            changed = rl_config.changed_keys(yaml.safe_load(path.read_text()), current)
+            # Read back through the config class, so keys added since the run started count at their defaults.
+            saved = rl_config.to_dict(rl_config.from_dict(type(self.config), yaml.safe_load(path.read_text())))
+            changed = rl_config.changed_keys(saved, current)
             if changed:
                 raise ValueError(
                     checks.message(
