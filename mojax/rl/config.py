@@ -114,6 +114,9 @@ class AlgorithmSection:
     """Gradient accumulation: each minibatch is processed in this many micro-batches (exact token means)."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (a shared term, added after the combination)."""
+    logits_chunk_size: int | None = None
+    """Compute the response log-probs and entropies in vocabulary chunks of this size (a divisor of the vocabulary),
+    never materialising [B, T, V] logits; None: whole vocabulary. Not used with probe mode's split final block."""
     noon: bool | None = None
     """Clip negative advantages to 0 (PAMA's Noon PPO); None means on for the pama combiner only."""
     vf_coef: float = 0.1

@@ -444,6 +444,58 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.einsum("btv,btv->bt", logits, one_hot) - jax.nn.logsumexp(logits, axis=-1)
 
 
+def chunked_logprobs_and_entropy(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(log-probs, entropies) f32[B, T] of softmax(hidden @ head) without materialising the [B, T, V] logits.
+
+    A ``lax.scan`` over vocabulary chunks of ``chunk_size`` keeps a running maximum m, s = sum exp(z - m),
+    u = sum exp(z - m) z and the target's logit; then logsumexp = m + log s and the entropy is logsumexp - u / s.
+    Each chunk's logits are recomputed in the backward pass (``jax.checkpoint``), so the peak is [B, T, chunk].
+
+    Args:
+        hidden: [B, T, D] final hidden states (any float dtype; logits accumulate in fp32).
+        head: [D, V] the LM head (the transposed embedding for tied weights).
+        targets: i32[B, T] token ids.
+        chunk_size: vocabulary columns per chunk; it must divide V.
+
+    Returns:
+        f32[B, T] target log-probabilities and f32[B, T] entropies, equal to ``token_logprobs`` and
+        ``token_entropy`` of the full logits up to fp32 round-off.
+    """
+    where = "chunked_logprobs_and_entropy"
+    vocab = head.shape[1]
+    chunk_size = _checks.integer(where, "chunk_size", chunk_size, minimum=1)
+    if vocab % chunk_size:
+        raise ValueError(
+            _checks.message(where, "chunk_size", f"is {chunk_size}", f"a divisor of the vocabulary size {vocab}")
+        )
+    chunks = head.reshape(head.shape[0], vocab // chunk_size, chunk_size).transpose(1, 0, 2)
+    starts = jnp.arange(0, vocab, chunk_size)
+
+    @jax.checkpoint
+    def step(carry, chunk):
+        peak, total, weighted, target_logit = carry
+        weights, start = chunk
+        logits = jnp.einsum("btd,dv->btv", hidden, weights.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+        rescale = jnp.exp(peak - new_peak)
+        exps = jnp.exp(logits - new_peak[..., None])
+        onehot = jax.nn.one_hot(targets - start, chunk_size, dtype=jnp.float32)
+        return (
+            new_peak,
+            total * rescale + jnp.sum(exps, axis=-1),
+            weighted * rescale + jnp.sum(exps * logits, axis=-1),
+            target_logit + jnp.sum(onehot * logits, axis=-1),
+        ), None
+
+    shape = targets.shape
+    start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape))
+    (peak, total, weighted, target_logit), _ = jax.lax.scan(step, start, (chunks, starts))
+    logsumexp = peak + jnp.log(total)
+    return target_logit - logsumexp, logsumexp - weighted / total
+
+
 def token_entropy(logits: jax.Array) -> jax.Array:
     """Entropy f32[B, T] of softmax(logits) per token: logsumexp(z) - sum_v p_v z_v, in fp32.
 

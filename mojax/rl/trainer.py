@@ -50,7 +50,7 @@ from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
-from mojax.rl.losses import token_entropy, token_logprobs
+from mojax.rl.losses import chunked_logprobs_and_entropy, token_entropy, token_logprobs
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
 from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, sample_rollout
 from mojax.rl.run import CRASH_ENV, Run  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
@@ -192,11 +192,21 @@ def build_mesh(config: rl_config.TrainConfig) -> Mesh | None:
     return mesh
 
 
-def response_fn(graphdef: Any, rest: Any, *, split: bool = False, adapters: bool = True) -> Callable:
+def lm_head(model: Any) -> jax.Array:
+    """The LM head [D, V] of a causal LM (the transposed embedding when tied)."""
+    if model.config.tie_word_embeddings:
+        return model.model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
+
+
+def response_fn(
+    graphdef: Any, rest: Any, *, split: bool = False, adapters: bool = True, chunk_size: int | None = None
+) -> Callable:
     """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs, entropies) f32[B, T] of the responses.
 
     With ``split`` the parameters are :func:`mojax.models.split_last_layer`'s (the final block a leaf of its own);
-    ``adapters=False`` runs the base model of a LoRA policy (the reference policy).
+    ``adapters=False`` runs the base model of a LoRA policy (the reference policy); ``chunk_size`` computes the
+    log-probs and entropies over vocabulary chunks (:func:`mojax.rl.losses.chunked_logprobs_and_entropy`).
     """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
@@ -209,6 +219,8 @@ def response_fn(graphdef: Any, rest: Any, *, split: bool = False, adapters: bool
         else:
             model = nnx.merge(graphdef, params, rest)
             hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters)
+            if chunk_size:
+                return chunked_logprobs_and_entropy(hidden[:, window], lm_head(model), tokens, chunk_size)
             logits = model.logits(hidden[:, window])
         return token_logprobs(logits, tokens), token_entropy(logits)
 
@@ -388,7 +400,8 @@ class Trainer(Run):
                 if not config.combiner.probe
                 else probe_flags(params, config.combiner.probe, self.model.config)
             )
-        self.policy = response_fn(self.graphdef, self.rest, split=self.split)
+        chunk = algorithm.logits_chunk_size
+        self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
         critic_params = critic_opt_state = critic = self._values = None
@@ -421,7 +434,9 @@ class Trainer(Run):
         self._logp = jax.jit(
             lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )
-        base = response_fn(self.graphdef, self.rest, split=self.split, adapters=False)
+        base = response_fn(
+            self.graphdef, self.rest, split=self.split, adapters=False, chunk_size=algorithm.logits_chunk_size
+        )
         self._base_logp = jax.jit(
             lambda p, ids, mask, tokens: base(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )

@@ -283,3 +283,26 @@ def test_huge_log_ratios_stay_finite():
 def test_bad_arguments_raise_clear_errors(call, error, words):
     with pytest.raises(error, match=words):
         call(_batch())
+
+
+def test_chunked_logprobs_and_entropy_equal_the_full_vocabulary_computation():
+    from mojax.rl.losses import chunked_logprobs_and_entropy
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (2, 3, 8))
+    head = jax.random.normal(keys[1], (8, 12))
+    targets = jax.random.randint(keys[2], (2, 3), 0, 12)
+
+    def full(head):
+        logits = hidden @ head
+        return token_logprobs(logits, targets), token_entropy(logits)
+
+    def chunked(head):
+        return chunked_logprobs_and_entropy(hidden, head, targets, 4)
+
+    for got, want in zip(chunked(head), full(head), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    total = lambda fn: lambda head: sum(jnp.sum(x) for x in fn(head))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(total(chunked))(head), jax.grad(total(full))(head), atol=1e-5)
+    with pytest.raises(ValueError, match="a divisor of the vocabulary size 12"):
+        chunked_logprobs_and_entropy(hidden, head, targets, 5)

@@ -233,3 +233,20 @@ def test_export_writes_a_loadable_policy(tmp_path):
 
     model = trainer.policy_model()
     np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
+
+
+def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
+    from flax import nnx
+
+    from mojax.models import LlamaForCausalLM
+    from mojax.rl.tiny import tiny_model_config
+    from mojax.rl.trainer import response_fn
+
+    model = LlamaForCausalLM(tiny_model_config(), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    prompt, mask = jnp.asarray([[3, 4, 5, 6]]), jnp.ones((1, 4), jnp.int32)
+    tokens, response_mask = jnp.asarray([[7, 8, 2]]), jnp.ones((1, 3), jnp.float32)
+    whole = response_fn(graphdef, rest)(params, prompt, mask, tokens, response_mask)
+    chunked = response_fn(graphdef, rest, chunk_size=17)(params, prompt, mask, tokens, response_mask)
+    for got, want in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
