@@ -120,9 +120,10 @@ def plot(predicted: np.ndarray, measured: np.ndarray, names: Sequence[str], path
     figure, ax = plt.subplots(figsize=(5.2, 4.4))
     for j, name in enumerate(names):
         ax.scatter(predicted[:, j], measured[:, j], s=10, alpha=0.6, label=name)
-    low = float(min(predicted.min(), measured.min()))
-    high = float(max(predicted.max(), measured.max()))
-    ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="y = x")
+    span = np.linspace(float(predicted.min()), float(predicted.max()), 2)
+    slope, intercept = np.polyfit(predicted.ravel(), measured.ravel(), 1)
+    ax.plot(span, span, "k--", linewidth=0.8, label="y = x (the law with slope 1)")
+    ax.plot(span, slope * span + intercept, "r-", linewidth=1.0, label=f"pooled fit: slope {slope:.2f}")
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.axvline(0, color="grey", linewidth=0.5)
     ax.set(xlabel="predicted: eta * Cov(r_j, w)", ylabel="measured change of mean r_j", title="Covariance law, SGD")
