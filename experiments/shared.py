@@ -15,14 +15,11 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-SEEDS = (0, 1, 2)
-"""Seeds of the full runs: each sets the sampling seed, the initialisation of the tiny model and the prompt order."""
 
 QUIET = (
     "eval_steps=0",
@@ -103,17 +100,13 @@ def make_trainer(overrides: Sequence[str], *, seed: int, steps: int, output_dir:
     return Trainer(config)
 
 
-def run_steps(
-    trainer: Any, steps: int, on_step: Callable[[Any, int, dict[str, float]], None] | None = None
-) -> list[dict[str, float]]:
+def run_steps(trainer: Any, steps: int) -> list[dict[str, float]]:
     """Step `trainer` `steps` times; every step's metrics plus ``wall_time`` (seconds of the whole step)."""
     history = []
     for _ in range(steps):
         started = time.perf_counter()
         metrics = dict(trainer.train_step())
         metrics["wall_time"] = time.perf_counter() - started
-        if on_step is not None:
-            on_step(trainer, trainer.step, metrics)
         history.append(metrics)
     return history
 

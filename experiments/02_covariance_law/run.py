@@ -97,21 +97,20 @@ def fits_by_objective(predicted: np.ndarray, measured: np.ndarray, names: Sequen
 
 
 def table(summary: dict) -> str:
-    """Markdown table: one row per objective (and pooled), mean ± std over seeds."""
+    """Markdown table: one row per objective (and all objectives together); per-seed fits as mean ± std over seeds,
+    then the correlation and slope of one fit to every seed's points."""
     keys = ("correlation", "slope", "intercept", "sign_agreement")
     rows = [
         [
             name,
-            *(shared.format_mean_spread(stats[key]) for key in keys),
-            shared.format_mean_spread(pooled["correlation"]),
+            *(shared.format_mean_spread(per_seed[key]) for key in keys),
+            f"{summary['pooled'][name]['correlation']:.3f}",
+            f"{summary['pooled'][name]['slope']:.3f}",
         ]
-        for name, (stats, pooled) in (
-            (name, (summary["per_seed"][name], summary["pooled"][name])) for name in summary["pooled"]
-        )
+        for name, per_seed in summary["per_seed"].items()
     ]
-    return shared.markdown_table(
-        ["objective", "correlation", "slope", "intercept", "same sign", "corr. (all seeds pooled)"], rows
-    )
+    header = ["objective", "correlation", "slope", "intercept", "same sign", "pooled corr.", "pooled slope"]
+    return shared.markdown_table(header, rows)
 
 
 def plot(predicted: np.ndarray, measured: np.ndarray, names: Sequence[str], path: Path) -> Path:
@@ -168,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             key: {stat: shared.mean_spread([run["fits"][key][stat] for run in runs]) for stat in runs[0]["fits"][key]}
             for key in keys
         },
-        "pooled": {
-            key: {stat: shared.mean_spread([value]) for stat, value in fit_.items()}
-            for key, fit_ in fits_by_objective(all_predicted, all_measured, names).items()
-        },
+        "pooled": fits_by_objective(all_predicted, all_measured, names),
     }
     results = {
         "claim": "under SGD, the change of each objective's mean reward is about eta * Cov(r_j, w)",
