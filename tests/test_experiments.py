@@ -98,3 +98,14 @@ def test_every_quick_mode_writes_its_results(tmp_path):
         assert written["steps"] == returned["steps"] == 2
         assert written["seeds"] == [0]
         assert list(out.glob("*.png")), folder
+
+
+@pytest.mark.parametrize("folder", sorted(RESULTS))
+@pytest.mark.parametrize("name", ["config.yaml", "config_smollm2.yaml"])
+def test_every_method_of_every_config_is_a_valid_trainer_config(folder, name, tmp_path):
+    from mojax.rl.config import load_config
+
+    config = shared.read_config(EXPERIMENTS / folder / name)
+    assert config["methods"]
+    for overrides in config["methods"].values():
+        load_config("tiny", [f"output_dir={tmp_path}", "steps=1", *config["base"], *overrides])
