@@ -15,9 +15,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -186,3 +186,41 @@ def plot_band(ax: Any, per_seed: np.ndarray, label: str, window: int = 1) -> Non
     mean, std = smoothed.mean(axis=0), smoothed.std(axis=0)
     (line,) = ax.plot(steps, mean, label=label)
     ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+class Setup(NamedTuple):
+    """What a run.py needs from its command line: the experiment's config, the seeds and steps, the output folder."""
+
+    config: dict[str, Any]
+    seeds: list[int]
+    steps: int
+    folder: Path
+
+
+def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
+    """Parse the command line, enable the compilation cache and read the config (first seed and ``quick_steps``
+    in quick mode)."""
+    args = parse_args(argv, description)
+    use_compilation_cache()
+    config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
+    seeds = list(config["seeds"][:1] if args.quick else config["seeds"])
+    steps = config["quick_steps"] if args.quick else config["steps"]
+    return Setup(config, seeds, steps, output_folder(args, here))
+
+
+def run_grid(
+    setup: Setup, summarize: Callable[[Any, list[dict[str, float]]], dict]
+) -> tuple[dict[str, list[dict]], tuple[str, ...]]:
+    """Run every method of the config on every seed; ({method: [{"seed", **summarize(trainer, history)}]}, names)."""
+    methods: dict[str, list[dict]] = {}
+    names: tuple[str, ...] = ()
+    for method, overrides in setup.config["methods"].items():
+        for seed in setup.seeds:
+            trainer = make_trainer(
+                [*setup.config["base"], *overrides], seed=seed, steps=setup.steps, output_dir=Path(tempfile.mkdtemp())
+            )
+            names = trainer.names
+            history = run_steps(trainer, setup.steps)
+            trainer.close()
+            methods.setdefault(method, []).append({"seed": seed, **summarize(trainer, history)})
+    return methods, names

@@ -19,7 +19,6 @@ rewards (mean of the last 10 steps) and the median wall time per step.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -177,25 +176,15 @@ def plot(results: dict, names: Sequence[str], folder: Path, window: int) -> list
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run every method on every seed; write results/interference.json and the plots; print the table."""
-    args = shared.parse_args(argv, __doc__)
-    shared.use_compilation_cache()
-    config = shared.read_config(Path(args.config) if args.config else HERE / "config.yaml", args.set)
-    seeds = config["seeds"][:1] if args.quick else config["seeds"]
-    steps = config["quick_steps"] if args.quick else config["steps"]
-    block = min(config["smoothing_window"], steps)
-    folder = shared.output_folder(args, HERE)
-    methods: dict[str, list[dict]] = {}
-    names: Sequence[str] = ()
-    for method, overrides in config["methods"].items():
-        for seed in seeds:
-            trainer = shared.make_trainer(
-                [*config["base"], *overrides], seed=seed, steps=steps, output_dir=Path(tempfile.mkdtemp())
-            )
-            names = trainer.names
-            history = shared.run_steps(trainer, steps)
-            trainer.close()
-            batch = trainer.config.data.prompts_per_step * trainer.config.rollout.num_generations
-            methods.setdefault(method, []).append({"seed": seed, **summarize_run(history, names, block, batch)})
+    experiment = shared.setup(argv, __doc__, HERE)
+    steps, seeds, folder = experiment.steps, experiment.seeds, experiment.folder
+    block = min(experiment.config["smoothing_window"], steps)
+
+    def summarize(trainer, history):
+        batch = trainer.config.data.prompts_per_step * trainer.config.rollout.num_generations
+        return summarize_run(history, trainer.names, block, batch)
+
+    methods, names = shared.run_grid(experiment, summarize)
     summaries = {method: aggregate(runs, names) for method, runs in methods.items()}
     results = {
         "claim": "static weights: some objective degrades in > 30% of steps; CTWA lowers the Interference Index",

@@ -135,13 +135,9 @@ def plot(predicted: np.ndarray, measured: np.ndarray, names: Sequence[str], path
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run every seed; write results/covariance_law.json and covariance_law.png; print the table."""
-    args = shared.parse_args(argv, __doc__)
-    shared.use_compilation_cache()
-    config = shared.read_config(Path(args.config) if args.config else HERE / "config.yaml", args.set)
-    seeds = config["seeds"][:1] if args.quick else config["seeds"]
-    steps = config["quick_steps"] if args.quick else config["steps"]
+    experiment = shared.setup(argv, __doc__, HERE)
+    config, steps, seeds, folder = experiment.config, experiment.steps, experiment.seeds, experiment.folder
     rollouts = config["measure_rollouts"]
-    folder = shared.output_folder(args, HERE)
     ((method, overrides),) = config["methods"].items()
     runs, names = [], ()
     for seed in seeds:

@@ -20,7 +20,6 @@ combiner gives it at the end, and the other objectives' final rewards.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,28 +129,18 @@ def plot(methods: dict, names: Sequence[str], constrained: str, threshold: float
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run every method on every seed; write results/lagrangian_collapse.json and the plot; print the table."""
-    args = shared.parse_args(argv, __doc__)
-    shared.use_compilation_cache()
-    config = shared.read_config(Path(args.config) if args.config else HERE / "config.yaml", args.set)
-    seeds = config["seeds"][:1] if args.quick else config["seeds"]
-    steps = config["quick_steps"] if args.quick else config["steps"]
-    constrained = config["constrained"]
-    folder = shared.output_folder(args, HERE)
-    methods: dict[str, list[dict]] = {}
-    names: tuple[str, ...] = ()
-    threshold = float("nan")
-    for method, overrides in config["methods"].items():
-        for seed in seeds:
-            trainer = shared.make_trainer(
-                [*config["base"], *overrides], seed=seed, steps=steps, output_dir=Path(tempfile.mkdtemp())
-            )
-            names = trainer.names
-            threshold = next(spec.threshold for spec in trainer.config.objectives if spec.name == constrained)
-            history = shared.run_steps(trainer, steps)
-            trainer.close()
-            methods.setdefault(method, []).append(
-                {"seed": seed, **summarize_run(history, names, constrained, threshold)}
-            )
+    experiment = shared.setup(argv, __doc__, HERE)
+    steps, seeds, folder = experiment.steps, experiment.seeds, experiment.folder
+    constrained = experiment.config["constrained"]
+    thresholds: list[float] = []
+
+    def summarize(trainer, history):
+        threshold = next(spec.threshold for spec in trainer.config.objectives if spec.name == constrained)
+        thresholds.append(threshold)
+        return summarize_run(history, trainer.names, constrained, threshold)
+
+    methods, names = shared.run_grid(experiment, summarize)
+    threshold = thresholds[-1]
     summaries = {method: aggregate(runs, names) for method, runs in methods.items()}
     results = {
         "claim": "the Lagrangian multiplier collapses when the constraint already holds; GAPO keeps the objective",

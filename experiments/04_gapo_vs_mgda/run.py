@@ -16,7 +16,6 @@ Per run this records every objective's batch-mean reward and the combiner's weig
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,23 +92,9 @@ def plot(methods: dict, names: Sequence[str], path: Path, window: int) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run every method on every seed; write results/gapo_vs_mgda.json and the plot; print the table."""
-    args = shared.parse_args(argv, __doc__)
-    shared.use_compilation_cache()
-    config = shared.read_config(Path(args.config) if args.config else HERE / "config.yaml", args.set)
-    seeds = config["seeds"][:1] if args.quick else config["seeds"]
-    steps = config["quick_steps"] if args.quick else config["steps"]
-    folder = shared.output_folder(args, HERE)
-    methods: dict[str, list[dict]] = {}
-    names: tuple[str, ...] = ()
-    for method, overrides in config["methods"].items():
-        for seed in seeds:
-            trainer = shared.make_trainer(
-                [*config["base"], *overrides], seed=seed, steps=steps, output_dir=Path(tempfile.mkdtemp())
-            )
-            names = trainer.names
-            history = shared.run_steps(trainer, steps)
-            trainer.close()
-            methods.setdefault(method, []).append({"seed": seed, **summarize_run(history, names)})
+    experiment = shared.setup(argv, __doc__, HERE)
+    steps, seeds, folder = experiment.steps, experiment.seeds, experiment.folder
+    methods, names = shared.run_grid(experiment, lambda trainer, history: summarize_run(history, trainer.names))
     summaries = {method: aggregate(runs, names) for method, runs in methods.items()}
     results = {
         "claim": "GAPO balances the objectives better than MGDA and linear scalarisation",
