@@ -1,0 +1,1 @@
+"""Small-scale experiments that test published claims with the mojax trainer (see experiments/README.md)."""
