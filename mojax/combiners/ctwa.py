@@ -140,7 +140,7 @@ def ctwa_reweight(
       of it is the lambda with which to scalarise the next batch.
 
     References:
-      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+      Y. Lu and M. Jiang, "Uncovering Cross-Objective Interference in Multi-Objective Alignment" (CTWA: Covariance Targeted Weight Adaptation), arXiv 2602.06869, 2026.
 
     Example:
       >>> import jax.numpy as jnp

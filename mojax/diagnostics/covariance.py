@@ -68,7 +68,7 @@ def ctwa_signal(
       w f32[B]; rows without tokens give 0.
 
     References:
-      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+      Y. Lu and M. Jiang, "Uncovering Cross-Objective Interference in Multi-Objective Alignment" (CTWA: Covariance Targeted Weight Adaptation), arXiv 2602.06869, 2026.
 
     Example:
       >>> import jax.numpy as jnp
@@ -190,7 +190,7 @@ def covariance_statistics(
       mean_reward (f32[n], over valid samples) and num_valid_groups (i32[]).
 
     References:
-      CTWA: Covariance Targeted Weight Adaptation. arXiv 2602.06869, 2026.
+      Y. Lu and M. Jiang, "Uncovering Cross-Objective Interference in Multi-Objective Alignment" (CTWA: Covariance Targeted Weight Adaptation), arXiv 2602.06869, 2026.
 
     Example:
       >>> import jax.numpy as jnp
