@@ -729,6 +729,8 @@ class Trainer(Run):
         metrics["timing/update"] = time.perf_counter() - started
         self._adapt_kl(metrics["kl"])
         self._last_samples = (prepared.rows, prepared.completions, prepared.raw)
+        if self.config.eval_steps and step % self.config.eval_steps == 0:
+            metrics.update(self.evaluate())
         return metrics
 
     def _adapt_kl(self, observed: float) -> None:

@@ -250,3 +250,12 @@ def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
     chunked = response_fn(graphdef, rest, chunk_size=17)(params, prompt, mask, tokens, response_mask)
     for got, want in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_evaluation_runs_every_eval_steps(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "steps=2", "eval_steps=2", "data.eval_prompts=tiny"))
+    trainer.train()
+    trainer.close()
+    records = read_metrics(tmp_path)
+    assert "eval/rewards/a_rate/mean" not in records[0]
+    assert all(np.isfinite(records[1][f"eval/rewards/{name}/mean"]) for name in ("a_rate", "b_count", "brevity"))
