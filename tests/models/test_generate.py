@@ -9,7 +9,15 @@ import pytest
 from flax import nnx
 
 from mojax.models.config import ModelConfig
-from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
+from mojax.models.generate import (
+    GenerationResult,
+    SamplingConfig,
+    _generate_bucket,
+    _top_p_logits,
+    bucket_length,
+    generate,
+    sample_next_token,
+)
 from mojax.models.llama import LlamaForCausalLM
 
 NEW = 5
@@ -108,7 +116,7 @@ def test_generate_runs_inside_an_outer_jit(model, prompts, greedy):
     np.testing.assert_array_equal(rollout(state, *prompts), greedy.tokens)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.3, 0, 1.0), (0.8, 7, 0.9)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.3, 0, 1.0), (0.8, 7, 0.9), (1.1, 0, 0.8)])
 def test_logprobs_match_cache_free_forward(model, prompts, temperature, top_k, top_p):
     config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p)
     result = generate(model, *prompts, jax.random.key(3), config)
@@ -169,7 +177,7 @@ def test_sampling_is_deterministic_for_a_fixed_key(model, prompts):
     assert not np.array_equal(first.tokens, other.tokens)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8), (1.2, 0, 0.7)])
 def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k, top_p):
     logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
     draws = 20_000
@@ -400,3 +408,40 @@ def test_generation_stops_at_the_chat_end_of_turn_token(model, prompts, greedy):
 def test_lists_must_hold_non_empty_rows_of_ids(model, prompts):
     with pytest.raises(ValueError, match="non-empty lists of token ids"):
         generate(model, prompts, rng_key=jax.random.key(0), config=SamplingConfig(max_new_tokens=2))
+
+
+top_p_filter = jax.jit(_top_p_logits, static_argnums=2)
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8, 64])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_among_candidates_equals_the_full_sort(candidates, top_p):
+    """Peaked rows (nucleus inside few candidates) and flat rows (nucleus beyond them: the full-sort fallback)."""
+    rng = np.random.default_rng(int(top_p * 1000) + candidates)
+    spread = np.array([8.0, 3.0, 0.3, 0.01])[:, None]
+    logits = (rng.standard_normal((4, 40)) * spread).astype(np.float32)
+    filtered = np.asarray(top_p_filter(jnp.asarray(logits), jnp.float32(top_p), candidates))
+    for row, got in zip(logits, filtered, strict=True):
+        want = reference_adjusted_logprobs(row.astype(np.float64), 1.0, 0, top_p)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        np.testing.assert_array_equal(got[np.isfinite(got)], row[np.isfinite(want)])
+
+
+def test_top_p_falls_back_when_only_one_row_exceeds_the_candidates():
+    peaked, flat = np.r_[10.0, np.zeros(29)], np.linspace(0.1, 0.0, 30)
+    logits = np.stack([peaked, flat]).astype(np.float32)
+    kept = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), jnp.float32(0.6), 4))).sum(axis=1)
+    want = [np.isfinite(reference_adjusted_logprobs(row.astype(np.float64), 1.0, 0, 0.6)).sum() for row in logits]
+    assert kept.tolist() == want and want[0] == 1 and want[1] > 4, (kept, want)
+
+
+def test_changing_temperature_or_top_p_does_not_recompile(model, prompts):
+    sample = lambda temperature, top_p: generate(
+        model, *prompts, jax.random.key(2), SamplingConfig(NEW, temperature=temperature, top_p=top_p)
+    )
+    first = sample(1.3, 0.9)
+    compiled = _generate_bucket._cache_size()
+    others = [sample(0.4, 0.9), sample(1.3, 0.3), sample(2.0, 0.75)]
+    assert _generate_bucket._cache_size() == compiled
+    for other in others:
+        assert not np.array_equal(other.sampler_logprobs, first.sampler_logprobs), "a changed value was not used"
