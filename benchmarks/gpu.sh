@@ -89,18 +89,18 @@ def median_s(call, repeats=5):
 
 def bench(name, config, train_shape, decode_shape):
     model = LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adamw(1e-4)
     batch, length = train_shape
     ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)), jnp.int32)
 
     @jax.jit
     def forward(params, ids):
-        return nnx.merge(graphdef, params)(ids)[0]
+        return nnx.merge(graphdef, params, rest)(ids)[0]
 
     @jax.jit
     def train_step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), ids))(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), ids))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -122,7 +122,7 @@ def bench(name, config, train_shape, decode_shape):
     d_batch, prompt, new = decode_shape
     prompts = np.random.default_rng(1).integers(3, config.vocab_size, (d_batch, prompt)).astype(np.int32)
     sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, stop_token_ids=(), pad_token_id=0)
-    decode_model = (graphdef, state["params"])
+    decode_model = nnx.merge(graphdef, state["params"], rest)
     decode_s = median_s(lambda: generate(decode_model, prompts, None, jax.random.key(0), sampling).tokens)
 
     n, tokens = config.num_params(), batch * length
