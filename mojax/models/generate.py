@@ -12,10 +12,10 @@ is the one PPO ratios and KL penalties need.
 Sampling speed. Temperature and top-p enter the compiled program as traced scalars, so changing them does not
 recompile; only whether decoding is greedy (temperature 0) and whether top-p is on (top_p < 1) are compiled in.
 Top-p alone (no top-k) does not sort the vocabulary at every step: it takes the ``top_p_candidates`` largest logits
-with ``jax.lax.top_k`` and finds the nucleus among them, using the whole row's normaliser. Whenever those candidates
-hold at least ``top_p`` of the probability mass, the nucleus lies inside them and the result equals that of the
-full sort; when a row's candidates hold less, that step falls back to sorting the whole vocabulary (a ``lax.cond``),
-so the result is always the full-sort one. Tokens tied with the smallest kept logit are kept with it.
+with ``jax.lax.top_k``, finds the nucleus among them using the whole row's normaliser, and draws the token among
+them. Whenever those candidates hold at least ``top_p`` of the probability mass, the nucleus lies inside them and
+the result equals that of the full sort; when a row's candidates hold less, that step falls back to sorting the
+whole vocabulary (a ``lax.cond``), so the result is always the full-sort one.
 """
 
 from __future__ import annotations
@@ -166,63 +166,67 @@ def _compiled_part(config: SamplingConfig) -> SamplingConfig:
     )
 
 
-def _nucleus_cut(descending: jax.Array, log_normaliser: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(smallest kept logit f32[B], mass of the given logits f32[B]) of top-p over a row's largest logits.
+def _draw(values: jax.Array, ids: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], its log-prob f32[B]) drawn from candidate logits `values` [B, C] (-inf: removed) with ids [B, C]."""
+    choice = jax.random.categorical(key, values, axis=-1)
+    return _pick(ids, choice), _pick(jax.nn.log_softmax(values, axis=-1), choice)
+
+
+def _nucleus(descending: jax.Array, log_normaliser: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits f32[B, C] with -inf outside the nucleus, the candidates' mass f32[B]) of top-p over a row's largest logits.
 
     Args:
       descending: f32[B, C], the C largest logits of each row, in decreasing order.
-      log_normaliser: f32[B], logsumexp of each whole row (so the probabilities are the row's, not the C's).
+      log_normaliser: f32[B], logsumexp of the distribution they come from (the whole row for top-p alone, the
+        top-k logits after top-k).
       top_p: the nucleus mass, f32[].
 
     Returns:
-      The kept set is every token whose mass before it (in decreasing order) is below top_p, a prefix of
-      `descending`; its last logit is returned with the candidates' total mass (the nucleus fits in them iff
-      that mass >= top_p).
+      A candidate is kept while the mass before it is below top_p (a prefix of `descending`); the candidates'
+      total mass tells whether the nucleus fits in them (mass >= top_p).
     """
     probs = jnp.exp(descending - log_normaliser[:, None])
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(mass_before < top_p, axis=-1)
-    return _pick(descending, jnp.maximum(kept, 1) - 1), jnp.sum(probs, axis=-1)
+    return jnp.where(mass_before < top_p, descending, -jnp.inf), jnp.sum(probs, axis=-1)
 
 
-def _top_p_logits(scaled_logits: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
-    """f32[B, V]: `scaled_logits` with every token outside the top-p nucleus set to -inf.
+def _draw_top_p(
+    scaled_logits: jax.Array, key: jax.Array, top_p: jax.Array, candidates: int
+) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], sampler log-prob f32[B]) of top-p sampling without top-k.
 
-    The nucleus is searched among the `candidates` largest logits (``lax.top_k``); when some row's candidates
-    hold less than top_p of its mass, the whole vocabulary is sorted instead, so the result is the full-sort one.
+    The nucleus is searched, and the token drawn, among the `candidates` largest logits (``lax.top_k``); when
+    some row's candidates hold less than top_p of its mass, the step sorts the whole vocabulary instead, so the
+    result always equals the full-sort one.
     """
     vocab = scaled_logits.shape[-1]
     log_normaliser = jax.nn.logsumexp(scaled_logits, axis=-1)
 
-    def cut_among(count: int) -> tuple[jax.Array, jax.Array]:
-        return _nucleus_cut(jax.lax.top_k(scaled_logits, count)[0], log_normaliser, top_p)
+    def among(count: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        values, ids = jax.lax.top_k(scaled_logits, count)
+        kept, covered = _nucleus(values, log_normaliser, top_p)
+        return _draw(kept, ids, key), covered
 
     if candidates >= vocab:
-        threshold, _ = cut_among(vocab)
-    else:
-        threshold, covered = cut_among(candidates)
-        threshold = jax.lax.cond(jnp.all(covered >= top_p), lambda: threshold, lambda: cut_among(vocab)[0])
-    return jnp.where(scaled_logits >= threshold[:, None], scaled_logits, -jnp.inf)
+        return among(vocab)[0]
+    drawn, covered = among(candidates)
+    return jax.lax.cond(jnp.all(covered >= top_p), lambda: drawn, lambda: among(vocab)[0])
 
 
-def _candidates(scaled_logits: jax.Array, config: SamplingConfig, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(logits, vocabulary ids) of the tokens that survive top-k then top-p; removed ones get -inf.
-
-    Top-k keeps its k largest logits (top-p then renormalises over them); top-p alone keeps the whole row,
-    filtered by :func:`_top_p_logits`.
-    """
+def _draw_filtered(
+    scaled_logits: jax.Array, key: jax.Array, config: SamplingConfig, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], sampler log-prob f32[B]) after top-k then top-p (top-p renormalises over the top-k logits)."""
     vocab = scaled_logits.shape[-1]
     nucleus = config.top_p < 1.0
+    if config.top_k == 0 and nucleus:
+        return _draw_top_p(scaled_logits, key, top_p, config.top_p_candidates)
     if config.top_k == 0:
-        every_id = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled_logits.shape)
-        filtered = _top_p_logits(scaled_logits, top_p, config.top_p_candidates) if nucleus else scaled_logits
-        return filtered, every_id
+        return _draw(scaled_logits, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled_logits.shape), key)
     values, ids = jax.lax.top_k(scaled_logits, min(config.top_k, vocab))
     if nucleus:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(mass_before < top_p, values, -jnp.inf)
-    return values, ids
+        values, _ = _nucleus(values, jax.nn.logsumexp(values, axis=-1), top_p)
+    return _draw(values, ids, key)
 
 
 def _pick(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -246,10 +250,7 @@ def _sample(
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampler_logprob = jnp.zeros(token.shape, jnp.float32)
     else:
-        values, ids = _candidates(logits / temperature, config, top_p)
-        choice = jax.random.categorical(key, values, axis=-1)
-        token = _pick(ids, choice)
-        sampler_logprob = _pick(jax.nn.log_softmax(values, axis=-1), choice)
+        token, sampler_logprob = _draw_filtered(logits / temperature, key, config, top_p)
     return token, sampler_logprob, _pick(jax.nn.log_softmax(logits, axis=-1), token)
 
 
