@@ -1,6 +1,6 @@
 """Cost of one RL update per combiner and mode, against the linear scalarisation step on the same batch.
 
-For each n the tiny task (``mojax.rl.configs/tiny.yaml``: the tiny random LLaMA, its character tokenizer) gets n
+For each n the tiny task (``mojax/rl/configs/tiny.yaml``: the tiny random LLaMA, its character tokenizer) gets n
 ``char_fraction`` objectives, one letter each. One rollout of a linear-scalarisation trainer (``Trainer.prepare(1)``)
 is the fixed batch; every other contender runs on that same batch:
 
