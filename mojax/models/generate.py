@@ -8,6 +8,14 @@ ids, plus the chat template's end-of-turn token when a tokenizer is given. Each 
 comes with two log-probabilities: under the distribution it was sampled from (temperature, top-k
 and top-p applied) and under the unmodified model distribution (softmax of the raw logits), which
 is the one PPO ratios and KL penalties need.
+
+Sampling speed. Temperature and top-p enter the compiled program as traced scalars, so changing them does not
+recompile; only whether decoding is greedy (temperature 0) and whether top-p is on (top_p < 1) are compiled in.
+Top-p alone (no top-k) does not sort the vocabulary at every step: it takes the ``top_p_candidates`` largest logits
+with ``jax.lax.top_k``, finds the nucleus among them using the whole row's normaliser, and draws the token among
+them. Whenever those candidates hold at least ``top_p`` of the probability mass, the nucleus lies inside them and
+the result equals that of the full sort; when a row's candidates hold less, that step falls back to sorting the
+whole vocabulary (a ``lax.cond``), so the result is always the full-sort one.
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ from mojax.models.tokenizer import chat_stop_token_ids
 class SamplingConfig:
     """How each new token is chosen: argmax at temperature 0, else temperature, then top-k, then top-p sampling.
 
-    ``top_k=0`` and ``top_p=1.0`` switch those filters off. A sequence that emits any of
+    ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``temperature`` and ``top_p`` are traced values of the
+    compiled decode loop (any two positive temperatures, or any two top_p < 1, share one compilation); ``top_k`` and
+    ``top_p_candidates`` (how many of the largest logits top-p alone searches before falling back to a full sort)
+    are compiled in. A sequence that emits any of
     ``stop_token_ids`` is finished: the stop token is kept, and every later position holds
     ``pad_token_id`` with response mask 0. ``stop_token_ids=None`` stands for the model config's
     eos ids (``()`` never stops early) and ``pad_token_id=None`` for the model config's pad id
@@ -47,6 +58,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
     prompt_bucket_multiple: int | None = None
+    top_p_candidates: int = 64
 
     def __post_init__(self):
         stop = _as_tuple(self.stop_token_ids)
@@ -56,6 +68,7 @@ class SamplingConfig:
             )
         _require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _require_int("top_k", self.top_k, minimum=0, meaning="0 disables top-k")
+        _require_int("top_p_candidates", self.top_p_candidates, minimum=1)
         if self.pad_token_id is not None:
             _require_int("pad_token_id", self.pad_token_id, minimum=0, meaning="or None")
         if self.prompt_bucket_multiple is not None:
@@ -68,7 +81,8 @@ class SamplingConfig:
             )
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"SamplingConfig: top_p must lie in (0, 1] (1 disables top-p), got {self.top_p!r}.")
-        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float)):
+        numeric = ("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float)
+        for name, kind in (*numeric, ("top_p_candidates", int)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         if self.pad_token_id is not None:
             object.__setattr__(self, "pad_token_id", int(self.pad_token_id))
@@ -142,17 +156,77 @@ def bucket_length(n: int, multiple: int | None = None) -> int:
     return -(-int(n) // int(multiple)) * int(multiple)
 
 
-def _candidates(scaled_logits: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
-    """(logits, vocabulary ids) of the tokens that survive top-k then top-p; removed ones get -inf."""
+def _compiled_part(config: SamplingConfig) -> SamplingConfig:
+    """`config` with temperature and top_p reduced to what the program depends on: greedy or not, top-p on or off.
+
+    It is the static argument of the jitted decode loop; the actual values travel as traced scalars.
+    """
+    return dataclasses.replace(
+        config, temperature=float(config.temperature > 0), top_p=1.0 if config.top_p == 1.0 else 0.5
+    )
+
+
+def _draw(values: jax.Array, ids: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], its log-prob f32[B]) drawn from candidate logits `values` [B, C] (-inf: removed) with ids [B, C]."""
+    choice = jax.random.categorical(key, values, axis=-1)
+    return _pick(ids, choice), _pick(jax.nn.log_softmax(values, axis=-1), choice)
+
+
+def _nucleus(descending: jax.Array, log_normaliser: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits f32[B, C] with -inf outside the nucleus, the candidates' mass f32[B]) of top-p over a row's largest logits.
+
+    Args:
+      descending: f32[B, C], the C largest logits of each row, in decreasing order.
+      log_normaliser: f32[B], logsumexp of the distribution they come from (the whole row for top-p alone, the
+        top-k logits after top-k).
+      top_p: the nucleus mass, f32[].
+
+    Returns:
+      A candidate is kept while the mass before it is below top_p (a prefix of `descending`); the candidates'
+      total mass tells whether the nucleus fits in them (mass >= top_p).
+    """
+    probs = jnp.exp(descending - log_normaliser[:, None])
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where(mass_before < top_p, descending, -jnp.inf), jnp.sum(probs, axis=-1)
+
+
+def _draw_top_p(
+    scaled_logits: jax.Array, key: jax.Array, top_p: jax.Array, candidates: int
+) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], sampler log-prob f32[B]) of top-p sampling without top-k.
+
+    The nucleus is searched, and the token drawn, among the `candidates` largest logits (``lax.top_k``); when
+    some row's candidates hold less than top_p of its mass, the step sorts the whole vocabulary instead, so the
+    result always equals the full-sort one.
+    """
     vocab = scaled_logits.shape[-1]
-    if top_k == 0 and top_p == 1.0:
-        return scaled_logits, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled_logits.shape)
-    values, ids = jax.lax.top_k(scaled_logits, min(top_k, vocab) if top_k else vocab)
-    if top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(mass_before < top_p, values, -jnp.inf)
-    return values, ids
+    log_normaliser = jax.nn.logsumexp(scaled_logits, axis=-1)
+
+    def among(count: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        values, ids = jax.lax.top_k(scaled_logits, count)
+        kept, covered = _nucleus(values, log_normaliser, top_p)
+        return _draw(kept, ids, key), covered
+
+    if candidates >= vocab:
+        return among(vocab)[0]
+    drawn, covered = among(candidates)
+    return jax.lax.cond(jnp.all(covered >= top_p), lambda: drawn, lambda: among(vocab)[0])
+
+
+def _draw_filtered(
+    scaled_logits: jax.Array, key: jax.Array, config: SamplingConfig, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(token i32[B], sampler log-prob f32[B]) after top-k then top-p (top-p renormalises over the top-k logits)."""
+    vocab = scaled_logits.shape[-1]
+    nucleus = config.top_p < 1.0
+    if config.top_k == 0 and nucleus:
+        return _draw_top_p(scaled_logits, key, top_p, config.top_p_candidates)
+    if config.top_k == 0:
+        return _draw(scaled_logits, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled_logits.shape), key)
+    values, ids = jax.lax.top_k(scaled_logits, min(config.top_k, vocab))
+    if nucleus:
+        values, _ = _nucleus(values, jax.nn.logsumexp(values, axis=-1), top_p)
+    return _draw(values, ids, key)
 
 
 def _pick(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -164,21 +238,27 @@ def sample_next_token(
     logits: jax.Array, key: jax.Array, config: SamplingConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(token i32[B], sampler log-prob f32[B], model log-prob f32[B]) for next-token logits [B, V]."""
+    return _sample(logits, key, config, jnp.float32(config.temperature), jnp.float32(config.top_p))
+
+
+def _sample(
+    logits: jax.Array, key: jax.Array, config: SamplingConfig, temperature: jax.Array, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`sample_next_token` with temperature and top_p as (traced) f32[] values; `config` gives the structure."""
     logits = logits.astype(jnp.float32)
     if config.temperature == 0:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampler_logprob = jnp.zeros(token.shape, jnp.float32)
     else:
-        values, ids = _candidates(logits / config.temperature, config.top_k, config.top_p)
-        choice = jax.random.categorical(key, values, axis=-1)
-        token = _pick(ids, choice)
-        sampler_logprob = _pick(jax.nn.log_softmax(values, axis=-1), choice)
+        token, sampler_logprob = _draw_filtered(logits / temperature, key, config, top_p)
     return token, sampler_logprob, _pick(jax.nn.log_softmax(logits, axis=-1), token)
 
 
-def _record(state: _DecodeState, logits: jax.Array, key: jax.Array, config: SamplingConfig) -> _DecodeState:
-    """Sample column `state.step` from `logits`; finished sequences get pad and mask 0."""
-    token, sampler_logprob, model_logprob = sample_next_token(logits, jax.random.fold_in(key, state.step), config)
+def _record(
+    state: _DecodeState, logits: jax.Array, key: jax.Array, config: SamplingConfig, knobs: tuple[jax.Array, jax.Array]
+) -> _DecodeState:
+    """Sample column `state.step` from `logits`; finished sequences get pad and mask 0. knobs: (temperature, top_p)."""
+    token, sampler_logprob, model_logprob = _sample(logits, jax.random.fold_in(key, state.step), config, *knobs)
     active = ~state.finished
     token = jnp.where(active, token, config.pad_token_id)
     stop_ids = jnp.asarray(config.stop_token_ids, jnp.int32).reshape(-1)
@@ -204,8 +284,11 @@ def _last_logits(model: Any, input_ids, positions, attention_mask, cache) -> tup
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: SamplingConfig):
-    """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped."""
+def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, config: SamplingConfig):
+    """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped.
+
+    `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`.
+    """
     model = nnx.merge(graphdef, state)
     batch, width = prompt_ids.shape
     new = config.max_new_tokens
@@ -222,7 +305,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: 
         sampler_logprobs=jnp.zeros((batch, new), jnp.float32),
         model_logprobs=jnp.zeros((batch, new), jnp.float32),
     )
-    start = _record(start, logits, rng_key, config)
+    start = _record(start, logits, rng_key, config, knobs)
 
     def unfinished(s: _DecodeState) -> jax.Array:
         return (s.step < new) & ~jnp.all(s.finished)
@@ -231,7 +314,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, config: 
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
         positions = (prompt_lengths + s.step - 1)[:, None]
         step_logits, cache = _last_logits(model, previous, positions, jnp.ones((batch, 1), jnp.int32), s.cache)
-        return _record(s._replace(cache=cache), step_logits, rng_key, config)
+        return _record(s._replace(cache=cache), step_logits, rng_key, config, knobs)
 
     end = jax.lax.while_loop(unfinished, decode_one, start)
     return end.tokens, end.response_mask, end.sampler_logprobs, end.model_logprobs
@@ -409,7 +492,8 @@ def generate(
         jnp.pad(prompt_ids, ((0, 0), (extra, 0)), constant_values=config.pad_token_id),
         jnp.pad(prompt_mask, ((0, 0), (extra, 0))),
         rng_key,
-        config,
+        (jnp.float32(config.temperature), jnp.float32(config.top_p)),
+        _compiled_part(config),
     )
     return GenerationResult(
         tokens=tokens,

@@ -9,7 +9,15 @@ import pytest
 from flax import nnx
 
 from mojax.models.config import ModelConfig
-from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
+from mojax.models.generate import (
+    GenerationResult,
+    SamplingConfig,
+    _draw_top_p,
+    _generate_bucket,
+    bucket_length,
+    generate,
+    sample_next_token,
+)
 from mojax.models.llama import LlamaForCausalLM
 
 NEW = 5
@@ -108,7 +116,7 @@ def test_generate_runs_inside_an_outer_jit(model, prompts, greedy):
     np.testing.assert_array_equal(rollout(state, *prompts), greedy.tokens)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.3, 0, 1.0), (0.8, 7, 0.9)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.3, 0, 1.0), (0.8, 7, 0.9), (1.1, 0, 0.8)])
 def test_logprobs_match_cache_free_forward(model, prompts, temperature, top_k, top_p):
     config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p)
     result = generate(model, *prompts, jax.random.key(3), config)
@@ -169,7 +177,7 @@ def test_sampling_is_deterministic_for_a_fixed_key(model, prompts):
     assert not np.array_equal(first.tokens, other.tokens)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8), (1.2, 0, 0.7)])
 def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k, top_p):
     logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
     draws = 20_000
@@ -400,3 +408,48 @@ def test_generation_stops_at_the_chat_end_of_turn_token(model, prompts, greedy):
 def test_lists_must_hold_non_empty_rows_of_ids(model, prompts):
     with pytest.raises(ValueError, match="non-empty lists of token ids"):
         generate(model, prompts, rng_key=jax.random.key(0), config=SamplingConfig(max_new_tokens=2))
+
+
+draw_top_p = jax.jit(_draw_top_p, static_argnums=3)
+
+
+def assert_draws_follow_the_full_sort(row, top_p, candidates, draws=400):
+    """Tokens drawn from `row` lie in the full-sort nucleus, with the full-sort nucleus's log-probabilities."""
+    tokens, logprobs = draw_top_p(
+        jnp.broadcast_to(jnp.asarray(row), (draws, row.size)), jax.random.key(3), jnp.float32(top_p), candidates
+    )
+    want = reference_adjusted_logprobs(row.astype(np.float64), 1.0, 0, top_p)
+    tokens = np.asarray(tokens)
+    assert np.isfinite(want[tokens]).all(), "drew a token outside the nucleus"
+    np.testing.assert_allclose(logprobs, want[tokens], rtol=1e-5, atol=1e-6)
+    return tokens
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8, 64])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_among_candidates_equals_the_full_sort(candidates, top_p):
+    """Peaked rows (nucleus inside few candidates) and flat rows (nucleus beyond them: the full-sort fallback).
+
+    The sampler log-probability is normalised over the kept set, so it matches only if the kept set does.
+    """
+    rng = np.random.default_rng(int(top_p * 1000) + candidates)
+    for spread in (8.0, 3.0, 0.3, 0.01):
+        assert_draws_follow_the_full_sort((rng.standard_normal(40) * spread).astype(np.float32), top_p, candidates)
+
+
+def test_top_p_falls_back_to_the_full_sort_when_the_nucleus_exceeds_the_candidates():
+    flat = np.linspace(0.1, 0.0, 30).astype(np.float32)
+    tokens = assert_draws_follow_the_full_sort(flat, 0.6, 4)
+    assert tokens.max() >= 4, "every draw came from the 4 candidates although the nucleus holds ~18 tokens"
+
+
+def test_changing_temperature_or_top_p_does_not_recompile(model, prompts):
+    sample = lambda temperature, top_p: generate(
+        model, *prompts, jax.random.key(2), SamplingConfig(NEW, temperature=temperature, top_p=top_p)
+    )
+    first = sample(1.3, 0.9)
+    compiled = _generate_bucket._cache_size()
+    others = [sample(0.4, 0.9), sample(1.3, 0.3), sample(2.0, 0.75)]
+    assert _generate_bucket._cache_size() == compiled
+    for other in others:
+        assert not np.array_equal(other.sampler_logprobs, first.sampler_logprobs), "a changed value was not used"

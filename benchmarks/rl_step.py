@@ -1,0 +1,335 @@
+"""Cost of one RL update per combiner and mode, against the linear scalarisation step on the same batch.
+
+For each n the tiny task (``mojax/rl/configs/tiny.yaml``: the tiny random LLaMA, its character tokenizer) gets n
+``char_fraction`` objectives, one letter each. One rollout of a linear-scalarisation trainer (``Trainer.prepare(1)``)
+is the fixed batch; every other contender runs on that same batch:
+
+* ``linear/scalar``: ``Trainer.update(batch, 1)`` with the linear combiner: the baseline (ratio 1 by definition);
+* ``<combiner>/<mode>``: ``Trainer.update(batch, 1)`` of a trainer with that combiner, for every combiner of
+  ``mojax.combiners.REGISTRY`` and every mode it supports (scalar without a Gram; probe and full with one). All
+  trainers start from the same random model (same seed) and have the same update settings;
+* ``bound: fwd + n bwd``: one forward pass and the pullbacks of the n objective losses (vmapped unit cotangents),
+  with no combiner and no optimizer: the least a full-mode update can cost;
+* ``peers: n x (fwd + bwd)``: n separate jitted forward+backward passes, one per objective loss, as multi-objective
+  PPO code that calls ``loss_i.backward()`` per objective does (e.g. the MGDA baseline of the CTWA authors' code).
+
+Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
+each round calls all contenders once in turn (rotating the order), ``--repeats`` times; a contender's ratio in a
+round is its median time over the linear step's median time in that round. The table reports the median ratio over
+``--rounds`` rounds and its spread (min-max). Only ratios measured in the same run are reported: the machine these
+numbers come from is shared and loaded, so absolute times move by tens of percent between minutes.
+
+    python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
+    python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mojax.combiners import REGISTRY  # noqa: E402
+from mojax.rl.config import load_config  # noqa: E402
+from mojax.rl.trainer import Trainer  # noqa: E402
+from mojax.rl.update import Batch, denominators, minibatch_losses  # noqa: E402
+
+LETTERS = "abcdefghijklmnop"
+BASELINE = "linear/scalar"
+BOUND = "bound: fwd + n bwd"
+PEERS = "peers: n x (fwd + bwd)"
+TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
+FULL_TARGET = 1.1  # ratio of full mode to the bound
+
+
+class Contender(NamedTuple):
+    """One timed callable: its label, the combiner mode ("" for the reference passes) and its compile time."""
+
+    label: str
+    mode: str
+    call: Callable[[], Any]
+    compile_s: float
+
+
+# ------------------------------------------------------------------------------------------------ building
+def objectives_override(n: int) -> str:
+    """The ``objectives=[...]`` override: n ``char_fraction`` objectives, one letter each."""
+    entries = ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in LETTERS[:n])
+    return f"objectives=[{entries}]"
+
+
+def trainer_for(n: int, combiner: str, mode: str, output_dir: str) -> Trainer:
+    """A tiny-task trainer with n objectives, the given combiner and mode, no logging and no checkpoints."""
+    overrides = [
+        f"output_dir={output_dir}",
+        objectives_override(n),
+        f"combiner.name={combiner}",
+        f"combiner.mode={mode}",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+        "eval_steps=0",
+        "export=false",
+    ]
+    return Trainer(load_config("tiny", overrides))
+
+
+def modes(name: str) -> tuple[str, ...]:
+    """The modes a registered combiner supports."""
+    return ("probe", "full") if REGISTRY[name].uses_gram else ("scalar",)
+
+
+def timed_first(call: Callable[[], Any]) -> float:
+    """Seconds of the first call (trace, compile, run), then one more warm-up call."""
+    started = time.perf_counter()
+    jax.block_until_ready(call())
+    elapsed = time.perf_counter() - started
+    jax.block_until_ready(call())
+    return elapsed
+
+
+def update_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
+    """One ``Trainer.update`` on the fixed batch (the state it donates is replaced by the new one)."""
+    return lambda: trainer.update(batch, 1)
+
+
+def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], Any]]:
+    """The bound (one forward, n pullbacks) and the peers' n separate forward+backward passes, jitted.
+
+    They use a copy of the trainer's initial parameters (its own are donated by every update).
+    """
+    params = jax.tree.map(jnp.copy, trainer.state.params)
+    spec, n = trainer.update_spec, trainer.update_spec.num_objectives
+    beta = jnp.float32(trainer.kl_coef)
+
+    def vector_loss(p, b):
+        return minibatch_losses(trainer.policy, p, b, denominators(b.mask, spec), beta, spec)[0]
+
+    @jax.jit
+    def forward_n_backward(p, b):
+        _, pullback = jax.vjp(lambda q: vector_loss(q, b), p)
+        (stacked,) = jax.vmap(pullback)(jnp.eye(n + 1, dtype=jnp.float32)[:n])
+        return stacked
+
+    @jax.jit
+    def one_objective_grad(p, b, index):
+        return jax.grad(lambda q: vector_loss(q, b)[index])(p)
+
+    def peers():
+        return [one_objective_grad(params, batch, jnp.int32(i)) for i in range(n)]
+
+    return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers}
+
+
+def contenders(n: int, combiners: Sequence[str], workdir: str) -> list[Contender]:
+    """The baseline first, then every combiner x mode, then the two reference passes; all compiled and warm."""
+    linear = trainer_for(n, "linear", "scalar", workdir)
+    batch = linear.prepare(1).batch
+    jax.block_until_ready(batch)
+    references = reference_passes(linear, batch)
+    found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0)]
+    for name in combiners:
+        for mode in modes(name):
+            if (name, mode) == ("linear", "scalar"):
+                continue
+            call = update_call(trainer_for(n, name, mode, workdir), batch)
+            found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call)))
+    found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
+    found += [Contender(label, "", call, timed_first(call)) for label, call in references.items()]
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def one_round(entries: list[Contender], repeats: int, round_index: int) -> dict[str, float]:
+    """Each contender's median seconds over `repeats` calls, the contenders called in turn (order rotated)."""
+    times: dict[str, list[float]] = {entry.label: [] for entry in entries}
+    for repeat in range(repeats):
+        shift = (round_index * repeats + repeat) % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            started = time.perf_counter()
+            jax.block_until_ready(entry.call())
+            times[entry.label].append(time.perf_counter() - started)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list[dict[str, Any]]:
+    """One row per contender: its ratio to the linear step (and, for full mode, to the bound), median and spread."""
+    medians = [one_round(entries, repeats, r) for r in range(rounds)]
+    rows = []
+    for entry in entries:
+        to_linear = [m[entry.label] / m[BASELINE] for m in medians]
+        to_bound = [m[entry.label] / m[BOUND] for m in medians]
+        rows.append(
+            {
+                "n": n,
+                "contender": entry.label,
+                "mode": entry.mode,
+                "ratio_to_linear": statistics.median(to_linear),
+                "ratio_to_linear_spread": [min(to_linear), max(to_linear)],
+                "ratio_to_bound": statistics.median(to_bound),
+                "ratio_to_bound_spread": [min(to_bound), max(to_bound)],
+                "median_ms_per_round": [1e3 * m[entry.label] for m in medians],
+                "compile_s": entry.compile_s,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ verdict
+def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """The targets: scalar <= 1.02x linear, probe <= 1.15x linear at n = 3, full <= 1.1x the bound."""
+
+    def check(label: str, selected: list[dict[str, Any]], key: str, limit: float) -> str:
+        if not selected:
+            return f"- {label}: not measured in this run."
+        failing = [f"{r['contender']} at n={r['n']} ({r[key]:.2f}x)" for r in selected if r[key] > limit]
+        status = "met" if not failing else f"NOT met for {len(failing)} of {len(selected)}: " + ", ".join(failing)
+        return f"- {label}: {status}."
+
+    scalar = [r for r in rows if r["mode"] == "scalar" and r["contender"] != BASELINE]
+    probe = [r for r in rows if r["mode"] == "probe" and r["n"] == 3]
+    full = [r for r in rows if r["mode"] == "full"]
+    return [
+        check(f"scalar mode <= {TARGETS['scalar']}x linear", scalar, "ratio_to_linear", TARGETS["scalar"]),
+        check(f"probe mode <= {TARGETS['probe']}x linear at n = 3", probe, "ratio_to_linear", TARGETS["probe"]),
+        check(f"full mode <= {FULL_TARGET}x (forward + n backward)", full, "ratio_to_bound", FULL_TARGET),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine() -> dict[str, Any]:
+    """CPU model, core count, memory, library versions and devices."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "versions": {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")},
+        "jax_devices": [str(device) for device in jax.devices()],
+    }
+
+
+def load() -> str:
+    """The `uptime` line (load averages over 1, 5, 15 min)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def spread(pair: Sequence[float]) -> str:
+    return f"{pair[0]:.2f}-{pair[1]:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown page: conditions, verdict, one table row per n x contender."""
+    m = report["machine"]
+    lines = [
+        "# One RL update per combiner and mode, relative to the linear scalarisation step",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + f"; devices {len(m['jax_devices'])} x {m['jax_devices'][0].split(':')[0]}  ",
+        "The machine was shared with other jobs while this ran (load before/after below), so only ratios measured "
+        "in the same run are reported, never absolute speeds.  ",
+        f"Load before: `{report['load_before']}`  ",
+        f"Load after: `{report['load_after']}`  ",
+        f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (round-robin, order "
+        "rotated); ratio = median over rounds of (contender median / linear median in the same round); spread = "
+        "min-max over rounds. The tiny task: batch of "
+        f"{report['batch']} completions.",
+        "",
+        "## Targets",
+        "",
+        *report["verdict"],
+        "",
+        "## Ratios",
+        "",
+        "| n | contender | ratio to linear | spread | ratio to bound | spread | compile s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['n']} | {r['contender']} | {r['ratio_to_linear']:.2f} | {spread(r['ratio_to_linear_spread'])} | "
+            f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="2,3,5,8", help="comma-separated numbers of objectives")
+    parser.add_argument("--combiners", default=",".join(REGISTRY), help="comma-separated registry names")
+    parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 calls per round, 1 round")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for rl_step.*")
+    args = parser.parse_args(argv)
+    args.n = [int(v) for v in args.n.split(",")]
+    args.combiners = [c for c in args.combiners.split(",") if c]
+    unknown = [c for c in args.combiners if c not in REGISTRY]
+    if unknown or not all(1 < n <= len(LETTERS) for n in args.n):
+        parser.error(f"--combiners must be in {sorted(REGISTRY)} and --n in 2..{len(LETTERS)}; got {args}")
+    if args.quick:
+        args.repeats, args.rounds = 2, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report: dict[str, Any] = {
+        "command": "python " + shlex.join(["benchmarks/rl_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "load_before": load(),
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "rows": [],
+    }
+    tiny = load_config("tiny")
+    report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in args.n:
+            rows = measure(n, contenders(n, args.combiners, workdir), args.repeats, args.rounds)
+            report["rows"] += rows
+            for r in rows:
+                print(
+                    f"n={n} {r['contender']:<28} {r['ratio_to_linear']:.2f}x linear  {r['ratio_to_bound']:.2f}x bound"
+                )
+            sys.stdout.flush()
+            write(report, args.out)
+    print(markdown(report))
+    return report
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    """Write rl_step.json and rl_step.md (after every n, so a long run leaves its finished part)."""
+    report["load_after"] = load()
+    report["verdict"] = verdict(report["rows"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "rl_step.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

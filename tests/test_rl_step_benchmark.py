@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/rl_step.py: a --quick run at n = 2 with two combiners writes a consistent report."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
+
+
+@pytest.fixture(scope="module")
+def rl_step():
+    spec = importlib.util.spec_from_file_location("rl_step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
+    report = rl_step.main(["--quick", "--n", "2", "--combiners", "linear,pama", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "rl_step.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(report["rows"]))
+    labels = [row["contender"] for row in written["rows"]]
+    assert labels == [rl_step.BASELINE, "pama/scalar", rl_step.BOUND, rl_step.PEERS]
+    assert all(row["n"] == 2 for row in written["rows"])
+    baseline = written["rows"][0]
+    assert baseline["ratio_to_linear"] == 1.0
+    assert all(math.isfinite(row["ratio_to_linear"]) and row["ratio_to_linear"] > 0 for row in written["rows"])
+    bound = written["rows"][2]
+    assert bound["ratio_to_bound"] == 1.0
+    text = (tmp_path / "rl_step.md").read_text()
+    assert "| 2 | pama/scalar |" in text and "scalar mode <= 1.02x linear" in text
+    assert "probe mode <= 1.15x linear at n = 3: not measured" in text
+
+
+def test_modes_follow_the_registry(rl_step):
+    assert rl_step.modes("mgda") == ("probe", "full")
+    assert rl_step.modes("ctwa") == ("scalar",)
+
+
+def test_objectives_override_has_one_letter_per_objective(rl_step):
+    override = rl_step.objectives_override(3)
+    assert override.count("fn: char_fraction") == 3
+    assert all(f"chars: {c}" in override for c in "abc") and "chars: d" not in override
+
+
+def test_bad_arguments_are_refused(rl_step):
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--combiners", "no_such_combiner"])
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--n", "1"])
