@@ -9,6 +9,12 @@ per-device size of the sharded parameters plus both Adam moments.
 
     nice python benchmarks/plan_memory.py                   # 7B/13B/70B on 8, 64, 256 devices
     python benchmarks/plan_memory.py --models tiny --devices 8 --seq-len 64   # quick smoke run
+
+``--rl PROMPT_LEN,NEW_TOKENS,OBJECTIVES`` plans the whole RL step instead (:func:`plan_rl`: the rollout and the
+probe-mode train step with a vector critic, compiled separately), writing ``plan_memory_rl.{json,md}``:
+
+    nice python benchmarks/plan_memory.py --rl 1024,1024,3 --devices 8 64
+    python benchmarks/plan_memory.py --rl 16,8,3 --models tiny --devices 8 --out /tmp/x   # quick smoke run
 """
 
 from __future__ import annotations
@@ -128,7 +134,162 @@ def plan(model_name: str, preset: str, mesh_shape: tuple[int, int, int], seq_len
     }
 
 
-def run_child(devices: int, models: list[str], seq_len: int) -> None:
+def compiled_total(compiled) -> tuple[int, dict]:
+    """(bytes per device, the memory_analysis fields in GiB) of a compiled program: arguments + outputs - aliased +
+    temporaries."""
+    memory = compiled.memory_analysis()
+    parts = {
+        "arguments_gib": memory.argument_size_in_bytes / GIB,
+        "outputs_gib": memory.output_size_in_bytes / GIB,
+        "aliased_gib": memory.alias_size_in_bytes / GIB,
+        "temporaries_gib": memory.temp_size_in_bytes / GIB,
+    }
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return total, parts
+
+
+def abstract_output(fn, *args):
+    """The output of ``jax.jit(fn)(*args)`` as ShapeDtypeStructs carrying the shardings XLA propagates to it."""
+    import jax
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    return jax.tree.map(
+        lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
+        jax.eval_shape(fn, *args),
+        compiled.output_shardings,
+    )
+
+
+def plan_rl(
+    model_name: str, preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, new_tokens: int, n: int
+) -> dict:
+    """Compile the RL rollout and the probe-mode RL train step separately and return their per-device memory.
+
+    What the trainer holds for a full fine-tuning GAE run (``mojax.rl.trainer``): the policy (split for probe mode:
+    the final block apart), a frozen reference copy, a vector critic with n outputs (its own trunk), AdamW states of
+    both, the combiner state (MGDA). The rollout program samples ``new_tokens`` after ``prompt_len``-token prompts
+    with a KV cache, then scores the completions under the policy and the reference and runs the critic; the train
+    step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each program's memory is its
+    compiled arguments + outputs - aliased + temporaries, plus what stays resident on the device without being one of
+    its arguments (during the rollout: the optimizer and combiner states; during the update: the reference).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mojax.combiners import REGISTRY, make
+    from mojax.models import LlamaForCausalLM, LlamaValueModel
+    from mojax.models.generate import SamplingConfig, generate
+    from mojax.models.llama import default_probe_mask, merge_last_layer, split_last_layer
+    from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
+    from mojax.rl.trainer import critic_fn, response_fn
+    from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
+
+    config = model_config(model_name)
+    mesh = make_mesh(*mesh_shape)
+    tx = optax.adamw(1e-5)
+    combiner = make("mgda", n)
+
+    def sharded_params(factory):
+        graphdef, params, rest = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
+        shardings = state_shardings(params, mesh, preset)
+        params = jax.tree.map(
+            lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding), params, shardings
+        )
+        return graphdef, params, rest
+
+    with nnx.use_eager_sharding(False):
+        graphdef, params, rest = sharded_params(lambda: LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0)))
+        critic_def, critic_params, critic_rest = sharded_params(lambda: LlamaValueModel(config, n, rngs=nnx.Rngs(1)))
+    with jax.set_mesh(mesh):
+        split = abstract_output(split_last_layer, params)
+        state = TrainState(
+            params=split,
+            opt_state=abstract_output(tx.init, split),
+            combiner_state=abstract_output(combiner.init, split),
+            consecutive_skips=jax.ShapeDtypeStruct((), jnp.int32),
+            skipped_updates=jax.ShapeDtypeStruct((), jnp.int32),
+            critic_params=critic_params,
+            critic_opt_state=abstract_output(tx.init, critic_params),
+        )
+    batch_size = mesh_shape[0] * mesh_shape[1]
+    rows = batch_sharding(mesh)
+
+    def array(shape, dtype):
+        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=rows)
+
+    prompts = (array((prompt_len,), jnp.int32), array((prompt_len,), jnp.int32))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    policy = response_fn(graphdef, rest, split=True)
+    critic = critic_fn(critic_def, critic_rest)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=(2,), pad_token_id=0)
+
+    def rollout(params, reference, critic_params, prompt_ids, prompt_mask, key):
+        model = nnx.merge(graphdef, merge_last_layer(params), rest)
+        out = generate(model, prompt_ids, prompt_mask, key, sampling)
+        old_logp, _ = policy(params, prompt_ids, prompt_mask, out.tokens, out.response_mask)
+        ref_logp, _ = policy(reference, prompt_ids, prompt_mask, out.tokens, out.response_mask)
+        values = critic(critic_params, prompt_ids, prompt_mask, out.tokens, out.response_mask)
+        return out.tokens, out.response_mask, old_logp, ref_logp, values
+
+    batch = Batch(
+        prompt_ids=prompts[0],
+        prompt_mask=prompts[1],
+        tokens=array((new_tokens,), jnp.int32),
+        mask=array((new_tokens,), jnp.float32),
+        old_logp=array((new_tokens,), jnp.float32),
+        ref_logp=array((new_tokens,), jnp.float32),
+        advantages=array((n, new_tokens), jnp.float32),
+        rewards=array((n,), jnp.float32),
+        group_ids=array((), jnp.int32),
+        values=array((n, new_tokens), jnp.float32),
+        returns=array((n, new_tokens), jnp.float32),
+    )
+    spec = UpdateSpec(mode="probe", num_objectives=n, combiner_name="mgda", reads=REGISTRY["mgda"].reads)
+    flags = jax.tree.leaves(default_probe_mask(split))
+    train_step = make_train_step(policy, combiner, tx, spec, flags, critic, tx)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        rollout_compiled = jax.jit(rollout).lower(split, split, critic_params, *prompts, key).compile()
+        rollout_s = time.perf_counter() - start
+        beta = jax.ShapeDtypeStruct((), jnp.float32)
+        train_compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch, key, beta).compile()
+    train_s = time.perf_counter() - start - rollout_s
+    rollout_bytes, rollout_parts = compiled_total(rollout_compiled)
+    train_bytes, train_parts = compiled_total(train_compiled)
+    optimizer_bytes = per_device_bytes((state.opt_state, state.combiner_state, state.critic_opt_state))
+    reference_bytes = per_device_bytes(split)
+    rollout_gib = (rollout_bytes + optimizer_bytes) / GIB
+    train_gib = (train_bytes + reference_bytes) / GIB
+    return {
+        "model": model_name,
+        "params": sum(leaf.size for leaf in jax.tree.leaves(params)),
+        "devices": math.prod(mesh_shape),
+        "rules": preset,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=False)),
+        "batch": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "objectives": n,
+        "rollout": rollout_parts,
+        "train": train_parts,
+        "resident_in_rollout_gib": optimizer_bytes / GIB,
+        "resident_in_update_gib": reference_bytes / GIB,
+        "rollout_gib": rollout_gib,
+        "update_gib": train_gib,
+        "peak_gib": max(rollout_gib, train_gib),
+        "fits_80gib": max(rollout_gib, train_gib) <= 80.0,
+        "compile_s": round(rollout_s + train_s, 1),
+    }
+
+
+def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None) -> None:
     """Plan every model and layout for this process's simulated device count, one JSON line each."""
     import jax
 
@@ -136,13 +297,20 @@ def run_child(devices: int, models: list[str], seq_len: int) -> None:
         raise ValueError(f"expected {devices} simulated devices, jax sees {jax.device_count()}")
     for model_name in models:
         for preset, mesh_shape in layouts(devices):
-            print(json.dumps(plan(model_name, preset, mesh_shape, seq_len)), flush=True)
+            row = (
+                plan(model_name, preset, mesh_shape, seq_len)
+                if rl is None
+                else plan_rl(model_name, preset, mesh_shape, *rl)
+            )
+            print(json.dumps(row), flush=True)
 
 
-def spawn(devices: int, models: list[str], seq_len: int) -> list[dict]:
+def spawn(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None = None) -> list[dict]:
     """Re-execute this script with ``devices`` simulated CPU devices and collect its rows."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, __file__, "--child", str(devices), "--models", *models, "--seq-len", str(seq_len)]
+    if rl is not None:
+        command += ["--rl", ",".join(map(str, rl))]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -186,6 +354,8 @@ def cell(key: str, row: dict) -> str:
         return "×".join(str(value[a]) for a in ("data", "fsdp", "tensor"))
     if key.endswith("_gib"):
         return f"{value:.2f}"
+    if key == "fits_80gib":
+        return "yes" if value else "no"
     return str(value)
 
 
@@ -208,29 +378,78 @@ def markdown(rows: list[dict], command: str, machine_line: str, seq_len: int) ->
     return "\n".join(lines) + "\n"
 
 
+RL_COLUMNS = (
+    ("model", "model"),
+    ("devices", "devices"),
+    ("rules", "rules"),
+    ("mesh", "mesh d×f×t"),
+    ("batch", "completions"),
+    ("rollout_gib", "rollout"),
+    ("update_gib", "update"),
+    ("peak_gib", "peak"),
+    ("fits_80gib", "fits 80 GiB"),
+    ("compile_s", "compile s"),
+)
+
+
+def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, int, int]) -> str:
+    """The RL-step plan as a markdown document: per-device GiB of the rollout and of the update, and the peak."""
+    prompt_len, new_tokens, n = rl
+    lines = [
+        "# Planned per-device memory of one RL step (probe mode, vector critic)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_line}  ",
+        f"One completion of {prompt_len} prompt + {new_tokens} new tokens per (data × fsdp) shard, n = {n} "
+        "objectives, MGDA in probe mode (final block), full fine-tuning: policy (fp32 master weights, bf16 compute, "
+        "rematerialised layers), frozen reference copy, vector critic (own trunk, n outputs), AdamW for both, combiner "
+        "state. The rollout (sampling with a bf16 KV cache, then policy and reference log-probs and critic values) and "
+        "the train step are lowered and compiled separately; each figure is the program's arguments + outputs - "
+        "aliased + temporaries from `compiled.memory_analysis()`, plus what stays resident without being one of its "
+        "arguments (rollout: optimizer and combiner states; update: the reference). GiB per device.",
+        "",
+        "| " + " | ".join(title for _, title in RL_COLUMNS) + " |",
+        "|" + "---|" * len(RL_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(cell(key, row) for key, _ in RL_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--devices", nargs="+", type=int, default=list(DEVICE_COUNTS))
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument(
+        "--rl", help="plan the RL step instead: PROMPT_LEN,NEW_TOKENS,OBJECTIVES (e.g. 1024,1024,3)", default=None
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    rl = None if args.rl is None else tuple(int(v) for v in args.rl.split(","))
+    if rl is not None and (len(rl) != 3 or min(rl) < 1):
+        parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
     if args.child is not None:
-        run_child(args.child, args.models, args.seq_len)
+        run_child(args.child, args.models, args.seq_len, rl)
         return
     command = "python benchmarks/plan_memory.py " + " ".join(sys.argv[1:])
+    columns = COLUMNS if rl is None else RL_COLUMNS
     rows = []
     for devices in args.devices:
-        for row in spawn(devices, args.models, args.seq_len):
+        for row in spawn(devices, args.models, args.seq_len, rl):
             rows.append(row)
-            print(" | ".join(f"{title}: {cell(key, row)}" for key, title in COLUMNS), flush=True)
+            print(" | ".join(f"{title}: {cell(key, row)}" for key, title in columns), flush=True)
     machine_line = machine()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"command": command.strip(), "machine": machine_line, "seq_len": args.seq_len, "rows": rows}
-    (args.out / "plan_memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(rows, command.strip(), machine_line, args.seq_len)
-    (args.out / "plan_memory.md").write_text(table)
+    name = "plan_memory" if rl is None else "plan_memory_rl"
+    report = {"command": command.strip(), "machine": machine_line, "seq_len": args.seq_len, "rl": rl, "rows": rows}
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = (
+        markdown(rows, command.strip(), machine_line, args.seq_len)
+        if rl is None
+        else rl_markdown(rows, command.strip(), machine_line, rl)
+    )
+    (args.out / f"{name}.md").write_text(table)
     print(table)
 
 

@@ -14,7 +14,9 @@ The combiner mode is chosen from the registry:
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullback vmapped over n unit
   cotangents; XLA prunes everything but the probe part) go through the combiner, whose weights w then weight one
   backward pass of sum_i sg(w_i) L_i + shared over every parameter. With micro-batches this takes two passes.
-* ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory).
+* ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
+  shared term's gradient is one more pullback, added after the combination, and skipped when the term is zero
+  (beta 0 and no entropy bonus, the default), so the update then costs one forward and n backward passes.
 
 A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer and combiner state
 unchanged, as ``optax.apply_if_finite`` does) and is counted.
@@ -212,6 +214,21 @@ def objective_cosines(stacked: Any) -> jax.Array:
     return cosines
 
 
+def shared_term_is_zero(spec: UpdateSpec, beta: jax.Array) -> jax.Array:
+    """bool[] (traced): whether the shared term beta KL - entropy_coef H is identically zero in this update.
+
+    It is when there is no entropy bonus and the KL is not in the loss or beta is 0 (the default fixed controller
+    with beta 0). Its gradient is then exactly zero, so full mode skips its pullback: the (n + 1)-th backward
+    pass. Otherwise the pullback is needed: the shared term cannot be folded into the per-objective cotangents
+    without changing the Gram the combiner sees, and so its weights.
+    """
+    if spec.entropy_coef != 0.0:
+        return jnp.zeros((), jnp.bool_)
+    if not spec.kl_in_loss:
+        return jnp.ones((), jnp.bool_)
+    return jnp.asarray(beta) == 0.0
+
+
 def all_finite(*trees: Any) -> jax.Array:
     """Whether every array leaf of every tree is finite (f32/bool scalar, traced)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]))
@@ -284,21 +301,28 @@ def make_train_step(
         return _accumulate(grads_of, micro_batches)
 
     def per_objective(params, micro_batches, divide, beta):
-        """Stacked gradients f[n + 1, ...] of [L_1..L_n, shared], summed over micro-batches."""
+        """(stacked gradients f[n, ...] of L_1..L_n, gradient of the shared term), summed over micro-batches.
+
+        The shared term's pullback is the (n + 1)-th backward pass; it is skipped when the term is zero
+        (:func:`shared_term_is_zero`), where its gradient is exactly zero.
+        """
+        skip_shared = shared_term_is_zero(spec, beta)
 
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            (stacked,) = jax.vmap(pullback)(eye)
-            return stacked, vector, metrics
+            (stacked,) = jax.vmap(pullback)(eye[:n])
+            shared = jax.lax.cond(
+                skip_shared, lambda: jax.tree.map(jnp.zeros_like, params), lambda: pullback(eye[n])[0]
+            )
+            return (stacked, shared), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
     def combine_full(params, micro_batches, divide, beta, combiner_state, batch):
-        stacked, vector, metrics = per_objective(params, micro_batches, divide, beta)
-        objectives = jax.tree.map(lambda g: g[:n], stacked)
+        (objectives, shared), vector, metrics = per_objective(params, micro_batches, divide, beta)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
-        grads = jax.tree.map(lambda c, g: c + g[n], combined, stacked)
+        grads = jax.tree.map(jnp.add, combined, shared)
         return grads, vector, metrics, combiner_state, objective_cosines(objectives)
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):

@@ -1,0 +1,299 @@
+"""SmolLM2-135M-Instruct (real weights, fp32): mojax against HF transformers + torch eager, whole and by piece.
+
+Both sides run the same weights: the GGUF file is loaded with ``mojax.models.hf.load_causal_lm`` (dequantized to fp32)
+and exported with ``save_pretrained`` for ``transformers.LlamaForCausalLM``. On a [B, T] batch of random token ids:
+
+* ``forward``: the logits (torch under ``inference_mode``);
+* ``forward+backward``: next-token cross-entropy (HF's ``labels=input_ids`` loss) and its gradient w.r.t. every
+  parameter (no optimizer); mojax's loss is logsumexp minus the one-hot inner product (``benchmarks/model.py``);
+* ``trunk forward+backward``: embedding + decoder layers + final norm, loss <hidden, R> with a fixed random R, so the
+  LM head and cross-entropy are out;
+* ``head+CE forward+backward``: the tied LM head and the cross-entropy on fixed random hidden states, gradients w.r.t.
+  the embedding and the hidden states;
+* ``trunk forward``: the hidden states alone.
+
+The pieces say where the whole step's time goes on each side. mojax's variants of the whole step (``--variants``):
+``scan`` (the default model: a ``lax.scan`` over the stacked layers), ``unrolled`` (the layer scan fully unrolled),
+``remat`` (``remat=True``: each layer recomputed in the backward).
+
+Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
+times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
+gives the median over rounds and the min-max spread. The machine these figures come from is a shared, loaded 2-core
+CPU: only same-run ratios are meaningful.
+
+    MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/model_real.py
+    python benchmarks/model_real.py --pieces forward --rounds 1 --repeats 1 --out /tmp/x   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
+
+TORCH_THREADS = 2
+PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
+VARIANTS = ("scan", "unrolled", "remat")
+
+
+def gguf_path() -> Path:
+    """The SmolLM2 GGUF file under ``$MOJAX_CACHE`` (default ~/.cache/mojax)."""
+    root = Path(os.environ.get("MOJAX_CACHE", Path.home() / ".cache" / "mojax"))
+    return root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def next_token_loss(logits, ids):
+    """Mean next-token cross-entropy (logsumexp - <logits, one_hot>), as in benchmarks/model.py."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.sum(logits * jax.nn.one_hot(ids[:, 1:], logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
+
+
+def with_unrolled_scan(fn: Callable) -> Callable:
+    """``fn`` traced with every ``lax.scan`` fully unrolled (the layer scan becomes straight-line code)."""
+    scan = jax.lax.scan
+
+    def unrolled_scan(f, init, xs=None, length=None, **kwargs):
+        kwargs["unroll"] = True
+        return scan(f, init, xs, length, **kwargs)
+
+    def wrapped(*args):
+        jax.lax.scan = unrolled_scan
+        try:
+            return fn(*args)
+        finally:
+            jax.lax.scan = scan
+
+    return wrapped
+
+
+def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, dict[str, Callable[[], object]]]:
+    """piece -> {contender label -> zero-argument call}, every call jitted and blocking."""
+    graphdef, state = nnx.split(model)
+    remat_graphdef, _ = nnx.split(load_remat_twin(model))
+
+    def whole_loss(graph):
+        return lambda s, i: next_token_loss(nnx.merge(graph, s)(i)[0], i)
+
+    def trunk_loss(s, i, r):
+        return jnp.sum(nnx.merge(graphdef, s).hidden_states(i)[0] * r)
+
+    def head_loss(s, h, i):
+        return next_token_loss(nnx.merge(graphdef, s).logits(h), i)
+
+    step = {
+        "scan": jax.jit(jax.value_and_grad(whole_loss(graphdef))),
+        "unrolled": jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdef)))),
+        "remat": jax.jit(jax.value_and_grad(whole_loss(remat_graphdef))),
+    }
+    forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
+    trunk = jax.jit(jax.value_and_grad(trunk_loss))
+    head = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))
+    trunk_forward = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)[0])
+    block = jax.block_until_ready
+    return {
+        "forward": {"mojax": lambda: block(forward(state, ids))},
+        "forward+backward": {f"mojax {v}": (lambda f=step[v]: block(f(state, ids))) for v in variants},
+        "trunk forward+backward": {"mojax": lambda: block(trunk(state, ids, probe))},
+        "head+CE forward+backward": {"mojax": lambda: block(head(state, hidden, ids))},
+        "trunk forward": {"mojax": lambda: block(trunk_forward(state, ids))},
+    }
+
+
+def load_remat_twin(model):
+    """The same model with ``remat=True`` (shares the arrays: only the graph differs)."""
+    from mojax.models.llama import LlamaForCausalLM
+
+    twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=True, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(twin)
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def torch_pieces(torch_model, ids, hidden, probe) -> dict[str, Callable[[], object]]:
+    """piece -> the torch call (eager, fp32, parameters' .grad reset before each backward)."""
+    import torch
+
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    hidden_t = torch.from_numpy(hidden).requires_grad_(True)
+    probe_t = torch.from_numpy(probe)
+
+    def forward():
+        with torch.inference_mode():
+            return torch_model(input_ids=ids_t).logits
+
+    def forward_backward():
+        torch_model.zero_grad(set_to_none=True)
+        loss = torch_model(input_ids=ids_t, labels=ids_t).loss
+        loss.backward()
+        return loss
+
+    def trunk():
+        torch_model.zero_grad(set_to_none=True)
+        loss = (torch_model.model(input_ids=ids_t).last_hidden_state * probe_t).sum()
+        loss.backward()
+        return loss
+
+    def head():
+        torch_model.zero_grad(set_to_none=True)
+        hidden_t.grad = None
+        logits = torch_model.lm_head(hidden_t)[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids_t[:, 1:].reshape(-1))
+        loss.backward()
+        return loss
+
+    def trunk_forward():
+        with torch.inference_mode():
+            return torch_model.model(input_ids=ids_t).last_hidden_state
+
+    return dict(zip(PIECES, (forward, forward_backward, trunk, head, trunk_forward), strict=True))
+
+
+def measure(calls: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict:
+    """First-call seconds and, per round, each contender's median seconds (interleaved, order rotated)."""
+    names = list(calls)
+    first = {}
+    for name in names:
+        started = time.perf_counter()
+        calls[name]()
+        first[name] = time.perf_counter() - started
+        calls[name]()
+    medians = {name: [] for name in names}
+    for index in range(rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        times = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in order:
+                started = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - started)
+        for name in names:
+            medians[name].append(statistics.median(times[name]))
+    return {"first_call_s": first, "round_medians_s": medians}
+
+
+def rows_for(piece: str, timing: dict) -> list[dict]:
+    """One row per mojax contender of a piece: median ms of both sides and torch/mojax ratio (median, min, max)."""
+    medians = timing["round_medians_s"]
+    torch_s = medians["torch"]
+    rows = []
+    for name, values in medians.items():
+        if name == "torch":
+            continue
+        ratios = [t / m for t, m in zip(torch_s, values, strict=True)]
+        rows.append(
+            {
+                "piece": piece,
+                "contender": name,
+                "mojax_ms": 1e3 * statistics.median(values),
+                "torch_ms": 1e3 * statistics.median(torch_s),
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "mojax_first_call_s": timing["first_call_s"][name],
+            }
+        )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# SmolLM2-135M-Instruct, fp32 CPU: mojax against transformers + torch eager, whole step and pieces",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Batch: {report['batch']} tokens; torch threads {TORCH_THREADS}; jax {jax.__version__}  ",
+        f"Load average (1/5/15 min) before: {report['load_before']}, after: {report['load_after']} (shared machine: "
+        "only same-run ratios are meaningful)  ",
+        f"{report['rounds']} rounds of {report['repeats']} interleaved calls; ratio = torch median / mojax median in "
+        "the same round (> 1: mojax faster), median over rounds and min-max. Parity: max |logits difference| "
+        f"{report['max_abs_logits_diff']:.2e}, loss mojax {report['loss_mojax']:.6f} / torch {report['loss_torch']:.6f}.",
+        "",
+        "| piece | mojax | mojax ms | torch ms | ratio torch/mojax | spread | mojax first call s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['piece']} | {r['contender']} | {r['mojax_ms']:.0f} | {r['torch_ms']:.0f} | {r['ratio']:.2f} | "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['mojax_first_call_s']:.1f} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="4x128", help="B x T tokens")
+    parser.add_argument("--pieces", default=",".join(PIECES), help=f"comma-separated subset of {PIECES}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"mojax forward+backward variants {VARIANTS}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    args.shape = tuple(int(v) for v in args.batch.lower().split("x"))
+    args.pieces = args.pieces.split(",")
+    args.variants = args.variants.split(",")
+    if set(args.pieces) - set(PIECES) or set(args.variants) - set(VARIANTS) or len(args.shape) != 2:
+        parser.error(f"--pieces in {PIECES}, --variants in {VARIANTS}, --batch as BxT; got {args}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+    from transformers import LlamaForCausalLM as TorchLlama
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(TORCH_THREADS)
+    hf_logging.disable_progress_bar()
+    report = {
+        "command": "python " + shlex.join(["benchmarks/model_real.py", *(sys.argv[1:] if argv is None else argv)]),
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "rows": [],
+    }
+    model = load_causal_lm(gguf_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        torch_model = TorchLlama.from_pretrained(tmp, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    batch, length = args.shape
+    ids = rng.integers(3, model.config.vocab_size, size=(batch, length)).astype(np.int32)
+    hidden = rng.normal(size=(batch, length, model.config.hidden_size)).astype(np.float32)
+    probe = rng.normal(size=hidden.shape).astype(np.float32)
+    ours = mojax_pieces(model, jnp.asarray(ids), jnp.asarray(hidden), jnp.asarray(probe), args.variants)
+    theirs = torch_pieces(torch_model, ids, hidden, probe)
+    logits = np.asarray(ours["forward"]["mojax"]())
+    report["max_abs_logits_diff"] = float(np.abs(logits - theirs["forward"]().numpy()).max())
+    report["loss_mojax"] = float(next_token_loss(jnp.asarray(logits), jnp.asarray(ids)))
+    report["loss_torch"] = float(theirs["forward+backward"]().detach())
+    for piece in args.pieces:
+        timing = measure({**ours[piece], "torch": theirs[piece]}, args.rounds, args.repeats)
+        report["rows"] += rows_for(piece, timing)
+        report["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        print(markdown(report), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model_real.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "model_real.md").write_text(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

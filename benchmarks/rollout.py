@@ -1,0 +1,252 @@
+"""Rollout throughput on SmolLM2-135M-Instruct: the trainer's rollout against transformers ``generate``.
+
+The trainer is built from ``examples/smollm2_reviews.yaml`` (the real GGUF weights through ``MOJAX_CACHE``, its
+chat-templated movie-review prompts, temperature 0.8, 24 new tokens; LoRA off here so that both sides run the same
+dense weights). A batch of B completions is B / 4 prompts times 4 generations, exactly as ``Trainer.prepare`` builds
+it. Contenders, all on the same left-padded prompt ids and the same sampling settings (temperature, no top-k, no
+top-p, every row runs the full ``max_new_tokens``: no early stop, so every side produces the same number of tokens):
+
+* ``mojax generate``: ``mojax.models.generate.generate`` (jit, KV cache), the sampling part of the rollout;
+* ``mojax trainer rollout``: ``Trainer.rollout`` (``mojax.rl.rollout.sample_rollout``): the sampling plus the
+  policy's log-probabilities of the sampled tokens (one training forward; the reference model is off here);
+* ``torch generate``: HF ``LlamaForCausalLM.generate(do_sample=True, min_new_tokens=max_new_tokens)`` (eager fp32,
+  KV cache) on the same weights (exported with ``mojax.models.hf.save_pretrained``).
+
+Timing: compile and warm-up first, then ``--rounds`` rounds of ``--repeats`` calls of each contender in turn (order
+rotated); a ratio is mojax's completions/s over torch's in the same round; the table gives the median ratio over rounds
+and its min-max spread. The machine is a shared 2-core CPU: only the same-run ratios mean anything.
+
+    MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rollout.py --batch 16,64
+    python benchmarks/rollout.py --batch 4 --max-new-tokens 4 --rounds 1 --repeats 1 --out /tmp/x   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mojax.models.generate import SamplingConfig, generate  # noqa: E402
+from mojax.models.hf import save_pretrained  # noqa: E402
+from mojax.rl.config import load_config  # noqa: E402
+from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
+from mojax.rl.trainer import Trainer  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
+GENERATIONS = 4
+TORCH_THREADS = 2
+
+
+def trainer_for(max_new_tokens: int, output_dir: str) -> Trainer:
+    """The SmolLM2 example's trainer without LoRA, reference model, logging or checkpoints."""
+    overrides = [
+        f"output_dir={output_dir}",
+        "lora.rank=0",
+        "kl.beta=0.0",
+        "kl.log_kl=false",
+        f"rollout.max_completion_length={max_new_tokens}",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+        "eval_steps=0",
+        "export=false",
+    ]
+    return Trainer(load_config(str(EXAMPLE), overrides))
+
+
+def prompt_batch(trainer: Trainer, batch: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """(prompt rows, ids i32[batch, P], mask) : batch / GENERATIONS prompts of the training data, each repeated."""
+    rows = [trainer.train_prompts[i % len(trainer.train_prompts)] for i in range(batch // GENERATIONS)]
+    rollout = trainer.config.rollout
+    ids, mask = encode_prompts(
+        trainer.tokenizer,
+        [row["prompt"] for row in rows],
+        max_length=rollout.max_prompt_length,
+        truncate=rollout.truncate_prompts,
+        bucket_multiple=rollout.prompt_bucket_multiple,
+    )
+    ids, mask, _ = repeat_prompts(ids, mask, GENERATIONS)
+    return rows, ids, mask
+
+
+def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConfig) -> dict[str, Callable[[], None]]:
+    """The three timed callables on one prompt batch (fresh PRNG keys and torch seeds per call)."""
+    import torch
+
+    rows, ids, mask = prompt_batch(trainer, batch)
+    ids_torch, mask_torch = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+    model = trainer.policy_model()
+    calls = {"count": 0}
+
+    def key() -> jax.Array:
+        calls["count"] += 1
+        return jax.random.key(calls["count"])
+
+    def mojax_generate():
+        jax.block_until_ready(generate(model, ids, mask, key(), sampling).tokens)
+
+    def mojax_rollout():
+        jax.block_until_ready(trainer.rollout(rows, key(), sampling, GENERATIONS).old_logp)
+
+    def torch_generate():
+        torch.manual_seed(calls["count"])
+        with torch.inference_mode():
+            torch_model.generate(
+                input_ids=ids_torch,
+                attention_mask=mask_torch,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=sampling.max_new_tokens,
+                min_new_tokens=sampling.max_new_tokens,
+                pad_token_id=sampling.pad_token_id,
+                use_cache=True,
+            )
+
+    return {"mojax generate": mojax_generate, "mojax trainer rollout": mojax_rollout, "torch generate": torch_generate}
+
+
+def measure(calls: dict[str, Callable[[], None]], rounds: int, repeats: int) -> dict:
+    """First-call seconds, then per round the median seconds of each contender (calls interleaved, order rotated)."""
+    names = list(calls)
+    first = {}
+    for name in names:
+        started = time.perf_counter()
+        calls[name]()
+        first[name] = time.perf_counter() - started
+        calls[name]()
+    medians = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        times = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in order:
+                started = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - started)
+        for name in names:
+            medians[name].append(statistics.median(times[name]))
+    return {"first_call_s": first, "round_medians_s": medians}
+
+
+def summary_rows(batch: int, timing: dict) -> list[dict]:
+    """One row per mojax contender: completions/s and the same-round ratio to torch (median, min, max)."""
+    medians = timing["round_medians_s"]
+    torch_s = medians["torch generate"]
+    rows = []
+    for name in ("mojax generate", "mojax trainer rollout", "torch generate"):
+        ratios = [t / m for t, m in zip(torch_s, medians[name], strict=True)]
+        rows.append(
+            {
+                "batch": batch,
+                "contender": name,
+                "completions_per_s": batch / statistics.median(medians[name]),
+                "ratio_to_torch": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "first_call_s": timing["first_call_s"][name],
+                "round_medians_s": medians[name],
+            }
+        )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Rollout throughput: SmolLM2-135M-Instruct, mojax against transformers generate (CPU, fp32)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Settings: {report['settings']}  ",
+        f"Load average (1/5/15 min) before: {report['load_average_before']}, after: {report['load_average_after']} "
+        "(shared 2-core machine: only same-run ratios are meaningful)  ",
+        f"{report['rounds']} rounds of {report['repeats']} interleaved calls; ratio = mojax completions/s over torch's "
+        "in the same round (median over rounds, min-max).",
+        "",
+        "| batch | contender | completions/s | ratio to torch generate | spread | first call s |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['contender']} | {r['completions_per_s']:.2f} | {r['ratio_to_torch']:.2f} | "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['first_call_s']:.1f} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="16,64", help="comma-separated completions per rollout (multiples of 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    if any(b < GENERATIONS or b % GENERATIONS for b in args.batch):
+        parser.error(f"--batch sizes must be positive multiples of {GENERATIONS}, got {args.batch}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+    from transformers import LlamaForCausalLM as TorchLlama
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(TORCH_THREADS)
+    hf_logging.disable_progress_bar()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trainer_for(args.max_new_tokens, f"{tmp}/run")
+        save_pretrained(trainer.policy_model(), f"{tmp}/hf")
+        torch_model = TorchLlama.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=trainer.config.rollout.temperature,
+            stop_token_ids=(),
+            pad_token_id=trainer.sampling.pad_token_id,
+        )
+        rows = []
+        for batch in args.batch:
+            timing = measure(contenders(trainer, torch_model, batch, sampling), args.rounds, args.repeats)
+            rows += summary_rows(batch, timing)
+            print(markdown({**_header(args, argv, sampling, load_before), "rows": rows}), flush=True)
+        trainer.close()
+    report = {**_header(args, argv, sampling, load_before), "rows": rows}
+    text = markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rollout.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "rollout.md").write_text(text)
+    return report
+
+
+def _header(args, argv, sampling: SamplingConfig, load_before) -> dict:
+    return {
+        "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": (
+            f"{GENERATIONS} generations per prompt, temperature {sampling.temperature}, {sampling.max_new_tokens} new "
+            "tokens (no early stop), no top-k / top-p, fp32, torch threads 2"
+        ),
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Full mode's update equals its definition: combiner(per-objective gradients) + gradient of the shared term.
+
+The reference builds the n + 1 gradients of [L_1 .. L_n, shared] with ``jax.jacrev`` of the vector loss (the way the
+update computed them before it skipped the shared term's pullback when that term is zero) on a small softmax policy,
+so the check is cheap and independent of the update's vmapped pullbacks and ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mojax.combiners import REGISTRY, make
+from mojax.rl.update import (
+    Batch,
+    TrainState,
+    UpdateSpec,
+    denominators,
+    make_train_step,
+    minibatch_losses,
+    shared_term_is_zero,
+)
+
+N, B, P, T, V, D = 2, 4, 2, 3, 5, 3
+
+
+def policy(params, prompt_ids, prompt_mask, tokens, mask):
+    """A one-layer softmax policy over V tokens: (log-probs of `tokens` f32[B, T], entropies f32[B, T])."""
+    del prompt_ids, prompt_mask, mask
+    logits = params["embed"][tokens] @ params["head"]
+    logp_all = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+    return picked, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+@functools.cache
+def inputs() -> tuple[dict, Batch]:
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+        "head": jnp.asarray(rng.normal(size=(D, V)), jnp.float32),
+    }
+    tokens = jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32)
+    logp, _ = policy(params, None, None, tokens, None)
+    batch = Batch(
+        prompt_ids=jnp.zeros((B, P), jnp.int32),
+        prompt_mask=jnp.ones((B, P), jnp.int32),
+        tokens=tokens,
+        mask=jnp.asarray([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], jnp.float32),
+        old_logp=logp + jnp.asarray(rng.normal(scale=0.1, size=(B, T)), jnp.float32),
+        ref_logp=logp + jnp.asarray(rng.normal(scale=0.3, size=(B, T)), jnp.float32),
+        advantages=jnp.asarray(rng.normal(size=(B, N, T)), jnp.float32),
+        rewards=jnp.asarray(rng.normal(size=(B, N)), jnp.float32),
+        group_ids=jnp.asarray([0, 0, 1, 1], jnp.int32),
+    )
+    return params, batch
+
+
+def spec_for(name: str, entropy_coef: float) -> UpdateSpec:
+    return UpdateSpec(
+        mode="full", num_objectives=N, combiner_name=name, reads=REGISTRY[name].reads, entropy_coef=entropy_coef
+    )
+
+
+def reference_params(name: str, beta: float, entropy_coef: float) -> dict:
+    """SGD (learning rate 1) on combiner(g_1 .. g_n) + g_shared, the n + 1 gradients from jax.jacrev."""
+    params, batch = inputs()
+    spec = spec_for(name, entropy_coef)
+    divide = denominators(batch.mask, spec)
+    vector = lambda p: minibatch_losses(policy, p, batch, divide, jnp.float32(beta), spec)[0]  # noqa: E731
+    stacked = jax.jacrev(vector)(params)
+    combiner = make(name, N)
+    extras = {"losses": vector(params)[:N]} if "losses" in spec.reads else {}
+    combined, _ = combiner.update(jax.tree.map(lambda g: g[:N], stacked), combiner.init(params), params, **extras)
+    return jax.tree.map(lambda p, c, g: p - (c + g[N]), params, combined, stacked)
+
+
+@functools.cache
+def compiled_step(name: str, entropy_coef: float):
+    """The jitted full-mode step (beta is traced: one compilation serves every beta)."""
+    return jax.jit(make_train_step(policy, make(name, N), optax.sgd(1.0), spec_for(name, entropy_coef)))
+
+
+def full_mode_params(name: str, beta: float, entropy_coef: float) -> dict:
+    params, batch = inputs()
+    combiner, optimizer = make(name, N), optax.sgd(1.0)
+    step = compiled_step(name, entropy_coef)
+    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta))
+    assert int(metrics["skipped"]) == 0
+    return new_state.params
+
+
+@pytest.mark.parametrize(
+    ("name", "beta", "entropy_coef"),
+    [("mgda", 0.0, 0.0), ("mgda", 0.5, 0.0), ("mgda", 0.0, 0.1), ("mgda", 0.5, 0.1), ("upgrad", 0.5, 0.0)],
+)
+def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(name, beta, entropy_coef):
+    got, want = full_mode_params(name, beta, entropy_coef), reference_params(name, beta, entropy_coef)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+
+
+def test_the_shared_term_changes_the_update_when_it_is_on():
+    off, on = full_mode_params("mgda", 0.0, 0.0), full_mode_params("mgda", 0.5, 0.1)
+    assert (
+        max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(on), strict=True))
+        > 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("kl_in_loss", "entropy_coef", "beta", "zero"),
+    [(True, 0.0, 0.0, True), (True, 0.0, 0.1, False), (False, 0.0, 0.1, True), (True, 0.1, 0.0, False)],
+)
+def test_the_shared_term_is_zero_only_without_entropy_bonus_and_kl_in_the_loss(kl_in_loss, entropy_coef, beta, zero):
+    spec = UpdateSpec("full", N, "mgda", (), kl_in_loss=kl_in_loss, entropy_coef=entropy_coef)
+    assert bool(shared_term_is_zero(spec, jnp.float32(beta))) is zero
