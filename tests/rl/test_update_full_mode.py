@@ -8,6 +8,7 @@ so the check is cheap and independent of the update's vmapped pullbacks and ``la
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +122,16 @@ def test_the_shared_term_changes_the_update_when_it_is_on():
 def test_the_shared_term_is_zero_only_without_entropy_bonus_and_kl_in_the_loss(kl_in_loss, entropy_coef, beta, zero):
     spec = UpdateSpec("full", N, "mgda", (), kl_in_loss=kl_in_loss, entropy_coef=entropy_coef)
     assert bool(shared_term_is_zero(spec, jnp.float32(beta))) is zero
+
+
+def test_the_logged_cosines_reuse_the_combiners_gram():
+    """XLA merges the cosine matrix's Gram with the combiner's: one n x n dot per parameter leaf outside the rare
+    rescaling branch (taken only when the raw fp32 Gram over- or underflows)."""
+    params, batch = inputs()
+    combiner, optimizer = make("mgda", N), optax.sgd(1.0)
+    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    lowered = compiled_step("mgda", 0.0).lower(state, batch, jax.random.key(0), jnp.float32(0.0))
+    lines = lowered.compile().as_text().splitlines()
+    gram_dots = [line for line in lines if re.search(rf"= f32\[{N},{N}\]\{{[0-9,]*\}} dot\(", line)]
+    outside_rescaling = [line for line in gram_dots if "cond/branch" not in line]
+    assert len(outside_rescaling) == len(jax.tree.leaves(params))
