@@ -182,6 +182,7 @@ def plan_rl(
     import jax.numpy as jnp
     import optax
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from mojax.combiners import REGISTRY, make
     from mojax.models import LlamaForCausalLM, LlamaValueModel
@@ -207,17 +208,33 @@ def plan_rl(
     with nnx.use_eager_sharding(False):
         graphdef, params, rest = sharded_params(lambda: LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0)))
         critic_def, critic_params, critic_rest = sharded_params(lambda: LlamaValueModel(config, n, rngs=nnx.Rngs(1)))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def optimizer_state(params):
+        """AdamW's state with each moment sharded like its parameter (the step count replicated)."""
+        with_sharding = lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)  # noqa: E731
+        return optax.tree_map_params(
+            tx,
+            lambda value, param: with_sharding(value, param.sharding),
+            jax.eval_shape(tx.init, params),
+            params,
+            transform_non_params=lambda value: with_sharding(value, replicated),
+        )
+
     with jax.set_mesh(mesh):
         split = abstract_output(split_last_layer, params)
-        state = TrainState(
-            params=split,
-            opt_state=abstract_output(tx.init, split),
-            combiner_state=abstract_output(combiner.init, split),
-            consecutive_skips=jax.ShapeDtypeStruct((), jnp.int32),
-            skipped_updates=jax.ShapeDtypeStruct((), jnp.int32),
-            critic_params=critic_params,
-            critic_opt_state=abstract_output(tx.init, critic_params),
-        )
+    state = TrainState(
+        params=split,
+        opt_state=optimizer_state(split),
+        combiner_state=jax.tree.map(
+            lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=replicated),
+            jax.eval_shape(combiner.init, split),
+        ),
+        consecutive_skips=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        skipped_updates=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        critic_params=critic_params,
+        critic_opt_state=optimizer_state(critic_params),
+    )
     batch_size = mesh_shape[0] * mesh_shape[1]
     rows = batch_sharding(mesh)
 
