@@ -23,12 +23,17 @@ moves of the same log-probs on the same pairs. The prediction is for plain gradi
 observed step is AdamW on every parameter and the whole batch, so the agreement fraction measures how far the
 per-pair first-order picture carries.
 
-Mitigations: ``npo`` feeds the loss log-probs whose gradients are divided by their per-pair probe norms
-(``npo_preference_loss``); ``shared_prefix`` leaves the common prefix of chosen and rejected out of both sequence
-log-probs (``shared_prefix_mask``; those tokens are still attended to). Multi-objective DPO takes one pair set per
-objective (MODPO's setting, Zhou et al., arXiv 2310.03708) and a combiner that reads no per-sample rewards
-(``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and combiner state and the step, and
-nothing in a step is random, so a resumed run equals an uninterrupted one bit for bit on CPU.
+Mitigations (one or a list): ``npo`` feeds the loss log-probs whose gradients are divided by their per-pair probe
+norms (``normalised_gradient_logps``); ``shared_prefix`` leaves the common prefix of chosen and rejected out of both
+sequence log-probs (``shared_prefix_mask``; those tokens are still attended to); ``learned_mask`` multiplies the token
+log-probs of policy and reference by sigmoid(per-token logits) trained with an L1 penalty (the sparse token masks of
+the entanglement paper, after SparsePO, arXiv 2410.05102). Losses with state or side data: ``rdpo`` reads the response
+lengths, ``bco_pair`` BCO's running shift, updated with each batch before the loss reads it as in TRL. MODPO
+(Zhou et al., arXiv 2310.03708) shifts the margin by weighted reward margins of other objectives, scored once per pair
+with the rewards of the RL trainer; multi-objective DPO also takes one pair set per objective and a combiner that
+reads no per-sample rewards (``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and
+combiner state, BCO's shift, the mask logits and the step, and nothing in a step is random, so a resumed run equals
+an uninterrupted one bit for bit on CPU. ``docs/preference.md`` describes the options.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from mojax.rl.preference import implicit_rewards, init_bco_shift, preference_los
 from mojax.rl.tiny import EOS_ID, tiny_tokenizer
 
 QUIET = ["logging.tensorboard=false", "logging.progress=false", "export=false", "preference.entanglement_pairs=0"]
-SGD = ["optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.max_grad_norm=null"]
+SGD = ["optimizer.name=sgd", "optimizer.learning_rate=1.0", "optimizer.max_grad_norm=null"]  # steps >> rounding
 
 
 def as_numpy(tree):
@@ -150,6 +150,7 @@ MASK = [
     "preference.mask_l1=1.0",
     "preference.mask_learning_rate=10.0",
     "preference.mask_init=0.0",
+    "data.num_pairs=16",
     "steps=3",
 ]
 
@@ -169,17 +170,17 @@ def test_learned_masks_take_the_l1_step_on_the_tokens_of_the_batch(mask_run):
     want[batch.pair_ids, 0] = -10.0 * 1.0 * 0.25 / tokens * batch.chosen_mask
     want[batch.pair_ids, 1] = -10.0 * 1.0 * 0.25 / tokens * batch.rejected_mask
     np.testing.assert_array_equal(states[0].mask_logits, 0.0)
+    assert len(set(batch.pair_ids.tolist())) == 8  # half the pairs: the other half keep their logits at 0
     np.testing.assert_allclose(states[1].mask_logits, want, rtol=1e-4, atol=1e-7)
-    unseen = np.setdiff1d(np.arange(32), np.concatenate([trainer.pairs_for_step(s).pair_ids for s in (1, 2, 3)]))
-    np.testing.assert_array_equal(states[3].mask_logits[unseen], 0.0)  # pairs not yet drawn keep their logits
 
 
 def test_learned_masks_shrink_under_a_strong_l1_penalty_and_report_it(mask_run):
+    """Steps 1 and 2 draw the two halves of the 16 pairs for the first time; step 3 draws pairs seen once."""
     _, _, records = mask_run
-    assert records[0]["mask/mean"] == pytest.approx(0.5)  # sigmoid(0)
+    means = [record["mask/mean"] for record in records]  # the masks of the batch as the step found them
+    np.testing.assert_allclose(means[:2], [0.5, 0.5], rtol=1e-6)  # sigmoid(0)
     np.testing.assert_allclose(records[0]["mask/penalty"], 0.5, rtol=1e-6)  # l1 * mean(mu)
-    means = [record["mask/mean"] for record in records]
-    assert means[2] < means[1] < means[0]
+    assert means[2] < 0.5
     assert all(math.isfinite(record["loss"]) for record in records)
 
 
@@ -225,8 +226,9 @@ def test_modpo_margins_scale_the_first_step_as_the_formula_says(modpo_runs):
     np.testing.assert_allclose(records[0]["modpo/margin"], 1 / 16, rtol=1e-6)
     np.testing.assert_allclose(records[0]["loss"], math.log1p(math.exp(1 / 8)), rtol=1e-5)
     ratio = 2.0 / (1.0 + math.exp(-1 / 8))
-    for got, zero in zip(parameter_change(modpo_runs["a"]), parameter_change(modpo_runs["zero"]), strict=True):
-        np.testing.assert_allclose(got, ratio * zero, rtol=1e-3, atol=1e-9)
+    got, zero = (np.concatenate([leaf.ravel() for leaf in parameter_change(modpo_runs[k])]) for k in ("a", "zero"))
+    np.testing.assert_allclose(got @ zero / (zero @ zero), ratio, rtol=1e-4)  # the least-squares ratio
+    np.testing.assert_allclose(got, ratio * zero, rtol=1e-3, atol=1e-3 * np.abs(zero).max())
 
 
 # --------------------------------------------------------------------------------------- sentiment settings
