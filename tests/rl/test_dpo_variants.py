@@ -184,6 +184,18 @@ def test_learned_masks_shrink_under_a_strong_l1_penalty_and_report_it(mask_run):
     assert all(math.isfinite(record["loss"]) for record in records)
 
 
+def test_learned_masks_survive_resume_bit_for_bit(mask_run, tmp_path):
+    _, states, _ = mask_run
+    overrides = [f"output_dir={tmp_path}", *QUIET, *MASK]
+    run_dpo("dpo_tiny", [*overrides, "steps=2"])
+    resumed = DPOTrainer(load_dpo_config("dpo_tiny", overrides))
+    resumed.train()
+    resumed.close()
+    np.testing.assert_array_equal(np.asarray(resumed.state.mask_logits), states[3].mask_logits)
+    for got, want in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(states[3].params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # ------------------------------------------------------------------------------------------------------ MODPO
 def modpo(reward: str) -> list[str]:
     """w_0 = 0.5 on the pairs and 0.5 on one margin reward, beta = 0.1, one plain SGD step."""
