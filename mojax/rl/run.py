@@ -85,6 +85,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
             return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                place(fetch(jax.random.key_data(x)), replicated), impl=jax.random.key_impl(x)
+            )
         return place(fetch(x), replicated)
 
     return jax.tree.map(one, tree)

@@ -15,6 +15,16 @@ Every random draw is a function of (``seed``, step), and the checkpoint holds th
 combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
 uninterrupted one bit for bit on CPU. Rerunning on the same ``output_dir`` resumes; a changed config is an error
 except ``steps`` and logging keys.
+
+Response widths: the sampler draws ``rollout.max_completion_length`` tokens; the update runs on the smallest of
+``rollout.length_buckets`` that holds the batch's longest completion (the padded tail columns cut, which changes no
+loss, gradient or metric), so it compiles once per bucket at most.
+
+Several processes (``jax.distributed`` and a mesh over every process's devices): every process runs the same loop on
+the same prompts with the same keys. The rollout is gathered to every host (:func:`mojax.rl.run.fetch`) for decoding,
+rewards, advantages and metrics; the batch goes back onto the mesh split by rows (:func:`mojax.rl.run.place`), and
+the state lives replicated or sharded on the mesh, so Orbax saves and restores it from every process. Only process 0
+writes metrics, samples, TensorBoard, config.yaml and the exported policy.
 """
 
 from __future__ import annotations
@@ -725,7 +735,7 @@ class Trainer(Run):
         width = response_bucket(
             rollout.response_mask, rollout_config.length_buckets, rollout_config.max_completion_length
         )
-        batch = cut_responses(batch, width)
+        batch = jax.tree.map(jnp.asarray, cut_responses(batch, width))  # on the device, as the update reads it
         timings = {"timing/rollout": sampled - started, "timing/rewards": time.perf_counter() - sampled}
         return Prepared(rows, completions, raw, oriented, rollout, advantages, batch, timings)
 

@@ -7,9 +7,6 @@ as the same config trained in the test's own process on its 8 simulated devices 
 the test session's persistent XLA compilation cache (``JAX_COMPILATION_CACHE_DIR`` from the root conftest).
 """
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +14,6 @@ import numpy as np
 import pytest
 
 NUM_PROCESSES = 2
-LOCAL_DEVICES = 4
 CHILD_TIMEOUT_S = 400
 # 4 prompts x 2 generations = 8 completions, one per device of the fsdp=8 mesh.
 OVERRIDES = [
@@ -66,39 +62,11 @@ def child(process_id, port, output_dir, steps):
     jax.distributed.shutdown()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(output_dir, steps):
-    """Run both children to the end; returns their (returncode, output) pairs."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(output_dir), str(steps)],
-            env=env,
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(NUM_PROCESSES)
-    ]
-    results = []
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
-            results.append((proc.returncode, output))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """Run both children to the end (the launcher of tests/test_multihost.py); fail with the first failure's output."""
+    from test_multihost import run_processes
+
+    results = run_processes(__file__, output_dir, steps, timeout=CHILD_TIMEOUT_S)
     failed = [output for code, output in results if code != 0]
     assert not failed, failed[0][-4000:]
 
