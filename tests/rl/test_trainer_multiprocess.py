@@ -64,10 +64,12 @@ def child(process_id, port, output_dir, steps):
 
 def launch(output_dir, steps):
     """Run both children to the end (the launcher of tests/test_multihost.py); fail with the first failure's output."""
-    from test_multihost import run_processes
+    from test_multihost import UNSUPPORTED, run_processes
 
     results = run_processes(__file__, output_dir, steps, timeout=CHILD_TIMEOUT_S)
     failed = [output for code, output in results if code != 0]
+    if failed and any(marker in failed[0] for marker in UNSUPPORTED):
+        pytest.skip(f"CPU backend lacks multi-process collectives: {failed[0].strip().splitlines()[-1]}")
     assert not failed, failed[0][-4000:]
 
 
