@@ -269,7 +269,7 @@ class Run(abc.ABC):
 
         model = self.policy_model()
         if jax.process_count() > 1:
-            nnx.update(model, jax.tree.map(jnp.asarray, fetch(nnx.state(model))))
+            nnx.update(model, jax.tree.map(jnp.asarray, fetch(nnx.state(model, nnx.Param))))
         if is_main_process():
             save_pretrained(model, path, tokenizer=self.tokenizer)
             (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))

@@ -25,7 +25,7 @@ OVERRIDES = [
     "eval_steps=0",
     "logging.progress=false",
     "logging.tensorboard=false",
-    "export=false",
+    "export=true",
     "mesh.shape={fsdp: 8}",
 ]
 COMPARED = ("loss", "grad_norm", "kl", "entropy", "reward", "rewards/a_rate/mean", "rewards/b_count/mean")
@@ -115,8 +115,18 @@ def assert_same_run(two_dir, one_dir, want_params, steps):
 def test_two_processes_train_like_one_process_with_8_devices(two_processes, one_process):
     one_dir, params = one_process
     assert_same_run(two_processes, one_dir, params[2], steps=2)
-    # Only process 0 writes the reports: one config, one line per step, samples_per_step samples per step.
+    # Only process 0 writes the reports: one line per step, samples_per_step samples per step, one exported policy.
     assert len((two_processes / "samples.jsonl").read_text().splitlines()) == 2 * 2
+    import jax
+    from flax import nnx
+
+    from mojax.models import load_causal_lm
+
+    exported = jax.tree.leaves(nnx.state(load_causal_lm(two_processes / "policy"), nnx.Param))
+    trained = np.load(two_processes / "params.npz")
+    assert len(exported) == len(trained.files)
+    for index, leaf in enumerate(exported):
+        np.testing.assert_array_equal(np.asarray(leaf), trained[f"arr_{index}"])
 
 
 @pytest.mark.slow
