@@ -222,19 +222,6 @@ def test_cli_trains_and_plots(tmp_path, capsys):
     assert (tmp_path / "plots" / "rewards.png").stat().st_size > 1000
 
 
-def test_export_writes_a_loadable_policy(tmp_path):
-    from mojax.models import load_causal_lm
-
-    trainer = Trainer(small_config(tmp_path, "steps=1", "export=true"))
-    trainer.train()
-    trainer.close()
-    loaded = load_causal_lm(tmp_path / "policy")
-    ids = jnp.asarray([[3, 4, 5]])
-
-    model = trainer.policy_model()
-    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
-
-
 def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
     from flax import nnx
 
@@ -252,10 +239,16 @@ def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_evaluation_runs_every_eval_steps(tmp_path):
-    trainer = Trainer(small_config(tmp_path, "steps=2", "eval_steps=2", "data.eval_prompts=tiny"))
+def test_evaluation_runs_every_eval_steps_and_the_export_loads_back(tmp_path):
+    from mojax.models import load_causal_lm
+
+    trainer = Trainer(small_config(tmp_path, "steps=2", "eval_steps=2", "data.eval_prompts=tiny", "export=true"))
     trainer.train()
     trainer.close()
     records = read_metrics(tmp_path)
     assert "eval/rewards/a_rate/mean" not in records[0]
     assert all(np.isfinite(records[1][f"eval/rewards/{name}/mean"]) for name in ("a_rate", "b_count", "brevity"))
+    loaded = load_causal_lm(tmp_path / "policy")
+    ids = jnp.asarray([[3, 4, 5]])
+    model = trainer.policy_model()
+    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
