@@ -184,7 +184,14 @@ class Run(abc.ABC):
         if step is None:
             return False
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.checkpoint_tree())
-        self.load_checkpoint_tree(manager.restore(step, args=ocp.args.StandardRestore(target)))
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except ValueError as error:
+            difference = str(error).split("If this mismatch is intentional")[0].strip()  # Orbax's own API hint
+            seen = f"holds a checkpoint at step {step} whose state does not match this run's ({difference})"
+            expected = "a checkpoint written by this version of mojax for this config, or a new output_dir"
+            raise ValueError(checks.message(type(self).__name__, "output_dir", seen, expected)) from error
+        self.load_checkpoint_tree(restored)
         self.step = int(step)
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,22 @@ def test_a_changed_config_refuses_to_resume(run_root):
     straight_run(run_root)
     with pytest.raises(ValueError, match=r"differs from the run .* in \['optimizer.learning_rate'\]"):
         Trainer(small_config(output, "steps=5", "optimizer.learning_rate=0.5")).train()
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_with_the_step_and_the_remedy(run_root, tmp_path):
+    straight_run(run_root)
+    output = tmp_path / "copy"
+    shutil.copytree(Path(run_root) / "straight", output)
+
+    class WithExtraState(Trainer):
+        def checkpoint_tree(self):
+            return {**super().checkpoint_tree(), "extra": jnp.zeros(3)}
+
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)`output_dir` holds a checkpoint at step 4 whose state does not match.*extra.*new output_dir",
+    ):
+        WithExtraState(small_config(output, "steps=5")).train()
 
 
 def test_grpo_raises_the_mean_reward_of_a_single_objective(tmp_path):
