@@ -73,7 +73,7 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     replicate,
 )
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
-from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
+from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, make_train_step
 
 NORMALIZER_EPS = 1e-6
 
@@ -458,6 +458,8 @@ class Trainer(Run):
             ),
             donate_argnums=0,
         )
+        scalar = self.update_spec.mode == "scalar"
+        self._scalar_weights = jax.jit(make_scalar_weights(self.combiner, self.update_spec)) if scalar else None
         self.uses_reference = config.kl.beta > 0 or config.kl.log_kl
         # LoRA: the reference is the base model (adapters off) of the current parameters, no copy; else a frozen copy.
         self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference and not config.lora.rank else None
@@ -751,9 +753,13 @@ class Trainer(Run):
     def update(self, batch: Batch, step: int) -> dict[str, Any]:
         """The jitted update of one rollout (on the mesh); returns its metrics on the host."""
         with self.on_mesh():
-            self.state, update = self._train_step(
-                self.state, self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
-            )
+            batch, key, beta = self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
+            if self._scalar_weights is None:
+                self.state, update = self._train_step(self.state, batch, key, beta, None)
+            else:  # the weights as data, so the train step is the same program for every scalar-mode combiner
+                weights, combiner_state = self._scalar_weights(self.state.combiner_state, batch)
+                state, update = self._train_step(self.state._replace(combiner_state=None), batch, key, beta, weights)
+                self.state = state._replace(combiner_state=combiner_state)
         return fetch(update)
 
     def train_step(self) -> dict[str, float]:
