@@ -35,7 +35,7 @@ PREFERENCE_EXPERIMENTS = {"07_gradient_entanglement"}
 
 FINITE_AFTER_QUICK = {
     "01_interference": [("summary", "ctwa", "interference_index", "mean"), ("summary", "linear", "frac_neg", "mean")],
-    "02_covariance_law": [("summary", "pooled", "correlation")],
+    "02_covariance_law": [("summary", "pooled", "all", "correlation")],
     "03_lagrangian_collapse": [
         ("summary", "lagrangian", "lambda_final", "mean"),
         ("summary", "gapo", "constrained_final", "mean"),

@@ -9,9 +9,10 @@ objective, interpolated in weight space) and beats linear scalarisation at balan
 Per seed this trains P-GAPO and linear weights at every lambda (preference (lambda, 1 - lambda) on the two
 objectives), and the two single-objective policies (linear weights (1, 0) and (0, 1), from the same initialisation),
 whose weight-space interpolations ``mojax.pareto.soup_front`` evaluates. Every policy is evaluated by
-``Trainer.evaluate`` (one greedy completion per held-out prompt; the same prompts for every policy of a seed). It
-reports each method's points, the hypervolume of its front (``mojax.pareto.hypervolume``, reference point in the
-config) and, per lambda, whether P-GAPO's point dominates linear's.
+``eval_generations`` sampled completions per held-out prompt (the same prompts and key for every policy of a seed;
+``Trainer.evaluate``'s greedy evaluation is recorded too, as ``greedy_points``). It reports each method's points,
+the hypervolume of its front (``mojax.pareto.hypervolume``, reference point in the config) and, per lambda, whether
+P-GAPO's point dominates the others'.
 
     PYTHONPATH=$PWD python experiments/05_pgapo_front/run.py          # full: 2 x 4 lambdas + 2 soup ends, 3 seeds
     PYTHONPATH=$PWD python experiments/05_pgapo_front/run.py --quick  # 1 seed, 2 steps, lambda = 0.5, temp folder
@@ -34,6 +35,8 @@ from experiments import shared  # noqa: E402
 
 SOUP = "soup"
 """The name of the Rewarded Soups front in the results."""
+EVALUATION_SEED = 1234
+"""Key of the sampled evaluation (the same for every policy)."""
 
 
 def preference_overrides(lam: float) -> list[str]:
@@ -41,10 +44,23 @@ def preference_overrides(lam: float) -> list[str]:
     return [f"objectives.0.weight={lam}", f"objectives.1.weight={1.0 - lam}"]
 
 
-def evaluation(trainer) -> list[float]:
-    """f[2]: the held-out mean reward of each objective (``Trainer.evaluate``) of the trainer's current policy."""
-    metrics = trainer.evaluate()
-    return [metrics[f"eval/rewards/{name}/mean"] for name in trainer.names]
+def evaluation(trainer, generations: int) -> dict[str, list[float]]:
+    """Held-out mean reward of each objective for the trainer's current policy, greedy and sampled.
+
+    ``greedy``: ``Trainer.evaluate`` (one greedy completion per held-out prompt). ``sampled``: `generations`
+    completions per held-out prompt at the training temperature, from the trainer's own ``rollout`` and ``score``
+    with a fixed key, so every policy of a seed sees the same prompts and random numbers.
+    """
+    import jax
+
+    greedy = trainer.evaluate()
+    rows = trainer.eval_prompts
+    rollout = trainer.rollout(rows, jax.random.key(EVALUATION_SEED), trainer.sampling, generations)
+    raw, _ = trainer.score(rows, rollout, generations)
+    return {
+        "greedy": [greedy[f"eval/rewards/{name}/mean"] for name in trainer.names],
+        "sampled": np.nanmean(np.asarray(raw, np.float64), axis=0).tolist(),
+    }
 
 
 def train_policy(setup: shared.Setup, method: str, lam: float, seed: int):
@@ -70,14 +86,18 @@ def soup_points(setup: shared.Setup, seed: int, num_points: int) -> dict:
     params = [jax.tree.map(jnp.copy, trainer.state.params) for trainer in trainers]
     evaluator = trainers[0]
 
+    greedy = []
+
     def evaluate(mixed):
         evaluator.state = evaluator.state._replace(params=mixed)
-        return evaluation(evaluator)
+        values = evaluation(evaluator, setup.config["eval_generations"])
+        greedy.append(values["greedy"])
+        return values["sampled"]
 
     front = soup_front(params, evaluate, num_points)
     for trainer in trainers:
         trainer.close()
-    return {"lambdas": front.weights[:, 1].tolist(), "points": front.values.tolist()}
+    return {"lambdas": front.weights[:, 1].tolist(), "points": front.values.tolist(), "greedy_points": greedy}
 
 
 def front_hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
@@ -98,14 +118,21 @@ def run_seed(setup: shared.Setup, seed: int, lambdas: Sequence[float], num_point
     objectives' names)."""
     runs: dict = {}
     for method in setup.config["methods"]:
-        points, seconds = [], []
+        points, greedy, seconds = [], [], []
         for lam in lambdas:
             trainer, step_time = train_policy(setup, method, lam, seed)
             names = trainer.names
-            points.append(evaluation(trainer))
+            values = evaluation(trainer, setup.config["eval_generations"])
+            points.append(values["sampled"])
+            greedy.append(values["greedy"])
             seconds.append(step_time)
             trainer.close()
-        runs[method] = {"lambdas": list(lambdas), "points": points, "seconds_per_step": float(np.median(seconds))}
+        runs[method] = {
+            "lambdas": list(lambdas),
+            "points": points,
+            "greedy_points": greedy,
+            "seconds_per_step": float(np.median(seconds)),
+        }
     runs[SOUP] = soup_points(setup, seed, num_points)
     return runs, names
 
@@ -185,7 +212,7 @@ def plot(per_seed: Sequence[dict], seeds: Sequence[int], names: Sequence[str], p
                 ax.annotate(
                     f"{lam:.1f}", (x, y), fontsize=7, color=line.get_color(), xytext=(3, 3), textcoords="offset points"
                 )
-        ax.set(title=f"seed {seed} (held-out, greedy)", xlabel=names[0], ylabel=names[1])
+        ax.set(title=f"seed {seed} (held-out, sampled)", xlabel=names[0], ylabel=names[1])
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

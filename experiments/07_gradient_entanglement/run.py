@@ -1,6 +1,6 @@
 """Experiment 7: gradient entanglement under DPO-family losses, and whether NPO and shared-prefix masking undo it.
 
-Claim (Yuan, Yin, Jiang, et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+Claim (Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
 ICLR 2025, arXiv 2410.13828): a margin loss moves log pi(y_w) and log pi(y_l) through g_w = grad log pi(y_w) and
 g_l = grad log pi(y_l) only, so when <g_w, g_l> is large relative to their norms (similar responses: one token
 differs, or a long shared part) the two log-probabilities move together (both down, or both up) instead of "chosen
