@@ -43,7 +43,9 @@ def use_compilation_cache() -> None:
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
     """``--quick`` (1 seed, 2 steps, a temporary output folder), ``--out``, ``--config`` and ``--set KEY=VALUE``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps per method, results in a temp folder")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 2 steps, the config's quick_methods, results in a temp folder"
+    )
     parser.add_argument("--out", default=None, help="where results/ and the plots go (default: beside run.py)")
     parser.add_argument("--config", default=None, help="the experiment's YAML (default: config.yaml beside run.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
@@ -189,23 +191,27 @@ def plot_band(ax: Any, per_seed: np.ndarray, label: str, window: int = 1) -> Non
 
 
 class Setup(NamedTuple):
-    """What a run.py needs from its command line: the experiment's config, the seeds and steps, the output folder."""
+    """What a run.py needs from its command line: the experiment's config, the seeds and steps, the output folder,
+    and whether this is the quick mode."""
 
     config: dict[str, Any]
     seeds: list[int]
     steps: int
     folder: Path
+    quick: bool = False
 
 
 def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
-    """Parse the command line, enable the compilation cache and read the config (first seed and ``quick_steps``
-    in quick mode)."""
+    """Parse the command line, enable the compilation cache and read the config (in quick mode: the first seed,
+    ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``)."""
     args = parse_args(argv, description)
     use_compilation_cache()
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
+    if args.quick and "quick_methods" in config:
+        config["methods"] = {name: config["methods"][name] for name in config["quick_methods"]}
     seeds = list(config["seeds"][:1] if args.quick else config["seeds"])
     steps = config["quick_steps"] if args.quick else config["steps"]
-    return Setup(config, seeds, steps, output_folder(args, here))
+    return Setup(config, seeds, steps, output_folder(args, here), args.quick)
 
 
 def run_grid(
