@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mojax.compilation_cache import enable_persistent_cache
+
 QUIET = (
     "eval_steps=0",
     "logging.tensorboard=false",
@@ -28,16 +29,6 @@ QUIET = (
     "export=false",
 )
 """Overrides that switch off evaluation, TensorBoard, the progress bar and the export."""
-
-
-def use_compilation_cache() -> None:
-    """Point JAX's persistent compilation cache at the test suite's directory unless one is configured."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir is None:
-        default = os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
-        jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", default))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
@@ -205,7 +196,7 @@ def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
     """Parse the command line, enable the compilation cache and read the config (in quick mode: the first seed,
     ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``)."""
     args = parse_args(argv, description)
-    use_compilation_cache()
+    enable_persistent_cache()
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
     if args.quick and "quick_methods" in config:
         config["methods"] = {name: config["methods"][name] for name in config["quick_methods"]}
