@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from mojax.compilation_cache import enable_persistent_cache
 
 QUIET = (
     "eval_steps=0",
@@ -30,20 +31,12 @@ QUIET = (
 """Overrides that switch off evaluation, TensorBoard, the progress bar and the export."""
 
 
-def use_compilation_cache() -> None:
-    """Point JAX's persistent compilation cache at the test suite's directory unless one is configured."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir is None:
-        default = os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
-        jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", default))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
     """``--quick`` (1 seed, 2 steps, a temporary output folder), ``--out``, ``--config`` and ``--set KEY=VALUE``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps per method, results in a temp folder")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 2 steps, the config's quick_methods, results in a temp folder"
+    )
     parser.add_argument("--out", default=None, help="where results/ and the plots go (default: beside run.py)")
     parser.add_argument("--config", default=None, help="the experiment's YAML (default: config.yaml beside run.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
@@ -189,23 +182,27 @@ def plot_band(ax: Any, per_seed: np.ndarray, label: str, window: int = 1) -> Non
 
 
 class Setup(NamedTuple):
-    """What a run.py needs from its command line: the experiment's config, the seeds and steps, the output folder."""
+    """What a run.py needs from its command line: the experiment's config, the seeds and steps, the output folder,
+    and whether this is the quick mode."""
 
     config: dict[str, Any]
     seeds: list[int]
     steps: int
     folder: Path
+    quick: bool = False
 
 
 def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
-    """Parse the command line, enable the compilation cache and read the config (first seed and ``quick_steps``
-    in quick mode)."""
+    """Parse the command line, enable the compilation cache and read the config (in quick mode: the first seed,
+    ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``)."""
     args = parse_args(argv, description)
-    use_compilation_cache()
+    enable_persistent_cache()
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
+    if args.quick and "quick_methods" in config:
+        config["methods"] = {name: config["methods"][name] for name in config["quick_methods"]}
     seeds = list(config["seeds"][:1] if args.quick else config["seeds"])
     steps = config["quick_steps"] if args.quick else config["steps"]
-    return Setup(config, seeds, steps, output_folder(args, here))
+    return Setup(config, seeds, steps, output_folder(args, here), args.quick)
 
 
 def run_grid(

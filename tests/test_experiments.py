@@ -1,9 +1,10 @@
 """The experiments under experiments/: their helpers against hand-computed values, and every run.py's --quick mode
-in one process (so the tiny model, the sampler and the updates compiled by one experiment serve the next; with the
-persistent compilation cache warm the whole file takes about 1-2 minutes on 2 CPU cores, cold several)."""
+in one process. The quick modes run only each config's ``quick_methods`` on the same base, so the sampler and most
+compiled updates of one experiment serve the next (each distinct update costs seconds of XLA compilation)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -24,7 +25,45 @@ RESULTS = {
     "02_covariance_law": "covariance_law.json",
     "03_lagrangian_collapse": "lagrangian_collapse.json",
     "04_gapo_vs_mgda": "gapo_vs_mgda.json",
+    "05_pgapo_front": "pgapo_front.json",
+    "06_pama": "pama.json",
+    "07_gradient_entanglement": "gradient_entanglement.json",
 }
+
+PREFERENCE_EXPERIMENTS = {"07_gradient_entanglement"}
+"""Experiments whose configs are DPO trainer configs (mojax.rl.dpo), not RL trainer ones."""
+
+FINITE_AFTER_QUICK = {
+    "01_interference": [("summary", "ctwa", "interference_index", "mean"), ("summary", "linear", "frac_neg", "mean")],
+    "02_covariance_law": [("summary", "pooled", "all", "correlation")],
+    "03_lagrangian_collapse": [
+        ("summary", "lagrangian", "lambda_final", "mean"),
+        ("summary", "gapo", "constrained_final", "mean"),
+    ],
+    "04_gapo_vs_mgda": [
+        ("summary", "gapo_p1", "final_average", "mean"),
+        ("summary", "linear", "final_minimum", "mean"),
+    ],
+    "05_pgapo_front": [
+        ("summary", "p_gapo", "hypervolume", "mean"),
+        ("summary", "soup", "hypervolume_with_endpoints", "mean"),
+        ("summary", "p_gapo", "points", "1.0", "a_rate", "mean"),
+        ("summary", "p_gapo_dominates", "linear", "1.0"),
+    ],
+    "06_pama": [
+        ("summary", "pama", "final_average", "mean"),
+        ("timing", "seconds", "pama_solve", 1),
+        ("timing", "seconds", "mgda_update", 1),
+        ("timing", "log_log_slope", "mgda_solve"),
+    ],
+    "07_gradient_entanglement": [
+        ("summary", "one_token", "dpo_npo", "entanglement/cosine", "mean"),
+        ("summary", "one_token", "dpo_npo", "entanglement/agreement_rejected", "mean"),
+        ("summary", "one_token", "dpo_npo", "logratios/chosen", "mean"),
+    ],
+}
+"""Per experiment, paths into its results JSON whose values must be finite numbers after the quick mode (2 steps, so
+statistics over steps or seeds that need more are left out)."""
 
 
 def load_run(folder: str):
@@ -88,7 +127,7 @@ def test_fit_recovers_a_known_line_and_sign_agreement():
     assert flipped["sign_agreement"] == 0.0
 
 
-def test_every_quick_mode_writes_its_results(tmp_path):
+def test_every_quick_mode_writes_finite_results(tmp_path):
     for folder, result_name in RESULTS.items():
         out = tmp_path / folder
         returned = load_run(folder).main(["--quick", "--out", str(out)])
@@ -98,14 +137,57 @@ def test_every_quick_mode_writes_its_results(tmp_path):
         assert written["steps"] == returned["steps"] == 2
         assert written["seeds"] == [0]
         assert list(out.glob("*.png")), folder
+        for keys in FINITE_AFTER_QUICK[folder]:
+            value = functools.reduce(lambda node, key: node[key], keys, written)
+            assert isinstance(value, int | float) and np.isfinite(value), (folder, keys, value)
+
+
+def test_quick_methods_are_methods_of_their_config():
+    for folder in RESULTS:
+        config = shared.read_config(EXPERIMENTS / folder / "config.yaml")
+        assert set(config.get("quick_methods", config["methods"])) <= set(config["methods"]), folder
 
 
 @pytest.mark.parametrize("folder", sorted(RESULTS))
 @pytest.mark.parametrize("name", ["config.yaml", "config_smollm2.yaml"])
 def test_every_method_of_every_config_is_a_valid_trainer_config(folder, name, tmp_path):
     from mojax.rl.config import load_config
+    from mojax.rl.dpo import load_dpo_config
 
+    load, built_in = (load_dpo_config, "dpo_tiny") if folder in PREFERENCE_EXPERIMENTS else (load_config, "tiny")
     config = shared.read_config(EXPERIMENTS / folder / name)
     assert config["methods"]
     for overrides in config["methods"].values():
-        load_config("tiny", [f"output_dir={tmp_path}", "steps=1", *config["base"], *overrides])
+        load(built_in, [f"output_dir={tmp_path}", "steps=1", *config["base"], *overrides])
+
+
+def test_pareto_helpers_of_the_front_experiment():
+    front = load_run("05_pgapo_front")
+    assert front.dominates([1.0, 2.0], [1.0, 1.0]) and not front.dominates([1.0, 1.0], [1.0, 1.0])
+    assert not front.dominates([2.0, 0.0], [1.0, 1.0])
+    # Boxes [0, 2] x [0, 1] and [0, 1] x [0, 2]: union area 2 + 2 - 1 = 3; the dominated point adds nothing.
+    assert front.front_hypervolume([[2.0, 1.0], [1.0, 2.0], [0.5, 0.5]], [0.0, 0.0]) == pytest.approx(3.0)
+    run = {"lambdas": [0.0, 0.5, 1.0], "points": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]}
+    assert front.interior(run, [0.5]) == [[0.5, 0.5]]
+
+
+def test_log_log_slope_recovers_a_power_law():
+    pama = load_run("06_pama")
+    counts = [2, 4, 8, 16]
+    assert pama.log_log_slope(counts, [3e-4 * n**1.5 for n in counts]) == pytest.approx(1.5)
+    assert np.isnan(pama.log_log_slope([2], [1.0]))
+
+
+def test_entanglement_pairs_keep_the_differing_part_and_the_last_shared_words():
+    entanglement = load_run("07_gradient_entanglement")
+    row = {
+        "prompt": "Rate: A film",
+        "chosen": "one two three Overall, it was good.",
+        "rejected": "one two three Overall, it was bad.",
+    }
+    short = entanglement.shorten(row, 3, tiny_alphabet=True)
+    assert short == {"prompt": "rate a film", "chosen": "overall, it was good.", "rejected": "overall, it was bad."}
+    assert entanglement.shorten(row, None, tiny_alphabet=False) == row
+    assert entanglement.sign_pattern(0.2, -0.1) == "chosen up, rejected down"
+    assert entanglement.sign_pattern(-0.2, -0.1) == "both down"
+    assert entanglement.sign_pattern(0.0, 1.0) == "no change"

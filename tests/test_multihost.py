@@ -66,15 +66,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(tmp_path):
-    """Start both children and wait for them; returns their (returncode, output) pairs."""
+def run_processes(script, *args, timeout=CHILD_TIMEOUT_S):
+    """Run ``python script PROCESS_ID PORT *args`` as NUM_PROCESSES children of one job (LOCAL_DEVICES CPU devices
+    each, the repository on the path) to the end; returns their (returncode, output) pairs."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(tmp_path)],
+            [sys.executable, str(script), str(i), str(port), *map(str, args)],
             env=env,
             cwd=root,
             stdout=subprocess.PIPE,
@@ -86,7 +87,7 @@ def launch(tmp_path):
     results = []
     try:
         for proc in procs:
-            output, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+            output, _ = proc.communicate(timeout=timeout)
             results.append((proc.returncode, output))
     finally:
         for proc in procs:
@@ -98,7 +99,7 @@ def launch(tmp_path):
 
 def test_two_processes_agree_on_a_sharded_forward(tmp_path):
     try:
-        results = launch(tmp_path)
+        results = run_processes(__file__, tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail(f"multi-process forward did not finish within {CHILD_TIMEOUT_S} s")
     failed = [output for code, output in results if code != 0]

@@ -28,7 +28,6 @@ from mojax._checks import integer, message
 from mojax.data.sources import SOURCES, review_openings, source_rows
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-_RENDERED = "_mojax_rendered_prompt"
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 DataSource = str | os.PathLike | Sequence[Mapping[str, Any]] | datasets.Dataset
@@ -125,9 +124,8 @@ def _render(where: str, dataset: datasets.Dataset, tokenizer: Any, chat_template
         )
         for prompt in dataset["prompt"]
     ]
-    order = list(dataset.column_names)
-    dataset = dataset.add_column(_RENDERED, rendered).remove_columns("prompt").rename_column(_RENDERED, "prompt")
-    return dataset.select_columns(order)
+    columns = {name: (rendered if name == "prompt" else dataset[name]) for name in dataset.column_names}
+    return datasets.Dataset.from_dict(columns, features=dataset.features)
 
 
 def load_prompts(

@@ -81,6 +81,12 @@ class RolloutSection:
     """Exclude completions that hit ``max_completion_length`` without a stop token from the loss (TRL)."""
     prompt_bucket_multiple: int = 8
     """Prompt widths are padded to a multiple of this, so nearby lengths share one compiled sampler."""
+    length_buckets: Sequence[int] = ()
+    """Response widths of the update, increasing, each at most ``max_completion_length`` (which is always the last
+    bucket): the update runs on the smallest bucket that holds the batch's longest completion, its padded tail
+    columns cut, so short batches cost less and the update compiles at most once per bucket. Empty (the default):
+    one bucket, the update always runs on ``max_completion_length`` columns. E.g. ``[32, 64, 128]`` with
+    ``max_completion_length: 256``."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -298,6 +304,14 @@ class TrainConfig:
     """Sharding."""
     eval_steps: int = 0
     """Evaluate on ``data.eval_prompts`` every this many steps (0: never)."""
+    eval_temperature: float = 0.0
+    """Sampling temperature of the evaluation (0: greedy, one completion per prompt)."""
+    eval_top_p: float = 1.0
+    """Nucleus mass of a sampled evaluation (1 disables it; no top-k filter)."""
+    eval_num_generations: int = 1
+    """Completions per held-out prompt of a sampled evaluation (must be 1 when greedy). Every evaluation draws them
+    with the same fixed key, so differences between evaluations come from the policy and a resumed run evaluates
+    exactly as an uninterrupted one."""
     max_consecutive_skips: int = 3
     """Stop the run after this many consecutive skipped updates (non-finite loss, gradient or weight)."""
     export: bool = True
@@ -335,6 +349,7 @@ _POSITIVE_INTS = (
     "checkpoint.max_to_keep",
     "max_consecutive_skips",
     "kl.horizon",
+    "eval_num_generations",
 )
 
 
@@ -387,6 +402,18 @@ def validate(config: TrainConfig) -> None:
     checks.nonnegative(where, "rollout.temperature", config.rollout.temperature)
     checks.in_range(where, "rollout.top_p", config.rollout.top_p, low=0.0, high=1.0, low_open=True)
     checks.positive(where, "optimizer.learning_rate", config.optimizer.learning_rate)
+    _validate_length_buckets(where, config.rollout)
+    checks.nonnegative(where, "eval_temperature", config.eval_temperature)
+    checks.in_range(where, "eval_top_p", config.eval_top_p, low=0.0, high=1.0, low_open=True)
+    if config.eval_temperature == 0 and config.eval_num_generations > 1:
+        raise ValueError(
+            checks.message(
+                where,
+                "eval_num_generations",
+                f"is {config.eval_num_generations} with greedy evaluation (eval_temperature=0)",
+                "1, or an eval_temperature > 0 to sample several completions",
+            )
+        )
     if config.optimizer.schedule != "constant" and config.optimizer.schedule_steps is None:
         raise ValueError(
             checks.message(
@@ -410,6 +437,24 @@ def validate(config: TrainConfig) -> None:
                 "combiner.mode",
                 f"is 'scalar' for {config.combiner.name!r}",
                 "'probe' or 'full' (it needs the Gram)",
+            )
+        )
+
+
+def _validate_length_buckets(where: str, rollout: RolloutSection) -> None:
+    """rollout.length_buckets: positive integers, strictly increasing, none above max_completion_length."""
+    buckets = rollout.length_buckets
+    for index, width in enumerate(buckets):
+        checks.integer(where, f"rollout.length_buckets.{index}", width, minimum=1)
+    if any(b <= a for a, b in zip(buckets, buckets[1:], strict=False)) or (
+        buckets and buckets[-1] > rollout.max_completion_length
+    ):
+        raise ValueError(
+            checks.message(
+                where,
+                "rollout.length_buckets",
+                f"is {list(buckets)}",
+                f"strictly increasing widths of at most rollout.max_completion_length = {rollout.max_completion_length}",
             )
         )
 

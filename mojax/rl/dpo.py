@@ -23,12 +23,17 @@ moves of the same log-probs on the same pairs. The prediction is for plain gradi
 observed step is AdamW on every parameter and the whole batch, so the agreement fraction measures how far the
 per-pair first-order picture carries.
 
-Mitigations: ``npo`` feeds the loss log-probs whose gradients are divided by their per-pair probe norms
-(``npo_preference_loss``); ``shared_prefix`` leaves the common prefix of chosen and rejected out of both sequence
-log-probs (``shared_prefix_mask``; those tokens are still attended to). Multi-objective DPO takes one pair set per
-objective (MODPO's setting, Zhou et al., arXiv 2310.03708) and a combiner that reads no per-sample rewards
-(``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and combiner state and the step, and
-nothing in a step is random, so a resumed run equals an uninterrupted one bit for bit on CPU.
+Mitigations (one or a list): ``npo`` feeds the loss log-probs whose gradients are divided by their per-pair probe
+norms (``normalised_gradient_logps``); ``shared_prefix`` leaves the common prefix of chosen and rejected out of both
+sequence log-probs (``shared_prefix_mask``; those tokens are still attended to); ``learned_mask`` multiplies the token
+log-probs of policy and reference by sigmoid(per-token logits) trained with an L1 penalty (the sparse token masks of
+the entanglement paper, after SparsePO, arXiv 2410.05102). Losses with state or side data: ``rdpo`` reads the response
+lengths, ``bco_pair`` BCO's running shift, updated with each batch before the loss reads it as in TRL. MODPO
+(Zhou et al., arXiv 2310.03708) shifts the margin by weighted reward margins of other objectives, scored once per pair
+with the rewards of the RL trainer; multi-objective DPO also takes one pair set per objective and a combiner that
+reads no per-sample rewards (``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and
+combiner state, BCO's shift, the mask logits and the step, and nothing in a step is random, so a resumed run equals
+an uninterrupted one bit for bit on CPU. ``docs/preference.md`` describes the options.
 """
 
 from __future__ import annotations
@@ -53,25 +58,39 @@ from mojax.combiners import REGISTRY, make
 from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics import shared_prefix_mask
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
+from mojax.rl import config as rl_config
 from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
 from mojax.rl.preference import (
+    BcoShift,
     implicit_rewards,
+    init_bco_shift,
+    modpo_loss,
     preference_loss,
     preference_metrics,
     sequence_logps,
     stack_preference_losses,
+    update_bco_shift,
 )
-from mojax.rl.preference_entanglement import npo_preference_loss, observed_moves_agree, pair_entanglement
+from mojax.rl.preference_entanglement import (
+    learned_token_mask,
+    normalised_gradient_logps,
+    observed_moves_agree,
+    pair_entanglement,
+    token_mask_penalty,
+)
+from mojax.rl.rewards import Objective, resolve, score, signed
 from mojax.rl.rollout import encode_prompts
 from mojax.rl.run import Run
 from mojax.rl.tiny import ALPHABET
 from mojax.rl.trainer import build_optimizer, build_policy, combiner_options, probe_flags, response_fn
-from mojax.rl.update import TrainState, all_finite, objective_cosines
+from mojax.rl.update import all_finite, objective_cosines
 
-__all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
+__all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
 SINGLE_OBJECTIVE = "preference"
 """The objective's name in a run without ``objectives`` (its metrics are ``rewards/preference/...``)."""
+SENTIMENT_PROMPT_WORDS = 6
+"""Words of a review that open the prompt of a ``"sentiment_synthetic"`` pair (the rest is the shared prefix)."""
 RICH_LETTER = "a"
 """The letter the chosen responses of the tiny synthetic pairs have more of."""
 
@@ -146,6 +165,22 @@ class PairBatch(NamedTuple):
     ref_chosen: Any  # f32[B] the reference's sequence log-prob of the chosen response
     ref_rejected: Any  # f32[B]
     objective_ids: Any  # i32[B]
+    pair_ids: Any  # i32[B] the pair's row in the run's learned masks (its index among all objectives' pairs)
+    margin_chosen: Any  # f32[B, K] MODPO: the K margin rewards of the chosen response (K = 0 without MODPO)
+    margin_rejected: Any  # f32[B, K]
+
+
+class DPOState(NamedTuple):
+    """The checkpointed state of a preference run: the update's :class:`mojax.rl.update.TrainState` fields, BCO's
+    running shift and the learned token masks."""
+
+    params: Any
+    opt_state: Any
+    combiner_state: Any
+    consecutive_skips: jax.Array  # i32[]
+    skipped_updates: jax.Array  # i32[]
+    bco_shift: BcoShift  # f32[] each; stays at its initial value unless bco_pair is a loss
+    mask_logits: Any  # f32[N, 2, T] logits of the chosen (0) and rejected (1) tokens of all N pairs, or None
 
 
 def _take(batch: PairBatch, index: Any) -> PairBatch:
@@ -173,8 +208,9 @@ def encode_pairs(
     eos_id: int,
     mask_shared_prefix: bool = False,
     objective_id: int = 0,
+    first_pair_id: int = 0,
 ) -> PairBatch:
-    """Every pair tokenised (numpy arrays), the reference log-probs left at 0.
+    """Every pair tokenised (numpy arrays), the reference log-probs left at 0 and no MODPO margin.
 
     Args:
       tokenizer: a ``transformers`` tokenizer (no special tokens are added).
@@ -184,9 +220,13 @@ def encode_pairs(
       eos_id: the end-of-sequence token appended to every response.
       mask_shared_prefix: give the longest common prefix of chosen and rejected weight 0 in the log-probs.
       objective_id: the objective the pairs belong to.
+      first_pair_id: the ``pair_ids`` of the rows are first_pair_id, first_pair_id + 1, ...
 
     Returns:
       A :class:`PairBatch` of numpy arrays.
+
+    Raises:
+      ValueError: a pair whose chosen and rejected tokens are identical after the cut (nothing to prefer).
     """
     prompt_ids, prompt_mask = encode_prompts(
         tokenizer, [row["prompt"] for row in rows], max_length=max_prompt_length, truncate="left"
@@ -197,6 +237,16 @@ def encode_pairs(
     rejected_ids, rejected_mask = _encode_responses(
         tokenizer, [row["rejected"] for row in rows], max_completion_length, eos_id
     )
+    identical = np.flatnonzero(np.all((chosen_ids == rejected_ids) & (chosen_mask == rejected_mask), axis=1))
+    if identical.size:
+        raise ValueError(
+            checks.message(
+                "encode_pairs",
+                "max_completion_length",
+                f"is {max_completion_length}: pair {int(identical[0])} has the same chosen and rejected tokens",
+                "a length that keeps the part where the responses differ",
+            )
+        )
     chosen_weights, rejected_weights = chosen_mask, rejected_mask
     if mask_shared_prefix:
         chosen_weights, rejected_weights = (
@@ -216,21 +266,119 @@ def encode_pairs(
         np.zeros((count,), np.float32),
         np.zeros((count,), np.float32),
         np.full((count,), objective_id, np.int32),
+        np.arange(first_pair_id, first_pair_id + count, dtype=np.int32),
+        np.zeros((count, 0), np.float32),
+        np.zeros((count, 0), np.float32),
     )
 
 
-def load_pair_rows(source: Any, setting: str, config: DPOConfig, index: int = 0) -> list[dict[str, str]]:
-    """``{prompt, chosen, rejected}`` rows of the `index`-th pair source: ``"tiny_synthetic"`` (seeded by
-    ``data.seed + index``, so objectives get different pairs), a file, or a list of rows."""
+def review_snippets(snippets: Any) -> list[str]:
+    """The snippets of ``data.snippets``: a list of strings, the lines of a text file, or (None) the texts of
+    ``mojax.data.movie_reviews``."""
+    from mojax.data import movie_reviews
+
+    if snippets is None:
+        return [row["text"] for row in movie_reviews()]
+    if isinstance(snippets, str | os.PathLike):
+        return [line.strip() for line in Path(snippets).read_text().splitlines() if line.strip()]
+    return [str(snippet) for snippet in snippets]
+
+
+def fitting_sentiment_pairs(snippets: Sequence[str], setting: str, config: DPOConfig, seed: int, tokenizer: Any):
+    """``data.num_pairs`` synthetic sentiment pairs whose responses fit in ``data.max_completion_length`` tokens (EOS
+    included), so that the cut never removes the part where chosen and rejected differ: the pairs of all usable
+    snippets, in their seeded order, filtered by length."""
+    from mojax.data import synthetic_sentiment_pairs
+
+    data = config.data
+    usable = sum(len(snippet.split()) > SENTIMENT_PROMPT_WORDS for snippet in snippets)
+    rows = synthetic_sentiment_pairs(snippets, setting, n=usable, seed=seed, words=SENTIMENT_PROMPT_WORDS)
+
+    fitting, chunk = [], 4 * data.num_pairs
+    for start in range(0, len(rows), chunk):  # tokenise only as many as it takes
+        part = rows[start : start + chunk]
+        lengths = [
+            [len(ids) for ids in tokenizer([row[key] for row in part], add_special_tokens=False)["input_ids"]]
+            for key in ("chosen", "rejected")
+        ]
+        fitting += [row for row, *sizes in zip(part, *lengths, strict=True) if max(sizes) < data.max_completion_length]
+        if len(fitting) >= data.num_pairs:
+            break
+    fitting = fitting[: data.num_pairs]
+    if len(fitting) < data.num_pairs:
+        raise ValueError(
+            checks.message(
+                "DPOTrainer",
+                "data.num_pairs",
+                f"is {data.num_pairs}, but only {len(fitting)} {setting} pairs fit in data.max_completion_length = "
+                f"{data.max_completion_length} tokens",
+                "fewer pairs, a longer data.max_completion_length or more (shorter) data.snippets",
+            )
+        )
+    return fitting
+
+
+def load_pair_rows(
+    source: Any, setting: str, config: DPOConfig, index: int = 0, tokenizer: Any = None
+) -> list[dict[str, str]]:
+    """``{prompt, chosen, rejected}`` rows of the `index`-th pair source: ``"tiny_synthetic"`` or
+    ``"sentiment_synthetic"`` (seeded by ``data.seed + index``, so objectives get different pairs; the sentiment
+    pairs are those that fit, measured with `tokenizer`), a file, or a list of rows."""
+    from mojax.data import load_pairs
+
     data = config.data
     if source == "tiny_synthetic":
         return tiny_preference_pairs(data.num_pairs, seed=data.seed + index, setting=setting)
-    from mojax.data import load_pairs
-
+    if source == "sentiment_synthetic":
+        return fitting_sentiment_pairs(review_snippets(data.snippets), setting, config, data.seed + index, tokenizer)
     rows = load_pairs(
         list(source) if isinstance(source, list | tuple) else source, limit=data.num_pairs, seed=data.seed
     )
     return [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in rows]
+
+
+def modpo_rewards(objectives: Sequence[Objective], rows: Sequence[Mapping[str, str]], response: str, pairs: PairBatch):
+    """f32[N, K]: the K MODPO rewards (costs negated) of every pair's `response` (``"chosen"`` or ``"rejected"``).
+
+    Args:
+      objectives: the rewards (``mojax.rl.rewards.resolve`` of ``modpo.rewards``).
+      rows: the pairs' texts.
+      response: which response to score.
+      pairs: the same pairs tokenised (token rewards and reward models read the ids).
+
+    Returns:
+      f32[N, K] finite scores.
+
+    Raises:
+      ValueError: a reward that gives no score (None or NaN) to a response.
+    """
+    ids, mask = (
+        (pairs.chosen_ids, pairs.chosen_mask) if response == "chosen" else (pairs.rejected_ids, pairs.rejected_mask)
+    )
+    scores = signed(
+        score(
+            objectives,
+            [row["prompt"] for row in rows],
+            [row[response] for row in rows],
+            completion_ids=ids,
+            completion_mask=mask.astype(np.int32),
+            prompt_ids=pairs.prompt_ids,
+            prompt_mask=pairs.prompt_mask,
+        ),
+        objectives,
+    )
+    missing = np.argwhere(np.isnan(scores))
+    if missing.size:
+        pair, reward = missing[0]
+        raise ValueError(
+            checks.message(
+                "DPOTrainer",
+                "modpo.rewards",
+                f"holds {objectives[reward].name!r}, which gave no score to the {response} response of pair {pair}",
+                "a reward that scores every response",
+            )
+        )
+    return np.asarray(scores, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- the step
@@ -248,6 +396,16 @@ class StepSpec(NamedTuple):
     entanglement_pairs: int
     num_objectives: int
     reads: tuple[str, ...]
+    rdpo_alpha: float = 0.0
+    modpo_weights: tuple[float, ...] | None = None  # (w_0, w_1, ..., w_K) with MODPO's K margin rewards
+    learned_mask: bool = False
+    mask_l1: float = 0.0
+    mask_learning_rate: float = 0.0
+
+    @property
+    def bco(self) -> bool:
+        """Whether a loss reads BCO's running shift."""
+        return "bco_pair" in self.loss_types
 
 
 def pair_logps(policy: Callable, params: Any, batch: PairBatch, *, average: bool) -> tuple[jax.Array, jax.Array]:
@@ -266,36 +424,75 @@ def pair_logps(policy: Callable, params: Any, batch: PairBatch, *, average: bool
 
 
 def per_pair_loss(
-    spec: StepSpec, chosen: jax.Array, rejected: jax.Array, batch: PairBatch, norms: tuple[jax.Array, jax.Array] | None
+    spec: StepSpec,
+    chosen: jax.Array,
+    rejected: jax.Array,
+    batch: PairBatch,
+    norms: tuple[jax.Array, jax.Array] | None,
+    bco_delta: jax.Array | None = None,
 ) -> jax.Array:
     """f32[B] the configured loss of each pair as a function of the log-probs it sees (NPO's when `norms` is given).
 
     The chosen response's per-token NLL (CPO, SFT) is -chosen / its length, so that every term's gradient is a
-    multiple of g_w and autodiff with respect to (chosen, rejected) gives the exact margin coefficients.
+    multiple of g_w and autodiff with respect to (chosen, rejected) gives the exact margin coefficients. R-DPO's
+    lengths are the responses' token counts (EOS included); `bco_delta` is BCO's shift for this batch; with
+    ``spec.modpo_weights`` the loss is ``modpo_loss`` on the batch's reward margins.
     """
     length = 1.0 if spec.length_average else jnp.maximum(jnp.sum(batch.chosen_weights, axis=1), 1.0)
     options = dict(
         beta=spec.beta,
-        loss_weights=spec.loss_weights,
         label_smoothing=spec.label_smoothing,
         simpo_gamma=spec.simpo_gamma,
         cpo_alpha=spec.cpo_alpha,
+        rdpo_alpha=spec.rdpo_alpha,
+        chosen_lengths=jnp.sum(batch.chosen_mask, axis=1),
+        rejected_lengths=jnp.sum(batch.rejected_mask, axis=1),
+        bco_delta=bco_delta,
         chosen_nll=-chosen / length,
     )
+    if norms is not None:
+        chosen, rejected = normalised_gradient_logps(chosen, norms[0]), normalised_gradient_logps(rejected, norms[1])
     refs = (batch.ref_chosen, batch.ref_rejected)
-    if norms is None:
-        return preference_loss(spec.loss_types, chosen, rejected, *refs, **options)
-    return npo_preference_loss(
-        spec.loss_types, chosen, rejected, *refs, norm_chosen=norms[0], norm_rejected=norms[1], **options
+    if spec.modpo_weights is None:
+        return preference_loss(spec.loss_types, chosen, rejected, *refs, loss_weights=spec.loss_weights, **options)
+    margins = (batch.margin_chosen.T, batch.margin_rejected.T)
+    return modpo_loss(
+        chosen, rejected, *refs, *margins, weights=spec.modpo_weights, loss_type=spec.loss_types[0], **options
     )
+
+
+def modpo_margin(spec: StepSpec, batch: PairBatch) -> jax.Array:
+    """f32[B] MODPO's margin w_1..K . (r(y_w) - r(y_l)) of each pair (0 without MODPO)."""
+    if spec.modpo_weights is None:
+        return jnp.zeros(batch.ref_chosen.shape, jnp.float32)
+    return (batch.margin_chosen - batch.margin_rejected) @ jnp.asarray(spec.modpo_weights[1:], jnp.float32)
+
+
+def masked_pairs(batch: PairBatch, mask_logits: Any) -> PairBatch:
+    """The batch with its token weights multiplied by the learned masks sigmoid(logits) of its pairs (unchanged when
+    `mask_logits` f32[N, 2, T] is None)."""
+    if mask_logits is None:
+        return batch
+    logits = mask_logits[batch.pair_ids]
+    return batch._replace(
+        chosen_weights=learned_token_mask(logits[:, 0], batch.chosen_weights),
+        rejected_weights=learned_token_mask(logits[:, 1], batch.rejected_weights),
+    )
+
+
+def mask_penalty(spec: StepSpec, batch: PairBatch, mask_logits: jax.Array) -> jax.Array:
+    """f32[] the L1 penalty mask_l1 * mean(mu) over the response tokens of the batch's chosen and rejected responses."""
+    masked = masked_pairs(batch, mask_logits)
+    mu = jnp.concatenate([masked.chosen_weights, masked.rejected_weights])
+    return token_mask_penalty(mu, jnp.concatenate([batch.chosen_weights, batch.rejected_weights]), l1=spec.mask_l1)
 
 
 def margin_coefficients(
-    spec: StepSpec, chosen: jax.Array, rejected: jax.Array, batch: PairBatch, norms: Any
+    spec: StepSpec, chosen: jax.Array, rejected: jax.Array, batch: PairBatch, norms: Any, bco_delta: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """(a_w, a_l) f32[B]: -dl/dlog pi_w and dl/dlog pi_l of each pair's loss, the coefficients of the first-order moves."""
     grad_chosen, grad_rejected = jax.grad(
-        lambda c, r: jnp.sum(per_pair_loss(spec, c, r, batch, norms)), argnums=(0, 1)
+        lambda c, r: jnp.sum(per_pair_loss(spec, c, r, batch, norms, bco_delta)), argnums=(0, 1)
     )(chosen, rejected)
     return -grad_chosen, grad_rejected
 
@@ -316,7 +513,7 @@ def make_dpo_step(
     optimizer: optax.GradientTransformation,
     spec: StepSpec,
     probe_mask: Any,
-) -> Callable[[TrainState, PairBatch, Any], tuple[TrainState, dict[str, jax.Array]]]:
+) -> Callable[[DPOState, PairBatch, Any], tuple[DPOState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch, reference_params or None) -> (state, metrics)``.
 
     Args:
@@ -328,47 +525,71 @@ def make_dpo_step(
 
     Returns:
       The step; jit it with ``donate_argnums=0``. With ``reference_params`` the batch's reference log-probs are
-      computed from them; otherwise the batch carries them.
+      computed from them; otherwise the batch carries them. BCO's shift is updated with the batch's mean implicit
+      reward before the loss reads it (as TRL does); the learned mask logits take a gradient step on the sum of the
+      objectives' losses plus the L1 penalty.
     """
     n = spec.num_objectives
     logps_of = functools.partial(pair_logps, policy, average=spec.length_average)
     measured = spec.entanglement_pairs
 
-    def objective_losses(params, batch, norms):
+    def objective_losses(variables, batch, norms, bco_shift, reference_params):
+        params, mask_logits = variables
+        batch = masked_pairs(batch, mask_logits)
+        if mask_logits is not None:  # the reference's log-probs read the same mask, so its gradient sees them too
+            refs = logps_of(jax.lax.stop_gradient(reference_params), batch)
+            batch = batch._replace(ref_chosen=refs[0], ref_rejected=refs[1])
         chosen, rejected = logps_of(params, batch)
-        losses = per_pair_loss(spec, chosen, rejected, batch, norms)
-        return stack_preference_losses(losses, batch.objective_ids, n), (chosen, rejected)
+        if spec.bco:
+            rewards = implicit_rewards(chosen, rejected, batch.ref_chosen, batch.ref_rejected, beta=spec.beta)
+            bco_shift = update_bco_shift(bco_shift, rewards)
+        losses = per_pair_loss(spec, chosen, rejected, batch, norms, bco_shift.mean if spec.bco else None)
+        return stack_preference_losses(losses, batch.objective_ids, n), (chosen, rejected, bco_shift)
 
-    def step(state: TrainState, batch: PairBatch, reference_params: Any):
+    def step(state: DPOState, batch: PairBatch, reference_params: Any):
+        seen = masked_pairs(batch, state.mask_logits)  # the token weights the loss sees at this step
         if reference_params is not None:
-            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps_of(reference_params, batch))
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps_of(reference_params, seen))
             batch = batch._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+            seen = seen._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         geometry_pairs = batch.chosen_ids.shape[0] if spec.npo else measured
         geometry = (
-            pair_entanglement(logps_of, state.params, _take(batch, slice(0, geometry_pairs)), probe_mask=probe_mask)
+            pair_entanglement(logps_of, state.params, _take(seen, slice(0, geometry_pairs)), probe_mask=probe_mask)
             if geometry_pairs
             else None
         )
         norms = (geometry.statistics.norm_chosen, geometry.statistics.norm_rejected) if spec.npo else None
-        (losses, (chosen, rejected)), grads = per_objective_grads(
-            objective_losses, state.params, batch, norms, has_aux=True
+        (losses, (chosen, rejected, bco_shift)), (grads, mask_grads) = per_objective_grads(
+            objective_losses,
+            (state.params, state.mask_logits),
+            batch,
+            norms,
+            state.bco_shift,
+            reference_params,
+            has_aux=True,
         )
         extras = {"losses": losses} if "losses" in spec.reads else {}
         combined, combiner_state = combiner.update(grads, state.combiner_state, state.params, **extras)
         updates, opt_state = optimizer.update(combined, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = all_finite(losses, combined, combiner_state.weights)
+        mask_logits, mask_metrics = (
+            learned_mask_step(spec, batch, state.mask_logits, mask_grads) if spec.learned_mask else (None, {})
+        )
+        finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(
+        new_state = DPOState(
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             combiner_state=keep(combiner_state, state.combiner_state),
             consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
             skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+            bco_shift=keep(bco_shift, state.bco_shift),
+            mask_logits=keep(mask_logits, state.mask_logits),
         )
         rewards = implicit_rewards(chosen, rejected, batch.ref_chosen, batch.ref_rejected, beta=spec.beta)
         metrics = {
             **preference_metrics(rewards, chosen, rejected),
+            **mask_metrics,
             "loss": jnp.dot(combiner_state.weights, losses),
             "objective_losses": losses,
             "margins": rewards.margin,
@@ -378,15 +599,40 @@ def make_dpo_step(
             "weights": combiner_state.weights,
             "cosines": objective_cosines(grads),
         }
+        if spec.bco:
+            metrics["bco/delta"] = bco_shift.mean
+        if spec.modpo_weights is not None:
+            metrics["modpo/margin"] = jnp.mean(modpo_margin(spec, batch))
         if measured:
-            metrics.update(entanglement_metrics(spec, geometry, batch, norms, new_state.params, logps_of))
+            delta = bco_shift.mean if spec.bco else None
+            metrics.update(entanglement_metrics(spec, geometry, seen, norms, new_state.params, logps_of, delta))
         return new_state, metrics
 
     return step
 
 
+def learned_mask_step(
+    spec: StepSpec, batch: PairBatch, mask_logits: jax.Array, mask_grads: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(new mask logits, ``mask/*`` metrics): one gradient step of size ``spec.mask_learning_rate`` on the summed
+    objective losses (`mask_grads` f32[n, N, 2, T], each pair's logits moved by its own objective's loss) plus the
+    L1 penalty of the batch's masks."""
+    penalty, penalty_grad = jax.value_and_grad(functools.partial(mask_penalty, spec, batch))(mask_logits)
+    new_logits = mask_logits - spec.mask_learning_rate * (jnp.sum(mask_grads, axis=0) + penalty_grad)
+    masked = masked_pairs(batch, mask_logits)
+    kept = jnp.sum(masked.chosen_weights) + jnp.sum(masked.rejected_weights)
+    tokens = jnp.sum(batch.chosen_weights) + jnp.sum(batch.rejected_weights)
+    return new_logits, {"mask/penalty": penalty, "mask/mean": kept / jnp.maximum(tokens, 1.0)}
+
+
 def entanglement_metrics(
-    spec: StepSpec, geometry: Any, batch: PairBatch, norms: Any, new_params: Any, logps_of: Callable
+    spec: StepSpec,
+    geometry: Any,
+    batch: PairBatch,
+    norms: Any,
+    new_params: Any,
+    logps_of: Callable,
+    bco_delta: Any = None,
 ) -> dict[str, jax.Array]:
     """``entanglement/*`` means over the first ``spec.entanglement_pairs`` pairs: geometry, predictions, observed moves."""
     k = spec.entanglement_pairs
@@ -394,7 +640,7 @@ def entanglement_metrics(
     stats = jax.tree.map(lambda x: x[:k], geometry.statistics)
     before = (geometry.chosen_logps[:k], geometry.rejected_logps[:k])
     sub_norms = None if norms is None else (norms[0][:k], norms[1][:k])
-    a_w, a_l = margin_coefficients(spec, *before, sub, sub_norms)
+    a_w, a_l = margin_coefficients(spec, *before, sub, sub_norms, bco_delta)
     move_chosen, move_rejected = predicted_moves(stats.inner, stats.norm_chosen**2, stats.norm_rejected**2, a_w, a_l)
     predicted = jnp.sign(move_chosen), jnp.sign(move_rejected)
     after = logps_of(new_params, sub)
@@ -472,16 +718,33 @@ class DPOTrainer(Run):
             simpo_gamma=preference.simpo_gamma,
             cpo_alpha=preference.cpo_alpha,
             length_average=config.length_average,
-            npo=preference.mitigation == "npo",
+            npo="npo" in config.mitigations,
             entanglement_pairs=min(preference.entanglement_pairs, config.data.pairs_per_step * n),
             num_objectives=n,
             reads=spec.reads,
+            rdpo_alpha=preference.rdpo_alpha,
+            modpo_weights=(
+                (config.modpo.weight, *(reward.weight for reward in config.modpo.rewards))
+                if config.modpo.rewards
+                else None
+            ),
+            learned_mask="learned_mask" in config.mitigations,
+            mask_l1=preference.mask_l1,
+            mask_learning_rate=preference.mask_learning_rate,
         )
         self._step_fn = jax.jit(
             make_dpo_step(self.policy, self.combiner, self.optimizer, self.spec, self.probe_mask), donate_argnums=0
         )
         self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))
-        self.pairs = [self._encode(objective, index) for index, objective in enumerate(self.objectives)]
+        self.margin_rewards = tuple(
+            resolve(
+                {key: rl_config.to_dict(getattr(reward, key)) for key in ("name", "fn", "weight", "kind", "options")}
+            )
+            for reward in config.modpo.rewards
+        )
+        self.pairs = []
+        for index, objective in enumerate(self.objectives):
+            self.pairs.append(self._encode(objective, index, sum(len(pairs.pair_ids) for pairs in self.pairs)))
         on_the_fly = preference.reference == "on_the_fly"
         self.reference_params = jax.tree.map(jnp.copy, params) if on_the_fly else None
         if not on_the_fly:
@@ -489,12 +752,14 @@ class DPOTrainer(Run):
         # Every leaf its own buffer: the step donates the state, and an init may share one array twice.
         self.state = jax.tree.map(
             jnp.copy,
-            TrainState(
+            DPOState(
                 params=params,
                 opt_state=self.optimizer.init(params),
                 combiner_state=self.combiner.init(params),
                 consecutive_skips=jnp.zeros((), jnp.int32),
                 skipped_updates=jnp.zeros((), jnp.int32),
+                bco_shift=init_bco_shift(),
+                mask_logits=self._initial_mask_logits() if self.spec.learned_mask else None,
             ),
         )
         self.step = 0
@@ -523,9 +788,9 @@ class DPOTrainer(Run):
         arrays = PairBatch(*(jnp.asarray(field) for field in batch))
         return arrays if self.mesh is None else jax.device_put(arrays, batch_sharding(self.mesh))
 
-    def _encode(self, objective: PairObjectiveSection, index: int) -> PairBatch:
+    def _encode(self, objective: PairObjectiveSection, index: int, first_pair_id: int) -> PairBatch:
         data = self.config.data
-        rows = load_pair_rows(objective.pairs, objective.setting, self.config, index)
+        rows = load_pair_rows(objective.pairs, objective.setting, self.config, index, self.tokenizer)
         if len(rows) < data.pairs_per_step:
             raise ValueError(
                 checks.message(
@@ -535,15 +800,26 @@ class DPOTrainer(Run):
                     f"at least data.pairs_per_step = {data.pairs_per_step}",
                 )
             )
-        return encode_pairs(
+        pairs = encode_pairs(
             self.tokenizer,
             rows,
             max_prompt_length=data.max_prompt_length,
             max_completion_length=data.max_completion_length,
             eos_id=self.tokenizer.eos_token_id,
-            mask_shared_prefix=self.config.preference.mitigation == "shared_prefix",
+            mask_shared_prefix="shared_prefix" in self.config.mitigations,
             objective_id=index,
+            first_pair_id=first_pair_id,
         )
+        if not self.margin_rewards:
+            return pairs
+        margins = [modpo_rewards(self.margin_rewards, rows, response, pairs) for response in ("chosen", "rejected")]
+        return pairs._replace(margin_chosen=margins[0], margin_rejected=margins[1])
+
+    def _initial_mask_logits(self) -> jax.Array:
+        """f32[N, 2, T]: ``preference.mask_init`` for every token of every pair."""
+        count = sum(len(pairs.pair_ids) for pairs in self.pairs)
+        shape = (count, 2, self.config.data.max_completion_length)
+        return jnp.full(shape, self.config.preference.mask_init, jnp.float32)
 
     def _with_reference(self, pairs: PairBatch, params: Any) -> PairBatch:
         """The pairs with the reference (initial policy) log-probs filled in, in chunks of ``pairs_per_step``."""

@@ -21,6 +21,12 @@ LENGTH_AVERAGED_LOSSES = ("ipo", "simpo")
 """Losses that see length-averaged log-probabilities when ``preference.length_average`` is None (as in TRL)."""
 TINY_PAIR_SETTINGS = ("one_token", "shared_prefix")
 """Settings of the built-in ``"tiny_synthetic"`` pairs (see :func:`mojax.rl.dpo.tiny_preference_pairs`)."""
+SENTIMENT_PAIR_SETTINGS = ("one_token", "short_suffix", "long_suffix")
+"""Settings of the built-in ``"sentiment_synthetic"`` pairs (``mojax.data.synthetic_sentiment_pairs``)."""
+PAIR_SETTINGS = {"tiny_synthetic": TINY_PAIR_SETTINGS, "sentiment_synthetic": SENTIMENT_PAIR_SETTINGS}
+"""The built-in pair sources and their settings."""
+MITIGATIONS = ("npo", "shared_prefix", "learned_mask")
+"""The mitigations of gradient entanglement that ``preference.mitigation`` may name."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,9 +50,18 @@ class PreferenceSection:
     copy of the initial parameters scores each batch."""
     length_average: bool | None = None
     """Divide sequence log-probs by the response length; None: True for ipo and simpo, False otherwise (TRL)."""
-    mitigation: str = "none"
-    """``"none"``, ``"npo"`` (pairwise-normalised gradient with per-pair probe norms) or ``"shared_prefix"`` (the
-    common prefix of chosen and rejected left out of both log-probs)."""
+    rdpo_alpha: float = 0.01
+    """R-DPO's length penalty alpha: the logit is beta D - alpha (|y_w| - |y_l|), lengths in tokens (EOS included)."""
+    mitigation: Any = "none"
+    """``"none"``, or one or a list of ``"npo"`` (pairwise-normalised gradient with per-pair probe norms),
+    ``"shared_prefix"`` (the common prefix of chosen and rejected left out of both log-probs) and ``"learned_mask"``
+    (trained per-token masks with an L1 penalty, on top of the shared-prefix mask when both are given)."""
+    mask_l1: float = 0.01
+    """``learned_mask``: weight of the L1 penalty mask_l1 * mean(mu) over the response tokens of the batch."""
+    mask_learning_rate: float = 0.1
+    """``learned_mask``: step size of plain gradient descent on the mask logits (one logit per token of every pair)."""
+    mask_init: float = 3.0
+    """``learned_mask``: initial logit of every token (sigmoid(3) = 0.95: nearly the unmasked log-probs)."""
     probe: Sequence[str] = ()
     """Parameter path substrings of the probe set of the entanglement statistics and of NPO's norms; empty: the final
     norm plus the LM head when untied (never a tied vocabulary-sized embedding)."""
@@ -59,12 +74,18 @@ class PairDataSection:
     """The preference pairs of a single-objective run and how they are tokenised."""
 
     pairs: Any = "tiny_synthetic"
-    """``"tiny_synthetic"``, a .jsonl/.json/.parquet path or a list of ``{prompt, chosen, rejected}`` rows."""
+    """``"tiny_synthetic"``, ``"sentiment_synthetic"``, a .jsonl/.json/.parquet path or a list of
+    ``{prompt, chosen, rejected}`` rows."""
     setting: str = "one_token"
-    """``"tiny_synthetic"`` only: ``"one_token"`` (the rejected response is the chosen one with one character
-    changed) or ``"shared_prefix"`` (a shared prefix, then different suffixes)."""
+    """The setting of a built-in source. ``"tiny_synthetic"``: ``"one_token"`` (the rejected response is the chosen
+    one with one character changed) or ``"shared_prefix"`` (a shared prefix, then different suffixes).
+    ``"sentiment_synthetic"``: ``"one_token"``, ``"short_suffix"`` or ``"long_suffix"`` (movie-review pairs of the
+    gradient-entanglement paper: a shared review, then one differing sentiment word, a short or a long suffix)."""
+    snippets: Any = None
+    """``"sentiment_synthetic"`` only: the review snippets, a list of strings or a text file with one per line;
+    None: the Rotten Tomatoes snippets of ``mojax.data.movie_reviews`` (fetched once into the mojax cache)."""
     num_pairs: int = 32
-    """How many pairs to draw for ``"tiny_synthetic"``, and the limit for other sources."""
+    """How many pairs to draw for a built-in source, and the limit for other sources."""
     pairs_per_step: int = 8
     """Pairs per training step (per objective in a multi-objective run)."""
     max_prompt_length: int = 16
@@ -84,9 +105,35 @@ class PairObjectiveSection:
     pairs: Any
     """Its pairs, in the forms of ``data.pairs``."""
     setting: str = "one_token"
-    """As ``data.setting``, for ``"tiny_synthetic"`` pairs."""
+    """As ``data.setting``, for built-in pairs."""
     weight: float = 1.0
     """Its weight where the combiner has weights (linear weights, P-GAPO's preference)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MarginRewardSection:
+    """One reward whose margin r(x, y_w) - r(x, y_l) shifts MODPO's loss (named as the RL config's objectives)."""
+
+    name: str
+    """The reward's name ([A-Za-z0-9_-]+)."""
+    fn: str
+    """A built-in reward of ``mojax.rl.rewards.BUILTIN_REWARDS`` or ``"module:function"``."""
+    weight: float = 0.0
+    """Its MODPO weight w_k (>= 0); ``modpo.weight`` and every reward's weight sum to 1."""
+    kind: str = "reward"
+    """``"reward"`` or ``"cost"`` (negated before the margin)."""
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of the reward factory."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModpoSection:
+    """MODPO: the preference loss on the pairs, shifted by the weighted reward margins of other objectives."""
+
+    weight: float = 1.0
+    """w_0, the weight of the objective the pairs express (> 0)."""
+    rewards: Sequence[MarginRewardSection] = ()
+    """The other objectives' rewards, scored once on every pair's chosen and rejected texts; empty: plain loss."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,6 +164,8 @@ class DPOConfig:
     """The pairs."""
     objectives: Sequence[PairObjectiveSection] = ()
     """Named pair sources, one per objective (multi-objective DPO); empty: one objective on ``data.pairs``."""
+    modpo: ModpoSection = ModpoSection()
+    """MODPO's reward margins (off without rewards)."""
     combiner: PreferenceCombinerSection = PreferenceCombinerSection()
     """The multi-objective combiner."""
     optimizer: rl_config.OptimizerSection = rl_config.OptimizerSection()
@@ -142,6 +191,13 @@ class DPOConfig:
         return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
 
     @property
+    def mitigations(self) -> tuple[str, ...]:
+        """``preference.mitigation`` as a tuple of names (empty for ``"none"``)."""
+        mitigation = self.preference.mitigation
+        names = (mitigation,) if isinstance(mitigation, str) else tuple(mitigation)
+        return tuple(name for name in names if name != "none")
+
+    @property
     def length_average(self) -> bool:
         """Whether the losses see length-averaged log-probabilities (``preference.length_average`` resolved)."""
         if self.preference.length_average is not None:
@@ -151,7 +207,6 @@ class DPOConfig:
 
 _CHOICES = {
     "preference.reference": ("precompute", "on_the_fly"),
-    "preference.mitigation": ("none", "npo", "shared_prefix"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "optimizer.name": ("adamw", "sgd"),
     "model.dtype": ("float32", "bfloat16"),
@@ -192,16 +247,6 @@ def validate(config: DPOConfig) -> None:
         if not isinstance(name, str):
             raise TypeError(checks.message(where, "preference.loss_type", f"holds {name!r}", "loss names (strings)"))
         checks.choice(where, "preference.loss_type", name, PREFERENCE_LOSSES)
-    unsupported = [name for name in names if PREFERENCE_LOSSES[name].requires]
-    if unsupported:
-        raise ValueError(
-            checks.message(
-                where,
-                "preference.loss_type",
-                f"holds {unsupported}, whose per-pair options the trainer does not provide",
-                "losses without required options (sigmoid, robust, ipo, hinge, simpo, dpop, cpo, nca_pair, apo_zero, sft)",
-            )
-        )
     if preference.loss_weights is not None:
         checks.finite_vector(where, "preference.loss_weights", preference.loss_weights, length=len(names))
     checks.positive(where, "preference.beta", preference.beta)
@@ -209,7 +254,29 @@ def validate(config: DPOConfig) -> None:
         where, "preference.label_smoothing", preference.label_smoothing, low=0.0, high=0.5, high_open="robust" in names
     )
     checks.nonnegative(where, "preference.cpo_alpha", preference.cpo_alpha)
-    if preference.mitigation == "npo":
+    checks.finite(where, "preference.rdpo_alpha", preference.rdpo_alpha)
+    mitigations = config.mitigations
+    for name in mitigations:
+        if not isinstance(name, str):
+            raise TypeError(checks.message(where, "preference.mitigation", f"holds {name!r}", "mitigation names"))
+        checks.choice(where, "preference.mitigation", name, ("none", *MITIGATIONS))
+    if len(set(mitigations)) != len(mitigations):
+        raise ValueError(
+            checks.message(where, "preference.mitigation", f"repeats a name in {list(mitigations)}", "distinct names")
+        )
+    checks.nonnegative(where, "preference.mask_l1", preference.mask_l1)
+    checks.positive(where, "preference.mask_learning_rate", preference.mask_learning_rate)
+    checks.finite(where, "preference.mask_init", preference.mask_init)
+    if "learned_mask" in mitigations and preference.reference != "on_the_fly":
+        raise ValueError(
+            checks.message(
+                where,
+                "preference.reference",
+                f"is {preference.reference!r} with mitigation 'learned_mask'",
+                "'on_the_fly' (the reference's log-probs read the learned mask too)",
+            )
+        )
+    if "npo" in mitigations:
         anchored = [name for name in names if not PREFERENCE_LOSSES[name].margin_based]
         if anchored:
             raise ValueError(
@@ -217,19 +284,52 @@ def validate(config: DPOConfig) -> None:
                     where, "preference.loss_type", f"holds {anchored} with mitigation 'npo'", "margin_based losses"
                 )
             )
-    checks.choice(where, "data.setting", config.data.setting, TINY_PAIR_SETTINGS)
+    _check_setting(where, "data", config.data.pairs, config.data.setting)
+    _check_modpo(where, config)
     checks.choice(where, "combiner.name", config.combiner.name, REGISTRY)
     check_combiner_for_preference(config.combiner.name)
     if config.objectives:
         checks.names(where, "objectives[].name", [objective.name for objective in config.objectives])
         for objective in config.objectives:
             checks.nonnegative(where, f"objectives.{objective.name}.weight", objective.weight)
-            checks.choice(where, f"objectives.{objective.name}.setting", objective.setting, TINY_PAIR_SETTINGS)
+            _check_setting(where, f"objectives.{objective.name}", objective.pairs, objective.setting)
     checks.positive(where, "optimizer.learning_rate", config.optimizer.learning_rate)
     if config.optimizer.schedule != "constant" and config.optimizer.schedule_steps is None:
         raise ValueError(
             checks.message(
                 where, "optimizer.schedule_steps", "is None", f"the decay length for {config.optimizer.schedule!r}"
+            )
+        )
+
+
+def _check_setting(where: str, prefix: str, pairs: Any, setting: str) -> None:
+    """The setting must be one of its built-in source's (other sources ignore it)."""
+    if isinstance(pairs, str) and pairs in PAIR_SETTINGS:
+        checks.choice(where, f"{prefix}.setting", setting, PAIR_SETTINGS[pairs])
+
+
+def _check_modpo(where: str, config: DPOConfig) -> None:
+    """MODPO's rewards: distinct names, weights with w_0 > 0 on the simplex, one margin-based loss."""
+    from mojax.rl.preference import PREFERENCE_LOSSES
+
+    modpo = config.modpo
+    if not modpo.rewards:
+        return
+    checks.names(where, "modpo.rewards[].name", [reward.name for reward in modpo.rewards])
+    checks.positive(where, "modpo.weight", modpo.weight)
+    for reward in modpo.rewards:
+        checks.nonnegative(where, f"modpo.rewards.{reward.name}.weight", reward.weight)
+        checks.choice(where, f"modpo.rewards.{reward.name}.kind", reward.kind, ("reward", "cost"))
+    total = modpo.weight + sum(reward.weight for reward in modpo.rewards)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            checks.message(where, "modpo.weight", f"and the rewards' weights sum to {total:g}", "weights summing to 1")
+        )
+    names = config.loss_types
+    if len(names) != 1 or not PREFERENCE_LOSSES[names[0]].margin_based:
+        raise ValueError(
+            checks.message(
+                where, "preference.loss_type", f"is {list(names)} with modpo.rewards", "one margin_based loss"
             )
         )
 

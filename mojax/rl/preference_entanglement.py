@@ -134,8 +134,23 @@ def observed_moves_agree(pred_signs: jax.Array, before: jax.Array, after: jax.Ar
     return moved == jnp.asarray(pred_signs, jnp.float32)
 
 
-def _normalised_gradient(logps: jax.Array, norms: jax.Array) -> jax.Array:
-    """Same value as logps, gradient divided by sg(norm) per pair (unchanged where the norm is 0)."""
+def normalised_gradient_logps(logps: jax.Array, norms: jax.Array) -> jax.Array:
+    """sg(lp) + (lp - sg(lp)) / sg(norm), f32[B]: the same values, each pair's gradient divided by its norm.
+
+    Feeding these to any loss gives NPO's pairwise-normalised update (``npo_preference_loss``; the trainer also
+    feeds them to ``modpo_loss``). A zero norm leaves its pair's gradient unscaled.
+
+    Args:
+      logps: f32[B] sequence log-probabilities.
+      norms: f32[B] the norms of their gradients on the probe set (``pair_entanglement``).
+
+    Returns:
+      f32[B] equal to `logps`.
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+    """
     logps = jnp.asarray(logps, jnp.float32)
     norms = jax.lax.stop_gradient(jnp.asarray(norms, jnp.float32))
     scale = jnp.where(norms > 0, norms, 1.0)
@@ -185,8 +200,8 @@ def npo_preference_loss(
         )
     return preference_loss(
         loss_type,
-        _normalised_gradient(chosen_logps, norm_chosen),
-        _normalised_gradient(rejected_logps, norm_rejected),
+        normalised_gradient_logps(chosen_logps, norm_chosen),
+        normalised_gradient_logps(rejected_logps, norm_rejected),
         ref_chosen_logps,
         ref_rejected_logps,
         beta=beta,

@@ -13,7 +13,9 @@
 * ``values`` f32[n, B, T]: the vector critic's value before each response token (gae only, else None).
 
 Prompts are tokenised once, truncated on the left (or rejected) at ``max_prompt_length``, and left-padded to a
-multiple of ``prompt_bucket_multiple`` so that nearby lengths share one compiled sampler.
+multiple of ``prompt_bucket_multiple`` so that nearby lengths share one compiled sampler. The sampler always draws
+``max_completion_length`` tokens; the update then runs on the smallest of ``length_buckets`` that holds the longest
+completion (:func:`response_bucket`), the padded tail columns cut, so it compiles at most once per bucket.
 """
 
 from __future__ import annotations
@@ -83,6 +85,27 @@ def encode_prompts(
         ids[row, width - len(tokens) :] = tokens
         mask[row, width - len(tokens) :] = 1
     return ids, mask
+
+
+def response_bucket(response_mask: Any, buckets: Sequence[int], max_length: int) -> int:
+    """The update's response width: the smallest of `buckets` (then `max_length`) holding the longest completion.
+
+    Args:
+      response_mask: f32[B, T] prefix masks of the completions (T = `max_length`).
+      buckets: increasing widths, each at most `max_length` (``rollout.length_buckets``; empty: no bucketing).
+      max_length: ``rollout.max_completion_length``, the last bucket.
+
+    Returns:
+      The width W: columns W.. of the response arrays are padding in every row.
+
+    Example:
+      >>> import numpy as np
+      >>> mask = np.asarray([[1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+      >>> response_bucket(mask, (2, 4), 8), response_bucket(mask, (), 8), response_bucket(mask[:, :0], (2,), 8)
+      (4, 8, 2)
+    """
+    longest = int(np.asarray(response_mask).sum(axis=1).max(initial=0))
+    return next(width for width in (*buckets, max_length) if width >= longest)
 
 
 def repeat_prompts(

@@ -6,6 +6,10 @@ writes ``OUTPUT_DIR/config.yaml`` on its first start and refuses to resume with 
 ``steps``, ``output_dir`` and logging keys; it saves an Orbax checkpoint every ``checkpoint.save_steps`` steps (and at
 the last one) unless the step's update was skipped, and stops after ``max_consecutive_skips`` skipped updates with the
 last good checkpoint intact.
+
+A run may span several processes (``jax.distributed`` with a global mesh): every process runs the same loop on the
+same data, :func:`fetch` gathers device arrays to every host for host-side work, checkpoints are written by every
+process together (Orbax), and only process 0 writes config.yaml, metrics, samples, TensorBoard and the export.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mojax import _checks as checks
 from mojax.rl import config as rl_config
@@ -32,6 +38,60 @@ from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, TensorBo
 Callback = Callable[[int, Mapping[str, float]], None]
 CRASH_ENV = "MOJAX_CRASH_AT_STEP"
 """Test hook: kill the process with SIGKILL right after the update of this step, before its checkpoint is saved."""
+
+
+def is_main_process() -> bool:
+    """True on the process that writes the run's files (process 0; the only one without ``jax.distributed``)."""
+    return jax.process_index() == 0
+
+
+def fetch(tree: Any) -> Any:
+    """Host numpy copies of a pytree's arrays, gathered from every process where an array spans several.
+
+    With more than one process every process must call it with the same tree (the gather is a collective).
+    """
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def place(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """A pytree of host values as global arrays with `sharding`; every process holds the same values and keeps its
+    own shards (works across processes, unlike ``jax.device_put`` of a committed local array)."""
+
+    def one(x: Any) -> jax.Array:
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(one, tree)
+
+
+def place_sharded(tree: Any, shardings: Any) -> Any:
+    """A pytree of arrays placed leaf by leaf with a matching pytree of shardings (see :func:`place`)."""
+    return jax.tree.map(place, fetch(tree), shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf that does not yet live on `mesh` replicated over it (leaves already on the mesh are kept)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                place(fetch(jax.random.key_data(x)), replicated), impl=jax.random.key_impl(x)
+            )
+        return place(fetch(x), replicated)
+
+    return jax.tree.map(one, tree)
 
 
 def typed_keys_to_data(tree: Any) -> Any:
@@ -124,7 +184,14 @@ class Run(abc.ABC):
         if step is None:
             return False
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.checkpoint_tree())
-        self.load_checkpoint_tree(manager.restore(step, args=ocp.args.StandardRestore(target)))
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except ValueError as error:
+            difference = str(error).split("If this mismatch is intentional")[0].strip()  # Orbax's own API hint
+            seen = f"holds a checkpoint at step {step} whose state does not match this run's ({difference})"
+            expected = "a checkpoint written by this version of mojax for this config, or a new output_dir"
+            raise ValueError(checks.message(type(self).__name__, "output_dir", seen, expected)) from error
+        self.load_checkpoint_tree(restored)
         self.step = int(step)
         return True
 
@@ -145,10 +212,15 @@ class Run(abc.ABC):
                         "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
                     )
                 )
-        path.write_text(yaml.safe_dump(current, sort_keys=False))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mojax: config checked")  # every process read it before it is written
+        if is_main_process():
+            path.write_text(yaml.safe_dump(current, sort_keys=False))
 
     def loggers(self, resumed_at: int | None) -> CompositeLogger:
-        """metrics.jsonl, TensorBoard (unless disabled) and the progress bar."""
+        """metrics.jsonl, TensorBoard (unless disabled) and the progress bar; none on processes other than 0."""
+        if not is_main_process():
+            return CompositeLogger()
         logging = self.config.logging
         loggers = [JsonlLogger(self.output_dir / "metrics.jsonl", resume_from_step=resumed_at)]
         if logging.tensorboard:
@@ -176,7 +248,7 @@ class Run(abc.ABC):
                 logger.log(self.step, metrics)
                 for callback in self.callbacks:
                     callback(self.step, metrics)
-                skips = int(self.state.consecutive_skips)
+                skips = int(fetch(self.state.consecutive_skips))
                 if skips >= self.config.max_consecutive_skips:
                     raise RuntimeError(
                         f"{type(self).__name__}: {skips} consecutive updates were skipped (non-finite loss, gradient or "
@@ -196,11 +268,18 @@ class Run(abc.ABC):
         return metrics
 
     def export(self, path: str | os.PathLike) -> Path:
-        """Write the current policy as a Hugging Face folder (weights with LoRA merged, config, tokenizer)."""
+        """Write the current policy as a Hugging Face folder (weights with LoRA merged, config, tokenizer); with several
+        processes every process gathers the weights and process 0 writes them."""
+        from flax import nnx
+
         from mojax.models import save_pretrained
 
-        save_pretrained(self.policy_model(), path, tokenizer=self.tokenizer)
-        (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
+        model = self.policy_model()
+        if jax.process_count() > 1:
+            nnx.update(model, jax.tree.map(jnp.asarray, fetch(nnx.state(model, nnx.Param))))
+        if is_main_process():
+            save_pretrained(model, path, tokenizer=self.tokenizer)
+            (Path(path) / "mojax_run.json").write_text(json.dumps({"step": self.step, "objectives": list(self.names)}))
         return Path(path)
 
     def close(self) -> None:

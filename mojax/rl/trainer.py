@@ -15,6 +15,16 @@ Every random draw is a function of (``seed``, step), and the checkpoint holds th
 combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
 uninterrupted one bit for bit on CPU. Rerunning on the same ``output_dir`` resumes; a changed config is an error
 except ``steps`` and logging keys.
+
+Response widths: the sampler draws ``rollout.max_completion_length`` tokens; the update runs on the smallest of
+``rollout.length_buckets`` that holds the batch's longest completion (the padded tail columns cut, which changes no
+loss, gradient or metric), so it compiles once per bucket at most.
+
+Several processes (``jax.distributed`` and a mesh over every process's devices): every process runs the same loop on
+the same prompts with the same keys. The rollout is gathered to every host (:func:`mojax.rl.run.fetch`) for decoding,
+rewards, advantages and metrics; the batch goes back onto the mesh split by rows (:func:`mojax.rl.run.place`), and
+the state lives replicated or sharded on the mesh, so Orbax saves and restores it from every process. Only process 0
+writes metrics, samples, TensorBoard, config.yaml and the exported policy.
 """
 
 from __future__ import annotations
@@ -52,10 +62,18 @@ from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
 from mojax.rl.losses import chunked_logprobs_and_entropy, token_entropy, token_logprobs
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
-from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, sample_rollout
-from mojax.rl.run import CRASH_ENV, Run  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
+from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, response_bucket, sample_rollout
+from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
+    CRASH_ENV,
+    Run,
+    fetch,
+    is_main_process,
+    place,
+    place_sharded,
+    replicate,
+)
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
-from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
+from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, make_train_step
 
 NORMALIZER_EPS = 1e-6
 
@@ -250,6 +268,18 @@ def build_critic(policy: Any, num_objectives: int, seed: int) -> Any:
     return critic
 
 
+RESPONSE_FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "values", "returns")
+"""The fields of :class:`mojax.rl.update.Batch` whose last axis is the response token axis T."""
+
+
+def cut_responses(batch: Batch, width: int) -> Batch:
+    """The batch with its response arrays cut to their first `width` columns (the caller checks that the rest is
+    padding: masked, so no loss, metric or gradient reads it; causal attention keeps the kept columns' log-probs)."""
+    return batch._replace(
+        **{field: getattr(batch, field)[..., :width] for field in RESPONSE_FIELDS if getattr(batch, field) is not None}
+    )
+
+
 def _nan_stats(values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
@@ -330,7 +360,7 @@ class Trainer(Run):
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = build_mesh(config)
         if self.mesh is not None:
-            params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
+            params = place_sharded(params, state_shardings(params, self.mesh, config.mesh.rules))
         self.train_prompts = load_prompt_rows(config.data.prompts, config.data, self.tokenizer)
         self.eval_prompts = (
             None
@@ -410,7 +440,7 @@ class Trainer(Run):
                 build_critic(self.model, self.num_trained, config.model.init_seed + 1), nnx.Param, ...
             )
             if self.mesh is not None:
-                critic_params = jax.device_put(
+                critic_params = place_sharded(
                     critic_params, state_shardings(critic_params, self.mesh, config.mesh.rules)
                 )
             critic = critic_fn(critic_graphdef, critic_rest)
@@ -428,6 +458,8 @@ class Trainer(Run):
             ),
             donate_argnums=0,
         )
+        scalar = self.update_spec.mode == "scalar"
+        self._scalar_weights = jax.jit(make_scalar_weights(self.combiner, self.update_spec)) if scalar else None
         self.uses_reference = config.kl.beta > 0 or config.kl.log_kl
         # LoRA: the reference is the base model (adapters off) of the current parameters, no copy; else a frozen copy.
         self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference and not config.lora.rank else None
@@ -455,6 +487,8 @@ class Trainer(Run):
         )
         self.normalizer = init_normalizer(len(self.objectives))
         self.kl_coef = float(config.kl.beta)
+        if self.mesh is not None:
+            self.state = replicate(self.state, self.mesh)
         self.step = 0
         self.sampling = SamplingConfig(
             max_new_tokens=config.rollout.max_completion_length,
@@ -479,7 +513,7 @@ class Trainer(Run):
 
     def place_batch(self, batch: Batch) -> Batch:
         """The batch split over the mesh's batch axes (unchanged without a mesh)."""
-        return batch if self.mesh is None else jax.device_put(batch, batch_sharding(self.mesh))
+        return batch if self.mesh is None else place(batch, batch_sharding(self.mesh))
 
     def _step_key(self, step: int, stream: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), stream)
@@ -496,7 +530,8 @@ class Trainer(Run):
         return rows
 
     def rollout(self, rows: Sequence[dict], key: jax.Array, sampling: SamplingConfig, generations: int) -> Rollout:
-        """Sample `generations` completions for each prompt row."""
+        """Sample `generations` completions for each prompt row; the fields come back as host arrays (numpy), gathered
+        from every process when the mesh spans several."""
         ids, mask = encode_prompts(
             self.tokenizer,
             [row["prompt"] for row in rows],
@@ -523,12 +558,12 @@ class Trainer(Run):
             reference_logp=reference,
             mask_truncated_completions=self.config.rollout.mask_truncated_completions,
         )
-        if self._values is None:
-            return rollout
-        values = self._values(
-            self.state.critic_params, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.response_mask
-        )
-        return rollout._replace(values=values)
+        if self._values is not None:
+            values = self._values(
+                self.state.critic_params, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.response_mask
+            )
+            rollout = rollout._replace(values=values)
+        return fetch(rollout)
 
     def decode(self, rollout: Rollout) -> tuple[list[str], list[list[int]]]:
         """(completion strings, completion id lists) of a rollout, cut at the response mask."""
@@ -585,20 +620,21 @@ class Trainer(Run):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_tree(self) -> dict[str, Any]:
-        """The training state, the reward normalisers and the KL coefficient."""
-        return {
-            **super().checkpoint_tree(),
-            "normalizer": self.normalizer,
-            "kl_coef": jnp.asarray(self.kl_coef, jnp.float32),
-        }
+        """The training state, the reward normalisers and the KL coefficient (host values replicated on the mesh, so
+        that every process saves and restores the same global arrays)."""
+        host = {"normalizer": self.normalizer, "kl_coef": jnp.asarray(self.kl_coef, jnp.float32)}
+        return {**super().checkpoint_tree(), **(host if self.mesh is None else replicate(host, self.mesh))}
 
     def load_checkpoint_tree(self, restored: Mapping[str, Any]) -> None:
         super().load_checkpoint_tree(restored)
-        self.normalizer = type(self.normalizer)(*restored["normalizer"])
-        self.kl_coef = float(restored["kl_coef"])
+        self.normalizer = type(self.normalizer)(*(jnp.asarray(x) for x in fetch(tuple(restored["normalizer"]))))
+        self.kl_coef = float(fetch(restored["kl_coef"]))
 
     def open_logs(self, resumed_at: int | None) -> None:
-        """samples.jsonl: a few decoded completions per step."""
+        """samples.jsonl: a few decoded completions per step (process 0 only)."""
+        self._samples = None
+        if not is_main_process():
+            return
         self._samples = SamplesLogger(
             self.output_dir / "samples.jsonl",
             max_samples=self.config.logging.samples_per_step,
@@ -606,6 +642,8 @@ class Trainer(Run):
         )
 
     def log_step(self, metrics: Mapping[str, float]) -> None:
+        if self._samples is None:
+            return
         rows, completions, raw = self._last_samples
         prompts = [row["prompt"] for row in rows for _ in range(self.config.rollout.num_generations)]
         self._samples.log(
@@ -613,7 +651,8 @@ class Trainer(Run):
         )
 
     def close_logs(self) -> None:
-        self._samples.close()
+        if self._samples is not None:
+            self._samples.close()
 
     # ------------------------------------------------------------------------------------------------ metrics
     def _metrics(
@@ -653,7 +692,7 @@ class Trainer(Run):
                 metrics[f"interference/frac_neg/{name}"] = float(statistics.frac_neg[index])
             metrics["interference/index"] = float(statistics.interference_index)
         if self.config.combiner.name == "lagrangian" and not self.aggregate_first:
-            log_lambda = np.asarray(self.state.combiner_state.log_lambda)
+            log_lambda = fetch(self.state.combiner_state.log_lambda)
             for index in self.constrained:
                 metrics[f"lagrangian/lambda/{self.names[index]}"] = float(np.exp(log_lambda[index]))
         lengths = mask.sum(axis=1)
@@ -664,7 +703,7 @@ class Trainer(Run):
         if self._values is not None:
             metrics["critic/vf_loss"] = float(update["value_loss"])
         metrics["kl_coef"] = self.kl_coef
-        metrics["skipped_updates"] = float(self.state.skipped_updates)
+        metrics["skipped_updates"] = float(fetch(self.state.skipped_updates))
         return metrics
 
     # -------------------------------------------------------------------------------------------- the loop
@@ -675,7 +714,6 @@ class Trainer(Run):
         started = time.perf_counter()
         with self.on_mesh():
             rollout = self.rollout(rows, self._step_key(step, 0), self.sampling, generations)
-            jax.block_until_ready(rollout.old_logp)
         sampled = time.perf_counter()
         raw, completions = self.score(rows, rollout, generations)
         oriented = np.asarray(signed(raw, self.objectives), np.float32)
@@ -695,6 +733,11 @@ class Trainer(Run):
             values=None if rollout.values is None else jnp.moveaxis(rollout.values, 0, 1),
             returns=None if estimated.returns is None else jnp.moveaxis(estimated.returns, 0, 1),
         )
+        rollout_config = self.config.rollout
+        width = response_bucket(
+            rollout.response_mask, rollout_config.length_buckets, rollout_config.max_completion_length
+        )
+        batch = jax.tree.map(jnp.asarray, cut_responses(batch, width))  # on the device, as the update reads it
         timings = {"timing/rollout": sampled - started, "timing/rewards": time.perf_counter() - sampled}
         return Prepared(rows, completions, raw, oriented, rollout, advantages, batch, timings)
 
@@ -710,10 +753,14 @@ class Trainer(Run):
     def update(self, batch: Batch, step: int) -> dict[str, Any]:
         """The jitted update of one rollout (on the mesh); returns its metrics on the host."""
         with self.on_mesh():
-            self.state, update = self._train_step(
-                self.state, self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
-            )
-        return jax.device_get(update)
+            batch, key, beta = self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
+            if self._scalar_weights is None:
+                self.state, update = self._train_step(self.state, batch, key, beta, None)
+            else:  # the weights as data, so the train step is the same program for every scalar-mode combiner
+                weights, combiner_state = self._scalar_weights(self.state.combiner_state, batch)
+                state, update = self._train_step(self.state._replace(combiner_state=None), batch, key, beta, weights)
+                self.state = state._replace(combiner_state=combiner_state)
+        return fetch(update)
 
     def train_step(self) -> dict[str, float]:
         """Run one step (rollout, rewards, advantages, update) and return its metrics."""
@@ -725,6 +772,7 @@ class Trainer(Run):
         metrics = self._metrics(prepared.raw, prepared.oriented, prepared.rollout, prepared.advantages, update)
         updates_so_far = step * self.config.algorithm.num_iterations * self.config.algorithm.num_minibatches
         metrics["learning_rate"] = float(self.schedule(updates_so_far - 1))
+        metrics["completions/update_width"] = float(prepared.batch.tokens.shape[1])
         metrics.update(prepared.timings)
         metrics["timing/update"] = time.perf_counter() - started
         self._adapt_kl(metrics["kl"])
@@ -742,18 +790,32 @@ class Trainer(Run):
             self.kl_coef *= 1.0 + error * batch / kl.horizon
 
     def evaluate(self) -> dict[str, float]:
-        """Per-objective mean rewards of one greedy completion per held-out prompt (``eval/rewards/{name}/mean``)."""
+        """Per-objective rewards of completions of the held-out prompts.
+
+        Greedy (``eval_temperature`` 0, the default): one completion per prompt, ``eval/rewards/{name}/mean``.
+        Sampled: ``eval_num_generations`` completions per prompt at ``eval_temperature`` and ``eval_top_p``, drawn with
+        the same fixed key at every evaluation; ``eval/rewards/{name}/mean`` and ``eval/rewards/{name}/std`` over all
+        of them (NaN scores excluded per objective).
+        """
         if self.eval_prompts is None:
             return {}
+        config = self.config
         sampling = SamplingConfig(
             max_new_tokens=self.sampling.max_new_tokens,
-            temperature=0.0,
+            temperature=config.eval_temperature,
+            top_p=config.eval_top_p,
             stop_token_ids=self.sampling.stop_token_ids,
             pad_token_id=self.sampling.pad_token_id,
             prompt_bucket_multiple=self.sampling.prompt_bucket_multiple,
         )
-        rows = self.eval_prompts
+        rows, generations = self.eval_prompts, config.eval_num_generations
         with self.on_mesh():
-            rollout = self.rollout(rows, self._step_key(self.step, 2), sampling, 1)
-        raw, _ = self.score(rows, rollout, 1)
-        return {f"eval/rewards/{name}/mean": _nan_stats(raw[:, index])[0] for index, name in enumerate(self.names)}
+            rollout = self.rollout(rows, self._step_key(0, 2), sampling, generations)
+        raw, _ = self.score(rows, rollout, generations)
+        metrics = {}
+        for index, name in enumerate(self.names):
+            mean, std = _nan_stats(raw[:, index])
+            metrics[f"eval/rewards/{name}/mean"] = mean
+            if config.eval_temperature > 0:
+                metrics[f"eval/rewards/{name}/std"] = std
+        return metrics

@@ -10,7 +10,9 @@ to the reference minus the entropy bonus), which is added after the combination 
 The combiner mode is chosen from the registry:
 
 * ``scalar`` (combiners without a Gram: linear, CTWA, PAMA, Lagrangian, Tchebycheff): the weights w come from
-  per-sample statistics once per rollout; one backward pass of sum_i w_i L_i + shared per micro-batch.
+  per-sample statistics once per rollout (:func:`make_scalar_weights`, its own small program); one backward pass of
+  sum_i w_i L_i + shared per micro-batch. The train step takes w as data and no combiner state, so every scalar-mode
+  combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullback vmapped over n unit
   cotangents; XLA prunes everything but the probe part) go through the combiner, whose weights w then weight one
   backward pass of sum_i sg(w_i) L_i + shared over every parameter. With micro-batches this takes two passes.
@@ -182,6 +184,24 @@ def signal_weights(combiner_name: str, state: Any) -> jax.Array:
     return ctwa_next_weights(state) if combiner_name == "ctwa" else state.weights
 
 
+def make_scalar_weights(
+    combiner: optax.GradientTransformationExtraArgs, spec: UpdateSpec
+) -> Callable[[Any, Batch], tuple[jax.Array, Any]]:
+    """The (unjitted) weight step of scalar mode: ``(combiner_state, batch) -> (weights f32[n], combiner_state)``.
+
+    Run once per rollout before the train step, which takes the weights as data (see the module docstring).
+    """
+    n = spec.num_objectives
+
+    def weights_step(combiner_state: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        extras = combiner_extras(
+            batch, jnp.zeros((n,), jnp.float32), signal_weights(spec.combiner_name, combiner_state), spec
+        )
+        return scalar_weights(combiner, combiner_state, extras, n)
+
+    return weights_step
+
+
 def _split(tree: Any, parts: int) -> Any:
     """Every leaf [B, ...] -> [parts, B / parts, ...]."""
     return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), tree)
@@ -267,8 +287,12 @@ def make_train_step(
     probe_flags: list[bool] | None = None,
     critic: CriticFn | None = None,
     critic_optimizer: optax.GradientTransformation | None = None,
-) -> Callable[[TrainState, Batch, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """The (unjitted) train step ``(state, batch, key, beta) -> (state, metrics)`` for one rollout.
+) -> Callable[[TrainState, Batch, jax.Array, jax.Array, jax.Array | None], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (unjitted) train step ``(state, batch, key, beta, weights) -> (state, metrics)`` for one rollout.
+
+    In scalar mode ``weights`` are the combination weights f32[n] from :func:`make_scalar_weights` and
+    ``state.combiner_state`` is None (the step never reads it, so it does not depend on the combiner); in probe and
+    full modes ``weights`` is None and the combiner runs inside the step on ``state.combiner_state``.
 
     Args:
       policy: the policy's response log-probs and entropies, see :data:`PolicyFn`.
@@ -382,14 +406,8 @@ def make_train_step(
         }
         return new_state, metrics
 
-    def train_step(state: TrainState, batch: Batch, key: jax.Array, beta: jax.Array):
-        scalar_w = jnp.zeros((n,), jnp.float32)
-        if spec.mode == "scalar":
-            extras = combiner_extras(
-                batch, jnp.zeros((n,), jnp.float32), signal_weights(spec.combiner_name, state.combiner_state), spec
-            )
-            scalar_w, combiner_state = scalar_weights(combiner, state.combiner_state, extras, n)
-            state = state._replace(combiner_state=combiner_state)
+    def train_step(state: TrainState, batch: Batch, key: jax.Array, beta: jax.Array, weights: jax.Array | None):
+        scalar_w = jnp.zeros((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
         size = batch.tokens.shape[0]
         skipped_before = state.skipped_updates
 

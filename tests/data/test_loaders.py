@@ -143,6 +143,16 @@ def test_chat_template_renders_each_prompt_as_a_user_turn(chat_tokenizer):
     assert load_prompts([{"prompt": "hi"}], tokenizer=chat_tokenizer)["prompt"][:] == ["hi"]
 
 
+def test_chat_template_after_a_shuffled_split_keeps_columns_and_prints_nothing(chat_tokenizer, capfd):
+    rows = [{"prompt": f"p{i}", "answer": str(i)} for i in range(6)]
+    dataset = load_prompts(rows, tokenizer=chat_tokenizer, chat_template=True, seed=0, split="train[:4]")
+    unrendered = load_prompts(rows, seed=0, split="train[:4]")
+    assert dataset.column_names == ["prompt", "answer"]
+    assert dataset["answer"][:] == unrendered["answer"][:]
+    assert dataset["prompt"][:] == [f"<|user|>{prompt}\n<|assistant|>" for prompt in unrendered["prompt"]]
+    assert capfd.readouterr().err == ""
+
+
 def test_chat_template_needs_a_tokenizer_with_a_template(chat_tokenizer):
     with pytest.raises(ValueError, match=r"`tokenizer` is None; expected a tokenizer with a chat template"):
         load_prompts(ROWS, chat_template=True)

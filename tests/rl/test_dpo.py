@@ -126,9 +126,24 @@ def test_shared_prefix_pairs_mask_exactly_their_common_prefix():
 
 # ------------------------------------------------------------------------------------ first-order algebra
 def fake_pairs(ref_chosen, ref_rejected, chosen_lengths) -> PairBatch:
-    """Just what the loss reads: the reference log-probs and the chosen responses' token weights."""
+    """Just what the loss reads: the reference log-probs and the responses' token masks and weights."""
     weights = np.asarray([[1.0] * length + [0.0] * (4 - length) for length in chosen_lengths], np.float32)
-    return PairBatch(*([None] * 4), weights, *([None] * 3), np.asarray(ref_chosen), np.asarray(ref_rejected), None)
+    return PairBatch(
+        None,
+        None,
+        None,
+        weights,
+        weights,
+        None,
+        weights,
+        None,
+        np.asarray(ref_chosen),
+        np.asarray(ref_rejected),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def sigmoid(x):
@@ -356,7 +371,6 @@ def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner)
         ("preference.reference=later", "`preference.reference` is 'later'"),
         ("preference.beta=0", "`preference.beta` is 0"),
         ("preference.loss_weights=[1, 2]", "`preference.loss_weights` has 2 entries"),
-        ("preference.loss_type=rdpo", r"holds \['rdpo'\], whose per-pair options the trainer does not provide"),
         ("preference.label_smoothing=0.6", "`preference.label_smoothing` is 0.6"),
         ("data.pairs_per_step=0", "`data.pairs_per_step` is 0"),
         ("data.setting=two_token", "`data.setting` is 'two_token'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,22 @@ def test_a_changed_config_refuses_to_resume(run_root):
         Trainer(small_config(output, "steps=5", "optimizer.learning_rate=0.5")).train()
 
 
+def test_a_checkpoint_of_another_state_layout_is_refused_with_the_step_and_the_remedy(run_root, tmp_path):
+    straight_run(run_root)
+    output = tmp_path / "copy"
+    shutil.copytree(Path(run_root) / "straight", output)
+
+    class WithExtraState(Trainer):
+        def checkpoint_tree(self):
+            return {**super().checkpoint_tree(), "extra": jnp.zeros(3)}
+
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)`output_dir` holds a checkpoint at step 4 whose state does not match.*extra.*new output_dir",
+    ):
+        WithExtraState(small_config(output, "steps=5")).train()
+
+
 def test_grpo_raises_the_mean_reward_of_a_single_objective(tmp_path):
     config = small_config(
         tmp_path,
@@ -222,19 +239,6 @@ def test_cli_trains_and_plots(tmp_path, capsys):
     assert (tmp_path / "plots" / "rewards.png").stat().st_size > 1000
 
 
-def test_export_writes_a_loadable_policy(tmp_path):
-    from mojax.models import load_causal_lm
-
-    trainer = Trainer(small_config(tmp_path, "steps=1", "export=true"))
-    trainer.train()
-    trainer.close()
-    loaded = load_causal_lm(tmp_path / "policy")
-    ids = jnp.asarray([[3, 4, 5]])
-
-    model = trainer.policy_model()
-    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
-
-
 def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
     from flax import nnx
 
@@ -252,10 +256,16 @@ def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_evaluation_runs_every_eval_steps(tmp_path):
-    trainer = Trainer(small_config(tmp_path, "steps=2", "eval_steps=2", "data.eval_prompts=tiny"))
+def test_evaluation_runs_every_eval_steps_and_the_export_loads_back(tmp_path):
+    from mojax.models import load_causal_lm
+
+    trainer = Trainer(small_config(tmp_path, "steps=2", "eval_steps=2", "data.eval_prompts=tiny", "export=true"))
     trainer.train()
     trainer.close()
     records = read_metrics(tmp_path)
     assert "eval/rewards/a_rate/mean" not in records[0]
     assert all(np.isfinite(records[1][f"eval/rewards/{name}/mean"]) for name in ("a_rate", "b_count", "brevity"))
+    loaded = load_causal_lm(tmp_path / "policy")
+    ids = jnp.asarray([[3, 4, 5]])
+    model = trainer.policy_model()
+    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)

@@ -70,6 +70,20 @@ def test_micro_batched_gradients_equal_full_batch_gradients(combiner):
     assert_trees_close(split, whole, atol=2e-6)
 
 
+def test_scalar_mode_combiners_compile_one_and_the_same_train_step():
+    """The weights enter as data, so linear, CTWA and PAMA lower to identical programs (one compilation)."""
+    batch = fixed_batch()
+
+    def program(combiner: str) -> str:
+        run = trainer(f"combiner.name={combiner}")
+        state = run.state._replace(combiner_state=None)
+        return run._train_step.lower(state, batch, jax.random.key(0), jnp.float32(0.1), jnp.ones(3) / 3).as_text()
+
+    linear = program("linear")
+    assert program("ctwa") == linear
+    assert program("pama") == linear
+
+
 def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode():
     batch = fixed_batch()
     full = params_after(("combiner.name=mgda", "combiner.mode=full"), batch)
