@@ -276,7 +276,7 @@ def plan_rl(
         rollout_compiled = jax.jit(rollout).lower(split, split, critic_params, *prompts, key).compile()
         rollout_s = time.perf_counter() - start
         beta = jax.ShapeDtypeStruct((), jnp.float32)
-        train_compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch, key, beta).compile()
+        train_compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch, key, beta, None).compile()
     train_s = time.perf_counter() - start - rollout_s
     rollout_bytes, rollout_parts = compiled_total(rollout_compiled)
     train_bytes, train_parts = compiled_total(train_compiled)

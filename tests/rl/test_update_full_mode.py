@@ -92,7 +92,7 @@ def full_mode_params(name: str, beta: float, entropy_coef: float) -> dict:
     combiner, optimizer = make(name, N), optax.sgd(1.0)
     step = compiled_step(name, entropy_coef)
     state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta))
+    new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta), None)
     assert int(metrics["skipped"]) == 0
     return new_state.params
 
@@ -130,7 +130,7 @@ def test_the_logged_cosines_reuse_the_combiners_gram():
     params, batch = inputs()
     combiner, optimizer = make("mgda", N), optax.sgd(1.0)
     state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    lowered = compiled_step("mgda", 0.0).lower(state, batch, jax.random.key(0), jnp.float32(0.0))
+    lowered = compiled_step("mgda", 0.0).lower(state, batch, jax.random.key(0), jnp.float32(0.0), None)
     lines = lowered.compile().as_text().splitlines()
     gram_dots = [line for line in lines if re.search(rf"= f32\[{N},{N}\]\{{[0-9,]*\}} dot\(", line)]
     outside_rescaling = [line for line in gram_dots if "cond/branch" not in line]
