@@ -34,7 +34,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
+from mojax.testing import interleaved_timings  # noqa: E402
 
 TORCH_THREADS = 2
 PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -166,29 +166,6 @@ def torch_pieces(torch_model, ids, hidden, probe) -> dict[str, Callable[[], obje
     return dict(zip(PIECES, (forward, forward_backward, trunk, head, trunk_forward), strict=True))
 
 
-def measure(calls: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict:
-    """First-call seconds and, per round, each contender's median seconds (interleaved, order rotated)."""
-    names = list(calls)
-    first = {}
-    for name in names:
-        started = time.perf_counter()
-        calls[name]()
-        first[name] = time.perf_counter() - started
-        calls[name]()
-    medians = {name: [] for name in names}
-    for index in range(rounds):
-        order = names[index % len(names) :] + names[: index % len(names)]
-        times = {name: [] for name in names}
-        for _ in range(repeats):
-            for name in order:
-                started = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - started)
-        for name in names:
-            medians[name].append(statistics.median(times[name]))
-    return {"first_call_s": first, "round_medians_s": medians}
-
-
 def rows_for(piece: str, timing: dict) -> list[dict]:
     """One row per mojax contender of a piece: median ms of both sides and torch/mojax ratio (median, min, max)."""
     medians = timing["round_medians_s"]
@@ -285,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["loss_mojax"] = float(next_token_loss(jnp.asarray(logits), jnp.asarray(ids)))
     report["loss_torch"] = float(theirs["forward+backward"]().detach())
     for piece in args.pieces:
-        timing = measure({**ours[piece], "torch": theirs[piece]}, args.rounds, args.repeats)
+        timing = interleaved_timings({**ours[piece], "torch": theirs[piece]}, args.rounds, args.repeats)
         report["rows"] += rows_for(piece, timing)
         report["load_after"] = [round(x, 2) for x in os.getloadavg()]
         print(markdown(report), flush=True)

@@ -29,7 +29,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
+from mojax.testing import interleaved_timings  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
 GENERATIONS = 4
@@ -118,29 +118,6 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
             )
 
     return {"mojax generate": mojax_generate, "mojax trainer rollout": mojax_rollout, "torch generate": torch_generate}
-
-
-def measure(calls: dict[str, Callable[[], None]], rounds: int, repeats: int) -> dict:
-    """First-call seconds, then per round the median seconds of each contender (calls interleaved, order rotated)."""
-    names = list(calls)
-    first = {}
-    for name in names:
-        started = time.perf_counter()
-        calls[name]()
-        first[name] = time.perf_counter() - started
-        calls[name]()
-    medians = {name: [] for name in names}
-    for round_index in range(rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        times = {name: [] for name in names}
-        for _ in range(repeats):
-            for name in order:
-                started = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - started)
-        for name in names:
-            medians[name].append(statistics.median(times[name]))
-    return {"first_call_s": first, "round_medians_s": medians}
 
 
 def summary_rows(batch: int, timing: dict) -> list[dict]:
@@ -222,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         rows = []
         for batch in args.batch:
-            timing = measure(contenders(trainer, torch_model, batch, sampling), args.rounds, args.repeats)
+            timing = interleaved_timings(contenders(trainer, torch_model, batch, sampling), args.rounds, args.repeats)
             rows += summary_rows(batch, timing)
             print(markdown({**_header(args, argv, sampling, load_before), "rows": rows}), flush=True)
         trainer.close()

@@ -1,11 +1,16 @@
-"""Synthetic per-objective gradients and per-sample statistics, for tests and benchmarks of combiners.
+"""Synthetic per-objective gradients and per-sample statistics, for tests and benchmarks of combiners, and the
+interleaved timing the benchmarks measure peers with.
 
 Public so that users can benchmark or test their own combiners the way mojax does: LLaMA-shaped gradient pytrees
-whose objectives conflict, and every per-sample extra argument of the combiner contract.
+whose objectives conflict, every per-sample extra argument of the combiner contract, and same-run timings of a
+contender against its peer.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -72,3 +77,37 @@ def stacked_gradients(shapes: Any, n: int, seed: int = 0, dtype: Any = np.float3
         return (loadings.reshape((n,) + (1,) * len(shape)) * shared + noise).astype(dtype)
 
     return jax.tree.map(leaf, shapes, is_leaf=is_shape)
+
+
+def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, dict]:
+    """Same-run timings of several contenders: each is called once to compile/warm up (that first call is timed),
+    then ``rounds`` rounds of ``repeats`` interleaved calls each, the order rotated every round so no contender
+    always runs after the same one.
+
+    Args:
+      calls: name -> a call that blocks until its result is ready.
+      rounds: rounds; each gives one median per contender, so the spread over rounds shows the machine's noise.
+      repeats: calls of every contender per round.
+
+    Returns:
+      ``{"first_call_s": {name: seconds}, "round_medians_s": {name: [median seconds of each round]}}``.
+    """
+    names = list(calls)
+    first = {}
+    for name in names:
+        started = time.perf_counter()
+        calls[name]()
+        first[name] = time.perf_counter() - started
+        calls[name]()
+    medians = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        times = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in order:
+                started = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - started)
+        for name in names:
+            medians[name].append(statistics.median(times[name]))
+    return {"first_call_s": first, "round_medians_s": medians}
