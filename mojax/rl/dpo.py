@@ -57,6 +57,7 @@ from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make
 from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics import shared_prefix_mask
+from mojax.models import adapters_only, lora_mask
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import config as rl_config
 from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
@@ -82,7 +83,14 @@ from mojax.rl.rewards import Objective, resolve, score, signed
 from mojax.rl.rollout import encode_prompts
 from mojax.rl.run import Run
 from mojax.rl.tiny import ALPHABET
-from mojax.rl.trainer import build_optimizer, build_policy, combiner_options, probe_flags, response_fn
+from mojax.rl.trainer import (
+    attach_lora,
+    build_optimizer,
+    build_policy,
+    combiner_options,
+    probe_flags,
+    response_fn,
+)
 from mojax.rl.update import all_finite, objective_cosines
 
 __all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
@@ -513,6 +521,7 @@ def make_dpo_step(
     optimizer: optax.GradientTransformation,
     spec: StepSpec,
     probe_mask: Any,
+    reference_policy: Callable | None = None,
 ) -> Callable[[DPOState, PairBatch, Any], tuple[DPOState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch, reference_params or None) -> (state, metrics)``.
 
@@ -522,6 +531,8 @@ def make_dpo_step(
       optimizer: applied to the combined gradient.
       spec: the static settings.
       probe_mask: a bool pytree like the parameters marking the probe set.
+      reference_policy: a LoRA policy's base model (``response_fn(..., adapters=False)``): the reference log-probs
+        are then its log-probs at the current parameters (adapters disabled) and ``reference_params`` is unused.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. With ``reference_params`` the batch's reference log-probs are
@@ -531,13 +542,14 @@ def make_dpo_step(
     """
     n = spec.num_objectives
     logps_of = functools.partial(pair_logps, policy, average=spec.length_average)
+    reference_logps_of = functools.partial(pair_logps, reference_policy or policy, average=spec.length_average)
     measured = spec.entanglement_pairs
 
     def objective_losses(variables, batch, norms, bco_shift, reference_params):
         params, mask_logits = variables
         batch = masked_pairs(batch, mask_logits)
         if mask_logits is not None:  # the reference's log-probs read the same mask, so its gradient sees them too
-            refs = logps_of(jax.lax.stop_gradient(reference_params), batch)
+            refs = reference_logps_of(jax.lax.stop_gradient(reference_params), batch)
             batch = batch._replace(ref_chosen=refs[0], ref_rejected=refs[1])
         chosen, rejected = logps_of(params, batch)
         if spec.bco:
@@ -548,8 +560,10 @@ def make_dpo_step(
 
     def step(state: DPOState, batch: PairBatch, reference_params: Any):
         seen = masked_pairs(batch, state.mask_logits)  # the token weights the loss sees at this step
+        if reference_policy is not None:
+            reference_params = state.params
         if reference_params is not None:
-            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps_of(reference_params, seen))
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(reference_logps_of(reference_params, seen))
             batch = batch._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
             seen = seen._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         geometry_pairs = batch.chosen_ids.shape[0] if spec.npo else measured
@@ -695,13 +709,18 @@ class DPOTrainer(Run):
         )
         self.names = tuple(objective.name for objective in self.objectives)
         self.model, self.tokenizer = build_policy(config)
+        attach_lora(self.model, config.lora, config.model.init_seed + 2)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = self._build_mesh()
         if self.mesh is not None:
             params = jax.device_put(params, state_shardings(params, self.mesh, config.mesh.rules))
         self.policy = response_fn(self.graphdef, self.rest)
-        flags = probe_flags(
-            params, config.preference.probe, self.model.config, where="DPOTrainer", key="preference.probe"
+        flags = (
+            jax.tree.leaves(lora_mask(params))
+            if config.lora.rank and not config.preference.probe
+            else probe_flags(
+                params, config.preference.probe, self.model.config, where="DPOTrainer", key="preference.probe"
+            )
         )
         self.probe_mask = jax.tree.unflatten(jax.tree.structure(params), flags)
         n = len(self.objectives)
@@ -709,6 +728,8 @@ class DPOTrainer(Run):
         options = combiner_options(spec.name, self.objectives, [None] * n)
         self.combiner = make(spec.name, n, **{**options, **config.combiner.options})
         self.optimizer, self.schedule = build_optimizer(config.optimizer)
+        if config.lora.rank:
+            self.optimizer = adapters_only(self.optimizer, params)
         preference = config.preference
         self.spec = StepSpec(
             loss_types=config.loss_types,
@@ -732,8 +753,12 @@ class DPOTrainer(Run):
             mask_l1=preference.mask_l1,
             mask_learning_rate=preference.mask_learning_rate,
         )
+        on_the_fly = preference.reference == "on_the_fly"
+        # LoRA: the on-the-fly reference is the base model (adapters off) of the current parameters, no copy.
+        base = response_fn(self.graphdef, self.rest, adapters=False) if on_the_fly and config.lora.rank else None
         self._step_fn = jax.jit(
-            make_dpo_step(self.policy, self.combiner, self.optimizer, self.spec, self.probe_mask), donate_argnums=0
+            make_dpo_step(self.policy, self.combiner, self.optimizer, self.spec, self.probe_mask, base),
+            donate_argnums=0,
         )
         self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))
         self.margin_rewards = tuple(
@@ -745,8 +770,7 @@ class DPOTrainer(Run):
         self.pairs = []
         for index, objective in enumerate(self.objectives):
             self.pairs.append(self._encode(objective, index, sum(len(pairs.pair_ids) for pairs in self.pairs)))
-        on_the_fly = preference.reference == "on_the_fly"
-        self.reference_params = jax.tree.map(jnp.copy, params) if on_the_fly else None
+        self.reference_params = jax.tree.map(jnp.copy, params) if on_the_fly and base is None else None
         if not on_the_fly:
             self.pairs = [self._with_reference(pairs, params) for pairs in self.pairs]
         # Every leaf its own buffer: the step donates the state, and an init may share one array twice.

@@ -158,6 +158,10 @@ class DPOConfig:
     """Seed of the pair order: each pass over a pair set is a new permutation drawn from it."""
     model: rl_config.ModelSection = rl_config.ModelSection()
     """The policy (its initial parameters are the reference)."""
+    lora: rl_config.LoraSection = rl_config.LoraSection()
+    """Low-rank adapters (rank 0: full fine-tuning). With adapters only they are trained, they are the default probe
+    set, and the on-the-fly reference is the base model with the adapters disabled (no copy of the weights); adapter
+    dropout is not applied by the preference trainer, so ``lora.dropout`` must be 0."""
     preference: PreferenceSection = PreferenceSection()
     """The loss."""
     data: PairDataSection = PairDataSection()
@@ -240,6 +244,10 @@ def validate(config: DPOConfig) -> None:
         checks.integer(where, key, _get(config, key), minimum=1)
     preference = config.preference
     checks.integer(where, "preference.entanglement_pairs", preference.entanglement_pairs, minimum=0)
+    checks.integer(where, "lora.rank", config.lora.rank, minimum=0)
+    if config.lora.dropout != 0:
+        seen = f"is {config.lora.dropout}"
+        raise ValueError(checks.message(where, "lora.dropout", seen, "0 (the preference trainer applies no dropout)"))
     names = config.loss_types
     if not names:
         raise ValueError(checks.message(where, "preference.loss_type", "is empty", "a loss name or a list of them"))

@@ -101,6 +101,12 @@ def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
     return model, load_tokenizer(path)
 
 
+def attach_lora(model: Any, lora: rl_config.LoraSection, seed: int) -> None:
+    """Add the adapters of a config's ``lora`` section to `model` in place (nothing when its rank is 0)."""
+    if lora.rank:
+        add_lora(model, LoraConfig(lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)), rngs=nnx.Rngs(seed))
+
+
 def load_prompt_rows(source: Any, config: rl_config.DataSection, tokenizer: Any, seed_offset: int = 0) -> list[dict]:
     """Prompt rows (dicts with a ``prompt`` string and any reward columns) from a data section's source."""
     if source == "tiny":
@@ -350,13 +356,7 @@ class Trainer(Run):
                 )
             )
         self.model, self.tokenizer = build_policy(config)
-        if config.lora.rank:
-            lora = config.lora
-            add_lora(
-                self.model,
-                LoraConfig(lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)),
-                rngs=nnx.Rngs(config.model.init_seed + 2),
-            )
+        attach_lora(self.model, config.lora, config.model.init_seed + 2)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = build_mesh(config)
         if self.mesh is not None:
