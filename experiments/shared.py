@@ -153,6 +153,46 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+FINAL_SCALARS = ("final_average", "final_minimum", "seconds_per_step")
+
+
+def final_rewards_summary(history: Sequence[Mapping[str, float]], names: Sequence[str], final_steps: int) -> dict:
+    """One run's final rewards (batch means over its last `final_steps` steps), their average and minimum, its
+    median step time, and the per-step rewards f32[steps, n] (as lists, under ``series.rewards``)."""
+    rewards = np.stack([series(history, f"rewards/{name}/mean") for name in names], axis=1)
+    final = rewards[-final_steps:].mean(axis=0)
+    return {
+        "final_rewards": dict(zip(names, final.tolist(), strict=True)),
+        "final_average": float(final.mean()),
+        "final_minimum": float(final.min()),
+        "seconds_per_step": median_step_time(history),
+        "series": {"rewards": rewards.tolist()},
+    }
+
+
+def aggregate_final_rewards(runs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict:
+    """Mean and spread over seeds of :func:`final_rewards_summary`'s scalars and final rewards."""
+    summary = {key: mean_spread([run[key] for run in runs]) for key in FINAL_SCALARS}
+    summary["final_rewards"] = {name: mean_spread([run["final_rewards"][name] for run in runs]) for name in names}
+    return summary
+
+
+def final_rewards_table(summaries: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
+    """Markdown table of :func:`aggregate_final_rewards` per method, mean ± std over seeds."""
+    header = ["method", *(f"final {name}" for name in names), "average", "worst objective", "s / step"]
+    rows = [
+        [
+            method,
+            *(format_mean_spread(summary["final_rewards"][name]) for name in names),
+            format_mean_spread(summary["final_average"]),
+            format_mean_spread(summary["final_minimum"]),
+            format_mean_spread(summary["seconds_per_step"], 2),
+        ]
+        for method, summary in summaries.items()
+    ]
+    return markdown_table(header, rows)
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib

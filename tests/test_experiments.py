@@ -191,3 +191,21 @@ def test_entanglement_pairs_keep_the_differing_part_and_the_last_shared_words():
     assert entanglement.sign_pattern(0.2, -0.1) == "chosen up, rejected down"
     assert entanglement.sign_pattern(-0.2, -0.1) == "both down"
     assert entanglement.sign_pattern(0.0, 1.0) == "no change"
+
+
+def test_final_rewards_are_the_mean_of_the_last_steps_and_aggregate_over_seeds():
+    history = [
+        {"rewards/a/mean": a, "rewards/b/mean": b, "wall_time": t}
+        for a, b, t in [(0.0, 1.0, 9.0), (1.0, 0.0, 2.0), (3.0, 0.5, 4.0)]
+    ]
+    run = shared.final_rewards_summary(history, ["a", "b"], final_steps=2)
+    assert run["final_rewards"] == {"a": 2.0, "b": 0.25}
+    assert (run["final_average"], run["final_minimum"], run["seconds_per_step"]) == (1.125, 0.25, 3.0)
+    assert run["series"]["rewards"] == [[0.0, 1.0], [1.0, 0.0], [3.0, 0.5]]
+    other = {**run, "final_average": 2.125, "final_rewards": {"a": 4.0, "b": 0.25}}
+    summary = shared.aggregate_final_rewards([run, other], ["a", "b"])
+    assert summary["final_average"] == {"mean": 1.625, "std": 0.5, "n": 2}
+    assert summary["final_rewards"]["a"] == {"mean": 3.0, "std": 1.0, "n": 2}
+    table = shared.final_rewards_table({"linear": summary}, ["a", "b"]).splitlines()
+    assert table[0] == "| method | final a | final b | average | worst objective | s / step |"
+    assert table[-1].startswith("| linear | 3.000 ± 1.000 | 0.250 ± 0.000 | 1.625 ± 0.500 |")

@@ -31,45 +31,11 @@ FINAL_STEPS = 10
 
 
 def summarize_run(history: Sequence[dict], names: Sequence[str]) -> dict:
-    """Final rewards, their average and minimum, step time, and the per-step series for the plots."""
-    rewards = np.stack([shared.series(history, f"rewards/{name}/mean") for name in names], axis=1)
+    """Final rewards, their average and minimum, step time, and the per-step series (rewards, weights) for the plots."""
+    summary = shared.final_rewards_summary(history, names, FINAL_STEPS)
     weights = np.stack([shared.series(history, f"combiner/weight/{name}") for name in names], axis=1)
-    final = rewards[-FINAL_STEPS:].mean(axis=0)
-    return {
-        "final_rewards": dict(zip(names, final.tolist(), strict=True)),
-        "final_average": float(final.mean()),
-        "final_minimum": float(final.min()),
-        "seconds_per_step": shared.median_step_time(history),
-        "series": {"rewards": rewards.tolist(), "weights": weights.tolist()},
-    }
-
-
-SCALARS = ("final_average", "final_minimum", "seconds_per_step")
-
-
-def aggregate(runs: Sequence[dict], names: Sequence[str]) -> dict:
-    """Mean and spread over seeds."""
-    summary = {key: shared.mean_spread([run[key] for run in runs]) for key in SCALARS}
-    summary["final_rewards"] = {
-        name: shared.mean_spread([run["final_rewards"][name] for run in runs]) for name in names
-    }
+    summary["series"]["weights"] = weights.tolist()
     return summary
-
-
-def table(summaries: dict, names: Sequence[str]) -> str:
-    """Markdown table, one row per method, mean ± std over seeds."""
-    header = ["method", *(f"final {name}" for name in names), "average", "worst objective", "s / step"]
-    rows = [
-        [
-            method,
-            *(shared.format_mean_spread(summary["final_rewards"][name]) for name in names),
-            shared.format_mean_spread(summary["final_average"]),
-            shared.format_mean_spread(summary["final_minimum"]),
-            shared.format_mean_spread(summary["seconds_per_step"], 2),
-        ]
-        for method, summary in summaries.items()
-    ]
-    return shared.markdown_table(header, rows)
 
 
 def plot(methods: dict, names: Sequence[str], path: Path, window: int) -> Path:
@@ -95,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     experiment = shared.setup(argv, __doc__, HERE)
     steps, seeds, folder = experiment.steps, experiment.seeds, experiment.folder
     methods, names = shared.run_grid(experiment, lambda trainer, history: summarize_run(history, trainer.names))
-    summaries = {method: aggregate(runs, names) for method, runs in methods.items()}
+    summaries = {method: shared.aggregate_final_rewards(runs, names) for method, runs in methods.items()}
     results = {
         "claim": "GAPO balances the objectives better than MGDA and linear scalarisation",
         "steps": steps,
@@ -106,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     path = shared.write_json(folder / "results" / "gapo_vs_mgda.json", results)
     png = plot(methods, names, folder / "gapo_vs_mgda.png", min(5, steps))
-    print(table(summaries, names))
+    print(shared.final_rewards_table(summaries, names))
     print(f"wrote {path} and {png}")
     return results
 

@@ -38,47 +38,6 @@ TIMED = ("pama_solve", "mgda_solve", "mgda_gram", "pama_update", "mgda_update")
 
 
 # ---------------------------------------------------------------------------------------------- part 1: training
-def summarize_run(history: Sequence[dict], names: Sequence[str]) -> dict:
-    """Final rewards, their average and minimum, step time, and the per-step rewards for the plot."""
-    rewards = np.stack([shared.series(history, f"rewards/{name}/mean") for name in names], axis=1)
-    final = rewards[-FINAL_STEPS:].mean(axis=0)
-    return {
-        "final_rewards": dict(zip(names, final.tolist(), strict=True)),
-        "final_average": float(final.mean()),
-        "final_minimum": float(final.min()),
-        "seconds_per_step": shared.median_step_time(history),
-        "series": {"rewards": rewards.tolist()},
-    }
-
-
-SCALARS = ("final_average", "final_minimum", "seconds_per_step")
-
-
-def aggregate(runs: Sequence[dict], names: Sequence[str]) -> dict:
-    """Mean and spread over seeds."""
-    summary = {key: shared.mean_spread([run[key] for run in runs]) for key in SCALARS}
-    summary["final_rewards"] = {
-        name: shared.mean_spread([run["final_rewards"][name] for run in runs]) for name in names
-    }
-    return summary
-
-
-def rewards_table(summaries: dict, names: Sequence[str]) -> str:
-    """Markdown table, one row per method, mean ± std over seeds."""
-    header = ["method", *(f"final {name}" for name in names), "average", "worst objective", "s / step"]
-    rows = [
-        [
-            method,
-            *(shared.format_mean_spread(summary["final_rewards"][name]) for name in names),
-            shared.format_mean_spread(summary["final_average"]),
-            shared.format_mean_spread(summary["final_minimum"]),
-            shared.format_mean_spread(summary["seconds_per_step"], 2),
-        ]
-        for method, summary in summaries.items()
-    ]
-    return shared.markdown_table(header, rows)
-
-
 # ------------------------------------------------------------------------------------------------ part 2: timing
 def median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
     """Median wall time of ``fn(*args)`` (blocked until ready) over `repeats` calls after one warm-up call."""
@@ -194,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     experiment = shared.setup(argv, __doc__, HERE)
     steps, seeds, folder, config = experiment.steps, experiment.seeds, experiment.folder, experiment.config
     quick = experiment.quick
-    methods, names = shared.run_grid(experiment, lambda trainer, history: summarize_run(history, trainer.names))
-    summaries = {method: aggregate(runs, names) for method, runs in methods.items()}
+    methods, names = shared.run_grid(
+        experiment, lambda trainer, history: shared.final_rewards_summary(history, trainer.names, FINAL_STEPS)
+    )
+    summaries = {method: shared.aggregate_final_rewards(runs, names) for method, runs in methods.items()}
     timing_config = config["timing"]
     counts = timing_config["quick_objectives" if quick else "objectives"]
     seconds = time_solves(
@@ -223,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     path = shared.write_json(folder / "results" / "pama.json", results)
     png = plot(methods, names, timing, folder / "pama.png", min(5, steps))
-    print(rewards_table(summaries, names))
+    print(shared.final_rewards_table(summaries, names))
     print()
     print(timing_table(counts, seconds, slopes))
     print(f"wrote {path} and {png}")
