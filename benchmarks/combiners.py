@@ -44,7 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 from mojax.combiners import REGISTRY, make  # noqa: E402
 from mojax.combiners._base import combine, raw_tree_gram, tree_gram  # noqa: E402
-from mojax.testing import graded_weights, is_shape, llama_like_shapes, per_sample_statistics, stacked_gradients  # noqa: E402
+from mojax.testing import (  # noqa: E402
+    cpu_model,
+    graded_weights,
+    is_shape,
+    llama_like_shapes,
+    per_sample_statistics,
+    stacked_gradients,
+)
 
 TREE_LAYERS = 22  # 9 leaves per block + embed, final norm, LM head = 201 leaves
 BATCH, LENGTH = 32, 256  # rollout size of the per-sample statistics (PAMA, CTWA)
@@ -384,14 +391,7 @@ PROFILE_HEADER = (
 
 def machine() -> dict[str, Any]:
     """CPU model, core count, memory and library versions."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     packages = ["jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchjd", "quadprog", "cvxpy"]
     return {
         "nproc": os.cpu_count(),

@@ -42,6 +42,7 @@ from mojax.models.config import ModelConfig  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
+from mojax.testing import cpu_model  # noqa: E402
 
 TORCH_THREADS = 2
 
@@ -229,14 +230,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,

@@ -336,10 +336,9 @@ def machine() -> str:
     """A one-line description of the machine and software versions."""
     import jax
 
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line for line in lines if line.startswith("model name")]
-    cpu = names[0].split(":", 1)[1].strip() if names else platform.processor() or platform.machine()
+    from mojax.testing import cpu_model
+
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}, jax {jax.__version__} (CPU backend, simulated devices)"

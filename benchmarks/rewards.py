@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from mojax.rl.rewards import BUILTIN_REWARDS
+from mojax.testing import cpu_model
 
 WORDS = (
     "the a movie film story plot actor scene was is and but not very really quite so too it this that "
@@ -58,9 +59,7 @@ def best_texts_per_second(fn, completions: list[str], repeats: int) -> float:
 
 def machine() -> dict:
     """CPU model, cores, Python and the reward packages' versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     packages = ["numpy", "vaderSentiment", "pyphen"]
     return {
         "cpu": cpu,

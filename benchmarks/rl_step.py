@@ -49,6 +49,7 @@ from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.rl.update import Batch, denominators, minibatch_losses  # noqa: E402
+from mojax.testing import cpu_model  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
 BASELINE = "linear/scalar"
@@ -214,14 +215,7 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ report
 def machine() -> dict[str, Any]:
     """CPU model, core count, memory, library versions and devices."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,

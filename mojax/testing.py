@@ -8,9 +8,11 @@ contender against its peer.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -111,3 +113,11 @@ def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeat
         for name in names:
             medians[name].append(statistics.median(times[name]))
     return {"first_call_s": first, "round_medians_s": medians}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else the platform's processor or machine name), for reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
