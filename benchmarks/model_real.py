@@ -12,9 +12,10 @@ and exported with ``save_pretrained`` for ``transformers.LlamaForCausalLM``. On 
   the embedding and the hidden states;
 * ``trunk forward``: the hidden states alone.
 
-The pieces say where the whole step's time goes on each side. mojax's variants of the whole step (``--variants``):
-``scan`` (the default model: a ``lax.scan`` over the stacked layers), ``unrolled`` (the layer scan fully unrolled),
-``remat`` (``remat=True``: each layer recomputed in the backward).
+The pieces say where the whole step's time goes on each side. mojax's variants of the whole step (``--variants``)
+are the layer scan under each rematerialisation policy of ``mojax.models.llama.checkpointed`` (``dots``, the
+default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
+recomputed) and ``unrolled`` (policy ``none`` with the layer scan fully unrolled).
 
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
@@ -51,7 +52,7 @@ from mojax.testing import interleaved_timings  # noqa: E402
 
 TORCH_THREADS = 2
 PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
-VARIANTS = ("scan", "unrolled", "remat")
+VARIANTS = ("dots", "none", "full", "unrolled")
 
 
 def gguf_path() -> Path:
@@ -88,7 +89,7 @@ def with_unrolled_scan(fn: Callable) -> Callable:
 def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, dict[str, Callable[[], object]]]:
     """piece -> {contender label -> zero-argument call}, every call jitted and blocking."""
     graphdef, state = nnx.split(model)
-    remat_graphdef, _ = nnx.split(load_remat_twin(model))
+    graphdefs = {policy: nnx.split(with_remat(model, policy))[0] for policy in ("dots", "none", "full")}
 
     def whole_loss(graph):
         return lambda s, i: next_token_loss(nnx.merge(graph, s)(i)[0], i)
@@ -99,11 +100,8 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
     def head_loss(s, h, i):
         return next_token_loss(nnx.merge(graphdef, s).logits(h), i)
 
-    step = {
-        "scan": jax.jit(jax.value_and_grad(whole_loss(graphdef))),
-        "unrolled": jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdef)))),
-        "remat": jax.jit(jax.value_and_grad(whole_loss(remat_graphdef))),
-    }
+    step = {policy: jax.jit(jax.value_and_grad(whole_loss(g))) for policy, g in graphdefs.items()}
+    step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
     forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
     trunk = jax.jit(jax.value_and_grad(trunk_loss))
     head = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))
@@ -118,11 +116,11 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
     }
 
 
-def load_remat_twin(model):
-    """The same model with ``remat=True`` (shares the arrays: only the graph differs)."""
+def with_remat(model, policy: str):
+    """The same model with rematerialisation policy ``policy`` (shares the arrays: only the graph differs)."""
     from mojax.models.llama import LlamaForCausalLM
 
-    twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=True, rngs=nnx.Rngs(0)))
+    twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=policy, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(twin)
     return nnx.merge(graphdef, nnx.state(model))
 

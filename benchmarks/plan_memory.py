@@ -207,7 +207,9 @@ def plan_rl(
 
     with nnx.use_eager_sharding(False):
         graphdef, params, rest = sharded_params(lambda: LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0)))
-        critic_def, critic_params, critic_rest = sharded_params(lambda: LlamaValueModel(config, n, rngs=nnx.Rngs(1)))
+        critic_def, critic_params, critic_rest = sharded_params(
+            lambda: LlamaValueModel(config, n, remat=True, rngs=nnx.Rngs(1))
+        )
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def optimizer_state(params):

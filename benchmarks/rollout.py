@@ -4,7 +4,8 @@ The trainer is built from ``examples/smollm2_reviews.yaml`` (the real GGUF weigh
 chat-templated movie-review prompts, temperature 0.8, 24 new tokens; LoRA off here so that both sides run the same
 dense weights). A batch of B completions is B / 4 prompts times 4 generations, exactly as ``Trainer.prepare`` builds
 it. Contenders, all on the same left-padded prompt ids and the same sampling settings (temperature, no top-k, no
-top-p, every row runs the full ``max_new_tokens``: no early stop, so every side produces the same number of tokens):
+top-p unless ``--top-p`` / ``--temperature 0`` (greedy) say otherwise, every row runs the full ``max_new_tokens``:
+no early stop, so every side produces the same number of tokens):
 
 * ``mojax generate``: ``mojax.models.generate.generate`` (jit, KV cache), the sampling part of the rollout;
 * ``mojax trainer rollout``: ``Trainer.rollout`` (``mojax.rl.rollout.sample_rollout``): the sampling plus the
@@ -103,14 +104,15 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
 
     def torch_generate():
         torch.manual_seed(calls["count"])
+        greedy = sampling.temperature == 0
         with torch.inference_mode():
             torch_model.generate(
                 input_ids=ids_torch,
                 attention_mask=mask_torch,
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_k=0,
-                top_p=1.0,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_k=None if greedy else 0,
+                top_p=None if greedy else sampling.top_p,
                 max_new_tokens=sampling.max_new_tokens,
                 min_new_tokens=sampling.max_new_tokens,
                 pad_token_id=sampling.pad_token_id,
@@ -168,6 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="16,64", help="comma-separated completions per rollout (multiples of 4)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--temperature", type=float, help="default: the example's 0.8; 0 is greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on both sides (1: off)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch_model = TorchLlama.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
-            temperature=trainer.config.rollout.temperature,
+            temperature=trainer.config.rollout.temperature if args.temperature is None else args.temperature,
+            top_p=args.top_p,
             stop_token_ids=(),
             pad_token_id=trainer.sampling.pad_token_id,
         )
@@ -215,8 +220,8 @@ def _header(args, argv, sampling: SamplingConfig, load_before) -> dict:
     return {
         "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": (
-            f"{GENERATIONS} generations per prompt, temperature {sampling.temperature}, {sampling.max_new_tokens} new "
-            "tokens (no early stop), no top-k / top-p, fp32, torch threads 2"
+            f"{GENERATIONS} generations per prompt, temperature {sampling.temperature} (0: greedy), top-p "
+            f"{sampling.top_p}, {sampling.max_new_tokens} new tokens (no early stop), no top-k, fp32, torch threads 2"
         ),
         "rounds": args.rounds,
         "repeats": args.repeats,

@@ -49,7 +49,7 @@ def _require_positive_int(name: str, value: object) -> None:
 class LlamaValueModel(nnx.Module):
     """Trunk + value head: ``model(input_ids, ...) -> (values f32[B, T, n], cache)``."""
 
-    def __init__(self, config: ModelConfig, num_objectives: int, *, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, num_objectives: int, *, remat: bool | str = "dots", rngs: nnx.Rngs):
         _require_positive_int("num_objectives", num_objectives)
         self.config = config
         self.num_objectives = num_objectives
@@ -99,7 +99,7 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Ar
 class LlamaRewardModel(nnx.Module):
     """HF ``LlamaForSequenceClassification``: ``model(input_ids, ...) -> scores f32[B, num_labels]``."""
 
-    def __init__(self, config: ModelConfig, num_labels: int = 1, *, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, num_labels: int = 1, *, remat: bool | str = "dots", rngs: nnx.Rngs):
         _require_positive_int("num_labels", num_labels)
         self.config = config
         self.num_labels = num_labels

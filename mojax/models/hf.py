@@ -354,7 +354,7 @@ def load_causal_lm(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     shardings: Any = None,
-    remat: bool = False,
+    remat: bool | str = "dots",
 ):
     """A mojax ``LlamaForCausalLM`` with the weights of a local HF folder or a llama GGUF file.
 
@@ -366,7 +366,7 @@ def load_causal_lm(
       param_dtype: storage dtype of the parameters.
       shardings: None, one ``jax.sharding.Sharding`` for every parameter, or a pytree of them shaped
         like ``nnx.state(model)``; each device shard then reads only its own slice.
-      remat: rematerialise each decoder layer in the backward pass.
+      remat: what each decoder layer keeps for the backward pass (``mojax.models.llama.checkpointed``).
 
     Returns:
       The model; its ``config`` carries the special token ids.
@@ -383,7 +383,7 @@ def load_causal_lm(
         return _causal_lm_from(file, config, shardings, remat)
 
 
-def _causal_lm_from(source: str | GGUFFile, config: ModelConfig, shardings: Any, remat: bool):
+def _causal_lm_from(source: str | GGUFFile, config: ModelConfig, shardings: Any, remat: bool | str):
     """A ``LlamaForCausalLM`` of `config` filled from a safetensors folder or an open GGUF file."""
     from mojax.models.llama import LlamaForCausalLM
 
@@ -398,7 +398,7 @@ def load_reward_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     shardings: Any = None,
-    remat: bool = False,
+    remat: bool | str = "dots",
 ):
     """A mojax ``LlamaRewardModel`` from a HF ``LlamaForSequenceClassification`` folder."""
     from mojax.models.heads import LlamaRewardModel
@@ -417,7 +417,7 @@ def load_value_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     shardings: Any = None,
-    remat: bool = False,
+    remat: bool | str = "dots",
     seed: int = 0,
 ):
     """A mojax ``LlamaValueModel`` whose trunk comes from a HF causal-LM or reward-model folder.

@@ -21,7 +21,8 @@ Call convention (shared by the sampler and the trainer)::
   is concrete; inside jit it cannot be checked (``dynamic_update_slice`` clamps the start, which
   would overwrite the last slots): size the cache for prompt + generation.
 * Call it under ``nnx.jit`` (or ``jax.jit`` over ``nnx.split`` state): eagerly, every call re-traces
-  the layer scan. ``remat=True`` wraps each layer in ``jax.checkpoint`` for training.
+  the layer scan. ``remat`` says what each layer keeps for the backward pass (:func:`checkpointed`):
+  ``"dots"`` (the default) its matmul outputs, ``"full"`` (or True) nothing, ``"none"`` (or False) everything.
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
 * ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
   reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
@@ -75,6 +76,7 @@ KV cache arrays are activations, not Params; their suggested logical axes are in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -383,6 +385,39 @@ def decoder_layer(
     return constrain(x, ("batch", None, None)), (k, v)
 
 
+REMAT_POLICIES = ("dots", "full", "none")
+"""What a decoder layer keeps for the backward pass: its matmul outputs, nothing, or every intermediate."""
+
+
+def remat_policy(remat: bool | str) -> str:
+    """``remat`` as one of :data:`REMAT_POLICIES` (True is ``"full"``, False ``"none"``); ValueError otherwise."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat is {remat!r}; expected True, False or one of {REMAT_POLICIES}")
+    return remat
+
+
+def checkpointed(layer: Callable, remat: bool | str) -> Callable:
+    """``layer`` with the rematerialisation policy ``remat`` applied to its backward pass.
+
+    * ``"dots"``: keep the outputs of the weight matmuls (``dots_with_no_batch_dims_saveable``) and
+      recompute the cheap rest (norms, RoPE, attention scores, SiLU) in the backward pass. On XLA:CPU this is
+      also the fastest: the stacked residuals of every elementwise op cost more to write, zero and read back
+      than recomputing them (``benchmarks/model_real.py --variants``).
+    * ``"full"``: keep only the layer's input (``jax.checkpoint``): least memory, one more forward.
+    * ``"none"``: keep every intermediate (plain autodiff).
+
+    The forward values are the same under every policy; the gradients agree to float rounding.
+    """
+    policy = remat_policy(remat)
+    if policy == "none":
+        return layer
+    if policy == "full":
+        return jax.checkpoint(layer)
+    return jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
 def run_layers(
     stacked: LayerWeights,
     x: jax.Array,
@@ -391,13 +426,14 @@ def run_layers(
     eps: float,
     lora: LoraCall,
     keys: jax.Array | None,
-    remat: bool,
+    remat: bool | str,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, S, KV, hd]
     and dropout keys [L].
 
     One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
-    None, and the scan carries those empty pytrees through. ``remat`` checkpoints the body.
+    None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
+    (:func:`checkpointed`).
     Returns (x, (k_new, v_new)) with k/v [L, B, T, KV, hd].
     """
 
@@ -405,9 +441,7 @@ def run_layers(
         w, layer_past, key = layer
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
 
-    if remat:
-        body = jax.checkpoint(body)
-    return jax.lax.scan(body, x, (stacked, past, keys))
+    return jax.lax.scan(checkpointed(body, remat), x, (stacked, past, keys))
 
 
 # --------------------------------------------------------------------------- modules
@@ -522,9 +556,9 @@ class LlamaModel(nnx.Module):
     which runs after the scan, on its own.
     """
 
-    def __init__(self, config: ModelConfig, *, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, remat: bool | str = "dots", rngs: nnx.Rngs):
         self.config = config
-        self.remat = remat
+        self.remat = remat_policy(remat)
         self.embed_tokens = _Embed(config.vocab_size, config.hidden_size, dtype=config.param_dtype, rngs=rngs)
         self.layers = LlamaDecoderLayers(config, rngs=rngs)
         self.norm = _Scale((config.hidden_size,), ("norm",), dtype=config.param_dtype, rngs=rngs)
@@ -577,7 +611,7 @@ class LlamaModel(nnx.Module):
             )
             last = jax.tree.map(lambda a: a[0], cast(self.last_layer.weights(adapters)))
             layer = lambda w, x: decoder_layer(w, x, inputs, None, c.rms_norm_eps, lora._replace(key=last_key))[0]  # noqa: E731
-            x = (jax.checkpoint(layer) if self.remat else layer)(last, x)
+            x = checkpointed(layer, self.remat)(last, x)
         x = rms_norm(x, self.norm.scale[...].astype(dtype), c.rms_norm_eps)
 
         if cache is not None:
@@ -594,7 +628,7 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """HF-compatible LLaMA causal LM. ``model(input_ids, ...) -> (logits f32[B, T, V], cache)``."""
 
-    def __init__(self, config: ModelConfig, *, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, remat: bool | str = "dots", rngs: nnx.Rngs):
         self.config = config
         self.model = LlamaModel(config, remat=remat, rngs=rngs)
         if not config.tie_word_embeddings:

