@@ -15,7 +15,8 @@ and exported with ``save_pretrained`` for ``transformers.LlamaForCausalLM``. On 
 The pieces say where the whole step's time goes on each side. mojax's variants of the whole step (``--variants``)
 are the layer scan under each rematerialisation policy of ``mojax.models.llama.checkpointed`` (``dots``, the
 default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
-recomputed) and ``unrolled`` (policy ``none`` with the layer scan fully unrolled).
+recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled) and ``dots+ynn`` (policy ``dots``
+compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`).
 
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
@@ -52,7 +53,10 @@ from mojax.testing import interleaved_timings  # noqa: E402
 
 TORCH_THREADS = 2
 PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
-VARIANTS = ("dots", "none", "full", "unrolled")
+VARIANTS = ("dots", "none", "full", "unrolled", "dots+ynn")
+YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+"""XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
+one YNNPACK fusion."""
 
 
 def gguf_path() -> Path:
@@ -102,6 +106,7 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
 
     step = {policy: jax.jit(jax.value_and_grad(whole_loss(g))) for policy, g in graphdefs.items()}
     step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
+    step["dots+ynn"] = jax.jit(jax.value_and_grad(whole_loss(graphdefs["dots"])), compiler_options=YNN_DOT_FUSION)
     forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
     trunk = jax.jit(jax.value_and_grad(trunk_loss))
     head = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))

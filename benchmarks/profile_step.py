@@ -9,7 +9,8 @@ downloaded), batch 4 x 128 tokens, fp32, 2 threads on both sides.
   ``copy``/``transpose`` fusions, which lay an operand out for a matmul; ``dynamic-update-slice`` writes of the layer
   scan's stacked residuals and gradients, ``dynamic-slice`` reads of them; ``broadcast``, the zeroing of those
   stacked buffers; the rest, elementwise work). XLA runs independent operations on its two threads at once, so the
-  per-kind sums can exceed the wall time.
+  per-kind sums can exceed the wall time. The step's scratch memory is its compiled temporaries
+  (``memory_analysis().temp_size_in_bytes``).
 * torch: ``torch.profiler`` self CPU time per operator over the same number of steps; matmuls are ``aten::mm``,
   ``addmm``, ``bmm`` and the fused attention kernel, the rest is elementwise work and bookkeeping.
 
@@ -90,6 +91,7 @@ def profile_mojax(model, ids: jax.Array, remat: str, calls: int) -> dict:
     twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=remat, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(twin)[0], nnx.state(model)
     step = jax.jit(jax.value_and_grad(lambda s, i: next_token_loss(nnx.merge(graphdef, s)(i)[0], i)))
+    scratch = step.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
     for _ in range(2):
         jax.block_until_ready(step(state, ids))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -109,7 +111,12 @@ def profile_mojax(model, ids: jax.Array, remat: str, calls: int) -> dict:
             for event in line.events:
                 if not event.name.startswith(("ThunkExecutor", "end:", "SlinkyThreadPool")):
                     by_kind[xla_kind(event.name)] += event.duration_ns / 1e6 / calls
-    return {"side": f"mojax remat={remat}", "wall_ms": wall * 1e3, "kinds_ms": dict(by_kind.most_common())}
+    return {
+        "side": f"mojax remat={remat}",
+        "wall_ms": wall * 1e3,
+        "scratch_mb": scratch / 2**20,
+        "kinds_ms": dict(by_kind.most_common()),
+    }
 
 
 def profile_torch(model, ids: np.ndarray, calls: int) -> dict:
@@ -154,6 +161,8 @@ def markdown(report: dict) -> str:
         "|---|" + "---:|" * len(report["rows"]),
         "| **wall time per step** | " + " | ".join(f"**{row['wall_ms']:.0f}**" for row in report["rows"]) + " |",
     ]
+    scratch = [f"{row['scratch_mb']:.0f}" if "scratch_mb" in row else "" for row in report["rows"]]
+    lines.append("| scratch MB (XLA temporaries of the step) | " + " | ".join(scratch) + " |")
     for kind in kinds:
         cells = [f"{row['kinds_ms'].get(kind, 0.0):.0f}" for row in report["rows"]]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")

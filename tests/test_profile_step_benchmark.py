@@ -37,3 +37,4 @@ def test_one_layer_run_profiles_both_sides(tmp_path):
         assert row["wall_ms"] > 0 and row["kinds_ms"]["matmul (library)"] > 0
     text = (tmp_path / "profile_step.md").read_text()
     assert "| kind | mojax remat=dots | torch eager |" in text and "| matmul (library) |" in text
+    assert report["rows"][0]["scratch_mb"] > 0 and "| scratch MB (XLA temporaries of the step) |" in text

@@ -10,8 +10,10 @@ from flax import nnx
 
 from mojax.models.config import ModelConfig
 from mojax.models.generate import (
+    DRAW_BLOCK,
     GenerationResult,
     SamplingConfig,
+    _draw,
     _draw_top_p,
     _generate_bucket,
     bucket_length,
@@ -453,3 +455,31 @@ def test_changing_temperature_or_top_p_does_not_recompile(model, prompts):
     assert _generate_bucket._cache_size() == compiled
     for other in others:
         assert not np.array_equal(other.sampler_logprobs, first.sampler_logprobs), "a changed value was not used"
+
+
+def test_the_two_level_draw_follows_the_distribution_across_blocks():
+    """Candidates over three blocks (the last one partial), a hundred of them removed (-inf): never drawn; the
+    draws' frequencies (per block and for the likeliest tokens) and log-probabilities follow softmax(values)."""
+    rng = np.random.default_rng(5)
+    count, draws = 2 * DRAW_BLOCK + 37, 20_000
+    values = (rng.standard_normal(count) * 2.5).astype(np.float32)
+    values[rng.choice(count, 100, replace=False)] = -np.inf
+    ids = np.arange(count, dtype=np.int32) + 1000
+    tokens, logprobs = jax.jit(_draw)(
+        jnp.broadcast_to(jnp.asarray(values), (draws, count)),
+        jnp.broadcast_to(jnp.asarray(ids), (draws, count)),
+        jax.random.key(9),
+    )
+    index = np.asarray(tokens) - 1000
+    expected = np.exp(log_softmax(values.astype(np.float64)))
+    assert np.isfinite(values[index]).all(), "drew a removed candidate"
+    np.testing.assert_allclose(logprobs, np.log(expected[index]), rtol=1e-5, atol=1e-6)
+    likeliest = np.argsort(-expected)[:6]
+    groups = [
+        np.isin(np.arange(count), likeliest, invert=True) & (np.arange(count) // DRAW_BLOCK == b) for b in range(3)
+    ]
+    groups += [np.arange(count) == token for token in likeliest]
+    observed = np.array([np.isin(index, np.flatnonzero(group)).sum() for group in groups])
+    want = np.array([expected[group].sum() for group in groups]) * draws
+    chi_square = (((observed - want) ** 2) / want).sum()
+    assert chi_square < 30.0, f"chi-square {chi_square:.1f} over 8 degrees of freedom; observed {observed}, want {want}"
