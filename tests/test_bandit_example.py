@@ -1,26 +1,18 @@
 """examples/bandit.py: the bandit shows interference under linear weights, and MGDA and CTWA protect the degraded objective."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_module import load_script
 
 from mojax.combiners import REGISTRY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bandit.py"
 
 
-def load_example():
-    """The example script imported as a module by its path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bandit_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bandit = load_example()
+bandit = load_script(EXAMPLE, "bandit_example")
 HARMLESS = bandit.OBJECTIVES.index("harmless")
 
 

@@ -5,13 +5,13 @@ compiled updates of one experiment serve the next (each distinct update costs se
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -68,10 +68,7 @@ statistics over steps or seeds that need more are left out)."""
 
 def load_run(folder: str):
     """experiments/<folder>/run.py imported by path as a module."""
-    spec = importlib.util.spec_from_file_location(f"experiment_{folder}", EXPERIMENTS / folder / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXPERIMENTS / folder / "run.py", f"experiment_{folder}")
 
 
 def test_every_experiment_folder_has_a_readme_configs_and_an_index_line():

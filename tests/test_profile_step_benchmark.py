@@ -1,19 +1,15 @@
 """Smoke test of benchmarks/profile_step.py: one layer, one profiled step per side, a consistent report."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("profile_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "profile_step_benchmark")
 
 
 def test_operation_kinds_follow_xla_fusion_names():

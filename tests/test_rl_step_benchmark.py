@@ -1,23 +1,18 @@
 """Smoke test of benchmarks/rl_step.py: a --quick run at n = 2 with two combiners writes a consistent report."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
 
 
 @pytest.fixture(scope="module")
 def rl_step():
-    spec = importlib.util.spec_from_file_location("rl_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "rl_step_benchmark")
 
 
 def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
