@@ -15,7 +15,7 @@ downloaded), batch 4 x 128 tokens, fp32, 2 threads on both sides.
   ``addmm``, ``bmm`` and the fused attention kernel, the rest is elementwise work and bookkeeping.
 
     python benchmarks/profile_step.py
-    python benchmarks/profile_step.py --layers 2 --calls 1 --remat dots --out /tmp/x   # smoke run
+    python benchmarks/profile_step.py --layers 1 --vocab 2048 --calls 1 --remat dots --out /tmp/x   # smoke run
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ XLA_KINDS = (
 TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
-def smollm2_shapes(layers: int) -> ModelConfig:
-    """SmolLM2-135M's architecture with ``layers`` decoder layers."""
+def smollm2_shapes(layers: int, vocab: int = 49152) -> ModelConfig:
+    """SmolLM2-135M's architecture with ``layers`` decoder layers (and ``vocab`` tokens, for smoke runs)."""
     return ModelConfig(
-        vocab_size=49152,
+        vocab_size=vocab,
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=layers,
@@ -172,6 +172,7 @@ def markdown(report: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (smaller for smoke runs)")
     parser.add_argument("--batch", default="4x128", help="B x T tokens")
     parser.add_argument("--calls", type=int, default=3, help="profiled steps per side")
     parser.add_argument("--remat", default="dots,none", help=f"comma-separated policies of {REMAT_POLICIES}")
@@ -180,8 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.remat = args.remat.split(",")
     args.shape = tuple(int(v) for v in args.batch.lower().split("x"))
-    if set(args.remat) - set(REMAT_POLICIES) or len(args.shape) != 2 or min(args.layers, args.calls) < 1:
-        parser.error(f"--remat in {REMAT_POLICIES}, --batch as BxT, --layers and --calls >= 1; got {args}")
+    if set(args.remat) - set(REMAT_POLICIES) or len(args.shape) != 2 or min(args.layers, args.calls, args.vocab) < 1:
+        parser.error(f"--remat in {REMAT_POLICIES}, --batch as BxT, --layers, --calls and --vocab >= 1; got {args}")
     return args
 
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "calls": args.calls,
         "rows": [],
     }
-    model = LlamaForCausalLM(smollm2_shapes(args.layers), rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(smollm2_shapes(args.layers, args.vocab), rngs=nnx.Rngs(0))
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=args.shape).astype(np.int32)
     for remat in args.remat:
         report["rows"].append(profile_mojax(model, jnp.asarray(ids), remat, args.calls))

@@ -25,7 +25,20 @@ def test_operation_kinds_follow_xla_fusion_names():
 
 def test_one_layer_run_profiles_both_sides(tmp_path):
     report = _load().main(
-        ["--layers", "1", "--batch", "2x16", "--calls", "1", "--remat", "dots", "--out", str(tmp_path)]
+        [
+            "--layers",
+            "1",
+            "--vocab",
+            "2048",
+            "--batch",
+            "2x16",
+            "--calls",
+            "1",
+            "--remat",
+            "dots",
+            "--out",
+            str(tmp_path),
+        ]
     )
     written = json.loads((tmp_path / "profile_step.json").read_text())
     assert [row["side"] for row in written["rows"]] == ["mojax remat=dots", "torch eager"]

@@ -258,8 +258,8 @@ def _draw_top_p(
 
     The nucleus is searched, and the token drawn, among the `candidates` largest logits (``lax.top_k``); when
     some row's candidates hold less than top_p of its mass, the step finds every row's nucleus over the whole
-    vocabulary by bisection instead (:func:`_nucleus_by_bisection`; a full sort of a 49k vocabulary costs
-    hundreds of milliseconds per step on a CPU).
+    vocabulary by bisection instead (:func:`_nucleus_by_bisection`; sorting a 49k vocabulary at every step is slow
+    on XLA:CPU).
     """
     vocab = scaled_logits.shape[-1]
     log_normaliser = jax.nn.logsumexp(scaled_logits, axis=-1)
