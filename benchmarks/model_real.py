@@ -48,6 +48,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import next_token_loss  # noqa: E402
+
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
 from mojax.testing import interleaved_timings  # noqa: E402
 
@@ -63,13 +66,6 @@ def gguf_path() -> Path:
     """The SmolLM2 GGUF file under ``$MOJAX_CACHE`` (default ~/.cache/mojax)."""
     root = Path(os.environ.get("MOJAX_CACHE", Path.home() / ".cache" / "mojax"))
     return root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def next_token_loss(logits, ids):
-    """Mean next-token cross-entropy (logsumexp - <logits, one_hot>), as in benchmarks/model.py."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    picked = jnp.sum(logits * jax.nn.one_hot(ids[:, 1:], logits.shape[-1], dtype=logits.dtype), axis=-1)
-    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
 
 
 def with_unrolled_scan(fn: Callable) -> Callable:

@@ -40,6 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import next_token_loss  # noqa: E402
+
 from mojax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import REMAT_POLICIES  # noqa: E402
@@ -69,13 +72,6 @@ def smollm2_shapes(layers: int, vocab: int = 49152) -> ModelConfig:
         rope_theta=100000.0,
         tie_word_embeddings=True,
     )
-
-
-def next_token_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy: logsumexp minus the target's logit."""
-    logits = logits[:, :-1]
-    picked = jnp.sum(logits * jax.nn.one_hot(ids[:, 1:], logits.shape[-1], dtype=logits.dtype), axis=-1)
-    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
 
 
 def xla_kind(op_name: str) -> str:
