@@ -203,6 +203,14 @@ def pyplot():
     return plt
 
 
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay out ``figure``, write it to ``path`` (PNG, 110 dpi), close it and return the path."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last `window` entries of the last axis (fewer at the start), NaN-free input."""
     values = np.asarray(values, np.float64)

@@ -127,10 +127,7 @@ def plot(predicted: np.ndarray, measured: np.ndarray, names: Sequence[str], path
     ax.axvline(0, color="grey", linewidth=0.5)
     ax.set(xlabel="predicted: eta * Cov(r_j, w)", ylabel="measured change of mean r_j", title="Covariance law, SGD")
     ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -121,10 +121,7 @@ def plot(methods: dict, names: Sequence[str], constrained: str, threshold: float
     right.set(title=f"combiner weight share of {constrained}", xlabel="step")
     for ax in (left, middle, right):
         ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

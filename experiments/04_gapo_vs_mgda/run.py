@@ -50,10 +50,7 @@ def plot(methods: dict, names: Sequence[str], path: Path, window: int) -> Path:
     for ax, title in zip(axes, [*names, "average of the objectives"], strict=True):
         ax.set(title=f"{title} ({window}-step avg.)", xlabel="step")
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

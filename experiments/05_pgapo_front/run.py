@@ -214,10 +214,7 @@ def plot(per_seed: Sequence[dict], seeds: Sequence[int], names: Sequence[str], p
                 )
         ax.set(title=f"seed {seed} (held-out, sampled)", xlabel=names[0], ylabel=names[1])
     axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

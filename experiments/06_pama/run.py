@@ -142,10 +142,7 @@ def plot(methods: dict, names: Sequence[str], timing: dict, path: Path, window: 
     ax.set_xticks(timing["objectives"], [str(n) for n in timing["objectives"]])
     ax.minorticks_off()
     ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -201,10 +201,7 @@ def plot(results: dict, path: Path) -> Path:
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.set(title=f"{setting}: chosen (solid), rejected (dashed)", xlabel="step", ylabel="log pi - log pi_ref")
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return shared.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
