@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             top_p=args.top_p,
             stop_token_ids=(),
             pad_token_id=trainer.sampling.pad_token_id,
+            prompt_bucket_multiple=trainer.sampling.prompt_bucket_multiple,
         )
         rows = []
         for batch in args.batch:

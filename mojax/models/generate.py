@@ -340,9 +340,11 @@ def _record(
     )
 
 
-def _last_logits(model: Any, input_ids, positions, attention_mask, cache) -> tuple[jax.Array, Any]:
+def _last_logits(model: Any, input_ids, positions, attention_mask, cache, layer_weights) -> tuple[jax.Array, Any]:
     """(fp32 logits [B, V] at the last input position, updated cache): the LM head runs on one position only."""
-    hidden, cache = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
+    hidden, cache = model.hidden_states(
+        input_ids, positions=positions, attention_mask=attention_mask, cache=cache, layer_weights=layer_weights
+    )
     return model.logits(hidden[:, -1]).astype(jnp.float32), cache
 
 
@@ -358,7 +360,9 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_lengths = prompt_mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, model.init_cache(batch, width + new))
+    cache = model.init_cache(batch, width + new)
+    logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
+    layer_weights = model.per_layer_weights()
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -376,7 +380,8 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     def decode_one(s: _DecodeState) -> _DecodeState:
         previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
         positions = (prompt_lengths + s.step - 1)[:, None]
-        step_logits, cache = _last_logits(model, previous, positions, jnp.ones((batch, 1), jnp.int32), s.cache)
+        ones = jnp.ones((batch, 1), jnp.int32)
+        step_logits, cache = _last_logits(model, previous, positions, ones, s.cache, layer_weights)
         return _record(s._replace(cache=cache), step_logits, rng_key, config, knobs)
 
     end = jax.lax.while_loop(unfinished, decode_one, start)

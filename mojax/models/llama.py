@@ -76,7 +76,7 @@ KV cache arrays are activations, not Params; their suggested logical axes are in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -351,6 +351,43 @@ def check_cache_fits(cache: KVCache, batch: int, new_tokens: int) -> None:
         )
 
 
+def _projector(w: LayerWeights, lora: LoraCall) -> Callable[[str, jax.Array], jax.Array]:
+    """``linear(name, x)``: projection ``name`` of layer ``w`` applied to x (with its adapter, if any)."""
+
+    def linear(name: str, x: jax.Array) -> jax.Array:
+        return project(x, getattr(w, name), INPUT_DIMS[name], lora, salt=list(INPUT_DIMS).index(name))
+
+    return linear
+
+
+def attention_inputs(
+    w: LayerWeights, x: jax.Array, inputs: AttentionInputs, eps: float, lora: LoraCall
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first half of a LLaMA block: (q [B, T, H, hd], k, v [B, T, KV, hd]) of x [B, T, D], RoPE applied."""
+    linear = _projector(w, lora)
+    h = rms_norm(x, w.input_layernorm, eps)
+    q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
+    k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
+    return q, k, linear("v_proj", h)
+
+
+def attention_and_mlp(
+    w: LayerWeights,
+    x: jax.Array,
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    inputs: AttentionInputs,
+    eps: float,
+    lora: LoraCall,
+) -> jax.Array:
+    """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x))."""
+    linear = _projector(w, lora)
+    x = x + linear("o_proj", attention(q, keys, values, inputs.mask))
+    h = rms_norm(x, w.post_attention_layernorm, eps)
+    return x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
+
+
 def decoder_layer(
     w: LayerWeights,
     x: jax.Array,
@@ -364,24 +401,15 @@ def decoder_layer(
     ``past``: this layer's cached keys/values [B, S, KV, hd], or None without a cache.
     Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd] the new tokens' keys and values.
     """
-
-    def linear(name: str, x: jax.Array) -> jax.Array:
-        return project(x, getattr(w, name), INPUT_DIMS[name], lora, salt=list(INPUT_DIMS).index(name))
-
     x = constrain(x, ("batch", None, None))
-    h = rms_norm(x, w.input_layernorm, eps)
-    q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
-    k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
-    v = linear("v_proj", h)
+    q, k, v = attention_inputs(w, x, inputs, eps, lora)
     if past is None:
         k_all, v_all = k, v
     else:
         start = (0, inputs.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), start).astype(x.dtype)
         v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
-    x = x + linear("o_proj", attention(q, k_all, v_all, inputs.mask))
-    h = rms_norm(x, w.post_attention_layernorm, eps)
-    x = x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
+    x = attention_and_mlp(w, x, q, k_all, v_all, inputs, eps, lora)
     return constrain(x, ("batch", None, None)), (k, v)
 
 
@@ -442,6 +470,35 @@ def run_layers(
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
 
     return jax.lax.scan(checkpointed(body, remat), x, (stacked, past, keys))
+
+
+def decode_layers(
+    per_layer: Sequence[LayerWeights],
+    x: jax.Array,
+    inputs: AttentionInputs,
+    cache: tuple[jax.Array, jax.Array],
+    eps: float,
+    lora: LoraCall,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The decoder layers as a Python loop over weights already split per layer, writing into the whole cache.
+
+    For inference with a KV cache (no dropout, no remat). Inside a decode loop, the layer scan of :func:`run_layers`
+    slices every layer's weights out of the stacked arrays at each step, and XLA:CPU materialises each slice: a copy
+    of all weights per generated token, which triples the memory traffic of a memory-bound step. Weights split once
+    before the loop (:meth:`LlamaDecoderLayers.per_layer_weights`) are read in place. Layer i writes its new keys and
+    values into the cache [L, B, S, KV, hd] before it reads its slice back, so every write depends on the previous
+    layer's reads and XLA updates the cache in place (no copy of the cache per token either).
+    Returns (x, (keys, values)): the updated cache arrays.
+    """
+    keys, values = cache
+    for i, w in enumerate(per_layer):
+        x = constrain(x, ("batch", None, None))
+        q, k, v = attention_inputs(w, x, inputs, eps, lora)
+        start = (i, 0, inputs.index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
+        x = attention_and_mlp(w, x, q, keys[i].astype(x.dtype), values[i].astype(x.dtype), inputs, eps, lora)
+    return constrain(x, ("batch", None, None)), (keys, values)
 
 
 # --------------------------------------------------------------------------- modules
@@ -541,6 +598,11 @@ class LlamaDecoderLayers(nnx.Module):
             **{name: module.weights(adapters) for name, module in self.projections().items()},
         )
 
+    def per_layer_weights(self, dtype: Any, adapters: bool = True) -> tuple[LayerWeights, ...]:
+        """The weights of each layer on its own, in the compute ``dtype``, for :func:`decode_layers`."""
+        stacked = jax.tree.map(lambda a: a.astype(dtype), self.weights(adapters))
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.input_layernorm.scale.shape[0]))
+
     def lora_call(self, adapters: bool) -> LoraCall:
         """The adapters' scaling and dropout rate for one call (no adapter maths unless ``adapters``)."""
         if self.lora is None or not adapters:
@@ -573,7 +635,13 @@ class LlamaModel(nnx.Module):
         cache: KVCache | None = None,
         adapters: bool = True,
         dropout_rng: jax.Array | None = None,
+        layer_weights: Sequence[LayerWeights] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, T, D] and the updated cache.
+
+        ``layer_weights``: the decoder layers' weights from :meth:`LlamaDecoderLayers.per_layer_weights` (made once,
+        outside a decode loop), run unrolled (:func:`decode_layers`) instead of the layer scan; only with a cache (inference).
+        """
         c = self.config
         dtype = c.dtype
         input_ids = jnp.asarray(input_ids)
@@ -589,6 +657,11 @@ class LlamaModel(nnx.Module):
             check_cache_fits(cache, B, T)
             if self.last_layer is not None:
                 raise ValueError("a KV cache needs the stacked layers: merge_last_layer the split parameters first")
+        if layer_weights is not None and (cache is None or len(layer_weights) != c.num_hidden_layers):
+            raise ValueError(
+                f"layer_weights (per-layer weights for decoding) need a KV cache and {c.num_hidden_layers} layers; got "
+                f"{len(layer_weights)} layers and {'a' if cache is not None else 'no'} cache"
+            )
         valid, query_slots, index = key_slots(attention_mask, cache)
         if positions is None:
             positions = default_positions(attention_mask, 0 if cache is None else cache.lengths)
@@ -597,15 +670,24 @@ class LlamaModel(nnx.Module):
 
         cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
         lora = self.layers.lora_call(adapters)
-        keys = None if dropout_rng is None or lora.rate == 0.0 else jax.random.split(dropout_rng, c.num_hidden_layers)
+        dropout_keys = None
+        if dropout_rng is not None and lora.rate != 0.0:
+            dropout_keys = jax.random.split(dropout_rng, c.num_hidden_layers)
         past = None if cache is None else (cache.keys, cache.values)
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
-        if self.last_layer is None:
-            x, (k_new, v_new) = run_layers(
-                cast(self.layers.weights(adapters)), x, inputs, past, c.rms_norm_eps, lora, keys, self.remat
+        if layer_weights is not None:
+            x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora)
+        elif self.last_layer is None:
+            x, new = run_layers(
+                cast(self.layers.weights(adapters)), x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat
             )
+            if past is not None:
+                start = (0, 0, index, 0, 0)
+                past = tuple(
+                    jax.lax.dynamic_update_slice(p, n.astype(p.dtype), start) for p, n in zip(past, new, strict=True)
+                )
         else:
-            stacked_keys, last_key = (None, None) if keys is None else (keys[:-1], keys[-1])
+            stacked_keys, last_key = (None, None) if dropout_keys is None else (dropout_keys[:-1], dropout_keys[-1])
             x, _ = run_layers(
                 cast(self.layers.weights(adapters)), x, inputs, None, c.rms_norm_eps, lora, stacked_keys, self.remat
             )
@@ -613,15 +695,8 @@ class LlamaModel(nnx.Module):
             layer = lambda w, x: decoder_layer(w, x, inputs, None, c.rms_norm_eps, lora._replace(key=last_key))[0]  # noqa: E731
             x = checkpointed(layer, self.remat)(last, x)
         x = rms_norm(x, self.norm.scale[...].astype(dtype), c.rms_norm_eps)
-
         if cache is not None:
-            start = (0, 0, index, 0, 0)
-            cache = KVCache(
-                keys=jax.lax.dynamic_update_slice(cache.keys, k_new.astype(cache.keys.dtype), start),
-                values=jax.lax.dynamic_update_slice(cache.values, v_new.astype(cache.values.dtype), start),
-                valid=valid,
-                index=index + T,
-            )
+            cache = KVCache(keys=past[0], values=past[1], valid=valid, index=index + T)
         return x, cache
 
 
@@ -649,8 +724,9 @@ class LlamaForCausalLM(nnx.Module):
         cache: KVCache | None = None,
         adapters: bool = True,
         dropout_rng: jax.Array | None = None,
+        layer_weights: Sequence[LayerWeights] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (see :class:`LlamaModel`)."""
         return self.model(
             input_ids,
             positions=positions,
@@ -658,7 +734,12 @@ class LlamaForCausalLM(nnx.Module):
             cache=cache,
             adapters=adapters,
             dropout_rng=dropout_rng,
+            layer_weights=layer_weights,
         )
+
+    def per_layer_weights(self, adapters: bool = True) -> tuple[LayerWeights, ...]:
+        """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states`."""
+        return self.model.layers.per_layer_weights(self.config.dtype, adapters)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on hidden states: fp32 logits [..., V]."""
