@@ -7,9 +7,12 @@ it. Contenders, all on the same left-padded prompt ids and the same sampling set
 top-p unless ``--top-p`` / ``--temperature 0`` (greedy) say otherwise, every row runs the full ``max_new_tokens``:
 no early stop, so every side produces the same number of tokens):
 
-* ``mojax generate``: ``mojax.models.generate.generate`` (jit, KV cache), the sampling part of the rollout;
-* ``mojax trainer rollout``: ``Trainer.rollout`` (``mojax.rl.rollout.sample_rollout``): the sampling plus the
-  policy's log-probabilities of the sampled tokens (one training forward; the reference model is off here);
+* ``mojax generate``: ``mojax.models.generate.generate`` (jit, KV cache) on the B repeated prompt rows, the same
+  work as torch's;
+* ``mojax generate, shared prefill``: the same call with the B / 4 distinct prompts and ``num_generations=4``: each
+  prompt is prefilled once and its KV cache shared by its 4 rows (the sampling part of the trainer's rollout);
+* ``mojax trainer rollout``: ``Trainer.rollout`` (``mojax.rl.rollout.sample_rollout``): the shared-prefill sampling
+  plus the policy's log-probabilities of the sampled tokens (one training forward; the reference model is off here);
 * ``torch generate``: HF ``LlamaForCausalLM.generate(do_sample=True, min_new_tokens=max_new_tokens)`` (eager fp32,
   KV cache) on the same weights (exported with ``mojax.models.hf.save_pretrained``).
 
@@ -52,10 +55,11 @@ GENERATIONS = 4
 TORCH_THREADS = 2
 
 
-def trainer_for(max_new_tokens: int, output_dir: str) -> Trainer:
+def trainer_for(max_new_tokens: int, output_dir: str, use_sampler_logps: bool = False) -> Trainer:
     """The SmolLM2 example's trainer without LoRA, reference model, logging or checkpoints."""
     overrides = [
         f"output_dir={output_dir}",
+        f"rollout.use_sampler_logps={str(use_sampler_logps).lower()}",
         "lora.rank=0",
         "kl.beta=0.0",
         "kl.log_kl=false",
@@ -69,7 +73,8 @@ def trainer_for(max_new_tokens: int, output_dir: str) -> Trainer:
 
 
 def prompt_batch(trainer: Trainer, batch: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """(prompt rows, ids i32[batch, P], mask) : batch / GENERATIONS prompts of the training data, each repeated."""
+    """(prompt rows, ids i32[batch / GENERATIONS, P], mask): distinct prompts of the training data, encoded as the
+    trainer encodes them."""
     rows = [trainer.train_prompts[i % len(trainer.train_prompts)] for i in range(batch // GENERATIONS)]
     rollout = trainer.config.rollout
     ids, mask = encode_prompts(
@@ -79,7 +84,6 @@ def prompt_batch(trainer: Trainer, batch: int) -> tuple[list[dict], np.ndarray, 
         truncate=rollout.truncate_prompts,
         bucket_multiple=rollout.prompt_bucket_multiple,
     )
-    ids, mask, _ = repeat_prompts(ids, mask, GENERATIONS)
     return rows, ids, mask
 
 
@@ -87,7 +91,8 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
     """The three timed callables on one prompt batch (fresh PRNG keys and torch seeds per call)."""
     import torch
 
-    rows, ids, mask = prompt_batch(trainer, batch)
+    rows, distinct_ids, distinct_mask = prompt_batch(trainer, batch)
+    ids, mask, _ = repeat_prompts(distinct_ids, distinct_mask, GENERATIONS)
     ids_torch, mask_torch = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
     model = trainer.policy_model()
     calls = {"count": 0}
@@ -98,6 +103,10 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
 
     def mojax_generate():
         jax.block_until_ready(generate(model, ids, mask, key(), sampling).tokens)
+
+    def mojax_shared_prefill():
+        result = generate(model, distinct_ids, distinct_mask, key(), sampling, num_generations=GENERATIONS)
+        jax.block_until_ready(result.tokens)
 
     def mojax_rollout():
         jax.block_until_ready(trainer.rollout(rows, key(), sampling, GENERATIONS).old_logp)
@@ -119,7 +128,12 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
                 use_cache=True,
             )
 
-    return {"mojax generate": mojax_generate, "mojax trainer rollout": mojax_rollout, "torch generate": torch_generate}
+    return {
+        "mojax generate": mojax_generate,
+        "mojax generate, shared prefill": mojax_shared_prefill,
+        "mojax trainer rollout": mojax_rollout,
+        "torch generate": torch_generate,
+    }
 
 
 def summary_rows(batch: int, timing: dict) -> list[dict]:
@@ -127,7 +141,7 @@ def summary_rows(batch: int, timing: dict) -> list[dict]:
     medians = timing["round_medians_s"]
     torch_s = medians["torch generate"]
     rows = []
-    for name in ("mojax generate", "mojax trainer rollout", "torch generate"):
+    for name in timing["round_medians_s"]:
         ratios = [t / m for t, m in zip(torch_s, medians[name], strict=True)]
         rows.append(
             {
@@ -172,6 +186,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, help="default: the example's 0.8; 0 is greedy decoding")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on both sides (1: off)")
+    parser.add_argument(
+        "--use-sampler-logps",
+        action="store_true",
+        help="the trainer's rollout takes old_logp from the sampler (rollout.use_sampler_logps) instead of a forward",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -192,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_for(args.max_new_tokens, f"{tmp}/run")
+        trainer = trainer_for(args.max_new_tokens, f"{tmp}/run", args.use_sampler_logps)
         save_pretrained(trainer.policy_model(), f"{tmp}/hf")
         torch_model = TorchLlama.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
         sampling = SamplingConfig(
@@ -222,7 +241,8 @@ def _header(args, argv, sampling: SamplingConfig, load_before) -> dict:
         "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": (
             f"{GENERATIONS} generations per prompt, temperature {sampling.temperature} (0: greedy), top-p "
-            f"{sampling.top_p}, {sampling.max_new_tokens} new tokens (no early stop), no top-k, fp32, torch threads 2"
+            f"{sampling.top_p}, {sampling.max_new_tokens} new tokens (no early stop), no top-k, fp32, torch threads 2; "
+            f"trainer rollout old_logp from {'the sampler' if args.use_sampler_logps else 'a training forward'}"
         ),
         "rounds": args.rounds,
         "repeats": args.repeats,

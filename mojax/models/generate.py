@@ -348,20 +348,29 @@ def _last_logits(model: Any, input_ids, positions, attention_mask, cache, layer_
     return model.logits(hidden[:, -1]).astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, config: SamplingConfig):
+def _repeat_rows(tree: Any, generations: int, axis: int = 0) -> Any:
+    """Every batch row (along ``axis``) of `tree`'s arrays repeated `generations` times consecutively."""
+    return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=axis), tree) if generations > 1 else tree
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
+def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, config: SamplingConfig, generations):
     """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped.
 
-    `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`.
+    `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`. Each prompt is
+    prefilled once and its cache, last logits and length repeated for its `generations` rows. The decode steps run
+    the layers unrolled on weights split per layer once here (:func:`mojax.models.llama.decode_layers`).
     """
     model = nnx.merge(graphdef, state)
-    batch, width = prompt_ids.shape
-    new = config.max_new_tokens
+    prompts, width = prompt_ids.shape
+    batch, new = prompts * generations, config.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
-    prompt_lengths = prompt_mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    cache = model.init_cache(batch, width + new)
+    cache = model.init_cache(prompts, width + new)
     logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
+    logits, prompt_lengths, valid = _repeat_rows((logits, prompt_mask.sum(axis=1), cache.valid), generations)
+    keys, values = _repeat_rows((cache.keys, cache.values), generations, axis=1)
+    cache = cache.replace(keys=keys, values=values, valid=valid)
     layer_weights = model.per_layer_weights()
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -501,8 +510,9 @@ def generate(
     config: SamplingConfig | None = None,
     *,
     tokenizer: Any = None,
+    num_generations: int = 1,
 ) -> GenerationResult:
-    """Sample `config.max_new_tokens` tokens after each prompt.
+    """Sample `config.max_new_tokens` tokens after each prompt, `num_generations` times.
 
     Works eagerly and inside an outer ``jax.jit``; checks that need the prompt values (padding,
     vocabulary range, context length) run only when the prompts are concrete.
@@ -519,9 +529,13 @@ def generate(
         are read from ``model.config``.
       tokenizer: a ``transformers`` tokenizer: its eos token and its chat template's end-of-turn
         token (:func:`~mojax.models.tokenizer.chat_stop_token_ids`) are added to the stop ids.
+      num_generations: completions per prompt (GRPO's group size G). The result has B * G rows, the G completions
+        of prompt i in rows i * G ... i * G + G - 1, each sampled independently; each prompt is prefilled once and
+        its KV cache shared by its G rows (what repeating every prompt row G times gives, at 1 / G of the
+        prefill's cost).
 
     Returns:
-      The :class:`GenerationResult`; ``sequences`` holds the prompts left-aligned.
+      The :class:`GenerationResult`; ``sequences`` holds the prompts left-aligned (repeated G times).
 
     References:
       Holtzman et al., "The Curious Case of Neural Text Degeneration", ICLR 2020, arXiv 1904.09751
@@ -540,6 +554,8 @@ def generate(
     if not isinstance(config, SamplingConfig):
         raise ValueError(f"generate: config must be a SamplingConfig, got {type(config).__name__}.")
     _check_key(rng_key)
+    if not _is_int(num_generations) or num_generations < 1:
+        raise ValueError(f"generate: num_generations must be an integer >= 1, got {num_generations!r}.")
     graphdef, state = _split_model(model)
     model_config = nnx.merge(graphdef, state).config
     config = _with_special_tokens(config, model_config, tokenizer)
@@ -562,7 +578,9 @@ def generate(
         rng_key,
         (jnp.float32(config.temperature), jnp.float32(config.top_p)),
         _compiled_part(config),
+        int(num_generations),
     )
+    prompt_ids, prompt_mask = _repeat_rows((prompt_ids, prompt_mask), num_generations)
     return GenerationResult(
         tokens=tokens,
         response_mask=response_mask,

@@ -80,6 +80,12 @@ class RolloutSection:
     """``"left"``: keep the last ``max_prompt_length`` tokens; ``"error"``: reject longer prompts."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit ``max_completion_length`` without a stop token from the loss (TRL)."""
+    use_sampler_logps: bool = False
+    """Take ``old_logp`` (the PPO ratio's denominator, the KL penalty's policy term) from the sampler, which records
+    every sampled token's log-probability under the unmodified policy, instead of recomputing it with a training
+    forward over prompt + completion (Tunix's ``use_rollout_logps``). The two agree to float rounding (same weights,
+    same tokens; the sampler runs the KV-cache path), and the rollout saves one forward pass. False recomputes, so
+    that the first update's ratio is exactly 1."""
     prompt_bucket_multiple: int = 8
     """Prompt widths are padded to a multiple of this, so nearby lengths share one compiled sampler."""
     length_buckets: Sequence[int] = ()

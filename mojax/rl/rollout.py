@@ -120,37 +120,47 @@ def sample_rollout(
     model: Any,
     prompt_ids: np.ndarray,
     prompt_mask: np.ndarray,
-    group_ids: np.ndarray,
+    num_generations: int,
     key: jax.Array,
     sampling: SamplingConfig,
     *,
-    policy_logp: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    policy_logp: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None,
     reference_logp: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     mask_truncated_completions: bool = False,
 ) -> Rollout:
-    """Sample one completion per row, then score it under the policy (and the reference) with the training forward.
+    """Sample `num_generations` completions per prompt, then score them under the policy (and the reference) with the
+    training forward.
 
     Args:
       model: the policy (an NNX ``LlamaForCausalLM`` or its ``nnx.split`` pair).
-      prompt_ids, prompt_mask: i32[B, P] left-padded prompts (already repeated per generation).
-      group_ids: i32[B] prompt index of each row.
+      prompt_ids, prompt_mask: i32[P, W] left-padded prompts, one row per prompt; each is prefilled once and its
+        KV cache shared by its completions (:func:`mojax.models.generate.generate`'s ``num_generations``).
+      num_generations: completions per prompt; the rollout's B = P * num_generations rows hold prompt i's in rows
+        i * num_generations ... (group id i).
       key: the sampling key.
       sampling: the sampler's settings.
-      policy_logp: (prompt_ids, prompt_mask, tokens) -> f32[B, T] response log-probs of the policy.
+      policy_logp: (prompt_ids, prompt_mask, tokens) -> f32[B, T] response log-probs of the policy; None takes the
+        sampler's (``GenerationResult.model_logprobs``: the same policy on the same tokens, to float rounding).
       reference_logp: the same under the reference policy, or None (then ``ref_logp`` is zeros).
       mask_truncated_completions: zero the response mask of completions that never emitted a stop token.
 
     Returns:
       A :class:`Rollout`.
     """
-    result = generate(model, prompt_ids, prompt_mask, key, sampling)
+    result = generate(model, prompt_ids, prompt_mask, key, sampling, num_generations=num_generations)
+    prompt_ids, prompt_mask, group_ids = repeat_prompts(
+        np.asarray(prompt_ids), np.asarray(prompt_mask), num_generations
+    )
     response_mask = result.response_mask.astype(jnp.float32)
     stopped = jnp.isin(result.tokens, jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)) & (response_mask > 0)
     truncated = ~jnp.any(stopped, axis=1)
     if mask_truncated_completions:
         response_mask = response_mask * (~truncated)[:, None]
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
-    old_logp = policy_logp(prompt_ids, prompt_mask, result.tokens) * response_mask
+    if policy_logp is None:
+        old_logp = result.model_logprobs * response_mask
+    else:
+        old_logp = policy_logp(prompt_ids, prompt_mask, result.tokens) * response_mask
     ref_logp = (
         jnp.zeros_like(old_logp)
         if reference_logp is None

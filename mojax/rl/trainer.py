@@ -62,7 +62,7 @@ from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
 from mojax.rl.losses import chunked_logprobs_and_entropy, token_entropy, token_logprobs
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
-from mojax.rl.rollout import Rollout, encode_prompts, repeat_prompts, response_bucket, sample_rollout
+from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     CRASH_ENV,
     Run,
@@ -533,14 +533,14 @@ class Trainer(Run):
     def rollout(self, rows: Sequence[dict], key: jax.Array, sampling: SamplingConfig, generations: int) -> Rollout:
         """Sample `generations` completions for each prompt row; the fields come back as host arrays (numpy), gathered
         from every process when the mesh spans several."""
+        settings = self.config.rollout
         ids, mask = encode_prompts(
             self.tokenizer,
             [row["prompt"] for row in rows],
-            max_length=self.config.rollout.max_prompt_length,
-            truncate=self.config.rollout.truncate_prompts,
-            bucket_multiple=self.config.rollout.prompt_bucket_multiple,
+            max_length=settings.max_prompt_length,
+            truncate=settings.truncate_prompts,
+            bucket_multiple=settings.prompt_bucket_multiple,
         )
-        ids, mask, groups = repeat_prompts(ids, mask, generations)
         model = self.policy_model()
         if not self.uses_reference:
             reference = None
@@ -552,12 +552,12 @@ class Trainer(Run):
             model,
             ids,
             mask,
-            groups,
+            generations,
             key,
             sampling,
-            policy_logp=functools.partial(self._logp, self.state.params),
+            policy_logp=None if settings.use_sampler_logps else functools.partial(self._logp, self.state.params),
             reference_logp=reference,
-            mask_truncated_completions=self.config.rollout.mask_truncated_completions,
+            mask_truncated_completions=settings.mask_truncated_completions,
         )
         if self._values is not None:
             values = self._values(

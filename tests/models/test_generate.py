@@ -179,6 +179,28 @@ def test_sampling_is_deterministic_for_a_fixed_key(model, prompts):
     assert not np.array_equal(first.tokens, other.tokens)
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.3, 0.9)])
+def test_a_shared_prefill_equals_repeated_prompt_rows(model, prompts, temperature, top_p):
+    """num_generations=G prefills each prompt once; the B * G rows are those of the prompts repeated G times."""
+    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_p=top_p)
+    shared = generate(model, *prompts, jax.random.key(5), config, num_generations=3)
+    repeated = generate(model, *(np.repeat(a, 3, axis=0) for a in prompts), jax.random.key(5), config)
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_array_equal(shared.sequences, repeated.sequences)
+    np.testing.assert_array_equal(shared.sequence_mask, repeated.sequence_mask)
+    np.testing.assert_allclose(shared.model_logprobs, repeated.model_logprobs, atol=1e-5)
+    np.testing.assert_allclose(shared.sampler_logprobs, repeated.sampler_logprobs, atol=1e-5)
+    if temperature > 0:
+        groups = np.asarray(shared.tokens).reshape(2, 3, NEW)
+        assert all(len({tuple(row) for row in group}) > 1 for group in groups), "a prompt's rows must differ"
+
+
+@pytest.mark.parametrize("generations", [0, -1, 2.0, None])
+def test_num_generations_must_be_a_positive_integer(model, prompts, generations):
+    with pytest.raises(ValueError, match="num_generations must be an integer >= 1"):
+        generate(model, *prompts, jax.random.key(0), SamplingConfig(max_new_tokens=2), num_generations=generations)
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.5, 4, 0.8), (1.2, 0, 0.7)])
 def test_sampled_frequencies_follow_the_adjusted_distribution(temperature, top_k, top_p):
     logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)

@@ -270,3 +270,18 @@ def test_evaluation_runs_every_eval_steps_and_the_export_loads_back(tmp_path):
     ids = jnp.asarray([[3, 4, 5]])
     model = trainer.policy_model()
     np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-5)
+
+
+def test_the_samplers_log_probs_equal_the_recomputed_old_logp(tmp_path):
+    """rollout.use_sampler_logps skips the scoring forward; the sampler's log-probs are the policy's on its tokens."""
+    rollouts = []
+    for use in (False, True):
+        trainer = Trainer(small_config(tmp_path / str(use), f"rollout.use_sampler_logps={str(use).lower()}"))
+        rows = trainer.prompts_for_step(1)
+        rollouts.append(trainer.rollout(rows, jax.random.key(3), trainer.sampling, 2))
+        trainer.close()
+    recomputed, sampled = rollouts
+    np.testing.assert_array_equal(sampled.tokens, recomputed.tokens)
+    np.testing.assert_array_equal(sampled.response_mask, recomputed.response_mask)
+    assert np.abs(np.asarray(recomputed.old_logp)).sum() > 0
+    np.testing.assert_allclose(sampled.old_logp, recomputed.old_logp, atol=2e-5)
