@@ -9,6 +9,12 @@ comes with two log-probabilities: under the distribution it was sampled from (te
 and top-p applied) and under the unmodified model distribution (softmax of the raw logits), which
 is the one PPO ratios and KL penalties need.
 
+Decoding speed. With ``num_generations`` = G each prompt is prefilled once and its KV cache shared by its G rows
+(a GRPO rollout's G completions per prompt cost one prefill, not G). The single-token steps are memory-bound: they
+run the decoder layers unrolled on weights split per layer once before the loop
+(:func:`mojax.models.llama.decode_layers`), because inside a layer scan XLA:CPU copies every layer's weights out of
+the stacked arrays at every step.
+
 Sampling speed. Temperature and top-p enter the compiled program as traced scalars, so changing them does not
 recompile; only whether decoding is greedy (temperature 0) and whether top-p is on (top_p < 1) are compiled in.
 Top-p alone (no top-k) does not sort the vocabulary at every step: it takes the ``top_p_candidates`` largest logits

@@ -8,7 +8,7 @@ q_proj.weight``) so the safetensors mapping in :mod:`mojax.models.hf` is mechani
 Call convention (shared by the sampler and the trainer)::
 
     logits, cache = model(input_ids, positions=None, attention_mask=None, cache=None,
-                          adapters=True, dropout_rng=None)
+                          adapters=True, dropout_rng=None, layer_weights=None)
 
 * ``input_ids`` i32[B, T]; ``attention_mask`` i32/bool[B, T] marks real tokens (0 = padding,
   typically on the left); padded tokens never change real tokens' outputs.
@@ -26,12 +26,15 @@ Call convention (shared by the sampler and the trainer)::
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
 * ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
   reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
+* ``layer_weights=model.per_layer_weights()`` (with a cache, for decode loops): the layers run unrolled on
+  weights split per layer once, outside the loop, instead of the scan (:func:`decode_layers`).
 
 Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
 :class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
 bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
 build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
-slices through one body. Activations are constrained by logical name ("batch") through
+slices through one body; :func:`decode_layers` loops over the same two halves of a layer
+(:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into the cache. Activations are constrained by logical name ("batch") through
 :func:`mojax.models.sharding.constrain`; no mesh axis is named here.
 
 Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
@@ -759,6 +762,7 @@ class LlamaForCausalLM(nnx.Module):
         cache: KVCache | None = None,
         adapters: bool = True,
         dropout_rng: jax.Array | None = None,
+        layer_weights: Sequence[LayerWeights] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         h, cache = self.hidden_states(
             input_ids,
@@ -767,6 +771,7 @@ class LlamaForCausalLM(nnx.Module):
             cache=cache,
             adapters=adapters,
             dropout_rng=dropout_rng,
+            layer_weights=layer_weights,
         )
         return self.logits(h).astype(jnp.float32), cache
 

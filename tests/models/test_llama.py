@@ -81,6 +81,25 @@ def test_cache_prefill_then_decode_matches_full_forward(model, fwd, step):
     np.testing.assert_array_equal(cache.valid[:, P + G :], False)
 
 
+def test_per_layer_weights_give_the_scans_logits_and_cache(model, step):
+    """decode_layers (unrolled over weights split per layer, writing straight into the cache) equals the layer scan."""
+    ids = _ids(2, 7, seed=4)
+    mask = jnp.asarray([[1] * 7, [0] * 3 + [1] * 4], jnp.int32)
+    unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=m.per_layer_weights()))
+    scan_cache = unrolled_cache = model.init_cache(2, 9)
+    for chunk in (slice(0, 5), slice(5, 6), slice(6, 7)):
+        want, scan_cache = step(model, ids[:, chunk], mask[:, chunk], scan_cache)
+        got, unrolled_cache = unrolled(model, ids[:, chunk], mask[:, chunk], unrolled_cache)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    for field in ("keys", "values", "valid", "index"):
+        np.testing.assert_allclose(getattr(unrolled_cache, field), getattr(scan_cache, field), atol=2e-6)
+    assert len(model.per_layer_weights()) == model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="need a KV cache and 2 layers; got 2 layers and no cache"):
+        model(ids, layer_weights=model.per_layer_weights())
+    with pytest.raises(ValueError, match="got 1 layers and a cache"):
+        model(ids, cache=model.init_cache(2, 9), layer_weights=model.per_layer_weights()[:1])
+
+
 def test_cache_explicit_positions(model, step):
     """Chunks written at the cache index with caller positions equal one forward with the same positions."""
     ids = _ids(2, 8, seed=3)
