@@ -21,6 +21,8 @@ numbers come from is shared and loaded, so absolute times move by tens of percen
 
     python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run
+    MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda,upgrad \
+        --set model.path=smollm2 [--set lora.rank=8]                                 # on SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def objectives_override(n: int) -> str:
     return f"objectives=[{entries}]"
 
 
-def trainer_for(n: int, combiner: str, mode: str, output_dir: str) -> Trainer:
-    """A tiny-task trainer with n objectives, the given combiner and mode, no logging and no checkpoints."""
+def trainer_for(n: int, combiner: str, mode: str, output_dir: str, extra: Sequence[str] = ()) -> Trainer:
+    """A tiny-task trainer with n objectives, the given combiner and mode, no logging and no checkpoints; `extra`
+    overrides come last (e.g. ``model.path=smollm2``, ``lora.rank=8``)."""
     overrides = [
         f"output_dir={output_dir}",
         objectives_override(n),
@@ -86,6 +89,7 @@ def trainer_for(n: int, combiner: str, mode: str, output_dir: str) -> Trainer:
         "logging.progress=false",
         "eval_steps=0",
         "export=false",
+        *extra,
     ]
     return Trainer(load_config("tiny", overrides))
 
@@ -137,9 +141,9 @@ def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], A
     return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers}
 
 
-def contenders(n: int, combiners: Sequence[str], workdir: str) -> list[Contender]:
+def contenders(n: int, combiners: Sequence[str], workdir: str, extra: Sequence[str] = ()) -> list[Contender]:
     """The baseline first, then every combiner x mode, then the two reference passes; all compiled and warm."""
-    linear = trainer_for(n, "linear", "scalar", workdir)
+    linear = trainer_for(n, "linear", "scalar", workdir, extra)
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
     references = reference_passes(linear, batch)
@@ -148,7 +152,7 @@ def contenders(n: int, combiners: Sequence[str], workdir: str) -> list[Contender
         for mode in modes(name):
             if (name, mode) == ("linear", "scalar"):
                 continue
-            call = update_call(trainer_for(n, name, mode, workdir), batch)
+            call = update_call(trainer_for(n, name, mode, workdir, extra), batch)
             found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call)))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [Contender(label, "", call, timed_first(call)) for label, call in references.items()]
@@ -252,7 +256,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (round-robin, order "
         "rotated); ratio = median over rounds of (contender median / linear median in the same round); spread = "
         "min-max over rounds. The tiny task: batch of "
-        f"{report['batch']} completions.",
+        f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}.",
         "",
         "## Targets",
         "",
@@ -278,6 +282,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 calls per round, 1 round")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer override for every contender (repeatable), e.g. --set model.path=smollm2 --set lora.rank=8",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for rl_step.*")
     args = parser.parse_args(argv)
     args.n = [int(v) for v in args.n.split(",")]
@@ -298,13 +309,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_before": load(),
         "repeats": args.repeats,
         "rounds": args.rounds,
+        "overrides": list(args.set),
         "rows": [],
     }
-    tiny = load_config("tiny")
+    tiny = load_config("tiny", list(args.set))
     report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
     with tempfile.TemporaryDirectory() as workdir:
         for n in args.n:
-            rows = measure(n, contenders(n, args.combiners, workdir), args.repeats, args.rounds)
+            rows = measure(n, contenders(n, args.combiners, workdir, args.set), args.repeats, args.rounds)
             report["rows"] += rows
             for r in rows:
                 print(
