@@ -34,7 +34,8 @@ Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure la
 bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
 build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
 slices through one body; :func:`decode_layers` loops over the same two halves of a layer
-(:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into the cache. Activations are constrained by logical name ("batch") through
+(:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into the cache.
+Activations are constrained by logical name ("batch") through
 :func:`mojax.models.sharding.constrain`; no mesh axis is named here.
 
 Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
@@ -643,7 +644,8 @@ class LlamaModel(nnx.Module):
         """Final-norm hidden states [B, T, D] and the updated cache.
 
         ``layer_weights``: the decoder layers' weights from :meth:`LlamaDecoderLayers.per_layer_weights` (made once,
-        outside a decode loop), run unrolled (:func:`decode_layers`) instead of the layer scan; only with a cache (inference).
+        outside a decode loop), run unrolled (:func:`decode_layers`) instead of the layer scan; only with a cache
+        (inference).
         """
         c = self.config
         dtype = c.dtype
