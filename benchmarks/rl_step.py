@@ -8,8 +8,9 @@ is the fixed batch; every other contender runs on that same batch:
 * ``<combiner>/<mode>``: ``Trainer.update(batch, 1)`` of a trainer with that combiner, for every combiner of
   ``mojax.combiners.REGISTRY`` and every mode it supports (scalar without a Gram; probe and full with one). All
   trainers start from the same random model (same seed) and have the same update settings;
-* ``bound: fwd + n bwd``: one forward pass and the pullbacks of the n objective losses (vmapped unit cotangents),
-  with no combiner and no optimizer: the least a full-mode update can cost;
+* ``bound: fwd + n bwd``: one forward pass and the pullbacks of the n objective losses (unit cotangents, batched or
+  sequential as the trainers' ``combiner.pullbacks``), with no combiner and no optimizer: the least a full-mode
+  update can cost;
 * ``peers: n x (fwd + bwd)``: n separate jitted forward+backward passes, one per objective loss, as multi-objective
   PPO code that calls ``loss_i.backward()`` per objective does (e.g. the MGDA baseline of the CTWA authors' code).
 
@@ -32,6 +33,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -50,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.rl.update import Batch, denominators, minibatch_losses  # noqa: E402
+from mojax.rl.update import Batch, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
 from mojax.testing import cpu_model  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
@@ -128,8 +130,7 @@ def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], A
     @jax.jit
     def forward_n_backward(p, b):
         _, pullback = jax.vjp(lambda q: vector_loss(q, b), p)
-        (stacked,) = jax.vmap(pullback)(jnp.eye(n + 1, dtype=jnp.float32)[:n])
-        return stacked
+        return stacked_pullbacks(pullback, jnp.eye(n + 1, dtype=jnp.float32)[:n], spec.sequential_pullbacks)
 
     @jax.jit
     def one_objective_grad(p, b, index):
@@ -160,23 +161,46 @@ def contenders(n: int, combiners: Sequence[str], workdir: str, extra: Sequence[s
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def one_round(entries: list[Contender], repeats: int, round_index: int) -> dict[str, float]:
-    """Each contender's median seconds over `repeats` calls, the contenders called in turn (order rotated)."""
-    times: dict[str, list[float]] = {entry.label: [] for entry in entries}
+class Usage(NamedTuple):
+    """One call's wall seconds, the process's user and system CPU seconds and its minor page faults."""
+
+    wall: float
+    user: float
+    system: float
+    faults: int
+
+
+def timed_call(call: Callable[[], Any]) -> Usage:
+    """The Usage of one call (to completion). System time is mostly the kernel zero-filling fresh pages: XLA:CPU
+    maps each execution's temporaries anew, so every page of them faults once per call."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    jax.block_until_ready(call())
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(
+        wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+    )
+
+
+def one_round(entries: list[Contender], repeats: int, round_index: int) -> dict[str, list[Usage]]:
+    """Each contender's `repeats` calls, the contenders called in turn (order rotated)."""
+    usages: dict[str, list[Usage]] = {entry.label: [] for entry in entries}
     for repeat in range(repeats):
         shift = (round_index * repeats + repeat) % len(entries)
         for entry in entries[shift:] + entries[:shift]:
-            started = time.perf_counter()
-            jax.block_until_ready(entry.call())
-            times[entry.label].append(time.perf_counter() - started)
-    return {label: statistics.median(values) for label, values in times.items()}
+            usages[entry.label].append(timed_call(entry.call))
+    return usages
 
 
 def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list[dict[str, Any]]:
-    """One row per contender: its ratio to the linear step (and, for full mode, to the bound), median and spread."""
-    medians = [one_round(entries, repeats, r) for r in range(rounds)]
+    """One row per contender: its ratio to the linear step (and to the bound), median and spread; the median CPU
+    user and system seconds and page faults of its calls."""
+    rounds_usage = [one_round(entries, repeats, r) for r in range(rounds)]
+    medians = [{label: statistics.median(u.wall for u in calls) for label, calls in r.items()} for r in rounds_usage]
     rows = []
     for entry in entries:
+        calls = [u for r in rounds_usage for u in r[entry.label]]
         to_linear = [m[entry.label] / m[BASELINE] for m in medians]
         to_bound = [m[entry.label] / m[BOUND] for m in medians]
         rows.append(
@@ -189,6 +213,9 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
                 "ratio_to_bound": statistics.median(to_bound),
                 "ratio_to_bound_spread": [min(to_bound), max(to_bound)],
                 "median_ms_per_round": [1e3 * m[entry.label] for m in medians],
+                "median_user_s": statistics.median(u.user for u in calls),
+                "median_system_s": statistics.median(u.system for u in calls),
+                "median_page_faults": statistics.median(u.faults for u in calls),
                 "compile_s": entry.compile_s,
             }
         )
@@ -255,7 +282,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load after: `{report['load_after']}`  ",
         f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (round-robin, order "
         "rotated); ratio = median over rounds of (contender median / linear median in the same round); spread = "
-        "min-max over rounds. The tiny task: batch of "
+        "min-max over rounds; CPU user / system seconds and minor page faults: medians per call of the whole "
+        "process (2 threads: CPU seconds can exceed the wall time). The tiny task: batch of "
         f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}.",
         "",
         "## Targets",
@@ -264,13 +292,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Ratios",
         "",
-        "| n | contender | ratio to linear | spread | ratio to bound | spread | compile s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| n | contender | ratio to linear | spread | ratio to bound | spread | CPU user s | system s | "
+        "page faults (k) | compile s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['n']} | {r['contender']} | {r['ratio_to_linear']:.2f} | {spread(r['ratio_to_linear_spread'])} | "
-            f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['compile_s']:.1f} |"
+            f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['median_user_s']:.2f} | "
+            f"{r['median_system_s']:.2f} | {r['median_page_faults'] / 1e3:.0f} | {r['compile_s']:.1f} |"
         )
     return "\n".join(lines + [""])
 

@@ -102,11 +102,40 @@ def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc
     return jnp.asarray(value)
 
 
+GRAM_CHUNK = 1 << 14
+"""Columns per matmul of a flattened leaf's Gram: n rows of 2^14 fp32 (64 KiB each) stay in a core's L2 cache."""
+
+
+def _pair_dot(block: jax.Array) -> jax.Array:
+    """block @ block.T for block [n, k], accumulated in fp32."""
+    return jax.lax.dot_general(block, block, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _chunked_gram(rows: jax.Array) -> jax.Array:
+    """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder.
+
+    One [n, P] x [P, n] matmul packs its whole [P, n] operand into a fresh buffer before it starts: on XLA:CPU a
+    3 x 26.5M leaf (an MLP weight's stacked gradients) then takes 5x longer than the loop, whose panels stay in cache.
+    """
+    n, size = rows.shape
+    count = size // GRAM_CHUNK
+    if count <= 1:
+        return _pair_dot(rows)
+    head = rows[:, : count * GRAM_CHUNK].reshape(n, count, GRAM_CHUNK)
+
+    def add_chunk(index, total):
+        return total + _pair_dot(jax.lax.dynamic_index_in_dim(head, index, axis=1, keepdims=False))
+
+    total = jax.lax.fori_loop(0, count, add_chunk, jnp.zeros((n, n), jnp.float32))
+    return total + _pair_dot(rows[:, count * GRAM_CHUNK :])
+
+
 def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
-    """<g_i, g_j> over one leaf in fp32: one [n, -1] matmul if `flatten`, else one dot contracting every non-leading dim."""
+    """<g_i, g_j> over one leaf in fp32: chunked [n, -1] matmuls if `flatten`, else one dot contracting every
+    non-leading dim."""
     scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
     if flatten:
-        scaled = scaled.reshape(scaled.shape[0], -1)
+        return _chunked_gram(scaled.reshape(scaled.shape[0], -1))
     rest = tuple(range(1, scaled.ndim))
     return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 

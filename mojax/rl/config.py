@@ -170,6 +170,11 @@ class CombinerSection:
     """A name of ``mojax.combiners.REGISTRY``."""
     mode: str = "auto"
     """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``."""
+    pullbacks: str = "batched"
+    """How probe and full modes run the n per-objective backward passes: ``"batched"`` (one pass vmapped over the n
+    unit cotangents: n-times wider matmuls, the faster on small models) or ``"sequential"`` (one pass after another:
+    1/n of the batched activation gradients' memory, and the stacked gradients come out objective-major, with no
+    transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
@@ -337,6 +342,7 @@ _CHOICES = {
     "kl.placement": ("loss", "reward"),
     "kl.controller": ("fixed", "adaptive"),
     "combiner.mode": ("auto", "scalar", "probe", "full"),
+    "combiner.pullbacks": ("batched", "sequential"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "optimizer.name": ("adamw", "sgd"),
     "model.dtype": ("float32", "bfloat16"),

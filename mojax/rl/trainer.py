@@ -414,6 +414,7 @@ class Trainer(Run):
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
+            sequential_pullbacks=config.combiner.pullbacks == "sequential",
         )
         # Probe mode's default set (no patterns, no adapters): the final block, split from the stacked layers.
         self.split = (

@@ -13,9 +13,10 @@ The combiner mode is chosen from the registry:
   per-sample statistics once per rollout (:func:`make_scalar_weights`, its own small program); one backward pass of
   sum_i w_i L_i + shared per micro-batch. The train step takes w as data and no combiner state, so every scalar-mode
   combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
-* ``probe``: the per-objective gradients of a probe subset of the parameters (the pullback vmapped over n unit
-  cotangents; XLA prunes everything but the probe part) go through the combiner, whose weights w then weight one
-  backward pass of sum_i sg(w_i) L_i + shared over every parameter. With micro-batches this takes two passes.
+* ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
+  vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
+  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter. With
+  micro-batches this takes two passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
   shared term's gradient is one more pullback, added after the combination, and skipped when the term is zero
   (beta 0 and no entropy bonus, the default), so the update then costs one forward and n backward passes.
@@ -93,6 +94,7 @@ class UpdateSpec(NamedTuple):
     entropy_coef: float = 0.0
     vf_coef: float = 0.1
     value_clip: float = 0.2
+    sequential_pullbacks: bool = False
 
 
 class Denominators(NamedTuple):
@@ -219,6 +221,18 @@ def _accumulate(step: Callable, micro_batches: Any) -> Any:
     return total
 
 
+def stacked_pullbacks(pullback: Callable, cotangents: jax.Array, sequential: bool) -> Any:
+    """The pullbacks of the rows of ``cotangents`` [n, m], stacked on a leading axis of every leaf.
+
+    Batched (vmap) runs one backward pass on n-times wider operands; sequential (lax.map) runs n passes in a loop,
+    holding one pass's activation gradients at a time and writing each result straight into its objective-major
+    slot (vmap through the layer scan leaves the objective axis second, so later whole-leaf consumers transpose).
+    """
+    if sequential:
+        return jax.lax.map(lambda cotangent: pullback(cotangent)[0], cotangents)
+    return jax.vmap(pullback)(cotangents)[0]
+
+
 def _masked(tree: Any, flags: list[bool]) -> Any:
     """tree with optax.MaskedNode() in place of every leaf whose flag is False."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -334,7 +348,7 @@ def make_train_step(
 
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            (stacked,) = jax.vmap(pullback)(eye[:n])
+            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks)
             shared = jax.lax.cond(
                 skip_shared, lambda: jax.tree.map(jnp.zeros_like, params), lambda: pullback(eye[n])[0]
             )
@@ -352,7 +366,7 @@ def make_train_step(
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            (stacked,) = jax.vmap(pullback)(eye[:n])
+            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks)
             return _masked(stacked, probe_flags), vector, metrics
 
         probe, vector, metrics = _accumulate(probe_of, micro_batches)

@@ -286,3 +286,19 @@ def test_flattened_and_multi_dim_grams_agree(dtype):
     np.testing.assert_allclose(flat, multi, rtol=1e-5)
     rows = np.concatenate([np.asarray(leaf, np.float64).reshape(3, -1) for leaf in jax.tree.leaves(updates)], axis=1)
     np.testing.assert_allclose(flat, rows @ rows.T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["one chunk", "chunks and a remainder", "whole chunks"])
+def test_chunked_gram_equals_the_float64_gram(size):
+    """Leaves longer than two GRAM_CHUNK columns go through the chunk loop; the remainder gets its own matmul."""
+    from mojax.combiners._base import GRAM_CHUNK, raw_tree_gram
+
+    columns = {
+        "one chunk": GRAM_CHUNK - 3,
+        "chunks and a remainder": 2 * GRAM_CHUNK + 5,
+        "whole chunks": 3 * GRAM_CHUNK,
+    }
+    rows = np.random.default_rng(7).normal(size=(3, columns[size]))
+    updates = {"w": jnp.asarray(rows.reshape(3, -1, 1), jnp.float32), "b": jnp.asarray(rows[:, :5], jnp.float32)}
+    want = rows @ rows.T + rows[:, :5] @ rows[:, :5].T
+    np.testing.assert_allclose(raw_tree_gram(updates, 1.0, flatten=True), want, rtol=2e-5)

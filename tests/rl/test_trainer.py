@@ -207,6 +207,7 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("rollout.tempreature=0.5", "`rollout.tempreature` is not a known key"),
         ("algorithm.num_minibatches=3", "does not divide the batch of 4 completions"),
         ("combiner.mode=probe", "`combiner.mode` is 'probe' for 'linear'"),
+        ("combiner.pullbacks=vmap", "`combiner.pullbacks` is 'vmap'; expected one of"),
         ("optimizer.schedule=cosine", "`optimizer.schedule_steps` is None"),
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
     ],

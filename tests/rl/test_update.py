@@ -84,9 +84,11 @@ def test_scalar_mode_combiners_compile_one_and_the_same_train_step():
     assert program("pama") == linear
 
 
-def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode():
+@pytest.mark.parametrize("pullbacks", ["batched", "sequential"])
+def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks):
+    """On the tiny LLaMA (a layer scan: vmap leaves the objective axis second there, lax.map writes it first)."""
     batch = fixed_batch()
-    full = params_after(("combiner.name=mgda", "combiner.mode=full"), batch)
+    full = params_after(("combiner.name=mgda", "combiner.mode=full", f"combiner.pullbacks={pullbacks}"), batch)
     everything = "combiner.probe=[model, lm_head]"
     probe = params_after(("combiner.name=mgda", "combiner.mode=probe", everything), batch)
     assert_trees_close(probe, full, atol=2e-6)

@@ -2,7 +2,7 @@
 
 The reference builds the n + 1 gradients of [L_1 .. L_n, shared] with ``jax.jacrev`` of the vector loss (the way the
 update computed them before it skipped the shared term's pullback when that term is zero) on a small softmax policy,
-so the check is cheap and independent of the update's vmapped pullbacks and ``lax.cond``.
+so the check is cheap and independent of the update's pullbacks (vmapped or sequential) and ``lax.cond``.
 """
 
 from __future__ import annotations
@@ -62,9 +62,14 @@ def inputs() -> tuple[dict, Batch]:
     return params, batch
 
 
-def spec_for(name: str, entropy_coef: float) -> UpdateSpec:
+def spec_for(name: str, entropy_coef: float, sequential: bool = False) -> UpdateSpec:
     return UpdateSpec(
-        mode="full", num_objectives=N, combiner_name=name, reads=REGISTRY[name].reads, entropy_coef=entropy_coef
+        mode="full",
+        num_objectives=N,
+        combiner_name=name,
+        reads=REGISTRY[name].reads,
+        entropy_coef=entropy_coef,
+        sequential_pullbacks=sequential,
     )
 
 
@@ -82,15 +87,15 @@ def reference_params(name: str, beta: float, entropy_coef: float) -> dict:
 
 
 @functools.cache
-def compiled_step(name: str, entropy_coef: float):
+def compiled_step(name: str, entropy_coef: float, sequential: bool = False):
     """The jitted full-mode step (beta is traced: one compilation serves every beta)."""
-    return jax.jit(make_train_step(policy, make(name, N), optax.sgd(1.0), spec_for(name, entropy_coef)))
+    return jax.jit(make_train_step(policy, make(name, N), optax.sgd(1.0), spec_for(name, entropy_coef, sequential)))
 
 
-def full_mode_params(name: str, beta: float, entropy_coef: float) -> dict:
+def full_mode_params(name: str, beta: float, entropy_coef: float, sequential: bool = False) -> dict:
     params, batch = inputs()
     combiner, optimizer = make(name, N), optax.sgd(1.0)
-    step = compiled_step(name, entropy_coef)
+    step = compiled_step(name, entropy_coef, sequential)
     state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
     new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta), None)
     assert int(metrics["skipped"]) == 0
@@ -98,11 +103,20 @@ def full_mode_params(name: str, beta: float, entropy_coef: float) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("name", "beta", "entropy_coef"),
-    [("mgda", 0.0, 0.0), ("mgda", 0.5, 0.0), ("mgda", 0.0, 0.1), ("mgda", 0.5, 0.1), ("upgrad", 0.5, 0.0)],
+    ("name", "beta", "entropy_coef", "sequential"),
+    [
+        ("mgda", 0.0, 0.0, False),
+        ("mgda", 0.5, 0.0, False),
+        ("mgda", 0.0, 0.1, False),
+        ("mgda", 0.5, 0.1, False),
+        ("upgrad", 0.5, 0.0, False),
+        ("mgda", 0.0, 0.0, True),
+        ("mgda", 0.5, 0.1, True),
+    ],
 )
-def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(name, beta, entropy_coef):
-    got, want = full_mode_params(name, beta, entropy_coef), reference_params(name, beta, entropy_coef)
+def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(name, beta, entropy_coef, sequential):
+    """Batched (vmapped) and sequential (lax.map) pullbacks alike."""
+    got, want = full_mode_params(name, beta, entropy_coef, sequential), reference_params(name, beta, entropy_coef)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
