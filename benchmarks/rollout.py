@@ -12,7 +12,8 @@ no early stop, so every side produces the same number of tokens):
 * ``mojax generate, shared prefill``: the same call with the B / 4 distinct prompts and ``num_generations=4``: each
   prompt is prefilled once and its KV cache shared by its 4 rows (the sampling part of the trainer's rollout);
 * ``mojax trainer rollout``: ``Trainer.rollout`` (``mojax.rl.rollout.sample_rollout``): the shared-prefill sampling
-  plus the policy's log-probabilities of the sampled tokens (one training forward; the reference model is off here);
+  plus the policy's log-probabilities of the sampled tokens (one training forward, or the sampler's own with
+  ``--use-sampler-logps``; the reference model is off here);
 * ``torch generate``: HF ``LlamaForCausalLM.generate(do_sample=True, min_new_tokens=max_new_tokens)`` (eager fp32,
   KV cache) on the same weights (exported with ``mojax.models.hf.save_pretrained``).
 

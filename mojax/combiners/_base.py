@@ -103,7 +103,7 @@ def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc
 
 
 GRAM_CHUNK = 1 << 14
-"""Columns per matmul of a flattened leaf's Gram: n rows of 2^14 fp32 (64 KiB each) stay in a core's L2 cache."""
+"""Columns per matmul of a flattened leaf's Gram: n rows of 2^14 fp32, 64 KiB each (512 KiB at n = 8)."""
 
 
 def _pair_dot(block: jax.Array) -> jax.Array:
@@ -114,8 +114,9 @@ def _pair_dot(block: jax.Array) -> jax.Array:
 def _chunked_gram(rows: jax.Array) -> jax.Array:
     """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder.
 
-    One [n, P] x [P, n] matmul packs its whole [P, n] operand into a fresh buffer before it starts: on XLA:CPU a
-    3 x 26.5M leaf (an MLP weight's stacked gradients) then takes 5x longer than the loop, whose panels stay in cache.
+    On XLA:CPU one [n, P] x [P, n] matmul over a 3 x 26.5M leaf (an MLP weight's stacked gradients) took 366 ms in
+    isolation against the loop's 67 ms (705 ms against 164 ms at n = 8; benchmarks/RESULTS.md, full mode on
+    SmolLM2), and inside the train step the single matmul was slower still.
     """
     n, size = rows.shape
     count = size // GRAM_CHUNK
