@@ -365,7 +365,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
 
     `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`. Each prompt is
     prefilled once and its cache, last logits and length repeated for its `generations` rows. The decode steps run
-    the layers unrolled on weights split per layer once here (:func:`mojax.models.llama.decode_layers`).
+    the layers unrolled on weights and a cache split per layer once here (:func:`mojax.models.llama.decode_layers`).
     """
     model = nnx.merge(graphdef, state)
     prompts, width = prompt_ids.shape
@@ -376,7 +376,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
     logits, prompt_lengths, valid = _repeat_rows((logits, prompt_mask.sum(axis=1), cache.valid), generations)
     keys, values = _repeat_rows((cache.keys, cache.values), generations, axis=1)
-    cache = cache.replace(keys=keys, values=values, valid=valid)
+    cache = cache.replace(keys=keys, values=values, valid=valid).per_layer()
     layer_weights = model.per_layer_weights()
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),

@@ -27,14 +27,15 @@ Call convention (shared by the sampler and the trainer)::
 * ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
   reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
 * ``layer_weights=model.per_layer_weights()`` (with a cache, for decode loops): the layers run unrolled on
-  weights split per layer once, outside the loop, instead of the scan (:func:`decode_layers`).
+  weights split per layer once, outside the loop, instead of the scan (:func:`decode_layers`), on a cache split
+  per layer too (``cache.per_layer()``).
 
 Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
 :class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
 bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
 build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
 slices through one body; :func:`decode_layers` loops over the same two halves of a layer
-(:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into the cache.
+(:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into each layer's cache arrays.
 Activations are constrained by logical name ("batch") through
 :func:`mojax.models.sharding.constrain`; no mesh axis is named here.
 
@@ -116,8 +117,8 @@ BIAS_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 """Bias path -> logical axis names (q/k/v when ``config.qkv_bias``, o when ``config.o_bias``)."""
 
 KV_CACHE_LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
-    "keys": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "values": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "keys": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+    "values": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
     "valid": ("batch", "cache_length"),
     "index": (),
 }
@@ -184,20 +185,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention with an explicit mask; fp32 scores and softmax.
 
-    q [B, T, H, hd], k/v [B, S, KV, hd] (H a multiple of KV: MHA, GQA, MQA), mask bool[B, T, S]
+    q [B, T, H, hd], k/v [B, KV, S, hd] (H a multiple of KV: MHA, GQA, MQA; the cache's layout), mask bool[B, T, S]
     (True = may attend). Query head h reads KV head h // (H // KV), as HF's ``repeat_kv``.
     A query row with no allowed key yields a finite (meaningless) output, never NaN.
+    The second contraction writes the dot's natural [B, KV, G, T, hd] and transposes it after: asking the einsum
+    for [B, T, KV, G, hd] directly made XLA:CPU pick a slow dot (5x slower for one decode step's attention, 1.4x for
+    a 4 x 128 forward's).
     """
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    KV = k.shape[1]
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * np.float32(hd**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, np.float32(-1e30))
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(B, T, H, hd)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -214,22 +218,48 @@ def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) ->
 class KVCache:
     """Preallocated per-layer keys/values plus slot validity.
 
-    keys, values: [L, B, S, KV, hd] (compute dtype by default); valid: bool[B, S] (slot holds a
-    real token); index: i32 scalar, the slot where the next call writes its first new token.
+    keys, values: [L, B, KV, S, hd] (compute dtype by default), or after :meth:`per_layer` tuples of L arrays
+    [B, KV, S, hd]; valid: bool[B, S] (slot holds a real token); index: i32 scalar, the slot where the next call
+    writes its first new token. The slots sit next to the head dimension, the layout the attention contractions
+    read (a batch of [S, hd] matrices per row and KV head): with slots before heads XLA:CPU re-lays every layer's
+    cache out for its attention at each decode step (``benchmarks/RESULTS.md``).
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: jax.Array | tuple[jax.Array, ...]
+    values: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.valid.shape[1]
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.valid.shape[0]
+
+    @property
+    def is_per_layer(self) -> bool:
+        """True when keys and values are tuples of per-layer arrays (:meth:`per_layer`)."""
+        return isinstance(self.keys, tuple)
+
+    def per_layer(self) -> KVCache:
+        """This cache with keys and values split into one array per layer, for decode loops.
+
+        The layer scan reads a layer's slice of the stacked arrays, and inside a decode loop XLA:CPU copies
+        every slice it reads at every step; separate arrays are read and updated in place
+        (:func:`decode_layers`).
+        """
+        if self.is_per_layer:
+            return self
+        split = lambda a: tuple(a[i] for i in range(a.shape[0]))  # noqa: E731
+        return self.replace(keys=split(self.keys), values=split(self.values))
+
+    def stacked(self) -> KVCache:
+        """This cache with keys and values as [L, B, KV, S, hd] arrays (what the layer scan reads)."""
+        if not self.is_per_layer:
+            return self
+        return self.replace(keys=jnp.stack(self.keys), values=jnp.stack(self.values))
 
     @property
     def lengths(self) -> jax.Array:
@@ -239,7 +269,7 @@ class KVCache:
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     dtype = config.dtype if dtype is None else jnp.dtype(dtype)
-    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
     return KVCache(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
@@ -367,12 +397,16 @@ def _projector(w: LayerWeights, lora: LoraCall) -> Callable[[str, jax.Array], ja
 def attention_inputs(
     w: LayerWeights, x: jax.Array, inputs: AttentionInputs, eps: float, lora: LoraCall
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The first half of a LLaMA block: (q [B, T, H, hd], k, v [B, T, KV, hd]) of x [B, T, D], RoPE applied."""
+    """The first half of a LLaMA block: (q [B, T, H, hd], k, v [B, KV, T, hd]) of x [B, T, D], RoPE applied.
+
+    Keys and values come out in the KV cache's layout (:class:`KVCache`), heads before time.
+    """
     linear = _projector(w, lora)
     h = rms_norm(x, w.input_layernorm, eps)
     q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
     k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
-    return q, k, linear("v_proj", h)
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+    return q, heads_first(k), heads_first(linear("v_proj", h))
 
 
 def attention_and_mlp(
@@ -402,15 +436,15 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One LLaMA block on x [B, T, D] (weights already in the compute dtype).
 
-    ``past``: this layer's cached keys/values [B, S, KV, hd], or None without a cache.
-    Returns (x, (k_new, v_new)) with k/v [B, T, KV, hd] the new tokens' keys and values.
+    ``past``: this layer's cached keys/values [B, KV, S, hd], or None without a cache.
+    Returns (x, (k_new, v_new)) with k/v [B, KV, T, hd] the new tokens' keys and values.
     """
     x = constrain(x, ("batch", None, None))
     q, k, v = attention_inputs(w, x, inputs, eps, lora)
     if past is None:
         k_all, v_all = k, v
     else:
-        start = (0, inputs.index, 0, 0)
+        start = (0, 0, inputs.index, 0)
         k_all = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), start).astype(x.dtype)
         v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
     x = attention_and_mlp(w, x, q, k_all, v_all, inputs, eps, lora)
@@ -460,13 +494,13 @@ def run_layers(
     keys: jax.Array | None,
     remat: bool | str,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, S, KV, hd]
+    """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, KV, S, hd]
     and dropout keys [L].
 
     One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
     None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
     (:func:`checkpointed`).
-    Returns (x, (k_new, v_new)) with k/v [L, B, T, KV, hd].
+    Returns (x, (k_new, v_new)) with k/v [L, B, KV, T, hd].
     """
 
     def body(x, layer):
@@ -480,29 +514,29 @@ def decode_layers(
     per_layer: Sequence[LayerWeights],
     x: jax.Array,
     inputs: AttentionInputs,
-    cache: tuple[jax.Array, jax.Array],
+    cache: tuple[Sequence[jax.Array], Sequence[jax.Array]],
     eps: float,
     lora: LoraCall,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """The decoder layers as a Python loop over weights already split per layer, writing into the whole cache.
+) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
+    """The decoder layers as a Python loop over weights and cache arrays already split per layer.
 
     For inference with a KV cache (no dropout, no remat). Inside a decode loop, the layer scan of :func:`run_layers`
     slices every layer's weights out of the stacked arrays at each step, and XLA:CPU materialises each slice: a copy
     of all weights per generated token, which triples the memory traffic of a memory-bound step. Weights split once
-    before the loop (:meth:`LlamaDecoderLayers.per_layer_weights`) are read in place. Layer i writes its new keys and
-    values into the cache [L, B, S, KV, hd] before it reads its slice back, so every write depends on the previous
-    layer's reads and XLA updates the cache in place (no copy of the cache per token either).
-    Returns (x, (keys, values)): the updated cache arrays.
+    before the loop (:meth:`LlamaDecoderLayers.per_layer_weights`) and a cache split once (:meth:`KVCache.per_layer`:
+    keys and values [B, KV, S, hd] per layer) are read in place, and each layer writes its new keys and values into
+    its own cache arrays in place.
+    Returns (x, (keys, values)): the updated per-layer cache arrays.
     """
-    keys, values = cache
+    keys, values = list(cache[0]), list(cache[1])
     for i, w in enumerate(per_layer):
         x = constrain(x, ("batch", None, None))
         q, k, v = attention_inputs(w, x, inputs, eps, lora)
-        start = (i, 0, inputs.index, 0, 0)
-        keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
+        start = (0, 0, inputs.index, 0)
+        keys[i] = jax.lax.dynamic_update_slice(keys[i], k.astype(keys[i].dtype), start)
+        values[i] = jax.lax.dynamic_update_slice(values[i], v.astype(values[i].dtype), start)
         x = attention_and_mlp(w, x, q, keys[i].astype(x.dtype), values[i].astype(x.dtype), inputs, eps, lora)
-    return constrain(x, ("batch", None, None)), (keys, values)
+    return constrain(x, ("batch", None, None)), (tuple(keys), tuple(values))
 
 
 # --------------------------------------------------------------------------- modules
@@ -645,7 +679,8 @@ class LlamaModel(nnx.Module):
 
         ``layer_weights``: the decoder layers' weights from :meth:`LlamaDecoderLayers.per_layer_weights` (made once,
         outside a decode loop), run unrolled (:func:`decode_layers`) instead of the layer scan; only with a cache
-        (inference).
+        (inference), which is then used and returned split per layer (:meth:`KVCache.per_layer`; pass it split to
+        avoid slicing it at every call). Without ``layer_weights`` the cache is used and returned stacked.
         """
         c = self.config
         dtype = c.dtype
@@ -678,6 +713,8 @@ class LlamaModel(nnx.Module):
         dropout_keys = None
         if dropout_rng is not None and lora.rate != 0.0:
             dropout_keys = jax.random.split(dropout_rng, c.num_hidden_layers)
+        if cache is not None:
+            cache = cache.per_layer() if layer_weights is not None else cache.stacked()
         past = None if cache is None else (cache.keys, cache.values)
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
         if layer_weights is not None:
@@ -687,7 +724,7 @@ class LlamaModel(nnx.Module):
                 cast(self.layers.weights(adapters)), x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat
             )
             if past is not None:
-                start = (0, 0, index, 0, 0)
+                start = (0, 0, 0, index, 0)
                 past = tuple(
                     jax.lax.dynamic_update_slice(p, n.astype(p.dtype), start) for p, n in zip(past, new, strict=True)
                 )

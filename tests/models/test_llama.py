@@ -67,7 +67,7 @@ def test_cache_prefill_then_decode_matches_full_forward(model, fwd, step):
     mask = jnp.asarray([[1] * (P + G), [0] * 2 + [1] * (P + G - 2)], jnp.int32)
     full = fwd(model, ids, mask)
     cache = model.init_cache(B, P + G + 2)
-    assert cache.keys.shape == (2, B, P + G + 2, 2, 16) and cache.valid.dtype == jnp.bool_
+    assert cache.keys.shape == (2, B, 2, P + G + 2, 16) and cache.valid.dtype == jnp.bool_
     logits, cache = step(model, ids[:, :P], mask[:, :P], cache)
     outs = [logits]
     for t in range(P, P + G):
@@ -82,7 +82,8 @@ def test_cache_prefill_then_decode_matches_full_forward(model, fwd, step):
 
 
 def test_per_layer_weights_give_the_scans_logits_and_cache(model, step):
-    """decode_layers (unrolled over weights split per layer, writing straight into the cache) equals the layer scan."""
+    """decode_layers (unrolled over weights and cache arrays split per layer) equals the layer scan on the stacked
+    cache, chunk after chunk, whichever kind of cache each call is handed."""
     ids = _ids(2, 7, seed=4)
     mask = jnp.asarray([[1] * 7, [0] * 3 + [1] * 4], jnp.int32)
     unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=m.per_layer_weights()))
@@ -91,8 +92,18 @@ def test_per_layer_weights_give_the_scans_logits_and_cache(model, step):
         want, scan_cache = step(model, ids[:, chunk], mask[:, chunk], scan_cache)
         got, unrolled_cache = unrolled(model, ids[:, chunk], mask[:, chunk], unrolled_cache)
         np.testing.assert_allclose(got, want, atol=2e-5)
+        assert unrolled_cache.is_per_layer and not scan_cache.is_per_layer
+        assert len(unrolled_cache.keys) == model.config.num_hidden_layers
+    unrolled_cache = unrolled_cache.stacked()
     for field in ("keys", "values", "valid", "index"):
         np.testing.assert_allclose(getattr(unrolled_cache, field), getattr(scan_cache, field), atol=2e-6)
+    # the scan takes a per-layer cache too (it stacks it) and continues from it
+    more = _ids(2, 1, seed=5)
+    ones = jnp.ones((2, 1), jnp.int32)
+    from_split, split_after = step(model, more, ones, scan_cache.per_layer())
+    from_stacked, stacked_after = step(model, more, ones, scan_cache)
+    np.testing.assert_array_equal(from_split, from_stacked)
+    np.testing.assert_array_equal(split_after.keys, stacked_after.keys)
     assert len(model.per_layer_weights()) == model.config.num_hidden_layers
     with pytest.raises(ValueError, match="need a KV cache and 2 layers; got 2 layers and no cache"):
         model(ids, layer_weights=model.per_layer_weights())
@@ -128,13 +139,14 @@ def test_mha_mqa_tied_structure(kv_heads, tie):
 def test_gqa_equals_repeated_kv_mha():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 5, 8)), jnp.float32)  # [B, KV, S, hd], the cache's layout
+    v = jnp.asarray(rng.standard_normal((2, 2, 5, 8)), jnp.float32)
     mask = jnp.asarray(rng.random((2, 3, 5)) > 0.3)
     out = attention(q, k, v, mask)
-    ref = attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask)  # HF repeat_kv
+    ref = attention(q, jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1), mask)  # HF repeat_kv
     np.testing.assert_allclose(out, ref, atol=1e-6)
-    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask=mask[:, None])
+    time_major = lambda a: jnp.swapaxes(jnp.repeat(a, 2, axis=1), 1, 2)  # noqa: E731
+    dense = jax.nn.dot_product_attention(q, time_major(k), time_major(v), mask=mask[:, None])
     np.testing.assert_allclose(out, dense, atol=1e-5)
 
 
@@ -247,7 +259,7 @@ def test_causal_mask_with_and_without_cache_matches_a_loop():
     rng = np.random.default_rng(3)
     new = jnp.asarray(rng.random((2, 3)) > 0.3)
     cache_valid = jnp.asarray(rng.random((2, 7)) > 0.3)
-    cache = KVCache(keys=jnp.zeros((1, 2, 7, 1, 2)), values=jnp.zeros((1, 2, 7, 1, 2)), valid=cache_valid, index=2)
+    cache = KVCache(keys=jnp.zeros((1, 2, 1, 7, 2)), values=jnp.zeros((1, 2, 1, 7, 2)), valid=cache_valid, index=2)
     for c in (None, cache):
         valid, slots, index = key_slots(new, c)
         mask = np.asarray(causal_mask(valid, slots))

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
+from mojax.models import KV_CACHE_LOGICAL_AXES, LOGICAL_AXES, LlamaForCausalLM, ModelConfig
 from mojax.models.generate import SamplingConfig, generate
 from mojax.models.sharding import (
     RULES,
@@ -269,10 +269,7 @@ def test_fsdp_activations_stay_split_by_batch_under_set_mesh():
 def test_every_preset_splits_the_batch_over_data_and_fsdp():
     for preset in RULES:
         assert logical_to_spec(("batch", None), preset) == P(("data", "fsdp"), None)
-        assert logical_to_spec(("layers", "batch", "cache_length", "kv_heads", "head_dim"), preset)[1:3] == (
-            ("data", "fsdp"),
-            None,
-        )
+        assert logical_to_spec(KV_CACHE_LOGICAL_AXES["keys"], preset)[1:4:2] == (("data", "fsdp"), None)
 
 
 def test_constrain_resolves_logical_activation_axes_under_set_mesh():
