@@ -30,6 +30,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -82,6 +83,31 @@ def xla_kind(op_name: str) -> str:
     return "elementwise and other"
 
 
+def xla_operation_times(run: Callable[[], None], calls: int) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(wall s per call, {XLA operation name: (ms per call, executions per call)}) of ``calls`` traced calls of
+    ``run`` (already compiled), from ``jax.profiler``'s events on XLA:CPU's worker threads."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        wall = (time.perf_counter() - start) / calls
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    ms: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # XLA's worker threads run the compiled operations
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "end:", "SlinkyThreadPool")):
+                    ms[event.name] += event.duration_ns / 1e6 / calls
+                    count[event.name] += 1 / calls
+    return wall, {name: (ms[name], count[name]) for name in ms}
+
+
 def profile_mojax(model, ids: jax.Array, remat: str, calls: int) -> dict:
     """Wall time per step and XLA operation time per kind (ms per step) of the step under policy ``remat``."""
     twin = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, remat=remat, rngs=nnx.Rngs(0)))
@@ -90,23 +116,10 @@ def profile_mojax(model, ids: jax.Array, remat: str, calls: int) -> dict:
     scratch = step.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
     for _ in range(2):
         jax.block_until_ready(step(state, ids))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        start = time.perf_counter()
-        for _ in range(calls):
-            jax.block_until_ready(step(state, ids))
-        wall = (time.perf_counter() - start) / calls
-        jax.profiler.stop_trace()
-        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-        data = jax.profiler.ProfileData.from_file(path)
+    wall, operations = xla_operation_times(lambda: jax.block_until_ready(step(state, ids)), calls)
     by_kind: collections.Counter = collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):  # XLA's worker threads run the compiled operations
-                continue
-            for event in line.events:
-                if not event.name.startswith(("ThunkExecutor", "end:", "SlinkyThreadPool")):
-                    by_kind[xla_kind(event.name)] += event.duration_ns / 1e6 / calls
+    for name, (ms, _) in operations.items():
+        by_kind[xla_kind(name)] += ms
     return {
         "side": f"mojax remat={remat}",
         "wall_ms": wall * 1e3,
