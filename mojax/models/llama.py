@@ -42,8 +42,8 @@ Activations are constrained by logical name ("batch") through
 Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
 ``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model),
 :func:`merge_last_layer` undoes the split (of parameters or gradients) and
-:func:`default_probe_mask` selects the last block, final norm and untied LM head (or the LoRA
-adapters).
+:func:`default_probe_mask` selects the last block, final norm and untied LM head (or the last
+block's LoRA adapters).
 
 Logical axis names of every ``nnx.Param`` (read them with ``nnx.get_partition_spec``; the
 sharding module maps them to mesh axes). Variables are created with ``eager_sharding=False``, so
@@ -944,7 +944,9 @@ def default_probe_mask(split: nnx.State) -> Any:
 
     Without adapters: the last decoder block, the final norm and the LM head (when untied; a
     tied head is the embedding, left out). With LoRA adapters (``nnx.LoRAParam`` leaves, see
-    :mod:`mojax.models.lora`): exactly the adapters, in every layer.
+    :mod:`mojax.models.lora`): the last block's adapters, so that the probe's n pullbacks run through the last
+    block only, as without adapters. In a state without a ``last_layer`` every adapter is selected (the trainer
+    leaves one-layer models unsplit); patterns such as ``combiner.probe: [lora_]`` select every layer's adapters.
 
     Args:
       split: a state from :func:`split_last_layer` (Variables or plain arrays as leaves).
@@ -955,15 +957,15 @@ def default_probe_mask(split: nnx.State) -> Any:
     References:
       See :func:`split_last_layer`.
     """
-    _trunk(split, "default_probe_mask")
+    has_last = _LAST in _trunk(split, "default_probe_mask")
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     has_adapters = any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(split, is_leaf=is_variable))
 
     def probe(path, leaf) -> Any:
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
         if has_adapters:
-            selected = isinstance(leaf, nnx.LoRAParam)
+            selected = isinstance(leaf, nnx.LoRAParam) and (not has_last or keys[:2] == ("model", _LAST))
         else:
-            keys = tuple(str(getattr(k, "key", k)) for k in path)
             selected = keys[:2] in (("model", _LAST), ("model", "norm")) or keys[:1] == ("lm_head",)
         return leaf.replace(selected) if is_variable(leaf) else selected
 

@@ -17,7 +17,7 @@ kernel's, with ``None`` for the rank. The scaling alpha / r and the dropout rate
 * Reference policy: the same model called with ``adapters=False`` (no copy of the weights).
 * Training the adapters alone: :func:`adapters_only` (``tx`` behind the :func:`lora_mask`), or split
   the model with ``nnx.LoRAParam`` and differentiate the adapter state only.
-* Probe mode: :func:`mojax.models.llama.default_probe_mask` selects the adapters when present.
+* Probe mode: :func:`mojax.models.llama.default_probe_mask` selects the final block's adapters when present.
 * Export: :func:`merge_lora` folds them into the kernels; ``mojax.models.hf.save_pretrained``
   writes a merged HF folder (the model itself is left unmerged).
 * Checkpoints of the adapters alone: :func:`adapter_state` / :func:`load_adapter_state` (pytrees,

@@ -51,7 +51,8 @@ class LoraSection:
 
     rank: int = 0
     """Adapter rank r (0 disables LoRA); with adapters only they are trained, the reference policy is the base model
-    with the adapters disabled (no second copy of the weights), and they are the default probe set."""
+    with the adapters disabled (no second copy of the weights), and the final block's adapters are the default
+    probe set."""
     alpha: float = 16.0
     """The update is scaled by alpha / rank."""
     dropout: float = 0.0
@@ -179,8 +180,8 @@ class CombinerSection:
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
     """Parameter path substrings of the probe set (e.g. ``["lm_head", "model.norm"]``); empty: the default probe set:
-    the LoRA adapters when present, else the final decoder block (split from the stacked layers so it can be
-    differentiated alone) with the final norm, plus the LM head when untied."""
+    the final decoder block (split from the stacked layers so it can be differentiated alone) with the final norm,
+    plus the LM head when untied; with LoRA the final block's adapters (``["lora_"]``: every layer's adapters)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -416,13 +416,8 @@ class Trainer(Run):
             value_clip=algorithm.value_clip,
             sequential_pullbacks=config.combiner.pullbacks == "sequential",
         )
-        # Probe mode's default set (no patterns, no adapters): the final block, split from the stacked layers.
-        self.split = (
-            mode == "probe"
-            and not config.combiner.probe
-            and not config.lora.rank
-            and self.model.config.num_hidden_layers > 1
-        )
+        # Probe mode's default set (no patterns): the final block (or its adapters), split from the stacked layers.
+        self.split = mode == "probe" and not config.combiner.probe and self.model.config.num_hidden_layers > 1
         if self.split:
             params = split_last_layer(params)
         flags = None
@@ -432,6 +427,8 @@ class Trainer(Run):
                 if not config.combiner.probe
                 else probe_flags(params, config.combiner.probe, self.model.config)
             )
+        # probe mode: a bool per (split) parameter leaf, True for the leaves differentiated per objective
+        self.probe_mask = None if flags is None else jax.tree.unflatten(jax.tree.structure(params), flags)
         chunk = algorithm.logits_chunk_size
         self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:

@@ -162,13 +162,17 @@ def test_only_adapters_move_under_the_lora_mask(adapted):
             np.testing.assert_array_equal(before.get_value(), after.get_value())
 
 
-def test_probe_mask_selects_the_adapters_and_split_apply_matches(adapted):
+def test_probe_mask_selects_the_final_blocks_adapters_and_split_apply_matches(adapted):
     graphdef, params = nnx.split(adapted, nnx.Param)
     split = split_last_layer(params)
     mask = default_probe_mask(split)
     selected = {path for path, v in nnx.to_flat_state(mask) if v.get_value()}
     adapters = {path for path, v in nnx.to_flat_state(split) if isinstance(v, nnx.LoRAParam)}
-    assert selected == adapters and len(adapters) == 4 * len(TARGETS)  # layers and last_layer
+    assert len(adapters) == 4 * len(TARGETS)  # lora_a and lora_b in layers and in last_layer
+    assert selected == {path for path in adapters if "last_layer" in path} and len(selected) == 2 * len(TARGETS)
+    # a state without a last_layer (the trainer's one-layer models): every adapter is probed
+    unsplit = {path for path, v in nnx.to_flat_state(default_probe_mask(params)) if v.get_value()}
+    assert unsplit == {path for path, v in nnx.to_flat_state(params) if isinstance(v, nnx.LoRAParam)}
     ids = _ids(8)
     np.testing.assert_allclose(apply_split(graphdef, split, ids), _forward(adapted, ids, True), atol=1e-5)
     # gradients of the adapters agree once merged back

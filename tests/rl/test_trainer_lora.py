@@ -1,0 +1,92 @@
+"""The RL trainer with LoRA adapters in probe mode: the probe set is the final block's adapters (split from the
+stacked layers), only the adapters train, and the split changes nothing but the probe set."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mojax.rl.config import load_config
+from mojax.rl.logging import read_metrics
+from mojax.rl.trainer import Trainer
+
+SMALL = [
+    "data.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_completion_length=6",
+    "rollout.max_prompt_length=8",
+    "data.num_prompts=8",
+    "eval_steps=0",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "export=false",
+    "lora.rank=4",
+    "lora.alpha=8",
+    "lora.targets=[q_proj, v_proj]",
+    "combiner.name=mgda",
+    "combiner.mode=probe",
+    "kl.beta=0.05",
+    "optimizer.learning_rate=0.05",
+]
+
+
+def flat(tree) -> dict[str, object]:
+    """{dotted path: leaf} of an nnx state (Variables as leaves)."""
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_variable)
+    }
+
+
+@functools.cache
+def lora_run(root: str, probe: str) -> tuple[Trainer, dict[str, np.ndarray], list[dict]]:
+    """Three training steps (lora_b starts at zero, so lora_a's first gradient comes once lora_b has moved):
+    (trainer, parameters before training, metrics); `probe` is a combiner.probe override."""
+    output = Path(root) / (probe or "default")
+    overrides = [f"output_dir={output}", *SMALL, "steps=3", *([f"combiner.probe={probe}"] if probe else [])]
+    trainer = Trainer(load_config("tiny", overrides))
+    start = {path: np.asarray(leaf.get_value()) for path, leaf in flat(trainer.state.params).items()}
+    trainer.train()
+    trainer.close()
+    return trainer, start, read_metrics(output)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("rl_lora"))
+
+
+def test_the_default_probe_set_is_the_final_blocks_adapters(root):
+    trainer, _, _ = lora_run(root, "")
+    assert trainer.split
+    leaves = flat(trainer.state.params)
+    selected = {path for path, flag in flat(trainer.probe_mask).items() if flag.get_value()}
+    final_adapters = {p for p, leaf in leaves.items() if isinstance(leaf, nnx.LoRAParam) and ".last_layer." in p}
+    assert selected == final_adapters and len(final_adapters) == 4  # lora_a and lora_b of q_proj and v_proj
+    every_adapter = {path for path, flag in flat(lora_run(root, "[lora_]")[0].probe_mask).items() if flag.get_value()}
+    assert not lora_run(root, "[lora_]")[0].split and len(every_adapter) == 4
+
+
+def test_only_the_adapters_train_in_every_layer(root):
+    trainer, start, _ = lora_run(root, "")
+    after = flat(trainer.state.params)
+    moved = {path for path, leaf in after.items() if not np.array_equal(np.asarray(leaf.get_value()), start[path])}
+    adapters = {path for path, leaf in after.items() if isinstance(leaf, nnx.LoRAParam)}
+    assert moved == adapters  # the trunk's adapters too: one backward of the weighted loss reaches every layer
+
+
+def test_the_split_policy_samples_as_the_unsplit_one_and_the_reference_is_the_base_model(root):
+    """Same seed, same initial adapters: step 1 samples the same completions whichever probe set the update then
+    uses (the merged split policy is the unsplit one); once the adapters have moved, the KL to the reference is
+    positive (the reference of the split state is the base model, adapters off, not the policy itself)."""
+    _, _, split = lora_run(root, "")
+    _, _, unsplit = lora_run(root, "[lora_]")
+    rewards = [key for key in split[0] if key.startswith("rewards/")]
+    assert rewards and {key: split[0][key] for key in rewards} == {key: unsplit[0][key] for key in rewards}
+    assert split[0]["kl"] == 0.0 and split[-1]["kl"] > 0.0
