@@ -85,7 +85,8 @@ def xla_kind(op_name: str) -> str:
 
 def xla_operation_times(run: Callable[[], None], calls: int) -> tuple[float, dict[str, tuple[float, float]]]:
     """(wall s per call, {XLA operation name: (ms per call, executions per call)}) of ``calls`` traced calls of
-    ``run`` (already compiled), from ``jax.profiler``'s events on XLA:CPU's worker threads."""
+    ``run`` (already compiled), from ``jax.profiler``'s events on XLA:CPU's threads (its worker pool and the client
+    thread that also runs operations): successive executions of one operation may land on different threads."""
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         start = time.perf_counter()
@@ -99,7 +100,7 @@ def xla_operation_times(run: Callable[[], None], calls: int) -> tuple[float, dic
     count: collections.Counter = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):  # XLA's worker threads run the compiled operations
+            if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):  # the threads running XLA operations
                 continue
             for event in line.events:
                 if not event.name.startswith(("ThunkExecutor", "end:", "SlinkyThreadPool")):

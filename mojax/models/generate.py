@@ -354,9 +354,9 @@ def _last_logits(model: Any, input_ids, positions, attention_mask, cache, layer_
     return model.logits(hidden[:, -1]).astype(jnp.float32), cache
 
 
-def _repeat_rows(tree: Any, generations: int) -> Any:
-    """Every batch row (the leading axis) of `tree`'s arrays repeated `generations` times consecutively."""
-    return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=0), tree) if generations > 1 else tree
+def _repeat_rows(tree: Any, generations: int, axis: int = 0) -> Any:
+    """Every batch row (along ``axis``) of `tree`'s arrays repeated `generations` times consecutively."""
+    return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=axis), tree) if generations > 1 else tree
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
@@ -375,9 +375,8 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     cache = model.init_cache(prompts, width + new)
     logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
     logits, prompt_lengths, valid = _repeat_rows((logits, prompt_mask.sum(axis=1), cache.valid), generations)
-    cache = cache.per_layer()  # layer by layer [B, KV, S, hd]: the repeat below copies each layer's slice once
-    keys, values = _repeat_rows((cache.keys, cache.values), generations)
-    cache = cache.replace(keys=keys, values=values, valid=valid)
+    keys, values = _repeat_rows((cache.keys, cache.values), generations, axis=1)
+    cache = cache.replace(keys=keys, values=values, valid=valid).per_layer()
     layer_weights = model.per_layer_weights()
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
