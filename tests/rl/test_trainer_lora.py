@@ -10,21 +10,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_trainer import small_config
 
-from mojax.rl.config import load_config
 from mojax.rl.logging import read_metrics
 from mojax.rl.trainer import Trainer
 
-SMALL = [
-    "data.prompts_per_step=2",
-    "rollout.num_generations=2",
-    "rollout.max_completion_length=6",
-    "rollout.max_prompt_length=8",
-    "data.num_prompts=8",
-    "eval_steps=0",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "export=false",
+LORA = [
     "lora.rank=4",
     "lora.alpha=8",
     "lora.targets=[q_proj, v_proj]",
@@ -49,8 +40,7 @@ def lora_run(root: str, probe: str) -> tuple[Trainer, dict[str, np.ndarray], lis
     """Three training steps (lora_b starts at zero, so lora_a's first gradient comes once lora_b has moved):
     (trainer, parameters before training, metrics); `probe` is a combiner.probe override."""
     output = Path(root) / (probe or "default")
-    overrides = [f"output_dir={output}", *SMALL, "steps=3", *([f"combiner.probe={probe}"] if probe else [])]
-    trainer = Trainer(load_config("tiny", overrides))
+    trainer = Trainer(small_config(output, *LORA, "steps=3", *([f"combiner.probe={probe}"] if probe else [])))
     start = {path: np.asarray(leaf.get_value()) for path, leaf in flat(trainer.state.params).items()}
     trainer.train()
     trainer.close()
