@@ -105,6 +105,11 @@ def require_extra_arg(name: str, extra_args: dict[str, Any], key: str, shape_doc
 GRAM_CHUNK = 1 << 14
 """Columns per matmul of a flattened leaf's Gram: n rows of 2^14 fp32, 64 KiB each (512 KiB at n = 8)."""
 
+GRAM_LOOP_FROM = 1 << 20
+"""Columns from which a flattened leaf's Gram runs as a loop of GRAM_CHUNK matmuls. Below, one matmul is faster:
+the loop's slices are copies, and chunking every leaf made the Gram of `benchmarks/combiners.py`'s LLaMA-like pytree
+(1e7 parameters in ~200 leaves) several times slower in an isolated measurement."""
+
 
 def _pair_dot(block: jax.Array) -> jax.Array:
     """block @ block.T for block [n, k], accumulated in fp32."""
@@ -112,7 +117,8 @@ def _pair_dot(block: jax.Array) -> jax.Array:
 
 
 def _chunked_gram(rows: jax.Array) -> jax.Array:
-    """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder.
+    """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder (one matmul
+    below GRAM_LOOP_FROM columns).
 
     On XLA:CPU one [n, P] x [P, n] matmul over a 3 x 26.5M leaf (an MLP weight's stacked gradients) took 366 ms in
     isolation against the loop's 67 ms (705 ms against 164 ms at n = 8; benchmarks/RESULTS.md, full mode on
@@ -120,7 +126,7 @@ def _chunked_gram(rows: jax.Array) -> jax.Array:
     """
     n, size = rows.shape
     count = size // GRAM_CHUNK
-    if count <= 1:
+    if size < GRAM_LOOP_FROM or count <= 1:
         return _pair_dot(rows)
     head = rows[:, : count * GRAM_CHUNK].reshape(n, count, GRAM_CHUNK)
 

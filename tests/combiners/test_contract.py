@@ -289,9 +289,13 @@ def test_flattened_and_multi_dim_grams_agree(dtype):
 
 
 @pytest.mark.parametrize("size", ["one chunk", "chunks and a remainder", "whole chunks"])
-def test_chunked_gram_equals_the_float64_gram(size):
-    """Leaves longer than two GRAM_CHUNK columns go through the chunk loop; the remainder gets its own matmul."""
+def test_chunked_gram_equals_the_float64_gram(size, monkeypatch):
+    """Leaves longer than two GRAM_CHUNK columns go through the chunk loop (here from any length, the production
+    threshold GRAM_LOOP_FROM lowered); the remainder gets its own matmul."""
+    from mojax.combiners import _base
     from mojax.combiners._base import GRAM_CHUNK, raw_tree_gram
+
+    monkeypatch.setattr(_base, "GRAM_LOOP_FROM", 0)
 
     columns = {
         "one chunk": GRAM_CHUNK - 3,
