@@ -20,6 +20,7 @@ from mojax.models.llama import (
     default_probe_mask,
     init_kv_cache,
     merge_last_layer,
+    merge_split,
     split_last_layer,
 )
 from mojax.models.lora import (
@@ -47,6 +48,7 @@ __all__ = [
     "load_adapters",
     "lora_mask",
     "merge_last_layer",
+    "merge_split",
     "merge_lora",
     "save_adapters",
     "split_last_layer",

@@ -927,15 +927,30 @@ def apply_split(
       >>> jax.eval_shape(lambda split: apply_split(graphdef, split, jnp.ones((1, 3), jnp.int32)), split).shape
       (1, 3, 16)
     """
-    trunk = _trunk(split, "apply_split")
-    if _LAST not in trunk:
-        raise ValueError("apply_split: `split` has no model.last_layer; expected a state from split_last_layer.")
-    model = nnx.merge(graphdef, _with_trunk(split, {k: v for k, v in trunk.items() if k != _LAST}))
-    model.model.last_layer = nnx.data(nnx.merge(nnx.graphdef(model.model.layers), nnx.State(trunk[_LAST])))
-    logits, _ = model(
+    logits, _ = merge_split(graphdef, split)(
         input_ids, positions=positions, attention_mask=attention_mask, adapters=adapters, dropout_rng=dropout_rng
     )
     return logits
+
+
+def merge_split(graphdef: nnx.GraphDef, split: nnx.State) -> Any:
+    """The ``LlamaForCausalLM`` of split parameters: the first L-1 blocks stacked, the final one in ``last_layer``.
+
+    Its ``__call__`` and ``hidden_states`` equal the unsplit model's (without a KV cache); :func:`apply_split` is
+    its logits. Call it inside the differentiated function, so the final block's parameters are separate leaves.
+
+    Args:
+      graphdef, split: as :func:`apply_split`.
+
+    Returns:
+      The merged model (a new object; ``split`` is not copied).
+    """
+    trunk = _trunk(split, "merge_split")
+    if _LAST not in trunk:
+        raise ValueError("merge_split: `split` has no model.last_layer; expected a state from split_last_layer.")
+    model = nnx.merge(graphdef, _with_trunk(split, {k: v for k, v in trunk.items() if k != _LAST}))
+    model.model.last_layer = nnx.data(nnx.merge(nnx.graphdef(model.model.layers), nnx.State(trunk[_LAST])))
+    return model
 
 
 def default_probe_mask(split: nnx.State) -> Any:

@@ -22,12 +22,14 @@ How the sources were read:
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from mojax import _checks
 from mojax._numerics import safe_divide
@@ -444,6 +446,176 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.einsum("btv,btv->bt", logits, one_hot) - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _block_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32."""
+    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp_cotangent, entropy_cotangent):
+    """(hidden part f32[B, T, D], head cotangent f32[D, V']) of one block of vocabulary columns.
+
+    The logit cotangent is g (e_y - p) - g_H p (z - E_p[z]) for the cotangents g of the log-probs and g_H of the
+    entropies. With g_H a symbolic zero, the hidden part is the g-free u = (e_y - p) W^T of the block (the caller
+    scales the sum over blocks by g) and the head cotangent is (g h)^T (e_y - p); else the hidden part is the hidden
+    states' cotangent itself.
+    """
+    probs = jnp.exp(logits - logsumexp[..., None])
+    target_minus_mean = one_hot - probs
+    weights = head.astype(hidden.dtype)
+    if isinstance(entropy_cotangent, SymbolicZero):
+        contracted = target_minus_mean.astype(hidden.dtype)
+        scaled_hidden = (hidden * logp_cotangent[..., None]).astype(hidden.dtype)
+    else:
+        contracted = logp_cotangent[..., None] * target_minus_mean
+        contracted -= entropy_cotangent[..., None] * probs * (logits - mean_logit[..., None])
+        contracted, scaled_hidden = contracted.astype(hidden.dtype), hidden
+    hidden_part = jnp.einsum("btv,dv->btd", contracted, weights, preferred_element_type=jnp.float32)
+    head_cotangent = jnp.einsum("btd,btv->dv", scaled_hidden, contracted, preferred_element_type=jnp.float32)
+    return hidden_part, head_cotangent
+
+
+def _dense(cotangent: Any, like: jax.Array) -> jax.Array:
+    """An array for a cotangent that may be a symbolic zero (zeros shaped like ``like``)."""
+    return jnp.zeros(like.shape, like.dtype) if isinstance(cotangent, SymbolicZero) else cotangent
+
+
+def _hidden_cotangent(hidden_part, logp_cotangent, entropy_cotangent, hidden) -> jax.Array:
+    """The hidden states' cotangent from the summed hidden parts of :func:`_block_cotangents`."""
+    if isinstance(entropy_cotangent, SymbolicZero):
+        hidden_part = logp_cotangent[..., None] * hidden_part
+    return hidden_part.astype(hidden.dtype)
+
+
+def _full_vocabulary_outputs(hidden, head, targets):
+    """(log-probs, entropies) and the logits, logsumexp and E_p[z] of softmax(hidden @ head)."""
+    logits = _block_logits(hidden, head)
+    logsumexp = jax.nn.logsumexp(logits, axis=-1)
+    mean_logit = jnp.sum(jnp.exp(logits - logsumexp[..., None]) * logits, axis=-1)
+    target_logit = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32))
+    return (target_logit - logsumexp, logsumexp - mean_logit), (logits, logsumexp, mean_logit)
+
+
+@jax.custom_vjp
+def head_logprobs_and_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log-probs, entropies) f32[B, T] of softmax(hidden @ head), with a backward pass shared by many pullbacks.
+
+    With z = h W, p = softmax(z) and the target y, log p_y = z_y - logsumexp(z) has the logit cotangent
+    g (e_y - p) for a log-prob cotangent g, so its hidden-state cotangent is g u with
+
+        u = W (e_y - p) = W_y - E_p[W]        (one [B T, V] x [V, D] product, whatever g is).
+
+    When the entropies are not differentiated (their cotangent is a symbolic zero: no entropy bonus), the backward
+    pass computes u from the forward's residuals alone and scales it by g. The n pullbacks of the per-objective
+    losses (vmapped over n cotangents, as probe and full mode run them) therefore share one LM head product for the
+    hidden states instead of running n of them; the head's own gradient (g h)^T (e_y - p) stays per cotangent (XLA
+    prunes it when nothing reads it, as for a frozen head). With an entropy cotangent g_H the logit cotangent gains
+    -g_H p (z - E_p[z]) and the hidden-state cotangent is that sum times W, as plain autodiff computes it.
+
+    Args:
+        hidden: [B, T, D] final hidden states (compute dtype; the head is cast to it, logits accumulate in fp32).
+        head: [D, V] the LM head (the transposed embedding for tied weights).
+        targets: i32[B, T] token ids.
+
+    Returns:
+        f32[B, T] target log-probabilities and f32[B, T] entropies, equal to ``token_logprobs`` and
+        ``token_entropy`` of the logits hidden @ head.
+    """
+    return _full_vocabulary_outputs(hidden, head, targets)[0]
+
+
+def _head_forward(hidden, head, targets):
+    outputs, statistics = _full_vocabulary_outputs(hidden.value, head.value, targets.value)
+    return outputs, (hidden.value, head.value, targets.value, *statistics)
+
+
+def _head_backward(residuals, cotangents):
+    hidden, head, targets, logits, logsumexp, mean_logit = residuals
+    logp_cotangent, entropy_cotangent = _dense(cotangents[0], logsumexp), cotangents[1]
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    hidden_part, head_cotangent = _block_cotangents(
+        hidden, head, logits, logsumexp, mean_logit, one_hot, logp_cotangent, entropy_cotangent
+    )
+    hidden_cotangent = _hidden_cotangent(hidden_part, logp_cotangent, entropy_cotangent, hidden)
+    return hidden_cotangent, head_cotangent.astype(head.dtype), None
+
+
+head_logprobs_and_entropy.defvjp(_head_forward, _head_backward, symbolic_zeros=True)
+
+
+def _vocabulary_chunks(head: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """The head [D, V] as chunks [V / chunk_size, D, chunk_size] and each chunk's first column i32[V / chunk_size]."""
+    vocab = head.shape[1]
+    chunks = head.reshape(head.shape[0], vocab // chunk_size, chunk_size).transpose(1, 0, 2)
+    return chunks, jnp.arange(0, vocab, chunk_size)
+
+
+def _chunk_one_hot(targets: jax.Array, start: jax.Array, chunk_size: int) -> jax.Array:
+    """One-hot f32[B, T, chunk_size] of the targets that fall in the chunk starting at ``start``."""
+    return jax.nn.one_hot(targets - start, chunk_size, dtype=jnp.float32)
+
+
+def _chunked_statistics(hidden, head, targets, chunk_size):
+    """(log-probs, entropies), (logsumexp, E_p[z]) f32[B, T] by an online softmax over vocabulary chunks."""
+    chunks, starts = _vocabulary_chunks(head, chunk_size)
+
+    def step(carry, chunk):
+        peak, total, weighted, target_logit = carry
+        weights, start = chunk
+        logits = _block_logits(hidden, weights)
+        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+        rescale = jnp.exp(peak - new_peak)
+        exps = jnp.exp(logits - new_peak[..., None])
+        return (
+            new_peak,
+            total * rescale + jnp.sum(exps, axis=-1),
+            weighted * rescale + jnp.sum(exps * logits, axis=-1),
+            target_logit + jnp.sum(_chunk_one_hot(targets, start, chunk_size) * logits, axis=-1),
+        ), None
+
+    shape = targets.shape
+    start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape))
+    (peak, total, weighted, target_logit), _ = jax.lax.scan(step, start, (chunks, starts))
+    logsumexp, mean_logit = peak + jnp.log(total), weighted / total
+    return (target_logit - logsumexp, logsumexp - mean_logit), (logsumexp, mean_logit)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(hidden, head, targets, chunk_size):
+    return _chunked_statistics(hidden, head, targets, chunk_size)[0]
+
+
+def _chunked_forward(hidden, head, targets, chunk_size):
+    outputs, statistics = _chunked_statistics(hidden.value, head.value, targets.value, chunk_size)
+    return outputs, (hidden.value, head.value, targets.value, *statistics)
+
+
+def _chunked_backward(chunk_size, residuals, cotangents):
+    hidden, head, targets, logsumexp, mean_logit = residuals
+    logp_cotangent, entropy_cotangent = _dense(cotangents[0], logsumexp), cotangents[1]
+    chunks, starts = _vocabulary_chunks(head, chunk_size)
+
+    def step(hidden_part, chunk):
+        weights, start = chunk
+        part, head_cotangent = _block_cotangents(
+            hidden,
+            weights,
+            _block_logits(hidden, weights),
+            logsumexp,
+            mean_logit,
+            _chunk_one_hot(targets, start, chunk_size),
+            logp_cotangent,
+            entropy_cotangent,
+        )
+        return hidden_part + part, head_cotangent
+
+    hidden_part, head_chunks = jax.lax.scan(step, jnp.zeros(hidden.shape, jnp.float32), (chunks, starts))
+    head_cotangent = head_chunks.transpose(1, 0, 2).reshape(head.shape).astype(head.dtype)
+    return _hidden_cotangent(hidden_part, logp_cotangent, entropy_cotangent, hidden), head_cotangent, None
+
+
+_chunked.defvjp(_chunked_forward, _chunked_backward, symbolic_zeros=True)
+
+
 def chunked_logprobs_and_entropy(
     hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_size: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -451,7 +623,9 @@ def chunked_logprobs_and_entropy(
 
     A ``lax.scan`` over vocabulary chunks of ``chunk_size`` keeps a running maximum m, s = sum exp(z - m),
     u = sum exp(z - m) z and the target's logit; then logsumexp = m + log s and the entropy is logsumexp - u / s.
-    Each chunk's logits are recomputed in the backward pass (``jax.checkpoint``), so the peak is [B, T, chunk].
+    The backward pass recomputes each chunk's logits in a second scan, so the peak is [B, T, chunk]; it is the
+    backward of :func:`head_logprobs_and_entropy` chunk by chunk, so vmapped pullbacks without an entropy cotangent
+    share the head product for the hidden states in the same way.
 
     Args:
         hidden: [B, T, D] final hidden states (any float dtype; logits accumulate in fp32).
@@ -470,30 +644,7 @@ def chunked_logprobs_and_entropy(
         raise ValueError(
             _checks.message(where, "chunk_size", f"is {chunk_size}", f"a divisor of the vocabulary size {vocab}")
         )
-    chunks = head.reshape(head.shape[0], vocab // chunk_size, chunk_size).transpose(1, 0, 2)
-    starts = jnp.arange(0, vocab, chunk_size)
-
-    @jax.checkpoint
-    def step(carry, chunk):
-        peak, total, weighted, target_logit = carry
-        weights, start = chunk
-        logits = jnp.einsum("btd,dv->btv", hidden, weights.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-        rescale = jnp.exp(peak - new_peak)
-        exps = jnp.exp(logits - new_peak[..., None])
-        onehot = jax.nn.one_hot(targets - start, chunk_size, dtype=jnp.float32)
-        return (
-            new_peak,
-            total * rescale + jnp.sum(exps, axis=-1),
-            weighted * rescale + jnp.sum(exps * logits, axis=-1),
-            target_logit + jnp.sum(onehot * logits, axis=-1),
-        ), None
-
-    shape = targets.shape
-    start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape))
-    (peak, total, weighted, target_logit), _ = jax.lax.scan(step, start, (chunks, starts))
-    logsumexp = peak + jnp.log(total)
-    return target_logit - logsumexp, logsumexp - weighted / total
+    return _chunked(hidden, head, targets, chunk_size)
 
 
 def token_entropy(logits: jax.Array) -> jax.Array:

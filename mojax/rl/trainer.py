@@ -50,9 +50,9 @@ from mojax.models import (
     LoraConfig,
     adapters_only,
     add_lora,
-    apply_split,
     default_probe_mask,
     merge_last_layer,
+    merge_split,
     split_last_layer,
 )
 from mojax.models.generate import SamplingConfig
@@ -60,7 +60,7 @@ from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
-from mojax.rl.losses import chunked_logprobs_and_entropy, token_entropy, token_logprobs
+from mojax.rl.losses import chunked_logprobs_and_entropy, head_logprobs_and_entropy
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
 from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
@@ -230,7 +230,9 @@ def response_fn(
 
     With ``split`` the parameters are :func:`mojax.models.split_last_layer`'s (the final block a leaf of its own);
     ``adapters=False`` runs the base model of a LoRA policy (the reference policy); ``chunk_size`` computes the
-    log-probs and entropies over vocabulary chunks (:func:`mojax.rl.losses.chunked_logprobs_and_entropy`).
+    log-probs and entropies over vocabulary chunks (:func:`mojax.rl.losses.chunked_logprobs_and_entropy`), else
+    :func:`mojax.rl.losses.head_logprobs_and_entropy` does from the full logits (its backward pass lets the n
+    per-objective pullbacks share the LM head's product for the hidden states).
     """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
@@ -238,15 +240,12 @@ def response_fn(
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
         window = slice(width - 1, width - 1 + tokens.shape[1])
-        if split:
-            logits = apply_split(graphdef, params, ids, attention_mask=mask, adapters=adapters)[:, window]
-        else:
-            model = nnx.merge(graphdef, params, rest)
-            hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters)
-            if chunk_size:
-                return chunked_logprobs_and_entropy(hidden[:, window], lm_head(model), tokens, chunk_size)
-            logits = model.logits(hidden[:, window])
-        return token_logprobs(logits, tokens), token_entropy(logits)
+        model = merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
+        hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters)
+        hidden = hidden[:, window].astype(model.config.dtype)
+        if chunk_size:
+            return chunked_logprobs_and_entropy(hidden, lm_head(model), tokens, chunk_size)
+        return head_logprobs_and_entropy(hidden, lm_head(model), tokens)
 
     return policy
 

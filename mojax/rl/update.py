@@ -134,7 +134,9 @@ def minibatch_losses(
     kl = jnp.sum(rl_losses.kl_estimate(logp, batch.ref_logp, spec.kl_estimator, clamp=spec.kl_clamp) * batch.mask)
     mean_entropy = jnp.sum(entropy * batch.mask) / divide.tokens
     mean_kl = kl / divide.tokens
-    shared = (beta * mean_kl if spec.kl_in_loss else 0.0) - spec.entropy_coef * mean_entropy
+    shared = beta * mean_kl if spec.kl_in_loss else jnp.zeros((), jnp.float32)
+    if spec.entropy_coef:  # else the entropies are not differentiated at all (a symbolic zero cotangent)
+        shared = shared - spec.entropy_coef * mean_entropy
     clipped = rl_losses.clip_fraction(
         logp,
         batch.old_logp,

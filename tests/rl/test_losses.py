@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -306,3 +307,122 @@ def test_chunked_logprobs_and_entropy_equal_the_full_vocabulary_computation():
     np.testing.assert_allclose(jax.grad(total(chunked))(head), jax.grad(total(full))(head), atol=1e-5)
     with pytest.raises(ValueError, match="a divisor of the vocabulary size 12"):
         chunked_logprobs_and_entropy(hidden, head, targets, 5)
+
+
+def _head_case(seed=0, vocab=12):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    hidden = jax.random.normal(keys[0], (2, 5, 8))
+    head = jax.random.normal(keys[1], (8, vocab))
+    targets = jax.random.randint(keys[2], (2, 5), 0, vocab)
+    cotangents = jax.random.normal(keys[3], (2, 2, 5))
+    return hidden, head, targets, cotangents
+
+
+def _autodiff_head(hidden, head, targets):
+    logits = jnp.einsum("btd,dv->btv", hidden, head)
+    return token_logprobs(logits, targets), token_entropy(logits)
+
+
+def _head_functions():
+    from mojax.rl.losses import chunked_logprobs_and_entropy, head_logprobs_and_entropy
+
+    return {
+        "full vocabulary": head_logprobs_and_entropy,
+        "chunks of 4": lambda hidden, head, targets: chunked_logprobs_and_entropy(hidden, head, targets, 4),
+    }
+
+
+HEAD_FUNCTIONS = ["full vocabulary", "chunks of 4"]
+
+
+@pytest.mark.parametrize("function", HEAD_FUNCTIONS)
+@pytest.mark.parametrize("entropy_cotangent", ["random", "zero", "absent"])
+def test_head_logprobs_vjp_equals_autodiff_of_the_logits(function, entropy_cotangent):
+    head_fn = _head_functions()[function]
+    hidden, head, targets, cotangents = _head_case()
+    weights = {"random": 1.0, "zero": 0.0, "absent": None}[entropy_cotangent]
+
+    def loss(fn):
+        def of(hidden, head):
+            logp, entropy = fn(hidden, head, targets)
+            total = jnp.sum(cotangents[0] * logp)  # "absent": the entropies do not reach the loss at all
+            return total if weights is None else total + weights * jnp.sum(cotangents[1] * entropy)
+
+        return of
+
+    for got, want in zip(head_fn(hidden, head, targets), _autodiff_head(hidden, head, targets), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    got = jax.jit(jax.grad(loss(head_fn), argnums=(0, 1)))(hidden, head)
+    want = jax.grad(loss(_autodiff_head), argnums=(0, 1))(hidden, head)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+    only_entropy = lambda fn: lambda h, w: jnp.sum(cotangents[1] * fn(h, w, targets)[1])  # noqa: E731
+    for g, w in zip(
+        jax.grad(only_entropy(head_fn), (0, 1))(hidden, head),
+        jax.grad(only_entropy(_autodiff_head), (0, 1))(hidden, head),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def _dot_output_shapes(fn, *args):
+    """Output shapes of every dot_general in fn's jaxpr, nested jaxprs included."""
+    shapes = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                shapes.append(tuple(eqn.outvars[0].aval.shape))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("function", HEAD_FUNCTIONS)
+def test_vmapped_pullbacks_share_one_head_product_for_the_hidden_states(function):
+    """n per-objective pullbacks (vmapped, as probe and full mode run them) equal autodiff's, and the hidden-state
+    cotangent comes from unbatched [B, T, V] x [V, D] products instead of [n, B, T, V] x [V, D] ones."""
+    head_fn = _head_functions()[function]
+    hidden, head, targets, _ = _head_case(1)
+    advantages = jax.random.normal(jax.random.key(2), (N, 2, 5))
+
+    def pullbacks(fn):
+        def of(hidden, head):
+            def losses(hidden, head):
+                logp, entropy = fn(hidden, head, targets)
+                return jnp.sum(advantages * logp, axis=(1, 2)), jnp.mean(entropy)  # entropy: a metric only
+
+            _, pullback, _ = jax.vjp(losses, hidden, head, has_aux=True)
+            return jax.vmap(pullback)(jnp.eye(N))
+
+        return of
+
+    for got, want in zip(
+        jax.jit(pullbacks(head_fn))(hidden, head), pullbacks(_autodiff_head)(hidden, head), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    hidden_cotangents = (2, 5, 8)
+    hidden_only = lambda fn: lambda hidden, head: pullbacks(fn)(hidden, head)[0]  # noqa: E731
+    shared = _dot_output_shapes(hidden_only(head_fn), hidden, head)
+    plain = _dot_output_shapes(hidden_only(_autodiff_head), hidden, head)
+    assert hidden_cotangents in shared and (N, *hidden_cotangents) not in shared, shared
+    assert any(len(shape) == 4 and shape[-1] == 8 for shape in plain), plain  # autodiff batches that product
+
+
+@pytest.mark.parametrize("function", HEAD_FUNCTIONS)
+def test_head_logprobs_keep_the_input_dtypes_of_their_gradients(function):
+    head_fn = _head_functions()[function]
+    hidden, head, targets, cotangents = _head_case()
+    hidden, head = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+    logp, entropy = head_fn(hidden, head, targets)
+    assert logp.dtype == entropy.dtype == jnp.float32
+    grads = jax.grad(lambda h, w: jnp.sum(cotangents[0] * head_fn(h, w, targets)[0]), argnums=(0, 1))(hidden, head)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    as_f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = jax.grad(
+        lambda h, w: jnp.sum(cotangents[0] * _autodiff_head(as_f32(h), as_f32(w), targets)[0]), argnums=(0, 1)
+    )(hidden, head)
+    for g, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=0.1, rtol=0.05)
