@@ -15,8 +15,8 @@ The combiner mode is chosen from the registry:
   combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
   vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
-  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter. With
-  micro-batches this takes two passes.
+  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
+  the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
   shared term's gradient is one more pullback, added after the combination, and skipped when the term is zero
   (beta 0 and no entropy bonus, the default), so the update then costs one forward and n backward passes.
@@ -330,12 +330,14 @@ def make_train_step(
     def vector_loss(params, micro, divide, beta):
         return minibatch_losses(policy, params, micro, divide, beta, spec)
 
-    def scalar_grads(params, micro_batches, divide, beta, weights):
-        cotangent = jnp.concatenate([weights, jnp.ones((1,), jnp.float32)])
+    def weighted(weights):
+        """The cotangent of the loss vector for sum_i w_i L_i + shared."""
+        return jnp.concatenate([weights, jnp.ones((1,), jnp.float32)])
 
+    def scalar_grads(params, micro_batches, divide, beta, weights):
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            (grads,) = pullback(cotangent)
+            (grads,) = pullback(weighted(weights))
             return grads, vector, metrics
 
         return _accumulate(grads_of, micro_batches)
@@ -366,17 +368,32 @@ def make_train_step(
         return grads, vector, metrics, combiner_state, objective_cosines(objectives)
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
+        """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
+
+        With one micro-batch the probe pullbacks and the weighted one share a single forward pass (one ``jax.vjp``);
+        with several, the weights need every micro-batch's probe gradients first, so the weighted pass runs the
+        forward again (:func:`scalar_grads`) rather than keeping every micro-batch's activations.
+        """
+
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks)
-            return _masked(stacked, probe_flags), vector, metrics
+            return (_masked(stacked, probe_flags), vector, metrics), pullback
 
-        probe, vector, metrics = _accumulate(probe_of, micro_batches)
-        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-        _, combiner_state = combiner.update(probe, combiner_state, _masked(params, probe_flags), **extras)
-        weights = jax.lax.stop_gradient(combiner_state.weights)
-        grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
-        return grads, vector, metrics, combiner_state, objective_cosines(probe)
+        def weights_of(probe, vector):
+            extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+            _, new_state = combiner.update(probe, combiner_state, _masked(params, probe_flags), **extras)
+            return jax.lax.stop_gradient(new_state.weights), new_state
+
+        if spec.num_microbatches == 1:
+            (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
+            weights, new_state = weights_of(probe, vector)
+            (grads,) = pullback(weighted(weights))
+        else:
+            probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
+            weights, new_state = weights_of(probe, vector)
+            grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
+        return grads, vector, metrics, new_state, objective_cosines(probe)
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry

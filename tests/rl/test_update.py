@@ -94,6 +94,24 @@ def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks
     assert_trees_close(probe, full, atol=2e-6)
 
 
+@pytest.mark.parametrize(("microbatches", "forwards"), [(1, 1), (2, 4)])
+def test_probe_mode_takes_the_weighted_backward_from_the_probe_forward(microbatches, forwards):
+    """One micro-batch: the probe pullbacks and the weighted one come from one forward pass (one trace of the
+    policy). Two: each micro-batch's forward runs twice, traced for the first micro-batch and the scan's body."""
+    from mojax.rl.update import make_train_step
+
+    run = trainer("combiner.name=mgda", "combiner.mode=probe", f"algorithm.num_microbatches={microbatches}")
+    traces = []
+
+    def policy(*args):
+        traces.append(1)
+        return run.policy(*args)
+
+    step = make_train_step(policy, run.combiner, run.optimizer, run.update_spec, jax.tree.leaves(run.probe_mask))
+    jax.make_jaxpr(step)(run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.0), None)
+    assert len(traces) == forwards
+
+
 def test_linear_on_rloo_advantages_equals_one_objective_on_the_combined_reward():
     """On-policy (ratio 1) the PPO loss is linear in the advantages, and RLOO is linear in the rewards."""
     batch = fixed_batch()
