@@ -231,8 +231,8 @@ def response_fn(
     With ``split`` the parameters are :func:`mojax.models.split_last_layer`'s (the final block a leaf of its own);
     ``adapters=False`` runs the base model of a LoRA policy (the reference policy); ``chunk_size`` computes the
     log-probs and entropies over vocabulary chunks (:func:`mojax.rl.losses.chunked_logprobs_and_entropy`), else
-    :func:`mojax.rl.losses.head_logprobs_and_entropy` does from the full logits (its backward pass lets the n
-    per-objective pullbacks share the LM head's product for the hidden states).
+    :func:`mojax.rl.losses.head_logprobs_and_entropy` computes them from the full logits. Both backward passes let
+    the n per-objective pullbacks share the LM head's product for the hidden states.
     """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
