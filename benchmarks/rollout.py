@@ -62,6 +62,7 @@ def trainer_for(max_new_tokens: int, output_dir: str, use_sampler_logps: bool = 
         f"output_dir={output_dir}",
         f"rollout.use_sampler_logps={str(use_sampler_logps).lower()}",
         "lora.rank=0",
+        "combiner.probe=[]",  # the example's probe set is its adapters
         "kl.beta=0.0",
         "kl.log_kl=false",
         f"rollout.max_completion_length={max_new_tokens}",

@@ -130,7 +130,7 @@ class AlgorithmSection:
     """Weight of the entropy bonus (a shared term, added after the combination)."""
     logits_chunk_size: int | None = None
     """Compute the response log-probs and entropies in vocabulary chunks of this size (a divisor of the vocabulary),
-    never materialising [B, T, V] logits; None: whole vocabulary. Not used with probe mode's split final block."""
+    never materialising [B, T, V] logits; None: whole vocabulary."""
     noon: bool | None = None
     """Clip negative advantages to 0 (PAMA's Noon PPO); None means on for the pama combiner only."""
     vf_coef: float = 0.1

@@ -242,9 +242,11 @@ def test_cli_trains_and_plots(tmp_path, capsys):
 
 
 def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
+    """Whole vocabulary or chunks, stacked or split (probe mode's) parameters: the model's logits' log-probs."""
     from flax import nnx
 
-    from mojax.models import LlamaForCausalLM
+    from mojax.models import LlamaForCausalLM, split_last_layer
+    from mojax.rl.losses import token_entropy, token_logprobs
     from mojax.rl.tiny import tiny_model_config
     from mojax.rl.trainer import response_fn
 
@@ -252,10 +254,20 @@ def test_vocabulary_chunks_give_the_policys_log_probs_and_entropies():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     prompt, mask = jnp.asarray([[3, 4, 5, 6]]), jnp.ones((1, 4), jnp.int32)
     tokens, response_mask = jnp.asarray([[7, 8, 2]]), jnp.ones((1, 3), jnp.float32)
-    whole = response_fn(graphdef, rest)(params, prompt, mask, tokens, response_mask)
-    chunked = response_fn(graphdef, rest, chunk_size=17)(params, prompt, mask, tokens, response_mask)
-    for got, want in zip(chunked, whole, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+    logits = model(jnp.concatenate([prompt, tokens], axis=1))[0][:, 3:6]
+    want = (token_logprobs(logits, tokens), token_entropy(logits))
+    split = split_last_layer(params)
+    for state, is_split, chunk_size in [
+        (params, False, None),
+        (params, False, 17),
+        (split, True, None),
+        (split, True, 17),
+    ]:
+        got = response_fn(graphdef, rest, split=is_split, chunk_size=chunk_size)(
+            state, prompt, mask, tokens, response_mask
+        )
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def test_evaluation_runs_every_eval_steps_and_the_export_loads_back(tmp_path):
