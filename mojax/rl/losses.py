@@ -622,7 +622,7 @@ def chunked_logprobs_and_entropy(
     """(log-probs, entropies) f32[B, T] of softmax(hidden @ head) without materialising the [B, T, V] logits.
 
     A ``lax.scan`` over vocabulary chunks of ``chunk_size`` keeps a running maximum m, s = sum exp(z - m),
-    u = sum exp(z - m) z and the target's logit; then logsumexp = m + log s and the entropy is logsumexp - u / s.
+    r = sum exp(z - m) z and the target's logit; then logsumexp = m + log s and the entropy is logsumexp - r / s.
     The backward pass recomputes each chunk's logits in a second scan, so the peak is [B, T, chunk]; it is the
     backward of :func:`head_logprobs_and_entropy` chunk by chunk, so vmapped pullbacks without an entropy cotangent
     share the head product for the hidden states in the same way.
