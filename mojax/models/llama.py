@@ -40,7 +40,8 @@ Activations are constrained by logical name ("batch") through
 :func:`mojax.models.sharding.constrain`; no mesh axis is named here.
 
 Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
-``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model),
+``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model; :func:`merge_split`
+gives its model, for hidden states),
 :func:`merge_last_layer` undoes the split (of parameters or gradients) and
 :func:`default_probe_mask` selects the last block, final norm and untied LM head (or the last
 block's LoRA adapters).
