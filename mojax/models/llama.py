@@ -41,7 +41,7 @@ Activations are constrained by logical name ("batch") through
 
 Probe mode: :func:`split_last_layer` cuts the stacked state into ``model.layers`` [L-1] and
 ``model.last_layer`` [1], :func:`apply_split` runs such a state (same logits as the model; :func:`merge_split`
-gives its model, for hidden states),
+gives its model, for hidden states and for sampling with a KV cache, without a merged copy of the weights),
 :func:`merge_last_layer` undoes the split (of parameters or gradients) and
 :func:`default_probe_mask` selects the last block, final norm and untied LM head (or the last
 block's LoRA adapters).
@@ -510,6 +510,36 @@ def run_layers(
     return jax.lax.scan(checkpointed(body, remat), x, (stacked, past, keys))
 
 
+def run_split_layers(
+    stacked: LayerWeights,
+    last: LayerWeights,
+    x: jax.Array,
+    inputs: AttentionInputs,
+    past: tuple[jax.Array, jax.Array] | None,
+    eps: float,
+    lora: LoraCall,
+    keys: jax.Array | None,
+    remat: bool | str,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """:func:`run_layers` of probe mode's split weights: the scan over ``stacked`` [L-1, ...], then ``last`` [1, ...]
+    on its own (:func:`split_last_layer`); the same maths as the scan over all L blocks.
+
+    ``past`` (cache slices [L, B, KV, S, hd]) and dropout ``keys`` [L] are cut the same way. Returns (x, (k_new,
+    v_new)) with k/v [L, B, KV, T, hd] when there is a cache, (x, None) without one.
+    """
+    first = lambda tree: None if tree is None else jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731
+    final = lambda tree: None if tree is None else jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
+    x, new = run_layers(stacked, x, inputs, first(past), eps, lora, first(keys), remat)
+
+    def layer(w, x, layer_past, key):
+        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
+
+    x, last_new = checkpointed(layer, remat)(final(last), x, final(past), final(keys))
+    if past is None:
+        return x, None
+    return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new, last_new)
+
+
 def decode_layers(
     per_layer: Sequence[LayerWeights],
     x: jax.Array,
@@ -695,8 +725,6 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
         if cache is not None:
             check_cache_fits(cache, B, T)
-            if self.last_layer is not None:
-                raise ValueError("a KV cache needs the stacked layers: merge_last_layer the split parameters first")
         if layer_weights is not None and (cache is None or len(layer_weights) != c.num_hidden_layers):
             raise ValueError(
                 f"layer_weights (per-layer weights for decoding) need a KV cache and {c.num_hidden_layers} layers; got "
@@ -719,23 +747,20 @@ class LlamaModel(nnx.Module):
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
         if layer_weights is not None:
             x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora)
-        elif self.last_layer is None:
-            x, new = run_layers(
-                cast(self.layers.weights(adapters)), x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat
-            )
+        else:
+            stacked = cast(self.layers.weights(adapters))
+            if self.last_layer is None:
+                x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat)
+            else:
+                last = cast(self.last_layer.weights(adapters))
+                x, new = run_split_layers(
+                    stacked, last, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat
+                )
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(
                     jax.lax.dynamic_update_slice(p, n.astype(p.dtype), start) for p, n in zip(past, new, strict=True)
                 )
-        else:
-            stacked_keys, last_key = (None, None) if dropout_keys is None else (dropout_keys[:-1], dropout_keys[-1])
-            x, _ = run_layers(
-                cast(self.layers.weights(adapters)), x, inputs, None, c.rms_norm_eps, lora, stacked_keys, self.remat
-            )
-            last = jax.tree.map(lambda a: a[0], cast(self.last_layer.weights(adapters)))
-            layer = lambda w, x: decoder_layer(w, x, inputs, None, c.rms_norm_eps, lora._replace(key=last_key))[0]  # noqa: E731
-            x = checkpointed(layer, self.remat)(last, x)
         x = rms_norm(x, self.norm.scale[...].astype(dtype), c.rms_norm_eps)
         if cache is not None:
             cache = KVCache(keys=past[0], values=past[1], valid=valid, index=index + T)
@@ -780,8 +805,12 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def per_layer_weights(self, adapters: bool = True) -> tuple[LayerWeights, ...]:
-        """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states`."""
-        return self.model.layers.per_layer_weights(self.config.dtype, adapters)
+        """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states` (the final block
+        from ``last_layer`` in probe mode's split representation)."""
+        layers = self.model.layers.per_layer_weights(self.config.dtype, adapters)
+        if self.model.last_layer is None:
+            return layers
+        return layers + self.model.last_layer.per_layer_weights(self.config.dtype, adapters)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on hidden states: fp32 logits [..., V]."""
@@ -937,8 +966,10 @@ def apply_split(
 def merge_split(graphdef: nnx.GraphDef, split: nnx.State) -> Any:
     """The ``LlamaForCausalLM`` of split parameters: the first L-1 blocks stacked, the final one in ``last_layer``.
 
-    Its ``__call__`` and ``hidden_states`` equal the unsplit model's (without a KV cache); :func:`apply_split` is
-    its logits. Call it inside the differentiated function, so the final block's parameters are separate leaves.
+    Its ``__call__``, ``hidden_states`` and ``per_layer_weights`` equal the unsplit model's, with or without a KV
+    cache, so :func:`mojax.models.generate` samples from it directly (no concatenated copy of the layer weights, as
+    :func:`merge_last_layer` makes); :func:`apply_split` is its logits. Call it inside the differentiated function,
+    so the final block's parameters are separate leaves.
 
     Args:
       graphdef, split: as :func:`apply_split`.

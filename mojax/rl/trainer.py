@@ -509,6 +509,11 @@ class Trainer(Run):
         params = merge_last_layer(self.state.params) if self.split else self.state.params
         return nnx.merge(self.graphdef, params, self.rest)
 
+    def sampling_model(self) -> Any:
+        """The current policy for the rollout: with split training parameters, :func:`mojax.models.merge_split`'s model,
+        which samples from them in place (:meth:`policy_model` concatenates a copy of every layer weight)."""
+        return merge_split(self.graphdef, self.state.params) if self.split else self.policy_model()
+
     def place_batch(self, batch: Batch) -> Batch:
         """The batch split over the mesh's batch axes (unchanged without a mesh)."""
         return batch if self.mesh is None else place(batch, batch_sharding(self.mesh))
@@ -538,7 +543,7 @@ class Trainer(Run):
             truncate=settings.truncate_prompts,
             bucket_multiple=settings.prompt_bucket_multiple,
         )
-        model = self.policy_model()
+        model = self.sampling_model()
         if not self.uses_reference:
             reference = None
         elif self.config.lora.rank:

@@ -326,6 +326,29 @@ def test_apply_split_logits_and_gradients_equal_the_model(split_case):
     assert float(jnp.abs(split_grads["model"]["last_layer"]["mlp"]["up_proj"]["kernel"][...]).max()) > 0
 
 
+def test_the_split_model_fills_and_reads_a_kv_cache_as_the_model(split_case, step):
+    """merge_split's model with a cache: the prefill (layer scan, then the final block) and per-layer decode steps give
+    the unsplit model's logits and cache."""
+    from mojax.models.llama import merge_split
+
+    graphdef, params, split = split_case
+    model, split_model = nnx.merge(graphdef, params), merge_split(graphdef, split)
+    ids = _ids(2, 7, seed=8)
+    mask = jnp.asarray([[1] * 7, [0] * 2 + [1] * 5], jnp.int32)
+    unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=m.per_layer_weights()))
+    cache, split_cache = model.init_cache(2, 8), split_model.init_cache(2, 8)
+    for chunk, call in ((slice(0, 5), step), (slice(5, 6), unrolled), (slice(6, 7), unrolled)):
+        want, cache = call(model, ids[:, chunk], mask[:, chunk], cache)
+        got, split_cache = call(split_model, ids[:, chunk], mask[:, chunk], split_cache)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        if chunk.start == 0:
+            np.testing.assert_allclose(split_cache.keys, cache.keys, atol=2e-6)
+    assert len(split_model.per_layer_weights()) == 3
+    jax.tree.map(np.testing.assert_array_equal, split_model.per_layer_weights()[2], model.per_layer_weights()[2])
+    for field in ("keys", "values"):
+        np.testing.assert_allclose(jnp.stack(getattr(split_cache, field)), jnp.stack(getattr(cache, field)), atol=2e-6)
+
+
 def test_default_probe_mask_selects_last_block_norm_and_untied_head(split_case):
     from mojax.models.llama import default_probe_mask, split_last_layer
 
@@ -343,7 +366,7 @@ def test_default_probe_mask_selects_last_block_norm_and_untied_head(split_case):
     assert len(tied_selected) == 10 and ("model", "embed_tokens", "embedding") not in tied_selected
 
 
-def test_split_errors_and_the_cache_guard(split_case, model):
+def test_split_errors(split_case):
     from mojax.models.llama import apply_split, merge_last_layer, split_last_layer
 
     graphdef, params, split = split_case

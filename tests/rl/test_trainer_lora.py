@@ -80,3 +80,17 @@ def test_the_split_policy_samples_as_the_unsplit_one_and_the_reference_is_the_ba
     rewards = [key for key in split[0] if key.startswith("rewards/")]
     assert rewards and {key: split[0][key] for key in rewards} == {key: unsplit[0][key] for key in rewards}
     assert split[0]["kl"] == 0.0 and split[-1]["kl"] > 0.0
+
+
+def test_the_split_state_samples_in_place_what_its_merged_copy_samples(root):
+    """The rollout samples from merge_split's model of the split state (no concatenated copy of the layer weights, as
+    policy_model makes for export); after training it draws the merged policy's tokens and log-probs."""
+    from mojax.models.generate import generate
+
+    trainer, _, _ = lora_run(root, "")
+    in_place, merged = trainer.sampling_model(), trainer.policy_model()
+    assert in_place.model.last_layer is not None and merged.model.last_layer is None
+    ids, mask = np.asarray([[5, 6, 7, 8], [0, 9, 10, 11]]), np.asarray([[1, 1, 1, 1], [0, 1, 1, 1]])
+    got, want = (generate(model, ids, mask, jax.random.key(1), trainer.sampling) for model in (in_place, merged))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.model_logprobs, want.model_logprobs, atol=1e-5)
