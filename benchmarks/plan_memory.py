@@ -187,7 +187,7 @@ def plan_rl(
     from mojax.combiners import REGISTRY, make
     from mojax.models import LlamaForCausalLM, LlamaValueModel
     from mojax.models.generate import SamplingConfig, generate
-    from mojax.models.llama import default_probe_mask, merge_last_layer, split_last_layer
+    from mojax.models.llama import default_probe_mask, merge_split, split_last_layer
     from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
     from mojax.rl.trainer import critic_fn, response_fn
     from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
@@ -247,10 +247,12 @@ def plan_rl(
     key = jax.eval_shape(lambda: jax.random.key(0))
     policy = response_fn(graphdef, rest, split=True)
     critic = critic_fn(critic_def, critic_rest)
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=(2,), pad_token_id=0)
+    sampling = SamplingConfig(
+        max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=(2,), pad_token_id=0, layer_loop="scan"
+    )  # what `generate` picks for the trainer's sharded parameters; inside this jit it cannot see their sharding
 
     def rollout(params, reference, critic_params, prompt_ids, prompt_mask, key):
-        model = nnx.merge(graphdef, merge_last_layer(params), rest)
+        model = merge_split(graphdef, params)
         out = generate(model, prompt_ids, prompt_mask, key, sampling)
         old_logp, _ = policy(params, prompt_ids, prompt_mask, out.tokens, out.response_mask)
         ref_logp, _ = policy(reference, prompt_ids, prompt_mask, out.tokens, out.response_mask)

@@ -13,7 +13,8 @@ Decoding speed. With ``num_generations`` = G each prompt is prefilled once and i
 (a GRPO rollout's G completions per prompt cost one prefill, not G). The single-token steps are memory-bound: they
 run the decoder layers unrolled on weights split per layer once before the loop
 (:func:`mojax.models.llama.decode_layers`), because inside a layer scan XLA:CPU copies every layer's weights out of
-the stacked arrays at every step.
+the stacked arrays at every step; with FSDP-sharded weights they keep the scan, which gathers one layer at a time
+(``SamplingConfig.layer_loop``).
 
 Sampling speed. Temperature and top-p enter the compiled program as traced scalars, so changing them does not
 recompile; only whether decoding is greedy (temperature 0) and whether top-p is on (top_p < 1) are compiled in.
@@ -41,6 +42,9 @@ from flax import nnx
 
 from mojax.models.tokenizer import chat_stop_token_ids
 
+LAYER_LOOPS = ("auto", "unrolled", "scan")
+"""How decode steps run the decoder layers (:class:`SamplingConfig` ``layer_loop``)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -56,6 +60,14 @@ class SamplingConfig:
     (else its first eos id, else 0); :func:`generate` fills them in. Prompts are left-padded to
     ``bucket_length(P, prompt_bucket_multiple)`` columns so that prompts of nearby lengths share
     one compilation.
+
+    ``layer_loop`` (compiled in) is how the decode steps run the decoder layers: ``"unrolled"`` on weights split per
+    layer once before the loop (:func:`mojax.models.llama.decode_layers`; the fastest when every device holds whole
+    layers: one device, or replicated weights), ``"scan"`` the layer scan of the stacked weights at every step, which
+    with FSDP-sharded weights gathers one layer at a time (split per layer, XLA gathers every layer's weights once
+    before the loop: the whole model on every device), and ``"auto"`` (default) the scan when :func:`generate` is
+    handed parameters sharded over several devices, else unrolled. Inside an outer ``jit`` the parameters are tracers
+    whose sharding ``"auto"`` cannot see, so it unrolls: say ``"scan"`` there for sharded weights.
     """
 
     max_new_tokens: int
@@ -66,8 +78,11 @@ class SamplingConfig:
     pad_token_id: int | None = None
     prompt_bucket_multiple: int | None = None
     top_p_candidates: int = 64
+    layer_loop: str = "auto"
 
     def __post_init__(self):
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"SamplingConfig: layer_loop must be one of {LAYER_LOOPS}, got {self.layer_loop!r}.")
         stop = _as_tuple(self.stop_token_ids)
         if stop is not None and not all(_is_int(t) and t >= 0 for t in stop):
             raise ValueError(
@@ -365,7 +380,8 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
 
     `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`. Each prompt is
     prefilled once and its cache, last logits and length repeated for its `generations` rows. The decode steps run
-    the layers unrolled on weights and a cache split per layer once here (:func:`mojax.models.llama.decode_layers`).
+    the layers unrolled on weights and a cache split per layer once here (:func:`mojax.models.llama.decode_layers`),
+    or in the layer scan (``config.layer_loop``, resolved by :func:`generate`).
     """
     model = nnx.merge(graphdef, state)
     prompts, width = prompt_ids.shape
@@ -376,8 +392,10 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
     logits, prompt_lengths, valid = _repeat_rows((logits, prompt_mask.sum(axis=1), cache.valid), generations)
     keys, values = _repeat_rows((cache.keys, cache.values), generations, axis=1)
-    cache = cache.replace(keys=keys, values=values, valid=valid).per_layer()
-    layer_weights = model.per_layer_weights()
+    cache = cache.replace(keys=keys, values=values, valid=valid)
+    layer_weights = None
+    if config.layer_loop == "unrolled":
+        cache, layer_weights = cache.per_layer(), model.per_layer_weights()
     start = _DecodeState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -401,6 +419,18 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
 
     end = jax.lax.while_loop(unfinished, decode_one, start)
     return end.tokens, end.response_mask, end.sampler_logprobs, end.model_logprobs
+
+
+def _resolved_layer_loop(config: SamplingConfig, state: Any) -> SamplingConfig:
+    """`config` with ``layer_loop="auto"`` made concrete: the scan when a (concrete) parameter array is sharded over
+    several devices, else unrolled."""
+    if config.layer_loop != "auto":
+        return config
+    sharded = any(
+        isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and not leaf.sharding.is_fully_replicated
+        for leaf in jax.tree.leaves(state)
+    )
+    return dataclasses.replace(config, layer_loop="scan" if sharded else "unrolled")
 
 
 def _split_model(model: Any) -> tuple[Any, Any]:
@@ -583,7 +613,7 @@ def generate(
         jnp.pad(prompt_mask, ((0, 0), (extra, 0))),
         rng_key,
         (jnp.float32(config.temperature), jnp.float32(config.top_p)),
-        _compiled_part(config),
+        _compiled_part(_resolved_layer_loop(config, state)),
         int(num_generations),
     )
     prompt_ids, prompt_mask = _repeat_rows((prompt_ids, prompt_mask), num_generations)

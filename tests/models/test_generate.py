@@ -195,6 +195,33 @@ def test_a_shared_prefill_equals_repeated_prompt_rows(model, prompts, temperatur
         assert all(len({tuple(row) for row in group}) > 1 for group in groups), "a prompt's rows must differ"
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.3, 0.9)])
+def test_the_layer_scan_samples_what_the_unrolled_layers_sample(model, prompts, temperature, top_p):
+    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_p=top_p)
+    scanned, unrolled = (
+        generate(model, *prompts, jax.random.key(7), dataclasses.replace(config, layer_loop=loop), num_generations=2)
+        for loop in ("scan", "unrolled")
+    )
+    np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+    np.testing.assert_allclose(scanned.model_logprobs, unrolled.model_logprobs, atol=1e-5)
+    np.testing.assert_allclose(scanned.sampler_logprobs, unrolled.sampler_logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.3, 0.9)])
+def test_the_split_parameters_of_probe_mode_sample_as_the_model(model, prompts, temperature, top_p):
+    """merge_split's model (final block apart) gives generate the same tokens and log-probs, prefill and decode."""
+    from mojax.models.llama import merge_split, split_last_layer
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    split = merge_split(graphdef, split_last_layer(params))
+    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_p=top_p)
+    got = generate(split, *prompts, jax.random.key(6), config, num_generations=2)
+    expected = generate(model, *prompts, jax.random.key(6), config, num_generations=2)
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_allclose(got.model_logprobs, expected.model_logprobs, atol=1e-5)
+    np.testing.assert_allclose(got.sampler_logprobs, expected.sampler_logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("generations", [0, -1, 2.0, None])
 def test_num_generations_must_be_a_positive_integer(model, prompts, generations):
     with pytest.raises(ValueError, match="num_generations must be an integer >= 1"):
@@ -271,6 +298,7 @@ def test_bucket_length_rejects_bad_input(n, multiple):
         ("temperature", "hot", "temperature"),
         ("pad_token_id", -1, "pad_token_id"),
         ("prompt_bucket_multiple", 0, "prompt_bucket_multiple"),
+        ("layer_loop", "loop", r"layer_loop must be one of \('auto', 'unrolled', 'scan'\), got 'loop'"),
     ],
 )
 def test_sampling_config_rejects_bad_values(field, value, message):

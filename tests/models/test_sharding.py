@@ -248,6 +248,39 @@ def test_sharded_greedy_sampling_matches_unsharded():
     np.testing.assert_allclose(sharded.model_logprobs, expected.model_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def test_fsdp_sharded_weights_decode_in_the_layer_scan():
+    """layer_loop "auto" keeps the layer scan for sharded weights (split per layer before the decode loop, XLA gathers
+    more of them at once: the compiled program's temporaries grow) and unrolls for unsharded ones; both loops sample
+    the same tokens."""
+    import dataclasses
+
+    from mojax.models.generate import _compiled_part, _generate_bucket, _resolved_layer_loop
+
+    mesh = make_mesh(fsdp=8)
+    model = create_sharded(
+        lambda: LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=4), rngs=nnx.Rngs(0)), mesh, "fsdp"
+    )
+    graphdef, state = nnx.split(model)
+    ids = jax.device_put(make_batch()[:, :8], batch_sharding(mesh))
+    mask = jnp.ones_like(ids).at[:4, :3].set(0)
+    config = SamplingConfig(max_new_tokens=4, temperature=0.0, pad_token_id=0, stop_token_ids=())
+    assert _resolved_layer_loop(config, state).layer_loop == "scan"
+    assert _resolved_layer_loop(config, nnx.state(make_model())).layer_loop == "unrolled"
+    loops = [dataclasses.replace(config, layer_loop=loop) for loop in ("scan", "unrolled")]
+    knobs = (jnp.float32(0.0), jnp.float32(1.0))
+    temporaries = [
+        _generate_bucket.lower(graphdef, state, ids, mask, jax.random.key(0), knobs, _compiled_part(loop), 1)
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+        for loop in loops
+    ]
+    assert temporaries[0] < temporaries[1]
+    scanned, unrolled = (generate(model, ids, mask, jax.random.key(0), loop) for loop in loops)
+    np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+    np.testing.assert_allclose(scanned.model_logprobs, unrolled.model_logprobs, atol=1e-5)
+
+
 def test_fsdp_activations_stay_split_by_batch_under_set_mesh():
     """With the mesh set, the residual stream is constrained to the batch split: the compiled step's
     temporaries stay near one device's share of the batch instead of the whole global batch."""
