@@ -493,50 +493,29 @@ def run_layers(
     lora: LoraCall,
     keys: jax.Array | None,
     remat: bool | str,
+    last: LayerWeights | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, KV, S, hd]
     and dropout keys [L].
 
     One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
     None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
-    (:func:`checkpointed`).
+    (:func:`checkpointed`). ``last``: probe mode's final block [1, ...], apart from ``stacked`` [L-1, ...]
+    (:func:`split_last_layer`); it runs on its own after the scan, with ``past`` and ``keys`` cut the same way: the
+    same maths as one scan over all L blocks.
     Returns (x, (k_new, v_new)) with k/v [L, B, KV, T, hd].
     """
-
-    def body(x, layer):
-        w, layer_past, key = layer
-        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
-
-    return jax.lax.scan(checkpointed(body, remat), x, (stacked, past, keys))
-
-
-def run_split_layers(
-    stacked: LayerWeights,
-    last: LayerWeights,
-    x: jax.Array,
-    inputs: AttentionInputs,
-    past: tuple[jax.Array, jax.Array] | None,
-    eps: float,
-    lora: LoraCall,
-    keys: jax.Array | None,
-    remat: bool | str,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """:func:`run_layers` of probe mode's split weights: the scan over ``stacked`` [L-1, ...], then ``last`` [1, ...]
-    on its own (:func:`split_last_layer`); the same maths as the scan over all L blocks.
-
-    ``past`` (cache slices [L, B, KV, S, hd]) and dropout ``keys`` [L] are cut the same way. Returns (x, (k_new,
-    v_new)) with k/v [L, B, KV, T, hd] when there is a cache, (x, None) without one.
-    """
-    first = lambda tree: None if tree is None else jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731
-    final = lambda tree: None if tree is None else jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
-    x, new = run_layers(stacked, x, inputs, first(past), eps, lora, first(keys), remat)
 
     def layer(w, x, layer_past, key):
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
 
-    x, last_new = checkpointed(layer, remat)(final(last), x, final(past), final(keys))
-    if past is None:
-        return x, None
+    layer = checkpointed(layer, remat)
+    if last is None:
+        return jax.lax.scan(lambda x, xs: layer(xs[0], x, *xs[1:]), x, (stacked, past, keys))
+    first = lambda tree: None if tree is None else jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731
+    final = lambda tree: None if tree is None else jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
+    x, new = jax.lax.scan(lambda x, xs: layer(xs[0], x, *xs[1:]), x, (stacked, first(past), first(keys)))
+    x, last_new = layer(final(last), x, final(past), final(keys))
     return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new, last_new)
 
 
@@ -748,14 +727,9 @@ class LlamaModel(nnx.Module):
         if layer_weights is not None:
             x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora)
         else:
+            last = None if self.last_layer is None else cast(self.last_layer.weights(adapters))
             stacked = cast(self.layers.weights(adapters))
-            if self.last_layer is None:
-                x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat)
-            else:
-                last = cast(self.last_layer.weights(adapters))
-                x, new = run_split_layers(
-                    stacked, last, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat
-                )
+            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last)
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(
