@@ -510,11 +510,12 @@ def run_layers(
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
 
     layer = checkpointed(layer, remat)
+    body = lambda x, xs: layer(xs[0], x, *xs[1:])  # noqa: E731
     if last is None:
-        return jax.lax.scan(lambda x, xs: layer(xs[0], x, *xs[1:]), x, (stacked, past, keys))
-    first = lambda tree: None if tree is None else jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731
-    final = lambda tree: None if tree is None else jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
-    x, new = jax.lax.scan(lambda x, xs: layer(xs[0], x, *xs[1:]), x, (stacked, first(past), first(keys)))
+        return jax.lax.scan(body, x, (stacked, past, keys))
+    first = lambda tree: jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731 (None stays None)
+    final = lambda tree: jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
+    x, new = jax.lax.scan(body, x, (stacked, first(past), first(keys)))
     x, last_new = layer(final(last), x, final(past), final(keys))
     return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new, last_new)
 
