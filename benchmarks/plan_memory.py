@@ -166,13 +166,21 @@ def abstract_output(fn, *args):
 
 
 def plan_rl(
-    model_name: str, preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, new_tokens: int, n: int
+    model_name: str,
+    preset: str,
+    mesh_shape: tuple[int, int, int],
+    prompt_len: int,
+    new_tokens: int,
+    n: int,
+    pullbacks: str = "sequential",
 ) -> dict:
     """Compile the RL rollout and the probe-mode RL train step separately and return their per-device memory.
 
     What the trainer holds for a full fine-tuning GAE run (``mojax.rl.trainer``): the policy (split for probe mode:
     the final block apart), a frozen reference copy, a vector critic with n outputs (its own trunk), AdamW states of
-    both, the combiner state (MGDA). The rollout program samples ``new_tokens`` after ``prompt_len``-token prompts
+    both, the combiner state (MGDA). The probe's n pullbacks run as ``pullbacks`` says (the trainer's
+    ``combiner.pullbacks``): "sequential" (what "auto" picks on a mesh) constrains each objective's gradient to the
+    parameters' sharding, "batched" vmaps them, unconstrained. The rollout program samples ``new_tokens`` after ``prompt_len``-token prompts
     with a KV cache, then scores the completions under the policy and the reference and runs the critic; the train
     step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each program's memory is its
     compiled arguments + outputs - aliased + temporaries, plus what stays resident on the device without being one of
@@ -272,9 +280,17 @@ def plan_rl(
         values=array((n, new_tokens), jnp.float32),
         returns=array((n, new_tokens), jnp.float32),
     )
-    spec = UpdateSpec(mode="probe", num_objectives=n, combiner_name="mgda", reads=REGISTRY["mgda"].reads)
+    spec = UpdateSpec(
+        mode="probe",
+        num_objectives=n,
+        combiner_name="mgda",
+        reads=REGISTRY["mgda"].reads,
+        sequential_pullbacks=pullbacks == "sequential",
+    )
     flags = jax.tree.leaves(default_probe_mask(split))
-    train_step = make_train_step(policy, combiner, tx, spec, flags, critic, tx)
+    train_step = make_train_step(
+        policy, combiner, tx, spec, flags, critic, tx, param_shardings=jax.tree.map(lambda leaf: leaf.sharding, split)
+    )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         rollout_compiled = jax.jit(rollout).lower(split, split, critic_params, *prompts, key).compile()
@@ -298,6 +314,7 @@ def plan_rl(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "objectives": n,
+        "pullbacks": pullbacks,
         "rollout": rollout_parts,
         "train": train_parts,
         "resident_in_rollout_gib": optimizer_bytes / GIB,
@@ -310,7 +327,7 @@ def plan_rl(
     }
 
 
-def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None) -> None:
+def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None, pullbacks: str) -> None:
     """Plan every model and layout for this process's simulated device count, one JSON line each."""
     import jax
 
@@ -321,17 +338,23 @@ def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int,
             row = (
                 plan(model_name, preset, mesh_shape, seq_len)
                 if rl is None
-                else plan_rl(model_name, preset, mesh_shape, *rl)
+                else plan_rl(model_name, preset, mesh_shape, *rl, pullbacks)
             )
             print(json.dumps(row), flush=True)
 
 
-def spawn(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None = None) -> list[dict]:
+def spawn(
+    devices: int,
+    models: list[str],
+    seq_len: int,
+    rl: tuple[int, int, int] | None = None,
+    pullbacks: str = "sequential",
+) -> list[dict]:
     """Re-execute this script with ``devices`` simulated CPU devices and collect its rows."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, __file__, "--child", str(devices), "--models", *models, "--seq-len", str(seq_len)]
     if rl is not None:
-        command += ["--rl", ",".join(map(str, rl))]
+        command += ["--rl", ",".join(map(str, rl)), "--pullbacks", pullbacks]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -398,6 +421,13 @@ def markdown(rows: list[dict], command: str, machine_line: str, seq_len: int) ->
     return "\n".join(lines) + "\n"
 
 
+PULLBACKS = {
+    "sequential": "the n pullbacks in sequence, each objective's gradient sharded like its parameters, as the "
+    "trainer's `combiner.pullbacks: auto` runs them on a mesh",
+    "batched": "the n pullbacks vmapped, their gradients laid out by the partitioner",
+}
+"""What each --pullbacks choice plans, for the report."""
+
 RL_COLUMNS = (
     ("model", "model"),
     ("devices", "devices"),
@@ -412,7 +442,7 @@ RL_COLUMNS = (
 )
 
 
-def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, int, int]) -> str:
+def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, int, int], pullbacks: str) -> str:
     """The RL-step plan as a markdown document: per-device GiB of the rollout and of the update, and the peak."""
     prompt_len, new_tokens, n = rl
     lines = [
@@ -421,7 +451,7 @@ def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int
         f"Command: `{command}`  ",
         f"Machine: {machine_line}  ",
         f"One completion of {prompt_len} prompt + {new_tokens} new tokens per (data × fsdp) shard, n = {n} "
-        "objectives, MGDA in probe mode (final block), full fine-tuning: policy (fp32 master weights, bf16 compute, "
+        f"objectives, MGDA in probe mode (final block; {PULLBACKS[pullbacks]}), full fine-tuning: policy (fp32 master weights, bf16 compute, "
         "rematerialised layers), frozen reference copy, vector critic (own trunk, n outputs), AdamW for both, combiner "
         "state. The rollout (sampling with a bf16 KV cache, then policy and reference log-probs and critic values) and "
         "the train step are lowered and compiled separately; each figure is the program's arguments + outputs - "
@@ -443,6 +473,9 @@ def main() -> None:
     parser.add_argument(
         "--rl", help="plan the RL step instead: PROMPT_LEN,NEW_TOKENS,OBJECTIVES (e.g. 1024,1024,3)", default=None
     )
+    parser.add_argument(
+        "--pullbacks", choices=sorted(PULLBACKS), default="sequential", help="the RL plan's combiner.pullbacks"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -450,13 +483,13 @@ def main() -> None:
     if rl is not None and (len(rl) != 3 or min(rl) < 1):
         parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
     if args.child is not None:
-        run_child(args.child, args.models, args.seq_len, rl)
+        run_child(args.child, args.models, args.seq_len, rl, args.pullbacks)
         return
     command = "python benchmarks/plan_memory.py " + " ".join(sys.argv[1:])
     columns = COLUMNS if rl is None else RL_COLUMNS
     rows = []
     for devices in args.devices:
-        for row in spawn(devices, args.models, args.seq_len, rl):
+        for row in spawn(devices, args.models, args.seq_len, rl, args.pullbacks):
             rows.append(row)
             print(" | ".join(f"{title}: {cell(key, row)}" for key, title in columns), flush=True)
     machine_line = machine()
@@ -467,7 +500,7 @@ def main() -> None:
     table = (
         markdown(rows, command.strip(), machine_line, args.seq_len)
         if rl is None
-        else rl_markdown(rows, command.strip(), machine_line, rl)
+        else rl_markdown(rows, command.strip(), machine_line, rl, args.pullbacks)
     )
     (args.out / f"{name}.md").write_text(table)
     print(table)

@@ -171,11 +171,14 @@ class CombinerSection:
     """A name of ``mojax.combiners.REGISTRY``."""
     mode: str = "auto"
     """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``."""
-    pullbacks: str = "batched"
+    pullbacks: str = "auto"
     """How probe and full modes run the n per-objective backward passes: ``"batched"`` (one pass vmapped over the n
-    unit cotangents: n-times wider matmuls, the faster on small models) or ``"sequential"`` (one pass after another:
+    unit cotangents: n-times wider matmuls, the faster on small models), ``"sequential"`` (one pass after another:
     1/n of the batched activation gradients' memory, and the stacked gradients come out objective-major, with no
-    transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section)."""
+    transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section; on a mesh each
+    objective's gradient is kept sharded like the parameters) or ``"auto"`` (sequential on a mesh, where memory
+    binds: LLaMA-70B in probe mode on 256 devices needs 43 GiB per device so and 87 GiB batched; batched
+    otherwise)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
@@ -343,7 +346,7 @@ _CHOICES = {
     "kl.placement": ("loss", "reward"),
     "kl.controller": ("fixed", "adaptive"),
     "combiner.mode": ("auto", "scalar", "probe", "full"),
-    "combiner.pullbacks": ("batched", "sequential"),
+    "combiner.pullbacks": ("auto", "batched", "sequential"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "optimizer.name": ("adamw", "sgd"),
     "model.dtype": ("float32", "bfloat16"),

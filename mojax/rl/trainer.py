@@ -413,7 +413,8 @@ class Trainer(Run):
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
-            sequential_pullbacks=config.combiner.pullbacks == "sequential",
+            sequential_pullbacks=config.combiner.pullbacks == "sequential"
+            or (config.combiner.pullbacks == "auto" and self.mesh is not None),
         )
         # Probe mode's default set (no patterns): the final block (or its adapters), split from the stacked layers.
         self.split = mode == "probe" and not config.combiner.probe and self.model.config.num_hidden_layers > 1
@@ -453,6 +454,7 @@ class Trainer(Run):
                 flags,
                 critic,
                 self.optimizer if critic else None,
+                None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
             ),
             donate_argnums=0,
         )
