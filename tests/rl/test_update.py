@@ -149,11 +149,13 @@ def test_a_non_finite_loss_skips_the_update_and_counts_it():
     run.state = start
 
 
-def test_five_updates_on_8_devices_with_fsdp_equal_one_device():
+@pytest.mark.parametrize("mode", ["probe", "full"])
+def test_five_updates_on_8_devices_with_fsdp_equal_one_device(mode):
+    """On the mesh the per-objective pullbacks run in sequence, sharded; on one device they are batched."""
     assert jax.device_count() == 8
     batch = fixed_batch()
-    single = params_after(("combiner.name=mgda", "combiner.mode=probe"), batch, updates=5)
-    sharded_run = ("combiner.name=mgda", "combiner.mode=probe", "mesh.shape={fsdp: 8}")
+    single = params_after(("combiner.name=mgda", f"combiner.mode={mode}"), batch, updates=5)
+    sharded_run = ("combiner.name=mgda", f"combiner.mode={mode}", "mesh.shape={fsdp: 8}")
     sharded = params_after(sharded_run, batch, updates=5)
     leaf = jax.tree.leaves(trainer(*sharded_run).state.params)[0]
     assert "fsdp" in str(leaf.sharding.spec)
