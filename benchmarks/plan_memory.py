@@ -180,11 +180,12 @@ def plan_rl(
     the final block apart), a frozen reference copy, a vector critic with n outputs (its own trunk), AdamW states of
     both, the combiner state (MGDA). The probe's n pullbacks run as ``pullbacks`` says (the trainer's
     ``combiner.pullbacks``): "sequential" (what "auto" picks on a mesh) constrains each objective's gradient to the
-    parameters' sharding, "batched" vmaps them, unconstrained. The rollout program samples ``new_tokens`` after ``prompt_len``-token prompts
-    with a KV cache, then scores the completions under the policy and the reference and runs the critic; the train
-    step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each program's memory is its
-    compiled arguments + outputs - aliased + temporaries, plus what stays resident on the device without being one of
-    its arguments (during the rollout: the optimizer and combiner states; during the update: the reference).
+    parameters' sharding, "batched" vmaps them, unconstrained. The rollout program samples ``new_tokens`` after
+    ``prompt_len``-token prompts with a KV cache, then scores the completions under the policy and the reference
+    and runs the critic; the train step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each
+    program's memory is its compiled arguments + outputs - aliased + temporaries, plus what stays resident on the
+    device without being one of its arguments (during the rollout: the optimizer and combiner states; during the
+    update: the reference).
     """
     import jax
     import jax.numpy as jnp
@@ -451,9 +452,10 @@ def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int
         f"Command: `{command}`  ",
         f"Machine: {machine_line}  ",
         f"One completion of {prompt_len} prompt + {new_tokens} new tokens per (data × fsdp) shard, n = {n} "
-        f"objectives, MGDA in probe mode (final block; {PULLBACKS[pullbacks]}), full fine-tuning: policy (fp32 master weights, bf16 compute, "
-        "rematerialised layers), frozen reference copy, vector critic (own trunk, n outputs), AdamW for both, combiner "
-        "state. The rollout (sampling with a bf16 KV cache, then policy and reference log-probs and critic values) and "
+        f"objectives, MGDA in probe mode (final block; {PULLBACKS[pullbacks]}), full fine-tuning: "
+        "policy (fp32 master weights, bf16 compute, rematerialised layers), frozen reference copy, vector critic "
+        "(own trunk, n outputs), AdamW for both, combiner state. The rollout (sampling with a bf16 KV cache, then "
+        "policy and reference log-probs and critic values) and "
         "the train step are lowered and compiled separately; each figure is the program's arguments + outputs - "
         "aliased + temporaries from `compiled.memory_analysis()`, plus what stays resident without being one of its "
         "arguments (rollout: optimizer and combiner states; update: the reference). GiB per device.",
