@@ -17,7 +17,9 @@ is the fixed batch; every other contender runs on that same batch:
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn (rotating the order), ``--repeats`` times; a contender's ratio in a
 round is its median time over the linear step's median time in that round. The table reports the median ratio over
-``--rounds`` rounds and its spread (min-max). Only ratios measured in the same run are reported: the machine these
+``--rounds`` rounds and its spread (min-max). Run as a script, it first makes ``malloc`` keep freed memory for
+XLA's next call, as the ``mojax`` command line does (``mojax.host_memory``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's
+defaults, every large scratch buffer mapped and faulted in afresh at every call). Only ratios measured in the same run are reported: the machine these
 numbers come from is shared and loaded, so absolute times move by tens of percent between minutes.
 
     python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
@@ -50,6 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mojax.combiners import REGISTRY  # noqa: E402
+from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.rl.update import Batch, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
@@ -368,4 +371,5 @@ def write(report: dict[str, Any], out: Path) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_host_memory()
     main()

@@ -55,7 +55,15 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mojax`` console script and of ``python -m mojax``."""
+    """Entry point of the ``mojax`` console script and of ``python -m mojax``.
+
+    Run as the program (``argv`` None), it first makes ``malloc`` keep freed memory for XLA's next call
+    (:func:`mojax.host_memory.keep_freed_host_memory`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults).
+    """
+    if argv is None:
+        from mojax.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     parser = argparse.ArgumentParser(prog="mojax", description="Multi-objective alignment of LLMs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (or resume) a multi-objective RL run")

@@ -1,0 +1,56 @@
+"""Keep freed host memory in the process, so XLA:CPU's scratch buffers are not mapped afresh at every call.
+
+An XLA:CPU program allocates its temporaries (hundreds of MB to GBs for a training step) with ``malloc`` when it
+starts and frees them when it ends. glibc serves an allocation that large with a fresh ``mmap`` and returns it to
+the kernel with ``munmap`` on ``free``, so every page of the scratch memory is faulted in and zeroed by the kernel
+again at every call: on a SmolLM2-135M training step on a 2-core virtual machine that was 250-500 thousand page
+faults and 1-2.6 s of system CPU time per call, and up to 11 s per call for a full-mode RL update with its
+[n, P] stacked gradients (``benchmarks/RESULTS.md``, "Host memory").
+
+:func:`keep_freed_host_memory` tells glibc's allocator (``mallopt``) to serve every allocation from its heap
+(``M_MMAP_MAX`` = 0), never to give the heap's freed top back to the kernel (``M_TRIM_THRESHOLD`` = unlimited) and to
+use one arena for all threads (``M_ARENA_MAX`` = 1: other threads' arenas are limited to 64 MiB heaps, and a larger
+allocation in one falls back to ``mmap``). A freed scratch buffer is then reused by the next call without a page
+fault. The cost: the process keeps its peak heap for its lifetime (its resident memory no longer falls after a
+large program), which a training process, whose peak recurs every step, pays anyway.
+
+The settings are process-wide and must come before XLA's threads allocate (before the first computation), which is
+why the ``mojax`` command line applies them at its start. Without glibc (macOS, musl) nothing is changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# mallopt(3) parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
+OPT_OUT_VARIABLE = "MOJAX_RELEASE_HOST_MEMORY"
+
+
+def glibc_version() -> str | None:
+    """glibc's version (``"2.36"``) when this process runs on glibc, else None."""
+    try:
+        name = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return name.split()[-1] if name and name.startswith("glibc") else None
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc's ``malloc`` keep and reuse freed memory (see the module docstring); True when applied.
+
+    Not applied (False) without glibc, or when the environment variable ``MOJAX_RELEASE_HOST_MEMORY`` is ``1``
+    (keep glibc's defaults, e.g. for a process that must hand memory back after a large one-off program). Call it
+    before the first JAX computation: threads that have already allocated keep their own arenas.
+    """
+    if os.environ.get(OPT_OUT_VARIABLE) == "1" or glibc_version() is None:
+        return False
+    libc = ctypes.CDLL(None)
+    for parameter, value in KEEP_FREED_MEMORY:
+        if libc.mallopt(parameter, value) != 1:
+            raise OSError(f"mallopt({parameter}, {value}) failed: glibc {glibc_version()} refused the setting")
+    return True
