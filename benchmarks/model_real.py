@@ -21,7 +21,8 @@ compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`)
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
 gives the median over rounds and the min-max spread. The machine these figures come from is a shared, loaded 2-core
-CPU: only same-run ratios are meaningful.
+CPU: only same-run ratios are meaningful. Both sides run with freed host memory kept
+for the next call (``mojax.host_memory``, as ``benchmarks/rl_step.py``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).
 
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/model_real.py
     python benchmarks/model_real.py --pieces forward --rounds 1 --repeats 1 --out /tmp/x   # smoke run
@@ -51,6 +52,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import next_token_loss  # noqa: E402
 
+from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
 from mojax.testing import interleaved_timings  # noqa: E402
 
@@ -272,4 +274,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_host_memory()
     main()

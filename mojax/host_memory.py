@@ -3,16 +3,18 @@
 An XLA:CPU program allocates its temporaries (hundreds of MB to GBs for a training step) with ``malloc`` when it
 starts and frees them when it ends. glibc serves an allocation that large with a fresh ``mmap`` and returns it to
 the kernel with ``munmap`` on ``free``, so every page of the scratch memory is faulted in and zeroed by the kernel
-again at every call: on a SmolLM2-135M training step on a 2-core virtual machine that was 250-500 thousand page
-faults and 1-2.6 s of system CPU time per call, and up to 11 s per call for a full-mode RL update with its
-[n, P] stacked gradients (``benchmarks/RESULTS.md``, "Host memory").
+again at every call. On SmolLM2-135M's RL update on a 2-core virtual machine that was 0.5 million page faults and
+2.6 s of system CPU time per call of the linear step, 1.3 million and 11 s for a full-mode update with its [n, P]
+stacked gradients; with the memory kept, none (``benchmarks/RESULTS.md``, "Host memory").
 
 :func:`keep_freed_host_memory` tells glibc's allocator (``mallopt``) to serve every allocation from its heap
 (``M_MMAP_MAX`` = 0), never to give the heap's freed top back to the kernel (``M_TRIM_THRESHOLD`` = unlimited) and to
 use one arena for all threads (``M_ARENA_MAX`` = 1: other threads' arenas are limited to 64 MiB heaps, and a larger
 allocation in one falls back to ``mmap``). A freed scratch buffer is then reused by the next call without a page
 fault. The cost: the process keeps its peak heap for its lifetime (its resident memory no longer falls after a
-large program), which a training process, whose peak recurs every step, pays anyway.
+large program), which a training process, whose peak recurs every step, pays anyway; and the heap grows by one
+block of temporaries when a small allocation has settled in a freed block that the next call needs (a test program
+with 144 MiB of scratch per call levelled off at 3-5 such blocks; the SmolLM2 example's peak memory did not move).
 
 The settings are process-wide and must come before XLA's threads allocate (before the first computation), which is
 why the ``mojax`` command line applies them at its start. Without glibc (macOS, musl) nothing is changed.
