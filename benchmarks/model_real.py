@@ -21,8 +21,8 @@ compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`)
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
 gives the median over rounds and the min-max spread. The machine these figures come from is a shared, loaded 2-core
-CPU: only same-run ratios are meaningful. Both sides run with freed host memory kept
-for the next call (``mojax.host_memory``, as ``benchmarks/rl_step.py``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).
+CPU: only same-run ratios are meaningful. Both sides run with freed host memory kept for the next call
+(``mojax.host_memory``, as ``benchmarks/rl_step.py``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).
 
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/model_real.py
     python benchmarks/model_real.py --pieces forward --rounds 1 --repeats 1 --out /tmp/x   # smoke run

@@ -19,8 +19,9 @@ each round calls all contenders once in turn (rotating the order), ``--repeats``
 round is its median time over the linear step's median time in that round. The table reports the median ratio over
 ``--rounds`` rounds and its spread (min-max). Run as a script, it first makes ``malloc`` keep freed memory for
 XLA's next call, as the ``mojax`` command line does (``mojax.host_memory``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's
-defaults, every large scratch buffer mapped and faulted in afresh at every call). Only ratios measured in the same run are reported: the machine these
-numbers come from is shared and loaded, so absolute times move by tens of percent between minutes.
+defaults, every large scratch buffer mapped and faulted in afresh at every call). Only ratios measured in the same
+run are reported: the machine these numbers come from is shared and loaded, so absolute times move by tens of
+percent between minutes.
 
     python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run

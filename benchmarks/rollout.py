@@ -19,8 +19,9 @@ no early stop, so every side produces the same number of tokens):
 
 Timing: compile and warm-up first, then ``--rounds`` rounds of ``--repeats`` calls of each contender in turn (order
 rotated); a ratio is mojax's completions/s over torch's in the same round; the table gives the median ratio over rounds
-and its min-max spread. The machine is a shared 2-core CPU: only the same-run ratios mean anything. Both sides run with freed host memory kept
-for the next call (``mojax.host_memory``, as ``benchmarks/rl_step.py``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).
+and its min-max spread. The machine is a shared 2-core CPU: only the same-run ratios mean anything. Both sides run
+with freed host memory kept for the next call (``mojax.host_memory``, as ``benchmarks/rl_step.py``;
+``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).
 
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rollout.py --batch 16,64
     python benchmarks/rollout.py --batch 4 --max-new-tokens 4 --rounds 1 --repeats 1 --out /tmp/x   # smoke
