@@ -175,8 +175,9 @@ class Usage(NamedTuple):
 
 
 def timed_call(call: Callable[[], Any]) -> Usage:
-    """The Usage of one call (to completion). System time is mostly page faults on fresh memory: XLA:CPU maps each
-    execution's temporaries anew, so every page of them faults once per call."""
+    """The Usage of one call (to completion). System time is mostly page faults on fresh memory: with glibc's
+    defaults (``MOJAX_RELEASE_HOST_MEMORY=1``) every large temporary of an XLA:CPU call is mapped anew, so every page
+    of them faults once per call."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     jax.block_until_ready(call())

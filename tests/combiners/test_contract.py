@@ -290,10 +290,10 @@ def test_flattened_and_multi_dim_grams_agree(dtype):
 
 @pytest.mark.parametrize("size", ["one chunk", "chunks and a remainder", "whole chunks"])
 def test_chunked_gram_equals_the_float64_gram(size, monkeypatch):
-    """Leaves longer than two GRAM_CHUNK columns go through the chunk loop (here from any length, the production
-    threshold GRAM_LOOP_FROM lowered); the remainder gets its own matmul."""
+    """Above GRAM_FUSED_MAX_OBJECTIVES objectives, leaves longer than two GRAM_CHUNK columns go through the chunk loop
+    (here from any length, the production threshold GRAM_LOOP_FROM lowered); the remainder gets its own matmul."""
     from mojax.combiners import _base
-    from mojax.combiners._base import GRAM_CHUNK, raw_tree_gram
+    from mojax.combiners._base import GRAM_CHUNK, GRAM_FUSED_MAX_OBJECTIVES, raw_tree_gram
 
     monkeypatch.setattr(_base, "GRAM_LOOP_FROM", 0)
 
@@ -302,7 +302,55 @@ def test_chunked_gram_equals_the_float64_gram(size, monkeypatch):
         "chunks and a remainder": 2 * GRAM_CHUNK + 5,
         "whole chunks": 3 * GRAM_CHUNK,
     }
-    rows = np.random.default_rng(7).normal(size=(3, columns[size]))
-    updates = {"w": jnp.asarray(rows.reshape(3, -1, 1), jnp.float32), "b": jnp.asarray(rows[:, :5], jnp.float32)}
+    n = GRAM_FUSED_MAX_OBJECTIVES + 1
+    rows = np.random.default_rng(7).normal(size=(n, columns[size]))
+    updates = {"w": jnp.asarray(rows.reshape(n, -1, 1), jnp.float32), "b": jnp.asarray(rows[:, :5], jnp.float32)}
     want = rows @ rows.T + rows[:, :5] @ rows[:, :5].T
-    np.testing.assert_allclose(raw_tree_gram(updates, 1.0, flatten=True), want, rtol=2e-5)
+    np.testing.assert_allclose(raw_tree_gram(updates, 1.0, flatten=True), want, rtol=2e-5, atol=1e-6 * rows.shape[1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+@pytest.mark.parametrize("size", ["below one row", "whole rows", "rows and a remainder"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_gram_equals_the_float64_gram(n, size, dtype):
+    """Up to GRAM_FUSED_MAX_OBJECTIVES objectives a flattened leaf's Gram is one fused pass of pair sums over rows of
+    GRAM_ROW columns (plus the remainder's); bf16 leaves are summed in fp32."""
+    from mojax.combiners._base import GRAM_ROW, _fused_gram
+
+    columns = {"below one row": GRAM_ROW - 3, "whole rows": 4 * GRAM_ROW, "rows and a remainder": 3 * GRAM_ROW + 7}
+    rows = jnp.asarray(np.random.default_rng(n).normal(size=(n, columns[size])), dtype)
+    exact = np.asarray(rows, np.float64)
+    got = _fused_gram(rows)
+    assert got.dtype == jnp.float32 and got.shape == (n, n)
+    np.testing.assert_allclose(got, exact @ exact.T, rtol=1e-5, atol=1e-6 * columns[size])
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_fused_gram_keeps_its_digits_over_millions_of_columns():
+    """fp32 sums of GRAM_ROW products, then of the row sums: over 2^22 columns of values near 1 the Gram stays within
+    1e-6 of the float64 one (one running fp32 sum over every column drifts by orders of magnitude more)."""
+    from mojax.combiners._base import _fused_gram
+
+    rows = np.random.default_rng(0).uniform(0.5, 1.5, size=(2, 1 << 22)).astype(np.float32)
+    exact = rows.astype(np.float64) @ rows.astype(np.float64).T
+    np.testing.assert_allclose(_fused_gram(jnp.asarray(rows)), exact, rtol=1e-6)
+
+
+def test_gram_and_combination_read_layer_stacked_leaves_in_place():
+    """The batched pullbacks leave a layer-stacked leaf [L, n, ...] in memory and hand the combiner its transpose
+    [n, L, ...]: the Gram and the weighted sum compile to fusions that read it as it lies, with no copy of the leaf
+    into objective-major order (the matmul Gram and a tensordot made one each)."""
+    from mojax.combiners import combine, raw_tree_gram
+
+    stacked = jnp.ones((4, N, 32, 48), jnp.float32)  # [L, n, ...] in memory
+
+    def gram_and_combination(leaves):
+        objective_major = {"w": jnp.swapaxes(leaves, 0, 1)}
+        return raw_tree_gram(objective_major, 1.0, flatten=True), combine(jnp.ones((N,)) / N, objective_major)
+
+    program = jax.jit(gram_and_combination).lower(stacked).compile().as_text()
+    entry = program[program.index("\nENTRY") :].splitlines()  # fusion bodies index through a transpose; never copy
+    assert not [line for line in entry if re.search(r"%[\w.\-]*(copy|transpose)[\w.\-]* = ", line)]
+    gram, combined = jax.jit(gram_and_combination)(stacked)
+    np.testing.assert_allclose(gram, np.full((N, N), 4 * 32 * 48.0))
+    np.testing.assert_allclose(combined["w"], np.ones((4, 32, 48)), rtol=1e-6)
