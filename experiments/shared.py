@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mojax.compilation_cache import enable_persistent_cache
+from mojax.host_memory import keep_freed_host_memory
 
 QUIET = (
     "eval_steps=0",
@@ -242,7 +243,14 @@ class Setup(NamedTuple):
 
 def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
     """Parse the command line, enable the compilation cache and read the config (in quick mode: the first seed,
-    ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``)."""
+    ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``).
+
+    Run as the program (``argv`` None), it first makes ``malloc`` keep freed memory for XLA's next call, as the
+    ``mojax`` command line does (:func:`mojax.host_memory.keep_freed_host_memory`; ``MOJAX_RELEASE_HOST_MEMORY=1``
+    keeps glibc's defaults); in-process calls with an argument list leave the process alone.
+    """
+    if argv is None:
+        keep_freed_host_memory()
     args = parse_args(argv, description)
     enable_persistent_cache()
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)

@@ -59,3 +59,20 @@ def test_the_opt_out_variable_keeps_glibcs_defaults(monkeypatch):
 def test_glibc_version_is_a_dotted_number_or_none():
     version = glibc_version()
     assert version is None or all(part.isdigit() for part in version.split("."))
+
+
+def test_the_command_line_keeps_freed_memory_only_when_run_as_the_program(monkeypatch):
+    """``mojax`` run as the program (argv None) applies the setting before parsing anything; ``main([...])`` calls
+    from Python leave the process alone."""
+    import mojax.host_memory
+    from mojax import cli
+
+    calls = []
+    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory", lambda: calls.append("kept"))
+    monkeypatch.setattr(sys, "argv", ["mojax", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == []
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == ["kept"]

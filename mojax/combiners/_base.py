@@ -106,9 +106,11 @@ GRAM_CHUNK = 1 << 14
 """Columns per matmul of a flattened leaf's Gram: n rows of 2^14 fp32, 64 KiB each (512 KiB at n = 8)."""
 
 GRAM_LOOP_FROM = 1 << 20
-"""Columns from which a flattened leaf's Gram runs as a loop of GRAM_CHUNK matmuls. Below, one matmul is faster:
-the loop's slices are copies, and chunking every leaf made the Gram of `benchmarks/combiners.py`'s LLaMA-like pytree
-(1e7 parameters in ~200 leaves) several times slower in an isolated measurement."""
+"""Columns from which a flattened leaf's Gram is a fused pass (:func:`_fused_gram`, up to GRAM_FUSED_MAX_OBJECTIVES
+objectives) or a loop of GRAM_CHUNK matmuls (above). Below, one matmul is faster and compiles in a fraction of the
+time: chunking every leaf made the Gram of `benchmarks/combiners.py`'s LLaMA-like pytree (1e7 parameters in ~200
+leaves) several times slower, and a fused pass per leaf made a Gram combiner's first call on it (compilation)
+about 25 s against 5-6 s with one matmul per leaf."""
 
 
 def _pair_dot(block: jax.Array) -> jax.Array:
@@ -117,8 +119,7 @@ def _pair_dot(block: jax.Array) -> jax.Array:
 
 
 def _chunked_gram(rows: jax.Array) -> jax.Array:
-    """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder (one matmul
-    below GRAM_LOOP_FROM columns).
+    """rows @ rows.T for rows [n, P], as a loop of [n, GRAM_CHUNK] matmuls plus one for the remainder.
 
     On XLA:CPU one [n, P] x [P, n] matmul over a 3 x 26.5M leaf (an MLP weight's stacked gradients) took 366 ms in
     isolation against the loop's 67 ms (705 ms against 164 ms at n = 8; benchmarks/RESULTS.md, full mode on
@@ -126,7 +127,7 @@ def _chunked_gram(rows: jax.Array) -> jax.Array:
     """
     n, size = rows.shape
     count = size // GRAM_CHUNK
-    if size < GRAM_LOOP_FROM or count <= 1:
+    if count <= 1:
         return _pair_dot(rows)
     head = rows[:, : count * GRAM_CHUNK].reshape(n, count, GRAM_CHUNK)
 
@@ -186,11 +187,14 @@ def _fused_gram(rows: jax.Array) -> jax.Array:
 
 
 def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
-    """<g_i, g_j> over one leaf in fp32: flattened to [n, -1], one fused pass (up to GRAM_FUSED_MAX_OBJECTIVES
-    objectives) or chunked matmuls if `flatten`, else one dot contracting every non-leading dim."""
+    """<g_i, g_j> over one leaf in fp32. If `flatten`, on the leaf as [n, -1]: one matmul below GRAM_LOOP_FROM
+    columns, else one fused pass (up to GRAM_FUSED_MAX_OBJECTIVES objectives) or chunked matmuls. Otherwise one dot
+    contracting every non-leading dim."""
     scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
     if flatten:
         rows = scaled.reshape(scaled.shape[0], -1)
+        if rows.shape[1] < GRAM_LOOP_FROM:
+            return _pair_dot(rows)
         return _fused_gram(rows) if rows.shape[0] <= GRAM_FUSED_MAX_OBJECTIVES else _chunked_gram(rows)
     rest = tuple(range(1, scaled.ndim))
     return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)

@@ -336,11 +336,14 @@ def test_fused_gram_keeps_its_digits_over_millions_of_columns():
     np.testing.assert_allclose(_fused_gram(jnp.asarray(rows)), exact, rtol=1e-6)
 
 
-def test_gram_and_combination_read_layer_stacked_leaves_in_place():
+def test_gram_and_combination_read_layer_stacked_leaves_in_place(monkeypatch):
     """The batched pullbacks leave a layer-stacked leaf [L, n, ...] in memory and hand the combiner its transpose
-    [n, L, ...]: the Gram and the weighted sum compile to fusions that read it as it lies, with no copy of the leaf
-    into objective-major order (the matmul Gram and a tensordot made one each)."""
-    from mojax.combiners import combine, raw_tree_gram
+    [n, L, ...]: the Gram of a large leaf (here from any size, the production threshold GRAM_LOOP_FROM lowered) and the
+    weighted sum compile to fusions that read it as it lies, with no copy of the leaf into objective-major order (the
+    matmul Gram and a tensordot made one each)."""
+    from mojax.combiners import _base, combine, raw_tree_gram
+
+    monkeypatch.setattr(_base, "GRAM_LOOP_FROM", 0)
 
     stacked = jnp.ones((4, N, 32, 48), jnp.float32)  # [L, n, ...] in memory
 
