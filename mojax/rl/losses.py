@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mojax import _checks
-from mojax._numerics import safe_divide
+from mojax._numerics import safe_divide, token_rows
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 """Loss aggregations, named as in verl."""
@@ -447,8 +447,9 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _block_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
-    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32."""
-    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32 (on :func:`token_rows`)."""
+    logits = jnp.einsum("nd,dv->nv", token_rows(hidden), head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], head.shape[-1])
 
 
 def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp_cotangent, entropy_cotangent):
@@ -469,9 +470,10 @@ def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp
         contracted = logp_cotangent[..., None] * target_minus_mean
         contracted -= entropy_cotangent[..., None] * probs * (logits - mean_logit[..., None])
         contracted, scaled_hidden = contracted.astype(hidden.dtype), hidden
-    hidden_part = jnp.einsum("btv,dv->btd", contracted, weights, preferred_element_type=jnp.float32)
-    head_cotangent = jnp.einsum("btd,btv->dv", scaled_hidden, contracted, preferred_element_type=jnp.float32)
-    return hidden_part, head_cotangent
+    rows = token_rows(contracted)
+    hidden_part = jnp.einsum("nv,dv->nd", rows, weights, preferred_element_type=jnp.float32)
+    head_cotangent = jnp.einsum("nd,nv->dv", token_rows(scaled_hidden), rows, preferred_element_type=jnp.float32)
+    return hidden_part.reshape(hidden.shape), head_cotangent
 
 
 def _dense(cotangent: Any, like: jax.Array) -> jax.Array:

@@ -3,6 +3,8 @@
 HF numerical parity lives in test_hf.py (needs torch).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from flax import nnx
 from hf_fixtures import random_llama
 
 from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
-from mojax.models.llama import PARAM_AXIS_NAMES, apply_rope, attention, rope_inv_freq
+from mojax.models.llama import PARAM_AXIS_NAMES, LoraCall, Projection, apply_rope, attention, project, rope_inv_freq
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,41 @@ def test_gqa_equals_repeated_kv_mha():
     time_major = lambda a: jnp.swapaxes(jnp.repeat(a, 2, axis=1), 1, 2)  # noqa: E731
     dense = jax.nn.dot_product_attention(q, time_major(k), time_major(v), mask=mask[:, None])
     np.testing.assert_allclose(out, dense, atol=1e-5)
+
+
+def _layout_moves(fn, *args) -> list[str]:
+    """The copies and transposes of the compiled program's entry computation (fusion bodies excluded)."""
+    program = jax.jit(fn).lower(*args).compile().as_text()
+    entry = program[program.index("\nENTRY") :].splitlines()
+    return [line for line in entry if re.search(r"%[\w.\-]*(copy|transpose)[\w.\-]* = ", line)]
+
+
+def test_projection_weight_gradient_reads_the_tokens_in_place():
+    """x^T dy over [B, T] tokens is one contraction of token rows: no transposed copy of x or dy (two contracted
+    token axes made XLA:CPU copy one out for every weight gradient)."""
+    x = jax.random.normal(jax.random.key(0), (4, 8, 16))
+    cotangent = jax.random.normal(jax.random.key(1), (4, 8, 2, 16))  # q_proj-like output [B, T, H, hd]
+
+    def weight_gradient(kernel, x, cotangent):
+        return jax.grad(lambda k: jnp.sum(project(x, Projection(k), 1, LoraCall(), 0) * cotangent))(kernel)
+
+    kernel = jax.random.normal(jax.random.key(2), (16, 2, 16))
+    assert not _layout_moves(weight_gradient, kernel, x, cotangent)
+    want = np.einsum("btd,bthe->dhe", np.asarray(x, np.float64), np.asarray(cotangent, np.float64))
+    np.testing.assert_allclose(weight_gradient(kernel, x, cotangent), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_moves_only_the_queries_between_layouts():
+    """Attention's forward and backward lay out q (into [B, KV, G T, hd] rows) and its output and cotangent, never
+    the scores or probabilities: every copy in the compiled program has q's size, not the scores' B KV G T S."""
+    B, T, H, KV, hd = 2, 8, 6, 2, 16
+    q = jax.random.normal(jax.random.key(0), (B, T, H, hd))
+    k, v = jax.random.normal(jax.random.key(1), (2, B, KV, T, hd))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, 0)
+    gradients = jax.grad(lambda q, k, v, mask: jnp.sum(attention(q, k, v, mask) ** 2), argnums=(0, 1, 2))
+    moves = _layout_moves(gradients, q, k, v, mask)
+    sizes = {int(np.prod([int(n) for n in re.search(r"f32\[([\d,]+)\]", line).group(1).split(",")])) for line in moves}
+    assert moves and sizes == {B * T * H * hd}, moves
 
 
 def test_rope_is_relative():

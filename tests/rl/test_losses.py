@@ -403,7 +403,7 @@ def test_vmapped_pullbacks_share_one_head_product_for_the_hidden_states(function
         jax.jit(pullbacks(head_fn))(hidden, head), pullbacks(_autodiff_head)(hidden, head), strict=True
     ):
         np.testing.assert_allclose(got, want, atol=2e-5)
-    hidden_cotangents = (2, 5, 8)
+    hidden_cotangents = (2 * 5, 8)  # the B x T tokens as rows, D = 8
     hidden_only = lambda fn: lambda hidden, head: pullbacks(fn)(hidden, head)[0]  # noqa: E731
     shared = _dot_output_shapes(hidden_only(head_fn), hidden, head)
     plain = _dot_output_shapes(hidden_only(_autodiff_head), hidden, head)
