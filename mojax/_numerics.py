@@ -23,3 +23,9 @@ def token_rows(x: jax.Array, feature_dims: int = 1) -> jax.Array:
     """
     lead = x.shape[: x.ndim - feature_dims]
     return x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - feature_dims :]))
+
+
+def token_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., D] @ kernel [D, N] on :func:`token_rows`, in x's dtype with fp32 accumulation: f32[..., N]."""
+    out = jnp.einsum("td,dn->tn", token_rows(x), kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])

@@ -22,16 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mojax._numerics import token_rows
+from mojax._numerics import token_matmul
 from mojax.models.config import ModelConfig
 from mojax.models.llama import KVCache, LlamaModel, param_variable
-
-
-def _rows_matmul(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
-    """hidden [..., D] @ kernel [D, n] in the hidden states' dtype, fp32 out, on :func:`token_rows` (one contracted
-    token axis in the kernel's gradient)."""
-    out = jnp.einsum("td,dn->tn", token_rows(hidden), kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return out.reshape(*hidden.shape[:-1], kernel.shape[-1])
 
 
 class ValueHead(nnx.Module):
@@ -42,7 +35,7 @@ class ValueHead(nnx.Module):
         self.bias = param_variable(rngs, (num_outputs,), (None,), param_dtype, init=nnx.initializers.zeros)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        return _rows_matmul(hidden, self.kernel[...]) + self.bias[...].astype(jnp.float32)
+        return token_matmul(hidden, self.kernel[...]) + self.bias[...].astype(jnp.float32)
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -134,4 +127,4 @@ class ScoreHead(nnx.Module):
         self.kernel = param_variable(rngs, (hidden_size, num_labels), ("embed", None), param_dtype)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        return _rows_matmul(hidden, self.kernel[...])
+        return token_matmul(hidden, self.kernel[...])

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from mojax._numerics import token_rows
+from mojax._numerics import token_matmul, token_rows
 from mojax.models.config import ModelConfig
 from mojax.models.sharding import PARAM_AXIS_NAMES, constrain  # noqa: F401 (the vocabulary, re-exported)
 
@@ -804,15 +804,12 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on hidden states: fp32 logits [..., V]."""
-        dtype = self.config.dtype
-        tokens = token_rows(hidden.astype(dtype))
-        if self.config.tie_word_embeddings:
-            w = self.model.embed_tokens.embedding[...].astype(dtype)
-            logits = jnp.einsum("nd,vd->nv", tokens, w, preferred_element_type=jnp.float32)
-        else:
-            w = self.lm_head.kernel[...].astype(dtype)
-            logits = jnp.einsum("nd,dv->nv", tokens, w, preferred_element_type=jnp.float32)
-        return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+        hidden = hidden.astype(self.config.dtype)
+        if not self.config.tie_word_embeddings:
+            return token_matmul(hidden, self.lm_head.kernel[...])
+        w = self.model.embed_tokens.embedding[...].astype(hidden.dtype)  # [V, D]
+        logits = jnp.einsum("nd,vd->nv", token_rows(hidden), w, preferred_element_type=jnp.float32)
+        return logits.reshape(*hidden.shape[:-1], w.shape[0])
 
     def __call__(
         self,

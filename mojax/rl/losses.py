@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mojax import _checks
-from mojax._numerics import safe_divide, token_rows
+from mojax._numerics import safe_divide, token_matmul, token_rows
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 """Loss aggregations, named as in verl."""
@@ -447,9 +447,8 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _block_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
-    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32 (on :func:`token_rows`)."""
-    logits = jnp.einsum("nd,dv->nv", token_rows(hidden), head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return logits.reshape(*hidden.shape[:-1], head.shape[-1])
+    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32."""
+    return token_matmul(hidden, head)
 
 
 def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp_cotangent, entropy_cotangent):
