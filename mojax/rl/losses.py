@@ -446,11 +446,6 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.einsum("btv,btv->bt", logits, one_hot) - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _block_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
-    """hidden [B, T, D] @ head [D, V'] in the hidden states' dtype, accumulated in fp32."""
-    return token_matmul(hidden, head)
-
-
 def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp_cotangent, entropy_cotangent):
     """(hidden part f32[B, T, D], head cotangent f32[D, V']) of one block of vocabulary columns.
 
@@ -489,7 +484,7 @@ def _hidden_cotangent(hidden_part, logp_cotangent, entropy_cotangent, hidden) ->
 
 def _full_vocabulary_outputs(hidden, head, targets):
     """(log-probs, entropies) and the logits, logsumexp and E_p[z] of softmax(hidden @ head)."""
-    logits = _block_logits(hidden, head)
+    logits = token_matmul(hidden, head)
     logsumexp = jax.nn.logsumexp(logits, axis=-1)
     mean_logit = jnp.sum(jnp.exp(logits - logsumexp[..., None]) * logits, axis=-1)
     target_logit = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32))
@@ -562,7 +557,7 @@ def _chunked_statistics(hidden, head, targets, chunk_size):
     def step(carry, chunk):
         peak, total, weighted, target_logit = carry
         weights, start = chunk
-        logits = _block_logits(hidden, weights)
+        logits = token_matmul(hidden, weights)
         new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
         rescale = jnp.exp(peak - new_peak)
         exps = jnp.exp(logits - new_peak[..., None])
@@ -600,7 +595,7 @@ def _chunked_backward(chunk_size, residuals, cotangents):
         part, head_cotangent = _block_cotangents(
             hidden,
             weights,
-            _block_logits(hidden, weights),
+            token_matmul(hidden, weights),
             logsumexp,
             mean_logit,
             _chunk_one_hot(targets, start, chunk_size),
