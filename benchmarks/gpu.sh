@@ -2,8 +2,9 @@
 # GPU benchmark, one command, under 10 minutes on one accelerator:
 #   1. the model in bf16 (fp32 master weights, bf16 compute, rematerialised layers): forward, a training step
 #      (forward + backward + AdamW) and greedy decode, with the training step's and forward's model FLOPs
-#      utilisation (MFU: 6 N + 12 L H T FLOPs per token for training, 2 N + 4 L H T for a forward, as in PaLM,
-#      Chowdhery et al., arXiv 2204.02311, appendix B; also XLA's own FLOP count of the compiled step);
+#      utilisation (MFU: the matmul FLOPs of ModelConfig.forward_flops, PaLM's 2 N + 4 L H T per forward token,
+#      Chowdhery et al., arXiv 2204.02311, appendix B, and three times that per trained token; XLA's own count,
+#      cost_analysis, is not used: it counts the layer scan's body once);
 #   2. benchmarks/rl_step.py on the accelerator (n = 3 first, then 8, 2, 5: each n is written when done).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu; writes gpu_model.{json,md}, rl_step.{json,md}
@@ -108,9 +109,6 @@ def bench(name, config, train_shape, decode_shape):
     started = time.perf_counter()
     compiled = train_step.lower(params, opt_state, ids).compile()
     compile_s = time.perf_counter() - started
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     state = {"params": params, "opt": opt_state}
 
     def one_step():
@@ -125,20 +123,17 @@ def bench(name, config, train_shape, decode_shape):
     decode_model = nnx.merge(graphdef, state["params"], rest)
     decode_s = median_s(lambda: generate(decode_model, prompts, None, jax.random.key(0), sampling).tokens)
 
-    n, tokens = config.num_params(), batch * length
-    attention = config.num_hidden_layers * config.hidden_size * length
-    train_flops, forward_flops = (6 * n + 12 * attention) * tokens, (2 * n + 4 * attention) * tokens
+    forward_flops = config.forward_flops(batch * length, length)
     peak = peak_flops()
     return {
         "config": name,
-        "parameters": n,
+        "parameters": config.num_params(),
         "train_shape": f"{batch}x{length}",
         "decode_shape": f"{d_batch}x({prompt}+{new})",
         "compile_train_s": compile_s,
         "train_step_ms": 1e3 * train_s,
-        "train_tokens_per_s": tokens / train_s,
-        "train_mfu": train_flops / train_s / peak,
-        "train_mfu_xla_flops": xla_flops / train_s / peak,
+        "train_tokens_per_s": batch * length / train_s,
+        "train_mfu": 3 * forward_flops / train_s / peak,
         "forward_ms": 1e3 * forward_s,
         "forward_mfu": forward_flops / forward_s / peak,
         "decode_ms": 1e3 * decode_s,
@@ -157,17 +152,17 @@ lines = [
     f"# Model in bf16 on {report['device']} (peak {report['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense)",
     "",
     "fp32 master weights and AdamW, bf16 compute, rematerialised layers; median of 5 steps after a warm-up. MFU: "
-    "PaLM's 6N + 12LHT FLOPs per trained token (2N + 4LHT per forward token) over the peak; 'XLA MFU' uses the "
-    "compiled step's own FLOP count.",
+    "matmul FLOPs (ModelConfig.forward_flops: PaLM's 2N + 4LHT per forward token, three times that per trained "
+    "token) over the peak.",
     "",
-    "| config | params | train BxT | train step ms | tokens/s | MFU | XLA MFU | forward ms | forward MFU | "
+    "| config | params | train BxT | train step ms | tokens/s | MFU | forward ms | forward MFU | "
     "decode (greedy) | decode ms | decode tok/s | compile s |",
-    "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
 ]
 for r in report["rows"]:
     lines.append(
         f"| {r['config']} | {r['parameters']:,} | {r['train_shape']} | {r['train_step_ms']:.1f} | "
-        f"{r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | {r['train_mfu_xla_flops']:.1%} | "
+        f"{r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | "
         f"{r['forward_ms']:.1f} | {r['forward_mfu']:.1%} | {r['decode_shape']} | {r['decode_ms']:.1f} | "
         f"{r['decode_tokens_per_s']:,.0f} | {r['compile_train_s']:.1f} |"
     )

@@ -10,9 +10,15 @@ and exported with ``save_pretrained`` for ``transformers.LlamaForCausalLM``. On 
   LM head and cross-entropy are out;
 * ``head+CE forward+backward``: the tied LM head and the cross-entropy on fixed random hidden states, gradients w.r.t.
   the embedding and the hidden states;
-* ``trunk forward``: the hidden states alone.
+* ``trunk forward``: the hidden states alone;
+* ``GEMM 2048x2048x2048``: one fp32 square matmul alone, what this machine's matmuls can do on each side;
+* ``decode MLP matmuls``: the matmuls of a greedy decode step's MLPs at batch 16 alone (16-row activations through
+  the 30 layers' up and down projections), the skinny matmuls a decode step is made of.
 
-The pieces say where the whole step's time goes on each side. mojax's variants of the whole step (``--variants``)
+The pieces say where the whole step's time goes on each side. Every row also gives the FLOP rate of both sides,
+from the matmul FLOPs of the piece (``ModelConfig.forward_flops``; a backward pass costs twice its forward), and,
+when the square GEMM ran in the same run, the share of the best rate either side reached on it: how much room a
+piece leaves, and what rate a target ratio against torch would need. mojax's variants of the whole step (``--variants``)
 are the layer scan under each rematerialisation policy of ``mojax.models.llama.checkpointed`` (``dots``, the
 default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
 recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled) and ``dots+ynn`` (policy ``dots``
@@ -57,7 +63,12 @@ from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
 from mojax.testing import interleaved_timings  # noqa: E402
 
 TORCH_THREADS = 2
-PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
+MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
+PEAK_PIECE, PEAK_SIZE = "GEMM 2048x2048x2048", 2048
+DECODE_PIECE, DECODE_ROWS = "decode MLP matmuls 16 rows", 16
+"""Lone matmuls timed as pieces: the square one gives the peak rate; the decode one is the up and down projections of
+SmolLM2's 30 MLPs on 16 rows, one after the other (each layer's output is the next one's input)."""
+PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE)
 VARIANTS = ("dots", "none", "full", "unrolled", "dots+ynn")
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 """XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
@@ -164,11 +175,64 @@ def torch_pieces(torch_model, ids, hidden, probe) -> dict[str, Callable[[], obje
         with torch.inference_mode():
             return torch_model.model(input_ids=ids_t).last_hidden_state
 
-    return dict(zip(PIECES, (forward, forward_backward, trunk, head, trunk_forward), strict=True))
+    return dict(zip(MODEL_PIECES, (forward, forward_backward, trunk, head, trunk_forward), strict=True))
 
 
-def rows_for(piece: str, timing: dict) -> list[dict]:
-    """One row per mojax contender of a piece: median ms of both sides and torch/mojax ratio (median, min, max)."""
+def matmul_pieces(config, seed: int = 0) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """({piece: mojax call}, {piece: torch call}) of :data:`PEAK_PIECE` and :data:`DECODE_PIECE` on the same random
+    data (fp32; ``jnp.matmul`` jitted, the decode chain as one program over per-layer arrays, against ``torch.mm``)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    square = normal(PEAK_SIZE, PEAK_SIZE)
+    x = normal(DECODE_ROWS, config.hidden_size)
+    layers = [
+        (normal(config.hidden_size, config.intermediate_size), normal(config.intermediate_size, config.hidden_size))
+        for _ in range(config.num_hidden_layers)
+    ]
+
+    @jax.jit
+    def mlp_chain(x, layers):
+        for up, down in layers:
+            x = x @ up @ down
+        return x
+
+    def torch_chain(x, layers):
+        for up, down in layers:
+            x = torch.mm(torch.mm(x, up), down)
+        return x
+
+    matmul, square_j, square_t = jax.jit(jnp.matmul), jnp.asarray(square), torch.from_numpy(square)
+    x_j, layers_j = jnp.asarray(x), jax.tree.map(jnp.asarray, layers)
+    x_t, layers_t = torch.from_numpy(x), jax.tree.map(torch.from_numpy, layers)
+    ours = {
+        PEAK_PIECE: lambda: jax.block_until_ready(matmul(square_j, square_j)),
+        DECODE_PIECE: lambda: jax.block_until_ready(mlp_chain(x_j, layers_j)),
+    }
+    theirs = {PEAK_PIECE: lambda: torch.mm(square_t, square_t), DECODE_PIECE: lambda: torch_chain(x_t, layers_t)}
+    return ours, theirs
+
+
+def piece_flops(config, batch: int, length: int) -> dict[str, int]:
+    """Matmul FLOPs of one call of each piece on a [batch, length] batch (backward passes at twice the forward)."""
+    tokens = batch * length
+    forward = config.forward_flops(tokens, length)
+    trunk = config.forward_flops(tokens, length, lm_head=False)
+    return {
+        "forward": forward,
+        "forward+backward": 3 * forward,
+        "trunk forward+backward": 3 * trunk,
+        "head+CE forward+backward": 3 * (forward - trunk),
+        "trunk forward": trunk,
+        PEAK_PIECE: 2 * PEAK_SIZE**3,
+        DECODE_PIECE: config.num_hidden_layers * 2 * (2 * DECODE_ROWS * config.hidden_size * config.intermediate_size),
+    }
+
+
+def rows_for(piece: str, timing: dict, flops: int) -> list[dict]:
+    """One row per mojax contender of a piece: median ms and GFLOP/s of both sides (``flops`` per call) and the
+    torch/mojax ratio (median, min, max)."""
     medians = timing["round_medians_s"]
     torch_s = medians["torch"]
     rows = []
@@ -185,6 +249,8 @@ def rows_for(piece: str, timing: dict) -> list[dict]:
                 "ratio": statistics.median(ratios),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),
+                "mojax_gflops": flops / statistics.median(values) / 1e9,
+                "torch_gflops": flops / statistics.median(torch_s) / 1e9,
                 "mojax_first_call_s": timing["first_call_s"][name],
             }
         )
@@ -203,15 +269,31 @@ def markdown(report: dict) -> str:
         "the same round (> 1: mojax faster), median over rounds and min-max. Parity: max |logits difference| "
         f"{report['max_abs_logits_diff']:.2e}, loss mojax {report['loss_mojax']:.6f} / torch {report['loss_torch']:.6f}.",
         "",
-        "| piece | mojax | mojax ms | torch ms | ratio torch/mojax | spread | mojax first call s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| piece | mojax | mojax ms | torch ms | ratio torch/mojax | spread | mojax GFLOP/s | torch GFLOP/s | "
+        "mojax / torch, % of peak | mojax first call s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    peak = peak_gflops(report["rows"])
     for r in report["rows"]:
+        share = f"{r['mojax_gflops'] / peak:.0%} / {r['torch_gflops'] / peak:.0%}" if peak else "n/a"
         lines.append(
-            f"| {r['piece']} | {r['contender']} | {r['mojax_ms']:.0f} | {r['torch_ms']:.0f} | {r['ratio']:.2f} | "
-            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['mojax_first_call_s']:.1f} |"
+            f"| {r['piece']} | {r['contender']} | {r['mojax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f} | "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['mojax_gflops']:.0f} | {r['torch_gflops']:.0f} | "
+            f"{share} | {r['mojax_first_call_s']:.1f} |"
         )
+    if peak:
+        lines += [
+            "",
+            f"Peak: {peak:.0f} GFLOP/s, the faster side's median on the {PEAK_PIECE} piece in this run. GFLOP/s count "
+            "the matmul FLOPs of a piece (`ModelConfig.forward_flops`; backward = 2 x forward).",
+        ]
     return "\n".join(lines + [""])
+
+
+def peak_gflops(rows: list[dict]) -> float | None:
+    """The faster side's rate on the square GEMM (:data:`PEAK_PIECE`), None when that piece did not run."""
+    rates = [max(r["mojax_gflops"], r["torch_gflops"]) for r in rows if r["piece"] == PEAK_PIECE]
+    return max(rates) if rates else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -258,13 +340,17 @@ def main(argv: list[str] | None = None) -> dict:
     probe = rng.normal(size=hidden.shape).astype(np.float32)
     ours = mojax_pieces(model, jnp.asarray(ids), jnp.asarray(hidden), jnp.asarray(probe), args.variants)
     theirs = torch_pieces(torch_model, ids, hidden, probe)
+    matmuls_ours, matmuls_theirs = matmul_pieces(model.config)
+    ours.update({piece: {"mojax": call} for piece, call in matmuls_ours.items()})
+    theirs.update(matmuls_theirs)
+    flops = piece_flops(model.config, batch, length)
     logits = np.asarray(ours["forward"]["mojax"]())
     report["max_abs_logits_diff"] = float(np.abs(logits - theirs["forward"]().numpy()).max())
     report["loss_mojax"] = float(next_token_loss(jnp.asarray(logits), jnp.asarray(ids)))
     report["loss_torch"] = float(theirs["forward+backward"]().detach())
     for piece in args.pieces:
         timing = interleaved_timings({**ours[piece], "torch": theirs[piece]}, args.rounds, args.repeats)
-        report["rows"] += rows_for(piece, timing)
+        report["rows"] += rows_for(piece, timing, flops[piece])
         report["load_after"] = [round(x, 2) for x in os.getloadavg()]
         print(markdown(report), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@ compiled program (its ``op_name`` metadata): the projections' matmuls, the atten
 head's matmul, the KV cache's writes (``dynamic_update_slice``), the slices XLA copies out of stacked arrays
 (``slice``, ``squeeze``: a layer's cache, re-laid out for the attention, or its weights), the rest elementwise work.
 Operations that run ``new_tokens - 1`` times per call are the decode loop's; the others are the prefill's and the
-setup's. Times are summed over XLA's threads, so a column can exceed the wall time.
+setup's. Times are summed over XLA's threads, so a column can exceed the wall time. Outside the profiler, the wall
+time of one decode step is the difference between the call and a one-token call (the prefill alone) over the
+``new_tokens - 1`` steps, medians of interleaved calls, and its rate the step's matmul FLOPs
+(``ModelConfig.forward_flops``) over that time.
 
     python benchmarks/profile_decode.py
     python benchmarks/profile_decode.py --layers 1 --vocab 2048 --prompts 2 --new-tokens 3 --calls 1 --out /tmp/x
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -37,7 +41,7 @@ from profile_step import smollm2_shapes, xla_operation_times  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
-from mojax.testing import cpu_model  # noqa: E402
+from mojax.testing import cpu_model, interleaved_timings  # noqa: E402
 
 ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd")
 """Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name``."""
@@ -77,12 +81,15 @@ def profile(model, prompt_ids: np.ndarray, generations: int, new_tokens: int, ca
         lambda s, ids, key: generate((graphdef, s), ids, None, key, config, num_generations=generations).tokens
     )
     ids, key = jnp.asarray(prompt_ids), jax.random.key(0)
+    step_ms = decode_step_wall_ms(call, (graphdef, state), ids, key, config, generations, calls)
     hlo = call.lower(state, ids, key).compile().as_text()
     known = instructions(hlo)
     for _ in range(2):
         jax.block_until_ready(call(state, ids, key))
     wall, operations = xla_operation_times(lambda: jax.block_until_ready(call(state, ids, key)), calls)
     steps = new_tokens - 1
+    rows, prompt_tokens = prompt_ids.shape[0] * generations, prompt_ids.shape[1]
+    step_flops = sum(model.config.forward_flops(rows, prompt_tokens + i) for i in range(1, new_tokens)) / steps
     decode, prefill = collections.Counter(), collections.Counter()
     for name, (ms, count) in operations.items():
         shape, source = known.get(name, ("", ""))
@@ -93,9 +100,30 @@ def profile(model, prompt_ids: np.ndarray, generations: int, new_tokens: int, ca
             prefill[kind] += ms
     return {
         "wall_ms": wall * 1e3,
+        "decode_step_wall_ms": step_ms,
+        "decode_step_gflops": step_flops / step_ms / 1e6,
         "decode_step_ms": dict(decode.most_common()),
         "prefill_and_setup_ms": dict(prefill.most_common()),
     }
+
+
+def decode_step_wall_ms(call, model, ids, key, config: SamplingConfig, generations: int, calls: int) -> float:
+    """Wall ms of one decode step: (median call - median one-token call) / (new tokens - 1), over ``calls + 2``
+    interleaved calls of each."""
+    first_token = dataclasses.replace(config, max_new_tokens=1)
+    graphdef, state = model
+    prefill = jax.jit(
+        lambda s, ids, key: generate((graphdef, s), ids, None, key, first_token, num_generations=generations).tokens
+    )
+    timings = interleaved_timings(
+        {
+            "whole": lambda: jax.block_until_ready(call(state, ids, key)),
+            "prefill": lambda: jax.block_until_ready(prefill(state, ids, key)),
+        },
+        rounds=1,
+        repeats=calls + 2,
+    )["round_medians_s"]
+    return 1e3 * (timings["whole"][0] - timings["prefill"][0]) / (config.max_new_tokens - 1)
 
 
 def markdown(report: dict) -> str:
@@ -108,7 +136,9 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}; load average before {report['load_before']}, after {report['load_after']}  ",
         f"{report['prompts']} prompts x {report['generations']} generations (shared prefill), prompt "
         f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, greedy; {report['calls']} profiled "
-        f"calls. Wall time per call: **{row['wall_ms']:.0f} ms**. ms summed over XLA's threads.",
+        f"calls. Wall time per call: **{row['wall_ms']:.0f} ms**. ms summed over XLA's threads.  ",
+        f"One decode step, wall time (call minus one-token call, over the steps): **{row['decode_step_wall_ms']:.1f} "
+        f"ms**, {row['decode_step_gflops']:.0f} GFLOP/s of matmul FLOPs (`ModelConfig.forward_flops`).",
         "",
         "| kind | one decode step, ms | prefill and setup, ms |",
         "|---|---:|---:|",

@@ -34,8 +34,10 @@ def test_one_layer_run_splits_prefill_and_decode_steps(tmp_path):
     report = _load().main([*argv, "--new-tokens", "4", "--calls", "1", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "profile_decode.json").read_text())
     assert written["profile"] == report["profile"] and report["profile"]["wall_ms"] > 0
+    assert report["profile"]["decode_step_wall_ms"] > 0 and report["profile"]["decode_step_gflops"] > 0
     step = report["profile"]["decode_step_ms"]
     assert step["matmul: projections"] > 0 and step["matmul: LM head"] > 0 and step["matmul: attention"] > 0
     assert report["profile"]["prefill_and_setup_ms"]["matmul: projections"] > 0
     text = (tmp_path / "profile_decode.md").read_text()
     assert "| kind | one decode step, ms | prefill and setup, ms |" in text and "| matmul: LM head |" in text
+    assert "One decode step, wall time" in text

@@ -260,6 +260,28 @@ class ModelConfig:
         per_layer += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.o_bias
         return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
 
+    def forward_flops(self, tokens: int, context: int, *, lm_head: bool = True) -> int:
+        """Matmul FLOPs of a forward pass of `LlamaForCausalLM` over ``tokens`` query tokens (all sequences
+        together), each attending to ``context`` key positions, with the LM head on every token (without it when
+        ``lm_head`` is False: the trunk alone).
+
+        Per token: 2 FLOPs per weight of every matmul (the decoder layers' seven projections and the LM head; the
+        input embedding is a lookup, and a tied head counts once, as the head), plus attention's two contractions,
+        2 * 2 * heads * head_dim per key position per layer. Attention is counted dense, every query against
+        ``context`` keys, masked or not, as in PaLM's model-FLOPs count (Chowdhery et al., arXiv 2204.02311,
+        appendix B): 2 N + 4 L H T per token. Norms, activations, biases and the softmax are left out (they are
+        elementwise, a few per cent here). A training step's backward pass costs twice its forward (the gradients
+        with respect to each matmul's input and weight), so a step is ``3 * forward_flops(B * T, T)``; one decode
+        step of B rows with S cached positions is ``forward_flops(B, S)``.
+        """
+        if tokens < 0 or context < 0:
+            raise ValueError(f"forward_flops: tokens and context must be >= 0, got tokens={tokens}, context={context}")
+        d, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer_weights = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size
+        matmul_weights = self.num_hidden_layers * per_layer_weights + self.vocab_size * d * lm_head
+        attention_per_token = self.num_hidden_layers * 2 * 2 * q * context
+        return tokens * (2 * matmul_weights + attention_per_token)
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:

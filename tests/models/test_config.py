@@ -223,3 +223,26 @@ def test_token_ids_round_trip_through_the_hf_dict():
     assert (d["eos_token_id"], d["unk_token_id"]) == ([2, 5], 3)
     assert ModelConfig.from_hf(d) == c
     assert "unk_token_id" not in ModelConfig.tiny().to_hf_dict()
+
+
+def test_forward_flops_counts_every_matmul_of_smollm2():
+    """A loop over SmolLM2-135M's matmuls, per token: 2 FLOPs per weight, then attention over the context."""
+    c = ModelConfig.from_hf(SMOLLM2_135M_INSTRUCT)
+    d, f, q, kv = 576, 1536, 9 * 64, 3 * 64
+    layer_matrices = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    tokens, context = 4 * 128, 128
+    per_token = sum(2 * fan_in * fan_out for fan_in, fan_out in layer_matrices) * 30
+    per_token += 2 * 576 * 49152  # the tied LM head
+    per_token += 30 * 9 * (2 * 64 * context + 2 * context * 64)  # scores q.k and the mix p.v, every head
+    assert c.forward_flops(tokens, context) == tokens * per_token == 142_237_237_248
+    untied = c.replace(tie_word_embeddings=False)  # the input embedding is a lookup: the count is unchanged
+    assert untied.forward_flops(tokens, context) == c.forward_flops(tokens, context)
+    assert c.forward_flops(16, 72) - c.forward_flops(16, 71) == 16 * 30 * 4 * 576
+    assert (
+        c.forward_flops(tokens, context) - c.forward_flops(tokens, context, lm_head=False) == tokens * 2 * 576 * 49152
+    )
+
+
+def test_forward_flops_rejects_negative_sizes():
+    with pytest.raises(ValueError, match="tokens and context must be >= 0"):
+        ModelConfig.tiny().forward_flops(-1, 8)

@@ -3,6 +3,7 @@
 HF numerical parity lives in test_hf.py (needs torch).
 """
 
+import functools
 import re
 
 import jax
@@ -258,6 +259,19 @@ def test_real_init():
     m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     assert float(jnp.std(m.model.embed_tokens.embedding[...])) == pytest.approx(0.02, rel=0.1)
     np.testing.assert_array_equal(m.model.norm.scale[...], 1.0)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_forward_flops_match_xlas_count_of_the_compiled_forward(layers, monkeypatch):
+    """XLA's cost analysis counts every operation of the program, so the matmul count is a little below it; it counts
+    a loop's body once, so the layers are unrolled (the scan runs them one after another anyway)."""
+    config = ModelConfig.tiny(num_hidden_layers=layers, hidden_size=128, intermediate_size=512, vocab_size=1024)
+    graphdef, state = nnx.split(LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    ids = jnp.zeros((2, 32), jnp.int32)
+    monkeypatch.setattr(jax.lax, "scan", functools.partial(jax.lax.scan, unroll=True))
+    forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
+    xla_flops = forward.lower(state, ids).compile().cost_analysis()["flops"]
+    assert 0.97 * xla_flops <= config.forward_flops(2 * 32, 32) <= xla_flops
 
 
 def test_cache_overflow_is_an_error_outside_jit(model):
