@@ -1,8 +1,10 @@
 """Smoke test of benchmarks/profile_decode.py: a one-layer model, one profiled call, a consistent report."""
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
@@ -31,10 +33,15 @@ def test_operation_kinds_follow_the_source_of_each_operation():
 
 def test_one_layer_run_splits_prefill_and_decode_steps(tmp_path):
     argv = ["--layers", "1", "--vocab", "2048", "--prompts", "2", "--generations", "2", "--prompt-tokens", "8"]
-    report = _load().main([*argv, "--new-tokens", "4", "--calls", "1", "--out", str(tmp_path)])
+    module = _load()
+    report = module.main([*argv, "--new-tokens", "4", "--calls", "1", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "profile_decode.json").read_text())
     assert written["profile"] == report["profile"] and report["profile"]["wall_ms"] > 0
-    assert report["profile"]["decode_step_wall_ms"] > 0 and report["profile"]["decode_step_gflops"] > 0
+    # the step's time is a difference of two timings (its sign is the machine's business at these sizes); its rate
+    # is the mean decode step's matmul FLOPs (4 rows, contexts 9, 10, 11) over that time
+    step_flops = sum(module.smollm2_shapes(1, 2048).forward_flops(4, 8 + i) for i in (1, 2, 3)) / 3
+    rate, step_ms = report["profile"]["decode_step_gflops"], report["profile"]["decode_step_wall_ms"]
+    assert math.isfinite(step_ms) and rate * step_ms * 1e6 == pytest.approx(step_flops, rel=1e-9)
     step = report["profile"]["decode_step_ms"]
     assert step["matmul: projections"] > 0 and step["matmul: LM head"] > 0 and step["matmul: attention"] > 0
     assert report["profile"]["prefill_and_setup_ms"]["matmul: projections"] > 0
