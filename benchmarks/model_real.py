@@ -58,6 +58,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import next_token_loss  # noqa: E402
 
+from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
 from mojax.testing import interleaved_timings  # noqa: E402
@@ -67,7 +68,8 @@ MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+C
 PEAK_PIECE, PEAK_SIZE = "GEMM 2048x2048x2048", 2048
 DECODE_PIECE, DECODE_ROWS = "decode MLP matmuls 16 rows", 16
 """Lone matmuls timed as pieces: the square one gives the peak rate; the decode one is the up and down projections of
-SmolLM2's 30 MLPs on 16 rows, one after the other (each layer's output is the next one's input)."""
+SmolLM2's 30 MLPs on 16 rows, one after the other (each layer's output is the next one's input), with the weights
+output-major [out, in] as both sides' decode steps hold them."""
 PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE)
 VARIANTS = ("dots", "none", "full", "unrolled", "dots+ynn")
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
@@ -180,27 +182,29 @@ def torch_pieces(torch_model, ids, hidden, probe) -> dict[str, Callable[[], obje
 
 def matmul_pieces(config, seed: int = 0) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
     """({piece: mojax call}, {piece: torch call}) of :data:`PEAK_PIECE` and :data:`DECODE_PIECE` on the same random
-    data (fp32; ``jnp.matmul`` jitted, the decode chain as one program over per-layer arrays, against ``torch.mm``)."""
+    data (fp32; ``jnp.matmul`` jitted against ``torch.mm``; the decode chain as one program over per-layer [out, in]
+    arrays through :func:`mojax._numerics.columns_matmul`, as ``generate``'s decode steps, against
+    ``torch.nn.functional.linear``, as HF's)."""
     import torch
 
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    normal = lambda *shape: (rng.normal(size=shape) / np.sqrt(shape[-1])).astype(np.float32)  # noqa: E731
     square = normal(PEAK_SIZE, PEAK_SIZE)
     x = normal(DECODE_ROWS, config.hidden_size)
     layers = [
-        (normal(config.hidden_size, config.intermediate_size), normal(config.intermediate_size, config.hidden_size))
+        (normal(config.intermediate_size, config.hidden_size), normal(config.hidden_size, config.intermediate_size))
         for _ in range(config.num_hidden_layers)
     ]
 
     @jax.jit
     def mlp_chain(x, layers):
         for up, down in layers:
-            x = x @ up @ down
+            x = columns_matmul(columns_matmul(x, up), down)
         return x
 
     def torch_chain(x, layers):
         for up, down in layers:
-            x = torch.mm(torch.mm(x, up), down)
+            x = torch.nn.functional.linear(torch.nn.functional.linear(x, up), down)
         return x
 
     matmul, square_j, square_t = jax.jit(jnp.matmul), jnp.asarray(square), torch.from_numpy(square)

@@ -63,7 +63,7 @@ def operation_kind(op_name: str, vocab_size: int, shape: str) -> str:
     if "dot_general" in op_name:
         if any(letters in op_name for letters in ATTENTION_EINSUMS):
             return "matmul: attention"
-        if "vd->" in op_name or f",{vocab_size}]" in shape:
+        if "vd->" in op_name or re.search(rf"[\[,]{vocab_size}[,\]]", shape):  # [rows, V] or, by columns, [V, rows]
             return "matmul: LM head"
         return "matmul: projections"
     if "dynamic_update_slice" in op_name:

@@ -28,7 +28,9 @@ Call convention (shared by the sampler and the trainer)::
   reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
 * ``layer_weights=model.per_layer_weights()`` (with a cache, for decode loops): the layers run unrolled on
   weights split per layer once, outside the loop, instead of the scan (:func:`decode_layers`), on a cache split
-  per layer too (``cache.per_layer()``).
+  per layer too (``cache.per_layer()``). On a CPU backend the split kernels are also transposed once
+  (:class:`OutputMajor`), so that each projection of a decode step's few token rows runs as weights times the rows'
+  columns (:func:`mojax._numerics.columns_matmul`).
 
 Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
 :class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
@@ -90,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from mojax._numerics import token_matmul, token_rows
+from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, token_matmul, token_rows
 from mojax.models.config import ModelConfig
 from mojax.models.sharding import PARAM_AXIS_NAMES, constrain  # noqa: F401 (the vocabulary, re-exported)
 
@@ -288,15 +290,29 @@ def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: 
 class Projection(NamedTuple):
     """One linear map of a decoder layer, as arrays (a pytree; absent parts are None).
 
-    ``kernel`` [*in, *out] (e.g. q_proj [D, H, hd], o_proj [H, hd, D]); ``bias`` [*out];
-    ``lora_a`` [*in, r] and ``lora_b`` [r, *out]: the low-rank adapter of :mod:`mojax.models.lora`.
-    With a leading ``layers`` axis on every part when the weights are stacked.
+    ``kernel`` [*in, *out] (e.g. q_proj [D, H, hd], o_proj [H, hd, D]), or the same kernel transposed as an
+    :class:`OutputMajor`; ``bias`` [*out]; ``lora_a`` [*in, r] and ``lora_b`` [r, *out]: the low-rank adapter of
+    :mod:`mojax.models.lora`. With a leading ``layers`` axis on every part when the weights are stacked.
     """
 
-    kernel: jax.Array
+    kernel: jax.Array | OutputMajor
     bias: jax.Array | None = None
     lora_a: jax.Array | None = None
     lora_b: jax.Array | None = None
+
+
+class OutputMajor(NamedTuple):
+    """A projection kernel stored output-major, [*out, *in] (the transpose of the [*in, *out] kernel), which
+    :func:`project` multiplies by the activations' columns (:func:`mojax._numerics.columns_matmul`): faster for the
+    few rows of a decode step on XLA:CPU. Made once before a decode loop (:meth:`LlamaDecoderLayers.per_layer_weights`).
+    """
+
+    array: jax.Array
+
+
+def output_major(kernel: jax.Array, input_dims: int) -> OutputMajor:
+    """One layer's [*in, *out] kernel, with ``input_dims`` input axes, as an :class:`OutputMajor` [*out, *in]."""
+    return OutputMajor(jnp.transpose(kernel, (*range(input_dims, kernel.ndim), *range(input_dims))))
 
 
 class LayerWeights(NamedTuple):
@@ -350,11 +366,15 @@ def project(x: jax.Array, weights: Projection, input_dims: int, lora: LoraCall, 
     return y
 
 
-def _matmul(x: jax.Array, kernel: jax.Array, input_dims: int) -> jax.Array:
+def _matmul(x: jax.Array, kernel: jax.Array | OutputMajor, input_dims: int) -> jax.Array:
     """``tensordot(x, kernel, input_dims)`` as one matmul of :func:`token_rows` by the kernel's input axes merged
-    into rows (free reshapes), shaped back to [*lead, *out]."""
-    y = token_rows(x, input_dims) @ token_rows(kernel, kernel.ndim - input_dims)
-    return y.reshape(*x.shape[: x.ndim - input_dims], *kernel.shape[input_dims:])
+    into rows (free reshapes), shaped back to [*lead, *out]; an :class:`OutputMajor` kernel by the rows' columns."""
+    rows = token_rows(x, input_dims)
+    if isinstance(kernel, OutputMajor):
+        y, out_shape = columns_matmul(rows, token_rows(kernel.array, input_dims)), kernel.array.shape[:-input_dims]
+    else:
+        y, out_shape = rows @ token_rows(kernel, kernel.ndim - input_dims), kernel.shape[input_dims:]
+    return y.reshape(*x.shape[: x.ndim - input_dims], *out_shape)
 
 
 class AttentionInputs(NamedTuple):
@@ -661,10 +681,18 @@ class LlamaDecoderLayers(nnx.Module):
             **{name: module.weights(adapters) for name, module in self.projections().items()},
         )
 
-    def per_layer_weights(self, dtype: Any, adapters: bool = True) -> tuple[LayerWeights, ...]:
-        """The weights of each layer on its own, in the compute ``dtype``, for :func:`decode_layers`."""
+    def per_layer_weights(self, dtype: Any, adapters: bool = True, columns: bool = False) -> tuple[LayerWeights, ...]:
+        """The weights of each layer on its own, in the compute ``dtype``, for :func:`decode_layers`; with
+        ``columns``, every projection kernel :func:`output_major` (for the few rows of decode steps on XLA:CPU)."""
         stacked = jax.tree.map(lambda a: a.astype(dtype), self.weights(adapters))
-        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.input_layernorm.scale.shape[0]))
+        layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.input_layernorm.scale.shape[0])]
+        if not columns:
+            return tuple(layers)
+        transposed = lambda w: {  # noqa: E731
+            name: getattr(w, name)._replace(kernel=output_major(getattr(w, name).kernel, dims))
+            for name, dims in INPUT_DIMS.items()
+        }
+        return tuple(w._replace(**transposed(w)) for w in layers)
 
     def lora_call(self, adapters: bool) -> LoraCall:
         """The adapters' scaling and dropout rate for one call (no adapter maths unless ``adapters``)."""
@@ -794,21 +822,33 @@ class LlamaForCausalLM(nnx.Module):
             layer_weights=layer_weights,
         )
 
-    def per_layer_weights(self, adapters: bool = True) -> tuple[LayerWeights, ...]:
+    def per_layer_weights(self, adapters: bool = True, columns: bool | None = None) -> tuple[LayerWeights, ...]:
         """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states` (the final block
-        from ``last_layer`` in probe mode's split representation)."""
-        layers = self.model.layers.per_layer_weights(self.config.dtype, adapters)
+        from ``last_layer`` in probe mode's split representation). ``columns``: projection kernels output-major
+        (:class:`OutputMajor`), the faster layout for decode steps on XLA:CPU; None: on a CPU backend only (the
+        layout was measured there; elsewhere its barriers would only add transpose kernels)."""
+        columns = jax.default_backend() == "cpu" if columns is None else columns
+        layers = self.model.layers.per_layer_weights(self.config.dtype, adapters, columns)
         if self.model.last_layer is None:
             return layers
-        return layers + self.model.last_layer.per_layer_weights(self.config.dtype, adapters)
+        return layers + self.model.last_layer.per_layer_weights(self.config.dtype, adapters, columns)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM head on hidden states: fp32 logits [..., V]."""
+        """LM head on hidden states: fp32 logits [..., V].
+
+        A tied head ([V, D], output-major already) multiplies the columns of at most
+        :data:`~mojax._numerics.COLUMNS_MAX_ROWS` token rows on a CPU backend (decode steps;
+        :func:`~mojax._numerics.columns_matmul`), more rows as rows.
+        """
         hidden = hidden.astype(self.config.dtype)
         if not self.config.tie_word_embeddings:
             return token_matmul(hidden, self.lm_head.kernel[...])
         w = self.model.embed_tokens.embedding[...].astype(hidden.dtype)  # [V, D]
-        logits = jnp.einsum("nd,vd->nv", token_rows(hidden), w, preferred_element_type=jnp.float32)
+        rows = token_rows(hidden)
+        if jax.default_backend() == "cpu" and rows.shape[0] <= COLUMNS_MAX_ROWS:
+            logits = columns_matmul(rows, w, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("nd,vd->nv", rows, w, preferred_element_type=jnp.float32)
         return logits.reshape(*hidden.shape[:-1], w.shape[0])
 
     def __call__(

@@ -13,8 +13,20 @@ import pytest
 from flax import nnx
 from hf_fixtures import random_llama
 
+from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul
 from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
-from mojax.models.llama import PARAM_AXIS_NAMES, LoraCall, Projection, apply_rope, attention, project, rope_inv_freq
+from mojax.models.llama import (
+    INPUT_DIMS,
+    PARAM_AXIS_NAMES,
+    LoraCall,
+    OutputMajor,
+    Projection,
+    apply_rope,
+    attention,
+    output_major,
+    project,
+    rope_inv_freq,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +96,15 @@ def test_cache_prefill_then_decode_matches_full_forward(model, fwd, step):
     np.testing.assert_array_equal(cache.valid[:, P + G :], False)
 
 
-def test_per_layer_weights_give_the_scans_logits_and_cache(model, step):
-    """decode_layers (unrolled over weights and cache arrays split per layer) equals the layer scan on the stacked
-    cache, chunk after chunk, whichever kind of cache each call is handed."""
+@pytest.mark.parametrize("columns", [True, False])
+def test_per_layer_weights_give_the_scans_logits_and_cache(model, step, columns):
+    """decode_layers (unrolled over weights and cache arrays split per layer, with kernels output-major or not)
+    equals the layer scan on the stacked cache, chunk after chunk, whichever kind of cache each call is handed."""
     ids = _ids(2, 7, seed=4)
     mask = jnp.asarray([[1] * 7, [0] * 3 + [1] * 4], jnp.int32)
-    unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=m.per_layer_weights()))
+    layer_weights = lambda m: m.per_layer_weights(columns=columns)  # noqa: E731
+    unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=layer_weights(m)))
+    assert isinstance(layer_weights(model)[0].o_proj.kernel, OutputMajor) == columns
     scan_cache = unrolled_cache = model.init_cache(2, 9)
     for chunk in (slice(0, 5), slice(5, 6), slice(6, 7)):
         want, scan_cache = step(model, ids[:, chunk], mask[:, chunk], scan_cache)
@@ -186,6 +201,65 @@ def test_attention_moves_only_the_queries_between_layouts():
     moves = _layout_moves(gradients, q, k, v, mask)
     sizes = {int(np.prod([int(n) for n in re.search(r"f32\[([\d,]+)\]", line).group(1).split(",")])) for line in moves}
     assert moves and sizes == {B * T * H * hd}, moves
+
+
+def _dot_shapes(fn, *args) -> list[tuple[int, ...]]:
+    """The result shapes of the dots in the compiled program of ``fn``."""
+    program = jax.jit(fn).lower(*args).compile().as_text()
+    dots = re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", program)
+    return [tuple(int(n) for n in shape.split(",")) for shape in dots]
+
+
+def test_columns_matmul_keeps_the_weights_as_the_left_operand():
+    """rows @ kernel_t^T computed as kernel_t @ rows^T: the compiled dot yields [out, rows] (XLA folds the plain
+    transposes of (kernel_t @ rows.T).T back into a dot yielding [rows, out], with the weights on the right)."""
+    rng = np.random.default_rng(0)
+    rows, kernel_t = rng.standard_normal((4, 32), np.float32), rng.standard_normal((96, 32), np.float32)
+    assert _dot_shapes(columns_matmul, rows, kernel_t) == [(96, 4)]
+    assert _dot_shapes(lambda r, k: (k @ r.T).T, rows, kernel_t) == [(4, 96)]  # what the barriers prevent
+    want = np.asarray(rows, np.float64) @ np.asarray(kernel_t, np.float64).T
+    np.testing.assert_allclose(columns_matmul(rows, kernel_t), want, rtol=1e-5, atol=1e-5)
+    half = columns_matmul(jnp.asarray(rows, jnp.bfloat16), jnp.asarray(kernel_t, jnp.bfloat16), jnp.float32)
+    assert half.dtype == jnp.float32 and half.shape == (4, 96)
+    np.testing.assert_allclose(half, want, rtol=0.05, atol=0.3)
+
+
+@pytest.mark.parametrize("name", ["q_proj", "o_proj"])
+def test_an_output_major_kernel_projects_as_the_kernel(name):
+    """project() with the kernel transposed [*out, *in] (OutputMajor) gives the [*in, *out] kernel's outputs and
+    gradients, adapters included; q_proj contracts one axis (D), o_proj two (H, hd)."""
+    input_dims = INPUT_DIMS[name]
+    x_shape, kernel_shape = ((2, 3, 16), (16, 2, 8)) if input_dims == 1 else ((2, 3, 2, 8), (2, 8, 16))
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], x_shape)
+    kernel = jax.random.normal(keys[1], kernel_shape)
+    lora_a = jax.random.normal(keys[2], (*kernel_shape[:input_dims], 3))
+    lora_b = jax.random.normal(keys[3], (3, *kernel_shape[input_dims:]))
+    transposed = output_major(kernel, input_dims)
+    assert transposed.array.shape == (*kernel_shape[input_dims:], *kernel_shape[:input_dims])
+
+    def outputs(kernel, x):
+        return project(x, Projection(kernel, lora_a=lora_a, lora_b=lora_b), input_dims, LoraCall(scaling=0.5), 0)
+
+    np.testing.assert_allclose(outputs(transposed, x), outputs(kernel, x), rtol=1e-5, atol=1e-5)
+    x_gradient = lambda k: jax.grad(lambda x: jnp.sum(jnp.sin(outputs(k, x))))(x)  # noqa: E731
+    np.testing.assert_allclose(x_gradient(transposed), x_gradient(kernel), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, COLUMNS_MAX_ROWS, COLUMNS_MAX_ROWS + 16])
+def test_the_tied_head_gives_the_same_logits_and_gradients_either_side_of_the_columns_threshold(rows):
+    """The tied LM head multiplies the columns of few token rows (on the CPU backend, these tests') and the rows of
+    many; both are hidden @ E^T."""
+    model = random_llama(ModelConfig.tiny(tie_word_embeddings=True), seed=1)
+    hidden = jax.random.normal(jax.random.key(rows), (rows, 1, model.config.hidden_size))
+    vocab = model.config.vocab_size
+    assert _dot_shapes(model.logits, hidden) == [(vocab, rows) if rows <= COLUMNS_MAX_ROWS else (rows, vocab)]
+    embedding = np.asarray(model.model.embed_tokens.embedding[...], np.float64)
+    want = np.asarray(hidden, np.float64) @ embedding.T
+    np.testing.assert_allclose(model.logits(hidden), want, rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(1), want.shape)
+    gradient = jax.grad(lambda h: jnp.sum(model.logits(h) * weights))(hidden)
+    np.testing.assert_allclose(gradient, np.asarray(weights, np.float64) @ embedding, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_is_relative():
