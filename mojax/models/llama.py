@@ -333,6 +333,16 @@ INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1
 """Projection name -> number of leading kernel dims it contracts (o_proj reads [H, hd])."""
 
 
+def output_major_kernels(w: LayerWeights) -> LayerWeights:
+    """One layer's weights with every projection kernel :func:`output_major` (biases and adapters unchanged)."""
+    return w._replace(
+        **{
+            name: getattr(w, name)._replace(kernel=output_major(getattr(w, name).kernel, dims))
+            for name, dims in INPUT_DIMS.items()
+        }
+    )
+
+
 class LoraCall(NamedTuple):
     """How adapters run in one call: ``scaling`` = alpha / r, dropout ``rate``, and a PRNG ``key`` (None: no dropout)."""
 
@@ -686,13 +696,7 @@ class LlamaDecoderLayers(nnx.Module):
         ``columns``, every projection kernel :func:`output_major` (for the few rows of decode steps on XLA:CPU)."""
         stacked = jax.tree.map(lambda a: a.astype(dtype), self.weights(adapters))
         layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.input_layernorm.scale.shape[0])]
-        if not columns:
-            return tuple(layers)
-        transposed = lambda w: {  # noqa: E731
-            name: getattr(w, name)._replace(kernel=output_major(getattr(w, name).kernel, dims))
-            for name, dims in INPUT_DIMS.items()
-        }
-        return tuple(w._replace(**transposed(w)) for w in layers)
+        return tuple(map(output_major_kernels, layers)) if columns else tuple(layers)
 
     def lora_call(self, adapters: bool) -> LoraCall:
         """The adapters' scaling and dropout rate for one call (no adapter maths unless ``adapters``)."""
