@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, token_matmul, token_rows
+from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, columns_pay_off, token_matmul, token_rows
 from mojax.models.config import ModelConfig
 from mojax.models.sharding import PARAM_AXIS_NAMES, constrain  # noqa: F401 (the vocabulary, re-exported)
 
@@ -829,9 +829,9 @@ class LlamaForCausalLM(nnx.Module):
     def per_layer_weights(self, adapters: bool = True, columns: bool | None = None) -> tuple[LayerWeights, ...]:
         """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states` (the final block
         from ``last_layer`` in probe mode's split representation). ``columns``: projection kernels output-major
-        (:class:`OutputMajor`), the faster layout for decode steps on XLA:CPU; None: on a CPU backend only (the
-        layout was measured there; elsewhere its barriers would only add transpose kernels)."""
-        columns = jax.default_backend() == "cpu" if columns is None else columns
+        (:class:`OutputMajor`), the faster layout for decode steps on XLA:CPU; None: where
+        :func:`~mojax._numerics.columns_pay_off`."""
+        columns = columns_pay_off() if columns is None else columns
         layers = self.model.layers.per_layer_weights(self.config.dtype, adapters, columns)
         if self.model.last_layer is None:
             return layers
@@ -849,7 +849,7 @@ class LlamaForCausalLM(nnx.Module):
             return token_matmul(hidden, self.lm_head.kernel[...])
         w = self.model.embed_tokens.embedding[...].astype(hidden.dtype)  # [V, D]
         rows = token_rows(hidden)
-        if jax.default_backend() == "cpu" and rows.shape[0] <= COLUMNS_MAX_ROWS:
+        if columns_pay_off() and rows.shape[0] <= COLUMNS_MAX_ROWS:
             logits = columns_matmul(rows, w, preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("nd,vd->nv", rows, w, preferred_element_type=jnp.float32)
