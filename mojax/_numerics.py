@@ -32,8 +32,9 @@ at 48, even at 64, 56 against 50 at 128)."""
 
 
 def columns_pay_off() -> bool:
-    """Whether :func:`columns_matmul` is used where it helps: on a CPU backend, where it was measured. Elsewhere the
-    GEMMs choose their own operand layouts and the barriers would only add transpose kernels."""
+    """Whether this backend multiplies decode-sized matmuls by columns (:func:`columns_matmul`): the CPU, where that
+    was measured to pay off. Elsewhere the GEMMs choose their own operand layouts and the barriers would only add
+    transpose kernels."""
     return jax.default_backend() == "cpu"
 
 
