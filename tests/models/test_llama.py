@@ -168,9 +168,14 @@ def test_gqa_equals_repeated_kv_mha():
     np.testing.assert_allclose(out, dense, atol=1e-5)
 
 
+def _compiled_text(fn, *args) -> str:
+    """The text of ``fn``'s compiled program for ``args``."""
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
 def _layout_moves(fn, *args) -> list[str]:
     """The copies and transposes of the compiled program's entry computation (fusion bodies excluded)."""
-    program = jax.jit(fn).lower(*args).compile().as_text()
+    program = _compiled_text(fn, *args)
     entry = program[program.index("\nENTRY") :].splitlines()
     return [line for line in entry if re.search(r"%[\w.\-]*(copy|transpose)[\w.\-]* = ", line)]
 
@@ -205,8 +210,7 @@ def test_attention_moves_only_the_queries_between_layouts():
 
 def _dot_shapes(fn, *args) -> list[tuple[int, ...]]:
     """The result shapes of the dots in the compiled program of ``fn``."""
-    program = jax.jit(fn).lower(*args).compile().as_text()
-    dots = re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", program)
+    dots = re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", _compiled_text(fn, *args))
     return [tuple(int(n) for n in shape.split(",")) for shape in dots]
 
 
