@@ -212,6 +212,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
+CAUSAL_BLOCKS = 4
+"""Query blocks of :func:`causal_attention`: of 2, 4, 8 and 16 blocks, 4 gave the fastest forward+backward on
+XLA:CPU at 4 x 128 and 1 x 512 SmolLM2 shapes (more blocks: more, smaller contractions)."""
+MIN_BLOCK_ROWS = 16
+"""Fewer queries per block than this and :func:`causal_attention` runs :func:`attention` whole."""
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """:func:`attention` when the keys are the queries' own T tokens in order and ``mask`` never lets query t see a
+    key s > t (a forward without a cache: training and scoring): the same maths, on the queries in
+    :data:`CAUSAL_BLOCKS` blocks, each against the keys up to its last query only.
+
+    The blocks skip the masked upper triangle: the two contractions cost (n + 1) / 2n of the whole product for n
+    blocks (5/8 for 4). A query row with no allowed key still gets a finite, meaningless output (a uniform average of
+    the keys its block reads rather than of all T). Shapes as :func:`attention`, with S = T.
+    """
+    T = q.shape[1]
+    size = -(-T // CAUSAL_BLOCKS)
+    if size < MIN_BLOCK_ROWS:
+        return attention(q, k, v, mask)
+    spans = [(start, min(start + size, T)) for start in range(0, T, size)]
+    blocks = [attention(q[:, a:b], k[:, :, :b], v[:, :, :b], mask[:, a:b, :b]) for a, b in spans]
+    return jnp.concatenate(blocks, axis=1)
+
+
 def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
     """``offset + cumsum(mask) - 1`` clipped at 0: i32[B, T]."""
     m = attention_mask.astype(jnp.int32)
@@ -464,9 +489,12 @@ def attention_and_mlp(
     eps: float,
     lora: LoraCall,
 ) -> jax.Array:
-    """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x))."""
+    """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x)). Without a cache
+    (``inputs.index`` None) the keys are the queries' own tokens, and attention skips the masked future
+    (:func:`causal_attention`)."""
     linear = _projector(w, lora)
-    x = x + linear("o_proj", attention(q, keys, values, inputs.mask))
+    attend = causal_attention if inputs.index is None else attention
+    x = x + linear("o_proj", attend(q, keys, values, inputs.mask))
     h = rms_norm(x, w.post_attention_layernorm, eps)
     return x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
 

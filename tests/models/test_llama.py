@@ -23,6 +23,8 @@ from mojax.models.llama import (
     Projection,
     apply_rope,
     attention,
+    causal_attention,
+    causal_mask,
     output_major,
     project,
     rope_inv_freq,
@@ -206,6 +208,52 @@ def test_attention_moves_only_the_queries_between_layouts():
     moves = _layout_moves(gradients, q, k, v, mask)
     sizes = {int(np.prod([int(n) for n in re.search(r"f32\[([\d,]+)\]", line).group(1).split(",")])) for line in moves}
     assert moves and sizes == {B * T * H * hd}, moves
+
+
+def _attention_case(T: int, B: int = 2, H: int = 6, KV: int = 2, hd: int = 16):
+    """Random q [B, T, H, hd], k, v [B, KV, T, hd] and the causal mask of a batch whose second row has 5 left pads."""
+    q = jax.random.normal(jax.random.key(0), (B, T, H, hd))
+    k, v = jax.random.normal(jax.random.key(1), (2, B, KV, T, hd))
+    valid = jnp.ones((B, T), bool).at[1, :5].set(False)
+    return q, k, v, causal_mask(valid, jnp.arange(T, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("T", [64, 70, 20], ids=["4 blocks", "uneven blocks", "one block"])
+def test_causal_attention_gives_attentions_outputs_and_gradients(T):
+    """Every query row with an allowed key gets attention's output, and the gradients through those rows are
+    attention's (rows with none, left pads here, get a finite output of their own)."""
+    q, k, v, mask = _attention_case(T)
+    attended = mask.any(-1)[..., None, None]  # [B, T, 1, 1]
+    cotangent = jax.random.normal(jax.random.key(2), q.shape) * attended
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cotangent)
+
+    blocked, whole = jax.jit(causal_attention)(q, k, v, mask), jax.jit(attention)(q, k, v, mask)
+    assert np.isfinite(np.asarray(blocked)).all()
+    np.testing.assert_allclose(blocked * attended, whole * attended, rtol=1e-5, atol=1e-6)
+    grads, want_grads = (
+        jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v) for fn in (causal_attention, attention)
+    )
+    for mine, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(mine, want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_contracts_each_query_block_with_its_past_keys_only():
+    """4 blocks of 16 queries (G = 3 heads each: 48 rows) against 16, 32, 48 and 64 keys: no dot spans all 64 queries."""
+    q, k, v, mask = _attention_case(64)
+    shapes = set(_dot_shapes(lambda q, k, v: causal_attention(q, k, v, mask), q, k, v))
+    assert shapes == {(2, 2, 48, keys) for keys in (16, 32, 48, 64)}  # scores; the outputs are [2, 2, 48, hd = 16]
+    assert (2, 2, 192, 64) in set(_dot_shapes(lambda q, k, v: attention(q, k, v, mask), q, k, v))
+
+
+def test_a_long_forward_without_cache_equals_the_cache_prefill(model, fwd, step):
+    """At 64 tokens the layers run blocked causal attention without a cache; prefilling a cache runs attention whole."""
+    ids = _ids(2, 64, seed=3)
+    mask = jnp.ones((2, 64), jnp.int32).at[1, :5].set(0)
+    prefill, _ = step(model, ids, mask, model.init_cache(2, 64))
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(fwd(model, ids, mask))[real], np.asarray(prefill)[real], atol=2e-5)
 
 
 def _dot_shapes(fn, *args) -> list[tuple[int, ...]]:
