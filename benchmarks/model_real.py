@@ -13,7 +13,9 @@ and exported with ``save_pretrained`` for ``transformers.LlamaForCausalLM``. On 
 * ``trunk forward``: the hidden states alone;
 * ``GEMM 2048x2048x2048``: one fp32 square matmul alone, what this machine's matmuls can do on each side;
 * ``decode MLP matmuls``: the matmuls of a greedy decode step's MLPs at batch 16 alone (16-row activations through
-  the 30 layers' up and down projections), the skinny matmuls a decode step is made of.
+  the 30 layers' up and down projections), the skinny matmuls a decode step is made of;
+* ``attention forward+backward``: the causal attention of the 30 layers alone (random q, k, v at the batch's shapes),
+  mojax's ``causal_attention`` against the ``scaled_dot_product_attention`` call HF's LLaMA makes in training.
 
 The pieces say where the whole step's time goes on each side. Every row also gives the FLOP rate of both sides,
 from the matmul FLOPs of the piece (``ModelConfig.forward_flops``; a backward pass costs twice its forward), and,
@@ -21,8 +23,9 @@ when the square GEMM ran in the same run, the share of the best rate either side
 piece leaves, and what rate a target ratio against torch would need. mojax's variants of the whole step (``--variants``)
 are the layer scan under each rematerialisation policy of ``mojax.models.llama.checkpointed`` (``dots``, the
 default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
-recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled) and ``dots+ynn`` (policy ``dots``
-compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`).
+recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled), ``dots+whole-attention`` (policy
+``dots`` with each layer's attention over all T keys instead of ``causal_attention``'s query blocks) and ``dots+ynn``
+(policy ``dots`` compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`).
 
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
@@ -70,8 +73,11 @@ DECODE_PIECE, DECODE_ROWS = "decode MLP matmuls 16 rows", 16
 """Lone matmuls timed as pieces: the square one gives the peak rate; the decode one is the up and down projections of
 SmolLM2's 30 MLPs on 16 rows, one after the other (each layer's output is the next one's input), with the weights
 output-major [out, in] as both sides' decode steps hold them."""
-PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE)
-VARIANTS = ("dots", "none", "full", "unrolled", "dots+ynn")
+ATTENTION_PIECE = "attention forward+backward"
+"""Every layer's causal attention alone, forward and backward: mojax's ``causal_attention`` against the SDPA call HF's
+LLaMA makes in training."""
+PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE, ATTENTION_PIECE)
+VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+ynn")
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 """XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
 one YNNPACK fusion."""
@@ -83,22 +89,35 @@ def gguf_path() -> Path:
     return root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def traced_with(fn: Callable, owner: object, name: str, replacement: object) -> Callable:
+    """``fn`` traced with ``owner.name`` replaced by ``replacement`` (put back after each call)."""
+
+    def wrapped(*args):
+        original = getattr(owner, name)
+        setattr(owner, name, replacement)
+        try:
+            return fn(*args)
+        finally:
+            setattr(owner, name, original)
+
+    return wrapped
+
+
 def with_unrolled_scan(fn: Callable) -> Callable:
     """``fn`` traced with every ``lax.scan`` fully unrolled (the layer scan becomes straight-line code)."""
     scan = jax.lax.scan
 
     def unrolled_scan(f, init, xs=None, length=None, **kwargs):
-        kwargs["unroll"] = True
-        return scan(f, init, xs, length, **kwargs)
+        return scan(f, init, xs, length, **{**kwargs, "unroll": True})
 
-    def wrapped(*args):
-        jax.lax.scan = unrolled_scan
-        try:
-            return fn(*args)
-        finally:
-            jax.lax.scan = scan
+    return traced_with(fn, jax.lax, "scan", unrolled_scan)
 
-    return wrapped
+
+def with_whole_attention(fn: Callable) -> Callable:
+    """``fn`` traced with the layers' blocked causal attention replaced by attention over all T keys."""
+    from mojax.models import llama
+
+    return traced_with(fn, llama, "causal_attention", llama.attention)
 
 
 def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, dict[str, Callable[[], object]]]:
@@ -117,6 +136,7 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
 
     step = {policy: jax.jit(jax.value_and_grad(whole_loss(g))) for policy, g in graphdefs.items()}
     step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
+    step["dots+whole-attention"] = jax.jit(with_whole_attention(jax.value_and_grad(whole_loss(graphdefs["dots"]))))
     step["dots+ynn"] = jax.jit(jax.value_and_grad(whole_loss(graphdefs["dots"])), compiler_options=YNN_DOT_FUSION)
     forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
     trunk = jax.jit(jax.value_and_grad(trunk_loss))
@@ -218,6 +238,45 @@ def matmul_pieces(config, seed: int = 0) -> tuple[dict[str, Callable[[], object]
     return ours, theirs
 
 
+def attention_pieces(
+    config, batch: int, length: int, seed: int = 0
+) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """({:data:`ATTENTION_PIECE`: mojax call}, {...: torch call}): the causal attention of every layer, forward and
+    backward (gradients w.r.t. q, k and v for a random output cotangent) on random [batch, length] inputs, one call
+    per layer. mojax: ``mojax.models.llama.causal_attention`` (what its layers run without a cache: explicit causal
+    mask, fp32 softmax, the queries in blocks that skip the masked future) jitted with its VJP;
+    torch: what HF's LLaMA runs in training without padding, ``scaled_dot_product_attention(q, k, v, is_causal=True,
+    enable_gqa=True)`` and its autograd."""
+    import torch
+
+    from mojax.models.llama import causal_attention
+
+    rng = np.random.default_rng(seed)
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q, out_grad = (rng.normal(size=(batch, length, heads, hd)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(batch, kv, length, hd)).astype(np.float32) for _ in range(2))
+    mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None].repeat(batch, 0))
+
+    @jax.jit
+    def ours(q, k, v, out_grad):
+        out, pullback = jax.vjp(lambda q, k, v: causal_attention(q, k, v, mask), q, k, v)
+        return out, pullback(out_grad)
+
+    def theirs(q, k, v, out_grad):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out, torch.autograd.grad(out, (q, k, v), out_grad)
+
+    ours_args = [jnp.asarray(a) for a in (q, k, v, out_grad)]
+    heads_first = lambda a: torch.from_numpy(a).transpose(1, 2).contiguous()  # noqa: E731  [B, H, T, hd]
+    theirs_args = [heads_first(q).requires_grad_(True), torch.from_numpy(k).requires_grad_(True)]
+    theirs_args += [torch.from_numpy(v).requires_grad_(True), heads_first(out_grad)]
+    layers = range(config.num_hidden_layers)
+    return (
+        {ATTENTION_PIECE: lambda: [jax.block_until_ready(ours(*ours_args)) for _ in layers]},
+        {ATTENTION_PIECE: lambda: [theirs(*theirs_args) for _ in layers]},
+    )
+
+
 def piece_flops(config, batch: int, length: int) -> dict[str, int]:
     """Matmul FLOPs of one call of each piece on a [batch, length] batch (backward passes at twice the forward)."""
     tokens = batch * length
@@ -231,6 +290,7 @@ def piece_flops(config, batch: int, length: int) -> dict[str, int]:
         "trunk forward": trunk,
         PEAK_PIECE: 2 * PEAK_SIZE**3,
         DECODE_PIECE: config.num_hidden_layers * 2 * (2 * DECODE_ROWS * config.hidden_size * config.intermediate_size),
+        ATTENTION_PIECE: 3 * (trunk - config.forward_flops(tokens, 0, lm_head=False)),
     }
 
 
@@ -344,9 +404,12 @@ def main(argv: list[str] | None = None) -> dict:
     probe = rng.normal(size=hidden.shape).astype(np.float32)
     ours = mojax_pieces(model, jnp.asarray(ids), jnp.asarray(hidden), jnp.asarray(probe), args.variants)
     theirs = torch_pieces(torch_model, ids, hidden, probe)
-    matmuls_ours, matmuls_theirs = matmul_pieces(model.config)
-    ours.update({piece: {"mojax": call} for piece, call in matmuls_ours.items()})
-    theirs.update(matmuls_theirs)
+    extras = [matmul_pieces(model.config)]
+    if ATTENTION_PIECE in args.pieces:  # only then: older mojax versions, timed through PYTHONPATH, lack it
+        extras.append(attention_pieces(model.config, batch, length))
+    for extra_ours, extra_theirs in extras:
+        ours.update({piece: {"mojax": call} for piece, call in extra_ours.items()})
+        theirs.update(extra_theirs)
     flops = piece_flops(model.config, batch, length)
     logits = np.asarray(ours["forward"]["mojax"]())
     report["max_abs_logits_diff"] = float(np.abs(logits - theirs["forward"]().numpy()).max())
