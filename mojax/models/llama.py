@@ -35,7 +35,8 @@ Call convention (shared by the sampler and the trainer)::
 Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
 :class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
 bias and optional LoRA factors); :func:`key_slots` / :func:`causal_mask` / :func:`default_positions`
-build the attention inputs; :func:`run_layers` scans :func:`decoder_layer` with or without cache
+build the attention inputs (without a cache, :func:`causal_attention` runs attention in query blocks that skip the
+masked future); :func:`run_layers` scans :func:`decoder_layer` with or without cache
 slices through one body; :func:`decode_layers` loops over the same two halves of a layer
 (:func:`attention_inputs`, :func:`attention_and_mlp`) writing straight into each layer's cache arrays.
 Activations are constrained by logical name ("batch") through
