@@ -19,7 +19,6 @@ Every form of a size is timed in the same rounds (``mojax.testing.interleaved_ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings  # noqa: E402
+from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
 
 
 def folded_columns(rows: jax.Array, kernel_t: jax.Array) -> jax.Array:
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matmul_orientation.json").write_text(json.dumps(report, indent=1))
-    (args.out / "matmul_orientation.md").write_text(text)
+    write_report(args.out, "matmul_orientation", report, text)
     return report
 
 

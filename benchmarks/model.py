@@ -18,7 +18,6 @@ Run on a quiet machine: ``python benchmarks/model.py`` (writes benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -42,7 +41,7 @@ from mojax.models.config import ModelConfig  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
-from mojax.testing import cpu_model  # noqa: E402
+from mojax.testing import cpu_model, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 
@@ -319,9 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "model.md").write_text(text)
+    write_report(args.out, "model", report, text)
     return report
 
 

@@ -40,7 +40,6 @@ CPU: only same-run ratios are meaningful. Both sides run with freed host memory 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -64,7 +63,7 @@ from model import next_token_loss  # noqa: E402
 from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
-from mojax.testing import interleaved_timings  # noqa: E402
+from mojax.testing import interleaved_timings, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -420,9 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["rows"] += rows_for(piece, timing, flops[piece])
         report["load_after"] = [round(x, 2) for x in os.getloadavg()]
         print(markdown(report), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model_real.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "model_real.md").write_text(markdown(report))
+    write_report(args.out, "model_real", report, markdown(report))
     return report
 
 

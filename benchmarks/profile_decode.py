@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,7 @@ from profile_step import smollm2_shapes, xla_operation_times  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings  # noqa: E402
+from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
 
 ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd")
 """Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name``."""
@@ -183,9 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_decode.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "profile_decode.md").write_text(text)
+    write_report(args.out, "profile_decode", report, text)
     return report
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import shlex
@@ -48,7 +47,7 @@ from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import REMAT_POLICIES  # noqa: E402
-from mojax.testing import cpu_model  # noqa: E402
+from mojax.testing import cpu_model, write_report  # noqa: E402
 
 XLA_KINDS = (
     ("matmul (library)", r"^ynn_fusion|^xnn_fusion|^onednn"),
@@ -220,9 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_step.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "profile_step.md").write_text(text)
+    write_report(args.out, "profile_step", report, text)
     return report
 
 

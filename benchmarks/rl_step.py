@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -57,7 +56,7 @@ from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.rl.update import Batch, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
-from mojax.testing import cpu_model  # noqa: E402
+from mojax.testing import cpu_model, write_report  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
 BASELINE = "linear/scalar"
@@ -367,9 +366,7 @@ def write(report: dict[str, Any], out: Path) -> None:
     """Write rl_step.json and rl_step.md (after every n, so a long run leaves its finished part)."""
     report["load_after"] = load()
     report["verdict"] = verdict(report["rows"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rl_step.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "rl_step.md").write_text(markdown(report))
+    write_report(out, "rl_step", report, markdown(report))
 
 
 if __name__ == "__main__":

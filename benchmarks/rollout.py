@@ -30,7 +30,6 @@ with freed host memory kept for the next call (``mojax.host_memory``, as ``bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -52,7 +51,7 @@ from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.testing import interleaved_timings  # noqa: E402
+from mojax.testing import interleaved_timings, write_report  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
 GENERATIONS = 4
@@ -235,9 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.close()
     report = {**_header(args, argv, sampling, load_before), "rows": rows}
     text = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rollout.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "rollout.md").write_text(text)
+    write_report(args.out, "rollout", report, text)
     return report
 
 

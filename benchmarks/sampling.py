@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import statistics
@@ -37,6 +36,7 @@ from flax import nnx  # noqa: E402
 from model import FULL_SIZES, SMOKE_SIZES  # noqa: E402
 
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
+from mojax.testing import write_report  # noqa: E402
 
 after = importlib.import_module("mojax.models.generate")  # the module (mojax.models.generate is also a function)
 TOP_P = 0.9
@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["load_after"] = uptime()
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "sampling.md").write_text(text)
+    write_report(args.out, "sampling", report, text)
     return report
 
 

@@ -26,7 +26,6 @@ kernels on each side, and how much of the gap between the sides the kernels alon
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.testing import interleaved_timings  # noqa: E402
+from mojax.testing import interleaved_timings, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 PASSES = ("forward", "input gradient", "weight gradient")
@@ -228,13 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     known = [w.name for w in step_weights(config)]
     if names and set(names) - set(known):
         raise SystemExit(f"--weights: unknown {sorted(set(names) - set(known))}; expected names from {known}")
-    report["rows"] = measure(config, args.tokens, args.rounds, args.repeats, names)
-    report["sums"] = step_sums(report["rows"])
-    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = measure(config, args.tokens, args.rounds, args.repeats, names)
+    report.update(rows=rows, sums=step_sums(rows), load_after=[round(x, 2) for x in os.getloadavg()])
     print(markdown(report), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_matmuls.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "step_matmuls.md").write_text(markdown(report))
+    write_report(args.out, "step_matmuls", report, markdown(report))
     return report
 
 

@@ -8,6 +8,7 @@ contender against its peer.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -113,6 +114,13 @@ def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeat
         for name in names:
             medians[name].append(statistics.median(times[name]))
     return {"first_call_s": first, "round_medians_s": medians}
+
+
+def write_report(out: Path, name: str, report: dict, table: str) -> None:
+    """A benchmark's results: ``report`` as ``out/<name>.json`` and its markdown ``table`` as ``out/<name>.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
 
 
 def cpu_model() -> str:
