@@ -73,7 +73,7 @@ def step_weights(config) -> list[Weight]:
 
 
 def layer_operands(weight: Weight, tokens: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(x [tokens, in], dy [tokens, out], weight [out, in] scaled by 1/sqrt(in)) for each of the ``count`` layers:
+    """(x [tokens, in], dy [tokens, out], weight [out, in]), standard normal, for each of the ``count`` layers:
     random, and distinct per layer, so a chain of products streams its weights from memory as the step does."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
