@@ -248,13 +248,13 @@ def attention_pieces(
     enable_gqa=True)`` and its autograd."""
     import torch
 
-    from mojax.models.llama import causal_attention
+    from mojax.models.llama import causal_attention, causal_mask
 
     rng = np.random.default_rng(seed)
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, out_grad = (rng.normal(size=(batch, length, heads, hd)).astype(np.float32) for _ in range(2))
     k, v = (rng.normal(size=(batch, kv, length, hd)).astype(np.float32) for _ in range(2))
-    mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None].repeat(batch, 0))
+    mask = causal_mask(jnp.ones((batch, length), bool), jnp.arange(length, dtype=jnp.int32))
 
     @jax.jit
     def ours(q, k, v, out_grad):
