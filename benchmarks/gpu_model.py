@@ -1,0 +1,210 @@
+"""The model in bf16 on an accelerator: forward, training step and greedy decode, with model FLOPs utilisation.
+
+Part 1 of ``benchmarks/gpu.sh``. fp32 master weights and AdamW, bf16 compute, rematerialised layers; each time is
+the median of ``--repeats`` calls after a warm-up. MFU is the matmul FLOPs over the device's peak bf16 dense FLOP/s:
+``ModelConfig.forward_flops`` (PaLM's 2N + 4LHT per forward token, Chowdhery et al., arXiv 2204.02311, appendix B)
+per forward, three times that per trained token. XLA's own count (``cost_analysis``) is not used: it counts the
+layer scan's body once. The peak comes from the device kind (:data:`PEAK_TFLOPS`), or from ``--peak-tflops`` /
+``MOJAX_PEAK_TFLOPS`` for other parts; without one the MFU columns read nan.
+
+    python benchmarks/gpu_model.py --out benchmarks/results/gpu   # 56M and 1.1B LLaMA shapes; gpu_model.{json,md}
+    python benchmarks/gpu_model.py --smoke --out /tmp/x            # the tiny config on any backend (CPU included)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mojax.models.config import ModelConfig
+from mojax.models.generate import SamplingConfig, generate
+from mojax.models.llama import LlamaForCausalLM
+from mojax.testing import write_report
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
+"""Peak dense bf16 TFLOP/s by a name the device kind contains (SXM parts; the first match wins)."""
+
+
+def peak_flops(device_kind: str, tflops: float | None = None) -> float:
+    """Peak FLOP/s: ``tflops`` when given, else :data:`PEAK_TFLOPS`' entry whose name ``device_kind`` contains, else
+    nan (an unknown part: MFU is then not reported)."""
+    if tflops is not None:
+        return tflops * 1e12
+    return next((peak * 1e12 for name, peak in PEAK_TFLOPS.items() if name in device_kind), math.nan)
+
+
+def llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> ModelConfig:
+    """A LLaMA config computing in bf16."""
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        dtype=jnp.bfloat16,
+    )
+
+
+def sizes(smoke: bool) -> dict[str, tuple[ModelConfig, tuple[int, int], tuple[int, int, int]]]:
+    """name -> (config, training batch (B, T), decode (B, prompt length, new tokens))."""
+    if smoke:
+        return {"tiny": (ModelConfig.tiny(dtype=jnp.bfloat16), (2, 32), (2, 8, 8))}
+    return {
+        "56M (V 32000, d 512, 8 layers)": (llama(32000, 512, 1408, 8, 8, 4), (32, 1024), (16, 128, 128)),
+        "1.1B (V 32000, d 2048, 22 layers)": (llama(32000, 2048, 5632, 22, 32, 4), (8, 2048), (16, 128, 128)),
+    }
+
+
+def next_token_loss(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
+    """Mean cross-entropy of each next token, from fp32 logits."""
+    logits = model(ids)[0][:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
+
+
+def median_s(call: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` blocking calls of ``call`` after one warm-up call."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench(name: str, config: ModelConfig, train_shape, decode_shape, peak: float, repeats: int) -> dict:
+    """One config's row: training step (AdamW), forward and greedy decode times, tokens/s and MFU, and the training
+    loss before the first step and after the last (the same batch every step, so it falls)."""
+    model = LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optax.adamw(1e-4)
+    batch, length = train_shape
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)), jnp.int32)
+    loss_of = lambda p: next_token_loss(nnx.merge(graphdef, p, rest), ids)  # noqa: E731
+
+    @jax.jit
+    def forward(params):
+        return nnx.merge(graphdef, params, rest)(ids)[0]
+
+    @jax.jit
+    def train_step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = optimizer.init(params)
+    started = time.perf_counter()
+    compiled = train_step.lower(params, opt_state).compile()
+    compile_s = time.perf_counter() - started
+    state = {"params": params, "opt": opt_state}
+
+    def one_step():
+        state["params"], state["opt"], loss = compiled(state["params"], state["opt"])
+        return loss
+
+    first_loss = float(one_step())
+    train_s = median_s(one_step, repeats)
+    last_loss = float(jax.jit(loss_of)(state["params"]))
+    forward_s = median_s(lambda: forward(state["params"]), repeats)
+    d_batch, prompt, new = decode_shape
+    prompts = np.random.default_rng(1).integers(3, config.vocab_size, (d_batch, prompt)).astype(np.int32)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, stop_token_ids=(), pad_token_id=0)
+    decode_model = nnx.merge(graphdef, state["params"], rest)
+    decode_s = median_s(lambda: generate(decode_model, prompts, None, jax.random.key(0), sampling).tokens, repeats)
+
+    forward_flops = config.forward_flops(batch * length, length)
+    return {
+        "config": name,
+        "parameters": config.num_params(),
+        "train_shape": f"{batch}x{length}",
+        "decode_shape": f"{d_batch}x({prompt}+{new})",
+        "compile_train_s": compile_s,
+        "train_step_ms": 1e3 * train_s,
+        "train_tokens_per_s": batch * length / train_s,
+        "train_mfu": 3 * forward_flops / train_s / peak,
+        "forward_ms": 1e3 * forward_s,
+        "forward_mfu": forward_flops / forward_s / peak,
+        "decode_ms": 1e3 * decode_s,
+        "decode_tokens_per_s": d_batch * new / decode_s,
+        "loss_first_step": first_loss,
+        "loss_after_steps": last_loss,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Model in bf16 on {report['device']} (peak {report['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "fp32 master weights and AdamW, bf16 compute, rematerialised layers; median of "
+        f"{report['repeats']} calls after a warm-up. MFU: matmul FLOPs (ModelConfig.forward_flops: PaLM's 2N + 4LHT "
+        "per forward token, three times that per trained token) over the peak.",
+        "",
+        "| config | params | train BxT | train step ms | tokens/s | MFU | forward ms | forward MFU | "
+        "decode (greedy) | decode ms | decode tok/s | compile s | loss first step / after |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['config']} | {r['parameters']:,} | {r['train_shape']} | {r['train_step_ms']:.1f} | "
+            f"{r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | "
+            f"{r['forward_ms']:.1f} | {r['forward_mfu']:.1%} | {r['decode_shape']} | {r['decode_ms']:.1f} | "
+            f"{r['decode_tokens_per_s']:,.0f} | {r['compile_train_s']:.1f} | "
+            f"{r['loss_first_step']:.3f} / {r['loss_after_steps']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny config only, on any backend")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after a warm-up")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 dense TFLOP/s (default: by kind)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu")
+    args = parser.parse_args(argv)
+    if args.peak_tflops is None and os.environ.get("MOJAX_PEAK_TFLOPS"):
+        args.peak_tflops = float(os.environ["MOJAX_PEAK_TFLOPS"])
+    if args.repeats < 1 or (args.peak_tflops is not None and args.peak_tflops <= 0):
+        parser.error(f"--repeats must be >= 1 and --peak-tflops > 0; got {args.repeats} and {args.peak_tflops}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    report = {
+        "command": "python " + shlex.join(["benchmarks/gpu_model.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": f"{device.platform} {device.device_kind}",
+        "peak_flops": peak_flops(device.device_kind, args.peak_tflops),
+        "repeats": args.repeats,
+        "rows": [],
+    }
+    for name, (config, train_shape, decode_shape) in sizes(args.smoke).items():
+        report["rows"].append(bench(name, config, train_shape, decode_shape, report["peak_flops"], args.repeats))
+        write_report(args.out, "gpu_model", report, markdown(report))  # each config as soon as it is done
+        print(markdown(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/gpu_model.py (part 1 of benchmarks/gpu.sh) on the CPU: its rates follow its times and
+its training step trains."""
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+from script_module import load_script
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    return load_script(BENCHMARKS / "gpu_model.py", "gpu_model_benchmark")
+
+
+@pytest.mark.parametrize(
+    ("kind", "tflops", "expected"),
+    [("NVIDIA H200", None, 989e12), ("NVIDIA A100-SXM4-80GB", None, 312e12), ("cpu", 2.5, 2.5e12)],
+)
+def test_peak_flops_by_device_kind_or_given(kind, tflops, expected):
+    assert _load().peak_flops(kind, tflops) == expected
+
+
+def test_peak_flops_of_an_unknown_part_is_nan():
+    assert math.isnan(_load().peak_flops("cpu"))
+
+
+def test_smoke_run_reports_rates_that_follow_its_times(tmp_path):
+    module = _load()
+    report = module.main(["--smoke", "--repeats", "1", "--peak-tflops", "2", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_model.json").read_text()) == report
+    (row,) = report["rows"]
+    config, (batch, length), (d_batch, _, new) = module.sizes(smoke=True)["tiny"]
+    train_s, forward_s = row["train_step_ms"] / 1e3, row["forward_ms"] / 1e3
+    flops = config.forward_flops(batch * length, length)
+    assert row["train_mfu"] == pytest.approx(3 * flops / train_s / 2e12, rel=1e-9)
+    assert row["forward_mfu"] == pytest.approx(flops / forward_s / 2e12, rel=1e-9)
+    assert row["train_tokens_per_s"] == pytest.approx(batch * length / train_s, rel=1e-9)
+    assert row["decode_tokens_per_s"] == pytest.approx(d_batch * new / (row["decode_ms"] / 1e3), rel=1e-9)
+    assert row["loss_after_steps"] < row["loss_first_step"]  # the same batch every step: AdamW fits it
+    assert f"| tiny | {config.num_params():,} | {batch}x{length} |" in (tmp_path / "gpu_model.md").read_text()
+
+
+def test_gpu_sh_is_valid_bash_and_runs_the_model_script():
+    script = BENCHMARKS / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert "benchmarks/gpu_model.py" in script.read_text()
