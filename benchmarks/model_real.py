@@ -25,7 +25,9 @@ are the layer scan under each rematerialisation policy of ``mojax.models.llama.c
 default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
 recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled), ``dots+whole-attention`` (policy
 ``dots`` with each layer's attention over all T keys instead of ``causal_attention``'s query blocks) and ``dots+ynn``
-(policy ``dots`` compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`).
+(policy ``dots`` compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`) and
+``dots+layer-loop`` (policy ``dots`` with the decoder layers a Python loop over weights held apart per layer, as a
+model that did not stack its layers would run them: :func:`layer_loop`).
 
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
@@ -76,7 +78,7 @@ ATTENTION_PIECE = "attention forward+backward"
 """Every layer's causal attention alone, forward and backward: mojax's ``causal_attention`` against the SDPA call HF's
 LLaMA makes in training."""
 PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE, ATTENTION_PIECE)
-VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+ynn")
+VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+ynn", "dots+layer-loop")
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 """XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
 one YNNPACK fusion."""
@@ -119,6 +121,31 @@ def with_whole_attention(fn: Callable) -> Callable:
     return traced_with(fn, llama, "causal_attention", llama.attention)
 
 
+def layer_loop(per_layer: list) -> Callable:
+    """A stand-in for ``llama.run_layers`` without a cache or dropout: the decoder layers as a Python loop over
+    ``per_layer``'s weights (each layer's arrays its own), as a model that stored its layers apart would run them. No
+    layer scan, so no stacked residuals or stacked gradients to zero-fill, write and read back."""
+    from mojax.models import llama
+
+    def run(_stacked, x, inputs, _past, eps, lora, _keys, remat, _last=None):
+        layer = llama.checkpointed(lambda w, h: llama.decoder_layer(w, h, inputs, None, eps, lora)[0], remat)
+        for w in per_layer:
+            x = layer(w, x)
+        return x, (None, None)
+
+    return run
+
+
+def layers_apart(model) -> tuple[list, object]:
+    """(each decoder layer's weights as arrays of its own, the model's state with the stacked layer arrays emptied):
+    the layer-loop step's two arguments, so that it computes no gradient for the stacked arrays it does not read."""
+    stacked = model.model.layers.weights(True)
+    per_layer = [jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked) for i in range(model.config.num_hidden_layers)]
+    in_layers = lambda path: any(getattr(key, "key", None) == "layers" for key in path)  # noqa: E731
+    empty = lambda path, a: jnp.zeros((0,), a.dtype) if in_layers(path) else a  # noqa: E731
+    return per_layer, jax.tree_util.tree_map_with_path(empty, nnx.state(model))
+
+
 def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, dict[str, Callable[[], object]]]:
     """piece -> {contender label -> zero-argument call}, every call jitted and blocking."""
     graphdef, state = nnx.split(model)
@@ -137,14 +164,25 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
     step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
     step["dots+whole-attention"] = jax.jit(with_whole_attention(jax.value_and_grad(whole_loss(graphdefs["dots"]))))
     step["dots+ynn"] = jax.jit(jax.value_and_grad(whole_loss(graphdefs["dots"])), compiler_options=YNN_DOT_FUSION)
+    block = jax.block_until_ready
+    calls = {variant: (lambda f=f: block(f(state, ids))) for variant, f in step.items()}
+    if "dots+layer-loop" in variants:  # only then: it holds a second copy of the layers' weights
+        from mojax.models import llama
+
+        per_layer, emptied = layers_apart(model)
+
+        def loop_loss(s, layers, i):
+            return traced_with(whole_loss(graphdefs["dots"]), llama, "run_layers", layer_loop(layers))(s, i)
+
+        loop_step = jax.jit(jax.value_and_grad(loop_loss, argnums=(0, 1)))
+        calls["dots+layer-loop"] = lambda: block(loop_step(emptied, per_layer, ids))
     forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
     trunk = jax.jit(jax.value_and_grad(trunk_loss))
     head = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))
     trunk_forward = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)[0])
-    block = jax.block_until_ready
     return {
         "forward": {"mojax": lambda: block(forward(state, ids))},
-        "forward+backward": {f"mojax {v}": (lambda f=step[v]: block(f(state, ids))) for v in variants},
+        "forward+backward": {f"mojax {v}": calls[v] for v in variants},
         "trunk forward+backward": {"mojax": lambda: block(trunk(state, ids, probe))},
         "head+CE forward+backward": {"mojax": lambda: block(head(state, hidden, ids))},
         "trunk forward": {"mojax": lambda: block(trunk_forward(state, ids))},

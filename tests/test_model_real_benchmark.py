@@ -65,3 +65,35 @@ def test_the_whole_attention_variant_traces_attention_over_all_keys():
     assert key_extents(blocked) == {8, 16, 32, 48, 64}  # 4 query blocks; 8 is the outputs' head_dim
     assert key_extents(module.with_whole_attention(blocked)) == {8, 64}
     assert llama.causal_attention is not llama.attention  # put back after tracing
+
+
+def test_the_layer_loop_variant_computes_the_scan_steps_loss_and_gradients():
+    """``dots+layer-loop`` runs the layers over weights held apart per layer: the same loss and gradients as the
+    layer scan, and no gradient for the emptied stacked arrays."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mojax.models.llama import LlamaForCausalLM
+
+    module = _load()
+    model = LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=3), rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, (2, 16)), jnp.int32)
+    hidden = jnp.zeros((2, 16, model.config.hidden_size))
+    steps = module.mojax_pieces(model, ids, hidden, hidden, ["dots", "dots+layer-loop"])["forward+backward"]
+    loss, grads = steps["mojax dots"]()
+    loop_loss, (rest_grads, layer_grads) = steps["mojax dots+layer-loop"]()
+    assert len(layer_grads) == 3
+    np.testing.assert_allclose(float(loop_loss), float(loss), rtol=1e-6)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layer_grads)
+    layers = grads["model"]["layers"]
+    for mine, scanned in [
+        (stacked.gate_proj.kernel, layers["mlp"]["gate_proj"]["kernel"]),
+        (stacked.q_proj.kernel, layers["self_attn"]["q_proj"]["kernel"]),
+        (stacked.input_layernorm, layers["input_layernorm"]["scale"]),
+    ]:
+        assert np.abs(np.asarray(scanned[...])).max() > 0
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(scanned[...]), rtol=1e-5, atol=1e-7)
+    embedding = lambda g: np.asarray(g["model"]["embed_tokens"]["embedding"][...])  # noqa: E731
+    np.testing.assert_allclose(embedding(rest_grads), embedding(grads), rtol=1e-5, atol=1e-7)
+    assert rest_grads["model"]["layers"]["mlp"]["gate_proj"]["kernel"][...].shape == (0,)
