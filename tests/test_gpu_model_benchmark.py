@@ -40,7 +40,7 @@ def test_smoke_run_reports_rates_that_follow_its_times(tmp_path):
     assert row["forward_mfu"] == pytest.approx(flops / forward_s / 2e12, rel=1e-9)
     assert row["train_tokens_per_s"] == pytest.approx(batch * length / train_s, rel=1e-9)
     assert row["decode_tokens_per_s"] == pytest.approx(d_batch * new / (row["decode_ms"] / 1e3), rel=1e-9)
-    assert row["loss_after_steps"] < row["loss_first_step"]  # the same batch every step: AdamW fits it
+    assert row["loss_last_step"] < row["loss_first_step"]  # the same batch every step: AdamW fits it
     assert f"| tiny | {config.num_params():,} | {batch}x{length} |" in (tmp_path / "gpu_model.md").read_text()
 
 
