@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import next_token_loss  # noqa: E402
 
 from mojax._numerics import columns_matmul  # noqa: E402
+from mojax.data import smollm2_gguf  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
 from mojax.testing import interleaved_timings, write_report  # noqa: E402
@@ -82,12 +83,6 @@ VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+yn
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 """XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
 one YNNPACK fusion."""
-
-
-def gguf_path() -> Path:
-    """The SmolLM2 GGUF file under ``$MOJAX_CACHE`` (default ~/.cache/mojax)."""
-    root = Path(os.environ.get("MOJAX_CACHE", Path.home() / ".cache" / "mojax"))
-    return root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def traced_with(fn: Callable, owner: object, name: str, replacement: object) -> Callable:
@@ -430,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "rows": [],
     }
-    model = load_causal_lm(gguf_path())
+    model = load_causal_lm(smollm2_gguf())  # fetched into $MOJAX_CACHE on first use
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
         torch_model = TorchLlama.from_pretrained(tmp, dtype=torch.float32).eval()

@@ -330,11 +330,20 @@ def _load_state(
     return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
-def _read_config(path: str | os.PathLike, dtype: Any, param_dtype: Any) -> tuple[ModelConfig, dict]:
+HF_FOLDER = "an HF folder (config.json and safetensors)"
+CAUSAL_LM_SOURCES = f"{HF_FOLDER}, a .gguf file, or a folder holding one .gguf file"
+
+
+def _read_config(
+    path: str | os.PathLike, dtype: Any, param_dtype: Any, expected: str = HF_FOLDER
+) -> tuple[ModelConfig, dict]:
+    """(config, raw config.json) of the HF folder ``path``; FileNotFoundError naming what ``path`` is and the
+    ``expected`` kinds of model source otherwise."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"no config.json in {path!r}")
+        found = "does not exist" if not os.path.exists(path) else f"is a {'folder' if os.path.isdir(path) else 'file'}"
+        raise FileNotFoundError(f"no model at {path!r}: it {found} without config.json; expected {expected}")
     with open(cfg_file, encoding="utf-8") as f:
         raw = json.load(f)
     return ModelConfig.from_hf(raw, dtype=dtype, param_dtype=param_dtype), raw
@@ -376,7 +385,7 @@ def load_causal_lm(
     """
     gguf_path = gguf_file_in(path)
     if gguf_path is None:
-        config, _ = _read_config(path, dtype, param_dtype)
+        config, _ = _read_config(path, dtype, param_dtype, CAUSAL_LM_SOURCES)
         return _causal_lm_from(os.fspath(path), config, shardings, remat)
     with GGUFFile(gguf_path) as file:
         config = file.config.replace(dtype=dtype, param_dtype=param_dtype)

@@ -293,6 +293,21 @@ def test_pickle_only_folder_is_rejected(tmp_path):
         load_causal_lm(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("where", "found"),
+    [("missing.gguf", "does not exist"), ("empty", "is a folder"), ("weights.bin", "is a file")],
+)
+def test_a_path_without_a_model_says_what_it_found_and_what_was_expected(tmp_path, where, found):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    said = f"no model at .*{where}.*: it {found} without config.json; expected an HF folder \\(config.json and"
+    with pytest.raises(FileNotFoundError, match=said + ".*a .gguf file, or a folder holding one .gguf file"):
+        load_causal_lm(tmp_path / where)
+    for load in (load_reward_model, lambda path: load_value_model(path, 2)):
+        with pytest.raises(FileNotFoundError, match=said + r" safetensors\)$"):
+            load(tmp_path / where)
+
+
 def test_unsupported_config_is_rejected(tmp_path):
     from mojax.models.config import ModelConfig
 
