@@ -342,8 +342,13 @@ def _read_config(
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        found = "does not exist" if not os.path.exists(path) else f"is a {'folder' if os.path.isdir(path) else 'file'}"
-        raise FileNotFoundError(f"no model at {path!r}: it {found} without config.json; expected {expected}")
+        if not os.path.exists(path):
+            found = "the path does not exist"
+        else:
+            found = (
+                "the folder holds no config.json" if os.path.isdir(path) else "it is a file of no known model format"
+            )
+        raise FileNotFoundError(f"no model at {path!r}: {found}; expected {expected}")
     with open(cfg_file, encoding="utf-8") as f:
         raw = json.load(f)
     return ModelConfig.from_hf(raw, dtype=dtype, param_dtype=param_dtype), raw

@@ -295,12 +295,16 @@ def test_pickle_only_folder_is_rejected(tmp_path):
 
 @pytest.mark.parametrize(
     ("where", "found"),
-    [("missing.gguf", "does not exist"), ("empty", "is a folder"), ("weights.bin", "is a file")],
+    [
+        ("missing.gguf", "the path does not exist"),
+        ("empty", "the folder holds no config.json"),
+        ("weights.bin", "it is a file of no known model format"),
+    ],
 )
 def test_a_path_without_a_model_says_what_it_found_and_what_was_expected(tmp_path, where, found):
     (tmp_path / "empty").mkdir()
     (tmp_path / "weights.bin").write_bytes(b"\0")
-    said = f"no model at .*{where}.*: it {found} without config.json; expected an HF folder \\(config.json and"
+    said = f"no model at .*{where}.*: {found}; expected an HF folder \\(config.json and"
     with pytest.raises(FileNotFoundError, match=said + ".*a .gguf file, or a folder holding one .gguf file"):
         load_causal_lm(tmp_path / where)
     for load in (load_reward_model, lambda path: load_value_model(path, 2)):
