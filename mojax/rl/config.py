@@ -86,7 +86,10 @@ class RolloutSection:
     every sampled token's log-probability under the unmodified policy, instead of recomputing it with a training
     forward over prompt + completion (Tunix's ``use_rollout_logps``). The two agree to float rounding (same weights,
     same tokens; the sampler runs the KV-cache path), and the rollout saves one forward pass. False recomputes, so
-    that the first update's ratio is exactly 1."""
+    that the first update's ratio is exactly 1, except where each rollout feeds one update only (one PPO epoch and
+    one minibatch, the KL penalty in the loss): that update takes the ratio's denominator from its own forward, the
+    gradient stopped (ratio exactly 1, as TRL's GRPO with one iteration), so nothing is recomputed and ``old_logp``
+    comes from the sampler whatever this flag says."""
     prompt_bucket_multiple: int = 8
     """Prompt widths are padded to a multiple of this, so nearby lengths share one compiled sampler."""
     length_buckets: Sequence[int] = ()

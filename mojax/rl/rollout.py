@@ -6,7 +6,8 @@
 * ``tokens`` i32[B, T], ``response_mask`` f32[B, T] (a prefix mask: response tokens, then padding);
 * ``sampler_logp``: log-probabilities under the sampling distribution (temperature, top-k, top-p applied);
 * ``old_logp``: log-probabilities of the policy that sampled, from the *training* forward (the PPO ratio's
-  denominator; sampler and trainer numerics differ, so the training forward is the consistent one);
+  denominator; sampler and trainer numerics differ, so the training forward is the consistent one), or from the
+  sampler when ``policy_logp`` is None (equal to float rounding);
 * ``ref_logp``: log-probabilities under the reference policy (zeros when no reference is materialised);
 * ``group_ids`` i32[B]: the prompt each completion answers (``num_generations`` consecutive completions share one);
 * ``truncated`` bool[B]: the completion hit ``max_completion_length`` without a stop token;

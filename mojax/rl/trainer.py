@@ -223,6 +223,15 @@ def lm_head(model: Any) -> jax.Array:
     return model.lm_head.kernel[...]
 
 
+def one_update_per_rollout(config: rl_config.TrainConfig) -> bool:
+    """Whether each rollout feeds exactly one optimizer update, at the parameters that sampled it, and nothing else
+    reads its ``old_logp`` (one PPO epoch, one minibatch, the KL penalty in the loss, not in the reward): then the
+    update takes the PPO ratio's denominator from its own forward (``UpdateSpec.on_policy``) and the rollout keeps
+    the sampler's log-probabilities instead of recomputing them with a forward pass."""
+    algorithm = config.algorithm
+    return algorithm.num_iterations == 1 and algorithm.num_minibatches == 1 and config.kl.placement == "loss"
+
+
 def response_fn(
     graphdef: Any, rest: Any, *, split: bool = False, adapters: bool = True, chunk_size: int | None = None
 ) -> Callable:
@@ -415,6 +424,7 @@ class Trainer(Run):
             value_clip=algorithm.value_clip,
             sequential_pullbacks=config.combiner.pullbacks == "sequential"
             or (config.combiner.pullbacks == "auto" and self.mesh is not None),
+            on_policy=one_update_per_rollout(config),
         )
         # Probe mode's default set (no patterns): the final block (or its adapters), split from the stacked layers.
         self.split = mode == "probe" and not config.combiner.probe and self.model.config.num_hidden_layers > 1
@@ -559,7 +569,9 @@ class Trainer(Run):
             generations,
             key,
             sampling,
-            policy_logp=None if settings.use_sampler_logps else functools.partial(self._logp, self.state.params),
+            policy_logp=None
+            if settings.use_sampler_logps or self.update_spec.on_policy
+            else functools.partial(self._logp, self.state.params),
             reference_logp=reference,
             mask_truncated_completions=settings.mask_truncated_completions,
         )

@@ -95,6 +95,11 @@ class UpdateSpec(NamedTuple):
     vf_coef: float = 0.1
     value_clip: float = 0.2
     sequential_pullbacks: bool = False
+    on_policy: bool = False
+    """One optimizer update per rollout, at the parameters that sampled it: the PPO ratio's denominator is the
+    update's own log-probabilities with the gradient stopped, so the ratio is exactly 1 and ``Batch.old_logp`` is not
+    read (the rollout then needs no forward pass to recompute it; TRL's GRPO does the same when
+    ``num_iterations`` is 1)."""
 
 
 class Denominators(NamedTuple):
@@ -118,10 +123,11 @@ def minibatch_losses(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(f32[n + 1] = [L_1 .. L_n, shared], metric sums) of one (micro-)batch, normalised by the minibatch's denominators."""
     logp, entropy = policy(params, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+    old_logp = jax.lax.stop_gradient(logp) if spec.on_policy else batch.old_logp
     advantages = jnp.moveaxis(batch.advantages, 1, 0)
     terms = rl_losses.ppo_policy_terms(
         logp,
-        batch.old_logp,
+        old_logp,
         advantages,
         batch.mask,
         epsilon=spec.epsilon,
@@ -139,7 +145,7 @@ def minibatch_losses(
         shared = shared - spec.entropy_coef * mean_entropy
     clipped = rl_losses.clip_fraction(
         logp,
-        batch.old_logp,
+        old_logp,
         advantages,
         batch.mask,
         epsilon=spec.epsilon,

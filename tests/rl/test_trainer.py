@@ -286,15 +286,24 @@ def test_evaluation_runs_every_eval_steps_and_the_export_loads_back(tmp_path):
 
 
 def test_the_samplers_log_probs_equal_the_recomputed_old_logp(tmp_path):
-    """rollout.use_sampler_logps skips the scoring forward; the sampler's log-probs are the policy's on its tokens."""
-    rollouts = []
-    for use in (False, True):
-        trainer = Trainer(small_config(tmp_path / str(use), f"rollout.use_sampler_logps={str(use).lower()}"))
+    """rollout.use_sampler_logps skips the scoring forward; the sampler's log-probs are the policy's on its tokens.
+    With one update per rollout (the default: its update reads no old_logp) the rollout keeps the sampler's too."""
+    settings = {
+        "recomputed": ("rollout.use_sampler_logps=false", "algorithm.num_iterations=2"),
+        "sampled": ("rollout.use_sampler_logps=true", "algorithm.num_iterations=2"),
+        "default": (),
+    }
+    rollouts = {}
+    for name, overrides in settings.items():
+        trainer = Trainer(small_config(tmp_path / name, *overrides))
+        assert trainer.update_spec.on_policy == (name == "default")
         rows = trainer.prompts_for_step(1)
-        rollouts.append(trainer.rollout(rows, jax.random.key(3), trainer.sampling, 2))
+        rollouts[name] = trainer.rollout(rows, jax.random.key(3), trainer.sampling, 2)
         trainer.close()
-    recomputed, sampled = rollouts
+    recomputed, sampled = rollouts["recomputed"], rollouts["sampled"]
     np.testing.assert_array_equal(sampled.tokens, recomputed.tokens)
     np.testing.assert_array_equal(sampled.response_mask, recomputed.response_mask)
     assert np.abs(np.asarray(recomputed.old_logp)).sum() > 0
+    assert not np.array_equal(sampled.old_logp, recomputed.old_logp)  # two computations: equal to float rounding
     np.testing.assert_allclose(sampled.old_logp, recomputed.old_logp, atol=2e-5)
+    np.testing.assert_array_equal(rollouts["default"].old_logp, sampled.old_logp)

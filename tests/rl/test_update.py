@@ -62,6 +62,22 @@ def assert_trees_close(got, want, atol):
         np.testing.assert_allclose(a, b, atol=atol, rtol=0)
 
 
+def test_one_update_per_rollout_takes_the_ratios_denominator_from_its_own_forward():
+    """One PPO epoch and one minibatch with the KL in the loss (the default): the update's own log-probabilities,
+    gradient stopped, are the ratio's denominator. The same step as with old_logp recomputed by a forward pass (the
+    KL-in-reward trainer still reads it), and whatever the batch's old_logp holds."""
+    batch = fixed_batch()
+    run, reading = trainer(), trainer("kl.placement=reward")
+    assert run.update_spec.on_policy and not reading.update_spec.on_policy
+    recomputed = batch.mask * run._logp(run.state.params, batch.prompt_ids, batch.prompt_mask, batch.tokens)
+    on_policy = params_after((), batch._replace(old_logp=recomputed))
+    assert_trees_close(params_after(("kl.placement=reward",), batch._replace(old_logp=recomputed)), on_policy, 1e-6)
+    shifted = batch._replace(old_logp=recomputed + 0.5)  # ratios e^-0.5, outside the clip range
+    assert_trees_close(params_after((), shifted), on_policy, atol=0)
+    moved = params_after(("kl.placement=reward",), shifted)
+    assert max(np.abs(a - b).max() for a, b in zip(moved, on_policy, strict=True)) > 1e-4
+
+
 @pytest.mark.parametrize("combiner", [("combiner.name=linear",), ("combiner.name=mgda", "combiner.mode=probe")])
 def test_micro_batched_gradients_equal_full_batch_gradients(combiner):
     batch = fixed_batch()
