@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = trainer_for(args.max_new_tokens, f"{tmp}/run", args.use_sampler_logps)
         save_pretrained(trainer.policy_model(), f"{tmp}/hf")
         torch_model = TorchLlama.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
+        sampler_logps = args.use_sampler_logps or trainer.update_spec.on_policy
+        old_logp = "the sampler" if sampler_logps else "a training forward"
+        if trainer.update_spec.on_policy:
+            old_logp += " (one update per rollout: the update takes the ratio's denominator from its own forward)"
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             temperature=trainer.config.rollout.temperature if args.temperature is None else args.temperature,
@@ -230,21 +234,21 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in args.batch:
             timing = interleaved_timings(contenders(trainer, torch_model, batch, sampling), args.rounds, args.repeats)
             rows += summary_rows(batch, timing)
-            print(markdown({**_header(args, argv, sampling, load_before), "rows": rows}), flush=True)
+            print(markdown({**_header(args, argv, sampling, load_before, old_logp), "rows": rows}), flush=True)
         trainer.close()
-    report = {**_header(args, argv, sampling, load_before), "rows": rows}
+    report = {**_header(args, argv, sampling, load_before, old_logp), "rows": rows}
     text = markdown(report)
     write_report(args.out, "rollout", report, text)
     return report
 
 
-def _header(args, argv, sampling: SamplingConfig, load_before) -> dict:
+def _header(args, argv, sampling: SamplingConfig, load_before, old_logp: str) -> dict:
     return {
         "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": (
             f"{GENERATIONS} generations per prompt, temperature {sampling.temperature} (0: greedy), top-p "
             f"{sampling.top_p}, {sampling.max_new_tokens} new tokens (no early stop), no top-k, fp32, torch threads 2; "
-            f"trainer rollout old_logp from {'the sampler' if args.use_sampler_logps else 'a training forward'}"
+            f"trainer rollout old_logp from {old_logp}"
         ),
         "rounds": args.rounds,
         "repeats": args.repeats,
