@@ -42,8 +42,9 @@ from mojax.models import LlamaForCausalLM  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
 from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
 
-ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd")
-"""Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name``."""
+ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd", "pksd")
+"""Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name`` (``pksd``:
+those with a shared prefix's keys and values)."""
 
 
 def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:

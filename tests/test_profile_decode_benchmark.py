@@ -19,6 +19,7 @@ def test_operation_kinds_follow_the_source_of_each_operation():
     kind = module.operation_kind
     assert kind("jit(f)/while/body/dot_general", 2048, "f32[64,1536]{1,0}") == "matmul: projections"
     assert kind("jit(f)/while/body/bkgts,bksd->bkgtd/dot_general", 2048, "") == "matmul: attention"
+    assert kind("jit(f)/while/body/pkqs,pksd->pkqd/dot_general", 2048, "f32[2,2,12,16]") == "matmul: attention"
     assert kind("jit(f)/while/body/...d,vd->...v/dot_general", 2048, "f32[64,2048]{1,0}") == "matmul: LM head"
     assert kind("jit(f)/while/body/dot_general", 2048, "f32[2048,16]{1,0}") == "matmul: LM head"  # by columns
     assert kind("jit(f)/while/body/dot_general", 2048, "f32[20480,16]{1,0}") == "matmul: projections"

@@ -10,8 +10,9 @@ and top-p applied) and under the unmodified model distribution (softmax of the r
 is the one PPO ratios and KL penalties need.
 
 Decoding speed. With ``num_generations`` = G each prompt is prefilled once and its KV cache shared by its G rows
-(a GRPO rollout's G completions per prompt cost one prefill, not G). The single-token steps are memory-bound: they
-run the decoder layers unrolled on weights split per layer once before the loop
+(a GRPO rollout's G completions per prompt cost one prefill, not G); the decode steps read each prompt's keys and
+values once for its G rows, not once per row (:class:`mojax.models.llama.SharedPrefix`). The single-token steps are
+memory-bound: they run the decoder layers unrolled on weights split per layer once before the loop
 (:func:`mojax.models.llama.decode_layers`), because inside a layer scan XLA:CPU copies every layer's weights out of
 the stacked arrays at every step; with FSDP-sharded weights they keep the scan, which gathers one layer at a time
 (``SamplingConfig.layer_loop``).
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mojax.models.llama import SharedPrefix
 from mojax.models.tokenizer import chat_stop_token_ids
 
 LAYER_LOOPS = ("auto", "unrolled", "scan")
@@ -369,9 +371,9 @@ def _last_logits(model: Any, input_ids, positions, attention_mask, cache, layer_
     return model.logits(hidden[:, -1]).astype(jnp.float32), cache
 
 
-def _repeat_rows(tree: Any, generations: int, axis: int = 0) -> Any:
-    """Every batch row (along ``axis``) of `tree`'s arrays repeated `generations` times consecutively."""
-    return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=axis), tree) if generations > 1 else tree
+def _repeat_rows(tree: Any, generations: int) -> Any:
+    """Every batch row of `tree`'s arrays repeated `generations` times consecutively."""
+    return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=0), tree) if generations > 1 else tree
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
@@ -379,20 +381,24 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped.
 
     `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`. Each prompt is
-    prefilled once and its cache, last logits and length repeated for its `generations` rows. The decode steps run
-    the layers unrolled on weights and a cache split per layer once here (:func:`mojax.models.llama.decode_layers`),
-    or in the layer scan (``config.layer_loop``, resolved by :func:`generate`).
+    prefilled once and its last logits and length repeated for its `generations` rows; its keys and values stay in
+    the decode cache once per prompt, as a prefix its rows share (:class:`~mojax.models.llama.SharedPrefix`), and
+    each row's cache holds its new tokens only. The decode steps run the layers unrolled on weights and a cache split
+    per layer once here (:func:`mojax.models.llama.decode_layers`), or in the layer scan (``config.layer_loop``,
+    resolved by :func:`generate`).
     """
     model = nnx.merge(graphdef, state)
     prompts, width = prompt_ids.shape
     batch, new = prompts * generations, config.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    cache = model.init_cache(prompts, width + new)
+    shared = generations > 1
+    cache = model.init_cache(prompts, width if shared else width + new)
     logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, layer_weights=None)
-    logits, prompt_lengths, valid = _repeat_rows((logits, prompt_mask.sum(axis=1), cache.valid), generations)
-    keys, values = _repeat_rows((cache.keys, cache.values), generations, axis=1)
-    cache = cache.replace(keys=keys, values=values, valid=valid)
+    logits, prompt_lengths = _repeat_rows((logits, prompt_mask.sum(axis=1)), generations)
+    if shared:
+        prefix = SharedPrefix(keys=cache.keys, values=cache.values, valid=cache.valid)
+        cache = model.init_cache(batch, new).replace(prefix=prefix)
     layer_weights = None
     if config.layer_loop == "unrolled":
         cache, layer_weights = cache.per_layer(), model.per_layer_weights()

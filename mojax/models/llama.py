@@ -30,7 +30,9 @@ Call convention (shared by the sampler and the trainer)::
   weights split per layer once, outside the loop, instead of the scan (:func:`decode_layers`), on a cache split
   per layer too (``cache.per_layer()``). On a CPU backend the split kernels are also transposed once
   (:class:`OutputMajor`), so that each projection of a decode step's few token rows runs as weights times the rows'
-  columns (:func:`mojax._numerics.columns_matmul`).
+  columns (:func:`mojax._numerics.columns_matmul`). Such a cache may hold keys and values that consecutive groups of
+  rows share (``cache.prefix``, :class:`SharedPrefix`: a prompt prefilled once for its completions), read once per
+  group rather than copied into every row.
 
 Code layout: :class:`LlamaDecoderLayers` hands its stacked arrays to the pure layer maths as a
 :class:`LayerWeights` (HF field names; each projection a :class:`Projection` of kernel, optional
@@ -187,7 +189,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix: tuple[jax.Array, ...] | None = None
+) -> jax.Array:
     """Grouped-query attention with an explicit mask; fp32 scores and softmax.
 
     q [B, T, H, hd], k/v [B, KV, S, hd] (H a multiple of KV: MHA, GQA, MQA; the cache's layout), mask bool[B, T, S]
@@ -200,17 +204,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     transposed layouts around the dots (a layer's attention fwd+bwd at 4 x 128 SmolLM2 shapes: 8.7-10.1 ms, now
     6.4-6.9). The output is the dot's natural [B, KV, G, T, hd], transposed after to [B, T, H, hd]: asking the einsum
     for that order directly made XLA:CPU pick a slower dot, at decode and at training shapes.
+
+    ``prefix``: (keys, values [P, KV, W, hd] shared by groups of B / P consecutive rows, each row's valid prefix
+    slots bool[B, W]) (:class:`SharedPrefix`): keys every query of row b may read besides its own. One softmax over
+    the W prefix slots and the S own ones, the same maths as attending to the prefix copied into every row's cache.
+    The prefix's two contractions run per prefix on the rows of its whole group, [P, KV, (B / P) G T, hd] against
+    [P, KV, W, hd], so each prefix slot is read once per step rather than once per row.
     """
     B, T, H, hd = q.shape
     KV = k.shape[1]
     G = H // KV
     rows = jnp.swapaxes(q, 1, 2).reshape(B, KV, G * T, hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", rows, k, preferred_element_type=jnp.float32)
+    if prefix is not None:
+        prefix_keys, _, prefix_valid = prefix
+        scores = jnp.concatenate([_grouped(prefix_keys, rows, "pkqd,pksd->pkqs", jnp.float32), scores], axis=-1)
+        mask = jnp.concatenate([jnp.broadcast_to(prefix_valid[:, None], (B, T, prefix_valid.shape[1])), mask], -1)
     scores = scores.reshape(B, KV, G, T, -1) * np.float32(hd**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, np.float32(-1e30))
-    probs = jax.nn.softmax(scores, axis=-1).reshape(B, KV, G * T, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(B, KV, G * T, -1).astype(v.dtype)
+    if prefix is None:
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    else:
+        width = prefix[0].shape[2]
+        out = jnp.einsum("bkqs,bksd->bkqd", probs[..., width:], v)
+        out = out + _grouped(prefix[1], probs[..., :width], "pkqs,pksd->pkqd", None)
     return out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def _grouped(shared: jax.Array, per_row: jax.Array, spec: str, preferred_element_type: Any) -> jax.Array:
+    """``einsum(spec)`` of per-row operands [B, KV, Q, n] with the operand [P, KV, m, k] their group of B / P rows
+    shares: the group's rows merged into one axis of (B / P) Q rows, one contraction per (prefix, KV head), the result
+    back as [B, KV, Q, out]."""
+    B, KV, Q, n = per_row.shape
+    P = shared.shape[0]
+    group = per_row.reshape(P, B // P, KV, Q, n).transpose(0, 2, 1, 3, 4).reshape(P, KV, B // P * Q, n)
+    out = jnp.einsum(spec, group, shared, preferred_element_type=preferred_element_type)
+    return out.reshape(P, KV, B // P, Q, -1).transpose(0, 2, 1, 3, 4).reshape(B, KV, Q, -1)
 
 
 CAUSAL_BLOCKS = 4
@@ -249,6 +279,24 @@ def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) ->
 
 # --------------------------------------------------------------------------- KV cache
 @struct.dataclass
+class SharedPrefix:
+    """Keys and values that consecutive groups of a cache's rows share: a prompt prefilled once for its G completions.
+
+    keys, values: [L, P, KV, W, hd] (or tuples of L arrays [P, KV, W, hd], :meth:`KVCache.per_layer`) for P
+    prefixes of W slots; valid: bool[P, W]. Cache row b reads prefix b // G, G = the cache's rows / P. Every valid
+    prefix slot lies before the cache's own slots, so every query may attend to it.
+    """
+
+    keys: jax.Array | tuple[jax.Array, ...]
+    values: jax.Array | tuple[jax.Array, ...]
+    valid: jax.Array
+
+    def rows_valid(self, batch: int) -> jax.Array:
+        """bool[batch, W]: each cache row's prefix slots (row b reads prefix b // G)."""
+        return jnp.repeat(self.valid, batch // self.valid.shape[0], axis=0)
+
+
+@struct.dataclass
 class KVCache:
     """Preallocated per-layer keys/values plus slot validity.
 
@@ -257,12 +305,16 @@ class KVCache:
     writes its first new token. The slots sit next to the head dimension, the layout the attention contractions
     read (a batch of [S, hd] matrices per row and KV head): with slots before heads XLA:CPU re-lays every layer's
     cache out for its attention at each decode step (``benchmarks/RESULTS.md``).
+
+    ``prefix``: keys and values shared by groups of rows, read in place of a copy per row (:class:`SharedPrefix`;
+    ``generate``'s completions of one prompt); the slots above then hold each row's own tokens only.
     """
 
     keys: jax.Array | tuple[jax.Array, ...]
     values: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
+    prefix: SharedPrefix | None = None
 
     @property
     def max_length(self) -> int:
@@ -287,18 +339,25 @@ class KVCache:
         if self.is_per_layer:
             return self
         split = lambda a: tuple(a[i] for i in range(a.shape[0]))  # noqa: E731
-        return self.replace(keys=split(self.keys), values=split(self.values))
+        prefix = self.prefix and self.prefix.replace(keys=split(self.prefix.keys), values=split(self.prefix.values))
+        return self.replace(keys=split(self.keys), values=split(self.values), prefix=prefix)
 
     def stacked(self) -> KVCache:
         """This cache with keys and values as [L, B, KV, S, hd] arrays (what the layer scan reads)."""
         if not self.is_per_layer:
             return self
-        return self.replace(keys=jnp.stack(self.keys), values=jnp.stack(self.values))
+        prefix = self.prefix and self.prefix.replace(
+            keys=jnp.stack(self.prefix.keys), values=jnp.stack(self.prefix.values)
+        )
+        return self.replace(keys=jnp.stack(self.keys), values=jnp.stack(self.values), prefix=prefix)
 
     @property
     def lengths(self) -> jax.Array:
-        """i32[B]: number of valid (real-token) slots per row, i.e. the next position id."""
-        return jnp.sum(self.valid.astype(jnp.int32), axis=-1)
+        """i32[B]: number of valid (real-token) slots per row, its prefix's included, i.e. the next position id."""
+        own = jnp.sum(self.valid.astype(jnp.int32), axis=-1)
+        if self.prefix is None:
+            return own
+        return own + jnp.sum(self.prefix.rows_valid(self.batch_size).astype(jnp.int32), axis=-1)
 
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -447,6 +506,11 @@ def check_cache_fits(cache: KVCache, batch: int, new_tokens: int) -> None:
     """ValueError when the cache's batch differs or ``new_tokens`` do not fit (checked when the index is concrete)."""
     if cache.batch_size != batch:
         raise ValueError(f"cache batch size {cache.batch_size} != input batch size {batch}")
+    if cache.prefix is not None and batch % cache.prefix.valid.shape[0]:
+        raise ValueError(
+            f"a cache of {batch} rows cannot share {cache.prefix.valid.shape[0]} prefixes: expected the rows to be a "
+            "multiple of the prefixes (consecutive groups of rows share one)"
+        )
     if new_tokens > cache.max_length:
         raise ValueError(f"{new_tokens} new tokens do not fit in a cache of length {cache.max_length}")
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + new_tokens > cache.max_length:
@@ -489,13 +553,18 @@ def attention_and_mlp(
     inputs: AttentionInputs,
     eps: float,
     lora: LoraCall,
+    prefix: tuple[jax.Array, ...] | None = None,
 ) -> jax.Array:
     """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x)). Without a cache
     (``inputs.index`` None) the keys are the queries' own tokens, and attention skips the masked future
-    (:func:`causal_attention`)."""
+    (:func:`causal_attention`). ``prefix``: this layer's shared keys and values and each row's valid prefix slots
+    (:func:`attention`)."""
     linear = _projector(w, lora)
-    attend = causal_attention if inputs.index is None else attention
-    x = x + linear("o_proj", attend(q, keys, values, inputs.mask))
+    if inputs.index is None:
+        attended = causal_attention(q, keys, values, inputs.mask)
+    else:
+        attended = attention(q, keys, values, inputs.mask, prefix)
+    x = x + linear("o_proj", attended)
     h = rms_norm(x, w.post_attention_layernorm, eps)
     return x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
 
@@ -507,10 +576,12 @@ def decoder_layer(
     past: tuple[jax.Array, jax.Array] | None,
     eps: float,
     lora: LoraCall,
+    prefix: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One LLaMA block on x [B, T, D] (weights already in the compute dtype).
 
-    ``past``: this layer's cached keys/values [B, KV, S, hd], or None without a cache.
+    ``past``: this layer's cached keys/values [B, KV, S, hd], or None without a cache; ``prefix``: the cache's shared
+    prefix at this layer (:func:`attention`).
     Returns (x, (k_new, v_new)) with k/v [B, KV, T, hd] the new tokens' keys and values.
     """
     x = constrain(x, ("batch", None, None))
@@ -521,7 +592,7 @@ def decoder_layer(
         start = (0, 0, inputs.index, 0)
         k_all = jax.lax.dynamic_update_slice(past[0], k.astype(past[0].dtype), start).astype(x.dtype)
         v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
-    x = attention_and_mlp(w, x, q, k_all, v_all, inputs, eps, lora)
+    x = attention_and_mlp(w, x, q, k_all, v_all, inputs, eps, lora, prefix)
     return constrain(x, ("batch", None, None)), (k, v)
 
 
@@ -568,6 +639,7 @@ def run_layers(
     keys: jax.Array | None,
     remat: bool | str,
     last: LayerWeights | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, KV, S, hd]
     and dropout keys [L].
@@ -576,21 +648,26 @@ def run_layers(
     None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
     (:func:`checkpointed`). ``last``: probe mode's final block [1, ...], apart from ``stacked`` [L-1, ...]
     (:func:`split_last_layer`); it runs on its own after the scan, with ``past`` and ``keys`` cut the same way: the
-    same maths as one scan over all L blocks.
+    same maths as one scan over all L blocks. ``prefix``: the cache's shared prefix (:class:`SharedPrefix`, stacked),
+    its keys and values scanned with the layers.
     Returns (x, (k_new, v_new)) with k/v [L, B, KV, T, hd].
     """
 
-    def layer(w, x, layer_past, key):
-        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key))
+    prefix_valid = None if prefix is None else prefix.rows_valid(x.shape[0])
+    shared = None if prefix is None else (prefix.keys, prefix.values)
+
+    def layer(w, x, layer_past, key, layer_shared):
+        layer_prefix = None if layer_shared is None else (*layer_shared, prefix_valid)
+        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key), layer_prefix)
 
     layer = checkpointed(layer, remat)
     body = lambda x, xs: layer(xs[0], x, *xs[1:])  # noqa: E731
     if last is None:
-        return jax.lax.scan(body, x, (stacked, past, keys))
+        return jax.lax.scan(body, x, (stacked, past, keys, shared))
     first = lambda tree: jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731 (None stays None)
     final = lambda tree: jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
-    x, new = jax.lax.scan(body, x, (stacked, first(past), first(keys)))
-    x, last_new = layer(final(last), x, final(past), final(keys))
+    x, new = jax.lax.scan(body, x, (stacked, first(past), first(keys), first(shared)))
+    x, last_new = layer(final(last), x, final(past), final(keys), final(shared))
     return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new, last_new)
 
 
@@ -601,6 +678,7 @@ def decode_layers(
     cache: tuple[Sequence[jax.Array], Sequence[jax.Array]],
     eps: float,
     lora: LoraCall,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
     """The decoder layers as a Python loop over weights and cache arrays already split per layer.
 
@@ -609,17 +687,22 @@ def decode_layers(
     of all weights per generated token, which triples the memory traffic of a memory-bound step. Weights split once
     before the loop (:meth:`LlamaDecoderLayers.per_layer_weights`) and a cache split once (:meth:`KVCache.per_layer`:
     keys and values [B, KV, S, hd] per layer) are read in place, and each layer writes its new keys and values into
-    its own cache arrays in place.
+    its own cache arrays in place. ``prefix``: keys and values shared by groups of rows, split per layer too
+    (:class:`SharedPrefix`), read in place.
     Returns (x, (keys, values)): the updated per-layer cache arrays.
     """
     keys, values = list(cache[0]), list(cache[1])
+    prefix_valid = None if prefix is None else prefix.rows_valid(x.shape[0])
     for i, w in enumerate(per_layer):
         x = constrain(x, ("batch", None, None))
         q, k, v = attention_inputs(w, x, inputs, eps, lora)
         start = (0, 0, inputs.index, 0)
         keys[i] = jax.lax.dynamic_update_slice(keys[i], k.astype(keys[i].dtype), start)
         values[i] = jax.lax.dynamic_update_slice(values[i], v.astype(values[i].dtype), start)
-        x = attention_and_mlp(w, x, q, keys[i].astype(x.dtype), values[i].astype(x.dtype), inputs, eps, lora)
+        shared = None
+        if prefix is not None:
+            shared = (prefix.keys[i].astype(x.dtype), prefix.values[i].astype(x.dtype), prefix_valid)
+        x = attention_and_mlp(w, x, q, keys[i].astype(x.dtype), values[i].astype(x.dtype), inputs, eps, lora, shared)
     return constrain(x, ("batch", None, None)), (tuple(keys), tuple(values))
 
 
@@ -802,11 +885,12 @@ class LlamaModel(nnx.Module):
         past = None if cache is None else (cache.keys, cache.values)
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
         if layer_weights is not None:
-            x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora)
+            x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora, cache.prefix)
         else:
             last = None if self.last_layer is None else cast(self.last_layer.weights(adapters))
             stacked = cast(self.layers.weights(adapters))
-            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last)
+            prefix = None if cache is None else cache.prefix
+            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last, prefix)
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(
@@ -814,7 +898,7 @@ class LlamaModel(nnx.Module):
                 )
         x = rms_norm(x, self.norm.scale[...].astype(dtype), c.rms_norm_eps)
         if cache is not None:
-            cache = KVCache(keys=past[0], values=past[1], valid=valid, index=index + T)
+            cache = KVCache(keys=past[0], values=past[1], valid=valid, index=index + T, prefix=cache.prefix)
         return x, cache
 
 

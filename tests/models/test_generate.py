@@ -1,6 +1,7 @@
 """Tests for mojax.models.generate: cached sampling against the cache-free forward of a tiny random LLaMA."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,30 @@ def test_a_shared_prefill_equals_repeated_prompt_rows(model, prompts, temperatur
     if temperature > 0:
         groups = np.asarray(shared.tokens).reshape(2, 3, NEW)
         assert all(len({tuple(row) for row in group}) > 1 for group in groups), "a prompt's rows must differ"
+
+
+def _cache_shapes(program: str, kv_heads: int, head_dim: int) -> set[tuple[int, int]]:
+    """{(rows, slots)} of the f32[rows, KV, slots, hd] arrays (KV caches) in a compiled program's text."""
+    shapes = re.findall(rf"f32\[(\d+),{kv_heads},(\d+),{head_dim}\]", program)
+    return {(int(rows), int(slots)) for rows, slots in shapes}
+
+
+@pytest.mark.parametrize("loop", ["unrolled", "scan"])
+def test_the_decode_steps_hold_each_prompts_keys_once_for_its_generations(model, prompts, loop):
+    """With 3 generations the decode steps keep the 2 prompts' keys and values once each ([2, KV, width, hd]) and
+    every row's cache only its new tokens ([6, KV, NEW, hd]): no array of 6 rows spans a prompt's width."""
+    c = model.config
+    graphdef, state = nnx.split(model)
+    ids, mask = (jnp.asarray(a) for a in prompts)
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.0, layer_loop=loop)
+
+    def call(s, i, m):
+        return generate((graphdef, s), i, m, jax.random.key(0), config, num_generations=3).tokens
+
+    caches = _cache_shapes(jax.jit(call).lower(state, ids, mask).compile().as_text(), c.num_key_value_heads, c.head_dim)
+    width = bucket_length(ids.shape[1])
+    assert {(2, width), (6, NEW)} <= caches
+    assert not [slots for rows, slots in caches if rows == 6 and slots >= width], caches
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.3, 0.9)])

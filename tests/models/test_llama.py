@@ -21,6 +21,7 @@ from mojax.models.llama import (
     LoraCall,
     OutputMajor,
     Projection,
+    SharedPrefix,
     apply_rope,
     attention,
     causal_attention,
@@ -237,6 +238,62 @@ def test_causal_attention_gives_attentions_outputs_and_gradients(T):
     )
     for mine, want in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_to_a_shared_prefix_equals_the_prefix_copied_into_every_row():
+    """P = 2 prefixes of W = 7 slots (one with 3 invalid slots), each shared by 3 rows with 4 own slots and T = 2
+    queries: the same output as attention over every row's copy of its prefix followed by its own slots."""
+    P, rows, H, KV, hd, W, S, T = 2, 3, 6, 2, 16, 7, 4, 2
+    B = P * rows
+    q = jax.random.normal(jax.random.key(0), (B, T, H, hd))
+    k, v = jax.random.normal(jax.random.key(1), (2, B, KV, S, hd))
+    prefix_k, prefix_v = jax.random.normal(jax.random.key(2), (2, P, KV, W, hd))
+    prefix_valid = jnp.ones((P, W), bool).at[1, :3].set(False)
+    own_valid = jnp.ones((B, S), bool).at[:, 3:].set(False).at[4, 1:].set(False)
+    mask = causal_mask(own_valid, jnp.asarray([1, 2], jnp.int32))
+    copied = lambda a: jnp.repeat(a, rows, axis=0)  # noqa: E731
+    shared = jax.jit(attention)(q, k, v, mask, (prefix_k, prefix_v, copied(prefix_valid)))
+    full_mask = jnp.concatenate([jnp.broadcast_to(copied(prefix_valid)[:, None], (B, T, W)), mask], axis=-1)
+    want = jax.jit(attention)(
+        q, jnp.concatenate([copied(prefix_k), k], 2), jnp.concatenate([copied(prefix_v), v], 2), full_mask
+    )
+    np.testing.assert_allclose(shared, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(shared, jax.jit(attention)(q, k, v, mask), atol=1e-2)  # the prefix is read
+
+
+def test_a_decode_on_a_shared_prefix_cache_equals_one_on_a_copied_cache(model, step):
+    """Two prompts prefilled once, each prefix shared by 3 rows that decode different tokens: the layer scan and the
+    per-layer decode on the shared cache (each row's own slots: 2) give the logits, lengths and new keys of the scan
+    on a cache holding a copy of the prompt in every row."""
+    rows, W, new = 3, 5, 2
+    prompt_mask = jnp.asarray([[1] * W, [0] * 2 + [1] * (W - 2)], jnp.int32)
+    _, prefill = step(model, _ids(2, W, seed=6), prompt_mask, model.init_cache(2, W))
+    shared = model.init_cache(2 * rows, new).replace(prefix=SharedPrefix(prefill.keys, prefill.values, prefill.valid))
+    copied = model.init_cache(2 * rows, W + new)
+    copied = copied.replace(
+        keys=copied.keys.at[:, :, :, :W].set(jnp.repeat(prefill.keys, rows, axis=1)),
+        values=copied.values.at[:, :, :, :W].set(jnp.repeat(prefill.values, rows, axis=1)),
+        valid=copied.valid.at[:, :W].set(jnp.repeat(prefill.valid, rows, axis=0)),
+        index=jnp.int32(W),
+    )
+    np.testing.assert_array_equal(shared.lengths, copied.lengths)
+    unrolled = nnx.jit(lambda m, i, mk, c: m(i, attention_mask=mk, cache=c, layer_weights=m.per_layer_weights()))
+    per_layer = shared.per_layer()
+    assert per_layer.prefix.keys[0].shape == (2, 2, W, 16) and per_layer.keys[0].shape == (6, 2, new, 16)
+    ones = jnp.ones((2 * rows, 1), jnp.int32)
+    for t in range(new):
+        token = _ids(2 * rows, 1, seed=10 + t)
+        want, copied = step(model, token, ones, copied)
+        scanned, shared = step(model, token, ones, shared)
+        got, per_layer = unrolled(model, token, ones, per_layer)
+        np.testing.assert_allclose(scanned, want, atol=2e-5)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    for cache in (shared, per_layer.stacked()):
+        np.testing.assert_array_equal(cache.lengths, copied.lengths)
+        np.testing.assert_allclose(cache.keys, copied.keys[:, :, :, W:], atol=2e-6)
+        assert cache.prefix.keys.shape == (2, 2, 2, W, 16)
+    with pytest.raises(ValueError, match="cannot share 2 prefixes"):
+        model(_ids(3, 1), cache=model.init_cache(3, new).replace(prefix=shared.prefix))
 
 
 def test_causal_attention_contracts_each_query_block_with_its_past_keys_only():
