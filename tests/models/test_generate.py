@@ -232,14 +232,15 @@ def test_the_layer_scan_samples_what_the_unrolled_layers_sample(model, prompts, 
     np.testing.assert_allclose(scanned.sampler_logprobs, unrolled.sampler_logprobs, atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.3, 0.9)])
-def test_the_split_parameters_of_probe_mode_sample_as_the_model(model, prompts, temperature, top_p):
-    """merge_split's model (final block apart) gives generate the same tokens and log-probs, prefill and decode."""
+@pytest.mark.parametrize("temperature, top_p, loop", [(0.0, 1.0, "auto"), (1.3, 0.9, "auto"), (1.3, 0.9, "scan")])
+def test_the_split_parameters_of_probe_mode_sample_as_the_model(model, prompts, temperature, top_p, loop):
+    """merge_split's model (final block apart) gives generate the same tokens and log-probs, prefill and decode (the
+    layer scan then runs the final block, and its share of the prompts' cache, after the scan)."""
     from mojax.models.llama import merge_split, split_last_layer
 
     graphdef, params = nnx.split(model, nnx.Param)
     split = merge_split(graphdef, split_last_layer(params))
-    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_p=top_p)
+    config = SamplingConfig(max_new_tokens=NEW, temperature=temperature, top_p=top_p, layer_loop=loop)
     got = generate(split, *prompts, jax.random.key(6), config, num_generations=2)
     expected = generate(model, *prompts, jax.random.key(6), config, num_generations=2)
     np.testing.assert_array_equal(got.tokens, expected.tokens)
