@@ -558,11 +558,13 @@ def attention_and_mlp(
     """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x)). Without a cache
     (``inputs.index`` None) the keys are the queries' own tokens, and attention skips the masked future
     (:func:`causal_attention`). ``prefix``: this layer's shared keys and values and each row's valid prefix slots
-    (:func:`attention`)."""
+    (:func:`attention`), read in the compute dtype as the keys and values are."""
     linear = _projector(w, lora)
     if inputs.index is None:
         attended = causal_attention(q, keys, values, inputs.mask)
     else:
+        if prefix is not None:
+            prefix = (prefix[0].astype(x.dtype), prefix[1].astype(x.dtype), prefix[2])
         attended = attention(q, keys, values, inputs.mask, prefix)
     x = x + linear("o_proj", attended)
     h = rms_norm(x, w.post_attention_layernorm, eps)
@@ -701,7 +703,7 @@ def decode_layers(
         values[i] = jax.lax.dynamic_update_slice(values[i], v.astype(values[i].dtype), start)
         shared = None
         if prefix is not None:
-            shared = (prefix.keys[i].astype(x.dtype), prefix.values[i].astype(x.dtype), prefix_valid)
+            shared = (prefix.keys[i], prefix.values[i], prefix_valid)
         x = attention_and_mlp(w, x, q, keys[i].astype(x.dtype), values[i].astype(x.dtype), inputs, eps, lora, shared)
     return constrain(x, ("batch", None, None)), (tuple(keys), tuple(values))
 
