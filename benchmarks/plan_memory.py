@@ -14,6 +14,12 @@ per-device size of the sharded parameters plus both Adam moments.
 probe-mode train step with a vector critic, compiled separately), writing ``plan_memory_rl.{json,md}``:
 
     nice python benchmarks/plan_memory.py --rl 1024,1024,3 --devices 8 64
+    nice python benchmarks/plan_memory.py --rl 1024,1024,3 --generations 4 --devices 8 64   # GRPO groups
+
+``--generations G`` samples G completions of each prompt (GRPO's group: one prefill per prompt, its KV cache shared
+by the G rows), ``--prompts-per-shard K`` plans K prompts per (data x fsdp) shard: K x G completions per shard.
+``--prompts-per-shard 4`` and ``--generations 4`` plan the same update on the same number of completions; their
+rollouts differ by the shared prompt cache.
     python benchmarks/plan_memory.py --rl 16,8,3 --models tiny --devices 8 --out /tmp/x   # quick smoke run
 """
 
@@ -172,6 +178,8 @@ def plan_rl(
     prompt_len: int,
     new_tokens: int,
     n: int,
+    generations: int = 1,
+    prompts_per_shard: int = 1,
     pullbacks: str = "sequential",
 ) -> dict:
     """Compile the RL rollout and the probe-mode RL train step separately and return their per-device memory.
@@ -185,7 +193,9 @@ def plan_rl(
     and runs the critic; the train step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each
     program's memory is its compiled arguments + outputs - aliased + temporaries, plus what stays resident on the
     device without being one of its arguments (during the rollout: the optimizer and combiner states; during the
-    update: the reference).
+    update: the reference). Each (data x fsdp) shard samples ``generations`` completions of each of its
+    ``prompts_per_shard`` prompts, every prompt prefilled once and its cache shared by its completions
+    (``generate(..., num_generations=...)``, as the trainer's rollout samples GRPO groups).
     """
     import jax
     import jax.numpy as jnp
@@ -246,13 +256,14 @@ def plan_rl(
         critic_params=critic_params,
         critic_opt_state=optimizer_state(critic_params),
     )
-    batch_size = mesh_shape[0] * mesh_shape[1]
+    prompt_count = mesh_shape[0] * mesh_shape[1] * prompts_per_shard
+    batch_size = prompt_count * generations
     rows = batch_sharding(mesh)
 
-    def array(shape, dtype):
-        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=rows)
+    def array(shape, dtype, count=batch_size):
+        return jax.ShapeDtypeStruct((count, *shape), dtype, sharding=rows)
 
-    prompts = (array((prompt_len,), jnp.int32), array((prompt_len,), jnp.int32))
+    prompts = (array((prompt_len,), jnp.int32, prompt_count), array((prompt_len,), jnp.int32, prompt_count))
     key = jax.eval_shape(lambda: jax.random.key(0))
     policy = response_fn(graphdef, rest, split=True)
     critic = critic_fn(critic_def, critic_rest)
@@ -262,7 +273,8 @@ def plan_rl(
 
     def rollout(params, reference, critic_params, prompt_ids, prompt_mask, key):
         model = merge_split(graphdef, params)
-        out = generate(model, prompt_ids, prompt_mask, key, sampling)
+        out = generate(model, prompt_ids, prompt_mask, key, sampling, num_generations=generations)
+        prompt_ids, prompt_mask = (jnp.repeat(a, generations, axis=0) for a in (prompt_ids, prompt_mask))
         old_logp, _ = policy(params, prompt_ids, prompt_mask, out.tokens, out.response_mask)
         ref_logp, _ = policy(reference, prompt_ids, prompt_mask, out.tokens, out.response_mask)
         values = critic(critic_params, prompt_ids, prompt_mask, out.tokens, out.response_mask)
@@ -312,6 +324,8 @@ def plan_rl(
         "rules": preset,
         "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=False)),
         "batch": batch_size,
+        "prompts": prompt_count,
+        "generations": generations,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "objectives": n,
@@ -328,7 +342,7 @@ def plan_rl(
     }
 
 
-def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int, int] | None, pullbacks: str) -> None:
+def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, ...] | None, pullbacks: str) -> None:
     """Plan every model and layout for this process's simulated device count, one JSON line each."""
     import jax
 
@@ -339,7 +353,7 @@ def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, int,
             row = (
                 plan(model_name, preset, mesh_shape, seq_len)
                 if rl is None
-                else plan_rl(model_name, preset, mesh_shape, *rl, pullbacks)
+                else plan_rl(model_name, preset, mesh_shape, *rl, pullbacks=pullbacks)
             )
             print(json.dumps(row), flush=True)
 
@@ -348,14 +362,16 @@ def spawn(
     devices: int,
     models: list[str],
     seq_len: int,
-    rl: tuple[int, int, int] | None = None,
+    rl: tuple[int, ...] | None = None,
     pullbacks: str = "sequential",
 ) -> list[dict]:
     """Re-execute this script with ``devices`` simulated CPU devices and collect its rows."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, __file__, "--child", str(devices), "--models", *models, "--seq-len", str(seq_len)]
     if rl is not None:
-        command += ["--rl", ",".join(map(str, rl)), "--pullbacks", pullbacks]
+        prompt_len, new_tokens, n, generations, prompts_per_shard = rl
+        command += ["--rl", f"{prompt_len},{new_tokens},{n}", "--pullbacks", pullbacks]
+        command += ["--generations", str(generations), "--prompts-per-shard", str(prompts_per_shard)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -434,6 +450,7 @@ RL_COLUMNS = (
     ("devices", "devices"),
     ("rules", "rules"),
     ("mesh", "mesh d×f×t"),
+    ("prompts", "prompts"),
     ("batch", "completions"),
     ("rollout_gib", "rollout"),
     ("update_gib", "update"),
@@ -443,16 +460,19 @@ RL_COLUMNS = (
 )
 
 
-def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, int, int], pullbacks: str) -> str:
+def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, ...], pullbacks: str) -> str:
     """The RL-step plan as a markdown document: per-device GiB of the rollout and of the update, and the peak."""
-    prompt_len, new_tokens, n = rl
+    prompt_len, new_tokens, n, generations, prompts_per_shard = rl
+    per_shard = (
+        f"{prompts_per_shard} prompt(s) of {prompt_len} tokens per (data × fsdp) shard, {generations} completion(s) "
+        f"of {new_tokens} new tokens each (one prefill per prompt, its KV cache shared by its completions)"
+    )
     lines = [
         "# Planned per-device memory of one RL step (probe mode, vector critic)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_line}  ",
-        f"One completion of {prompt_len} prompt + {new_tokens} new tokens per (data × fsdp) shard, n = {n} "
-        f"objectives, MGDA in probe mode (final block; {PULLBACKS[pullbacks]}), full fine-tuning: "
+        f"{per_shard}, n = {n} objectives, MGDA in probe mode (final block; {PULLBACKS[pullbacks]}), full fine-tuning: "
         "policy (fp32 master weights, bf16 compute, rematerialised layers), frozen reference copy, vector critic "
         "(own trunk, n outputs), AdamW for both, combiner state. The rollout (sampling with a bf16 KV cache, then "
         "policy and reference log-probs and critic values) and "
@@ -475,6 +495,8 @@ def main() -> None:
     parser.add_argument(
         "--rl", help="plan the RL step instead: PROMPT_LEN,NEW_TOKENS,OBJECTIVES (e.g. 1024,1024,3)", default=None
     )
+    parser.add_argument("--generations", type=int, default=1, help="the RL plan's completions per prompt")
+    parser.add_argument("--prompts-per-shard", type=int, default=1, help="the RL plan's prompts per data x fsdp shard")
     parser.add_argument(
         "--pullbacks", choices=sorted(PULLBACKS), default="sequential", help="the RL plan's combiner.pullbacks"
     )
@@ -484,6 +506,12 @@ def main() -> None:
     rl = None if args.rl is None else tuple(int(v) for v in args.rl.split(","))
     if rl is not None and (len(rl) != 3 or min(rl) < 1):
         parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
+    if min(args.generations, args.prompts_per_shard) < 1:
+        parser.error(
+            f"--generations and --prompts-per-shard must be positive, got {args.generations}, {args.prompts_per_shard}"
+        )
+    if rl is not None:
+        rl = (*rl, args.generations, args.prompts_per_shard)
     if args.child is not None:
         run_child(args.child, args.models, args.seq_len, rl, args.pullbacks)
         return
