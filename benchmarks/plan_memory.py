@@ -19,7 +19,7 @@ probe-mode train step with a vector critic, compiled separately), writing ``plan
 ``--generations G`` samples G completions of each prompt (GRPO's group: one prefill per prompt, its KV cache shared
 by the G rows), ``--prompts-per-shard K`` plans K prompts per (data x fsdp) shard: K x G completions per shard.
 ``--prompts-per-shard 4`` and ``--generations 4`` plan the same update on the same number of completions; their
-rollouts differ by the shared prompt cache.
+rollouts differ by the shared prompt cache. ``--microbatches M`` runs the update in M parts (gradient accumulation).
     python benchmarks/plan_memory.py --rl 16,8,3 --models tiny --devices 8 --out /tmp/x   # quick smoke run
 """
 
@@ -180,6 +180,7 @@ def plan_rl(
     n: int,
     generations: int = 1,
     prompts_per_shard: int = 1,
+    microbatches: int = 1,
     pullbacks: str = "sequential",
 ) -> dict:
     """Compile the RL rollout and the probe-mode RL train step separately and return their per-device memory.
@@ -195,7 +196,8 @@ def plan_rl(
     device without being one of its arguments (during the rollout: the optimizer and combiner states; during the
     update: the reference). Each (data x fsdp) shard samples ``generations`` completions of each of its
     ``prompts_per_shard`` prompts, every prompt prefilled once and its cache shared by its completions
-    (``generate(..., num_generations=...)``, as the trainer's rollout samples GRPO groups).
+    (``generate(..., num_generations=...)``, as the trainer's rollout samples GRPO groups). The update runs them in
+    ``microbatches`` parts (``algorithm.num_microbatches``: gradient accumulation, one part's activations at a time).
     """
     import jax
     import jax.numpy as jnp
@@ -299,6 +301,7 @@ def plan_rl(
         combiner_name="mgda",
         reads=REGISTRY["mgda"].reads,
         sequential_pullbacks=pullbacks == "sequential",
+        num_microbatches=microbatches,
     )
     flags = jax.tree.leaves(default_probe_mask(split))
     train_step = make_train_step(
@@ -326,6 +329,7 @@ def plan_rl(
         "batch": batch_size,
         "prompts": prompt_count,
         "generations": generations,
+        "microbatches": microbatches,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "objectives": n,
@@ -369,9 +373,10 @@ def spawn(
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, __file__, "--child", str(devices), "--models", *models, "--seq-len", str(seq_len)]
     if rl is not None:
-        prompt_len, new_tokens, n, generations, prompts_per_shard = rl
+        prompt_len, new_tokens, n, generations, prompts_per_shard, microbatches = rl
         command += ["--rl", f"{prompt_len},{new_tokens},{n}", "--pullbacks", pullbacks]
         command += ["--generations", str(generations), "--prompts-per-shard", str(prompts_per_shard)]
+        command += ["--microbatches", str(microbatches)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -462,10 +467,11 @@ RL_COLUMNS = (
 
 def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, ...], pullbacks: str) -> str:
     """The RL-step plan as a markdown document: per-device GiB of the rollout and of the update, and the peak."""
-    prompt_len, new_tokens, n, generations, prompts_per_shard = rl
+    prompt_len, new_tokens, n, generations, prompts_per_shard, microbatches = rl
     per_shard = (
         f"{prompts_per_shard} prompt(s) of {prompt_len} tokens per (data × fsdp) shard, {generations} completion(s) "
-        f"of {new_tokens} new tokens each (one prefill per prompt, its KV cache shared by its completions)"
+        f"of {new_tokens} new tokens each (one prefill per prompt, its KV cache shared by its completions), "
+        f"the update in {microbatches} micro-batch(es)"
     )
     lines = [
         "# Planned per-device memory of one RL step (probe mode, vector critic)",
@@ -497,6 +503,7 @@ def main() -> None:
     )
     parser.add_argument("--generations", type=int, default=1, help="the RL plan's completions per prompt")
     parser.add_argument("--prompts-per-shard", type=int, default=1, help="the RL plan's prompts per data x fsdp shard")
+    parser.add_argument("--microbatches", type=int, default=1, help="the RL plan's algorithm.num_microbatches")
     parser.add_argument(
         "--pullbacks", choices=sorted(PULLBACKS), default="sequential", help="the RL plan's combiner.pullbacks"
     )
@@ -506,12 +513,16 @@ def main() -> None:
     rl = None if args.rl is None else tuple(int(v) for v in args.rl.split(","))
     if rl is not None and (len(rl) != 3 or min(rl) < 1):
         parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
-    if min(args.generations, args.prompts_per_shard) < 1:
+    group = (args.generations, args.prompts_per_shard, args.microbatches)
+    if min(group) < 1:
+        parser.error(f"--generations, --prompts-per-shard and --microbatches must be positive, got {group}")
+    if args.microbatches > 1 and args.generations * args.prompts_per_shard % args.microbatches:
         parser.error(
-            f"--generations and --prompts-per-shard must be positive, got {args.generations}, {args.prompts_per_shard}"
+            f"--microbatches {args.microbatches} must divide the completions per shard "
+            f"(--generations x --prompts-per-shard = {args.generations * args.prompts_per_shard})"
         )
     if rl is not None:
-        rl = (*rl, args.generations, args.prompts_per_shard)
+        rl = (*rl, *group)
     if args.child is not None:
         run_child(args.child, args.models, args.seq_len, rl, args.pullbacks)
         return
