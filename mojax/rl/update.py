@@ -241,7 +241,7 @@ def stacked_pullbacks(
     On a mesh (``param_shardings``: the parameters' NamedShardings) each sequential pass's gradient is constrained
     to its parameters' sharding. The per-objective gradients feed only reductions (the Gram, the cosines), so
     nothing else tells the partitioner their layout, and under FSDP it all-reduces every leaf whole onto each
-    device: n full copies of the probed LM head and final block. Constrained, each is reduce-scattered as the
+    device: n full copies of the probed LM head and final block. Constrained, each is cut to its shard as the
     parameters' own gradient is (LLaMA-70B probe mode on 256 devices: 87 -> 43 GiB per device). The batched
     passes are left unconstrained: there the same constraint makes XLA gather the cotangents of every token
     instead (87 -> 217 GiB).
