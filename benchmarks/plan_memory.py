@@ -14,13 +14,14 @@ per-device size of the sharded parameters plus both Adam moments.
 probe-mode train step with a vector critic, compiled separately), writing ``plan_memory_rl.{json,md}``:
 
     nice python benchmarks/plan_memory.py --rl 1024,1024,3 --devices 8 64
-    nice python benchmarks/plan_memory.py --rl 1024,1024,3 --generations 4 --devices 8 64   # GRPO groups
+    python benchmarks/plan_memory.py --rl 16,8,3 --models tiny --devices 8 --out /tmp/x   # quick smoke run
 
 ``--generations G`` samples G completions of each prompt (GRPO's group: one prefill per prompt, its KV cache shared
 by the G rows), ``--prompts-per-shard K`` plans K prompts per (data x fsdp) shard: K x G completions per shard.
 ``--prompts-per-shard 4`` and ``--generations 4`` plan the same update on the same number of completions; their
-rollouts differ by the shared prompt cache. ``--microbatches M`` runs the update in M parts (gradient accumulation).
-    python benchmarks/plan_memory.py --rl 16,8,3 --models tiny --devices 8 --out /tmp/x   # quick smoke run
+rollouts differ by the shared prompt cache. ``--microbatches M`` runs the update in M parts (gradient accumulation):
+
+    nice python benchmarks/plan_memory.py --rl 1024,1024,3 --generations 4 --microbatches 4 --devices 64
 """
 
 from __future__ import annotations
