@@ -19,9 +19,12 @@ probe-mode train step with a vector critic, compiled separately), writing ``plan
 ``--generations G`` samples G completions of each prompt (GRPO's group: one prefill per prompt, its KV cache shared
 by the G rows), ``--prompts-per-shard K`` plans K prompts per (data x fsdp) shard: K x G completions per shard.
 ``--prompts-per-shard 4`` and ``--generations 4`` plan the same update on the same number of completions; their
-rollouts differ by the shared prompt cache. ``--microbatches M`` runs the update in M parts (gradient accumulation):
+rollouts differ by the shared prompt cache. ``--microbatches M`` runs the update in M parts (gradient accumulation,
+one optimizer step); ``--minibatches M`` splits it into M shuffled minibatches, one optimizer step each (PPO's
+minibatches):
 
     nice python benchmarks/plan_memory.py --rl 1024,1024,3 --generations 4 --microbatches 4 --devices 64
+    nice python benchmarks/plan_memory.py --rl 1024,1024,3 --generations 4 --minibatches 4 --devices 64
 """
 
 from __future__ import annotations
@@ -35,10 +38,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 MODELS = ("7b", "13b", "70b")
 DEVICE_COUNTS = (8, 64, 256)
 GIB = 2**30
+
+
+class RLShape(NamedTuple):
+    """The RL step a plan is for: prompts and completions per (data x fsdp) shard, objectives, update splits."""
+
+    prompt_len: int
+    new_tokens: int
+    objectives: int
+    generations: int = 1
+    """Completions sampled from each prompt (one prefill, its KV cache shared by them)."""
+    prompts_per_shard: int = 1
+    microbatches: int = 1
+    """``algorithm.num_microbatches``: the update's gradient accumulated over this many parts."""
+    minibatches: int = 1
+    """``algorithm.num_minibatches``: the update split into this many shuffled minibatches, one optimizer step each."""
+
+    @property
+    def completions_per_shard(self) -> int:
+        return self.generations * self.prompts_per_shard
 
 
 def layouts(devices: int) -> list[tuple[str, tuple[int, int, int]]]:
@@ -176,12 +199,7 @@ def plan_rl(
     model_name: str,
     preset: str,
     mesh_shape: tuple[int, int, int],
-    prompt_len: int,
-    new_tokens: int,
-    n: int,
-    generations: int = 1,
-    prompts_per_shard: int = 1,
-    microbatches: int = 1,
+    shape: RLShape,
     pullbacks: str = "sequential",
 ) -> dict:
     """Compile the RL rollout and the probe-mode RL train step separately and return their per-device memory.
@@ -195,10 +213,11 @@ def plan_rl(
     and runs the critic; the train step is ``mojax.rl.update.make_train_step`` in probe mode with the critic. Each
     program's memory is its compiled arguments + outputs - aliased + temporaries, plus what stays resident on the
     device without being one of its arguments (during the rollout: the optimizer and combiner states; during the
-    update: the reference). Each (data x fsdp) shard samples ``generations`` completions of each of its
-    ``prompts_per_shard`` prompts, every prompt prefilled once and its cache shared by its completions
+    update: the reference). Each (data x fsdp) shard samples ``shape.generations`` completions of each of its
+    ``shape.prompts_per_shard`` prompts, every prompt prefilled once and its cache shared by its completions
     (``generate(..., num_generations=...)``, as the trainer's rollout samples GRPO groups). The update runs them in
-    ``microbatches`` parts (``algorithm.num_microbatches``: gradient accumulation, one part's activations at a time).
+    ``shape.minibatches`` shuffled minibatches (one optimizer step each), each in ``shape.microbatches`` parts
+    (gradient accumulation): one part's activations at a time.
     """
     import jax
     import jax.numpy as jnp
@@ -214,6 +233,7 @@ def plan_rl(
     from mojax.rl.trainer import critic_fn, response_fn
     from mojax.rl.update import Batch, TrainState, UpdateSpec, make_train_step
 
+    prompt_len, new_tokens, n, generations = shape.prompt_len, shape.new_tokens, shape.objectives, shape.generations
     config = model_config(model_name)
     mesh = make_mesh(*mesh_shape)
     tx = optax.adamw(1e-5)
@@ -259,7 +279,7 @@ def plan_rl(
         critic_params=critic_params,
         critic_opt_state=optimizer_state(critic_params),
     )
-    prompt_count = mesh_shape[0] * mesh_shape[1] * prompts_per_shard
+    prompt_count = mesh_shape[0] * mesh_shape[1] * shape.prompts_per_shard
     batch_size = prompt_count * generations
     rows = batch_sharding(mesh)
 
@@ -302,7 +322,8 @@ def plan_rl(
         combiner_name="mgda",
         reads=REGISTRY["mgda"].reads,
         sequential_pullbacks=pullbacks == "sequential",
-        num_microbatches=microbatches,
+        num_microbatches=shape.microbatches,
+        num_minibatches=shape.minibatches,
     )
     flags = jax.tree.leaves(default_probe_mask(split))
     train_step = make_train_step(
@@ -330,7 +351,8 @@ def plan_rl(
         "batch": batch_size,
         "prompts": prompt_count,
         "generations": generations,
-        "microbatches": microbatches,
+        "microbatches": shape.microbatches,
+        "minibatches": shape.minibatches,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "objectives": n,
@@ -347,7 +369,7 @@ def plan_rl(
     }
 
 
-def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, ...] | None, pullbacks: str) -> None:
+def run_child(devices: int, models: list[str], seq_len: int, rl: RLShape | None, pullbacks: str) -> None:
     """Plan every model and layout for this process's simulated device count, one JSON line each."""
     import jax
 
@@ -358,7 +380,7 @@ def run_child(devices: int, models: list[str], seq_len: int, rl: tuple[int, ...]
             row = (
                 plan(model_name, preset, mesh_shape, seq_len)
                 if rl is None
-                else plan_rl(model_name, preset, mesh_shape, *rl, pullbacks=pullbacks)
+                else plan_rl(model_name, preset, mesh_shape, rl, pullbacks=pullbacks)
             )
             print(json.dumps(row), flush=True)
 
@@ -367,17 +389,16 @@ def spawn(
     devices: int,
     models: list[str],
     seq_len: int,
-    rl: tuple[int, ...] | None = None,
+    rl: RLShape | None = None,
     pullbacks: str = "sequential",
 ) -> list[dict]:
     """Re-execute this script with ``devices`` simulated CPU devices and collect its rows."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, __file__, "--child", str(devices), "--models", *models, "--seq-len", str(seq_len)]
     if rl is not None:
-        prompt_len, new_tokens, n, generations, prompts_per_shard, microbatches = rl
-        command += ["--rl", f"{prompt_len},{new_tokens},{n}", "--pullbacks", pullbacks]
-        command += ["--generations", str(generations), "--prompts-per-shard", str(prompts_per_shard)]
-        command += ["--microbatches", str(microbatches)]
+        command += ["--rl", f"{rl.prompt_len},{rl.new_tokens},{rl.objectives}", "--pullbacks", pullbacks]
+        command += ["--generations", str(rl.generations), "--prompts-per-shard", str(rl.prompts_per_shard)]
+        command += ["--microbatches", str(rl.microbatches), "--minibatches", str(rl.minibatches)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -466,13 +487,13 @@ RL_COLUMNS = (
 )
 
 
-def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int, ...], pullbacks: str) -> str:
+def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: RLShape, pullbacks: str) -> str:
     """The RL-step plan as a markdown document: per-device GiB of the rollout and of the update, and the peak."""
-    prompt_len, new_tokens, n, generations, prompts_per_shard, microbatches = rl
+    n = rl.objectives
     per_shard = (
-        f"{prompts_per_shard} prompt(s) of {prompt_len} tokens per (data × fsdp) shard, {generations} completion(s) "
-        f"of {new_tokens} new tokens each (one prefill per prompt, its KV cache shared by its completions), "
-        f"the update in {microbatches} micro-batch(es)"
+        f"{rl.prompts_per_shard} prompt(s) of {rl.prompt_len} tokens per (data × fsdp) shard, {rl.generations} "
+        f"completion(s) of {rl.new_tokens} new tokens each (one prefill per prompt, its KV cache shared by its "
+        f"completions), the update in {rl.minibatches} minibatch(es) of {rl.microbatches} micro-batch(es) each"
     )
     lines = [
         "# Planned per-device memory of one RL step (probe mode, vector critic)",
@@ -494,6 +515,28 @@ def rl_markdown(rows: list[dict], command: str, machine_line: str, rl: tuple[int
     return "\n".join(lines) + "\n"
 
 
+def rl_shape(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RLShape | None:
+    """The RL step to plan from ``--rl`` and the options that shape it (None without ``--rl``); bad values exit with
+    the parser's error, as the trainer's config checks would reject them."""
+    if args.rl is None:
+        return None
+    sizes = tuple(int(v) for v in args.rl.split(","))
+    if len(sizes) != 3 or min(sizes) < 1:
+        parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
+    shape = RLShape(*sizes, args.generations, args.prompts_per_shard, args.microbatches, args.minibatches)
+    splits = shape[3:]
+    if min(splits) < 1:
+        parser.error(
+            f"--generations, --prompts-per-shard, --microbatches and --minibatches must be positive, got {splits}"
+        )
+    if shape.completions_per_shard % (shape.microbatches * shape.minibatches):
+        parser.error(
+            f"--minibatches x --microbatches = {shape.minibatches * shape.microbatches} must divide the completions "
+            f"per shard (--generations x --prompts-per-shard = {shape.completions_per_shard})"
+        )
+    return shape
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -505,25 +548,14 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=1, help="the RL plan's completions per prompt")
     parser.add_argument("--prompts-per-shard", type=int, default=1, help="the RL plan's prompts per data x fsdp shard")
     parser.add_argument("--microbatches", type=int, default=1, help="the RL plan's algorithm.num_microbatches")
+    parser.add_argument("--minibatches", type=int, default=1, help="the RL plan's algorithm.num_minibatches")
     parser.add_argument(
         "--pullbacks", choices=sorted(PULLBACKS), default="sequential", help="the RL plan's combiner.pullbacks"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rl = None if args.rl is None else tuple(int(v) for v in args.rl.split(","))
-    if rl is not None and (len(rl) != 3 or min(rl) < 1):
-        parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
-    group = (args.generations, args.prompts_per_shard, args.microbatches)
-    if min(group) < 1:
-        parser.error(f"--generations, --prompts-per-shard and --microbatches must be positive, got {group}")
-    if args.microbatches > 1 and args.generations * args.prompts_per_shard % args.microbatches:
-        parser.error(
-            f"--microbatches {args.microbatches} must divide the completions per shard "
-            f"(--generations x --prompts-per-shard = {args.generations * args.prompts_per_shard})"
-        )
-    if rl is not None:
-        rl = (*rl, *group)
+    rl = rl_shape(parser, args)
     if args.child is not None:
         run_child(args.child, args.models, args.seq_len, rl, args.pullbacks)
         return
@@ -537,7 +569,13 @@ def main() -> None:
     machine_line = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     name = "plan_memory" if rl is None else "plan_memory_rl"
-    report = {"command": command.strip(), "machine": machine_line, "seq_len": args.seq_len, "rl": rl, "rows": rows}
+    report = {
+        "command": command.strip(),
+        "machine": machine_line,
+        "seq_len": args.seq_len,
+        "rl": None if rl is None else rl._asdict(),
+        "rows": rows,
+    }
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = (
         markdown(rows, command.strip(), machine_line, args.seq_len)

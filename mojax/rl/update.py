@@ -218,14 +218,21 @@ def _split(tree: Any, parts: int) -> Any:
 
 
 def _accumulate(step: Callable, micro_batches: Any) -> Any:
-    """Sum of step(m) over the leading axis of micro_batches (a scan; the first one seeds the carry)."""
-    first = step(jax.tree.map(lambda x: x[0], micro_batches))
+    """Sum of step(m) over the leading axis of micro_batches: step itself for one, else a scan from zeros.
+
+    The scan holds the only traced copy of step, so the compiler plans one micro-batch's buffers. Seeding the carry
+    with the first micro-batch's result, computed outside the loop, kept a second copy of step's temporaries live
+    beside the loop's: LLaMA-70B's probe-mode update in 4 micro-batches on 64 devices (FSDP) planned 98.7 GiB per
+    device that way, 78.8 GiB from zeros.
+    """
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+        return step(jax.tree.map(lambda x: x[0], micro_batches))
+    shapes = jax.eval_shape(step, jax.tree.map(lambda x: x[0], micro_batches))
 
     def body(total, micro):
         return jax.tree.map(jnp.add, total, step(micro)), None
 
-    rest = jax.tree.map(lambda x: x[1:], micro_batches)
-    total, _ = jax.lax.scan(body, first, rest)
+    total, _ = jax.lax.scan(body, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), micro_batches)
     return total
 
 

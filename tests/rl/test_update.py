@@ -86,6 +86,24 @@ def test_micro_batched_gradients_equal_full_batch_gradients(combiner):
     assert_trees_close(split, whole, atol=2e-6)
 
 
+@pytest.mark.parametrize("mode", ["scalar", "full"])
+def test_micro_batches_run_in_one_loop_holding_one_copy_of_the_pass(mode):
+    """Two micro-batches lower to as many matmuls as one: the forward and backward pass appears once, inside the
+    accumulation loop (seeding the sum with the first micro-batch outside the loop doubled them, and the compiler
+    kept both copies' temporaries)."""
+    combiner = "linear" if mode == "scalar" else "mgda"
+    weights = jnp.ones(3) / 3 if mode == "scalar" else None
+
+    def matmuls(microbatches: int) -> int:
+        run = trainer(
+            f"combiner.name={combiner}", f"combiner.mode={mode}", f"algorithm.num_microbatches={microbatches}"
+        )
+        program = run._train_step.lower(run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.1), weights)
+        return program.as_text().count("stablehlo.dot_general")
+
+    assert matmuls(2) == matmuls(1) > 0
+
+
 def test_scalar_mode_combiners_compile_one_and_the_same_train_step():
     """The weights enter as data, so linear, CTWA and PAMA lower to identical programs (one compilation)."""
     batch = fixed_batch()
@@ -113,7 +131,8 @@ def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks
 @pytest.mark.parametrize(("microbatches", "forwards"), [(1, 1), (2, 4)])
 def test_probe_mode_takes_the_weighted_backward_from_the_probe_forward(microbatches, forwards):
     """One micro-batch: the probe pullbacks and the weighted one come from one forward pass (one trace of the
-    policy). Two: each micro-batch's forward runs twice, traced for the first micro-batch and the scan's body."""
+    policy). Two: each micro-batch's forward runs twice (the probe's pass, then the weighted one), each traced once
+    for the shapes of its sum and once in its loop."""
     from mojax.rl.update import make_train_step
 
     run = trainer("combiner.name=mgda", "combiner.mode=probe", f"algorithm.num_microbatches={microbatches}")
