@@ -227,12 +227,12 @@ def _accumulate(step: Callable, micro_batches: Any) -> Any:
     """
     if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
         return step(jax.tree.map(lambda x: x[0], micro_batches))
-    shapes = jax.eval_shape(step, jax.tree.map(lambda x: x[0], micro_batches))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(step, jax.tree.map(lambda x: x[0], micro_batches)))
 
     def body(total, micro):
         return jax.tree.map(jnp.add, total, step(micro)), None
 
-    total, _ = jax.lax.scan(body, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), micro_batches)
+    total, _ = jax.lax.scan(body, zeros, micro_batches)
     return total
 
 
