@@ -520,7 +520,10 @@ def rl_shape(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RLSha
     the parser's error, as the trainer's config checks would reject them."""
     if args.rl is None:
         return None
-    sizes = tuple(int(v) for v in args.rl.split(","))
+    try:
+        sizes = tuple(int(v) for v in args.rl.split(","))
+    except ValueError:
+        sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
         parser.error(f"--rl must be three positive integers PROMPT_LEN,NEW_TOKENS,OBJECTIVES, got {args.rl!r}")
     shape = RLShape(*sizes, args.generations, args.prompts_per_shard, args.microbatches, args.minibatches)
@@ -537,7 +540,8 @@ def rl_shape(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RLSha
     return shape
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, RLShape | None]:
+    """The command line's options and the RL step they describe (None without ``--rl``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--devices", nargs="+", type=int, default=list(DEVICE_COUNTS))
@@ -554,12 +558,17 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    rl = rl_shape(parser, args)
+    args = parser.parse_args(argv)
+    return args, rl_shape(parser, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Plan every model and layout for each device count (one child process per count); write the JSON and markdown."""
+    args, rl = parse_args(argv)
     if args.child is not None:
         run_child(args.child, args.models, args.seq_len, rl, args.pullbacks)
         return
-    command = "python benchmarks/plan_memory.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/plan_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     columns = COLUMNS if rl is None else RL_COLUMNS
     rows = []
     for devices in args.devices:
