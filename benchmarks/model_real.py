@@ -24,10 +24,12 @@ piece leaves, and what rate a target ratio against torch would need. mojax's var
 are the layer scan under each rematerialisation policy of ``mojax.models.llama.checkpointed`` (``dots``, the
 default: matmul outputs kept, the rest recomputed; ``none``: every intermediate kept; ``full``: each layer
 recomputed), ``unrolled`` (policy ``none`` with the layer scan fully unrolled), ``dots+whole-attention`` (policy
-``dots`` with each layer's attention over all T keys instead of ``causal_attention``'s query blocks) and ``dots+ynn``
-(policy ``dots`` compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`) and
+``dots`` with each layer's attention over all T keys instead of ``causal_attention``'s query blocks), ``dots+ynn``
+(policy ``dots`` compiled with XLA:CPU's experimental YNNPACK dot fusion, :data:`YNN_DOT_FUSION`),
 ``dots+layer-loop`` (policy ``dots`` with the decoder layers a Python loop over weights held apart per layer, as a
-model that did not stack its layers would run them: :func:`layer_loop`).
+model that did not stack its layers would run them: :func:`layer_loop`) and ``dots+head-op`` (policy ``dots``, the
+LM head and cross-entropy through the trainers' op: :func:`trainers_next_token_loss`; also a second mojax contender
+of the head+CE piece).
 
 Timing: compile and warm up first; then ``--rounds`` rounds, each calling every contender of a piece ``--repeats``
 times in turn; a ratio is torch's median over mojax's median in the same round (> 1: mojax faster), and the table
@@ -79,7 +81,7 @@ ATTENTION_PIECE = "attention forward+backward"
 """Every layer's causal attention alone, forward and backward: mojax's ``causal_attention`` against the SDPA call HF's
 LLaMA makes in training."""
 PIECES = MODEL_PIECES + (PEAK_PIECE, DECODE_PIECE, ATTENTION_PIECE)
-VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+ynn", "dots+layer-loop")
+VARIANTS = ("dots", "none", "full", "unrolled", "dots+whole-attention", "dots+ynn", "dots+layer-loop", "dots+head-op")
 YNN_DOT_FUSION = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 """XLA:CPU option (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``): matmuls and their operand layouts as
 one YNNPACK fusion."""
@@ -155,10 +157,14 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
     def head_loss(s, h, i):
         return next_token_loss(nnx.merge(graphdef, s).logits(h), i)
 
+    def head_op_loss(graph):
+        return lambda s, i: trainers_next_token_loss(nnx.merge(graph, s), nnx.merge(graph, s).hidden_states(i)[0], i)
+
     step = {policy: jax.jit(jax.value_and_grad(whole_loss(g))) for policy, g in graphdefs.items()}
     step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
     step["dots+whole-attention"] = jax.jit(with_whole_attention(jax.value_and_grad(whole_loss(graphdefs["dots"]))))
     step["dots+ynn"] = jax.jit(jax.value_and_grad(whole_loss(graphdefs["dots"])), compiler_options=YNN_DOT_FUSION)
+    step["dots+head-op"] = jax.jit(jax.value_and_grad(head_op_loss(graphdefs["dots"])))
     block = jax.block_until_ready
     calls = {variant: (lambda f=f: block(f(state, ids))) for variant, f in step.items()}
     if "dots+layer-loop" in variants:  # only then: it holds a second copy of the layers' weights
@@ -174,14 +180,30 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
     forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0])
     trunk = jax.jit(jax.value_and_grad(trunk_loss))
     head = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))
+    head_op = jax.jit(
+        jax.value_and_grad(lambda s, h, i: trainers_next_token_loss(nnx.merge(graphdef, s), h, i), argnums=(0, 1))
+    )
     trunk_forward = jax.jit(lambda s, i: nnx.merge(graphdef, s).hidden_states(i)[0])
     return {
         "forward": {"mojax": lambda: block(forward(state, ids))},
         "forward+backward": {f"mojax {v}": calls[v] for v in variants},
         "trunk forward+backward": {"mojax": lambda: block(trunk(state, ids, probe))},
-        "head+CE forward+backward": {"mojax": lambda: block(head(state, hidden, ids))},
+        "head+CE forward+backward": {
+            "mojax": lambda: block(head(state, hidden, ids)),
+            "mojax head-op": lambda: block(head_op(state, hidden, ids)),
+        },
         "trunk forward": {"mojax": lambda: block(trunk_forward(state, ids))},
     }
+
+
+def trainers_next_token_loss(model, hidden, ids):
+    """The next-token cross-entropy as mojax's RL and DPO trainers differentiate it: the final hidden states through
+    :func:`mojax.rl.losses.head_logprobs_and_entropy` (the LM head and the targets' log-probabilities, with its own
+    backward pass), the positions' predictions of the next tokens only."""
+    from mojax.rl.losses import head_logprobs_and_entropy
+    from mojax.rl.trainer import lm_head
+
+    return -jnp.mean(head_logprobs_and_entropy(hidden[:, :-1], lm_head(model), ids[:, 1:])[0])
 
 
 def with_remat(model, policy: str):

@@ -97,3 +97,30 @@ def test_the_layer_loop_variant_computes_the_scan_steps_loss_and_gradients():
     embedding = lambda g: np.asarray(g["model"]["embed_tokens"]["embedding"][...])  # noqa: E731
     np.testing.assert_allclose(embedding(rest_grads), embedding(grads), rtol=1e-5, atol=1e-7)
     assert rest_grads["model"]["layers"]["mlp"]["gate_proj"]["kernel"][...].shape == (0,)
+
+
+def test_the_head_op_variant_computes_the_dots_steps_loss_and_gradients():
+    """``dots+head-op`` (the LM head and cross-entropy through the trainers' op) and the head+CE piece's second
+    contender give the plain cross-entropy's loss and gradients."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mojax.models.llama import LlamaForCausalLM
+
+    module = _load()
+    model = LlamaForCausalLM(ModelConfig.tiny(num_hidden_layers=2), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(3, 256, (2, 16)), jnp.int32)
+    hidden = jnp.asarray(rng.normal(size=(2, 16, model.config.hidden_size)), jnp.float32)
+    pieces = module.mojax_pieces(model, ids, hidden, hidden, ["dots", "dots+head-op"])
+    for piece, (plain, head_op) in [
+        ("forward+backward", ("mojax dots", "mojax dots+head-op")),
+        ("head+CE forward+backward", ("mojax", "mojax head-op")),
+    ]:
+        (loss, grads), (op_loss, op_grads) = pieces[piece][plain](), pieces[piece][head_op]()
+        np.testing.assert_allclose(float(op_loss), float(loss), rtol=1e-6)
+        leaves, op_leaves = jax.tree.leaves(grads), jax.tree.leaves(op_grads)
+        assert len(leaves) == len(op_leaves) and any(np.abs(np.asarray(g)).max() > 0 for g in leaves)
+        for g, op_g in zip(leaves, op_leaves, strict=True):
+            np.testing.assert_allclose(np.asarray(op_g), np.asarray(g), rtol=1e-4, atol=1e-6)
