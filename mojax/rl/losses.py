@@ -483,11 +483,16 @@ def _hidden_cotangent(hidden_part, logp_cotangent, entropy_cotangent, hidden) ->
 
 
 def _full_vocabulary_outputs(hidden, head, targets):
-    """(log-probs, entropies) and the logits, logsumexp and E_p[z] of softmax(hidden @ head)."""
+    """(log-probs, entropies) and the logits, logsumexp and E_p[z] of softmax(hidden @ head).
+
+    The targets' logits are gathered, not contracted with a one-hot: the contraction writes a [B, T, V] product
+    before reducing it (a pass over the logits more), and the gather's scatter backward never runs, since the
+    custom backward pass builds e_y - p itself.
+    """
     logits = token_matmul(hidden, head)
     logsumexp = jax.nn.logsumexp(logits, axis=-1)
     mean_logit = jnp.sum(jnp.exp(logits - logsumexp[..., None]) * logits, axis=-1)
-    target_logit = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return (target_logit - logsumexp, logsumexp - mean_logit), (logits, logsumexp, mean_logit)
 
 

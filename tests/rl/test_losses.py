@@ -1,6 +1,8 @@
 """Policy, KL, entropy and value losses: hand-computed values, loop transcriptions, GSPO, and exact micro-batching."""
 
 import functools
+import math
+import re
 
 import jax
 import jax.extend.core
@@ -409,6 +411,37 @@ def test_vmapped_pullbacks_share_one_head_product_for_the_hidden_states(function
     plain = _dot_output_shapes(hidden_only(_autodiff_head), hidden, head)
     assert hidden_cotangents in shared and (N, *hidden_cotangents) not in shared, shared
     assert any(len(shape) == 4 and shape[-1] == 8 for shape in plain), plain  # autodiff batches that product
+
+
+def _entry_arrays_of_size(compiled_text: str, size: int) -> list[str]:
+    """Names of the arrays the compiled program's entry computation writes with ``size`` f32 elements (bitcasts
+    and parameters, which write nothing, left out)."""
+    entry = compiled_text[compiled_text.index("\nENTRY") :]
+    names = []
+    for line in entry.splitlines()[1:]:
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(", line)
+        if match and match.group(3) not in ("bitcast", "parameter"):
+            if math.prod(int(d) for d in match.group(2).split(",")) == size:
+                names.append(match.group(1))
+    return names
+
+
+def test_head_logprobs_write_the_logits_and_their_cotangent_only():
+    """The forward and backward of the full-vocabulary head write two [B, T, V] arrays: the logits and their
+    cotangent. A one-hot contraction for the targets' logits writes a third (the one-hot product)."""
+    from mojax.rl.losses import head_logprobs_and_entropy
+
+    batch, length, width, vocab = 4, 32, 64, 8192  # B T != D, so no weight-sized array has the logits' size
+    keys = jax.random.split(jax.random.key(3), 3)
+    hidden = jax.random.normal(keys[0], (batch, length, width))
+    head = jax.random.normal(keys[1], (width, vocab))
+    targets = jax.random.randint(keys[2], (batch, length), 0, vocab)
+
+    def loss(hidden, head):
+        return -jnp.mean(head_logprobs_and_entropy(hidden, head, targets)[0])
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, head).compile().as_text()
+    assert len(_entry_arrays_of_size(compiled, batch * length * vocab)) == 2, compiled
 
 
 @pytest.mark.parametrize("function", HEAD_FUNCTIONS)
