@@ -158,7 +158,11 @@ def mojax_pieces(model, ids, hidden, probe, variants: list[str]) -> dict[str, di
         return next_token_loss(nnx.merge(graphdef, s).logits(h), i)
 
     def head_op_loss(graph):
-        return lambda s, i: trainers_next_token_loss(nnx.merge(graph, s), nnx.merge(graph, s).hidden_states(i)[0], i)
+        def loss(s, i):
+            model = nnx.merge(graph, s)
+            return trainers_next_token_loss(model, model.hidden_states(i)[0], i)
+
+        return loss
 
     step = {policy: jax.jit(jax.value_and_grad(whole_loss(g))) for policy, g in graphdefs.items()}
     step["unrolled"] = jax.jit(with_unrolled_scan(jax.value_and_grad(whole_loss(graphdefs["none"]))))
