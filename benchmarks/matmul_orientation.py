@@ -1,4 +1,5 @@
-"""Decode-sized matmuls in three operand orders on XLA:CPU: why decode steps multiply the weights by columns.
+"""Matmul operand orders on XLA:CPU: why decode steps multiply the weights by columns, and why the heads' weight
+gradients contract a written-out transpose.
 
 SmolLM2-135M's projections (``--layers`` layers of q, k, v, o, gate, up and down, random fp32 weights, each layer's
 output fed to the next) and its tied LM head ([V, D]) applied to R token rows, one jitted program per form:
@@ -9,11 +10,22 @@ output fed to the next) and its tied LM head ([V, D]) applied to R token rows, o
 * ``columns, no barriers``: (W^T @ x.T).T, the same expression without the barriers, which XLA's algebraic
   simplifier folds back into one dot with the weights on the right.
 
+The weight gradients x^T dy of a training step over R token rows (``--gradient-rows``), in two forms:
+
+* ``einsum``: contracted over both operands' leading (token) axis, as autodiff writes it; XLA:CPU compiles it to an
+  Eigen dot with a transposed operand;
+* ``rows_contraction``: :func:`mojax._numerics.rows_contraction`, a GEMM on x^T written out behind a barrier (what
+  the trainers' LM-head op runs);
+
+for every layer's seven projections, an untied LM head ([D, V] gradient) and a tied one ([V, D], the transpose of
+the product, which XLA folds into the dot in both forms).
+
 Every form of a size is timed in the same rounds (``mojax.testing.interleaved_timings``: rotated order, median of
 ``--repeats`` calls per round, ``--rounds`` rounds); the table gives the median over rounds and its min-max, in ms.
 
     python benchmarks/matmul_orientation.py          # writes benchmarks/results/matmul_orientation.{md,json}
-    python benchmarks/matmul_orientation.py --rows 2 --layers 1 --vocab 512 --rounds 1 --repeats 1 --out /tmp/x
+    python benchmarks/matmul_orientation.py --rows 2 --gradient-rows 3 --layers 1 --vocab 512 --rounds 1 \
+        --repeats 1 --out /tmp/x
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
-from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul  # noqa: E402
+from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, rows_contraction  # noqa: E402
 from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
 
 
@@ -95,6 +107,34 @@ def contenders(config, rows: int, seed: int = 0) -> dict[str, Callable[[], objec
     return calls
 
 
+def plain_contraction(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T b as autodiff writes a weight gradient: contracted over both operands' leading axis."""
+    return jnp.einsum("nk,nm->km", a, b)
+
+
+GRADIENT_FORMS = {"einsum": plain_contraction, "rows_contraction": rows_contraction}
+"""Form -> (x [R, in], dy [R, out]) -> x^T dy [in, out]."""
+GRADIENT_PIECES = ("projections' weight gradients", "LM head weight gradient [D, V]", "LM head weight gradient [V, D]")
+
+
+def gradient_contenders(config, rows: int, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """{"<piece>, <form>": blocking call} for the weight gradients of the layers' projections and of the LM head over
+    ``rows`` token rows: random inputs x and output cotangents dy, each layer's its own."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2 + 14 * config.num_hidden_layers))
+    normal = lambda shape: jax.random.normal(next(keys), shape)  # noqa: E731
+    shapes = [w.T.shape for w in weights(config, seed)[0]]  # [in, out] of q, k, v, o, gate, up, down
+    layers = [[(normal((rows, i)), normal((rows, o))) for i, o in shapes] for _ in range(config.num_hidden_layers)]
+    hidden, logits_cotangent = normal((rows, config.hidden_size)), normal((rows, config.vocab_size))
+    calls = {}
+    for form, product in GRADIENT_FORMS.items():
+        chain = jax.jit(lambda layers, p=product: [[p(x, dy) for x, dy in layer] for layer in layers])
+        untied, tied = jax.jit(product), jax.jit(lambda x, dy, p=product: p(x, dy).T)
+        calls[f"{GRADIENT_PIECES[0]}, {form}"] = lambda c=chain: jax.block_until_ready(c(layers))
+        calls[f"{GRADIENT_PIECES[1]}, {form}"] = lambda f=untied: jax.block_until_ready(f(hidden, logits_cotangent))
+        calls[f"{GRADIENT_PIECES[2]}, {form}"] = lambda f=tied: jax.block_until_ready(f(hidden, logits_cotangent))
+    return calls
+
+
 def summary(timings: dict) -> dict[str, dict[str, float]]:
     """{contender: {"ms": median over rounds, "min_ms", "max_ms"}} from ``interleaved_timings``' round medians."""
     return {
@@ -109,7 +149,7 @@ def summary(timings: dict) -> dict[str, dict[str, float]]:
 
 def markdown(report: dict) -> str:
     lines = [
-        "# Decode-sized matmuls by operand order (SmolLM2-135M shapes, fp32, XLA:CPU)",
+        "# Matmuls by operand order (SmolLM2-135M shapes, fp32, XLA:CPU)",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}; jax {report['jax']}; {report['layers']} layers, vocabulary {report['vocab']}; "
@@ -125,12 +165,19 @@ def markdown(report: dict) -> str:
             cells = [pieces[f"{piece}, {form}"] for form in FORMS]
             text = [f"{c['ms']:.1f} ({c['min_ms']:.1f}-{c['max_ms']:.1f})" for c in cells]
             lines.append(f"| {rows} | {piece} | " + " | ".join(text) + " |")
+    lines += ["", "| token rows | weight gradient | " + " | ".join(GRADIENT_FORMS) + " |", "|---:|---|---:|---:|"]
+    for rows, pieces in report["gradient_rows"].items():
+        for piece in GRADIENT_PIECES:
+            cells = [pieces[f"{piece}, {form}"] for form in GRADIENT_FORMS]
+            text = [f"{c['ms']:.1f} ({c['min_ms']:.1f}-{c['max_ms']:.1f})" for c in cells]
+            lines.append(f"| {rows} | {piece} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="4,8,16,32,48,64,128,256", help="comma-separated token rows")
+    parser.add_argument("--gradient-rows", default="320,512", help="comma-separated token rows of the gradients")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--rounds", type=int, default=3)
@@ -138,8 +185,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.rows = [int(r) for r in args.rows.split(",")]
-    if min(args.rows) < 1 or args.layers < 1 or args.vocab < 1:
-        parser.error(f"--rows, --layers and --vocab must be positive; got {args.rows}, {args.layers}, {args.vocab}")
+    args.gradient_rows = [int(r) for r in args.gradient_rows.split(",")]
+    if min(args.rows + args.gradient_rows) < 1 or args.layers < 1 or args.vocab < 1:
+        parser.error(
+            "--rows, --gradient-rows, --layers and --vocab must be positive; got "
+            f"{args.rows}, {args.gradient_rows}, {args.layers}, {args.vocab}"
+        )
     return args
 
 
@@ -156,10 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": args.layers,
         "vocab": args.vocab,
         "rows": {},
+        "gradient_rows": {},
     }
     for rows in args.rows:
         timings = interleaved_timings(contenders(config, rows), args.rounds, args.repeats)
         report["rows"][str(rows)] = summary(timings)
+    for rows in args.gradient_rows:
+        timings = interleaved_timings(gradient_contenders(config, rows), args.rounds, args.repeats)
+        report["gradient_rows"][str(rows)] = summary(timings)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     text = markdown(report)
     print(text)

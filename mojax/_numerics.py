@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -31,10 +33,11 @@ COLUMNS_MAX_ROWS = 48
 at 48, even at 64, 56 against 50 at 128)."""
 
 
-def columns_pay_off() -> bool:
-    """Whether this backend multiplies decode-sized matmuls by columns (:func:`columns_matmul`): the CPU, where that
-    was measured to pay off. Elsewhere the GEMMs choose their own operand layouts and the barriers would only add
-    transpose kernels."""
+def transposed_copies_pay_off() -> bool:
+    """Whether this backend runs some matmuls faster on an operand transposed ahead of time, behind an optimization
+    barrier (:func:`columns_matmul` for decode steps, :func:`rows_contraction` for wide weight gradients): the CPU,
+    where that was measured to pay off. Elsewhere the GEMMs choose their own operand layouts and the barriers would
+    only add transpose kernels."""
     return jax.default_backend() == "cpu"
 
 
@@ -54,7 +57,53 @@ def columns_matmul(rows: jax.Array, kernel_t: jax.Array, preferred_element_type=
     return barrier(columns).T
 
 
+def rows_contraction(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
+    """a [N, K]^T @ b [N, M]: [K, M], the contraction over N token rows of a matmul's weight gradient x^T dy.
+
+    Contracted over the leading axis of both operands, it compiles on XLA:CPU to an Eigen dot with a transposed
+    operand, which at an LM head's widths runs at half the rate of XLA:CPU's GEMM on plain operands: 576 x 49152 over
+    512 rows took 430-450 ms against 195-230 ms with a's transpose written out first, a 576 x 512 copy
+    (``benchmarks/matmul_orientation.py``). So on the CPU (:func:`transposed_copies_pay_off`) a^T is copied behind an
+    optimization barrier, which keeps XLA's algebraic simplifier from folding the transpose back into the dot. At
+    the decoder layers' widths (1536 columns and fewer) both forms run alike, so only the heads use this.
+    """
+    if transposed_copies_pay_off():
+        a_transposed = jax.lax.optimization_barrier(a.T)
+        return jnp.matmul(a_transposed, b, preferred_element_type=preferred_element_type)
+    return jnp.einsum("nk,nm->km", a, b, preferred_element_type=preferred_element_type)
+
+
 def token_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x [..., D] @ kernel [D, N] on :func:`token_rows`, in x's dtype with fp32 accumulation: f32[..., N]."""
-    out = jnp.einsum("td,dn->tn", token_rows(x), kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    return out.reshape(*x.shape[:-1], kernel.shape[-1])
+    return _rows_times_kernel(token_rows(x), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _rows_times_kernel(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.einsum("td,dn->tn", rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.custom_jvp
+def head_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """:func:`token_matmul` for a wide kernel (an LM head [D, V]): the same product, differentiated so that its weight
+    gradient x^T dy contracts x's written-out transpose on the CPU, as :func:`rows_contraction` does.
+
+    Its JVP multiplies the kernel's tangent by x^T transposed back (behind an optimization barrier on the CPU); reverse
+    mode transposes that product into x^T-copy @ dy, where the plain product's autodiff gives the Eigen dot with a
+    transposed operand that runs at half the rate at an LM head's widths. Forward mode works as for any product.
+    """
+    return token_matmul(x, kernel)
+
+
+@functools.partial(head_matmul.defjvp, symbolic_zeros=True)
+def _head_matmul_jvp(primals, tangents):
+    x, kernel = primals
+    x_dot, kernel_dot = tangents
+    rows = token_rows(x)
+    terms = []
+    if not isinstance(x_dot, SymbolicZero):
+        terms.append(_rows_times_kernel(token_rows(x_dot), kernel))
+    if not isinstance(kernel_dot, SymbolicZero):
+        written_out = jax.lax.optimization_barrier(rows.T).T if transposed_copies_pay_off() else rows
+        terms.append(_rows_times_kernel(written_out, kernel_dot))
+    shape = (*x.shape[:-1], kernel.shape[-1])
+    return token_matmul(x, kernel), sum(terms[1:], terms[0]).reshape(shape)

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/matmul_orientation.py: its three operand orders compute the same products."""
+"""Smoke test of benchmarks/matmul_orientation.py: its operand orders compute the same products and gradients."""
 
 import json
 from pathlib import Path
@@ -24,11 +24,37 @@ def test_every_form_computes_the_same_projections_and_logits():
             np.testing.assert_allclose(calls[f"{piece}, {form}"](), rows, rtol=1e-4, atol=1e-5)
 
 
+def test_both_gradient_forms_compute_the_same_weight_gradients():
+    module = _load()
+    config = module.smollm2_shapes(2, 64)
+    calls = module.gradient_contenders(config, rows=5)
+    assert set(calls) == {f"{piece}, {form}" for piece in module.GRADIENT_PIECES for form in module.GRADIENT_FORMS}
+    layers = calls["projections' weight gradients, einsum"]()
+    assert len(layers) == 2 and [g.shape for g in layers[0]] == [w.T.shape for w in module.weights(config)[0]]
+    np.testing.assert_allclose(
+        np.concatenate(
+            [np.ravel(g) for layer in calls["projections' weight gradients, rows_contraction"]() for g in layer]
+        ),
+        np.concatenate([np.ravel(g) for layer in layers for g in layer]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    untied, tied = (np.asarray(calls[f"LM head weight gradient {s}, einsum"]()) for s in ("[D, V]", "[V, D]"))
+    assert untied.shape == (576, 64) and np.isfinite(untied).all()
+    np.testing.assert_array_equal(tied, untied.T)
+    for shape, want in (("[D, V]", untied), ("[V, D]", tied)):
+        np.testing.assert_allclose(
+            calls[f"LM head weight gradient {shape}, rows_contraction"](), want, rtol=1e-4, atol=1e-4
+        )
+
+
 def test_a_small_run_writes_every_cell(tmp_path):
     module = _load()
     argv = [
         "--rows",
         "2,3",
+        "--gradient-rows",
+        "4",
         "--layers",
         "1",
         "--vocab",
@@ -46,6 +72,9 @@ def test_a_small_run_writes_every_cell(tmp_path):
     for cells in report["rows"].values():
         assert len(cells) == 2 * len(module.FORMS)
         assert all(0 < c["min_ms"] <= c["ms"] <= c["max_ms"] for c in cells.values())
+    assert set(report["gradient_rows"]) == {"4"}
+    assert len(report["gradient_rows"]["4"]) == len(module.GRADIENT_PIECES) * len(module.GRADIENT_FORMS)
     text = (tmp_path / "matmul_orientation.md").read_text()
     assert text.count("| projections |") == 2 and text.count("| LM head |") == 2
+    assert all(text.count(f"| 4 | {piece} |") == 1 for piece in module.GRADIENT_PIECES)
     assert report["command"] == "python benchmarks/matmul_orientation.py " + " ".join(argv)

@@ -95,7 +95,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, columns_pay_off, token_matmul, token_rows
+from mojax._numerics import (
+    COLUMNS_MAX_ROWS,
+    columns_matmul,
+    head_matmul,
+    token_rows,
+    transposed_copies_pay_off,
+)
 from mojax.models.config import ModelConfig
 from mojax.models.sharding import PARAM_AXIS_NAMES, constrain  # noqa: F401 (the vocabulary, re-exported)
 
@@ -945,8 +951,8 @@ class LlamaForCausalLM(nnx.Module):
         """Each decoder layer's weights on its own, for the ``layer_weights`` of :meth:`hidden_states` (the final block
         from ``last_layer`` in probe mode's split representation). ``columns``: projection kernels output-major
         (:class:`OutputMajor`), the faster layout for decode steps on XLA:CPU; None: where
-        :func:`~mojax._numerics.columns_pay_off`."""
-        columns = columns_pay_off() if columns is None else columns
+        :func:`~mojax._numerics.transposed_copies_pay_off`."""
+        columns = transposed_copies_pay_off() if columns is None else columns
         layers = self.model.layers.per_layer_weights(self.config.dtype, adapters, columns)
         if self.model.last_layer is None:
             return layers
@@ -961,10 +967,10 @@ class LlamaForCausalLM(nnx.Module):
         """
         hidden = hidden.astype(self.config.dtype)
         if not self.config.tie_word_embeddings:
-            return token_matmul(hidden, self.lm_head.kernel[...])
+            return head_matmul(hidden, self.lm_head.kernel[...])
         w = self.model.embed_tokens.embedding[...].astype(hidden.dtype)  # [V, D]
         rows = token_rows(hidden)
-        if columns_pay_off() and rows.shape[0] <= COLUMNS_MAX_ROWS:
+        if transposed_copies_pay_off() and rows.shape[0] <= COLUMNS_MAX_ROWS:
             logits = columns_matmul(rows, w, preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("nd,vd->nv", rows, w, preferred_element_type=jnp.float32)

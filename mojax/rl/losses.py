@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mojax import _checks
-from mojax._numerics import safe_divide, token_matmul, token_rows
+from mojax._numerics import rows_contraction, safe_divide, token_matmul, token_rows
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 """Loss aggregations, named as in verl."""
@@ -466,7 +466,7 @@ def _block_cotangents(hidden, head, logits, logsumexp, mean_logit, one_hot, logp
         contracted, scaled_hidden = contracted.astype(hidden.dtype), hidden
     rows = token_rows(contracted)
     hidden_part = jnp.einsum("nv,dv->nd", rows, weights, preferred_element_type=jnp.float32)
-    head_cotangent = jnp.einsum("nd,nv->dv", token_rows(scaled_hidden), rows, preferred_element_type=jnp.float32)
+    head_cotangent = rows_contraction(token_rows(scaled_hidden), rows, preferred_element_type=jnp.float32)
     return hidden_part.reshape(hidden.shape), head_cotangent
 
 

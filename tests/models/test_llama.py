@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hf_fixtures import random_llama
 
-from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul
+from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, head_matmul, rows_contraction, token_matmul
 from mojax.models import LOGICAL_AXES, LlamaForCausalLM, ModelConfig
 from mojax.models.llama import (
     INPUT_DIMS,
@@ -331,6 +331,69 @@ def test_columns_matmul_keeps_the_weights_as_the_left_operand():
     half = columns_matmul(jnp.asarray(rows, jnp.bfloat16), jnp.asarray(kernel_t, jnp.bfloat16), jnp.float32)
     assert half.dtype == jnp.float32 and half.shape == (4, 96)
     np.testing.assert_allclose(half, want, rtol=0.05, atol=0.3)
+
+
+def _dot_contracting_dims(fn, *args) -> list[tuple[str, str]]:
+    """(lhs, rhs) contracting dimensions of each dot in the compiled program of ``fn``."""
+    return re.findall(
+        r"lhs_contracting_dims=\{([\d,]*)\}, rhs_contracting_dims=\{([\d,]*)\}", _compiled_text(fn, *args)
+    )
+
+
+def test_rows_contraction_multiplies_plain_operands_on_the_cpu():
+    """a^T b over the rows compiles to a dot of a's written-out transpose and b (contracting a^T's columns and b's
+    rows); the plain einsum contracts both operands' leading axes (an Eigen dot with a transposed operand on XLA:CPU),
+    which the barrier prevents XLA from folding back to."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((24, 8), np.float32), rng.standard_normal((24, 40), np.float32)
+    assert _dot_contracting_dims(rows_contraction, a, b) == [("1", "0")]
+    assert _dot_contracting_dims(lambda a, b: jnp.einsum("nk,nm->km", a, b), a, b) == [("0", "0")]
+    want = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
+    np.testing.assert_allclose(rows_contraction(a, b), want, rtol=1e-5, atol=1e-5)
+    half = rows_contraction(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16), jnp.float32)
+    assert half.dtype == jnp.float32 and half.shape == (8, 40)
+    np.testing.assert_allclose(half, want, rtol=0.05, atol=0.3)
+
+
+def _head_matmul_case(dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(2), 4)
+    x, kernel = jax.random.normal(keys[0], (2, 3, 8), dtype), jax.random.normal(keys[1], (8, 40), dtype)
+    tangents = jax.random.normal(keys[2], x.shape, dtype), jax.random.normal(keys[3], kernel.shape, dtype)
+    return x, kernel, tangents
+
+
+MATMULS = (token_matmul, head_matmul)
+
+
+def test_head_matmul_is_token_matmul_with_the_same_derivatives():
+    """Outputs, reverse-mode gradients (bf16 inputs keep their dtypes) and forward-mode tangents of token_matmul."""
+    x, kernel, tangents = _head_matmul_case()
+    probe = jax.random.normal(jax.random.key(5), (2, 3, 40))
+    np.testing.assert_allclose(head_matmul(x, kernel), token_matmul(x, kernel), rtol=1e-6, atol=1e-6)
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(probe * f(x, w)), argnums=(0, 1))(x, kernel) for f in MATMULS]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jvps = [jax.jvp(f, (x, kernel), tangents)[1] for f in MATMULS]
+    np.testing.assert_allclose(jvps[0], jvps[1], rtol=1e-5, atol=1e-5)
+    frozen = [jax.grad(lambda x, f=f: jnp.sum(probe * f(x, kernel)))(x) for f in MATMULS]
+    np.testing.assert_allclose(frozen[0], frozen[1], rtol=1e-5, atol=1e-5)
+    half_x, half_kernel, _ = _head_matmul_case(jnp.bfloat16)
+    half = jax.grad(lambda x, w: jnp.sum(probe * head_matmul(x, w)), argnums=(0, 1))(half_x, half_kernel)
+    assert [g.dtype for g in half] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_head_matmul_contracts_plain_operands_and_skips_a_frozen_kernel():
+    """Its weight gradient runs on x's written-out transpose (token_matmul's as a dot contracting both operands' token
+    axis); with the kernel not differentiated, the backward pass holds one dot (the input gradient) besides the
+    forward's."""
+    x, kernel, _ = _head_matmul_case()
+
+    def gradient(f, argnums):
+        return jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=argnums)
+
+    assert ("0", "0") in _dot_contracting_dims(gradient(token_matmul, (0, 1)), x, kernel)
+    assert ("0", "0") not in _dot_contracting_dims(gradient(head_matmul, (0, 1)), x, kernel)
+    assert len(_dot_contracting_dims(gradient(head_matmul, 0), x, kernel)) == 2
 
 
 @pytest.mark.parametrize("name", ["q_proj", "o_proj"])

@@ -445,6 +445,22 @@ def test_head_logprobs_write_the_logits_and_their_cotangent_only():
 
 
 @pytest.mark.parametrize("function", HEAD_FUNCTIONS)
+def test_head_gradients_multiply_plain_operands(function):
+    """No dot of the compiled forward and backward contracts its left operand's leading axis: the head's gradient
+    (g h)^T (e_y - p), a contraction over the token rows, runs on the hidden rows' written-out transpose
+    (``rows_contraction``), not as the Eigen dot with a transposed operand that XLA:CPU makes of the plain einsum."""
+    head_fn = _head_functions()[function]
+    hidden, head, targets, cotangents = _head_case()
+
+    def loss(hidden, head):
+        return jnp.sum(cotangents[0] * head_fn(hidden, head, targets)[0])
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head).compile().as_text()
+    contracting = re.findall(r"lhs_contracting_dims=\{([\d,]*)\}", compiled)
+    assert contracting and "0" not in contracting, compiled
+
+
+@pytest.mark.parametrize("function", HEAD_FUNCTIONS)
 def test_head_logprobs_keep_the_input_dtypes_of_their_gradients(function):
     head_fn = _head_functions()[function]
     hidden, head, targets, cotangents = _head_case()
