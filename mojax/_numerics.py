@@ -62,8 +62,8 @@ def rows_contraction(a: jax.Array, b: jax.Array, preferred_element_type=None) ->
 
     Contracted over the leading axis of both operands, it compiles on XLA:CPU to an Eigen dot with a transposed
     operand, which at an LM head's widths runs at half the rate of XLA:CPU's GEMM on plain operands: 576 x 49152 over
-    512 rows took 430-450 ms against 195-230 ms with a's transpose written out first, a 576 x 512 copy
-    (``benchmarks/matmul_orientation.py``). So on the CPU (:func:`transposed_copies_pay_off`) a^T is copied behind an
+    512 rows took 448-462 ms against 214 ms with a's transpose written out first, a 576 x 512 copy
+    (``benchmarks/matmul_orientation.py --gradient-rows 512``). So on the CPU (:func:`transposed_copies_pay_off`) a^T is copied behind an
     optimization barrier, which keeps XLA's algebraic simplifier from folding the transpose back into the dot. At
     the decoder layers' widths (1536 columns and fewer) both forms run alike, so only the heads use this.
     """

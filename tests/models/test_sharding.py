@@ -1,6 +1,7 @@
 """Sharded and unsharded models agree; FSDP splits parameter memory; the step has the right collectives."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -318,3 +319,26 @@ def test_constrain_resolves_logical_activation_axes_under_set_mesh():
         with activation_rules({**RULES["fsdp"], "batch": ("fsdp",), "embed": ("tensor",)}):
             assert spec(lambda x: constrain(x, ("batch", "embed"))) == P("fsdp", "tensor")
         assert spec(lambda x: constrain(x[:3], ("batch", None))) == P()  # 3 rows do not split over 4 shards
+
+
+def test_the_head_matmul_has_the_plain_products_collectives_with_the_vocabulary_split():
+    """An untied LM head split over its vocabulary (fsdp_tp), hidden rows split by batch: differentiating
+    ``head_matmul`` (its weight gradient on the rows' written-out transpose) compiles to the same collectives as
+    differentiating ``token_matmul``; the transposed copy is made on each device's own rows."""
+    from mojax._numerics import head_matmul, token_matmul
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    hidden = jax.device_put(jax.random.normal(jax.random.key(0), (8, 16, 32)), batch_sharding(mesh, "fsdp_tp"))
+    spec = logical_to_spec(LOGICAL_AXES["lm_head.kernel"], "fsdp_tp")
+    kernel = jax.device_put(jax.random.normal(jax.random.key(1), (32, 256)), jax.sharding.NamedSharding(mesh, spec))
+    assert spec == P("fsdp", "tensor")
+
+    def collectives(matmul):
+        gradient = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w) ** 2), argnums=(0, 1)))
+        hlo = gradient.lower(hidden, kernel).compile().as_text()
+        return sorted(
+            re.findall(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(", hlo)
+        )
+
+    plain = collectives(token_matmul)
+    assert plain and collectives(head_matmul) == plain
