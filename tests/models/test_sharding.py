@@ -324,7 +324,7 @@ def test_constrain_resolves_logical_activation_axes_under_set_mesh():
 def test_the_head_matmul_has_the_plain_products_collectives_with_the_vocabulary_split():
     """An untied LM head split over its vocabulary (fsdp_tp), hidden rows split by batch: differentiating
     ``head_matmul`` (its weight gradient on the rows' written-out transpose) compiles to the same collectives as
-    differentiating ``token_matmul``; the transposed copy is made on each device's own rows."""
+    differentiating ``token_matmul``: the written-out transpose adds no communication."""
     from mojax._numerics import head_matmul, token_matmul
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
