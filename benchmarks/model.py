@@ -4,15 +4,16 @@ For each config, one random mojax model is exported to a HF folder (config.json 
 and loaded by ``transformers.LlamaForCausalLM``, so both sides run the same weights; the first
 forward doubles as a parity check (max |logits difference|, loss difference, greedy tokens).
 
-Measured, side by side, fp32, steady state (warm-up excluded; compile time reported separately),
-median of ``--repeats`` runs:
+Measured in the same rounds, fp32, steady state (``mojax.testing.interleaved_timings``: the first call, which
+compiles, and one warm-up call excluded; ``--rounds`` rounds of ``--repeats`` interleaved calls of both sides, the
+order rotated); ratio = torch's round median / mojax's in the same round, its median over rounds and min-max:
   forward         logits of a [B, T] batch (torch under ``inference_mode``)
   forward+backward  next-token cross-entropy and its gradient w.r.t. every parameter (no optimizer)
   decode          greedy generation of N tokens after [B, P] prompts with a KV cache:
                   ``mojax.models.generate.generate`` against ``model.generate(use_cache=True)``
 
 Run on a quiet machine: ``python benchmarks/model.py`` (writes benchmarks/results/model.{json,md});
-``--smoke`` runs tiny sizes in seconds to check the script (write it elsewhere with ``--out``).
+``--smoke --rounds 1 --repeats 1 --out /tmp/x`` runs tiny sizes in seconds to check the script.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,7 +40,7 @@ from mojax.models.config import ModelConfig  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
-from mojax.testing import cpu_model, write_report  # noqa: E402
+from mojax.testing import cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 
@@ -92,20 +91,6 @@ def load_into_torch(model: LlamaForCausalLM, folder: Path):
     return TorchLlama.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float, list[float]]:
-    """(output and seconds of the first call, seconds of each of `repeats` later calls after one more warm-up)."""
-    start = time.perf_counter()
-    output = fn()
-    first = time.perf_counter() - start
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return output, first, runs
-
-
 def next_token_loss(logits, ids):
     """Mean next-token cross-entropy over a [B, T] batch (HF's `labels=input_ids` loss): logsumexp - <logits, onehot>.
 
@@ -130,10 +115,12 @@ def mojax_steps(model: LlamaForCausalLM):
     return state, jax.jit(forward), jax.jit(jax.value_and_grad(loss))
 
 
-def row(config_name, op, shape, tokens, mojax_timing, torch_timing):
-    """One result record from two `timed` results: medians, tokens/s and the mojax/torch throughput ratio."""
-    (_, mojax_first, mojax_runs), (_, torch_first, torch_runs) = mojax_timing, torch_timing
-    mojax_s, torch_s = statistics.median(mojax_runs), statistics.median(torch_runs)
+def row(config_name: str, op: str, shape: str, tokens: int, timing: dict) -> dict:
+    """One result record from the ``interleaved_timings`` of {"mojax", "torch"}: medians over rounds, tokens/s, the
+    same-round ratio torch time / mojax time (> 1: mojax faster; median, min, max) and mojax's compile time."""
+    medians, first = timing["round_medians_s"], timing["first_call_s"]
+    mojax_s, torch_s = statistics.median(medians["mojax"]), statistics.median(medians["torch"])
+    ratio, ratio_min, ratio_max = same_round_ratios(timing, "torch", "mojax")
     return {
         "config": config_name,
         "op": op,
@@ -143,15 +130,17 @@ def row(config_name, op, shape, tokens, mojax_timing, torch_timing):
         "torch_median_ms": 1e3 * torch_s,
         "mojax_tokens_per_s": tokens / mojax_s,
         "torch_tokens_per_s": tokens / torch_s,
-        "ratio_mojax_over_torch": torch_s / mojax_s,
-        "mojax_compile_s": max(mojax_first - mojax_s, 0.0),
-        "torch_first_call_extra_s": max(torch_first - torch_s, 0.0),
-        "mojax_runs_ms": [1e3 * t for t in mojax_runs],
-        "torch_runs_ms": [1e3 * t for t in torch_runs],
+        "ratio_mojax_over_torch": ratio,
+        "ratio_min": ratio_min,
+        "ratio_max": ratio_max,
+        "mojax_compile_s": max(first["mojax"] - mojax_s, 0.0),
+        "torch_first_call_extra_s": max(first["torch"] - torch_s, 0.0),
+        "mojax_round_medians_ms": [1e3 * t for t in medians["mojax"]],
+        "torch_round_medians_ms": [1e3 * t for t in medians["torch"]],
     }
 
 
-def bench_config(name, config, train_shape, decode_shape, repeats, folder):
+def bench_config(name, config, train_shape, decode_shape, rounds, repeats, folder):
     """Forward, forward+backward and decode timings for one model size, and the parity of their outputs."""
     import torch
 
@@ -173,19 +162,21 @@ def bench_config(name, config, train_shape, decode_shape, repeats, folder):
         return loss.detach()
 
     shape = f"{batch}x{length}"
-    timings = {
-        "forward": (
-            timed(lambda: jax.block_until_ready(forward(state, ids_jax)), repeats),
-            timed(torch_forward, repeats),
-        ),
-        "forward+backward": (
-            timed(lambda: jax.block_until_ready(value_and_grad(state, ids_jax)), repeats),
-            timed(torch_forward_backward, repeats),
-        ),
+    calls = {
+        "forward": {
+            "mojax": lambda: jax.block_until_ready(forward(state, ids_jax)),
+            "torch": torch_forward,
+        },
+        "forward+backward": {
+            "mojax": lambda: jax.block_until_ready(value_and_grad(state, ids_jax)),
+            "torch": torch_forward_backward,
+        },
     }
-    results = [row(name, op, shape, batch * length, *pair) for op, pair in timings.items()]
-    (mojax_logits, _, _), (torch_logits, _, _) = timings["forward"]
-    ((mojax_loss, _), _, _), (torch_loss, _, _) = timings["forward+backward"]
+    mojax_logits, torch_logits = (calls["forward"][side]() for side in ("mojax", "torch"))
+    (mojax_loss, _), torch_loss = (calls["forward+backward"][side]() for side in ("mojax", "torch"))
+    results = [
+        row(name, op, shape, batch * length, interleaved_timings(pair, rounds, repeats)) for op, pair in calls.items()
+    ]
 
     d_batch, prompt, new = decode_shape
     prompts = np.random.default_rng(1).integers(3, config.vocab_size, size=(d_batch, prompt)).astype(np.int32)
@@ -208,9 +199,9 @@ def bench_config(name, config, train_shape, decode_shape, repeats, folder):
                 pad_token_id=config.pad_token_id,
             )[:, prompt:]
 
-    decode = (timed(mojax_decode, repeats), timed(torch_decode, repeats))
-    results.append(row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, *decode))
-    (mojax_tokens, _, _), (torch_tokens, _, _) = decode
+    mojax_tokens, torch_tokens = mojax_decode(), torch_decode()
+    decode = interleaved_timings({"mojax": mojax_decode, "torch": torch_decode}, rounds, repeats)
+    results.append(row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, decode))
     parity = {
         "config": name,
         "parameters": config.num_params(),
@@ -257,18 +248,19 @@ def markdown(report: dict) -> str:
         f"Versions: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, optax {m['optax']}, "
         f"torch {m['torch']}, transformers {m['transformers']}  ",
         f"Load average (1/5/15 min) before: {report['load_average_before']}, after: {report['load_average_after']}  ",
-        f"Median of {report['repeats']} steady-state runs after one compile/warm-up call and one more warm-up; "
-        "tokens/s counts input tokens for forward passes and generated tokens for decode (prefill included). "
-        "ratio = mojax tokens/s / torch tokens/s (> 1: mojax faster).",
+        f"{report['rounds']} rounds of {report['repeats']} interleaved steady-state calls of both sides, after one "
+        "compile/warm-up call and one more warm-up; ms are medians over rounds; tokens/s counts input tokens for "
+        "forward passes and generated tokens for decode (prefill included). ratio = torch median / mojax median in "
+        "the same round (> 1: mojax faster), median over rounds and min-max.",
         "",
-        "| config | op | shape | mojax ms | torch ms | mojax tok/s | torch tok/s | ratio | mojax compile s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| config | op | shape | mojax ms | torch ms | mojax tok/s | torch tok/s | ratio | spread | mojax compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['config']} | {r['op']} | {r['shape']} | {r['mojax_median_ms']:.1f} | {r['torch_median_ms']:.1f} | "
             f"{r['mojax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | {r['ratio_mojax_over_torch']:.2f} | "
-            f"{r['mojax_compile_s']:.2f} |"
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['mojax_compile_s']:.2f} |"
         )
     lines += [
         "",
@@ -288,11 +280,12 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script quickly")
-    parser.add_argument("--repeats", type=int, default=5, help="steady-state runs per measurement (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of interleaved calls (spread over rounds)")
+    parser.add_argument("--repeats", type=int, default=3, help="calls of each side per round (median taken)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for model.json/.md")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -302,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "python " + shlex.join(["benchmarks/model.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(),
+        "rounds": args.rounds,
         "repeats": args.repeats,
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "results": [],
@@ -312,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         for index, (name, (config, train_shape, decode_shape)) in enumerate(sizes.items()):
             folder = Path(tmp) / str(index)
             folder.mkdir()
-            results, parity = bench_config(name, config, train_shape, decode_shape, args.repeats, folder)
+            results, parity = bench_config(name, config, train_shape, decode_shape, args.rounds, args.repeats, folder)
             report["results"] += results
             report["parity"].append(parity)
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -68,7 +68,7 @@ from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.data import smollm2_gguf  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
-from mojax.testing import interleaved_timings, write_report  # noqa: E402
+from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -361,16 +361,16 @@ def rows_for(piece: str, timing: dict, flops: int) -> list[dict]:
     for name, values in medians.items():
         if name == "torch":
             continue
-        ratios = [t / m for t, m in zip(torch_s, values, strict=True)]
+        ratio, ratio_min, ratio_max = same_round_ratios(timing, "torch", name)
         rows.append(
             {
                 "piece": piece,
                 "contender": name,
                 "mojax_ms": 1e3 * statistics.median(values),
                 "torch_ms": 1e3 * statistics.median(torch_s),
-                "ratio": statistics.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
+                "ratio": ratio,
+                "ratio_min": ratio_min,
+                "ratio_max": ratio_max,
                 "mojax_gflops": flops / statistics.median(values) / 1e9,
                 "torch_gflops": flops / statistics.median(torch_s) / 1e9,
                 "mojax_first_call_s": timing["first_call_s"][name],

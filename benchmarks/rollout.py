@@ -51,7 +51,7 @@ from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.testing import interleaved_timings, write_report  # noqa: E402
+from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
 GENERATIONS = 4
@@ -143,18 +143,17 @@ def contenders(trainer: Trainer, torch_model, batch: int, sampling: SamplingConf
 def summary_rows(batch: int, timing: dict) -> list[dict]:
     """One row per mojax contender: completions/s and the same-round ratio to torch (median, min, max)."""
     medians = timing["round_medians_s"]
-    torch_s = medians["torch generate"]
     rows = []
     for name in timing["round_medians_s"]:
-        ratios = [t / m for t, m in zip(torch_s, medians[name], strict=True)]
+        ratio, ratio_min, ratio_max = same_round_ratios(timing, "torch generate", name)
         rows.append(
             {
                 "batch": batch,
                 "contender": name,
                 "completions_per_s": batch / statistics.median(medians[name]),
-                "ratio_to_torch": statistics.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
+                "ratio_to_torch": ratio,
+                "ratio_min": ratio_min,
+                "ratio_max": ratio_max,
                 "first_call_s": timing["first_call_s"][name],
                 "round_medians_s": medians[name],
             }

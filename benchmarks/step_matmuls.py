@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.testing import interleaved_timings, write_report  # noqa: E402
+from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 PASSES = ("forward", "input gradient", "weight gradient")
@@ -136,8 +136,9 @@ def measure(config, tokens: int, rounds: int, repeats: int, names: list[str] | N
         operands = layer_operands(weight, tokens)
         for name in PASSES:
             calls = {"mojax": mojax_chain(weight, name, operands), "torch": torch_chain(name, operands)}
-            medians = interleaved_timings(calls, rounds, repeats)["round_medians_s"]
-            ratios = [t / m for t, m in zip(medians["torch"], medians["mojax"], strict=True)]
+            timing = interleaved_timings(calls, rounds, repeats)
+            medians = timing["round_medians_s"]
+            ratio, ratio_min, ratio_max = same_round_ratios(timing, "torch", "mojax")
             rows.append(
                 {
                     "weight": weight.name,
@@ -146,9 +147,9 @@ def measure(config, tokens: int, rounds: int, repeats: int, names: list[str] | N
                     "flops": 2 * tokens * weight.inputs * weight.outputs,
                     "mojax_ms": 1e3 * statistics.median(medians["mojax"]) / weight.count,
                     "torch_ms": 1e3 * statistics.median(medians["torch"]) / weight.count,
-                    "ratio": statistics.median(ratios),
-                    "ratio_min": min(ratios),
-                    "ratio_max": max(ratios),
+                    "ratio": ratio,
+                    "ratio_min": ratio_min,
+                    "ratio_max": ratio_max,
                 }
             )
     return rows

@@ -116,6 +116,14 @@ def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeat
     return {"first_call_s": first, "round_medians_s": medians}
 
 
+def same_round_ratios(timing: dict, reference: str, contender: str) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of :func:`interleaved_timings` of the reference's round median over the
+    contender's (> 1: the contender is faster): only ratios within a round, where both ran on the same machine state."""
+    medians = timing["round_medians_s"]
+    ratios = [r / c for r, c in zip(medians[reference], medians[contender], strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def write_report(out: Path, name: str, report: dict, table: str) -> None:
     """A benchmark's results: ``report`` as ``out/<name>.json`` and its markdown ``table`` as ``out/<name>.md``."""
     out.mkdir(parents=True, exist_ok=True)
