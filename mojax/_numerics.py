@@ -63,9 +63,10 @@ def rows_contraction(a: jax.Array, b: jax.Array, preferred_element_type=None) ->
     Contracted over the leading axis of both operands, it compiles on XLA:CPU to an Eigen dot with a transposed
     operand, which at an LM head's widths runs at half the rate of XLA:CPU's GEMM on plain operands: 576 x 49152 over
     512 rows took 448-462 ms against 214 ms with a's transpose written out first, a 576 x 512 copy
-    (``benchmarks/matmul_orientation.py --gradient-rows 512``). So on the CPU (:func:`transposed_copies_pay_off`) a^T is copied behind an
-    optimization barrier, which keeps XLA's algebraic simplifier from folding the transpose back into the dot. At
-    the decoder layers' widths (1536 columns and fewer) both forms run alike, so only the heads use this.
+    (``benchmarks/matmul_orientation.py --gradient-rows 512``). So on the CPU (:func:`transposed_copies_pay_off`)
+    a^T is copied behind an optimization barrier, which keeps XLA's algebraic simplifier from folding the transpose
+    back into the dot. At the decoder layers' widths (1536 columns and fewer) both forms run alike, so only the heads
+    use this.
     """
     if transposed_copies_pay_off():
         a_transposed = jax.lax.optimization_barrier(a.T)
@@ -79,6 +80,7 @@ def token_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _rows_times_kernel(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+    """rows [N, D] @ kernel [D, M] in the rows' dtype, accumulated in fp32."""
     return jnp.einsum("td,dn->tn", rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32)
 
 
@@ -98,11 +100,11 @@ def head_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _head_matmul_jvp(primals, tangents):
     x, kernel = primals
     x_dot, kernel_dot = tangents
-    rows = token_rows(x)
     terms = []
     if not isinstance(x_dot, SymbolicZero):
         terms.append(_rows_times_kernel(token_rows(x_dot), kernel))
     if not isinstance(kernel_dot, SymbolicZero):
+        rows = token_rows(x)
         written_out = jax.lax.optimization_barrier(rows.T).T if transposed_copies_pay_off() else rows
         terms.append(_rows_times_kernel(written_out, kernel_dot))
     shape = (*x.shape[:-1], kernel.shape[-1])
