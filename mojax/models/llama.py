@@ -652,6 +652,12 @@ def run_layers(
     """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, KV, S, hd]
     and dropout keys [L].
 
+    Each layer's weights are cast to x's dtype (the compute dtype) inside the scan body, one layer at a time: a cast
+    of the whole stack ahead of the scan would hold a compute-dtype copy of every layer's weights (and, in the
+    backward pass, the stacked gradient in that dtype before its cast back), about 2 GiB more per device in the
+    planned LLaMA-70B step on 64 devices (``benchmarks/plan_memory.py``). On a mesh the cast runs on the local shard
+    before the layer's weights are gathered.
+
     One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
     None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
     (:func:`checkpointed`). ``last``: probe mode's final block [1, ...], apart from ``stacked`` [L-1, ...]
@@ -665,6 +671,7 @@ def run_layers(
     shared = None if prefix is None else (prefix.keys, prefix.values)
 
     def layer(w, x, layer_past, key, layer_shared):
+        w = jax.tree.map(lambda a: a.astype(x.dtype), w)
         layer_prefix = None if layer_shared is None else (*layer_shared, prefix_valid)
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key), layer_prefix)
 
@@ -883,7 +890,6 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(jnp.asarray(positions, jnp.int32), rope_inv_freq(c), dtype)
         inputs = AttentionInputs(causal_mask(valid, query_slots), cos, sin, index)
 
-        cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
         lora = self.layers.lora_call(adapters)
         dropout_keys = None
         if dropout_rng is not None and lora.rate != 0.0:
@@ -895,10 +901,20 @@ class LlamaModel(nnx.Module):
         if layer_weights is not None:
             x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora, cache.prefix)
         else:
-            last = None if self.last_layer is None else cast(self.last_layer.weights(adapters))
-            stacked = cast(self.layers.weights(adapters))
+            last = None if self.last_layer is None else self.last_layer.weights(adapters)
             prefix = None if cache is None else cache.prefix
-            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last, prefix)
+            x, new = run_layers(
+                self.layers.weights(adapters),
+                x,
+                inputs,
+                past,
+                c.rms_norm_eps,
+                lora,
+                dropout_keys,
+                self.remat,
+                last,
+                prefix,
+            )
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(

@@ -484,6 +484,28 @@ def test_bf16_compute_and_params(model, fwd):
     assert cache.keys.dtype == jnp.bfloat16
 
 
+def test_bf16_compute_casts_each_layers_weights_inside_the_layer_scan():
+    """fp32 parameters, bf16 compute: the compiled forward+backward holds no bf16 copy of a whole stacked weight
+    [L, ...] (a cast ahead of the scan does, and its gradient in bf16 too): each layer's weights are cast in the scan
+    body. Its gradients stay fp32."""
+    cfg = ModelConfig.tiny(num_hidden_layers=3, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    ids = _ids(2, 8, seed=3)
+
+    def loss(state):
+        logits, _ = nnx.merge(graphdef, state)(ids)
+        return jnp.mean(logits**2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    stacked = {leaf.shape for leaf in jax.tree.leaves(state["model"]["layers"])}
+    assert stacked and all(shape[0] == 3 for shape in stacked)
+    for shape in stacked:
+        assert f"bf16[{','.join(map(str, shape))}]" not in hlo
+        assert f"f32[{','.join(map(str, shape))}]" in hlo
+    grads = jax.grad(loss)(state)
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
 def test_logical_axes_and_eval_shape_70b():
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig.llama_70b(), rngs=nnx.Rngs(0)))
     specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
