@@ -376,6 +376,19 @@ def _repeat_rows(tree: Any, generations: int) -> Any:
     return jax.tree.map(lambda a: jnp.repeat(a, generations, axis=0), tree) if generations > 1 else tree
 
 
+def _cast_layers(model: Any, dtype: Any) -> None:
+    """The decoder layers' weights of ``model`` cast to ``dtype`` in place, once for the whole decode loop.
+
+    The layer scan casts each layer's weights to the compute dtype as it runs it (the training step's memory wants no
+    stacked copy), so decode steps in the scan would cast, and read in the parameters' dtype, every weight at every
+    token. Cast once here, the steps read (and, sharded, gather) compute-dtype weights, as the unrolled loop's
+    weights split per layer once are; the values are the same.
+    """
+    for layers in (model.model.layers, model.model.last_layer):
+        if layers is not None:
+            nnx.update(layers, jax.tree.map(lambda a: a.astype(dtype), nnx.state(layers)))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
 def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, config: SamplingConfig, generations):
     """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped.
@@ -388,6 +401,8 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     resolved by :func:`generate`).
     """
     model = nnx.merge(graphdef, state)
+    if config.layer_loop == "scan":
+        _cast_layers(model, model.config.dtype)
     prompts, width = prompt_ids.shape
     batch, new = prompts * generations, config.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)

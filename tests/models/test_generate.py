@@ -559,3 +559,51 @@ def test_the_two_level_draw_follows_the_distribution_across_blocks():
     want = np.array([expected[group].sum() for group in groups]) * draws
     chi_square = (((observed - want) ** 2) / want).sum()
     assert chi_square < 30.0, f"chi-square {chi_square:.1f} over 8 degrees of freedom; observed {observed}, want {want}"
+
+
+def _weight_casts_in_loops(jaxpr, weight_shapes, in_loop=False) -> int:
+    """Casts of an fp32 array shaped like a decoder weight (stacked or one layer's) to bf16 inside a while loop's body
+    (or anywhere, with ``in_loop``), counted through every nested jaxpr (scans, inner jits, custom derivatives)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        operand = eqn.invars[0].aval if eqn.invars else None
+        if (
+            in_loop
+            and eqn.primitive.name == "convert_element_type"
+            and operand.dtype == jnp.float32
+            and eqn.params["new_dtype"] == jnp.bfloat16
+            and operand.shape in weight_shapes
+        ):
+            count += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _weight_casts_in_loops(inner, weight_shapes, in_loop or eqn.primitive.name == "while")
+    return count
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_decode_steps_read_weights_cast_to_the_compute_dtype_once(layer_loop):
+    """fp32 parameters, bf16 compute: no decode step casts a decoder weight; the weights are cast once before the decode
+    loop, in the layer scan (``_cast_layers``) as in the unrolled loop (weights split per layer once). The sampled
+    tokens are those of the fp32 parameters, cast."""
+    from mojax.models.generate import _compiled_part
+
+    config = ModelConfig.tiny(num_hidden_layers=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    graphdef, state = nnx.split(LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    kernels = [leaf for leaf in jax.tree.leaves(state["model"]["layers"]) if leaf.ndim >= 3]  # not the norm scales
+    weight_shapes = {leaf.shape for leaf in kernels} | {leaf.shape[1:] for leaf in kernels}
+    ids, mask = jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32)
+    sampling = SamplingConfig(
+        max_new_tokens=3, temperature=0.0, pad_token_id=0, stop_token_ids=(), layer_loop=layer_loop
+    )
+    args = (graphdef, state, ids, mask, jax.random.key(0), (jnp.float32(0.0), jnp.float32(1.0)))
+    traced = _generate_bucket.trace(*args, _compiled_part(sampling), 1)
+    assert _weight_casts_in_loops(traced.jaxpr.jaxpr, weight_shapes) == 0
+    assert _weight_casts_in_loops(traced.jaxpr.jaxpr, weight_shapes, in_loop=True) > 0  # the cast before the loop
+    cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
+    np.testing.assert_array_equal(
+        _generate_bucket(*args, _compiled_part(sampling), 1)[0],
+        _generate_bucket(graphdef, cast, *args[2:], _compiled_part(sampling), 1)[0],
+    )
