@@ -386,7 +386,7 @@ def _cast_layers(model: Any, dtype: Any) -> None:
     """
     for layers in (model.model.layers, model.model.last_layer):
         if layers is not None:
-            nnx.update(layers, jax.tree.map(lambda a: a.astype(dtype), nnx.state(layers)))
+            nnx.update(layers, jax.tree.map(lambda a: a.astype(dtype), nnx.state(layers, nnx.Param)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
