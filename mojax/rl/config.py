@@ -180,7 +180,7 @@ class CombinerSection:
     1/n of the batched activation gradients' memory, and the stacked gradients come out objective-major, with no
     transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section; on a mesh each
     objective's gradient is kept sharded like the parameters) or ``"auto"`` (sequential on a mesh, where memory
-    binds: LLaMA-70B in probe mode on 256 devices plans at 43 GiB per device in sequence against 87 GiB batched;
+    binds: LLaMA-70B in probe mode on 256 devices plans at 41 GiB per device in sequence against 86 GiB batched;
     batched otherwise)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
