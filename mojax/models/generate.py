@@ -380,9 +380,9 @@ def _cast_layers(model: Any, dtype: Any) -> None:
     """The decoder layers' weights of ``model`` cast to ``dtype`` in place, once for the whole decode loop.
 
     The layer scan casts each layer's weights to the compute dtype as it runs it (the training step's memory wants no
-    stacked copy), so decode steps in the scan would cast, and read in the parameters' dtype, every weight at every
-    token. Cast once here, the steps read (and, sharded, gather) compute-dtype weights, as the unrolled loop's
-    weights split per layer once are; the values are the same.
+    stacked copy), so decode steps in the scan would read every weight in the parameters' dtype and cast it again at
+    every token. Cast once here, the steps read compute-dtype weights, as the unrolled loop's weights split per layer
+    once are; the values are the same.
     """
     for layers in (model.model.layers, model.model.last_layer):
         if layers is not None:

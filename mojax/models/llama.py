@@ -655,8 +655,7 @@ def run_layers(
     Each layer's weights are cast to x's dtype (the compute dtype) inside the scan body, one layer at a time: a cast
     of the whole stack ahead of the scan would hold a compute-dtype copy of every layer's weights (and, in the
     backward pass, the stacked gradient in that dtype before its cast back), about 2 GiB more per device in the
-    planned LLaMA-70B step on 64 devices (``benchmarks/plan_memory.py``). On a mesh the cast runs on the local shard
-    before the layer's weights are gathered.
+    planned LLaMA-70B step on 64 devices (``benchmarks/plan_memory.py``).
 
     One scan body serves every case: without a cache ``past`` is None, without dropout ``keys`` is
     None, and the scan carries those empty pytrees through. ``remat`` picks the body's checkpoint policy
@@ -902,19 +901,9 @@ class LlamaModel(nnx.Module):
             x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora, cache.prefix)
         else:
             last = None if self.last_layer is None else self.last_layer.weights(adapters)
+            stacked = self.layers.weights(adapters)
             prefix = None if cache is None else cache.prefix
-            x, new = run_layers(
-                self.layers.weights(adapters),
-                x,
-                inputs,
-                past,
-                c.rms_norm_eps,
-                lora,
-                dropout_keys,
-                self.remat,
-                last,
-                prefix,
-            )
+            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last, prefix)
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(
