@@ -68,7 +68,7 @@ from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.data import smollm2_gguf  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
-from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -384,7 +384,8 @@ def markdown(report: dict) -> str:
         "# SmolLM2-135M-Instruct, fp32 CPU: mojax against transformers + torch eager, whole step and pieces",
         "",
         f"Command: `{report['command']}`  ",
-        f"Batch: {report['batch']} tokens; torch threads {TORCH_THREADS}; jax {jax.__version__}  ",
+        f"Machine: {report['machine']}; batch: {report['batch']} tokens; torch threads {TORCH_THREADS}; "
+        f"jax {jax.__version__}  ",
         f"Load average (1/5/15 min) before: {report['load_before']}, after: {report['load_after']} (shared machine: "
         "only same-run ratios are meaningful)  ",
         f"{report['rounds']} rounds of {report['repeats']} interleaved calls; ratio = torch median / mojax median in "
@@ -445,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()
     report = {
         "command": "python " + shlex.join(["benchmarks/model_real.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{os.cpu_count()} CPUs ({cpu_model()})",
         "batch": args.batch,
         "rounds": args.rounds,
         "repeats": args.repeats,

@@ -131,9 +131,30 @@ def write_report(out: Path, name: str, report: dict, table: str) -> None:
     (out / f"{name}.md").write_text(table)
 
 
+VECTOR_EXTENSIONS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"))
+"""``/proc/cpuinfo`` flag -> name of the CPU's vector extensions, widest first. A matmul kernel's peak rate follows the
+widest one it uses, so two machines of the same model name can put a benchmark's peers in a different order."""
+
+
+def cpu_description(cpuinfo: str) -> str | None:
+    """``"<model name> (family <F>, <widest vector extension>)"`` from the text of ``/proc/cpuinfo``; None when it
+    names no model. The parts in parentheses are left out where the text lacks them (other architectures)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not fields.get("model name"):
+        return None
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    widest = next((name for flag, name in VECTOR_EXTENSIONS if flag in flags), None)
+    family = f"family {fields['cpu family']}" if fields.get("cpu family") else None
+    details = ", ".join(part for part in (family, widest) if part)
+    return f"{fields['model name']} ({details})" if details else fields["model name"]
+
+
 def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (else the platform's processor or machine name), for reports."""
+    """This machine's CPU for reports: :func:`cpu_description` of ``/proc/cpuinfo``, else the platform's processor or
+    machine name."""
     cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    described = cpu_description(cpuinfo.read_text()) if cpuinfo.exists() else None
+    return described or platform.processor() or platform.machine()

@@ -1,4 +1,4 @@
-from mojax.testing import cpu_model, interleaved_timings
+from mojax.testing import cpu_description, cpu_model, interleaved_timings
 
 
 def test_every_contender_is_timed_once_first_then_each_round_in_a_rotated_order():
@@ -15,3 +15,21 @@ def test_every_contender_is_timed_once_first_then_each_round_in_a_rotated_order(
 def test_the_cpu_model_is_a_non_empty_name():
     name = cpu_model()
     assert isinstance(name, str) and name.strip() == name and name
+
+
+def _cpuinfo(model: str, family: str, flags: str) -> str:
+    processor = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel name\t: {model}\nflags\t\t: {flags}\n"
+    return "\n".join(processor.format(i) for i in range(2))
+
+
+def test_the_cpu_description_names_the_family_and_the_widest_vector_extension():
+    assert cpu_description(_cpuinfo("AMD EPYC", "26", "fpu sse avx avx2 fma avx512f avx512bw")) == (
+        "AMD EPYC (family 26, AVX-512)"
+    )
+    assert cpu_description(_cpuinfo("AMD EPYC", "25", "fpu sse avx avx2 fma")) == "AMD EPYC (family 25, AVX2)"
+    assert cpu_description(_cpuinfo("Old CPU", "6", "fpu sse sse2")) == "Old CPU (family 6)"
+
+
+def test_the_cpu_description_keeps_a_bare_model_name_and_needs_one():
+    assert cpu_description("model name\t: Some CPU\n") == "Some CPU"
+    assert cpu_description("processor\t: 0\nFeatures\t: fp asimd\n") is None
