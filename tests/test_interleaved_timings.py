@@ -18,8 +18,9 @@ def test_the_cpu_model_is_a_non_empty_name():
 
 
 def _cpuinfo(model: str, family: str, flags: str) -> str:
-    processor = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel name\t: {model}\nflags\t\t: {flags}\n"
-    return "\n".join(processor.format(i) for i in range(2))
+    """Two processors' entries of a ``/proc/cpuinfo`` text."""
+    fields = f"vendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel name\t: {model}\nflags\t\t: {flags}\n"
+    return "\n".join(f"processor\t: {i}\n{fields}" for i in range(2))
 
 
 def test_the_cpu_description_names_the_family_and_the_widest_vector_extension():
