@@ -27,6 +27,10 @@ percent between minutes.
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda,upgrad \
         --set model.path=smollm2 [--set lora.rank=8]                                 # on SmolLM2-135M
+
+With ``--profile C`` every contender's ``C`` further calls are traced with ``jax.profiler`` after the timing, and the
+report adds each one's XLA operation time per call by kind and its largest operations
+(``profile_step.xla_operation_times``): where a combiner's time goes beyond the bound's.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import xla_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
@@ -227,6 +234,50 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
 
 
 # ------------------------------------------------------------------------------------------------ verdict
+def operation_profiles(n: int, entries: list[Contender], calls: int, top: int = 8) -> list[dict[str, Any]]:
+    """Per contender: wall ms per call under ``jax.profiler``, XLA operation ms per call summed by kind, and its
+    ``top`` largest operations as [name, ms per call, executions per call]."""
+    profiles = []
+    for entry in entries:
+        wall, operations = xla_operation_times(lambda call=entry.call: jax.block_until_ready(call()), calls)
+        by_kind: dict[str, float] = {}
+        for name, (ms, _) in operations.items():
+            by_kind[xla_kind(name)] = by_kind.get(xla_kind(name), 0.0) + ms
+        largest = sorted(operations.items(), key=lambda item: -item[1][0])[:top]
+        profiles.append(
+            {
+                "n": n,
+                "contender": entry.label,
+                "wall_ms": wall * 1e3,
+                "ms_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+                "largest_operations": [[name, ms, count] for name, (ms, count) in largest],
+            }
+        )
+    return profiles
+
+
+def profile_markdown(profiles: list[dict[str, Any]]) -> list[str]:
+    """The ``--profile`` section: one row per n x contender (ms per call by kind), then each one's largest operations."""
+    kinds = sorted({kind for p in profiles for kind in p["ms_by_kind"]})
+    lines = [
+        "## XLA operation time per call (jax.profiler)",
+        "",
+        "ms per call, summed over XLA's threads (so the kinds can add up to more than the wall time); the kinds as "
+        "`benchmarks/profile_step.py` names them.",
+        "",
+        "| n | contender | wall ms | " + " | ".join(kinds) + " |",
+        "|---:|---|---:|" + "---:|" * len(kinds),
+    ]
+    for p in profiles:
+        cells = " | ".join(f"{p['ms_by_kind'].get(kind, 0.0):.0f}" for kind in kinds)
+        lines.append(f"| {p['n']} | {p['contender']} | {p['wall_ms']:.0f} | {cells} |")
+    lines.append("")
+    for p in profiles:
+        largest = ", ".join(f"`{name}` {ms:.0f} ms x{count:.0f}" for name, ms, count in p["largest_operations"])
+        lines.append(f"- n = {p['n']}, {p['contender']}: {largest}")
+    return lines + [""]
+
+
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
     """The targets: scalar <= 1.02x linear, probe <= 1.15x linear at n = 3, full <= 1.1x the bound."""
 
@@ -306,6 +357,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['median_user_s']:.2f} | "
             f"{r['median_system_s']:.2f} | {r['median_page_faults'] / 1e3:.0f} | {r['compile_s']:.1f} |"
         )
+    if report.get("profiles"):
+        lines += ["", *profile_markdown(report["profiles"])]
     return "\n".join(lines + [""])
 
 
@@ -323,13 +376,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a trainer override for every contender (repeatable), e.g. --set model.path=smollm2 --set lora.rank=8",
     )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="CALLS", help="after timing, trace CALLS calls of every contender"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for rl_step.*")
     args = parser.parse_args(argv)
     args.n = [int(v) for v in args.n.split(",")]
     args.combiners = [c for c in args.combiners.split(",") if c]
     unknown = [c for c in args.combiners if c not in REGISTRY]
-    if unknown or not all(1 < n <= len(LETTERS) for n in args.n):
-        parser.error(f"--combiners must be in {sorted(REGISTRY)} and --n in 2..{len(LETTERS)}; got {args}")
+    if unknown or not all(1 < n <= len(LETTERS) for n in args.n) or args.profile < 0:
+        parser.error(
+            f"--combiners must be in {sorted(REGISTRY)}, --n in 2..{len(LETTERS)} and --profile >= 0; got {args}"
+        )
     if args.quick:
         args.repeats, args.rounds = 2, 1
     return args
@@ -345,13 +403,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "overrides": list(args.set),
         "rows": [],
+        "profiles": [],
     }
     tiny = load_config("tiny", list(args.set))
     report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
     with tempfile.TemporaryDirectory() as workdir:
         for n in args.n:
-            rows = measure(n, contenders(n, args.combiners, workdir, args.set), args.repeats, args.rounds)
+            entries = contenders(n, args.combiners, workdir, args.set)
+            rows = measure(n, entries, args.repeats, args.rounds)
             report["rows"] += rows
+            if args.profile:
+                report["profiles"] += operation_profiles(n, entries, args.profile)
             for r in rows:
                 print(
                     f"n={n} {r['contender']:<28} {r['ratio_to_linear']:.2f}x linear  {r['ratio_to_bound']:.2f}x bound"

@@ -48,3 +48,24 @@ def test_bad_arguments_are_refused(rl_step):
         rl_step.parse_args(["--combiners", "no_such_combiner"])
     with pytest.raises(SystemExit):
         rl_step.parse_args(["--n", "1"])
+
+
+def test_profile_reports_every_contenders_operation_time_by_kind(rl_step, tmp_path):
+    report = rl_step.main(["--quick", "--n", "2", "--combiners", "linear", "--profile", "1", "--out", str(tmp_path)])
+    profiles = report["profiles"]
+    assert [p["contender"] for p in profiles] == [row["contender"] for row in report["rows"]]
+    for p in profiles:
+        matmul_ms = sum(ms for kind, ms in p["ms_by_kind"].items() if kind.startswith("matmul"))
+        assert p["wall_ms"] > 0 and matmul_ms > 0
+        assert all(ms >= 0 for ms in p["ms_by_kind"].values())
+        assert 0 < len(p["largest_operations"]) <= 8
+        times = [ms for _, ms, _ in p["largest_operations"]]
+        assert times == sorted(times, reverse=True)
+    text = (tmp_path / "rl_step.md").read_text()
+    assert "## XLA operation time per call (jax.profiler)" in text
+    assert f"| 2 | {rl_step.BOUND} |" in text.split("## XLA operation time")[1]
+
+
+def test_a_negative_profile_count_is_refused(rl_step):
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--profile", "-1"])
