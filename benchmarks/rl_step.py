@@ -233,7 +233,6 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ verdict
 def operation_profiles(n: int, entries: list[Contender], calls: int, top: int = 8) -> list[dict[str, Any]]:
     """Per contender: wall ms per call under ``jax.profiler``, XLA operation ms per call summed by kind, and its
     ``top`` largest operations as [name, ms per call, executions per call]."""
@@ -242,7 +241,8 @@ def operation_profiles(n: int, entries: list[Contender], calls: int, top: int = 
         wall, operations = xla_operation_times(lambda call=entry.call: jax.block_until_ready(call()), calls)
         by_kind: dict[str, float] = {}
         for name, (ms, _) in operations.items():
-            by_kind[xla_kind(name)] = by_kind.get(xla_kind(name), 0.0) + ms
+            kind = xla_kind(name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + ms
         largest = sorted(operations.items(), key=lambda item: -item[1][0])[:top]
         profiles.append(
             {
@@ -278,6 +278,7 @@ def profile_markdown(profiles: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+# ------------------------------------------------------------------------------------------------ verdict
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
     """The targets: scalar <= 1.02x linear, probe <= 1.15x linear at n = 3, full <= 1.1x the bound."""
 
@@ -377,7 +378,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a trainer override for every contender (repeatable), e.g. --set model.path=smollm2 --set lora.rank=8",
     )
     parser.add_argument(
-        "--profile", type=int, default=0, metavar="CALLS", help="after timing, trace CALLS calls of every contender"
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="after timing, trace CALLS calls of every contender (XLA:CPU's operations)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for rl_step.*")
     args = parser.parse_args(argv)
