@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, rows_contraction  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
+from mojax.testing import cpu_summary, interleaved_timings, write_report  # noqa: E402
 
 
 def folded_columns(rows: jax.Array, kernel_t: jax.Array) -> jax.Array:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join(
             ["python", "benchmarks/matmul_orientation.py", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()})",
+        "machine": cpu_summary(),
         "load_before": [round(v, 2) for v in os.getloadavg()],
         "jax": jax.__version__,
         "layers": args.layers,

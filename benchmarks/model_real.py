@@ -68,7 +68,7 @@ from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.data import smollm2_gguf  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()
     report = {
         "command": "python " + shlex.join(["benchmarks/model_real.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()})",
+        "machine": cpu_summary(),
         "batch": args.batch,
         "rounds": args.rounds,
         "repeats": args.repeats,

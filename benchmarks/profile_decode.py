@@ -40,7 +40,7 @@ from profile_step import smollm2_shapes, xla_operation_times  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings, write_report  # noqa: E402
+from mojax.testing import cpu_summary, interleaved_timings, write_report  # noqa: E402
 
 ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd", "pksd")
 """Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name`` (``pksd``:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = {
         "command": "python " + shlex.join(["benchmarks/profile_decode.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), jax {jax.__version__}",
+        "machine": cpu_summary() + f", jax {jax.__version__}",
         "load_before": [round(x, 2) for x in os.getloadavg()],
         **{key: getattr(args, key) for key in ("prompts", "generations", "prompt_tokens", "new_tokens", "calls")},
     }

@@ -47,7 +47,7 @@ from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import REMAT_POLICIES  # noqa: E402
-from mojax.testing import cpu_model, write_report  # noqa: E402
+from mojax.testing import cpu_summary, write_report  # noqa: E402
 
 XLA_KINDS = (
     ("matmul (library)", r"^ynn_fusion|^xnn_fusion|^onednn"),
@@ -81,6 +81,14 @@ def xla_kind(op_name: str) -> str:
         if re.search(pattern, op_name):
             return kind
     return "elementwise and other"
+
+
+def ms_by_kind(operations: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{kind: ms per call} of :func:`xla_operation_times`' operations, summed per :func:`xla_kind`, largest first."""
+    by_kind: collections.Counter = collections.Counter()
+    for name, (ms, _) in operations.items():
+        by_kind[xla_kind(name)] += ms
+    return dict(by_kind.most_common())
 
 
 def xla_operation_times(run: Callable[[], None], calls: int) -> tuple[float, dict[str, tuple[float, float]]]:
@@ -118,14 +126,11 @@ def profile_mojax(model, ids: jax.Array, remat: str, calls: int) -> dict:
     for _ in range(2):
         jax.block_until_ready(step(state, ids))
     wall, operations = xla_operation_times(lambda: jax.block_until_ready(step(state, ids)), calls)
-    by_kind: collections.Counter = collections.Counter()
-    for name, (ms, _) in operations.items():
-        by_kind[xla_kind(name)] += ms
     return {
         "side": f"mojax remat={remat}",
         "wall_ms": wall * 1e3,
         "scratch_mb": scratch / 2**20,
-        "kinds_ms": dict(by_kind.most_common()),
+        "kinds_ms": ms_by_kind(operations),
     }
 
 
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)
     report = {
         "command": "python " + shlex.join(["benchmarks/profile_step.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), jax {jax.__version__}, torch {torch.__version__}",
+        "machine": cpu_summary() + f", jax {jax.__version__}, torch {torch.__version__}",
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "batch": args.batch,
         "layers": args.layers,

@@ -56,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import xla_kind, xla_operation_times  # noqa: E402
+from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
@@ -239,17 +239,13 @@ def operation_profiles(n: int, entries: list[Contender], calls: int, top: int = 
     profiles = []
     for entry in entries:
         wall, operations = xla_operation_times(lambda call=entry.call: jax.block_until_ready(call()), calls)
-        by_kind: dict[str, float] = {}
-        for name, (ms, _) in operations.items():
-            kind = xla_kind(name)
-            by_kind[kind] = by_kind.get(kind, 0.0) + ms
         largest = sorted(operations.items(), key=lambda item: -item[1][0])[:top]
         profiles.append(
             {
                 "n": n,
                 "contender": entry.label,
                 "wall_ms": wall * 1e3,
-                "ms_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+                "ms_by_kind": ms_by_kind(operations),
                 "largest_operations": [[name, ms, count] for name, (ms, count) in largest],
             }
         )

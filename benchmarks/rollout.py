@@ -51,7 +51,7 @@ from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
 GENERATIONS = 4
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _header(args, argv, sampling: SamplingConfig, load_before, old_logp: str) -> dict:
     return {
         "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{os.cpu_count()} CPUs ({cpu_model()})",
+        "machine": cpu_summary(),
         "settings": (
             f"{GENERATIONS} generations per prompt, temperature {sampling.temperature} (0: greedy), top-p "
             f"{sampling.top_p}, {sampling.max_new_tokens} new tokens (no early stop), no top-k, fp32, torch threads 2; "

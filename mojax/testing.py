@@ -9,6 +9,7 @@ contender against its peer.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -158,3 +159,8 @@ def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     described = cpu_description(cpuinfo.read_text()) if cpuinfo.exists() else None
     return described or platform.processor() or platform.machine()
+
+
+def cpu_summary() -> str:
+    """``"<n> CPUs (<cpu_model()>)"``: the machine line of the benchmarks' reports."""
+    return f"{os.cpu_count()} CPUs ({cpu_model()})"

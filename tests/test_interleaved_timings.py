@@ -1,4 +1,4 @@
-from mojax.testing import cpu_description, cpu_model, interleaved_timings
+from mojax.testing import cpu_description, cpu_model, cpu_summary, interleaved_timings
 
 
 def test_every_contender_is_timed_once_first_then_each_round_in_a_rotated_order():
@@ -15,6 +15,10 @@ def test_every_contender_is_timed_once_first_then_each_round_in_a_rotated_order(
 def test_the_cpu_model_is_a_non_empty_name():
     name = cpu_model()
     assert isinstance(name, str) and name.strip() == name and name
+
+
+def test_the_cpu_summary_counts_the_cpus_and_names_the_model():
+    assert cpu_summary().endswith(f" CPUs ({cpu_model()})") and cpu_summary().split()[0].isdigit()
 
 
 def _cpuinfo(model: str, family: str, flags: str) -> str:
