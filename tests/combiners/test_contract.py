@@ -338,10 +338,10 @@ def test_fused_gram_keeps_its_digits_over_millions_of_columns():
 
 def test_gram_and_combination_read_layer_stacked_leaves_in_place(monkeypatch):
     """The batched pullbacks leave a layer-stacked leaf [L, n, ...] in memory and hand the combiner its transpose
-    [n, L, ...]: the Gram of a large leaf (here from any size, the production threshold GRAM_LOOP_FROM lowered) and the
-    weighted sum compile to fusions that read it as it lies, with no copy of the leaf into objective-major order (the
-    matmul Gram and a tensordot made one each)."""
-    from mojax.combiners import _base, combine, raw_tree_gram
+    [n, L, ...]: the Gram of a large leaf with its scale (here from any size, the production threshold GRAM_LOOP_FROM
+    lowered) and the weighted sum compile to fusions that read it as it lies, with no copy of the leaf into
+    objective-major order (the matmul Gram, a tensordot and the peak as one library reduction made one each)."""
+    from mojax.combiners import _base, combine, tree_gram
 
     monkeypatch.setattr(_base, "GRAM_LOOP_FROM", 0)
 
@@ -349,11 +349,61 @@ def test_gram_and_combination_read_layer_stacked_leaves_in_place(monkeypatch):
 
     def gram_and_combination(leaves):
         objective_major = {"w": jnp.swapaxes(leaves, 0, 1)}
-        return raw_tree_gram(objective_major, 1.0, flatten=True), combine(jnp.ones((N,)) / N, objective_major)
+        return tree_gram(objective_major, flatten=True), combine(jnp.ones((N,)) / N, objective_major)
 
     program = jax.jit(gram_and_combination).lower(stacked).compile().as_text()
     entry = program[program.index("\nENTRY") :].splitlines()  # fusion bodies index through a transpose; never copy
     assert not [line for line in entry if re.search(r"%[\w.\-]*(copy|transpose)[\w.\-]* = ", line)]
-    gram, combined = jax.jit(gram_and_combination)(stacked)
+    (gram, scale), combined = jax.jit(gram_and_combination)(stacked)
+    assert float(scale) == 1.0
     np.testing.assert_allclose(gram, np.full((N, N), 4 * 32 * 48.0))
     np.testing.assert_allclose(combined["w"], np.ones((4, 32, 48)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flattened_max_abs_equals_the_whole_leaf_maximum(dtype):
+    """The single-device peak (maxima of GRAM_ROW-column blocks of each [n, -1] leaf, then of the remainder) equals
+    the plain maximum, for leaves below one block, of whole blocks and of blocks plus a remainder."""
+    from mojax.combiners._base import GRAM_ROW, _max_abs
+
+    rng = np.random.default_rng(3)
+    shapes = {"small": (N, GRAM_ROW - 3), "whole": (N, 2, GRAM_ROW), "remainder": (N, 3 * GRAM_ROW + 7)}
+    for planted in shapes:
+        updates = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+        updates[planted].reshape(-1)[-2] = -40.0  # in the last block or the remainder
+        updates = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), updates)
+        assert float(_max_abs(updates, flatten=True)) == float(_max_abs(updates, flatten=False)) == 40.0
+
+
+@pytest.mark.parametrize(
+    ("peak", "size", "want"),
+    [
+        pytest.param(1.0, 10**6, 1.0, id="ordinary"),
+        pytest.param(0.0, 10**6, 1.0, id="zero"),
+        pytest.param(np.inf, 10**6, 1.0, id="inf"),
+        pytest.param(np.nan, 10**6, 1.0, id="nan"),
+        pytest.param(2e-15, 10**6, 1.0, id="trace-above-1e-30"),
+        pytest.param(5e-16, 10**6, 5e-16, id="trace-may-underflow"),
+        pytest.param(1.2e16, 10**6, 1.0, id="below-the-overflow-bound"),
+        pytest.param(1.4e16, 10**6, 1.4e16, id="above-the-overflow-bound"),
+        pytest.param(1.4e16, 10**4, 1.0, id="fewer-entries-more-room"),
+    ],
+)
+def test_gram_scale_is_one_unless_the_raw_gram_could_leave_the_fp32_range(peak, size, want):
+    """s = 1 while size * peak^2 stays below half the fp32 maximum (~1.3e16 at 1e6 entries) and peak^2 above 1e-30;
+    otherwise the peak itself."""
+    from mojax.combiners._base import gram_scale
+
+    assert float(gram_scale(jnp.float32(peak), size)) == pytest.approx(want, rel=1e-6)
+
+
+def test_tree_gram_rescales_gradients_whose_raw_gram_overflows():
+    """Entries of 3-3.2e17 over 4096 columns: the raw fp32 Gram (~4e38) overflows; the rescaled one times s^2 is the
+    float64 Gram."""
+    from mojax.combiners import raw_tree_gram, tree_gram
+
+    rows = np.random.default_rng(5).uniform(3e17, 3.2e17, size=(2, 4096)).astype(np.float32)
+    assert not np.all(np.isfinite(raw_tree_gram({"w": jnp.asarray(rows)}, 1.0)))
+    gram, scale = tree_gram({"w": jnp.asarray(rows)})
+    exact = rows.astype(np.float64) @ rows.astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(gram, np.float64) * float(scale) ** 2, exact, rtol=1e-5)
