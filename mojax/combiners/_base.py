@@ -264,7 +264,7 @@ def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax
 
     Two reads of the updates (their peak, then the Gram of g / s) and no ``lax.cond``: a conditional rescaled
     Gram took the updates as a branch operand, and XLA:CPU copied every layer-stacked leaf to objective-major
-    order for it at every call, whichever branch ran (1.6 GB written per full-mode update on SmolLM2-135M).
+    order for it at every call, whichever branch ran (1.3 GB written per full-mode update on SmolLM2-135M).
     """
     leaves = jax.tree.leaves(updates)
     scale = gram_scale(_max_abs(updates, flatten), sum(leaf.size // leaf.shape[0] for leaf in leaves))

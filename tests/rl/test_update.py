@@ -237,3 +237,25 @@ def test_the_sharded_rollout_samples_the_same_tokens():
 def test_a_mesh_that_does_not_divide_the_micro_batch_is_refused():
     with pytest.raises(ValueError, match="data \\* fsdp = 8 does not divide the micro-batch of 4"):
         Trainer(load_config("tiny", [*BASE, "mesh.shape={fsdp: 8}", "algorithm.num_microbatches=2"]))
+
+
+@pytest.mark.parametrize(
+    ("poison", "dtype", "finite"),
+    [
+        pytest.param(None, jnp.float32, True, id="finite"),
+        pytest.param(3e38, jnp.float32, True, id="near-the-fp32-maximum"),
+        pytest.param(jnp.inf, jnp.float32, False, id="inf"),
+        pytest.param(-jnp.inf, jnp.float32, False, id="minus-inf"),
+        pytest.param(jnp.nan, jnp.float32, False, id="nan"),
+        pytest.param(jnp.inf, jnp.bfloat16, False, id="bf16-inf"),
+    ],
+)
+def test_all_finite_finds_one_non_finite_entry_in_any_leaf(poison, dtype, finite):
+    """One entry of one leaf decides; integer leaves are always finite."""
+    from mojax.rl.update import all_finite
+
+    leaf = jnp.arange(12.0, dtype=dtype).reshape(3, 4)
+    if poison is not None:
+        leaf = leaf.at[2, 1].set(poison)
+    trees = ({"a": jnp.ones((5,), jnp.float32), "b": leaf}, jnp.arange(4), ())
+    assert bool(jax.jit(all_finite)(*trees)) is finite
