@@ -148,6 +148,15 @@ GRAM_ROW = 1 << 10
 GRAM_ROW partial sums, instead of one running sum over all P (which lost 6% of a 26.5M-column Gram's diagonal)."""
 
 
+def _row_blocks(rows: jax.Array) -> list[jax.Array]:
+    """rows [n, P] as blocks [n, k, c]: the whole rows of GRAM_ROW columns, then the remainder as one [n, 1, P % c]
+    block (each only when not empty)."""
+    n, size = rows.shape
+    whole = size - size % GRAM_ROW
+    blocks = [rows[:, :whole].reshape(n, whole // GRAM_ROW, GRAM_ROW)] if whole else []
+    return blocks + ([rows[:, whole:].reshape(n, 1, size - whole)] if whole < size else [])
+
+
 def _pair_sums(blocks: jax.Array) -> jax.Array:
     """f32[n (n + 1) / 2]: sum over every block and column of g_i g_j for i <= j, blocks [n, k, c].
 
@@ -174,13 +183,8 @@ def _fused_gram(rows: jax.Array) -> jax.Array:
     pullbacks' layer-stacked leaves ([L, n, ...] in memory) in place, where the matmuls needed an objective-major
     copy first (isolated measurements; benchmarks/RESULTS.md, full mode on SmolLM2).
     """
-    n, size = rows.shape
-    whole = size - size % GRAM_ROW
-    sums = jnp.zeros((n * (n + 1) // 2,), jnp.float32)
-    if whole:
-        sums = sums + _pair_sums(rows[:, :whole].reshape(n, whole // GRAM_ROW, GRAM_ROW))
-    if whole < size:
-        sums = sums + _pair_sums(rows[:, whole:].reshape(n, 1, size - whole))
+    n = rows.shape[0]
+    sums = sum((_pair_sums(blocks) for blocks in _row_blocks(rows)), jnp.zeros((n * (n + 1) // 2,), jnp.float32))
     upper = np.zeros((n, n), np.int32)
     upper[np.triu_indices(n)] = np.arange(n * (n + 1) // 2)
     return sums[np.maximum(upper, upper.T)]
@@ -212,31 +216,31 @@ def raw_tree_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | No
     return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in jax.tree.leaves(updates))
 
 
+def _block_peak(blocks: jax.Array) -> jax.Array:
+    """max |g| over blocks [n, k, c] in fp32: one variadic reduction over the columns (every row's block maxima from
+    one read of the blocks, as :func:`_pair_sums`), then the largest of those."""
+    magnitudes = [jnp.abs(block).astype(jnp.float32) for block in blocks]
+    partials = jax.lax.reduce(
+        magnitudes,
+        [jnp.float32(0)] * len(magnitudes),
+        lambda left, right: [jnp.maximum(a, b) for a, b in zip(left, right, strict=True)],
+        (1,),
+    )
+    return jnp.max(jnp.stack([jnp.max(partial) for partial in partials]))
+
+
 def _leaf_max_abs(leaf: jax.Array, flatten: bool) -> jax.Array:
     """max |g| over one leaf in fp32.
 
-    If `flatten`, the leaf as [n, -1] rows in blocks of GRAM_ROW columns, as :func:`_fused_gram` reads it: one
-    variadic reduction gives every row's block maxima from one read of the leaf in whatever layout it has, then the
-    largest of those. A plain ``max(abs(leaf))`` had XLA:CPU copy each layer-stacked leaf of the batched pullbacks
-    to objective-major order first (a windowed-reduction tree or a library reduction, neither reading through a
-    transpose). Otherwise one reduction over the whole leaf (a local one plus a scalar all-reduce when sharded).
+    If `flatten`, over the leaf's [n, -1] rows in the blocks :func:`_fused_gram` reads (:func:`_block_peak`), which
+    reads the leaf in whatever layout it has. A plain ``max(abs(leaf))`` had XLA:CPU copy each layer-stacked leaf of
+    the batched pullbacks to objective-major order first (a windowed-reduction tree or a library reduction, neither
+    reading through a transpose). Otherwise one reduction over the whole leaf (a local one plus a scalar all-reduce
+    when sharded).
     """
     if not flatten:
         return jnp.max(jnp.abs(leaf)).astype(jnp.float32)
-    rows = leaf.reshape(leaf.shape[0], -1)
-    whole = rows.shape[1] - rows.shape[1] % GRAM_ROW
-    peaks = [jnp.max(jnp.abs(rows[:, whole:])).astype(jnp.float32)] if whole < rows.shape[1] else []
-    if whole:
-        blocks = rows[:, :whole].reshape(rows.shape[0], whole // GRAM_ROW, GRAM_ROW)
-        magnitudes = [jnp.abs(block).astype(jnp.float32) for block in blocks]
-        block_peaks = jax.lax.reduce(
-            magnitudes,
-            [jnp.float32(0)] * len(magnitudes),
-            lambda left, right: [jnp.maximum(a, b) for a, b in zip(left, right, strict=True)],
-            (1,),
-        )
-        peaks += [jnp.max(block_peak) for block_peak in block_peaks]
-    return jnp.max(jnp.stack(peaks))
+    return jnp.max(jnp.stack([_block_peak(blocks) for blocks in _row_blocks(leaf.reshape(leaf.shape[0], -1))]))
 
 
 def _max_abs(updates: Any, flatten: bool | None = None) -> jax.Array:
