@@ -2,10 +2,14 @@
 # GPU benchmark, one command, under 10 minutes on one accelerator:
 #   1. benchmarks/gpu_model.py: the model in bf16 (fp32 master weights, bf16 compute, rematerialised layers):
 #      forward, a training step (forward + backward + AdamW) and greedy decode, with the training step's and
-#      forward's model FLOPs utilisation (MFU, from ModelConfig.forward_flops; its docstring says how);
-#   2. benchmarks/rl_step.py on the accelerator (n = 3 first, then 8, 2, 5: each n is written when done).
+#      forward's model FLOPs utilisation (MFU, from ModelConfig.forward_flops; its docstring says how), against
+#      transformers + PyTorch eager in the same process;
+#   2. benchmarks/rl_step.py on the accelerator at SmolLM2-135M's size (benchmarks/smollm2_shaped.py: its
+#      architecture with random weights, written on the spot: no download), bf16 compute, 64 completions of 16 + 64
+#      tokens per update, n = 3 objectives first, then 8 (each n is written when done).
 #
-#   bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu; writes gpu_model.{json,md}, rl_step.{json,md}
+#   bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu; writes gpu_model.{json,md},
+#                                           # rl_step.{json,md} and device.txt
 #   bash benchmarks/gpu.sh OUT_DIR --smoke  # tiny sizes on any backend (CPU included), to check the script
 #
 # Peak bf16 dense FLOP/s comes from the device kind (H200/H100 SXM 989 TFLOP/s, A100 312, L4 121, ...); set
@@ -26,10 +30,17 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 timeout "${MOJAX_GPU_MODEL_S:-240}" "$PYTHON" benchmarks/gpu_model.py --out "$OUT" ${SMOKE:+"$SMOKE"}
 echo "model part exit status: $?"
 
+MODEL_DIR="$(mktemp -d)"
+trap 'rm -rf "$MODEL_DIR"' EXIT
 if [ -n "$SMOKE" ]; then
-  RL_ARGS=(--quick --n 2 --combiners linear,pama)
+  SHAPE_ARGS=(--layers 2 --vocab 512)
+  RL_ARGS=(--quick --n 2 --combiners linear,mgda)
 else
-  RL_ARGS=(--n 3,8,2,5)
+  SHAPE_ARGS=()
+  RL_ARGS=(--n 3,8 --combiners linear,ctwa,pama,mgda,upgrad)
 fi
-timeout "${MOJAX_GPU_RL_S:-300}" "$PYTHON" benchmarks/rl_step.py "${RL_ARGS[@]}" --out "$OUT"
+"$PYTHON" benchmarks/smollm2_shaped.py "$MODEL_DIR" "${SHAPE_ARGS[@]}" &&
+  timeout "${MOJAX_GPU_RL_S:-300}" "$PYTHON" benchmarks/rl_step.py "${RL_ARGS[@]}" --out "$OUT" \
+    --set model.path="$MODEL_DIR" --set model.dtype=bfloat16 \
+    --set data.prompts_per_step=16 --set rollout.max_completion_length=64
 echo "rl_step part exit status: $? (124: cut by its time limit; finished n are in $OUT/rl_step.md)"

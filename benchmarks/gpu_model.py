@@ -9,11 +9,18 @@ layer scan's body once. The peak comes from the device kind (:data:`PEAK_TFLOPS`
 
     python benchmarks/gpu_model.py --out benchmarks/results/gpu   # 56M and 1.1B LLaMA shapes; gpu_model.{json,md}
     python benchmarks/gpu_model.py --smoke --out /tmp/x            # the tiny config on any backend (CPU included)
+
+The peer, measured in the same process after mojax on the same device (``--no-torch`` skips it): transformers'
+``LlamaForCausalLM`` of the same config and random weights in PyTorch eager, fp32 master weights and
+``torch.optim.AdamW`` (fused on CUDA), bf16 compute under ``torch.autocast``, gradient checkpointing per layer, the
+same fp32 cross-entropy, and ``generate`` with greedy decoding and a KV cache for exactly as many new tokens
+(skipped too where torch is not installed). The ratio columns are the peer's time over mojax's (> 1: mojax faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shlex
@@ -149,6 +156,86 @@ def bench(name: str, config: ModelConfig, train_shape, decode_shape, peak: float
     }
 
 
+def timed_torch(call: Callable[[], object], repeats: int) -> float:
+    """:func:`median_s` for PyTorch: every call waits for the device (``torch.cuda.synchronize``) before it ends."""
+    import torch
+
+    def synchronised():
+        result = call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return result
+
+    return median_s(synchronised, repeats)
+
+
+def torch_peer(config: ModelConfig, train_shape, decode_shape, repeats: int) -> dict:
+    """The same training step, forward and greedy decode in transformers + PyTorch eager (see the module docstring)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as TorchLlama
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TorchLlama(LlamaConfig(**config.to_hf_dict()))
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    batch, length = train_shape
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)), device=device)
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16)  # noqa: E731
+
+    def train_step():
+        model.train()
+        with autocast():
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def forward():
+        model.eval()
+        with torch.inference_mode(), autocast():
+            return model(input_ids=ids, use_cache=False).logits
+
+    d_batch, prompt, new = decode_shape
+    prompts = torch.as_tensor(np.random.default_rng(1).integers(3, config.vocab_size, (d_batch, prompt)), device=device)
+
+    def decode():
+        model.eval()
+        with torch.inference_mode(), autocast():
+            return model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=config.pad_token_id,
+            )
+
+    first_loss = float(train_step())
+    losses = []
+    train_s = timed_torch(lambda: losses.append(train_step()), repeats)
+    return {
+        "torch_train_step_ms": 1e3 * train_s,
+        "torch_forward_ms": 1e3 * timed_torch(forward, repeats),
+        "torch_decode_ms": 1e3 * timed_torch(decode, repeats),
+        "torch_loss_first_step": first_loss,
+        "torch_loss_last_step": float(losses[-1]),
+    }
+
+
+def with_peer(row: dict, peer: dict) -> dict:
+    """``row`` with the peer's times and the ratios peer time / mojax time (> 1: mojax faster)."""
+    ratios = {
+        f"torch_over_mojax_{op}": peer[f"torch_{op}_ms"] / row[f"{op}_ms"] for op in ("train_step", "forward", "decode")
+    }
+    return {**row, **peer, **ratios}
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Model in bf16 on {report['device']} (peak {report['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense)",
@@ -171,6 +258,24 @@ def markdown(report: dict) -> str:
             f"{r['decode_tokens_per_s']:,.0f} | {r['compile_train_s']:.1f} | "
             f"{r['loss_first_step']:.3f} / {r['loss_last_step']:.3f} |"
         )
+    peers = [r for r in report["rows"] if "torch_train_step_ms" in r]
+    if peers:
+        lines += [
+            "",
+            "The peer in the same process: transformers + PyTorch eager (fp32 master weights, fused AdamW, autocast "
+            "bf16, gradient checkpointing, `generate` greedy with a KV cache). Ratio: peer time / mojax time "
+            "(> 1: mojax faster).",
+            "",
+            "| config | torch train step ms | ratio | torch forward ms | ratio | torch decode ms | ratio | "
+            "torch loss first / last step |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {r['config']} | {r['torch_train_step_ms']:.1f} | {r['torch_over_mojax_train_step']:.2f}x | "
+            f"{r['torch_forward_ms']:.1f} | {r['torch_over_mojax_forward']:.2f}x | {r['torch_decode_ms']:.1f} | "
+            f"{r['torch_over_mojax_decode']:.2f}x | {r['torch_loss_first_step']:.3f} / {r['torch_loss_last_step']:.3f} |"
+            for r in peers
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny config only, on any backend")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after a warm-up")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 dense TFLOP/s (default: by kind)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu")
     args = parser.parse_args(argv)
@@ -199,7 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [],
     }
     for name, (config, train_shape, decode_shape) in sizes(args.smoke).items():
-        report["rows"].append(bench(name, config, train_shape, decode_shape, report["peak_flops"], args.repeats))
+        row = bench(name, config, train_shape, decode_shape, report["peak_flops"], args.repeats)
+        if not args.no_torch and importlib.util.find_spec("torch") is not None:
+            row = with_peer(row, torch_peer(config, train_shape, decode_shape, args.repeats))
+        report["rows"].append(row)
         write_report(args.out, "gpu_model", report, markdown(report))  # each config as soon as it is done
         print(markdown(report), flush=True)
     return report
