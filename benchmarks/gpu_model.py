@@ -179,7 +179,8 @@ def torch_peer(config: ModelConfig, train_shape, decode_shape, repeats: int) -> 
     torch.manual_seed(0)
     with torch.device(device):
         model = TorchLlama(LlamaConfig(**config.to_hf_dict()))
-    model.gradient_checkpointing_enable()
+    # transformers 5.25 renamed gradient_checkpointing_enable (still there, deprecated); older 5.x lack the new name
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     batch, length = train_shape
     ids = torch.as_tensor(np.random.default_rng(0).integers(3, config.vocab_size, (batch, length)), device=device)

@@ -42,9 +42,20 @@ def test_smoke_run_reports_rates_that_follow_its_times(tmp_path):
     assert row["decode_tokens_per_s"] == pytest.approx(d_batch * new / (row["decode_ms"] / 1e3), rel=1e-9)
     assert row["loss_last_step"] < row["loss_first_step"]  # the same batch every step: AdamW fits it
     assert f"| tiny | {config.num_params():,} | {batch}x{length} |" in (tmp_path / "gpu_model.md").read_text()
+    for op in ("train_step", "forward", "decode"):  # the PyTorch peer, timed in the same process
+        assert row[f"torch_over_mojax_{op}"] == pytest.approx(row[f"torch_{op}_ms"] / row[f"{op}_ms"], rel=1e-9)
+    assert row["torch_loss_last_step"] < row["torch_loss_first_step"]
+    assert row["torch_loss_first_step"] == pytest.approx(math.log(config.vocab_size), rel=0.1)  # random weights
 
 
-def test_gpu_sh_is_valid_bash_and_runs_the_model_script():
+def test_no_torch_leaves_the_peer_out(tmp_path):
+    report = _load().main(["--smoke", "--repeats", "1", "--no-torch", "--out", str(tmp_path)])
+    assert not any(key.startswith("torch") for key in report["rows"][0])
+    assert "PyTorch eager" not in (tmp_path / "gpu_model.md").read_text()
+
+
+def test_gpu_sh_is_valid_bash_and_runs_both_parts():
     script = BENCHMARKS / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    assert "benchmarks/gpu_model.py" in script.read_text()
+    text = script.read_text()
+    assert all(part in text for part in ("gpu_model.py", "smollm2_shaped.py", "rl_step.py"))
