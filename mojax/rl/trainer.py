@@ -418,7 +418,8 @@ class Trainer(Run):
             importance_sampling_level=algorithm.importance_sampling_level,
             kl_estimator=config.kl.kl_estimator,
             kl_clamp=config.kl.clamp,
-            kl_in_loss=config.kl.placement == "loss",
+            # beta stays 0 when it starts there (the adaptive controller multiplies it): then the KL is only logged
+            kl_in_loss=config.kl.placement == "loss" and config.kl.beta > 0,
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,

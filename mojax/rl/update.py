@@ -91,6 +91,8 @@ class UpdateSpec(NamedTuple):
     kl_estimator: str = "k3"
     kl_clamp: float | None = 10.0
     kl_in_loss: bool = True
+    """beta * KL is the loss's shared term (False: the KL is only logged, and full mode skips the shared pullback
+    when there is no entropy bonus either)."""
     entropy_coef: float = 0.0
     vf_coef: float = 0.1
     value_clip: float = 0.2
@@ -281,19 +283,16 @@ def objective_cosines(stacked: Any) -> jax.Array:
     return cosines
 
 
-def shared_term_is_zero(spec: UpdateSpec, beta: jax.Array) -> jax.Array:
-    """bool[] (traced): whether the shared term beta KL - entropy_coef H is identically zero in this update.
+def shared_term_is_zero(spec: UpdateSpec) -> bool:
+    """Whether the shared term beta KL - entropy_coef H is zero in every update, known when the step is traced.
 
-    It is when there is no entropy bonus and the KL is not in the loss or beta is 0 (the default fixed controller
-    with beta 0). Its gradient is then exactly zero, so full mode skips its pullback: the (n + 1)-th backward
-    pass. Otherwise the pullback is needed: the shared term cannot be folded into the per-objective cotangents
-    without changing the Gram the combiner sees, and so its weights.
+    It is when there is no entropy bonus and the KL is not in the loss (the trainer leaves it out when beta starts
+    at 0, where both KL controllers keep it). Its gradient is then exactly zero, so full mode skips its pullback,
+    the (n + 1)-th backward pass, and adds nothing. Otherwise the pullback runs, even in an update whose traced
+    beta is 0: the shared term cannot be folded into the per-objective cotangents without changing the Gram the
+    combiner sees, and so its weights.
     """
-    if spec.entropy_coef != 0.0:
-        return jnp.zeros((), jnp.bool_)
-    if not spec.kl_in_loss:
-        return jnp.ones((), jnp.bool_)
-    return jnp.asarray(beta) == 0.0
+    return spec.entropy_coef == 0.0 and not spec.kl_in_loss
 
 
 def all_finite(*trees: Any) -> jax.Array:
@@ -384,19 +383,17 @@ def make_train_step(
         return _accumulate(grads_of, micro_batches)
 
     def per_objective(params, micro_batches, divide, beta):
-        """(stacked gradients f[n, ...] of L_1..L_n, gradient of the shared term), summed over micro-batches.
+        """(stacked gradients f[n, ...] of L_1..L_n, gradient of the shared term or None), summed over micro-batches.
 
-        The shared term's pullback is the (n + 1)-th backward pass; it is skipped when the term is zero
-        (:func:`shared_term_is_zero`), where its gradient is exactly zero.
+        The shared term's pullback is the (n + 1)-th backward pass; it is left out (None) when the term is zero in
+        every update (:func:`shared_term_is_zero`).
         """
-        skip_shared = shared_term_is_zero(spec, beta)
+        skip_shared = shared_term_is_zero(spec)
 
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
-            shared = jax.lax.cond(
-                skip_shared, lambda: jax.tree.map(jnp.zeros_like, params), lambda: pullback(eye[n])[0]
-            )
+            shared = None if skip_shared else pullback(eye[n])[0]
             return (stacked, shared), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
@@ -405,7 +402,7 @@ def make_train_step(
         (objectives, shared), vector, metrics = per_objective(params, micro_batches, divide, beta)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
-        grads = jax.tree.map(jnp.add, combined, shared)
+        grads = combined if shared is None else jax.tree.map(jnp.add, combined, shared)
         return grads, vector, metrics, combiner_state, objective_cosines(objectives)
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):

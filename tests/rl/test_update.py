@@ -259,3 +259,12 @@ def test_all_finite_finds_one_non_finite_entry_in_any_leaf(poison, dtype, finite
         leaf = leaf.at[2, 1].set(poison)
     trees = ({"a": jnp.ones((5,), jnp.float32), "b": leaf}, jnp.arange(4), ())
     assert bool(jax.jit(all_finite)(*trees)) is finite
+
+
+def test_the_kl_is_in_the_loss_only_when_beta_starts_above_zero():
+    """beta stays 0 when it starts there (the adaptive controller multiplies it), so the update leaves the KL out of
+    the loss and full mode skips the shared term's pullback; the KL is still logged."""
+    assert not trainer().update_spec.kl_in_loss
+    assert not trainer("kl.controller=adaptive").update_spec.kl_in_loss
+    assert trainer("kl.beta=0.1").update_spec.kl_in_loss
+    assert not trainer("kl.beta=0.1", "kl.placement=reward").update_spec.kl_in_loss

@@ -62,7 +62,7 @@ def inputs() -> tuple[dict, Batch]:
     return params, batch
 
 
-def spec_for(name: str, entropy_coef: float, sequential: bool = False) -> UpdateSpec:
+def spec_for(name: str, entropy_coef: float, sequential: bool = False, kl_in_loss: bool = True) -> UpdateSpec:
     return UpdateSpec(
         mode="full",
         num_objectives=N,
@@ -70,13 +70,14 @@ def spec_for(name: str, entropy_coef: float, sequential: bool = False) -> Update
         reads=REGISTRY[name].reads,
         entropy_coef=entropy_coef,
         sequential_pullbacks=sequential,
+        kl_in_loss=kl_in_loss,
     )
 
 
-def reference_params(name: str, beta: float, entropy_coef: float) -> dict:
+def reference_params(name: str, beta: float, entropy_coef: float, kl_in_loss: bool = True) -> dict:
     """SGD (learning rate 1) on combiner(g_1 .. g_n) + g_shared, the n + 1 gradients from jax.jacrev."""
     params, batch = inputs()
-    spec = spec_for(name, entropy_coef)
+    spec = spec_for(name, entropy_coef, kl_in_loss=kl_in_loss)
     divide = denominators(batch.mask, spec)
     vector = lambda p: minibatch_losses(policy, p, batch, divide, jnp.float32(beta), spec)[0]  # noqa: E731
     stacked = jax.jacrev(vector)(params)
@@ -87,15 +88,18 @@ def reference_params(name: str, beta: float, entropy_coef: float) -> dict:
 
 
 @functools.cache
-def compiled_step(name: str, entropy_coef: float, sequential: bool = False):
+def compiled_step(name: str, entropy_coef: float, sequential: bool = False, kl_in_loss: bool = True):
     """The jitted full-mode step (beta is traced: one compilation serves every beta)."""
-    return jax.jit(make_train_step(policy, make(name, N), optax.sgd(1.0), spec_for(name, entropy_coef, sequential)))
+    spec = spec_for(name, entropy_coef, sequential, kl_in_loss)
+    return jax.jit(make_train_step(policy, make(name, N), optax.sgd(1.0), spec))
 
 
-def full_mode_params(name: str, beta: float, entropy_coef: float, sequential: bool = False) -> dict:
+def full_mode_params(
+    name: str, beta: float, entropy_coef: float, sequential: bool = False, kl_in_loss: bool = True
+) -> dict:
     params, batch = inputs()
     combiner, optimizer = make(name, N), optax.sgd(1.0)
-    step = compiled_step(name, entropy_coef, sequential)
+    step = compiled_step(name, entropy_coef, sequential, kl_in_loss)
     state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
     new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta), None)
     assert int(metrics["skipped"]) == 0
@@ -103,20 +107,25 @@ def full_mode_params(name: str, beta: float, entropy_coef: float, sequential: bo
 
 
 @pytest.mark.parametrize(
-    ("name", "beta", "entropy_coef", "sequential"),
+    ("name", "beta", "entropy_coef", "sequential", "kl_in_loss"),
     [
-        ("mgda", 0.0, 0.0, False),
-        ("mgda", 0.5, 0.0, False),
-        ("mgda", 0.0, 0.1, False),
-        ("mgda", 0.5, 0.1, False),
-        ("upgrad", 0.5, 0.0, False),
-        ("mgda", 0.0, 0.0, True),
-        ("mgda", 0.5, 0.1, True),
+        ("mgda", 0.0, 0.0, False, True),
+        ("mgda", 0.5, 0.0, False, True),
+        ("mgda", 0.0, 0.1, False, True),
+        ("mgda", 0.5, 0.1, False, True),
+        ("upgrad", 0.5, 0.0, False, True),
+        ("mgda", 0.0, 0.0, True, True),
+        ("mgda", 0.5, 0.1, True, True),
+        ("mgda", 0.5, 0.0, False, False),  # no shared term: its pullback is skipped
+        ("mgda", 0.5, 0.0, True, False),
     ],
 )
-def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(name, beta, entropy_coef, sequential):
+def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(
+    name, beta, entropy_coef, sequential, kl_in_loss
+):
     """Batched (vmapped) and sequential (lax.map) pullbacks alike."""
-    got, want = full_mode_params(name, beta, entropy_coef, sequential), reference_params(name, beta, entropy_coef)
+    got = full_mode_params(name, beta, entropy_coef, sequential, kl_in_loss)
+    want = reference_params(name, beta, entropy_coef, kl_in_loss)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
@@ -130,12 +139,12 @@ def test_the_shared_term_changes_the_update_when_it_is_on():
 
 
 @pytest.mark.parametrize(
-    ("kl_in_loss", "entropy_coef", "beta", "zero"),
-    [(True, 0.0, 0.0, True), (True, 0.0, 0.1, False), (False, 0.0, 0.1, True), (True, 0.1, 0.0, False)],
+    ("kl_in_loss", "entropy_coef", "zero"),
+    [(True, 0.0, False), (False, 0.0, True), (True, 0.1, False), (False, 0.1, False)],
 )
-def test_the_shared_term_is_zero_only_without_entropy_bonus_and_kl_in_the_loss(kl_in_loss, entropy_coef, beta, zero):
+def test_the_shared_term_is_zero_only_without_entropy_bonus_and_kl_in_the_loss(kl_in_loss, entropy_coef, zero):
     spec = UpdateSpec("full", N, "mgda", (), kl_in_loss=kl_in_loss, entropy_coef=entropy_coef)
-    assert bool(shared_term_is_zero(spec, jnp.float32(beta))) is zero
+    assert shared_term_is_zero(spec) is zero
 
 
 def test_the_logged_cosines_reuse_the_combiners_gram():
@@ -149,3 +158,20 @@ def test_the_logged_cosines_reuse_the_combiners_gram():
     gram_dots = [line for line in lines if re.search(rf"= f32\[{N},{N}\]\{{[0-9,]*\}} dot\(", line)]
     outside_rescaling = [line for line in gram_dots if "cond/branch" not in line]
     assert len(outside_rescaling) == len(jax.tree.leaves(params))
+
+
+def _step_hlo(kl_in_loss: bool) -> str:
+    params, batch = inputs()
+    combiner, optimizer = make("mgda", N), optax.sgd(1.0)
+    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    lowered = compiled_step("mgda", 0.0, False, kl_in_loss).lower(state, batch, jax.random.key(0), jnp.float32(0), None)
+    return lowered.compile().as_text()
+
+
+def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_conditional():
+    """The skip is decided when the step is traced: no (n + 1)-th backward pass, and no conditional that would
+    materialise a zero gradient tree to add (as a traced beta == 0 test did)."""
+    skipped, with_kl = _step_hlo(kl_in_loss=False), _step_hlo(kl_in_loss=True)
+    dots = lambda text: len(re.findall(r" dot\(", text))  # noqa: E731
+    assert dots(skipped) < dots(with_kl)
+    assert " conditional(" not in skipped
