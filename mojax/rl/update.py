@@ -18,8 +18,9 @@ The combiner mode is chosen from the registry:
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
   the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
-  shared term's gradient is one more pullback, added after the combination, and skipped when the term is zero
-  (beta 0 and no entropy bonus, the default), so the update then costs one forward and n backward passes.
+  shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
+  the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
+  default), so the update then costs one forward and n backward passes.
 
 A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer and combiner state
 unchanged, as ``optax.apply_if_finite`` does) and is counted.
