@@ -4,9 +4,9 @@ For timing the RL update at the real model's size where the real weights cannot 
 network, such as the accelerator of ``benchmarks/gpu.sh``): ``--set model.path=FOLDER`` gives every trainer of
 ``benchmarks/rl_step.py`` SmolLM2-135M's shapes (``profile_step.smollm2_shapes``: vocabulary 49152, d 576,
 30 layers, 9/3 heads, MLP 1536, tied embeddings). The tokenizer is the tiny task's character tokenizer
-(``mojax.rl.tiny``: ``<pad>``, ``<bos>``, ``<eos>``, then one token per character) with the rest of the 49152 ids
-filled by placeholder tokens ``<t3>`` ... that encoding never produces, so the tiny task's prompts and rewards work
-unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs mean anything.
+(``mojax.rl.tiny.character_tokenizer``: ``<pad>``, ``<bos>``, ``<eos>``, then one token per character) with the rest
+of the 49152 ids filled by placeholder tokens ``<t34>`` ... that encoding never produces, so the tiny task's prompts
+and rewards work unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs mean anything.
 
     python benchmarks/smollm2_shaped.py /tmp/smollm2_shaped
     python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda --set model.path=/tmp/smollm2_shaped
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from flax import nnx
 
@@ -25,34 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax.models import LlamaForCausalLM, save_pretrained  # noqa: E402
-from mojax.rl.tiny import ALPHABET, BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS  # noqa: E402
-
-
-def padded_character_tokenizer(vocab_size: int) -> Any:
-    """The tiny task's character tokenizer with placeholder tokens up to ``vocab_size`` ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = (*SPECIAL_TOKENS, *ALPHABET)
-    if vocab_size < len(tokens):
-        raise ValueError(
-            f"vocab_size must be at least the {len(tokens)} characters and special tokens; got {vocab_size}"
-        )
-    vocab = {token: index for index, token in enumerate(tokens)}
-    vocab.update({f"<t{index}>": index for index in range(len(tokens), vocab_size)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
-    )
+from mojax.rl.tiny import BOS_ID, EOS_ID, PAD_ID, character_tokenizer  # noqa: E402
 
 
 def write_folder(path: Path, layers: int = 30, vocab: int = 49152, seed: int = 0) -> None:
     """Write the folder: ``config.json``, random fp32 ``model.safetensors`` and the padded tokenizer."""
     config = smollm2_shapes(layers, vocab).replace(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
-    save_pretrained(model, path, tokenizer=padded_character_tokenizer(vocab))
+    save_pretrained(model, path, tokenizer=character_tokenizer(vocab))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,30 +3,15 @@ the tiny task's characters in a tokenizer as wide as the model's vocabulary."""
 
 from pathlib import Path
 
-import pytest
 from script_module import load_script
 
 from mojax.models import load_causal_lm, load_tokenizer
-from mojax.rl.tiny import ALPHABET, SPECIAL_TOKENS, tiny_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load():
     return load_script(BENCHMARKS / "smollm2_shaped.py", "smollm2_shaped_benchmark")
-
-
-def test_padded_tokenizer_encodes_as_the_tiny_tokenizer_and_decodes_every_id():
-    tokenizer = _load().padded_character_tokenizer(100)
-    assert len(tokenizer) == 100
-    text = "hello, world!"
-    assert tokenizer(text)["input_ids"] == tiny_tokenizer()(text)["input_ids"]
-    assert tokenizer.decode([99, 3]) == "<t99>a"  # a placeholder id decodes to text, never raises
-
-
-def test_padded_tokenizer_rejects_a_vocabulary_narrower_than_the_characters():
-    with pytest.raises(ValueError, match="at least the 34"):
-        _load().padded_character_tokenizer(len(SPECIAL_TOKENS) + len(ALPHABET) - 1)
 
 
 def test_the_folder_loads_with_smollm2s_architecture(tmp_path):

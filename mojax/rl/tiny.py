@@ -36,10 +36,29 @@ def tiny_tokenizer() -> Any:
       >>> tok.decode([3, 4, 5, 2], skip_special_tokens=True)
       'abc'
     """
+    return character_tokenizer()
+
+
+def character_tokenizer(vocab_size: int | None = None) -> Any:
+    """:func:`tiny_tokenizer`'s tokenizer (a new object), with placeholder tokens ``<t34>``, ``<t35>``, ... filling
+    the ids up to ``vocab_size`` when given: for a model of a wider vocabulary (SmolLM2's shapes with random weights)
+    that samples any id while the tiny task's prompts and rewards read characters. Encoding never produces a
+    placeholder; decoding writes it out.
+
+    Raises:
+      ValueError: ``vocab_size`` is smaller than the special tokens and characters.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *ALPHABET))}
+    tokens = (*SPECIAL_TOKENS, *ALPHABET)
+    vocab_size = len(tokens) if vocab_size is None else vocab_size
+    if vocab_size < len(tokens):
+        raise ValueError(
+            f"vocab_size must be at least the {len(tokens)} characters and special tokens; got {vocab_size}"
+        )
+    vocab = {token: index for index, token in enumerate(tokens)}
+    vocab.update({f"<t{index}>": index for index in range(len(tokens), vocab_size)})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
