@@ -425,6 +425,8 @@ def validate(config: TrainConfig) -> None:
     checks.nonnegative(where, "rollout.temperature", config.rollout.temperature)
     checks.in_range(where, "rollout.top_p", config.rollout.top_p, low=0.0, high=1.0, low_open=True)
     checks.positive(where, "optimizer.learning_rate", config.optimizer.learning_rate)
+    if config.optimizer.max_grad_norm is not None:
+        checks.positive(where, "optimizer.max_grad_norm", config.optimizer.max_grad_norm, "or null for no clipping")
     _validate_length_buckets(where, config.rollout)
     checks.nonnegative(where, "eval_temperature", config.eval_temperature)
     checks.in_range(where, "eval_top_p", config.eval_top_p, low=0.0, high=1.0, low_open=True)

@@ -144,8 +144,11 @@ def combiner_options(name: str, objectives: Sequence[Objective], thresholds: Seq
     return {}
 
 
-def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(AdamW or SGD behind global-norm clipping, its learning-rate schedule)."""
+def build_optimizer(
+    config: rl_config.OptimizerSection, *, clip: bool = True
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW or SGD behind global-norm clipping, its learning-rate schedule); ``clip=False`` leaves the clipping to
+    the caller (the RL update clips the combined gradient itself: ``UpdateSpec.max_grad_norm``)."""
     peak = config.learning_rate
     if config.schedule == "constant":
         decay = optax.constant_schedule(peak)
@@ -162,7 +165,9 @@ def build_optimizer(config: rl_config.OptimizerSection) -> tuple[optax.GradientT
         step = optax.sgd(schedule)
     else:
         step = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-    chain = [step] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm), step]
+    chain = (
+        [step] if config.max_grad_norm is None or not clip else [optax.clip_by_global_norm(config.max_grad_norm), step]
+    )
     return optax.chain(*chain), schedule
 
 
@@ -400,7 +405,7 @@ class Trainer(Run):
             self.num_trained,
             **{**options, **config.combiner.options},
         )
-        self.optimizer, self.schedule = build_optimizer(config.optimizer)
+        self.optimizer, self.schedule = build_optimizer(config.optimizer, clip=False)
         algorithm = config.algorithm
         self.update_spec = UpdateSpec(
             mode=mode,
@@ -420,6 +425,7 @@ class Trainer(Run):
             kl_clamp=config.kl.clamp,
             # beta stays 0 when it starts there (the adaptive controller multiplies it): then the KL is only logged
             kl_in_loss=config.kl.placement == "loss" and config.kl.beta > 0,
+            max_grad_norm=config.optimizer.max_grad_norm,
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
@@ -444,7 +450,7 @@ class Trainer(Run):
         self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
-        critic_params = critic_opt_state = critic = self._values = None
+        critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
                 build_critic(self.model, self.num_trained, config.model.init_seed + 1), nnx.Param, ...
@@ -455,7 +461,8 @@ class Trainer(Run):
                 )
             critic = critic_fn(critic_graphdef, critic_rest)
             self._values = jax.jit(critic)
-            critic_opt_state = self.optimizer.init(critic_params)
+            critic_optimizer = build_optimizer(config.optimizer)[0]
+            critic_opt_state = critic_optimizer.init(critic_params)
         self._train_step = jax.jit(
             make_train_step(
                 self.policy,
@@ -464,7 +471,7 @@ class Trainer(Run):
                 self.update_spec,
                 flags,
                 critic,
-                self.optimizer if critic else None,
+                critic_optimizer,
                 None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
             ),
             donate_argnums=0,

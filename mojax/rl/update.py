@@ -98,6 +98,11 @@ class UpdateSpec(NamedTuple):
     vf_coef: float = 0.1
     value_clip: float = 0.2
     sequential_pullbacks: bool = False
+    max_grad_norm: float | None = None
+    """Clip the combined gradient to this global norm before the optimizer (as ``optax.clip_by_global_norm``, which the
+    optimizer then leaves out; None: no clipping). In full mode without a shared term the norm comes from the
+    combiner's Gram (:func:`norm_from_gram`), so neither it nor the non-finite check reads the combined gradient,
+    which XLA can then fuse into the optimizer's update instead of writing it out."""
     on_policy: bool = False
     """One optimizer update per rollout, at the parameters that sampled it: the PPO ratio's denominator is the
     update's own log-probabilities with the gradient stopped, so the ratio is exactly 1 and ``Batch.old_logp`` is not
@@ -296,6 +301,26 @@ def shared_term_is_zero(spec: UpdateSpec) -> bool:
     return spec.entropy_coef == 0.0 and not spec.kl_in_loss
 
 
+def norm_from_gram(gram: jax.Array, scale: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(||sum_i w_i g_i||, whether that combination is finite) from the Gram G of the g_i / s, without reading the g_i.
+
+    ||sum_i w_i g_i||^2 = s^2 w^T G w. G is finite iff every g_i is (:func:`mojax.combiners.tree_gram` rescales so
+    that a finite G cannot overflow); then every entry of the combination is at most
+    sum_i |w_i| ||g_i|| <= sum_i |w_i| s sqrt(max_i G_ii), so where that bound is finite so is the combination.
+    """
+    norm = scale * jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
+    bound = jnp.sum(jnp.abs(weights)) * scale * jnp.sqrt(jnp.max(jnp.diagonal(gram)))
+    return norm, jnp.all(jnp.isfinite(gram)) & jnp.isfinite(bound) & jnp.isfinite(norm)
+
+
+def clip_to_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
+    """``optax.clip_by_global_norm(max_norm)`` given the global norm: grads * max_norm / norm where norm >= max_norm."""
+    if max_norm is None:
+        return grads
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+
+
 def all_finite(*trees: Any) -> jax.Array:
     """Whether every array leaf of every tree is finite (bool scalar, traced).
 
@@ -400,11 +425,17 @@ def make_train_step(
         return _accumulate(grads_of, micro_batches)
 
     def combine_full(params, micro_batches, divide, beta, combiner_state, batch):
+        """The combined gradient and, without a shared term, its norm and finiteness from the Gram (XLA merges this
+        Gram with the combiner's: every combiner returns sum_i w_i g_i with w its state's ``weights``)."""
         (objectives, shared), vector, metrics = per_objective(params, micro_batches, divide, beta)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
-        grads = combined if shared is None else jax.tree.map(jnp.add, combined, shared)
-        return grads, vector, metrics, combiner_state, objective_cosines(objectives)
+        gram, scale = tree_gram(objectives)
+        cosines, _ = cosine_gram(gram)
+        if shared is not None:
+            return jax.tree.map(jnp.add, combined, shared), vector, metrics, combiner_state, cosines, None
+        checked = norm_from_gram(gram, scale, combiner_state.weights)
+        return combined, vector, metrics, combiner_state, cosines, checked
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
@@ -432,7 +463,7 @@ def make_train_step(
             probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
             weights, new_state = weights_of(probe, vector)
             grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
-        return grads, vector, metrics, new_state, objective_cosines(probe)
+        return grads, vector, metrics, new_state, objective_cosines(probe), None
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry
@@ -440,14 +471,16 @@ def make_train_step(
         micro_batches = _split(minibatch, spec.num_microbatches)
         if spec.mode == "scalar":
             grads, vector, metrics = scalar_grads(state.params, micro_batches, divide, beta, scalar_w)
-            combiner_state, weights = state.combiner_state, scalar_w
+            combiner_state, weights, checked = state.combiner_state, scalar_w, None
             cosines = jnp.full((n, n), jnp.nan, jnp.float32)
         else:
             combine = combine_full if spec.mode == "full" else combine_probe
-            grads, vector, metrics, combiner_state, cosines = combine(
+            grads, vector, metrics, combiner_state, cosines, checked = combine(
                 state.params, micro_batches, divide, beta, state.combiner_state, minibatch
             )
             weights = combiner_state.weights
+        grad_norm, grads_finite = (optax.tree.norm(grads), all_finite(grads)) if checked is None else checked
+        grads = clip_to_norm(grads, grad_norm, spec.max_grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         critic_params, critic_opt_state, value_loss, critic_grads = state.critic_params, state.critic_opt_state, 0.0, ()
@@ -455,7 +488,7 @@ def make_train_step(
             critic_params, critic_opt_state, value_loss, critic_grads = critic_update(
                 critic, critic_optimizer, state, minibatch, spec
             )
-        finite = all_finite(vector, grads, weights, critic_grads)
+        finite = all_finite(vector, weights, critic_grads) & grads_finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = (~finite).astype(jnp.int32)
         new_state = TrainState(
@@ -471,7 +504,7 @@ def make_train_step(
             **metrics,
             "loss": jnp.dot(weights, vector[:n]) + vector[n],
             "objective_losses": vector[:n],
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "weights": weights,
             "cosines": cosines,
             "value_loss": jnp.asarray(value_loss, jnp.float32),

@@ -210,6 +210,7 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("combiner.pullbacks=vmap", "`combiner.pullbacks` is 'vmap'; expected one of"),
         ("optimizer.schedule=cosine", "`optimizer.schedule_steps` is None"),
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
+        ("optimizer.max_grad_norm=0", r"`optimizer.max_grad_norm` is 0; expected a number in \(0, inf\] \(or null"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):

@@ -268,3 +268,23 @@ def test_the_kl_is_in_the_loss_only_when_beta_starts_above_zero():
     assert not trainer("kl.controller=adaptive").update_spec.kl_in_loss
     assert trainer("kl.beta=0.1").update_spec.kl_in_loss
     assert not trainer("kl.beta=0.1", "kl.placement=reward").update_spec.kl_in_loss
+
+
+@pytest.mark.parametrize(
+    "mode", [(), ("combiner.name=upgrad", "combiner.mode=full"), ("combiner.name=upgrad", "combiner.mode=probe")]
+)
+def test_the_update_clips_the_combined_gradient_to_max_grad_norm(mode):
+    """SGD with learning rate 1: the step is minus the gradient. With optimizer.max_grad_norm at half the gradient's
+    norm it is the unclipped step scaled by one half, in every mode (full mode takes the norm from the Gram)."""
+    batch = fixed_batch()
+    start = [np.asarray(leaf) for leaf in jax.tree.leaves(trainer(*mode).state.params)]
+
+    def step(*clip: str) -> list[np.ndarray]:
+        return [a - b for a, b in zip(params_after((*mode, *clip), batch), start, strict=True)]
+
+    unclipped = step()
+    norm = float(np.sqrt(sum(np.sum(leaf.astype(np.float64) ** 2) for leaf in unclipped)))
+    assert norm > 0.1  # a step the clip halves visibly (MGDA's is zero on this batch: one objective has no gradient)
+    clip = f"optimizer.max_grad_norm={norm / 2}"
+    assert trainer(*mode, clip).update_spec.max_grad_norm == norm / 2
+    assert_trees_close(step(clip), [leaf / 2 for leaf in unclipped], atol=1e-6)

@@ -2,7 +2,8 @@
 
 The reference builds the n + 1 gradients of [L_1 .. L_n, shared] with ``jax.jacrev`` of the vector loss (the way the
 update computed them before it skipped the shared term's pullback when that term is zero) on a small softmax policy,
-so the check is cheap and independent of the update's pullbacks (vmapped or sequential) and ``lax.cond``.
+so the check is cheap and independent of the update's pullbacks (vmapped or sequential) and of where it takes the
+combined gradient's norm.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from mojax.combiners import REGISTRY, make
+from mojax.combiners import REGISTRY, make, tree_gram
 from mojax.rl.update import (
     Batch,
     TrainState,
     UpdateSpec,
+    clip_to_norm,
     denominators,
     make_train_step,
     minibatch_losses,
+    norm_from_gram,
     shared_term_is_zero,
 )
 
@@ -175,3 +178,45 @@ def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_condition
     dots = lambda text: len(re.findall(r" dot\(", text))  # noqa: E731
     assert dots(skipped) < dots(with_kl)
     assert " conditional(" not in skipped
+
+
+def _stacked_gradients(peak: float = 1e30) -> dict:
+    """Three objectives' gradients; the second leaf's ~``peak`` entries overflow a raw fp32 Gram."""
+    rng = np.random.default_rng(0)
+    return {
+        "a": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3, 7)) * peak, jnp.float32),
+    }
+
+
+def test_norm_from_gram_is_the_combinations_norm_without_reading_it():
+    stacked, weights = _stacked_gradients(), jnp.asarray([0.2, -0.5, 1.3], jnp.float32)
+    norm, finite = norm_from_gram(*tree_gram(stacked), weights)
+    combination = [
+        np.tensordot(np.asarray(weights, np.float64), np.asarray(g, np.float64), 1) for g in stacked.values()
+    ]
+    want = np.sqrt(sum(np.sum(c**2) for c in combination))
+    assert bool(finite) and float(norm) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("poison", "weights"),
+    [(jnp.inf, (0.2, -0.5, 1.3)), (jnp.nan, (0.2, -0.5, 1.3)), (None, (1e10, 0.0, 0.0)), (None, (jnp.nan, 0.0, 0.0))],
+    ids=["inf-gradient", "nan-gradient", "combination-overflows", "nan-weight"],
+)
+def test_norm_from_gram_flags_what_makes_the_combination_non_finite(poison, weights):
+    stacked = _stacked_gradients()
+    if poison is not None:
+        stacked["a"] = stacked["a"].at[1, 2, 3].set(poison)
+    _, finite = norm_from_gram(*tree_gram(stacked), jnp.asarray(weights, jnp.float32))
+    assert not bool(finite)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 50.0, None])
+def test_clip_to_norm_is_optaxs_global_norm_clip(max_norm):
+    grads = _stacked_gradients(peak=3.0)
+    norm = optax.tree.norm(grads)
+    got = clip_to_norm(grads, norm, max_norm)
+    want = grads if max_norm is None else optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
