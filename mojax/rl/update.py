@@ -22,8 +22,11 @@ The combiner mode is chosen from the registry:
   the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
   default), so the update then costs one forward and n backward passes.
 
-A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer and combiner state
-unchanged, as ``optax.apply_if_finite`` does) and is counted.
+The combined gradient is clipped to ``max_grad_norm`` before the optimizer, by the update rather than the optimizer
+chain: in full mode without a shared term its norm comes from the combiner's Gram (:func:`norm_from_gram`), so no
+pass reads the combined gradient but the optimizer's. A non-finite loss, gradient or combiner weight skips the
+optimizer step (parameters, optimizer and combiner state unchanged, as ``optax.apply_if_finite`` does) and is
+counted.
 """
 
 from __future__ import annotations
