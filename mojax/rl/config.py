@@ -205,7 +205,8 @@ class OptimizerSection:
     warmup_steps: int = 0
     """Linear warmup from 0 over this many optimizer updates."""
     max_grad_norm: float | None = 1.0
-    """Global-norm clipping of the policy's combined gradient, and separately of the critic's (None disables it)."""
+    """Global-norm clipping of the policy's combined gradient (with LoRA, of the adapters' part), and separately of
+    the critic's (None disables it)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     b1: float = 0.9

@@ -405,7 +405,9 @@ class Trainer(Run):
             self.num_trained,
             **{**options, **config.combiner.options},
         )
-        self.optimizer, self.schedule = build_optimizer(config.optimizer, clip=False)
+        # The update clips the combined gradient itself (UpdateSpec.max_grad_norm), but with adapters the optimizer
+        # clips: it sees the adapters' gradient alone, whose norm leaves the frozen weights' gradients out.
+        self.optimizer, self.schedule = build_optimizer(config.optimizer, clip=bool(config.lora.rank))
         algorithm = config.algorithm
         self.update_spec = UpdateSpec(
             mode=mode,
@@ -425,7 +427,7 @@ class Trainer(Run):
             kl_clamp=config.kl.clamp,
             # beta stays 0 when it starts there (the adaptive controller multiplies it): then the KL is only logged
             kl_in_loss=config.kl.placement == "loss" and config.kl.beta > 0,
-            max_grad_norm=config.optimizer.max_grad_norm,
+            max_grad_norm=None if config.lora.rank else config.optimizer.max_grad_norm,
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,

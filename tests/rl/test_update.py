@@ -287,4 +287,5 @@ def test_the_update_clips_the_combined_gradient_to_max_grad_norm(mode):
     assert norm > 0.1  # a step the clip halves visibly (MGDA's is zero on this batch: one objective has no gradient)
     clip = f"optimizer.max_grad_norm={norm / 2}"
     assert trainer(*mode, clip).update_spec.max_grad_norm == norm / 2
+    assert trainer(*mode, clip, "lora.rank=2").update_spec.max_grad_norm is None  # the adapters' optimizer clips
     assert_trees_close(step(clip), [leaf / 2 for leaf in unclipped], atol=1e-6)
