@@ -379,7 +379,8 @@ def make_train_step(
     Args:
       policy: the policy's response log-probs and entropies, see :data:`PolicyFn`.
       combiner: a mojax combiner for n objectives.
-      optimizer: the optax optimizer (clipping, schedule, AdamW) applied to the combined gradient.
+      optimizer: the optax optimizer (schedule, AdamW) applied to the combined gradient after the clip to
+        ``spec.max_grad_norm``.
       spec: the static settings.
       probe_flags: one bool per parameter leaf (probe mode only): True for the probe set.
       critic: the vector critic's values (gae), trained in the same step with ``critic_optimizer`` on the clipped
