@@ -317,11 +317,12 @@ def norm_from_gram(gram: jax.Array, scale: jax.Array, weights: jax.Array) -> tup
 
 
 def clip_to_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
-    """``optax.clip_by_global_norm(max_norm)`` given the global norm: grads * max_norm / norm where norm >= max_norm."""
+    """``optax.clip_by_global_norm(max_norm)`` given the global norm, in its arithmetic: (g / norm) * max_norm where
+    norm >= max_norm (so a step clipped with the gradient's own norm is the same as optax's to the bit)."""
     if max_norm is None:
         return grads
-    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+    keep = norm < max_norm
+    return jax.tree.map(lambda g: jnp.where(keep, g, (g / norm.astype(g.dtype)) * max_norm), grads)
 
 
 def all_finite(*trees: Any) -> jax.Array:
