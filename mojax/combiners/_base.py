@@ -144,14 +144,45 @@ n (n + 1) / 2 running sums no longer fit the registers: at n = 8 it ran 1.2x the
 seventh of it, at n = 6 two thirds; [n, 10 x 576 x 1536] fp32, isolated measurements)."""
 
 GRAM_ROW = 1 << 10
-"""Columns summed per partial sum by :func:`_fused_gram`: fp32 sums of at most GRAM_ROW products, then of P /
-GRAM_ROW partial sums, instead of one running sum over all P (which lost 6% of a 26.5M-column Gram's diagonal)."""
+"""Columns summed per partial sum by :func:`_fused_gram` where a leaf's own trailing dimensions do not set them
+(:func:`_row_blocks`): fp32 sums of at most GRAM_ROW products, then of P / GRAM_ROW partial sums, instead of one
+running sum over all P (which lost 6% of a 26.5M-column Gram's diagonal)."""
+
+GRAM_ROW_MAX = 2 * GRAM_ROW
+"""The widest block :func:`_row_blocks` cuts at a leaf's own trailing dimensions (fp32 partial sums of at most this
+many products)."""
+
+GRAM_ROW_MIN = GRAM_ROW // 16
+"""The narrowest block :func:`_row_blocks` cuts at a leaf's own trailing dimensions, unless it is the whole row."""
 
 
-def _row_blocks(rows: jax.Array) -> list[jax.Array]:
-    """rows [n, P] as blocks [n, k, c]: the whole rows of GRAM_ROW columns, then the remainder as one [n, 1, P % c]
-    block (each only when not empty)."""
-    n, size = rows.shape
+def _block_width(dims: tuple[int, ...]) -> int | None:
+    """The product of the most trailing ``dims`` that stays within GRAM_ROW_MAX, when it is at least GRAM_ROW_MIN or
+    all of ``dims``; else None."""
+    width, used = 1, 0
+    for size in reversed(dims):
+        if width * size > GRAM_ROW_MAX:
+            break
+        width, used = width * size, used + 1
+    return width if width >= GRAM_ROW_MIN or used == len(dims) else None
+
+
+def _row_blocks(leaf: jax.Array) -> list[jax.Array]:
+    """A leaf [n, ...] as blocks [n, k, c] for one reduction over c: c the product of its trailing dimensions
+    (:func:`_block_width`), else its rows [n, P] as whole rows of GRAM_ROW columns, then the remainder as one
+    [n, 1, P % GRAM_ROW] block (each only when not empty).
+
+    Cutting at the leaf's own dimensions keeps every element's place a per-row offset plus its column. The flat cut
+    of a layer-stacked leaf of the batched pullbacks (f32[3, 30, 1536, 576], in memory [30, 3, 1536, 576]) had
+    XLA:CPU find each element by dividing its index by the trailing dimensions: the peak's pass over it took 25 ms
+    against 7 ms cut at the 576 columns (isolated measurements; the Gram's pass 17 ms against 15 ms).
+    """
+    n = leaf.shape[0]
+    width = _block_width(leaf.shape[1:])
+    if width is not None:
+        return [leaf.reshape(n, -1, width)]
+    rows = leaf.reshape(n, -1)
+    size = rows.shape[1]
     whole = size - size % GRAM_ROW
     blocks = [rows[:, :whole].reshape(n, whole // GRAM_ROW, GRAM_ROW)] if whole else []
     return blocks + ([rows[:, whole:].reshape(n, 1, size - whole)] if whole < size else [])
@@ -175,16 +206,16 @@ def _pair_sums(blocks: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(partial) for partial in partials])
 
 
-def _fused_gram(rows: jax.Array) -> jax.Array:
-    """rows @ rows.T for rows [n, P] in one pass over the data: the pair sums of rows of GRAM_ROW columns, plus the
-    remainder's.
+def _fused_gram(leaf: jax.Array) -> jax.Array:
+    """rows @ rows.T for a leaf's rows [n, P] in one pass over the data: the pair sums of its blocks
+    (:func:`_row_blocks`).
 
     XLA:CPU reads a 3 x 26.5M leaf this way in 20 ms against the chunked matmuls' 146 ms, and reads the batched
     pullbacks' layer-stacked leaves ([L, n, ...] in memory) in place, where the matmuls needed an objective-major
     copy first (isolated measurements; benchmarks/RESULTS.md, full mode on SmolLM2).
     """
-    n = rows.shape[0]
-    sums = sum((_pair_sums(blocks) for blocks in _row_blocks(rows)), jnp.zeros((n * (n + 1) // 2,), jnp.float32))
+    n = leaf.shape[0]
+    sums = sum((_pair_sums(blocks) for blocks in _row_blocks(leaf)), jnp.zeros((n * (n + 1) // 2,), jnp.float32))
     upper = np.zeros((n, n), np.int32)
     upper[np.triu_indices(n)] = np.arange(n * (n + 1) // 2)
     return sums[np.maximum(upper, upper.T)]
@@ -199,7 +230,7 @@ def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> 
         rows = scaled.reshape(scaled.shape[0], -1)
         if rows.shape[1] < GRAM_LOOP_FROM:
             return _pair_dot(rows)
-        return _fused_gram(rows) if rows.shape[0] <= GRAM_FUSED_MAX_OBJECTIVES else _chunked_gram(rows)
+        return _fused_gram(scaled) if rows.shape[0] <= GRAM_FUSED_MAX_OBJECTIVES else _chunked_gram(rows)
     rest = tuple(range(1, scaled.ndim))
     return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 
@@ -232,15 +263,15 @@ def _block_peak(blocks: jax.Array) -> jax.Array:
 def _leaf_max_abs(leaf: jax.Array, flatten: bool) -> jax.Array:
     """max |g| over one leaf in fp32.
 
-    If `flatten`, over the leaf's [n, -1] rows in the blocks :func:`_fused_gram` reads (:func:`_block_peak`), which
-    reads the leaf in whatever layout it has. A plain ``max(abs(leaf))`` had XLA:CPU copy each layer-stacked leaf of
+    If `flatten`, over the blocks :func:`_fused_gram` reads (:func:`_row_blocks`, :func:`_block_peak`), which reads
+    the leaf in whatever layout it has. A plain ``max(abs(leaf))`` had XLA:CPU copy each layer-stacked leaf of
     the batched pullbacks to objective-major order first (a windowed-reduction tree or a library reduction, neither
     reading through a transpose). Otherwise one reduction over the whole leaf (a local one plus a scalar all-reduce
     when sharded).
     """
     if not flatten:
         return jnp.max(jnp.abs(leaf)).astype(jnp.float32)
-    return jnp.max(jnp.stack([_block_peak(blocks) for blocks in _row_blocks(leaf.reshape(leaf.shape[0], -1))]))
+    return jnp.max(jnp.stack([_block_peak(blocks) for blocks in _row_blocks(leaf)]))
 
 
 def _max_abs(updates: Any, flatten: bool | None = None) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -334,6 +335,45 @@ def test_fused_gram_keeps_its_digits_over_millions_of_columns():
     rows = np.random.default_rng(0).uniform(0.5, 1.5, size=(2, 1 << 22)).astype(np.float32)
     exact = rows.astype(np.float64) @ rows.astype(np.float64).T
     np.testing.assert_allclose(_fused_gram(jnp.asarray(rows)), exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dims", "width"),
+    [
+        ((30, 1536, 576), 576),  # a layer-stacked MLP weight: rows of its last dimension
+        ((30, 576, 3, 64), 192),  # two trailing dimensions, the third would pass GRAM_ROW_MAX
+        ((100, 7), 700),
+        ((7,), 7),  # the whole row, however short
+        ((3000, 7), None),  # 7 columns are too few, 21000 too many: the flat GRAM_ROW cut
+        ((5, 3000), None),  # the last dimension alone passes GRAM_ROW_MAX
+    ],
+)
+def test_blocks_are_cut_at_the_leafs_trailing_dimensions(dims, width):
+    """A leaf [n, ...] is read in blocks [n, k, c] with c its trailing dimensions' product (at least GRAM_ROW_MIN, at
+    most GRAM_ROW_MAX, or the whole row), else in GRAM_ROW columns of its flat rows plus the remainder; either way the
+    blocks hold the flat rows in order."""
+    from mojax.combiners._base import GRAM_ROW, _block_width, _row_blocks
+
+    assert _block_width(dims) == width
+    leaf = jnp.arange(2 * math.prod(dims), dtype=jnp.float32).reshape((2, *dims))
+    blocks = _row_blocks(leaf)
+    widths = [block.shape[2] for block in blocks]
+    assert widths == ([width] if width else [GRAM_ROW, math.prod(dims) % GRAM_ROW])
+    np.testing.assert_array_equal(jnp.concatenate([b.reshape(2, -1) for b in blocks], axis=1), leaf.reshape(2, -1))
+
+
+@pytest.mark.parametrize("dims", [(6, 40, 48), (5, 48, 3, 16), (2, 50, 1500), (700, 3)])
+def test_gram_and_peak_of_leaves_cut_at_their_dimensions(dims):
+    """The fused Gram and the flattened peak of multi-dimensional leaves (cut at their trailing dimensions, or flat)
+    equal the float64 Gram and the plain maximum."""
+    from mojax.combiners._base import _fused_gram, _max_abs
+
+    leaf = np.random.default_rng(len(dims)).normal(size=(3, *dims))
+    leaf.reshape(-1)[-5] = -60.0
+    rows = leaf.reshape(3, -1)
+    got = _fused_gram(jnp.asarray(leaf, jnp.float32))
+    np.testing.assert_allclose(got, rows @ rows.T, rtol=1e-5, atol=1e-6 * rows.shape[1])
+    assert float(_max_abs({"w": jnp.asarray(leaf, jnp.float32)}, flatten=True)) == 60.0
 
 
 def test_gram_and_combination_read_layer_stacked_leaves_in_place(monkeypatch):
