@@ -91,7 +91,7 @@ from mojax.rl.trainer import (
     probe_flags,
     response_fn,
 )
-from mojax.rl.update import all_finite, objective_cosines
+from mojax.rl.update import all_finite, objective_cosines, step_if_finite
 
 __all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
@@ -584,16 +584,15 @@ def make_dpo_step(
         )
         extras = {"losses": losses} if "losses" in spec.reads else {}
         combined, combiner_state = combiner.update(grads, state.combiner_state, state.params, **extras)
-        updates, opt_state = optimizer.update(combined, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         mask_logits, mask_metrics = (
             learned_mask_step(spec, batch, state.mask_logits, mask_grads) if spec.learned_mask else (None, {})
         )
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
+        params, opt_state = step_if_finite(finite, optimizer, combined, state.opt_state, state.params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = DPOState(
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             combiner_state=keep(combiner_state, state.combiner_state),
             consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
             skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),

@@ -336,11 +336,9 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(total, jnp.float32) for total in sums])))
 
 
-def critic_update(
-    critic: CriticFn, optimizer: optax.GradientTransformation, state: TrainState, minibatch: Batch, spec: UpdateSpec
-) -> tuple[Any, Any, jax.Array, Any]:
-    """(params, optimizer state, value loss, gradients) after one step of vf_coef * clipped value loss, summed over
-    the micro-batches and divided by the minibatch's token count (exact token mean)."""
+def critic_gradients(critic: CriticFn, state: TrainState, minibatch: Batch, spec: UpdateSpec) -> tuple[jax.Array, Any]:
+    """(value loss, gradients) of vf_coef * clipped value loss, summed over the micro-batches and divided by the
+    minibatch's token count (exact token mean)."""
     tokens = jnp.maximum(jnp.sum(minibatch.mask), 1.0)
 
     def loss(params, micro):
@@ -357,8 +355,24 @@ def critic_update(
     value, grads = _accumulate(
         lambda micro: jax.value_and_grad(loss)(state.critic_params, micro), _split(minibatch, spec.num_microbatches)
     )
-    updates, opt_state = optimizer.update(grads, state.critic_opt_state, state.critic_params)
-    return optax.apply_updates(state.critic_params, updates), opt_state, value / spec.vf_coef, grads
+    return value / spec.vf_coef, grads
+
+
+def step_if_finite(
+    finite: jax.Array, optimizer: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any
+) -> tuple[Any, Any]:
+    """(params, optimizer state) after one optimizer step if ``finite``, else the old ones: a ``lax.cond``.
+
+    Not a select of every stepped leaf against its old value: XLA:CPU then copied the optimizer's moments at every
+    call, since the step and the select both read them and the step writes their new values in place (an isolated
+    AdamW step on 55M donated parameters: 178 ms with the select, 70 ms with the conditional, 41 ms with no skip).
+    """
+
+    def step(_):
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state
+
+    return jax.lax.cond(finite, step, lambda _: (params, opt_state), None)
 
 
 def make_train_step(
@@ -486,24 +500,23 @@ def make_train_step(
             weights = combiner_state.weights
         grad_norm, grads_finite = (optax.tree.norm(grads), all_finite(grads)) if checked is None else checked
         grads = clip_to_norm(grads, grad_norm, spec.max_grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        critic_params, critic_opt_state, value_loss, critic_grads = state.critic_params, state.critic_opt_state, 0.0, ()
-        if critic is not None:
-            critic_params, critic_opt_state, value_loss, critic_grads = critic_update(
-                critic, critic_optimizer, state, minibatch, spec
-            )
+        value_loss, critic_grads = (0.0, ()) if critic is None else critic_gradients(critic, state, minibatch, spec)
         finite = all_finite(vector, weights, critic_grads) & grads_finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = step_if_finite(finite, optimizer, grads, state.opt_state, state.params)
+        critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
+        if critic is not None:
+            critic_params, critic_opt_state = step_if_finite(
+                finite, critic_optimizer, critic_grads, critic_opt_state, critic_params
+            )
         skipped = (~finite).astype(jnp.int32)
         new_state = TrainState(
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            combiner_state=keep(combiner_state, state.combiner_state),
+            params=params,
+            opt_state=opt_state,
+            combiner_state=jax.tree.map(lambda a, b: jnp.where(finite, a, b), combiner_state, state.combiner_state),
             consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
             skipped_updates=state.skipped_updates + skipped,
-            critic_params=keep(critic_params, state.critic_params),
-            critic_opt_state=keep(critic_opt_state, state.critic_opt_state),
+            critic_params=critic_params,
+            critic_opt_state=critic_opt_state,
         )
         metrics = {
             **metrics,

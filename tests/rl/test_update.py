@@ -4,6 +4,7 @@ and the same result on 8 simulated devices (FSDP) as on one."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +290,41 @@ def test_the_update_clips_the_combined_gradient_to_max_grad_norm(mode):
     assert trainer(*mode, clip).update_spec.max_grad_norm == norm / 2
     assert trainer(*mode, clip, "lora.rank=2").update_spec.max_grad_norm is None  # the adapters' optimizer clips
     assert_trees_close(step(clip), [leaf / 2 for leaf in unclipped], atol=1e-6)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_step_if_finite_steps_or_keeps_the_old_state_to_the_bit(finite):
+    """One AdamW step when the flag is set, the old parameters and moments bit for bit when it is not."""
+    import optax
+
+    from mojax.rl.update import step_if_finite
+
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,))}
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(lambda leaf: 0.5 - leaf, params)
+    got_params, got_state = jax.jit(step_if_finite, static_argnums=1)(
+        jnp.asarray(finite), optimizer, grads, opt_state, params
+    )
+    updates, stepped_state = optimizer.update(grads, opt_state, params)
+    want_params, want_state = (optax.apply_updates(params, updates), stepped_state) if finite else (params, opt_state)
+    jax.tree.map(np.testing.assert_array_equal, (got_params, got_state), (want_params, want_state))
+
+
+def test_step_if_finite_updates_donated_moments_in_place_without_copies():
+    """The donated parameters and AdamW moments are stepped where they lie: the compiled step copies none of them (a
+    select of every stepped leaf against its old value made XLA:CPU copy both moments first)."""
+    import optax
+
+    from mojax.rl.update import all_finite, step_if_finite
+
+    optimizer = optax.adamw(1e-2)
+    params = {"w": jnp.ones((64, 96)), "v": jnp.ones((96, 32))}
+    grads = jax.tree.map(lambda leaf: 0.1 * leaf, params)
+
+    def step(params, opt_state, grads):
+        return step_if_finite(all_finite(grads), optimizer, grads, opt_state, params)
+
+    program = jax.jit(step, donate_argnums=(0, 1)).lower(params, optimizer.init(params), grads).compile().as_text()
+    entry = program[program.index("\nENTRY") :]
+    assert not re.findall(r"= f32\[[\d,]+\]\S* copy\(", entry)
