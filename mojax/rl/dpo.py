@@ -588,7 +588,8 @@ def make_dpo_step(
             learned_mask_step(spec, batch, state.mask_logits, mask_grads) if spec.learned_mask else (None, {})
         )
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
-        params, opt_state = step_if_finite(finite, optimizer, combined, state.opt_state, state.params)
+        # the select: like the RL step's full mode, the gradient is a combiner's combination (conditional unmeasured)
+        params, opt_state = step_if_finite(finite, optimizer, combined, state.opt_state, state.params, branch=False)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = DPOState(
             params=params,

@@ -359,20 +359,31 @@ def critic_gradients(critic: CriticFn, state: TrainState, minibatch: Batch, spec
 
 
 def step_if_finite(
-    finite: jax.Array, optimizer: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any
+    finite: jax.Array,
+    optimizer: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    *,
+    branch: bool = True,
 ) -> tuple[Any, Any]:
-    """(params, optimizer state) after one optimizer step if ``finite``, else the old ones: a ``lax.cond``.
+    """(params, optimizer state) after one optimizer step if ``finite``, else the old ones: a ``lax.cond``, or with
+    ``branch=False`` a select of every stepped leaf against its old value.
 
-    Not a select of every stepped leaf against its old value: XLA:CPU then copied the optimizer's moments at every
-    call, since the step and the select both read them and the step writes their new values in place (an isolated
-    AdamW step on 55M donated parameters: 178 ms with the select, 70 ms with the conditional, 41 ms with no skip).
+    The select made XLA:CPU copy the optimizer's moments at every call, since the step and the select both read them
+    and the step writes their new values in place (an isolated AdamW step on 55M donated parameters: 178 ms with the
+    select, 70 ms with the conditional, 41 ms with no skip); the conditional steps them where they lie. The RL step
+    branches in scalar and probe mode only: in full mode, whose gradient is the combination of the batched
+    pullbacks, the conditional measured slower than the select (see benchmarks/RESULTS.md, cause not established).
     """
 
     def step(_):
         updates, new_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state
 
-    return jax.lax.cond(finite, step, lambda _: (params, opt_state), None)
+    if branch:
+        return jax.lax.cond(finite, step, lambda _: (params, opt_state), None)
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), step(None), (params, opt_state))
 
 
 def make_train_step(
@@ -502,7 +513,9 @@ def make_train_step(
         grads = clip_to_norm(grads, grad_norm, spec.max_grad_norm)
         value_loss, critic_grads = (0.0, ()) if critic is None else critic_gradients(critic, state, minibatch, spec)
         finite = all_finite(vector, weights, critic_grads) & grads_finite
-        params, opt_state = step_if_finite(finite, optimizer, grads, state.opt_state, state.params)
+        params, opt_state = step_if_finite(
+            finite, optimizer, grads, state.opt_state, state.params, branch=spec.mode != "full"
+        )
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic is not None:
             critic_params, critic_opt_state = step_if_finite(

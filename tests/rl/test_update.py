@@ -292,9 +292,11 @@ def test_the_update_clips_the_combined_gradient_to_max_grad_norm(mode):
     assert_trees_close(step(clip), [leaf / 2 for leaf in unclipped], atol=1e-6)
 
 
+@pytest.mark.parametrize("branch", [True, False])
 @pytest.mark.parametrize("finite", [True, False])
-def test_step_if_finite_steps_or_keeps_the_old_state_to_the_bit(finite):
-    """One AdamW step when the flag is set, the old parameters and moments bit for bit when it is not."""
+def test_step_if_finite_steps_or_keeps_the_old_state_to_the_bit(finite, branch):
+    """One AdamW step when the flag is set, the old parameters and moments bit for bit when it is not; through the
+    conditional or the select."""
     import optax
 
     from mojax.rl.update import step_if_finite
@@ -303,7 +305,7 @@ def test_step_if_finite_steps_or_keeps_the_old_state_to_the_bit(finite):
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,))}
     opt_state = optimizer.init(params)
     grads = jax.tree.map(lambda leaf: 0.5 - leaf, params)
-    got_params, got_state = jax.jit(step_if_finite, static_argnums=1)(
+    got_params, got_state = jax.jit(functools.partial(step_if_finite, branch=branch), static_argnums=1)(
         jnp.asarray(finite), optimizer, grads, opt_state, params
     )
     updates, stepped_state = optimizer.update(grads, opt_state, params)

@@ -173,11 +173,11 @@ def _step_hlo(kl_in_loss: bool) -> str:
 
 def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_conditional():
     """The skip is decided when the step is traced: no (n + 1)-th backward pass, and no conditional (whose skipping
-    branch would materialise a zero gradient tree to add) beyond the optimizer step's (:func:`step_if_finite`)."""
+    branch would materialise a zero gradient tree to add)."""
     skipped, with_kl = _step_hlo(kl_in_loss=False), _step_hlo(kl_in_loss=True)
     dots = lambda text: len(re.findall(r" dot\(", text))  # noqa: E731
     assert dots(skipped) < dots(with_kl)
-    assert skipped.count(" conditional(") == 1
+    assert " conditional(" not in skipped
 
 
 def _stacked_gradients(peak: float = 1e30) -> dict:
