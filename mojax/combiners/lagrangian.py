@@ -9,7 +9,7 @@ Each constraint has a multiplier lambda_k = exp(log_lambda_k), updated by gradie
 
     J_k           = mean of the objective's scores over the last `cost_window_size` samples (NaN = not applicable)
     log_lambda_k += lambda_lr * (d_k - J_k) * lambda_k          after `lambda_update_delay_steps` updates
-    log_lambda_k <= log(lambda_max)                              when lambda_max is set
+    log_lambda_k <= log(lambda_max), and always <= LOG_LAMBDA_LIMIT
 
 and the update weights are Safe RLHF's normalised advantage mix A = (A_r + sum_k lambda_k A_k) / (1 + sum_k lambda_k):
 
@@ -17,7 +17,9 @@ and the update weights are Safe RLHF's normalised advantage mix A = (A_r + sum_k
 
 As in Safe RLHF the multipliers are updated first, from this batch's scores, and then applied. The multiplier grows
 while a constraint is violated and decays towards 0 once it holds, so from a start that already satisfies every
-constraint it collapses and the constrained objectives stop receiving weight.
+constraint it collapses and the constrained objectives stop receiving weight. Under a constraint that stays violated
+the rule d log lambda = lr (d - J) lambda reaches infinity in finite time; the multiplier stops at e^LOG_LAMBDA_LIMIT,
+where the weights are still finite (the constrained objectives' near 1).
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def _windowed_means(window: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(count > 0, jnp.sum(window * valid, axis=0) / jnp.maximum(count, 1.0), 0.0)
 
 
+LOG_LAMBDA_LIMIT = 80.0
+"""The largest log multiplier, lambda_max or not: e^80 ~ 5.5e34 leaves 1 + sum lambda finite in fp32 for up to 6000
+constraints. Without it an unbounded multiplier overflowed to inf after a stretch of violations (experiment 03,
+lambda_lr 0.5), its weights became inf / inf = NaN, and the trainer skipped every later update."""
+
+
 def lagrangian_weights(log_lambda: jax.Array, constrained: jax.Array, base: jax.Array) -> jax.Array:
     """w = (base on unconstrained, lambda on constrained) / (1 + sum lambda), f32[n]."""
     multipliers = jnp.where(constrained, jnp.exp(log_lambda), 0.0)
@@ -98,7 +106,7 @@ def lagrangian(
       reward_weights: base weights of the unconstrained objectives (scalar or f32[n]).
       lambda_init: initial multiplier (Safe RLHF: 1.0).
       lambda_lr: step size on log lambda (Safe RLHF: 0.1).
-      lambda_max: cap on every multiplier, or None.
+      lambda_max: cap on every multiplier, or None (then e^LOG_LAMBDA_LIMIT, which also caps a larger lambda_max).
       lambda_update_delay_steps: number of updates before the multipliers start to move.
       cost_window_size: number of most recent samples whose mean is J_k (Safe RLHF: 128).
 
@@ -127,7 +135,9 @@ def lagrangian(
     base = as_vector(name, "reward_weights", reward_weights, n)
     checks.positive(name, "lambda_init", lambda_init, "the initial multiplier")
     checks.nonnegative(name, "lambda_lr", lambda_lr, "the step size on log lambda")
-    log_cap = np.inf if lambda_max is None else np.log(checks.positive(name, "lambda_max", lambda_max))
+    log_cap = LOG_LAMBDA_LIMIT
+    if lambda_max is not None:
+        log_cap = min(log_cap, float(np.log(checks.positive(name, "lambda_max", lambda_max))))
     delay = checks.integer(name, "lambda_update_delay_steps", lambda_update_delay_steps, minimum=0)
     size = checks.integer(name, "cost_window_size", cost_window_size, minimum=1)
 
