@@ -6,7 +6,8 @@ network, such as the accelerator of ``benchmarks/gpu.sh``): ``--set model.path=F
 30 layers, 9/3 heads, MLP 1536, tied embeddings). The tokenizer is the tiny task's character tokenizer
 (``mojax.rl.tiny.character_tokenizer``: ``<pad>``, ``<bos>``, ``<eos>``, then one token per character) with the rest
 of the 49152 ids filled by placeholder tokens ``<t34>`` ... that encoding never produces, so the tiny task's prompts
-and rewards work unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs mean anything.
+and rewards work unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs
+mean anything.
 
     python benchmarks/smollm2_shaped.py /tmp/smollm2_shaped
     python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda --set model.path=/tmp/smollm2_shaped

@@ -91,7 +91,7 @@ from mojax.rl.trainer import (
     probe_flags,
     response_fn,
 )
-from mojax.rl.update import all_finite, objective_cosines, step_if_finite
+from mojax.rl.update import all_finite, keep_if, objective_cosines, step_if_finite
 
 __all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
@@ -590,7 +590,7 @@ def make_dpo_step(
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
         # the select: like the RL step's full mode, the gradient is a combiner's combination (conditional unmeasured)
         params, opt_state = step_if_finite(finite, optimizer, combined, state.opt_state, state.params, branch=False)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        keep = functools.partial(keep_if, finite)
         new_state = DPOState(
             params=params,
             opt_state=opt_state,

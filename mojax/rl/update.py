@@ -358,6 +358,11 @@ def critic_gradients(critic: CriticFn, state: TrainState, minibatch: Batch, spec
     return value / spec.vf_coef, grads
 
 
+def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite`` (bool[]), else ``old``: a select of every leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
 def step_if_finite(
     finite: jax.Array,
     optimizer: optax.GradientTransformation,
@@ -383,7 +388,7 @@ def step_if_finite(
 
     if branch:
         return jax.lax.cond(finite, step, lambda _: (params, opt_state), None)
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), step(None), (params, opt_state))
+    return keep_if(finite, step(None), (params, opt_state))
 
 
 def make_train_step(
@@ -525,7 +530,7 @@ def make_train_step(
         new_state = TrainState(
             params=params,
             opt_state=opt_state,
-            combiner_state=jax.tree.map(lambda a, b: jnp.where(finite, a, b), combiner_state, state.combiner_state),
+            combiner_state=keep_if(finite, combiner_state, state.combiner_state),
             consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
             skipped_updates=state.skipped_updates + skipped,
             critic_params=critic_params,
