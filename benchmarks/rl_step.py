@@ -27,6 +27,7 @@ percent between minutes.
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda,upgrad \
         --set model.path=smollm2 [--set lora.rank=8]                                 # on SmolLM2-135M
+    python benchmarks/rl_step.py --n 8 --combiners linear,mgda --modes full          # full mode only (and the baseline)
 
 With ``--profile C`` every contender's ``C`` further calls are traced with ``jax.profiler`` after the timing, and the
 report adds each one's XLA operation time per call by kind and its largest operations
@@ -71,6 +72,7 @@ BOUND = "bound: fwd + n bwd"
 PEERS = "peers: n x (fwd + bwd)"
 TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
+ALL_MODES = ("scalar", "probe", "full")
 
 
 class Contender(NamedTuple):
@@ -152,8 +154,15 @@ def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], A
     return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers}
 
 
-def contenders(n: int, combiners: Sequence[str], workdir: str, extra: Sequence[str] = ()) -> list[Contender]:
-    """The baseline first, then every combiner x mode, then the two reference passes; all compiled and warm."""
+def contenders(
+    n: int,
+    combiners: Sequence[str],
+    workdir: str,
+    extra: Sequence[str] = (),
+    wanted_modes: Sequence[str] = ALL_MODES,
+) -> list[Contender]:
+    """The baseline first, then every combiner x mode (of `wanted_modes`), then the two reference passes; all
+    compiled and warm."""
     linear = trainer_for(n, "linear", "scalar", workdir, extra)
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
@@ -161,7 +170,7 @@ def contenders(n: int, combiners: Sequence[str], workdir: str, extra: Sequence[s
     found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0)]
     for name in combiners:
         for mode in modes(name):
-            if (name, mode) == ("linear", "scalar"):
+            if (name, mode) == ("linear", "scalar") or mode not in wanted_modes:
                 continue
             call = update_call(trainer_for(n, name, mode, workdir, extra), batch)
             found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call)))
@@ -363,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="2,3,5,8", help="comma-separated numbers of objectives")
     parser.add_argument("--combiners", default=",".join(REGISTRY), help="comma-separated registry names")
+    parser.add_argument(
+        "--modes", default="scalar,probe,full", help="comma-separated modes to time (the baseline always runs)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 calls per round, 1 round")
@@ -384,10 +396,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.n = [int(v) for v in args.n.split(",")]
     args.combiners = [c for c in args.combiners.split(",") if c]
-    unknown = [c for c in args.combiners if c not in REGISTRY]
-    if unknown or not all(1 < n <= len(LETTERS) for n in args.n) or args.profile < 0:
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [c for c in args.combiners if c not in REGISTRY] + [m for m in args.modes if m not in ALL_MODES]
+    if unknown or not args.modes or not all(1 < n <= len(LETTERS) for n in args.n) or args.profile < 0:
         parser.error(
-            f"--combiners must be in {sorted(REGISTRY)}, --n in 2..{len(LETTERS)} and --profile >= 0; got {args}"
+            f"--combiners must be in {sorted(REGISTRY)}, --modes in {ALL_MODES}, --n in 2..{len(LETTERS)} and "
+            f"--profile >= 0; got {args}"
         )
     if args.quick:
         args.repeats, args.rounds = 2, 1
@@ -403,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "rounds": args.rounds,
         "overrides": list(args.set),
+        "modes": list(args.modes),
         "rows": [],
         "profiles": [],
     }
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
     with tempfile.TemporaryDirectory() as workdir:
         for n in args.n:
-            entries = contenders(n, args.combiners, workdir, args.set)
+            entries = contenders(n, args.combiners, workdir, args.set, args.modes)
             rows = measure(n, entries, args.repeats, args.rounds)
             report["rows"] += rows
             if args.profile:

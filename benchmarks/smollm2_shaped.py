@@ -1,4 +1,4 @@
-"""A Hugging Face folder with SmolLM2-135M's architecture, random weights and the tiny task's characters.
+"""A Hugging Face folder with SmolLM2-135M's (or the 56M) architecture, random weights and the tiny task's characters.
 
 For timing the RL update at the real model's size where the real weights cannot be fetched (a machine with no
 network, such as the accelerator of ``benchmarks/gpu.sh``): ``--set model.path=FOLDER`` gives every trainer of
@@ -7,10 +7,12 @@ network, such as the accelerator of ``benchmarks/gpu.sh``): ``--set model.path=F
 (``mojax.rl.tiny.character_tokenizer``: ``<pad>``, ``<bos>``, ``<eos>``, then one token per character) with the rest
 of the 49152 ids filled by placeholder tokens ``<t34>`` ... that encoding never produces, so the tiny task's prompts
 and rewards work unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs
-mean anything.
+mean anything. ``--shapes 56m`` writes the 56M configuration of ``benchmarks/model.py`` instead (vocabulary 32000,
+d 512, 8 layers, 8/4 heads, MLP 1408, untied head): the RL update at the size between the tiny model and SmolLM2.
 
     python benchmarks/smollm2_shaped.py /tmp/smollm2_shaped
     python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda --set model.path=/tmp/smollm2_shaped
+    python benchmarks/smollm2_shaped.py /tmp/shaped_56m --shapes 56m
 """
 
 from __future__ import annotations
@@ -22,26 +24,54 @@ from pathlib import Path
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import FULL_SIZES  # noqa: E402
 from profile_step import smollm2_shapes  # noqa: E402
 
-from mojax.models import LlamaForCausalLM, save_pretrained  # noqa: E402
+from mojax.models import LlamaForCausalLM, ModelConfig, save_pretrained  # noqa: E402
 from mojax.rl.tiny import BOS_ID, EOS_ID, PAD_ID, character_tokenizer  # noqa: E402
 
+SHAPES = ("smollm2", "56m")
 
-def write_folder(path: Path, layers: int = 30, vocab: int = 49152, seed: int = 0) -> None:
+
+def shaped_config(shapes: str = "smollm2", layers: int | None = None, vocab: int | None = None) -> ModelConfig:
+    """The architecture `shapes` names (``"smollm2"`` or ``"56m"``), with `layers` decoder layers and `vocab` tokens
+    when given (smaller, for smoke runs) and the character tokenizer's special ids."""
+    if shapes == "smollm2":
+        config = smollm2_shapes(30)
+    elif shapes == "56m":
+        config = next(config for name, (config, _, _) in FULL_SIZES.items() if name.startswith("56M"))
+    else:
+        raise ValueError(f"shapes must be one of {SHAPES}; got {shapes!r}")
+    return config.replace(
+        num_hidden_layers=layers or config.num_hidden_layers,
+        vocab_size=vocab or config.vocab_size,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def write_folder(
+    path: Path, layers: int | None = None, vocab: int | None = None, seed: int = 0, shapes: str = "smollm2"
+) -> None:
     """Write the folder: ``config.json``, random fp32 ``model.safetensors`` and the padded tokenizer."""
-    config = smollm2_shapes(layers, vocab).replace(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    config = shaped_config(shapes, layers, vocab)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
-    save_pretrained(model, path, tokenizer=character_tokenizer(vocab))
+    save_pretrained(model, path, tokenizer=character_tokenizer(config.vocab_size))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the folder to write")
-    parser.add_argument("--layers", type=int, default=30, help="decoder layers (fewer for a smoke run)")
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (smaller for a smoke run)")
+    parser.add_argument("--shapes", choices=SHAPES, default="smollm2", help="the architecture")
+    parser.add_argument(
+        "--layers", type=int, help="decoder layers (default: the architecture's; fewer for a smoke run)"
+    )
+    parser.add_argument(
+        "--vocab", type=int, help="vocabulary size (default: the architecture's; smaller for a smoke run)"
+    )
     args = parser.parse_args(argv)
-    write_folder(args.out, args.layers, args.vocab)
+    write_folder(args.out, args.layers, args.vocab, shapes=args.shapes)
     print(f"wrote {args.out}")
 
 

@@ -32,6 +32,15 @@ def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
     assert "probe mode <= 1.15x linear at n = 3: not measured" in text
 
 
+def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path):
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear,mgda,pama", "--modes", "full", "--out", str(tmp_path)]
+    )
+    labels = [row["contender"] for row in report["rows"]]
+    assert labels == [rl_step.BASELINE, "mgda/full", rl_step.BOUND, rl_step.PEERS]
+    assert report["modes"] == ["full"]
+
+
 def test_modes_follow_the_registry(rl_step):
     assert rl_step.modes("mgda") == ("probe", "full")
     assert rl_step.modes("ctwa") == ("scalar",)
@@ -48,6 +57,10 @@ def test_bad_arguments_are_refused(rl_step):
         rl_step.parse_args(["--combiners", "no_such_combiner"])
     with pytest.raises(SystemExit):
         rl_step.parse_args(["--n", "1"])
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--modes", "fast"])
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--modes", ","])
 
 
 def test_profile_reports_every_contenders_operation_time_by_kind(rl_step, tmp_path):

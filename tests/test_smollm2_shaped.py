@@ -3,6 +3,7 @@ the tiny task's characters in a tokenizer as wide as the model's vocabulary."""
 
 from pathlib import Path
 
+import pytest
 from script_module import load_script
 
 from mojax.models import load_causal_lm, load_tokenizer
@@ -25,3 +26,20 @@ def test_the_folder_loads_with_smollm2s_architecture(tmp_path):
     tokenizer = load_tokenizer(str(tmp_path))
     assert tokenizer.decode(tokenizer("abc xyz")["input_ids"]) == "abc xyz"
     assert len(tokenizer) == 128
+
+
+def test_56m_shapes_are_the_model_benchmarks_56m_configuration(tmp_path):
+    _load().main([str(tmp_path), "--shapes", "56m", "--layers", "2", "--vocab", "128"])
+    config = load_causal_lm(str(tmp_path)).config
+    shape = (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+    assert shape == (512, 1408, 8, 4)
+    assert (config.num_hidden_layers, config.vocab_size, config.tie_word_embeddings) == (2, 128, False)
+    assert len(load_tokenizer(str(tmp_path))) == 128
+
+
+def test_default_sizes_are_the_architectures_own():
+    module = _load()
+    assert (module.shaped_config("56m").num_hidden_layers, module.shaped_config("56m").vocab_size) == (8, 32000)
+    assert (module.shaped_config().num_hidden_layers, module.shaped_config().vocab_size) == (30, 49152)
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        module.shaped_config("7b")
