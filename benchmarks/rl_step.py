@@ -12,7 +12,10 @@ is the fixed batch; every other contender runs on that same batch:
   sequential as the trainers' ``combiner.pullbacks``), with no combiner and no optimizer: the least a full-mode
   update can cost;
 * ``peers: n x (fwd + bwd)``: n separate jitted forward+backward passes, one per objective loss, as multi-objective
-  PPO code that calls ``loss_i.backward()`` per objective does (e.g. the MGDA baseline of the CTWA authors' code).
+  PPO code that calls ``loss_i.backward()`` per objective does (e.g. the MGDA baseline of the CTWA authors' code);
+* ``peers' MGDA step``: that peers' update whole: the n passes, then MGDA's weights on their Gram, the combination,
+  the clip and the trainer's optimizer (mojax's own MGDA and optimizer; the peers' solvers differ). MGDA's full mode
+  does the same work with one forward pass: the verdict gives how much faster it is.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn (rotating the order), ``--repeats`` times; a contender's ratio in a
@@ -37,6 +40,7 @@ report adds each one's XLA operation time per call by kind and its largest opera
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import os
 import platform
@@ -55,21 +59,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
-from mojax.combiners import REGISTRY  # noqa: E402
+from mojax.combiners import REGISTRY, make  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.rl.update import Batch, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
+from mojax.rl.update import Batch, clip_to_norm, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
 from mojax.testing import cpu_model, write_report  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
 BASELINE = "linear/scalar"
 BOUND = "bound: fwd + n bwd"
 PEERS = "peers: n x (fwd + bwd)"
+PEERS_STEP = "peers' MGDA step: n x (fwd + bwd), MGDA, optimizer"
 TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
@@ -128,9 +134,11 @@ def update_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
 
 
 def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], Any]]:
-    """The bound (one forward, n pullbacks) and the peers' n separate forward+backward passes, jitted.
+    """The bound (one forward, n pullbacks), the peers' n separate forward+backward passes, and the peers' whole
+    MGDA step (those passes, then MGDA's weights, the combination, the clip and the trainer's optimizer), jitted.
 
-    They use a copy of the trainer's initial parameters (its own are donated by every update).
+    The passes use a copy of the trainer's initial parameters (its own are donated by every update); the peers' step
+    steps its own copy and optimizer state, as an update does.
     """
     params = jax.tree.map(jnp.copy, trainer.state.params)
     spec, n = trainer.update_spec, trainer.update_spec.num_objectives
@@ -151,7 +159,26 @@ def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], A
     def peers():
         return [one_objective_grad(params, batch, jnp.int32(i)) for i in range(n)]
 
-    return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers}
+    mgda = make("mgda", n)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def mgda_and_optimizer(p, opt_state, mgda_state, grads):
+        stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+        combined, mgda_state = mgda.update(stacked, mgda_state, p)
+        combined = clip_to_norm(combined, optax.tree.norm(combined), spec.max_grad_norm)
+        updates, opt_state = trainer.optimizer.update(combined, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, mgda_state
+
+    step_params = jax.tree.map(jnp.copy, trainer.state.params)
+    peers_state = [step_params, trainer.optimizer.init(step_params), mgda.init(step_params)]
+
+    def peers_step():
+        p = peers_state[0]
+        grads = [one_objective_grad(p, batch, jnp.int32(i)) for i in range(n)]
+        peers_state[:] = mgda_and_optimizer(*peers_state, grads)
+        return peers_state
+
+    return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers, PEERS_STEP: peers_step}
 
 
 def contenders(
@@ -295,12 +322,21 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         return f"- {label}: {status}."
 
     scalar = [r for r in rows if r["mode"] == "scalar" and r["contender"] != BASELINE]
+    peers_step = {r["n"]: r["ratio_to_linear"] for r in rows if r["contender"] == PEERS_STEP}
+    against_peers = [
+        f"n = {r['n']}: {peers_step[r['n']] / r['ratio_to_linear']:.2f}x"
+        for r in rows
+        if r["contender"] == "mgda/full" and r["n"] in peers_step
+    ]
     probe = [r for r in rows if r["mode"] == "probe" and r["n"] == 3]
     full = [r for r in rows if r["mode"] == "full"]
     return [
         check(f"scalar mode <= {TARGETS['scalar']}x linear", scalar, "ratio_to_linear", TARGETS["scalar"]),
         check(f"probe mode <= {TARGETS['probe']}x linear at n = 3", probe, "ratio_to_linear", TARGETS["probe"]),
         check(f"full mode <= {FULL_TARGET}x (forward + n backward)", full, "ratio_to_bound", FULL_TARGET),
+        f"- MGDA's full mode against the peers' MGDA step (how much faster): {', '.join(against_peers)}."
+        if against_peers
+        else "- MGDA's full mode against the peers' MGDA step: not measured in this run.",
     ]
 
 

@@ -4,6 +4,9 @@ import json
 import math
 from pathlib import Path
 
+import chex
+import jax
+import numpy as np
 import pytest
 from script_module import load_script
 
@@ -20,7 +23,7 @@ def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
     written = json.loads((tmp_path / "rl_step.json").read_text())
     assert written["rows"] == json.loads(json.dumps(report["rows"]))
     labels = [row["contender"] for row in written["rows"]]
-    assert labels == [rl_step.BASELINE, "pama/scalar", rl_step.BOUND, rl_step.PEERS]
+    assert labels == [rl_step.BASELINE, "pama/scalar", rl_step.BOUND, rl_step.PEERS, rl_step.PEERS_STEP]
     assert all(row["n"] == 2 for row in written["rows"])
     baseline = written["rows"][0]
     assert baseline["ratio_to_linear"] == 1.0
@@ -30,6 +33,7 @@ def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
     text = (tmp_path / "rl_step.md").read_text()
     assert "| 2 | pama/scalar |" in text and "scalar mode <= 1.02x linear" in text
     assert "probe mode <= 1.15x linear at n = 3: not measured" in text
+    assert "against the peers' MGDA step: not measured" in text
 
 
 def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path):
@@ -37,8 +41,25 @@ def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path)
         ["--quick", "--n", "2", "--combiners", "linear,mgda,pama", "--modes", "full", "--out", str(tmp_path)]
     )
     labels = [row["contender"] for row in report["rows"]]
-    assert labels == [rl_step.BASELINE, "mgda/full", rl_step.BOUND, rl_step.PEERS]
+    assert labels == [rl_step.BASELINE, "mgda/full", rl_step.BOUND, rl_step.PEERS, rl_step.PEERS_STEP]
     assert report["modes"] == ["full"]
+    (line,) = [v for v in report["verdict"] if "peers' MGDA step" in v]
+    rows = {row["contender"]: row for row in report["rows"]}
+    faster = rows[rl_step.PEERS_STEP]["ratio_to_linear"] / rows["mgda/full"]["ratio_to_linear"]
+    assert f"n = 2: {faster:.2f}x" in line
+
+
+def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_path):
+    linear = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path))
+    batch = linear.prepare(1).batch
+    mgda = rl_step.trainer_for(2, "mgda", "full", str(tmp_path))
+    before = jax.tree.map(np.asarray, mgda.state.params)
+    params, _, mgda_state = rl_step.reference_passes(linear, batch)[rl_step.PEERS_STEP]()
+    mgda.update(batch, 1)
+    np.testing.assert_allclose(mgda_state.weights, mgda.state.combiner_state.weights, rtol=1e-5)
+    moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), before, mgda.state.params)))
+    assert moved > 1e-3  # the step moved the weights by about the learning rate
+    chex.assert_trees_all_close(params, mgda.state.params, atol=1e-5, rtol=0)
 
 
 def test_modes_follow_the_registry(rl_step):
