@@ -31,6 +31,7 @@ percent between minutes.
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda,upgrad \
         --set model.path=smollm2 [--set lora.rank=8]                                 # on SmolLM2-135M
     python benchmarks/rl_step.py --n 8 --combiners linear,mgda --modes full          # full mode only (and the baseline)
+    python benchmarks/rl_step.py ... --references peers         # the bound and the peers' passes, not their MGDA step
 
 With ``--profile C`` every contender's ``C`` further calls are traced with ``jax.profiler`` after the timing, and the
 report adds each one's XLA operation time per call by kind and its largest operations
@@ -79,6 +80,7 @@ PEERS_STEP = "peers' MGDA step: n x (fwd + bwd), MGDA, optimizer"
 TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
+REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP}  # --references names of the optional reference passes
 
 
 class Contender(NamedTuple):
@@ -133,12 +135,13 @@ def update_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
     return lambda: trainer.update(batch, 1)
 
 
-def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], Any]]:
-    """The bound (one forward, n pullbacks), the peers' n separate forward+backward passes, and the peers' whole
-    MGDA step (those passes, then MGDA's weights, the combination, the clip and the trainer's optimizer), jitted.
+def reference_passes(
+    trainer: Trainer, batch: Batch, wanted: Sequence[str] = (PEERS, PEERS_STEP)
+) -> dict[str, Callable[[], Any]]:
+    """The bound (one forward, n pullbacks) and those of the peers' references that are `wanted`: their n separate
+    forward+backward passes, and their whole MGDA step (:func:`peers_mgda_step`), jitted.
 
-    The passes use a copy of the trainer's initial parameters (its own are donated by every update); the peers' step
-    steps its own copy and optimizer state, as an update does.
+    The passes use a copy of the trainer's initial parameters (its own are donated by every update).
     """
     params = jax.tree.map(jnp.copy, trainer.state.params)
     spec, n = trainer.update_spec, trainer.update_spec.num_objectives
@@ -156,29 +159,38 @@ def reference_passes(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], A
     def one_objective_grad(p, b, index):
         return jax.grad(lambda q: vector_loss(q, b)[index])(p)
 
-    def peers():
-        return [one_objective_grad(params, batch, jnp.int32(i)) for i in range(n)]
+    calls = {BOUND: lambda: forward_n_backward(params, batch)}
+    if PEERS in wanted:
+        calls[PEERS] = lambda: [one_objective_grad(params, batch, jnp.int32(i)) for i in range(n)]
+    if PEERS_STEP in wanted:
+        calls[PEERS_STEP] = peers_mgda_step(
+            trainer, lambda p: [one_objective_grad(p, batch, jnp.int32(i)) for i in range(n)]
+        )
+    return calls
 
-    mgda = make("mgda", n)
+
+def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]) -> Callable[[], Any]:
+    """The peers' whole MGDA update: the n gradients of `separate_grads` (separate passes), then MGDA's weights,
+    the combination, the clip and the trainer's optimizer, on its own copy of the parameters and optimizer state
+    (stepped, as an update steps them); each call returns [params, optimizer state, MGDA state]."""
+    mgda = make("mgda", trainer.update_spec.num_objectives)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def mgda_and_optimizer(p, opt_state, mgda_state, grads):
         stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
         combined, mgda_state = mgda.update(stacked, mgda_state, p)
-        combined = clip_to_norm(combined, optax.tree.norm(combined), spec.max_grad_norm)
+        combined = clip_to_norm(combined, optax.tree.norm(combined), trainer.update_spec.max_grad_norm)
         updates, opt_state = trainer.optimizer.update(combined, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, mgda_state
 
-    step_params = jax.tree.map(jnp.copy, trainer.state.params)
-    peers_state = [step_params, trainer.optimizer.init(step_params), mgda.init(step_params)]
+    params = jax.tree.map(jnp.copy, trainer.state.params)
+    state = [params, trainer.optimizer.init(params), mgda.init(params)]
 
-    def peers_step():
-        p = peers_state[0]
-        grads = [one_objective_grad(p, batch, jnp.int32(i)) for i in range(n)]
-        peers_state[:] = mgda_and_optimizer(*peers_state, grads)
-        return peers_state
+    def step():
+        state[:] = mgda_and_optimizer(*state, separate_grads(state[0]))
+        return state
 
-    return {BOUND: lambda: forward_n_backward(params, batch), PEERS: peers, PEERS_STEP: peers_step}
+    return step
 
 
 def contenders(
@@ -187,13 +199,14 @@ def contenders(
     workdir: str,
     extra: Sequence[str] = (),
     wanted_modes: Sequence[str] = ALL_MODES,
+    references: Sequence[str] = (PEERS, PEERS_STEP),
 ) -> list[Contender]:
-    """The baseline first, then every combiner x mode (of `wanted_modes`), then the two reference passes; all
-    compiled and warm."""
+    """The baseline first, then every combiner x mode (of `wanted_modes`), then the bound and the peers' `references`;
+    all compiled and warm."""
     linear = trainer_for(n, "linear", "scalar", workdir, extra)
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
-    references = reference_passes(linear, batch)
+    passes = reference_passes(linear, batch, references)
     found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0)]
     for name in combiners:
         for mode in modes(name):
@@ -202,7 +215,7 @@ def contenders(
             call = update_call(trainer_for(n, name, mode, workdir, extra), batch)
             found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call)))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
-    found += [Contender(label, "", call, timed_first(call)) for label, call in references.items()]
+    found += [Contender(label, "", call, timed_first(call)) for label, call in passes.items()]
     return found
 
 
@@ -411,6 +424,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modes", default="scalar,probe,full", help="comma-separated modes to time (the baseline always runs)"
     )
+    parser.add_argument(
+        "--references",
+        default=",".join(REFERENCES),
+        help="comma-separated peers' references to time besides the bound: peers (their n passes), peers-step (their "
+        "whole MGDA step); fewer for less memory (n = 8 on SmolLM2)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 calls per round, 1 round")
@@ -433,10 +452,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.n = [int(v) for v in args.n.split(",")]
     args.combiners = [c for c in args.combiners.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
+    references = [r for r in args.references.split(",") if r]
     unknown = [c for c in args.combiners if c not in REGISTRY] + [m for m in args.modes if m not in ALL_MODES]
+    unknown += [r for r in references if r not in REFERENCES]
+    args.references = [REFERENCES[r] for r in references if r in REFERENCES]
     if unknown or not args.modes or not all(1 < n <= len(LETTERS) for n in args.n) or args.profile < 0:
         parser.error(
-            f"--combiners must be in {sorted(REGISTRY)}, --modes in {ALL_MODES}, --n in 2..{len(LETTERS)} and "
+            f"--combiners must be in {sorted(REGISTRY)}, --modes in {ALL_MODES}, --references in {list(REFERENCES)}, "
+            f"--n in 2..{len(LETTERS)} and "
             f"--profile >= 0; got {args}"
         )
     if args.quick:
@@ -454,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "overrides": list(args.set),
         "modes": list(args.modes),
+        "references": list(args.references),
         "rows": [],
         "profiles": [],
     }
@@ -461,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
     with tempfile.TemporaryDirectory() as workdir:
         for n in args.n:
-            entries = contenders(n, args.combiners, workdir, args.set, args.modes)
+            entries = contenders(n, args.combiners, workdir, args.set, args.modes, args.references)
             rows = measure(n, entries, args.repeats, args.rounds)
             report["rows"] += rows
             if args.profile:

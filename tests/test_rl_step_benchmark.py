@@ -49,6 +49,15 @@ def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path)
     assert f"n = 2: {faster:.2f}x" in line
 
 
+def test_references_option_leaves_the_others_out(rl_step, tmp_path):
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear", "--references", "peers-step", "--out", str(tmp_path)]
+    )
+    assert [row["contender"] for row in report["rows"]] == [rl_step.BASELINE, rl_step.BOUND, rl_step.PEERS_STEP]
+    report = rl_step.main(["--quick", "--n", "2", "--combiners", "linear", "--references", "", "--out", str(tmp_path)])
+    assert [row["contender"] for row in report["rows"]] == [rl_step.BASELINE, rl_step.BOUND]
+
+
 def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_path):
     linear = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path))
     batch = linear.prepare(1).batch
@@ -82,6 +91,8 @@ def test_bad_arguments_are_refused(rl_step):
         rl_step.parse_args(["--modes", "fast"])
     with pytest.raises(SystemExit):
         rl_step.parse_args(["--modes", ","])
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--references", "peers,theirs"])
 
 
 def test_profile_reports_every_contenders_operation_time_by_kind(rl_step, tmp_path):
