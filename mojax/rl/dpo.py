@@ -57,7 +57,7 @@ from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make
 from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics import shared_prefix_mask
-from mojax.models import adapters_only, lora_mask
+from mojax.models import adapters_only, differentiate_adapters_only, lora_mask
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import config as rl_config
 from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
@@ -730,6 +730,7 @@ class DPOTrainer(Run):
         self.optimizer, self.schedule = build_optimizer(config.optimizer)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
+            self.policy = differentiate_adapters_only(self.policy, params)
         preference = config.preference
         self.spec = StepSpec(
             loss_types=config.loss_types,

@@ -51,6 +51,7 @@ from mojax.models import (
     adapters_only,
     add_lora,
     default_probe_mask,
+    differentiate_adapters_only,
     merge_last_layer,
     merge_split,
     split_last_layer,
@@ -452,6 +453,7 @@ class Trainer(Run):
         self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
+            self.policy = differentiate_adapters_only(self.policy, params)
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
