@@ -57,7 +57,7 @@ from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make
 from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics import shared_prefix_mask
-from mojax.models import adapters_only, differentiate_adapters_only, lora_mask
+from mojax.models import adapters_only, lora_mask
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import config as rl_config
 from mojax.rl.dpo_config import DPOConfig, PairObjectiveSection, load_dpo_config
@@ -91,7 +91,7 @@ from mojax.rl.trainer import (
     probe_flags,
     response_fn,
 )
-from mojax.rl.update import all_finite, keep_if, objective_cosines, step_if_finite
+from mojax.rl.update import all_finite, keep_if, objective_cosines, step_if_finite, zeros_where_masked
 
 __all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
@@ -522,6 +522,7 @@ def make_dpo_step(
     spec: StepSpec,
     probe_mask: Any,
     reference_policy: Callable | None = None,
+    trainable_mask: Any | None = None,
 ) -> Callable[[DPOState, PairBatch, Any], tuple[DPOState, dict[str, jax.Array]]]:
     """The (unjitted) step ``(state, batch, reference_params or None) -> (state, metrics)``.
 
@@ -533,6 +534,9 @@ def make_dpo_step(
       probe_mask: a bool pytree like the parameters marking the probe set.
       reference_policy: a LoRA policy's base model (``response_fn(..., adapters=False)``): the reference log-probs
         are then its log-probs at the current parameters (adapters disabled) and ``reference_params`` is unused.
+      trainable_mask: a bool pytree like the parameters marking the trained ones (LoRA's adapters,
+        ``mojax.models.lora_mask``), or None (all): only they are differentiated, so the frozen weights cost no
+        weight-gradient products, and the combiner sees their gradients alone.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. With ``reference_params`` the batch's reference log-probs are
@@ -581,6 +585,7 @@ def make_dpo_step(
             state.bco_shift,
             reference_params,
             has_aux=True,
+            probe_mask=None if trainable_mask is None else (trainable_mask, True),
         )
         extras = {"losses": losses} if "losses" in spec.reads else {}
         combined, combiner_state = combiner.update(grads, state.combiner_state, state.params, **extras)
@@ -589,7 +594,8 @@ def make_dpo_step(
         )
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
         # the select: like the RL step's full mode, the gradient is a combiner's combination (conditional unmeasured)
-        params, opt_state = step_if_finite(finite, optimizer, combined, state.opt_state, state.params, branch=False)
+        step = zeros_where_masked(combined, state.params)  # the frozen leaves' zeros, which the optimizer ignores
+        params, opt_state = step_if_finite(finite, optimizer, step, state.opt_state, state.params, branch=False)
         keep = functools.partial(keep_if, finite)
         new_state = DPOState(
             params=params,
@@ -730,7 +736,6 @@ class DPOTrainer(Run):
         self.optimizer, self.schedule = build_optimizer(config.optimizer)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
-            self.policy = differentiate_adapters_only(self.policy, params)
         preference = config.preference
         self.spec = StepSpec(
             loss_types=config.loss_types,
@@ -758,7 +763,15 @@ class DPOTrainer(Run):
         # LoRA: the on-the-fly reference is the base model (adapters off) of the current parameters, no copy.
         base = response_fn(self.graphdef, self.rest, adapters=False) if on_the_fly and config.lora.rank else None
         self._step_fn = jax.jit(
-            make_dpo_step(self.policy, self.combiner, self.optimizer, self.spec, self.probe_mask, base),
+            make_dpo_step(
+                self.policy,
+                self.combiner,
+                self.optimizer,
+                self.spec,
+                self.probe_mask,
+                base,
+                lora_mask(params) if config.lora.rank else None,
+            ),
             donate_argnums=0,
         )
         self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))

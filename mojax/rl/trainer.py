@@ -52,6 +52,7 @@ from mojax.models import (
     add_lora,
     default_probe_mask,
     differentiate_adapters_only,
+    lora_mask,
     merge_last_layer,
     merge_split,
     split_last_layer,
@@ -477,6 +478,7 @@ class Trainer(Run):
                 critic,
                 critic_optimizer,
                 None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
+                jax.tree.leaves(lora_mask(params)) if config.lora.rank else None,
             ),
             donate_argnums=0,
         )

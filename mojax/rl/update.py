@@ -285,6 +285,14 @@ def _masked(tree: Any, flags: list[bool]) -> Any:
     )
 
 
+def zeros_where_masked(tree: Any, like: Any) -> Any:
+    """``tree`` with zeros shaped like ``like``'s leaf in place of every ``optax.MaskedNode()``."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree.map(
+        lambda leaf, full: jnp.zeros_like(full) if is_masked(leaf) else leaf, tree, like, is_leaf=is_masked
+    )
+
+
 def objective_cosines(stacked: Any) -> jax.Array:
     """The n x n cosine matrix of the objectives' gradients (rows of a stacked pytree)."""
     gram, _ = tree_gram(stacked)
@@ -400,6 +408,7 @@ def make_train_step(
     critic: CriticFn | None = None,
     critic_optimizer: optax.GradientTransformation | None = None,
     param_shardings: Any | None = None,
+    trainable_flags: list[bool] | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array, jax.Array, jax.Array | None], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) train step ``(state, batch, key, beta, weights) -> (state, metrics)`` for one rollout.
 
@@ -420,6 +429,9 @@ def make_train_step(
       param_shardings: the NamedSharding of every leaf of ``state.params`` when they live on a mesh (None
         otherwise): sequential pullbacks keep the per-objective gradients sharded like them
         (:func:`stacked_pullbacks`).
+      trainable_flags: one bool per parameter leaf, False for frozen weights (LoRA's base model, whose gradients
+        the policy stops: ``mojax.models.differentiate_adapters_only``). Their zero gradients are left out of
+        every norm, check and combiner (``optax.MaskedNode``), and the optimizer, which freezes them, gets zeros.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -427,6 +439,10 @@ def make_train_step(
     """
     n = spec.num_objectives
     eye = jnp.eye(n + 1, dtype=jnp.float32)
+
+    def trained(tree):
+        """``tree`` without the frozen leaves (MaskedNode in their place)."""
+        return tree if trainable_flags is None else _masked(tree, trainable_flags)
 
     def vector_loss(params, micro, divide, beta):
         return minibatch_losses(policy, params, micro, divide, beta, spec)
@@ -439,7 +455,7 @@ def make_train_step(
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             (grads,) = pullback(weighted(weights))
-            return grads, vector, metrics
+            return trained(grads), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
@@ -454,8 +470,8 @@ def make_train_step(
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
-            shared = None if skip_shared else pullback(eye[n])[0]
-            return (stacked, shared), vector, metrics
+            shared = None if skip_shared else trained(pullback(eye[n])[0])
+            return (trained(stacked), shared), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
@@ -464,7 +480,7 @@ def make_train_step(
         Gram with the combiner's: every combiner returns sum_i w_i g_i with w its state's ``weights``)."""
         (objectives, shared), vector, metrics = per_objective(params, micro_batches, divide, beta)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-        combined, combiner_state = combiner.update(objectives, combiner_state, params, **extras)
+        combined, combiner_state = combiner.update(objectives, combiner_state, trained(params), **extras)
         gram, scale = tree_gram(objectives)
         cosines, _ = cosine_gram(gram)
         if shared is not None:
@@ -493,7 +509,7 @@ def make_train_step(
         if spec.num_microbatches == 1:
             (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
             weights, new_state = weights_of(probe, vector)
-            (grads,) = pullback(weighted(weights))
+            grads = trained(pullback(weighted(weights))[0])
         else:
             probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
             weights, new_state = weights_of(probe, vector)
@@ -519,7 +535,12 @@ def make_train_step(
         value_loss, critic_grads = (0.0, ()) if critic is None else critic_gradients(critic, state, minibatch, spec)
         finite = all_finite(vector, weights, critic_grads) & grads_finite
         params, opt_state = step_if_finite(
-            finite, optimizer, grads, state.opt_state, state.params, branch=spec.mode != "full"
+            finite,
+            optimizer,
+            zeros_where_masked(grads, state.params),
+            state.opt_state,
+            state.params,
+            branch=spec.mode != "full",
         )
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic is not None:

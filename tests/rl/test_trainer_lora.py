@@ -7,13 +7,17 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from test_trainer import small_config
 
+from mojax.combiners import per_objective_grads
+from mojax.models import lora_mask
 from mojax.rl.logging import read_metrics
-from mojax.rl.trainer import Trainer
+from mojax.rl.trainer import Trainer, response_fn
+from mojax.rl.update import denominators, minibatch_losses, objective_cosines
 
 LORA = [
     "lora.rank=4",
@@ -94,3 +98,23 @@ def test_the_split_state_samples_in_place_what_its_merged_copy_samples(root):
     got, want = (generate(model, ids, mask, jax.random.key(1), trainer.sampling) for model in (in_place, merged))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.model_logprobs, want.model_logprobs, atol=1e-5)
+
+
+def test_full_mode_combines_the_adapters_gradients_alone(tmp_path):
+    """The frozen weights' gradients are neither computed nor seen by the combiner: the update's objective cosines
+    (from the Gram its combiner reads) are those of the adapters' per-objective gradients, not of the whole model's."""
+    trainer = Trainer(small_config(tmp_path, *LORA, "combiner.mode=full"))
+    batch = trainer.prepare(1).batch
+    spec, n = trainer.update_spec, trainer.update_spec.num_objectives
+    params = jax.tree.map(jnp.copy, trainer.state.params)
+    unstopped = response_fn(trainer.graphdef, trainer.rest, split=trainer.split)
+
+    def losses(p):
+        beta = jnp.float32(trainer.kl_coef)
+        return minibatch_losses(unstopped, p, batch, denominators(batch.mask, spec), beta, spec)[0][:n]
+
+    adapters_only = np.asarray(objective_cosines(per_objective_grads(losses, params, probe_mask=lora_mask(params))[1]))
+    whole_model = np.asarray(objective_cosines(per_objective_grads(losses, params)[1]))
+    assert np.abs(adapters_only - whole_model).max() > 0.01  # the two Grams differ (by 0.02 here)
+    cosines = np.asarray(trainer.update(batch, 1)["cosines"])
+    np.testing.assert_allclose(cosines, adapters_only, atol=1e-4)
