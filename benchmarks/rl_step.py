@@ -67,9 +67,18 @@ from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY, make  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
+from mojax.models import lora_mask  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.rl.update import Batch, clip_to_norm, denominators, minibatch_losses, stacked_pullbacks  # noqa: E402
+from mojax.rl.update import (  # noqa: E402
+    Batch,
+    clip_to_norm,
+    denominators,
+    masked_nodes,
+    minibatch_losses,
+    stacked_pullbacks,
+    zeros_where_masked,
+)
 from mojax.testing import cpu_model, write_report  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
@@ -141,11 +150,14 @@ def reference_passes(
     """The bound (one forward, n pullbacks) and those of the peers' references that are `wanted`: their n separate
     forward+backward passes, and their whole MGDA step (:func:`peers_mgda_step`), jitted.
 
-    The passes use a copy of the trainer's initial parameters (its own are donated by every update).
+    The passes use a copy of the trainer's initial parameters (its own are donated by every update). With LoRA they
+    return the adapters' gradients only, as the trainer differentiates them (PEFT's peers: ``requires_grad`` off on the
+    frozen weights).
     """
     params = jax.tree.map(jnp.copy, trainer.state.params)
     spec, n = trainer.update_spec, trainer.update_spec.num_objectives
     beta = jnp.float32(trainer.kl_coef)
+    trained = trained_only(trainer)
 
     def vector_loss(p, b):
         return minibatch_losses(trainer.policy, p, b, denominators(b.mask, spec), beta, spec)[0]
@@ -153,11 +165,11 @@ def reference_passes(
     @jax.jit
     def forward_n_backward(p, b):
         _, pullback = jax.vjp(lambda q: vector_loss(q, b), p)
-        return stacked_pullbacks(pullback, jnp.eye(n + 1, dtype=jnp.float32)[:n], spec.sequential_pullbacks)
+        return trained(stacked_pullbacks(pullback, jnp.eye(n + 1, dtype=jnp.float32)[:n], spec.sequential_pullbacks))
 
     @jax.jit
     def one_objective_grad(p, b, index):
-        return jax.grad(lambda q: vector_loss(q, b)[index])(p)
+        return trained(jax.grad(lambda q: vector_loss(q, b)[index])(p))
 
     calls = {BOUND: lambda: forward_n_backward(params, batch)}
     if PEERS in wanted:
@@ -167,6 +179,14 @@ def reference_passes(
             trainer, lambda p: [one_objective_grad(p, batch, jnp.int32(i)) for i in range(n)]
         )
     return calls
+
+
+def trained_only(trainer: Trainer) -> Callable[[Any], Any]:
+    """A parameter-shaped tree without its frozen leaves (``optax.MaskedNode()`` there) for a LoRA trainer, else as is."""
+    if not trainer.config.lora.rank:
+        return lambda tree: tree
+    flags = jax.tree.leaves(lora_mask(trainer.state.params))
+    return lambda tree: masked_nodes(tree, flags)
 
 
 def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]) -> Callable[[], Any]:
@@ -180,7 +200,7 @@ def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]
         stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
         combined, mgda_state = mgda.update(stacked, mgda_state, p)
         combined = clip_to_norm(combined, optax.tree.norm(combined), trainer.update_spec.max_grad_norm)
-        updates, opt_state = trainer.optimizer.update(combined, opt_state, p)
+        updates, opt_state = trainer.optimizer.update(zeros_where_masked(combined, p), opt_state, p)
         return optax.apply_updates(p, updates), opt_state, mgda_state
 
     params = jax.tree.map(jnp.copy, trainer.state.params)

@@ -58,10 +58,11 @@ def test_references_option_leaves_the_others_out(rl_step, tmp_path):
     assert [row["contender"] for row in report["rows"]] == [rl_step.BASELINE, rl_step.BOUND]
 
 
-def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_path):
-    linear = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path))
+@pytest.mark.parametrize("extra", [[], ["lora.rank=4"]], ids=["full fine-tuning", "lora"])
+def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_path, extra):
+    linear = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path), extra)
     batch = linear.prepare(1).batch
-    mgda = rl_step.trainer_for(2, "mgda", "full", str(tmp_path))
+    mgda = rl_step.trainer_for(2, "mgda", "full", str(tmp_path), extra)
     before = jax.tree.map(np.asarray, mgda.state.params)
     params, _, mgda_state = rl_step.reference_passes(linear, batch)[rl_step.PEERS_STEP]()
     mgda.update(batch, 1)

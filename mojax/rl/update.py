@@ -277,7 +277,7 @@ def _sharded_like(grads: Any, param_shardings: Any | None) -> Any:
     return jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
 
 
-def _masked(tree: Any, flags: list[bool]) -> Any:
+def masked_nodes(tree: Any, flags: list[bool]) -> Any:
     """tree with optax.MaskedNode() in place of every leaf whose flag is False."""
     leaves, treedef = jax.tree.flatten(tree)
     return jax.tree.unflatten(
@@ -442,7 +442,7 @@ def make_train_step(
 
     def trained(tree):
         """``tree`` without the frozen leaves (MaskedNode in their place)."""
-        return tree if trainable_flags is None else _masked(tree, trainable_flags)
+        return tree if trainable_flags is None else masked_nodes(tree, trainable_flags)
 
     def vector_loss(params, micro, divide, beta):
         return minibatch_losses(policy, params, micro, divide, beta, spec)
@@ -499,11 +499,11 @@ def make_train_step(
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
-            return (_masked(stacked, probe_flags), vector, metrics), pullback
+            return (masked_nodes(stacked, probe_flags), vector, metrics), pullback
 
         def weights_of(probe, vector):
             extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-            _, new_state = combiner.update(probe, combiner_state, _masked(params, probe_flags), **extras)
+            _, new_state = combiner.update(probe, combiner_state, masked_nodes(params, probe_flags), **extras)
             return jax.lax.stop_gradient(new_state.weights), new_state
 
         if spec.num_microbatches == 1:
