@@ -13,9 +13,10 @@ is the fixed batch; every other contender runs on that same batch:
   update can cost;
 * ``peers: n x (fwd + bwd)``: n separate jitted forward+backward passes, one per objective loss, as multi-objective
   PPO code that calls ``loss_i.backward()`` per objective does (e.g. the MGDA baseline of the CTWA authors' code);
-* ``peers' MGDA step``: that peers' update whole: the n passes, then MGDA's weights on their Gram, the combination,
+* ``peers' MGDA step``: those peers' whole update: the n passes, then MGDA's weights on their Gram, the combination,
   the clip and the trainer's optimizer (mojax's own MGDA and optimizer; the peers' solvers differ). MGDA's full mode
-  does the same work with one forward pass: the verdict gives how much faster it is.
+  does the same work with one forward pass: the verdict gives how much faster it is. With LoRA every reference
+  differentiates the adapters only, as the trainers do.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn (rotating the order), ``--repeats`` times; a contender's ratio in a
@@ -479,8 +480,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.modes or not all(1 < n <= len(LETTERS) for n in args.n) or args.profile < 0:
         parser.error(
             f"--combiners must be in {sorted(REGISTRY)}, --modes in {ALL_MODES}, --references in {list(REFERENCES)}, "
-            f"--n in 2..{len(LETTERS)} and "
-            f"--profile >= 0; got {args}"
+            f"--n in 2..{len(LETTERS)} and --profile >= 0; got {args}"
         )
     if args.quick:
         args.repeats, args.rounds = 2, 1
