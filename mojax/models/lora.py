@@ -15,9 +15,8 @@ kernel's, with ``None`` for the rank. The scaling alpha / r and the dropout rate
 (``model.model.layers.lora``).
 
 * Reference policy: the same model called with ``adapters=False`` (no copy of the weights).
-* Training the adapters alone: :func:`adapters_only` (``tx`` behind the :func:`lora_mask`) with
-  :func:`differentiate_adapters_only` (no gradient computed for the frozen weights), or split the model with
-  ``nnx.LoRAParam`` and differentiate the adapter state only.
+* Training the adapters alone: :func:`adapters_only` (``tx`` behind the :func:`lora_mask`), or split
+  the model with ``nnx.LoRAParam`` and differentiate the adapter state only.
 * Probe mode: :func:`mojax.models.llama.default_probe_mask` selects the final block's adapters when present.
 * Export: :func:`merge_lora` folds them into the kernels; ``mojax.models.hf.save_pretrained``
   writes a merged HF folder (the model itself is left unmerged).
@@ -31,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -194,34 +192,6 @@ def adapters_only(tx: optax.GradientTransformation, state: Any) -> optax.Gradien
     """
     frozen = jax.tree.map(lambda trainable: not trainable, lora_mask(state))
     return optax.transforms.selective_transform(tx, freeze_mask=frozen)
-
-
-def differentiate_adapters_only(fn: Callable[..., Any], state: Any) -> Callable[..., Any]:
-    """``fn(params, *args)`` with ``jax.lax.stop_gradient`` on every leaf of ``params`` that is not an adapter.
-
-    The frozen weights' gradients are then symbolic zeros: a backward pass computes the adapters' gradients and the
-    activations' gradients they need, and none of the weight-gradient products of the frozen projections, LM head
-    and embedding (about a third of a full backward's matmuls), which :func:`adapters_only` would discard anyway.
-    Values, and the adapters' gradients, are unchanged.
-
-    Args:
-      fn: a function of a parameter state shaped like ``state`` first (e.g. a policy's log-probabilities).
-      state: the parameter state ``fn`` will get (its structure; :func:`lora_mask` picks the adapters).
-
-    Returns:
-      The wrapped function.
-    """
-    trainable = jax.tree.leaves(lora_mask(state))
-
-    def adapters_differentiated(params: Any, *args: Any, **kwargs: Any) -> Any:
-        leaves, treedef = jax.tree.flatten(params)
-        kept = [
-            leaf if is_adapter else jax.lax.stop_gradient(leaf)
-            for leaf, is_adapter in zip(leaves, trainable, strict=True)
-        ]
-        return fn(jax.tree.unflatten(treedef, kept), *args, **kwargs)
-
-    return adapters_differentiated
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

@@ -51,7 +51,6 @@ from mojax.models import (
     adapters_only,
     add_lora,
     default_probe_mask,
-    differentiate_adapters_only,
     lora_mask,
     merge_last_layer,
     merge_split,
@@ -454,7 +453,6 @@ class Trainer(Run):
         self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
-            self.policy = differentiate_adapters_only(self.policy, params)
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(

@@ -429,9 +429,10 @@ def make_train_step(
       param_shardings: the NamedSharding of every leaf of ``state.params`` when they live on a mesh (None
         otherwise): sequential pullbacks keep the per-objective gradients sharded like them
         (:func:`stacked_pullbacks`).
-      trainable_flags: one bool per parameter leaf, False for frozen weights (LoRA's base model, whose gradients
-        the policy stops: ``mojax.models.differentiate_adapters_only``). Their zero gradients are left out of
-        every norm, check and combiner (``optax.MaskedNode``), and the optimizer, which freezes them, gets zeros.
+      trainable_flags: one bool per parameter leaf, False for frozen weights (LoRA's base model). Their gradients
+        are dropped right after each pullback (``optax.MaskedNode``), so no norm, check or combiner reads them and
+        XLA never computes them (no weight-gradient products of the frozen projections, head and embedding); the
+        optimizer, which freezes them, gets zeros.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step

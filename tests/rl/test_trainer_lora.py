@@ -17,7 +17,7 @@ from mojax.combiners import per_objective_grads
 from mojax.models import lora_mask
 from mojax.rl.logging import read_metrics
 from mojax.rl.trainer import Trainer, response_fn
-from mojax.rl.update import denominators, minibatch_losses, objective_cosines
+from mojax.rl.update import denominators, make_train_step, minibatch_losses, objective_cosines
 
 LORA = [
     "lora.rank=4",
@@ -118,3 +118,17 @@ def test_full_mode_combines_the_adapters_gradients_alone(tmp_path):
     assert np.abs(adapters_only - whole_model).max() > 0.01  # the two Grams differ (by 0.02 here)
     cosines = np.asarray(trainer.update(batch, 1)["cosines"])
     np.testing.assert_allclose(cosines, adapters_only, atol=1e-4)
+
+
+def test_the_update_computes_no_gradient_of_the_frozen_weights(tmp_path):
+    """Dropped right after the pullbacks, the frozen weights' gradients are never computed: the compiled update has
+    fewer FLOPs than the same update that keeps every weight's gradient (for the optimizer to drop)."""
+    trainer = Trainer(small_config(tmp_path, *LORA, "combiner.mode=full"))
+    batch = trainer.prepare(1).batch
+    args = (trainer.state, batch, jax.random.key(0), jnp.float32(trainer.kl_coef), None)
+    every_weight = make_train_step(trainer.policy, trainer.combiner, trainer.optimizer, trainer.update_spec)
+    flops = {
+        name: jax.jit(step).lower(*args).compile().cost_analysis()["flops"]
+        for name, step in (("adapters", trainer._train_step), ("every weight", every_weight))
+    }
+    assert flops["adapters"] < 0.9 * flops["every weight"], flops
