@@ -68,7 +68,6 @@ from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY, make  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.models import lora_mask  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.rl.update import (  # noqa: E402
@@ -184,10 +183,8 @@ def reference_passes(
 
 def trained_only(trainer: Trainer) -> Callable[[Any], Any]:
     """A parameter-shaped tree without its frozen leaves (``optax.MaskedNode()`` there) for a LoRA trainer, else as is."""
-    if not trainer.config.lora.rank:
-        return lambda tree: tree
-    flags = jax.tree.leaves(lora_mask(trainer.state.params))
-    return lambda tree: masked_nodes(tree, flags)
+    flags = trainer.trainable_flags
+    return (lambda tree: tree) if flags is None else (lambda tree: masked_nodes(tree, flags))
 
 
 def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]) -> Callable[[], Any]:

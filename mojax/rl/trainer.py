@@ -453,6 +453,8 @@ class Trainer(Run):
         self.policy = response_fn(self.graphdef, self.rest, split=self.split, chunk_size=chunk)
         if config.lora.rank:
             self.optimizer = adapters_only(self.optimizer, params)
+        # a bool per (split) parameter leaf, False for LoRA's frozen weights (None: every leaf trains)
+        self.trainable_flags = jax.tree.leaves(lora_mask(params)) if config.lora.rank else None
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
@@ -476,7 +478,7 @@ class Trainer(Run):
                 critic,
                 critic_optimizer,
                 None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
-                jax.tree.leaves(lora_mask(params)) if config.lora.rank else None,
+                self.trainable_flags,
             ),
             donate_argnums=0,
         )
