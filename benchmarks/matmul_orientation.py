@@ -20,7 +20,7 @@ The weight gradients x^T dy of a training step over R token rows (``--gradient-r
 for every layer's seven projections, an untied LM head ([D, V] gradient) and a tied one ([V, D], the transpose of
 the product, which XLA folds into the dot in both forms).
 
-Every form of a size is timed in the same rounds (``mojax.testing.interleaved_timings``: rotated order, median of
+Every form of a size is timed in the same rounds (``mojax.testing.interleaved_timings``: random orders, median of
 ``--repeats`` calls per round, ``--rounds`` rounds); the table gives the median over rounds and its min-max, in ms.
 
     python benchmarks/matmul_orientation.py          # writes benchmarks/results/matmul_orientation.{md,json}

@@ -5,8 +5,8 @@ and loaded by ``transformers.LlamaForCausalLM``, so both sides run the same weig
 forward doubles as a parity check (max |logits difference|, loss difference, greedy tokens).
 
 Measured in the same rounds, fp32, steady state (``mojax.testing.interleaved_timings``: the first call, which
-compiles, and one warm-up call excluded; ``--rounds`` rounds of ``--repeats`` interleaved calls of both sides, the
-order rotated); ratio = torch's round median / mojax's in the same round, its median over rounds and min-max:
+compiles, and one warm-up call excluded; ``--rounds`` rounds of ``--repeats`` interleaved calls of both sides, each
+pass in a random order); ratio = torch's round median / mojax's in the same round, its median over rounds and min-max:
   forward         logits of a [B, T] batch (torch under ``inference_mode``)
   forward+backward  next-token cross-entropy and its gradient w.r.t. every parameter (no optimizer)
   decode          greedy generation of N tokens after [B, P] prompts with a KV cache:

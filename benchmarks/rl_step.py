@@ -19,8 +19,9 @@ is the fixed batch; every other contender runs on that same batch:
   differentiates the adapters only, as the trainers do.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
-each round calls all contenders once in turn (rotating the order), ``--repeats`` times; a contender's ratio in a
-round is its median time over the linear step's median time in that round. The table reports the median ratio over
+each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times
+(a call's time depends on the program that ran before it, so no contender always follows the same one); a
+contender's ratio in a round is its median time over the linear step's median time in that round. The table reports the median ratio over
 ``--rounds`` rounds and its spread (min-max). Run as a script, it first makes ``malloc`` keep freed memory for
 XLA's next call, as the ``mojax`` command line does (``mojax.host_memory``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's
 defaults, every large scratch buffer mapped and faulted in afresh at every call). Only ratios measured in the same
@@ -79,7 +80,7 @@ from mojax.rl.update import (  # noqa: E402
     stacked_pullbacks,
     zeros_where_masked,
 )
-from mojax.testing import cpu_model, write_report  # noqa: E402
+from mojax.testing import call_orders, cpu_model, write_report  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
 BASELINE = "linear/scalar"
@@ -262,11 +263,11 @@ def timed_call(call: Callable[[], Any]) -> Usage:
 
 
 def one_round(entries: list[Contender], repeats: int, round_index: int) -> dict[str, list[Usage]]:
-    """Each contender's `repeats` calls, the contenders called in turn (order rotated)."""
+    """Each contender's `repeats` calls: `repeats` passes over the contenders, each in a random order
+    (``mojax.testing.call_orders``, seeded by the round) so that no contender always follows the same one."""
     usages: dict[str, list[Usage]] = {entry.label: [] for entry in entries}
-    for repeat in range(repeats):
-        shift = (round_index * repeats + repeat) % len(entries)
-        for entry in entries[shift:] + entries[:shift]:
+    for order in call_orders(len(entries), repeats, seed=round_index):
+        for entry in (entries[i] for i in order):
             usages[entry.label].append(timed_call(entry.call))
     return usages
 
@@ -408,8 +409,8 @@ def markdown(report: dict[str, Any]) -> str:
         "in the same run are reported, never absolute speeds.  ",
         f"Load before: `{report['load_before']}`  ",
         f"Load after: `{report['load_after']}`  ",
-        f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (round-robin, order "
-        "rotated); ratio = median over rounds of (contender median / linear median in the same round); spread = "
+        f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (each pass over the "
+        "contenders in a random order); ratio = median over rounds of (contender median / linear median in the same round); spread = "
         "min-max over rounds; CPU user / system seconds and minor page faults: medians per call of the whole "
         "process (2 threads: CPU seconds can exceed the wall time). The tiny task: batch of "
         f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}.",

@@ -17,8 +17,8 @@ no early stop, so every side produces the same number of tokens):
 * ``torch generate``: HF ``LlamaForCausalLM.generate(do_sample=True, min_new_tokens=max_new_tokens)`` (eager fp32,
   KV cache) on the same weights (exported with ``mojax.models.hf.save_pretrained``).
 
-Timing: compile and warm-up first, then ``--rounds`` rounds of ``--repeats`` calls of each contender in turn (order
-rotated); a ratio is mojax's completions/s over torch's in the same round; the table gives the median ratio over rounds
+Timing: compile and warm-up first, then ``--rounds`` rounds of ``--repeats`` calls of each contender in turn (each
+pass in a random order); a ratio is mojax's completions/s over torch's in the same round; the table gives the median ratio over rounds
 and its min-max spread. The machine is a shared 2-core CPU: only the same-run ratios mean anything. Both sides run
 with freed host memory kept for the next call (``mojax.host_memory``, as ``benchmarks/rl_step.py``;
 ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults).

@@ -83,10 +83,24 @@ def stacked_gradients(shapes: Any, n: int, seed: int = 0, dtype: Any = np.float3
     return jax.tree.map(leaf, shapes, is_leaf=is_shape)
 
 
+def call_orders(contenders: int, count: int, seed: int = 0) -> list[list[int]]:
+    """``count`` orders in which to call ``contenders`` contenders: permutations of ``range(contenders)`` drawn from
+    a fixed seed, so the same arguments give the same orders.
+
+    Random rather than rotated orders, because a call's time depends on what ran just before it (caches, the
+    allocator's free lists): rotating a list keeps every contender's predecessor, so a contender that always follows
+    a large program reads slower than the same program elsewhere in the list (measured: the linear step of
+    ``benchmarks/rl_step.py``, always after the peers' step, 5-10% slower than the very same program in the next
+    trainers on the tiny model). Random orders turn that bias into noise that the medians absorb.
+    """
+    rng = np.random.default_rng(seed)
+    return [[int(i) for i in rng.permutation(contenders)] for _ in range(count)]
+
+
 def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, dict]:
     """Same-run timings of several contenders: each is called once to compile/warm up (that first call is timed),
-    then ``rounds`` rounds of ``repeats`` interleaved calls each, the order rotated every round so no contender
-    always runs after the same one.
+    then ``rounds`` rounds of ``repeats`` interleaved calls each, every pass over the contenders in a random order
+    (:func:`call_orders`) so that no contender always runs after the same one.
 
     Args:
       calls: name -> a call that blocks until its result is ready.
@@ -105,10 +119,9 @@ def interleaved_timings(calls: dict[str, Callable[[], Any]], rounds: int, repeat
         calls[name]()
     medians = {name: [] for name in names}
     for round_index in range(rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         times = {name: [] for name in names}
-        for _ in range(repeats):
-            for name in order:
+        for order in call_orders(len(names), repeats, seed=round_index):
+            for name in (names[i] for i in order):
                 started = time.perf_counter()
                 calls[name]()
                 times[name].append(time.perf_counter() - started)

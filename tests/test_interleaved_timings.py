@@ -1,15 +1,25 @@
-from mojax.testing import cpu_description, cpu_model, cpu_summary, interleaved_timings
+from mojax.testing import call_orders, cpu_description, cpu_model, cpu_summary, interleaved_timings
 
 
-def test_every_contender_is_timed_once_first_then_each_round_in_a_rotated_order():
+def test_every_contender_is_timed_once_first_then_each_pass_in_the_seeded_random_orders():
     log = []
     calls = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
     timing = interleaved_timings(calls, rounds=3, repeats=2)
     warmup, rounds = log[:6], log[6:]
     assert warmup == ["a", "a", "b", "b", "c", "c"]
-    assert rounds == ["a", "b", "c"] * 2 + ["b", "c", "a"] * 2 + ["c", "a", "b"] * 2
+    expected = [["abc"[i] for i in order] for r in range(3) for order in call_orders(3, 2, seed=r)]
+    assert rounds == [name for order in expected for name in order]
     assert set(timing["first_call_s"]) == {"a", "b", "c"}
     assert all(len(medians) == 3 and min(medians) >= 0 for medians in timing["round_medians_s"].values())
+
+
+def test_call_orders_are_seeded_permutations_that_vary_every_contenders_predecessor():
+    orders = call_orders(6, 40, seed=3)
+    assert orders == call_orders(6, 40, seed=3) and orders != call_orders(6, 40, seed=4)
+    assert all(sorted(order) == list(range(6)) for order in orders)
+    predecessors = {c: {order[i - 1] for order in orders for i in range(1, 6) if order[i] == c} for c in range(6)}
+    # a rotated list would give every contender one predecessor; here each follows every other one at some point
+    assert all(predecessors[c] == set(range(6)) - {c} for c in range(6))
 
 
 def test_the_cpu_model_is_a_non_empty_name():
