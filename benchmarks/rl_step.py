@@ -21,12 +21,13 @@ is the fixed batch; every other contender runs on that same batch:
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times
 (a call's time depends on the program that ran before it, so no contender always follows the same one); a
-contender's ratio in a round is its median time over the linear step's median time in that round. The table reports the median ratio over
-``--rounds`` rounds and its spread (min-max). Run as a script, it first makes ``malloc`` keep freed memory for
-XLA's next call, as the ``mojax`` command line does (``mojax.host_memory``; ``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's
-defaults, every large scratch buffer mapped and faulted in afresh at every call). Only ratios measured in the same
-run are reported: the machine these numbers come from is shared and loaded, so absolute times move by tens of
-percent between minutes.
+contender's ratio in a round is its median time over the linear step's median time in that round. The table reports
+the median ratio over ``--rounds`` rounds and its spread (min-max). Scalar-mode combiners share the linear step's
+train step, so their weight programs are also timed alone, against the linear update. Run as a script, it first
+makes ``malloc`` keep freed memory for XLA's next call, as the ``mojax`` command line does (``mojax.host_memory``;
+``MOJAX_RELEASE_HOST_MEMORY=1``: glibc's defaults, every large scratch buffer mapped and faulted in afresh at every
+call). Only ratios measured in the same run are reported: the machine these numbers come from is shared and loaded,
+so absolute times move by tens of percent between minutes.
 
     python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run
@@ -75,6 +76,7 @@ from mojax.rl.update import (  # noqa: E402
     Batch,
     clip_to_norm,
     denominators,
+    make_scalar_weights,
     masked_nodes,
     minibatch_losses,
     stacked_pullbacks,
@@ -94,12 +96,14 @@ REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP}  # --references names of
 
 
 class Contender(NamedTuple):
-    """One timed callable: its label, the combiner mode ("" for the reference passes) and its compile time."""
+    """One timed callable: its label, the combiner mode ("" for the reference passes) and its compile time; in scalar
+    mode also its trainer's weight program alone (:func:`weights_call`)."""
 
     label: str
     mode: str
     call: Callable[[], Any]
     compile_s: float
+    weights: Callable[[], Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -143,6 +147,16 @@ def timed_first(call: Callable[[], Any]) -> float:
 def update_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
     """One ``Trainer.update`` on the fixed batch (the state it donates is replaced by the new one)."""
     return lambda: trainer.update(batch, 1)
+
+
+def weights_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
+    """A scalar-mode trainer's weight program alone (``make_scalar_weights``, jitted as the trainer jits it) on its
+    current combiner state and the batch, compiled and warm: all that its update runs besides the train step that
+    every scalar-mode combiner shares."""
+    program = jax.jit(make_scalar_weights(trainer.combiner, trainer.update_spec))
+    call = lambda: program(trainer.state.combiner_state, batch)  # noqa: E731
+    timed_first(call)
+    return call
 
 
 def reference_passes(
@@ -226,13 +240,14 @@ def contenders(
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
     passes = reference_passes(linear, batch, references)
-    found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0)]
+    found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0, weights_call(linear, batch))]
     for name in combiners:
         for mode in modes(name):
             if (name, mode) == ("linear", "scalar") or mode not in wanted_modes:
                 continue
-            call = update_call(trainer_for(n, name, mode, workdir, extra), batch)
-            found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call)))
+            trainer = trainer_for(n, name, mode, workdir, extra)
+            call, weights = update_call(trainer, batch), weights_call(trainer, batch) if mode == "scalar" else None
+            found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call), weights))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [Contender(label, "", call, timed_first(call)) for label, call in passes.items()]
     return found
@@ -277,6 +292,7 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
     user and system seconds and page faults of its calls."""
     rounds_usage = [one_round(entries, repeats, r) for r in range(rounds)]
     medians = [{label: statistics.median(u.wall for u in calls) for label, calls in r.items()} for r in rounds_usage]
+    weights_ms = weight_program_times(entries, repeats * rounds)
     rows = []
     for entry in entries:
         calls = [u for r in rounds_usage for u in r[entry.label]]
@@ -296,9 +312,27 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
                 "median_system_s": statistics.median(u.system for u in calls),
                 "median_page_faults": statistics.median(u.faults for u in calls),
                 "compile_s": entry.compile_s,
+                **weights_ms.get(entry.label, {}),
             }
         )
     return rows
+
+
+def weight_program_times(entries: list[Contender], calls: int) -> dict[str, dict[str, float]]:
+    """Per scalar-mode contender: its weight program's median ms per call and that over the linear update's median
+    ms, both timed in the same passes (``calls`` passes over the weight programs and the linear update, each in a
+    random order). The train step is one and the same program for every scalar combiner (a test checks it), so this
+    is what a scalar combiner can add to the linear step."""
+    scalar = [entry for entry in entries if entry.weights is not None]
+    timed = [entry.weights for entry in scalar] + [entries[0].call]  # the last: the linear update
+    seconds: list[list[float]] = [[] for _ in timed]
+    for order in call_orders(len(timed), calls, seed=len(timed)):
+        for i in order:
+            seconds[i].append(timed_call(timed[i]).wall)
+    ms = [1e3 * statistics.median(values) for values in seconds]
+    return {
+        entry.label: {"weights_ms": ms[i], "weights_to_linear_update": ms[i] / ms[-1]} for i, entry in enumerate(scalar)
+    }
 
 
 def operation_profiles(n: int, entries: list[Contender], calls: int, top: int = 8) -> list[dict[str, Any]]:
@@ -410,8 +444,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load before: `{report['load_before']}`  ",
         f"Load after: `{report['load_after']}`  ",
         f"Rounds: {report['rounds']}, calls per contender per round: {report['repeats']} (each pass over the "
-        "contenders in a random order); ratio = median over rounds of (contender median / linear median in the same round); spread = "
-        "min-max over rounds; CPU user / system seconds and minor page faults: medians per call of the whole "
+        "contenders in a random order); ratio = median over rounds of (contender median / linear median in the same "
+        "round); spread = min-max over rounds; CPU user / system seconds and minor page faults: medians per call of the whole "
         "process (2 threads: CPU seconds can exceed the wall time). The tiny task: batch of "
         f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}.",
         "",
@@ -431,6 +465,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['median_user_s']:.2f} | "
             f"{r['median_system_s']:.2f} | {r['median_page_faults'] / 1e3:.0f} | {r['compile_s']:.1f} |"
         )
+    weights = [r for r in report["rows"] if "weights_ms" in r]
+    if weights:
+        lines += [
+            "",
+            "## Scalar mode's weight programs",
+            "",
+            "Every scalar-mode combiner runs the linear step's train step (the same compiled program) after its own "
+            "weight program; that program alone, timed in passes of random order with the linear update (median ms "
+            "per call):",
+            "",
+            "| n | combiner | weight program ms | share of the linear update |",
+            "|---:|---|---:|---:|",
+            *(
+                f"| {r['n']} | {r['contender']} | {r['weights_ms']:.3f} | {r['weights_to_linear_update']:.1%} |"
+                for r in weights
+            ),
+        ]
     if report.get("profiles"):
         lines += ["", *profile_markdown(report["profiles"])]
     return "\n".join(lines + [""])

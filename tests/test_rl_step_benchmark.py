@@ -34,6 +34,10 @@ def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
     assert "| 2 | pama/scalar |" in text and "scalar mode <= 1.02x linear" in text
     assert "probe mode <= 1.15x linear at n = 3: not measured" in text
     assert "against the peers' MGDA step: not measured" in text
+    weights = {row["contender"]: row for row in written["rows"] if "weights_ms" in row}
+    assert set(weights) == {rl_step.BASELINE, "pama/scalar"}  # the scalar-mode trainers' weight programs only
+    assert all(row["weights_ms"] > 0 and 0 < row["weights_to_linear_update"] < 1 for row in weights.values())
+    assert "| 2 | pama/scalar | " in text.split("## Scalar mode's weight programs")[1]
 
 
 def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path):

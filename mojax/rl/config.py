@@ -186,8 +186,11 @@ class CombinerSection:
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
     """Parameter path substrings of the probe set (e.g. ``["lm_head", "model.norm"]``); empty: the default probe set:
-    the final decoder block (split from the stacked layers so it can be differentiated alone) with the final norm,
-    plus the LM head when untied; with LoRA the final block's adapters (``["lora_"]``: every layer's adapters)."""
+    the final decoder block with the final norm, plus the LM head when untied; with LoRA the final block's adapters
+    (``["lora_"]``: every layer's adapters). In probe mode the final block is split from the stacked layers so that it
+    can be differentiated alone: the patterns see it as ``model.last_layer`` and the blocks before it as
+    ``model.layers``, so ``["last_layer", "model.norm"]`` is the default set without an untied head (whose n
+    weight-gradient products can cost more than the block's: see the README's performance section)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -436,8 +436,9 @@ class Trainer(Run):
             or (config.combiner.pullbacks == "auto" and self.mesh is not None),
             on_policy=one_update_per_rollout(config),
         )
-        # Probe mode's default set (no patterns): the final block (or its adapters), split from the stacked layers.
-        self.split = mode == "probe" and not config.combiner.probe and self.model.config.num_hidden_layers > 1
+        # Probe mode splits the final block from the stacked layers: the default set is that block (or its adapters),
+        # and patterns can name it alone (``last_layer``).
+        self.split = mode == "probe" and self.model.config.num_hidden_layers > 1
         if self.split:
             params = split_last_layer(params)
         flags = None

@@ -40,11 +40,11 @@ def flat(tree) -> dict[str, object]:
 
 
 @functools.cache
-def lora_run(root: str, probe: str) -> tuple[Trainer, dict[str, np.ndarray], list[dict]]:
+def lora_run(root: str, override: str) -> tuple[Trainer, dict[str, np.ndarray], list[dict]]:
     """Three training steps (lora_b starts at zero, so lora_a's first gradient comes once lora_b has moved):
-    (trainer, parameters before training, metrics); `probe` is a combiner.probe override."""
-    output = Path(root) / (probe or "default")
-    trainer = Trainer(small_config(output, *LORA, "steps=3", *([f"combiner.probe={probe}"] if probe else [])))
+    (trainer, parameters before training, metrics); `override` (e.g. a combiner.probe) comes after ``LORA``."""
+    output = Path(root) / (override.replace("=", "_") or "default")
+    trainer = Trainer(small_config(output, *LORA, "steps=3", *([override] if override else [])))
     start = {path: np.asarray(leaf.get_value()) for path, leaf in flat(trainer.state.params).items()}
     trainer.train()
     trainer.close()
@@ -63,8 +63,10 @@ def test_the_default_probe_set_is_the_final_blocks_adapters(root):
     selected = {path for path, flag in flat(trainer.probe_mask).items() if flag.get_value()}
     final_adapters = {p for p, leaf in leaves.items() if isinstance(leaf, nnx.LoRAParam) and ".last_layer." in p}
     assert selected == final_adapters and len(final_adapters) == 4  # lora_a and lora_b of q_proj and v_proj
-    every_adapter = {path for path, flag in flat(lora_run(root, "[lora_]")[0].probe_mask).items() if flag.get_value()}
-    assert not lora_run(root, "[lora_]")[0].split and len(every_adapter) == 4
+    every_layer, _, _ = lora_run(root, "combiner.probe=[lora_]")
+    every_adapter = {path for path, flag in flat(every_layer.probe_mask).items() if flag.get_value()}
+    adapters = {p for p, leaf in flat(every_layer.state.params).items() if isinstance(leaf, nnx.LoRAParam)}
+    assert every_layer.split and every_adapter == adapters and len(adapters) == 8  # both parts of the split layers
 
 
 def test_only_the_adapters_train_in_every_layer(root):
@@ -76,11 +78,12 @@ def test_only_the_adapters_train_in_every_layer(root):
 
 
 def test_the_split_policy_samples_as_the_unsplit_one_and_the_reference_is_the_base_model(root):
-    """Same seed, same initial adapters: step 1 samples the same completions whichever probe set the update then
-    uses (the merged split policy is the unsplit one); once the adapters have moved, the KL to the reference is
+    """Same seed, same initial adapters: step 1 samples the same completions in probe mode (split) as in full mode
+    (unsplit), since the merged split policy is the unsplit one; once the adapters have moved, the KL to the reference is
     positive (the reference of the split state is the base model, adapters off, not the policy itself)."""
     _, _, split = lora_run(root, "")
-    _, _, unsplit = lora_run(root, "[lora_]")
+    full_mode, _, unsplit = lora_run(root, "combiner.mode=full")
+    assert not full_mode.split
     rewards = [key for key in split[0] if key.startswith("rewards/")]
     assert rewards and {key: split[0][key] for key in rewards} == {key: unsplit[0][key] for key in rewards}
     assert split[0]["kl"] == 0.0 and split[-1]["kl"] > 0.0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mojax.models import merge_last_layer
 from mojax.rl import advantages as rl_advantages
 from mojax.rl.config import load_config
 from mojax.rl.trainer import Trainer
@@ -46,14 +47,21 @@ def fixed_batch() -> Batch:
     return trainer().prepare(1).batch
 
 
+def unsplit_leaves(run: Trainer) -> list[np.ndarray]:
+    """The trainer's parameter leaves, with probe mode's split final block merged back (every mode's leaves align)."""
+    params = merge_last_layer(run.state.params) if run.split else run.state.params
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+
+
 def params_after(overrides: tuple[str, ...], batch: Batch, updates: int = 1) -> list[np.ndarray]:
-    """Parameters after `updates` updates on `batch`, from the common initial state (which is restored after)."""
+    """Parameters after `updates` updates on `batch` (:func:`unsplit_leaves`), from the common initial state (which
+    is restored after)."""
     run = trainer(*overrides)
     start = run.state
     run.state = jax.tree.map(jnp.copy, start)
     for step in range(1, updates + 1):
         run.update(batch, step)
-    result = [np.asarray(leaf) for leaf in jax.tree.leaves(run.state.params)]
+    result = unsplit_leaves(run)
     run.state = start
     return result
 
@@ -127,6 +135,32 @@ def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks
     everything = "combiner.probe=[model, lm_head]"
     probe = params_after(("combiner.name=mgda", "combiner.mode=probe", everything), batch)
     assert_trees_close(probe, full, atol=2e-6)
+
+
+def test_probe_patterns_name_the_split_final_block_and_leaving_the_untied_head_out_costs_fewer_flops():
+    """Probe mode splits the final block from the stacked layers whatever the patterns: ``last_layer`` selects it
+    alone, so the default set without the untied head is expressible, and its step compiles to fewer FLOPs (the
+    head's n weight-gradient products are gone)."""
+    default = trainer("combiner.name=mgda", "combiner.mode=probe")
+    no_head = trainer("combiner.name=mgda", "combiner.mode=probe", "combiner.probe=[last_layer, model.norm]")
+    assert default.split and no_head.split and not default.model.config.tie_word_embeddings
+
+    def selected(run):
+        paths = [
+            ".".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(run.state.params)
+        ]
+        return {path for path, flag in zip(paths, jax.tree.leaves(run.probe_mask), strict=True) if flag}
+
+    head = {path for path in selected(default) if path.startswith("lm_head")}
+    assert head and selected(no_head) == selected(default) - head
+    assert all(path.startswith(("model.last_layer.", "model.norm.")) for path in selected(no_head))
+
+    def flops(run):
+        args = (run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.1), None)
+        return run._train_step.lower(*args).compile().cost_analysis()["flops"]
+
+    assert flops(no_head) < flops(default)
 
 
 @pytest.mark.parametrize(("microbatches", "forwards"), [(1, 1), (2, 4)])
@@ -278,7 +312,7 @@ def test_the_update_clips_the_combined_gradient_to_max_grad_norm(mode):
     """SGD with learning rate 1: the step is minus the gradient. With optimizer.max_grad_norm at half the gradient's
     norm it is the unclipped step scaled by one half, in every mode (full mode takes the norm from the Gram)."""
     batch = fixed_batch()
-    start = [np.asarray(leaf) for leaf in jax.tree.leaves(trainer(*mode).state.params)]
+    start = unsplit_leaves(trainer(*mode))
 
     def step(*clip: str) -> list[np.ndarray]:
         return [a - b for a, b in zip(params_after((*mode, *clip), batch), start, strict=True)]
