@@ -285,6 +285,12 @@ def masked_nodes(tree: Any, flags: list[bool]) -> Any:
     )
 
 
+def fill_masked(tree: Any, other: Any) -> Any:
+    """``tree`` with ``other``'s leaf in place of every ``optax.MaskedNode()`` (a MaskedNode where both have one)."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree.map(lambda leaf, fill: fill if is_masked(leaf) else leaf, tree, other, is_leaf=is_masked)
+
+
 def zeros_where_masked(tree: Any, like: Any) -> Any:
     """``tree`` with zeros shaped like ``like``'s leaf in place of every ``optax.MaskedNode()``."""
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
@@ -452,11 +458,13 @@ def make_train_step(
         """The cotangent of the loss vector for sum_i w_i L_i + shared."""
         return jnp.concatenate([weights, jnp.ones((1,), jnp.float32)])
 
-    def scalar_grads(params, micro_batches, divide, beta, weights):
+    def scalar_grads(params, micro_batches, divide, beta, weights, kept=trained):
+        """The gradient of sum_i w_i L_i + shared, summed over micro-batches; ``kept`` masks the leaves not wanted."""
+
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             (grads,) = pullback(weighted(weights))
-            return trained(grads), vector, metrics
+            return kept(grads), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
@@ -490,32 +498,50 @@ def make_train_step(
         return combined, vector, metrics, combiner_state, cosines, checked
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
-        """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
+        """Probe gradients -> combiner weights -> one weighted backward pass over the other parameters.
+
+        The weighted gradient's probe part, sum_i w_i g_i (+ the shared term's gradient), is the combiner's own
+        output on the probe gradients (every combiner returns sum_i w_i g_i with w its state's ``weights``; the
+        shared term's probe gradient is one more probe pullback when the term is not zero). So the weighted pass
+        differentiates the parameters outside the probe only, and XLA drops its weight-gradient products of the probe
+        leaves (the final block's, an untied LM head's), which the probe pullbacks have already computed.
 
         With one micro-batch the probe pullbacks and the weighted one share a single forward pass (one ``jax.vjp``);
         with several, the weights need every micro-batch's probe gradients first, so the weighted pass runs the
         forward again (:func:`scalar_grads`) rather than keeping every micro-batch's activations.
         """
+        rows = n if shared_term_is_zero(spec) else n + 1
+        outside = [not flag for flag in probe_flags]
+
+        def outside_probe(tree):
+            return trained(masked_nodes(tree, outside))
 
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
+            stacked = stacked_pullbacks(pullback, eye[:rows], spec.sequential_pullbacks, param_shardings)
             return (masked_nodes(stacked, probe_flags), vector, metrics), pullback
 
         def weights_of(probe, vector):
+            """(weights, new combiner state, the probe leaves' share of the weighted gradient)."""
+            objectives = jax.tree.map(lambda g: g[:n], probe)
             extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-            _, new_state = combiner.update(probe, combiner_state, masked_nodes(params, probe_flags), **extras)
-            return jax.lax.stop_gradient(new_state.weights), new_state
+            combined, new_state = combiner.update(
+                objectives, combiner_state, masked_nodes(params, probe_flags), **extras
+            )
+            if rows > n:
+                combined = jax.tree.map(lambda c, g: c + g[n], combined, probe)
+            return jax.lax.stop_gradient(new_state.weights), new_state, combined
 
         if spec.num_microbatches == 1:
             (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
-            weights, new_state = weights_of(probe, vector)
-            grads = trained(pullback(weighted(weights))[0])
+            weights, new_state, share = weights_of(probe, vector)
+            rest = outside_probe(pullback(weighted(weights))[0])
         else:
             probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
-            weights, new_state = weights_of(probe, vector)
-            grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
-        return grads, vector, metrics, new_state, objective_cosines(probe), None
+            weights, new_state, share = weights_of(probe, vector)
+            rest, _, _ = scalar_grads(params, micro_batches, divide, beta, weights, kept=outside_probe)
+        grads = trained(fill_masked(rest, share))
+        return grads, vector, metrics, new_state, objective_cosines(jax.tree.map(lambda g: g[:n], probe)), None
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry
