@@ -278,8 +278,9 @@ def _sharded_like(grads: Any, param_shardings: Any | None) -> Any:
 
 
 def masked_nodes(tree: Any, flags: list[bool]) -> Any:
-    """tree with optax.MaskedNode() in place of every leaf whose flag is False."""
-    leaves, treedef = jax.tree.flatten(tree)
+    """tree with optax.MaskedNode() in place of every leaf whose flag is False (a flag per leaf of the unmasked
+    tree: the MaskedNodes already in ``tree`` count as leaves)."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return jax.tree.unflatten(
         treedef, [leaf if flag else optax.MaskedNode() for leaf, flag in zip(leaves, flags, strict=True)]
     )

@@ -140,14 +140,20 @@ def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("algorithm.entropy_coef=0.05",), ("algorithm.entropy_coef=0.05", "algorithm.num_microbatches=2")],
-    ids=["one pass", "shared term", "micro-batches"],
+    [
+        (),
+        ("algorithm.entropy_coef=0.05",),
+        ("algorithm.entropy_coef=0.05", "algorithm.num_microbatches=2"),
+        ("lora.rank=2", "lora.alpha=4", "combiner.probe=[last_layer, lm_head]"),
+    ],
+    ids=["one pass", "shared term", "micro-batches", "lora, a frozen head in the probe"],
 )
 def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
     """Probe mode's update is minus the gradient of sum_i w_i L_i + shared with the weights it reports (SGD, learning
     rate 1, no clip), though the probe leaves' share comes from the probe pullbacks: with the shared term (an entropy
     bonus; the KL's gradient is zero at the first step) as their (n + 1)-th row, and with micro-batches (the
-    weighted pass then runs the forward again)."""
+    weighted pass then runs the forward again). With LoRA the adapters step so and the frozen weights stay put, even
+    the head the probe differentiates."""
     from mojax.rl.update import denominators, minibatch_losses
 
     run = trainer("combiner.name=upgrad", "combiner.mode=probe", *extra)  # MGDA's step is zero on this batch
@@ -163,8 +169,11 @@ def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
         return jnp.dot(weights, vector[:-1]) + vector[-1]
 
     grads = jax.grad(weighted_loss)(start.params)
-    assert float(optax.tree.norm(grads)) > 0.1
-    jax.tree.map(lambda got, g: np.testing.assert_allclose(got, -np.asarray(g), atol=2e-6, rtol=0), moved, grads)
+    trains = run.trainable_flags or [True] * len(jax.tree.leaves(grads))
+    want = [-np.asarray(g) if flag else 0 * g for g, flag in zip(jax.tree.leaves(grads), trains, strict=True)]
+    assert float(optax.tree.norm(want)) > 0.01  # 0.02 with LoRA (lora_b starts at zero), above 0.1 without
+    for got, expected in zip(jax.tree.leaves(moved), want, strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
 
 
 def test_probe_mode_leaves_the_probe_leaves_weight_gradients_to_the_probe_pullbacks():
