@@ -15,8 +15,10 @@ The combiner mode is chosen from the registry:
   combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
   vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
-  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
-  the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
+  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared, from the same forward pass
+  (one ``jax.vjp``), over the parameters outside the probe: the probe leaves' part of that gradient is the
+  combiner's output sum_i w_i g_i (plus the shared term's probe gradient, one more probe pullback when the term is
+  not zero). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
   shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
   the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
@@ -522,27 +524,22 @@ def make_train_step(
             stacked = stacked_pullbacks(pullback, eye[:rows], spec.sequential_pullbacks, param_shardings)
             return (masked_nodes(stacked, probe_flags), vector, metrics), pullback
 
-        def weights_of(probe, vector):
-            """(weights, new combiner state, the probe leaves' share of the weighted gradient)."""
-            objectives = jax.tree.map(lambda g: g[:n], probe)
-            extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-            combined, new_state = combiner.update(
-                objectives, combiner_state, masked_nodes(params, probe_flags), **extras
-            )
-            if rows > n:
-                combined = jax.tree.map(lambda c, g: c + g[n], combined, probe)
-            return jax.lax.stop_gradient(new_state.weights), new_state, combined
-
         if spec.num_microbatches == 1:
             (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
-            weights, new_state, share = weights_of(probe, vector)
+        else:
+            (probe, vector, metrics), pullback = _accumulate(lambda micro: probe_of(micro)[0], micro_batches), None
+        objectives = jax.tree.map(lambda g: g[:n], probe)
+        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+        share, new_state = combiner.update(objectives, combiner_state, masked_nodes(params, probe_flags), **extras)
+        if rows > n:
+            share = jax.tree.map(lambda combined, g: combined + g[n], share, probe)
+        weights = jax.lax.stop_gradient(new_state.weights)
+        if pullback is not None:
             rest = outside_probe(pullback(weighted(weights))[0])
         else:
-            probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
-            weights, new_state, share = weights_of(probe, vector)
             rest, _, _ = scalar_grads(params, micro_batches, divide, beta, weights, kept=outside_probe)
         grads = trained(fill_masked(rest, share))
-        return grads, vector, metrics, new_state, objective_cosines(jax.tree.map(lambda g: g[:n], probe)), None
+        return grads, vector, metrics, new_state, objective_cosines(objectives), None
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry
