@@ -478,7 +478,7 @@ def markdown(report: dict[str, Any]) -> str:
             "| n | combiner | weight program ms | share of the linear update |",
             "|---:|---|---:|---:|",
             *(
-                f"| {r['n']} | {r['contender']} | {r['weights_ms']:.3f} | {r['weights_to_linear_update']:.1%} |"
+                f"| {r['n']} | {r['contender']} | {r['weights_ms']:.3f} | {r['weights_to_linear_update']:.2%} |"
                 for r in weights
             ),
         ]

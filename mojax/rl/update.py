@@ -15,10 +15,8 @@ The combiner mode is chosen from the registry:
   combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
   vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
-  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared, from the same forward pass
-  (one ``jax.vjp``), over the parameters outside the probe: the probe leaves' part of that gradient is the
-  combiner's output sum_i w_i g_i (plus the shared term's probe gradient, one more probe pullback when the term is
-  not zero). With micro-batches this takes two forward passes.
+  combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
+  the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
   shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
   the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
@@ -280,18 +278,11 @@ def _sharded_like(grads: Any, param_shardings: Any | None) -> Any:
 
 
 def masked_nodes(tree: Any, flags: list[bool]) -> Any:
-    """tree with optax.MaskedNode() in place of every leaf whose flag is False (a flag per leaf of the unmasked
-    tree: the MaskedNodes already in ``tree`` count as leaves)."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    """tree with optax.MaskedNode() in place of every leaf whose flag is False."""
+    leaves, treedef = jax.tree.flatten(tree)
     return jax.tree.unflatten(
         treedef, [leaf if flag else optax.MaskedNode() for leaf, flag in zip(leaves, flags, strict=True)]
     )
-
-
-def fill_masked(tree: Any, other: Any) -> Any:
-    """``tree`` with ``other``'s leaf in place of every ``optax.MaskedNode()`` (a MaskedNode where both have one)."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    return jax.tree.map(lambda leaf, fill: fill if is_masked(leaf) else leaf, tree, other, is_leaf=is_masked)
 
 
 def zeros_where_masked(tree: Any, like: Any) -> Any:
@@ -461,13 +452,11 @@ def make_train_step(
         """The cotangent of the loss vector for sum_i w_i L_i + shared."""
         return jnp.concatenate([weights, jnp.ones((1,), jnp.float32)])
 
-    def scalar_grads(params, micro_batches, divide, beta, weights, kept=trained):
-        """The gradient of sum_i w_i L_i + shared, summed over micro-batches; ``kept`` masks the leaves not wanted."""
-
+    def scalar_grads(params, micro_batches, divide, beta, weights):
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
             (grads,) = pullback(weighted(weights))
-            return kept(grads), vector, metrics
+            return trained(grads), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
@@ -501,45 +490,32 @@ def make_train_step(
         return combined, vector, metrics, combiner_state, cosines, checked
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
-        """Probe gradients -> combiner weights -> one weighted backward pass over the other parameters.
-
-        The weighted gradient's probe part, sum_i w_i g_i (+ the shared term's gradient), is the combiner's own
-        output on the probe gradients (every combiner returns sum_i w_i g_i with w its state's ``weights``; the
-        shared term's probe gradient is one more probe pullback when the term is not zero). So the weighted pass
-        differentiates the parameters outside the probe only, and XLA drops its weight-gradient products of the probe
-        leaves (the final block's, an untied LM head's), which the probe pullbacks have already computed.
+        """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
 
         With one micro-batch the probe pullbacks and the weighted one share a single forward pass (one ``jax.vjp``);
         with several, the weights need every micro-batch's probe gradients first, so the weighted pass runs the
         forward again (:func:`scalar_grads`) rather than keeping every micro-batch's activations.
         """
-        rows = n if shared_term_is_zero(spec) else n + 1
-        outside = [not flag for flag in probe_flags]
-
-        def outside_probe(tree):
-            return trained(masked_nodes(tree, outside))
 
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            stacked = stacked_pullbacks(pullback, eye[:rows], spec.sequential_pullbacks, param_shardings)
+            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
             return (masked_nodes(stacked, probe_flags), vector, metrics), pullback
+
+        def weights_of(probe, vector):
+            extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+            _, new_state = combiner.update(probe, combiner_state, masked_nodes(params, probe_flags), **extras)
+            return jax.lax.stop_gradient(new_state.weights), new_state
 
         if spec.num_microbatches == 1:
             (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
+            weights, new_state = weights_of(probe, vector)
+            grads = trained(pullback(weighted(weights))[0])
         else:
-            (probe, vector, metrics), pullback = _accumulate(lambda micro: probe_of(micro)[0], micro_batches), None
-        objectives = jax.tree.map(lambda g: g[:n], probe)
-        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-        share, new_state = combiner.update(objectives, combiner_state, masked_nodes(params, probe_flags), **extras)
-        if rows > n:
-            share = jax.tree.map(lambda combined, g: combined + g[n], share, probe)
-        weights = jax.lax.stop_gradient(new_state.weights)
-        if pullback is not None:
-            rest = outside_probe(pullback(weighted(weights))[0])
-        else:
-            rest, _, _ = scalar_grads(params, micro_batches, divide, beta, weights, kept=outside_probe)
-        grads = trained(fill_masked(rest, share))
-        return grads, vector, metrics, new_state, objective_cosines(objectives), None
+            probe, vector, metrics = _accumulate(lambda micro: probe_of(micro)[0], micro_batches)
+            weights, new_state = weights_of(probe, vector)
+            grads, _, _ = scalar_grads(params, micro_batches, divide, beta, weights)
+        return grads, vector, metrics, new_state, objective_cosines(probe), None
 
     def minibatch_update(carry, minibatch, beta, scalar_w):
         state: TrainState = carry

@@ -150,10 +150,9 @@ def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks
 )
 def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
     """Probe mode's update is minus the gradient of sum_i w_i L_i + shared with the weights it reports (SGD, learning
-    rate 1, no clip), though the probe leaves' share comes from the probe pullbacks: with the shared term (an entropy
-    bonus; the KL's gradient is zero at the first step) as their (n + 1)-th row, and with micro-batches (the
-    weighted pass then runs the forward again). With LoRA the adapters step so and the frozen weights stay put, even
-    the head the probe differentiates."""
+    rate 1, no clip): with a shared term (an entropy bonus; the KL's gradient is zero at the first step), with
+    micro-batches (the weighted pass then runs the forward again), and with LoRA, where the adapters step so and the
+    frozen weights stay put, even the head the probe differentiates."""
     from mojax.rl.update import denominators, minibatch_losses
 
     run = trainer("combiner.name=upgrad", "combiner.mode=probe", *extra)  # MGDA's step is zero on this batch
@@ -174,19 +173,6 @@ def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
     assert float(optax.tree.norm(want)) > 0.01  # 0.02 with LoRA (lora_b starts at zero), above 0.1 without
     for got, expected in zip(jax.tree.leaves(moved), want, strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
-
-
-def test_probe_mode_leaves_the_probe_leaves_weight_gradients_to_the_probe_pullbacks():
-    """The weighted pass differentiates the parameters outside the probe only: no product of the compiled step
-    writes the untied LM head's gradient [D, V] alone (the probe's n of them come out stacked, [n D, V])."""
-    run = trainer("combiner.name=mgda", "combiner.mode=probe")
-    head = run.state.params["lm_head"]["kernel"].shape
-    n = run.update_spec.num_objectives
-    text = (
-        run._train_step.lower(run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.1), None).compile().as_text()
-    )
-    products = re.findall(r"= (f32\[[\d,]*\])\S* dot\(", text)
-    assert f"f32[{n * head[0]},{head[1]}]" in products and f"f32[{head[0]},{head[1]}]" not in products
 
 
 def test_probe_patterns_name_the_split_final_block_and_leaving_the_untied_head_out_costs_fewer_flops():
@@ -286,24 +272,17 @@ def test_five_updates_on_8_devices_with_fsdp_equal_one_device(mode):
 
 def test_pullbacks_auto_runs_them_in_sequence_on_a_mesh_keeping_each_gradient_sharded():
     """On a mesh ``combiner.pullbacks`` "auto" runs the n pullbacks one after another, each objective's gradient
-    constrained to its parameters' FSDP sharding. No all-reduce of the compiled probe step writes a whole probe leaf
-    (an all-reduce of the untied head's gradient did when the probe gradients fed the Gram alone and the partitioner
-    was left to itself); since they also give the probe leaves' share of the update, it keeps them sharded even
-    unconstrained, in the same scratch memory."""
+    constrained to its parameters' FSDP sharding; left to itself the partitioner all-reduces them whole onto every
+    device (they feed only the Gram), so the compiled step holds about twice the scratch memory."""
     from mojax.rl.update import make_train_step
 
     probe = ("combiner.name=mgda", "combiner.mode=probe")
     assert not trainer(*probe).update_spec.sequential_pullbacks
     run = trainer(*probe, "mesh.shape={fsdp: 8}")
     assert run.update_spec.sequential_pullbacks
-    flags = jax.tree.leaves(run.probe_mask)
-    whole = {
-        "f32[" + ",".join(map(str, leaf.shape)) + "]"
-        for leaf, flag in zip(jax.tree.leaves(run.state.params), flags, strict=True)
-        if flag
-    }
 
-    def compiled(param_shardings):
+    def scratch_bytes(param_shardings) -> int:
+        flags = jax.tree.leaves(run.probe_mask)
         step = make_train_step(
             run.policy, run.combiner, run.optimizer, run.update_spec, flags, param_shardings=param_shardings
         )
@@ -311,15 +290,10 @@ def test_pullbacks_auto_runs_them_in_sequence_on_a_mesh_keeping_each_gradient_sh
             lowered = jax.jit(step, donate_argnums=0).lower(
                 run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.0), None
             )
-        return lowered.compile()
+        return lowered.compile().memory_analysis().temp_size_in_bytes
 
-    constrained = compiled(jax.tree.map(lambda leaf: leaf.sharding, run.state.params))
-    unconstrained = compiled(None)
-    for program in (constrained, unconstrained):
-        reduced = set(re.findall(r"= (f32\[[\d,]*\])\S* all-reduce(?:-start)?\(", program.as_text()))
-        assert reduced and not reduced & whole  # the loss's scalars are all-reduced, no whole probe leaf
-    scratch = [program.memory_analysis().temp_size_in_bytes for program in (constrained, unconstrained)]
-    assert scratch[0] == scratch[1]
+    sharded = scratch_bytes(jax.tree.map(lambda leaf: leaf.sharding, run.state.params))
+    assert sharded < 0.6 * scratch_bytes(None)
 
 
 def test_the_sharded_rollout_samples_the_same_tokens():
