@@ -77,6 +77,10 @@ from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
 from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, make_train_step
 
 NORMALIZER_EPS = 1e-6
+MIN_SEQUENTIAL_OBJECTIVES = 4
+"""``combiner.pullbacks: auto`` runs this many per-objective pullbacks or more in sequence even off a mesh: batched
+(one ``jax.vmap`` over the cotangents), four or more came out wrong on SmolLM2-135M at the reviews example's shapes
+while sequential ones were right (``benchmarks/check_pullbacks.py``; the cause is not found)."""
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -433,7 +437,10 @@ class Trainer(Run):
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
             sequential_pullbacks=config.combiner.pullbacks == "sequential"
-            or (config.combiner.pullbacks == "auto" and self.mesh is not None),
+            or (
+                config.combiner.pullbacks == "auto"
+                and (self.mesh is not None or self.num_trained >= MIN_SEQUENTIAL_OBJECTIVES)
+            ),
             on_policy=one_update_per_rollout(config),
         )
         # Probe mode splits the final block from the stacked layers: the default set is that block (or its adapters),

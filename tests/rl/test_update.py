@@ -270,6 +270,17 @@ def test_five_updates_on_8_devices_with_fsdp_equal_one_device(mode):
     assert_trees_close(sharded, single, atol=1e-5)
 
 
+def test_pullbacks_auto_runs_four_or_more_objectives_in_sequence():
+    """Batched pullbacks of four or more cotangents came out wrong at SmolLM2's size (benchmarks/check_pullbacks.py),
+    so "auto" runs them in sequence from four objectives on, even off a mesh; "batched" still batches them."""
+    four = "objectives=[" + ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in "abcd")
+    full = ("combiner.name=mgda", "combiner.mode=full")
+    assert trainer(*full, four + "]").update_spec.num_objectives == 4
+    assert trainer(*full, four + "]").update_spec.sequential_pullbacks
+    assert not trainer(*full, four + "]", "combiner.pullbacks=batched").update_spec.sequential_pullbacks
+    assert not trainer(*full).update_spec.sequential_pullbacks  # three objectives
+
+
 def test_pullbacks_auto_runs_them_in_sequence_on_a_mesh_keeping_each_gradient_sharded():
     """On a mesh ``combiner.pullbacks`` "auto" runs the n pullbacks one after another, each objective's gradient
     constrained to its parameters' FSDP sharding; left to itself the partitioner all-reduces them whole onto every
