@@ -1,4 +1,4 @@
-"""Batched against sequential pullbacks of a trainer's policy: do the k gradients of one batched pullback agree?
+"""Batched against separate pullbacks of a trainer's policy: do the k gradients of one batched pullback agree?
 
 Probe and full mode take the n per-objective gradients from one forward pass, either batched (``jax.vmap`` of the
 pullback over the n cotangents: ``combiner.pullbacks`` batched, and auto off a mesh) or one pullback after another

@@ -89,9 +89,10 @@ def call_orders(contenders: int, count: int, seed: int = 0) -> list[list[int]]:
 
     Random rather than rotated orders, because a call's time depends on what ran just before it (caches, the
     allocator's free lists): rotating a list keeps every contender's predecessor, so a contender that always follows
-    a large program reads slower than the same program elsewhere in the list (measured: the linear step of
-    ``benchmarks/rl_step.py``, always after the peers' step, 5-10% slower than the very same program in the next
-    trainers on the tiny model). Random orders turn that bias into noise that the medians absorb.
+    a large program reads slower than the same program elsewhere in the list (the linear step of
+    ``benchmarks/rl_step.py``, always after the peers' step, read slower than the very same compiled program in the
+    scalar combiners' trainers: ``benchmarks/RESULTS.md``, "Timings in random orders"). Random orders turn that bias
+    into noise that the medians absorb.
     """
     rng = np.random.default_rng(seed)
     return [[int(i) for i in rng.permutation(contenders)] for _ in range(count)]

@@ -78,9 +78,9 @@ from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, 
 
 NORMALIZER_EPS = 1e-6
 MIN_SEQUENTIAL_OBJECTIVES = 4
-"""``combiner.pullbacks: auto`` runs this many per-objective pullbacks or more in sequence even off a mesh: batched
-(one ``jax.vmap`` over the cotangents), four or more came out wrong on SmolLM2-135M at the reviews example's shapes
-while sequential ones were right (``benchmarks/check_pullbacks.py``; the cause is not found)."""
+"""From this many objectives on, ``combiner.pullbacks: auto`` runs the per-objective pullbacks in sequence even off a
+mesh: batched (one ``jax.vmap`` over the cotangents), four or more came out wrong on SmolLM2-135M at the reviews
+example's shapes, where sequential ones were right (``benchmarks/check_pullbacks.py``; the cause is not found)."""
 
 
 # ------------------------------------------------------------------------------------------------ building blocks

@@ -79,8 +79,8 @@ def test_only_the_adapters_train_in_every_layer(root):
 
 def test_the_split_policy_samples_as_the_unsplit_one_and_the_reference_is_the_base_model(root):
     """Same seed, same initial adapters: step 1 samples the same completions in probe mode (split) as in full mode
-    (unsplit), since the merged split policy is the unsplit one; once the adapters have moved, the KL to the reference is
-    positive (the reference of the split state is the base model, adapters off, not the policy itself)."""
+    (unsplit), since the merged split policy is the unsplit one; once the adapters have moved, the KL to the
+    reference is positive (the reference of the split state is the base model, adapters off, not the policy)."""
     _, _, split = lora_run(root, "")
     full_mode, _, unsplit = lora_run(root, "combiner.mode=full")
     assert not full_mode.split
