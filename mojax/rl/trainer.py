@@ -80,7 +80,8 @@ NORMALIZER_EPS = 1e-6
 MIN_SEQUENTIAL_OBJECTIVES = 4
 """From this many objectives on, ``combiner.pullbacks: auto`` runs the per-objective pullbacks in sequence even off a
 mesh: batched (one ``jax.vmap`` over the cotangents), four or more came out wrong on SmolLM2-135M at the reviews
-example's shapes, where sequential ones were right (``benchmarks/check_pullbacks.py``; the cause is not found)."""
+example's shapes on XLA:CPU, where sequential ones were right: a miscompile in XLA:CPU's experimental YNNPACK
+fusions (right with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``; ``benchmarks/check_pullbacks.py``)."""
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
