@@ -7,6 +7,11 @@ gradients of the batched pullback of the policy's response log-probs with k sepa
 on the response tokens, fixed seed). It prints, per k, the largest absolute difference of every row over all
 parameters and the largest gradient entry for scale, and writes ``check_pullbacks.{md,json}``.
 
+Both programs compile as the trainer compiles its update (``mojax.xla_cpu.training_compiler_options``: on the CPU,
+without XLA:CPU's YNNPACK reduction fusions); ``--xla-defaults`` compiles them with XLA's defaults instead, which
+brings back the miscompile those options avoid. The report also gives ``mojax.xla_cpu.broadcast_reduce_error`` under
+both: whether this jaxlib still gets the fused reduction wrong.
+
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/check_pullbacks.py examples/smollm2_reviews.yaml --rows 2,3,4,8
     python benchmarks/check_pullbacks.py tiny --rows 3,4
 """
@@ -14,6 +19,7 @@ parameters and the largest gradient entry for scale, and writes ``check_pullback
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import sys
@@ -30,24 +36,31 @@ import jax.numpy as jnp  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.testing import cpu_model, write_report  # noqa: E402
+from mojax.xla_cpu import broadcast_reduce_error, training_compiler_options  # noqa: E402
 
 
 def row_differences(
-    trainer: Trainer, batch: Any, rows: int, seed: int = 1, vmap: Callable = jax.vmap
+    trainer: Trainer,
+    batch: Any,
+    rows: int,
+    seed: int = 1,
+    vmap: Callable = jax.vmap,
+    compiler_options: dict[str, str] | None = None,
 ) -> tuple[list[float], float]:
     """(per row: max |batched - separate| over every parameter, max |separate gradient|) for `rows` random
-    cotangents of the policy's log-probs on the batch's response tokens; `vmap` batches the pullback."""
+    cotangents of the policy's log-probs on the batch's response tokens; `vmap` batches the pullback; both programs
+    compile with ``compiler_options``."""
     cotangents = jax.random.normal(jax.random.key(seed), (rows, *batch.tokens.shape)) * batch.mask
 
     def log_probs(params):
         return trainer.policy(params, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)[0]
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def batched(params):
         _, pullback = jax.vjp(log_probs, params)
         return vmap(pullback)(cotangents)[0]
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def separate(params, cotangent):
         _, pullback = jax.vjp(log_probs, params)
         return pullback(cotangent)[0]
@@ -69,6 +82,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Machine: {report['cpu']}; batch of {report['batch']} completions, {report['prompt_tokens']} prompt and "
         f"{report['completion_tokens']} completion tokens.",
+        f"Compiler options: {report['compiler_options'] or 'XLA defaults'}. XLA:CPU's fused broadcast reduction "
+        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error']['defaults']:.3g} "
+        f"with XLA's defaults, {report['broadcast_reduce_error']['trainer']:.3g} with the trainer's options.",
         "",
         "| k | max abs difference per row | largest gradient entry |",
         "|---:|---|---:|",
@@ -83,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("config", help="a config name (tiny) or YAML path")
     parser.add_argument("--rows", default="2,3,4,8", help="comma-separated numbers of cotangents k")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    parser.add_argument(
+        "--xla-defaults", action="store_true", help="compile with XLA's default options, not the trainer's"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the report")
     args = parser.parse_args(argv)
     counts = [int(k) for k in args.rows.split(",")]
@@ -92,9 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides = [f"output_dir={workdir}", "logging.tensorboard=false", "eval_steps=0", "export=false", *args.set]
         trainer = Trainer(load_config(args.config, overrides))
         batch = trainer.prepare(1).batch
+        options = None if args.xla_defaults else training_compiler_options()
         rows = []
         for k in counts:
-            differences, scale = row_differences(trainer, batch, k)
+            differences, scale = row_differences(trainer, batch, k, compiler_options=options)
             rows.append({"k": k, "differences": differences, "scale": scale})
             print(f"k={k}: max |batched - separate| per row {[f'{d:.3g}' for d in differences]}, scale {scale:.3g}")
     report = {
@@ -103,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": int(batch.tokens.shape[0]),
         "prompt_tokens": int(batch.prompt_ids.shape[1]),
         "completion_tokens": int(batch.tokens.shape[1]),
+        "compiler_options": options,
+        "broadcast_reduce_error": {
+            "defaults": broadcast_reduce_error(),
+            "trainer": broadcast_reduce_error(training_compiler_options()),
+        },
         "rows": rows,
     }
     write_report(args.out, "check_pullbacks", report, markdown(report))

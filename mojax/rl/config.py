@@ -181,11 +181,8 @@ class CombinerSection:
     transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section; on a mesh each
     objective's gradient is kept sharded like the parameters) or ``"auto"`` (sequential on a mesh, where memory
     binds: LLaMA-70B in probe mode on 256 devices plans at 41 GiB per device in sequence against 86 GiB batched;
-    sequential with four or more objectives; batched otherwise). Batched pullbacks of four or more cotangents came
-    out wrong on SmolLM2-135M at ``examples/smollm2_reviews.yaml``'s shapes on XLA:CPU, where sequential ones are
-    right; XLA:CPU's experimental YNNPACK fusions are the cause (right with
-    ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``; ``benchmarks/check_pullbacks.py`` checks a config), so
-    ``"batched"`` with four or more objectives at real sizes is at the user's risk."""
+    batched otherwise). Either way the step compiles without XLA:CPU's YNNPACK reduction fusions, which made batched
+    pullbacks wrong (:mod:`mojax.xla_cpu`)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()

@@ -1,0 +1,46 @@
+"""XLA:CPU compile options for mojax's training programs: YNNPACK's reduction fusions off.
+
+jaxlib 0.10's XLA:CPU hands two kinds of operations to YNNPACK by default (the debug option
+``xla_cpu_experimental_ynn_fusion_type``): single matmuls and reductions fused with their elementwise neighbours. One
+fused reduction computes wrong values:
+
+    y = p * sum(c * p, axis=-1, keepdims=True),   p f32[16, 80, 64],   c f32[1, 80, 64] (broadcast along p's axis 0)
+
+comes out right in y[0] and wrong in y[1:] (errors of the size of y itself: :func:`broadcast_reduce_error`). A vmapped
+pullback makes exactly that pattern: the forward pass's residuals are shared by every cotangent, so they broadcast
+along the vmapped axis. The RMSNorm backward pass, vmapped over four cotangents at SmolLM2-135M's width, gave wrong
+per-objective gradients that way. Without the reduction fusions the result is right, and the RL and DPO steps ran as
+fast or faster on the 56M configuration and SmolLM2-135M (3-10% slower on the tiny model; ``benchmarks/RESULTS.md``).
+
+:func:`training_compiler_options` is what mojax's trainers pass to ``jax.jit(..., compiler_options=...)`` for the
+programs that differentiate the policy or score it for the update. Users who vmap pullbacks in their own jitted code
+(:func:`mojax.combiners.per_objective_grads`) can pass the same options.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NO_YNN_REDUCTION_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+"""XLA:CPU's default YNNPACK fusions (single matmuls and reductions) without the reductions. The option takes one
+fusion type, so it names the one kept."""
+
+
+def training_compiler_options() -> dict[str, str] | None:
+    """``compiler_options`` for a jitted training program: :data:`NO_YNN_REDUCTION_FUSIONS` when JAX's default
+    backend is the CPU, else None (XLA's defaults; the option is XLA:CPU's)."""
+    return dict(NO_YNN_REDUCTION_FUSIONS) if jax.default_backend() == "cpu" else None
+
+
+def broadcast_reduce_error(compiler_options: dict[str, str] | None = None, rows: int = 16) -> float:
+    """max |jit(p * sum(c * p, -1)) - numpy| for p f32[rows, 80, 64] and c f32[1, 80, 64], compiled with
+    ``compiler_options``: the fused reduction XLA:CPU gets wrong with its default YNNPACK fusions (module docstring).
+    The values are of order 100, so a right program reads about 1e-5."""
+    generator = np.random.default_rng(0)
+    p = generator.standard_normal((rows, 80, 64), dtype=np.float32)
+    c = generator.standard_normal((1, 80, 64), dtype=np.float32)
+    program = jax.jit(lambda p, c: p * jnp.sum(c * p, axis=-1, keepdims=True), compiler_options=compiler_options)
+    exact = p.astype(np.float64) * np.sum(c * p.astype(np.float64), axis=-1, keepdims=True)
+    return float(np.abs(np.asarray(program(p, c)) - exact).max())
