@@ -1,0 +1,157 @@
+"""The trainers' compiler options against XLA's defaults: one RL update compiled both ways, timed in the same run.
+
+mojax compiles its trainers' programs without XLA:CPU's YNNPACK reduction fusions (``mojax.xla_cpu``: with them a
+fused reduction comes out wrong, and batched per-objective pullbacks with it). This measures what that costs. For each
+n x combiner x mode it builds the tiny-task trainer of ``benchmarks/rl_step.py`` (``--set model.path=...`` for a
+bigger model), draws its first rollout, and jits the trainer's train step twice: with the trainer's options and with
+XLA's defaults. Both run on the same state and batch, interleaved in random orders
+(``mojax.testing.interleaved_timings``). The table gives each one's median, the ratio options / defaults (median
+over rounds, min-max spread), both compile times, and the largest difference between the parameters after one update.
+The defaults can be wrong there: with batched pullbacks of four or more objectives on SmolLM2-135M they are
+(``benchmarks/check_pullbacks.py --xla-defaults``).
+
+    python benchmarks/xla_cpu_options.py --n 3,5 --combiners linear,mgda
+    python benchmarks/xla_cpu_options.py --n 3 --combiners linear,mgda --set model.path=/tmp/shaped_56m
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from rl_step import load, machine, modes, trainer_for  # noqa: E402
+
+from mojax.combiners import REGISTRY  # noqa: E402
+from mojax.host_memory import keep_freed_host_memory  # noqa: E402
+from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.xla_cpu import broadcast_reduce_error, training_compiler_options  # noqa: E402
+
+OPTIONS, DEFAULTS = "trainer's options", "XLA defaults"
+
+
+def compiled_both_ways(n: int, combiner: str, mode: str, workdir: str, extra: list[str]) -> dict[str, Any]:
+    """The trainer's train step jitted with its options and with XLA's defaults, each as a call on the trainer's
+    first state and rollout (not donated), each one's first call (compile and run) in seconds, and the largest
+    parameter difference after one update."""
+    trainer = trainer_for(n, combiner, mode, workdir, extra)
+    batch = trainer.prepare(1).batch
+    state, weights = trainer.state, None
+    if trainer.update_spec.mode == "scalar":
+        state, weights = state._replace(combiner_state=None), jnp.full((n,), 1.0 / n, jnp.float32)
+    step = trainer._train_step.__wrapped__
+    args = (state, batch, jax.random.key(0), jnp.float32(trainer.kl_coef), weights)
+    programs = {OPTIONS: jax.jit(step, compiler_options=training_compiler_options()), DEFAULTS: jax.jit(step)}
+    calls = {
+        name: (lambda program=program: jax.block_until_ready(program(*args))) for name, program in programs.items()
+    }
+    after, first_call_s = {}, {}
+    for name, call in calls.items():
+        started = time.perf_counter()
+        after[name] = call()[0].params
+        first_call_s[name] = time.perf_counter() - started
+    gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after[OPTIONS], after[DEFAULTS])
+    return {"calls": calls, "first_call_s": first_call_s, "param_difference": max(jax.tree.leaves(gaps))}
+
+
+def measure(n: int, combiner: str, mode: str, workdir: str, extra: list[str], rounds: int, repeats: int) -> dict:
+    both = compiled_both_ways(n, combiner, mode, workdir, extra)
+    timing = interleaved_timings(both["calls"], rounds, repeats)
+    ratio, low, high = same_round_ratios(timing, OPTIONS, DEFAULTS)
+    return {
+        "n": n,
+        "contender": f"{combiner}/{mode}",
+        "options_ms": statistics.median(timing["round_medians_s"][OPTIONS]) * 1e3,
+        "defaults_ms": statistics.median(timing["round_medians_s"][DEFAULTS]) * 1e3,
+        "ratio": ratio,
+        "spread": [low, high],
+        "first_call_s": both["first_call_s"],
+        "param_difference": both["param_difference"],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# One RL update compiled with the trainer's options against XLA's defaults",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, jax {m['versions']['jax']}, jaxlib "
+        f"{m['versions']['jaxlib']}; trainer overrides: {' '.join(report['overrides']) or 'none'}  ",
+        f"Load before: `{report['load_before']}`  ",
+        f"Load after: `{report['load_after']}`  ",
+        f"The trainer's options: `{report['compiler_options']}`. XLA:CPU's fused broadcast reduction "
+        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error'][DEFAULTS]:.3g} "
+        f"with XLA's defaults, {report['broadcast_reduce_error'][OPTIONS]:.3g} with the trainer's options.  ",
+        f"Rounds: {report['rounds']}, calls per program per round: {report['repeats']} (random orders); ratio = median "
+        "over rounds of (options median / defaults median in the same round); spread = min-max over rounds.",
+        "",
+        "| n | contender | options ms | defaults ms | ratio options / defaults | spread | compile s (options, "
+        "defaults) | max parameter difference after one update |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        first = r["first_call_s"]
+        lines.append(
+            f"| {r['n']} | {r['contender']} | {r['options_ms']:.1f} | {r['defaults_ms']:.1f} | {r['ratio']:.2f} | "
+            f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {first[OPTIONS]:.1f}, {first[DEFAULTS]:.1f} | "
+            f"{r['param_difference']:.3g} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="3", help="comma-separated numbers of objectives")
+    parser.add_argument("--combiners", default="linear,mgda", help="comma-separated registry names (every mode each)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a trainer override")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the report")
+    args = parser.parse_args(argv)
+    args.n = [int(v) for v in args.n.split(",")]
+    args.combiners = [c for c in args.combiners.split(",") if c]
+    if not args.combiners or any(c not in REGISTRY for c in args.combiners) or min(args.n) < 2:
+        parser.error(f"--combiners must name combiners of {sorted(REGISTRY)} and --n be >= 2; got {args}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report: dict[str, Any] = {
+        "command": "python " + shlex.join(["benchmarks/xla_cpu_options.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "overrides": args.set,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "compiler_options": training_compiler_options(),
+        "broadcast_reduce_error": {
+            DEFAULTS: broadcast_reduce_error(),
+            OPTIONS: broadcast_reduce_error(training_compiler_options()),
+        },
+        "load_before": load(),
+        "rows": [],
+    }
+    keep_freed_host_memory()
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in args.n:
+            for combiner in args.combiners:
+                for mode in modes(combiner):
+                    row = measure(n, combiner, mode, workdir, args.set, args.rounds, args.repeats)
+                    report["rows"].append(row)
+                    print(f"n={n} {row['contender']}: options / defaults {row['ratio']:.2f}", flush=True)
+    report["load_after"] = load()
+    write_report(args.out, "xla_cpu_options", report, markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/xla_cpu_options.py: a short run on the tiny model writes a consistent report, and the
+two compilations of each update agree on the tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+from script_module import load_script
+
+from mojax.xla_cpu import training_compiler_options
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "xla_cpu_options.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_script(SCRIPT, "xla_cpu_options_benchmark")
+
+
+def test_a_short_run_times_both_compilations_of_every_mode(benchmark, tmp_path):
+    argv = ["--n", "2", "--combiners", "linear,mgda", "--rounds", "1", "--repeats", "1", "--out", str(tmp_path)]
+    report = benchmark.main(argv)
+    assert json.loads((tmp_path / "xla_cpu_options.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert [row["contender"] for row in report["rows"]] == ["linear/scalar", "mgda/probe", "mgda/full"]
+    for row in report["rows"]:
+        assert row["options_ms"] > 0 and row["defaults_ms"] > 0 and row["ratio"] > 0
+        assert all(seconds > 0 for seconds in row["first_call_s"].values())
+        assert row["param_difference"] < 1e-4  # the tiny model's updates agree either way
+    assert report["compiler_options"] == training_compiler_options()
+    assert report["broadcast_reduce_error"][benchmark.OPTIONS] < 1e-3
+    assert "| 2 | mgda/full |" in (tmp_path / "xla_cpu_options.md").read_text()
