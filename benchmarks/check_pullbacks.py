@@ -1,16 +1,17 @@
 """Batched against separate pullbacks of a trainer's policy: do the k gradients of one batched pullback agree?
 
 Probe and full mode take the n per-objective gradients from one forward pass, either batched (``jax.vmap`` of the
-pullback over the n cotangents: ``combiner.pullbacks`` batched, and auto off a mesh) or one pullback after another
-(sequential). This check builds the trainer of a config, draws its first rollout, and for each k compares the k
+pullback over the n cotangents: ``combiner.pullbacks: batched``) or one pullback after another (sequential, the
+default). This check builds the trainer of a config, draws its first rollout, and for each k compares the k
 gradients of the batched pullback of the policy's response log-probs with k separate pullbacks (random cotangents
 on the response tokens, fixed seed). It prints, per k, the largest absolute difference of every row over all
 parameters and the largest gradient entry for scale, and writes ``check_pullbacks.{md,json}``.
 
-Both programs compile as the trainer compiles its update (``mojax.xla_cpu.training_compiler_options``: on the CPU,
-without XLA:CPU's YNNPACK reduction fusions); ``--xla-defaults`` compiles them with XLA's defaults instead, which
-brings back the miscompile those options avoid. The report also gives ``mojax.xla_cpu.broadcast_reduce_error`` under
-both: whether this jaxlib still gets the fused reduction wrong.
+Both programs compile as the trainer compiles a step with batched pullbacks
+(``mojax.xla_cpu.batched_pullback_options``: on the CPU, without XLA:CPU's YNNPACK reduction fusions);
+``--xla-defaults`` compiles them with XLA's defaults instead, which brings back the miscompile those options avoid.
+The report also gives ``mojax.xla_cpu.broadcast_reduce_error`` both ways: whether this jaxlib still gets the fused
+reduction wrong.
 
     MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/check_pullbacks.py examples/smollm2_reviews.yaml --rows 2,3,4,8
     python benchmarks/check_pullbacks.py tiny --rows 3,4
@@ -36,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
 from mojax.testing import cpu_model, write_report  # noqa: E402
-from mojax.xla_cpu import broadcast_reduce_error, training_compiler_options  # noqa: E402
+from mojax.xla_cpu import batched_pullback_options, broadcast_reduce_error  # noqa: E402
 
 
 def row_differences(
@@ -84,7 +85,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['completion_tokens']} completion tokens.",
         f"Compiler options: {report['compiler_options'] or 'XLA defaults'}. XLA:CPU's fused broadcast reduction "
         f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error']['defaults']:.3g} "
-        f"with XLA's defaults, {report['broadcast_reduce_error']['trainer']:.3g} with the trainer's options.",
+        f"with XLA's defaults, {report['broadcast_reduce_error']['options']:.3g} without the reduction fusions.",
         "",
         "| k | max abs difference per row | largest gradient entry |",
         "|---:|---|---:|",
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", default="2,3,4,8", help="comma-separated numbers of cotangents k")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     parser.add_argument(
-        "--xla-defaults", action="store_true", help="compile with XLA's default options, not the trainer's"
+        "--xla-defaults",
+        action="store_true",
+        help="compile with XLA's default options, not those of a step with batched pullbacks",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for the report")
     args = parser.parse_args(argv)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides = [f"output_dir={workdir}", "logging.tensorboard=false", "eval_steps=0", "export=false", *args.set]
         trainer = Trainer(load_config(args.config, overrides))
         batch = trainer.prepare(1).batch
-        options = None if args.xla_defaults else training_compiler_options()
+        options = None if args.xla_defaults else batched_pullback_options()
         rows = []
         for k in counts:
             differences, scale = row_differences(trainer, batch, k, compiler_options=options)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compiler_options": options,
         "broadcast_reduce_error": {
             "defaults": broadcast_reduce_error(),
-            "trainer": broadcast_reduce_error(training_compiler_options()),
+            "options": broadcast_reduce_error(batched_pullback_options()),
         },
         "rows": rows,
     }

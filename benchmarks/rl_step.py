@@ -83,7 +83,7 @@ from mojax.rl.update import (  # noqa: E402
     zeros_where_masked,
 )
 from mojax.testing import call_orders, cpu_model, write_report  # noqa: E402
-from mojax.xla_cpu import training_compiler_options  # noqa: E402
+from mojax.xla_cpu import batched_pullback_options  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
 BASELINE = "linear/scalar"
@@ -164,8 +164,8 @@ def reference_passes(
     trainer: Trainer, batch: Batch, wanted: Sequence[str] = (PEERS, PEERS_STEP)
 ) -> dict[str, Callable[[], Any]]:
     """The bound (one forward, n pullbacks) and those of the peers' references that are `wanted`: their n separate
-    forward+backward passes, and their whole MGDA step (:func:`peers_mgda_step`), jitted with the compiler options
-    of the trainer's step (:func:`mojax.xla_cpu.training_compiler_options`).
+    forward+backward passes, and their whole MGDA step (:func:`peers_mgda_step`), jitted; the bound's pullbacks run as
+    the trainer runs them (batched ones with :func:`mojax.xla_cpu.batched_pullback_options`).
 
     The passes use a copy of the trainer's initial parameters (its own are donated by every update). With LoRA they
     return the adapters' gradients only, as the trainer differentiates them (PEFT's peers: ``requires_grad`` off on the
@@ -179,12 +179,12 @@ def reference_passes(
     def vector_loss(p, b):
         return minibatch_losses(trainer.policy, p, b, denominators(b.mask, spec), beta, spec)[0]
 
-    @functools.partial(jax.jit, compiler_options=training_compiler_options())
+    @functools.partial(jax.jit, compiler_options=None if spec.sequential_pullbacks else batched_pullback_options())
     def forward_n_backward(p, b):
         _, pullback = jax.vjp(lambda q: vector_loss(q, b), p)
         return trained(stacked_pullbacks(pullback, jnp.eye(n + 1, dtype=jnp.float32)[:n], spec.sequential_pullbacks))
 
-    @functools.partial(jax.jit, compiler_options=training_compiler_options())
+    @jax.jit
     def one_objective_grad(p, b, index):
         return trained(jax.grad(lambda q: vector_loss(q, b)[index])(p))
 

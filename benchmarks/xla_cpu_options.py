@@ -1,14 +1,15 @@
-"""The trainers' compiler options against XLA's defaults: one RL update compiled both ways, timed in the same run.
+"""XLA:CPU without YNNPACK's reduction fusions against XLA's defaults: one RL update compiled both ways, same run.
 
-mojax compiles its trainers' programs without XLA:CPU's YNNPACK reduction fusions (``mojax.xla_cpu``: with them a
-fused reduction comes out wrong, and batched per-objective pullbacks with it). This measures what that costs. For each
-n x combiner x mode it builds the tiny-task trainer of ``benchmarks/rl_step.py`` (``--set model.path=...`` for a
-bigger model), draws its first rollout, and jits the trainer's train step twice: with the trainer's options and with
-XLA's defaults. Both run on the same state and batch, interleaved in random orders
-(``mojax.testing.interleaved_timings``). The table gives each one's median, the ratio options / defaults (median
-over rounds, min-max spread), both compile times, and the largest difference between the parameters after one update.
-The defaults can be wrong there: with batched pullbacks of four or more objectives on SmolLM2-135M they are
-(``benchmarks/check_pullbacks.py --xla-defaults``).
+mojax compiles the programs that vmap a pullback without XLA:CPU's YNNPACK reduction fusions
+(``mojax.xla_cpu.batched_pullback_options``: with them a fused reduction comes out wrong, and batched per-objective
+pullbacks with it). This measures what those options cost, which is why the other programs keep XLA's defaults. For
+each n x combiner x mode it builds the tiny-task trainer of ``benchmarks/rl_step.py`` (``--set model.path=...`` for a
+bigger model, ``--set combiner.pullbacks=batched`` for batched pullbacks), draws its first rollout, and jits the
+trainer's train step twice: without the reduction fusions and with XLA's defaults. Both run on the same state and
+batch, interleaved in random orders (``mojax.testing.interleaved_timings``). The table gives each one's median, the
+ratio without / defaults (median over rounds, min-max spread), both first calls (compile and run), and the largest
+difference between the parameters after one update. The defaults can be wrong there: with batched pullbacks of four
+or more objectives on SmolLM2-135M they are (``benchmarks/check_pullbacks.py --xla-defaults``).
 
     python benchmarks/xla_cpu_options.py --n 3,5 --combiners linear,mgda
     python benchmarks/xla_cpu_options.py --n 3 --combiners linear,mgda --set model.path=/tmp/shaped_56m
@@ -33,13 +34,13 @@ from rl_step import load, machine, modes, trainer_for  # noqa: E402
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
-from mojax.xla_cpu import broadcast_reduce_error, training_compiler_options  # noqa: E402
+from mojax.xla_cpu import batched_pullback_options, broadcast_reduce_error  # noqa: E402
 
-OPTIONS, DEFAULTS = "trainer's options", "XLA defaults"
+OPTIONS, DEFAULTS = "no YNN reduction fusions", "XLA defaults"
 
 
 def compiled_both_ways(n: int, combiner: str, mode: str, workdir: str, extra: list[str]) -> dict[str, Any]:
-    """The trainer's train step jitted with its options and with XLA's defaults, each as a call on the trainer's
+    """The trainer's train step jitted without YNNPACK's reduction fusions and with XLA's defaults, each as a call on the trainer's
     first state and rollout (not donated), each one's first call (compile and run) in seconds, and the largest
     parameter difference after one update."""
     trainer = trainer_for(n, combiner, mode, workdir, extra)
@@ -49,7 +50,7 @@ def compiled_both_ways(n: int, combiner: str, mode: str, workdir: str, extra: li
         state, weights = state._replace(combiner_state=None), jnp.full((n,), 1.0 / n, jnp.float32)
     step = trainer._train_step.__wrapped__
     args = (state, batch, jax.random.key(0), jnp.float32(trainer.kl_coef), weights)
-    programs = {OPTIONS: jax.jit(step, compiler_options=training_compiler_options()), DEFAULTS: jax.jit(step)}
+    programs = {OPTIONS: jax.jit(step, compiler_options=batched_pullback_options()), DEFAULTS: jax.jit(step)}
     calls = {
         name: (lambda program=program: jax.block_until_ready(program(*args))) for name, program in programs.items()
     }
@@ -81,20 +82,20 @@ def measure(n: int, combiner: str, mode: str, workdir: str, extra: list[str], ro
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        "# One RL update compiled with the trainer's options against XLA's defaults",
+        "# One RL update compiled without XLA:CPU's YNNPACK reduction fusions against XLA's defaults",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, jax {m['versions']['jax']}, jaxlib "
         f"{m['versions']['jaxlib']}; trainer overrides: {' '.join(report['overrides']) or 'none'}  ",
         f"Load before: `{report['load_before']}`  ",
         f"Load after: `{report['load_after']}`  ",
-        f"The trainer's options: `{report['compiler_options']}`. XLA:CPU's fused broadcast reduction "
+        f"Options without the reduction fusions: `{report['compiler_options']}`. XLA:CPU's fused broadcast reduction "
         f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error'][DEFAULTS]:.3g} "
-        f"with XLA's defaults, {report['broadcast_reduce_error'][OPTIONS]:.3g} with the trainer's options.  ",
+        f"with XLA's defaults, {report['broadcast_reduce_error'][OPTIONS]:.3g} without the reduction fusions.  ",
         f"Rounds: {report['rounds']}, calls per program per round: {report['repeats']} (random orders); ratio = median "
-        "over rounds of (options median / defaults median in the same round); spread = min-max over rounds.",
+        "over rounds of (median without the fusions / defaults median in the same round); spread = min-max over rounds.",
         "",
-        "| n | contender | options ms | defaults ms | ratio options / defaults | spread | compile s (options, "
+        "| n | contender | without ms | defaults ms | ratio without / defaults | spread | first call s (without, "
         "defaults) | max parameter difference after one update |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": args.set,
         "rounds": args.rounds,
         "repeats": args.repeats,
-        "compiler_options": training_compiler_options(),
+        "compiler_options": batched_pullback_options(),
         "broadcast_reduce_error": {
             DEFAULTS: broadcast_reduce_error(),
-            OPTIONS: broadcast_reduce_error(training_compiler_options()),
+            OPTIONS: broadcast_reduce_error(batched_pullback_options()),
         },
         "load_before": load(),
         "rows": [],
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for mode in modes(combiner):
                     row = measure(n, combiner, mode, workdir, args.set, args.rounds, args.repeats)
                     report["rows"].append(row)
-                    print(f"n={n} {row['contender']}: options / defaults {row['ratio']:.2f}", flush=True)
+                    print(f"n={n} {row['contender']}: without / defaults {row['ratio']:.2f}", flush=True)
     report["load_after"] = load()
     write_report(args.out, "xla_cpu_options", report, markdown(report))
     return report

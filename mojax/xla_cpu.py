@@ -1,4 +1,4 @@
-"""XLA:CPU compile options for mojax's training programs: YNNPACK's reduction fusions off.
+"""XLA:CPU compile options for programs with batched pullbacks: YNNPACK's reduction fusions off.
 
 jaxlib 0.10's XLA:CPU hands two kinds of operations to YNNPACK by default (the debug option
 ``xla_cpu_experimental_ynn_fusion_type``): single matmuls and reductions fused with their elementwise neighbours. One
@@ -6,15 +6,17 @@ fused reduction computes wrong values:
 
     y = p * sum(c * p, axis=-1, keepdims=True),   p f32[16, 80, 64],   c f32[1, 80, 64] (broadcast along p's axis 0)
 
-comes out right in y[0] and wrong in y[1:] (errors of the size of y itself: :func:`broadcast_reduce_error`). A vmapped
-pullback makes exactly that pattern: the forward pass's residuals are shared by every cotangent, so they broadcast
-along the vmapped axis. The RMSNorm backward pass, vmapped over four cotangents at SmolLM2-135M's width, gave wrong
-per-objective gradients that way. Without the reduction fusions the result is right, and the RL and DPO steps ran as
-fast or faster on the 56M configuration and SmolLM2-135M (3-10% slower on the tiny model; ``benchmarks/RESULTS.md``).
+comes out right in y[0] and wrong in y[1:] (errors of the size of y itself: :func:`broadcast_reduce_error`). A
+pullback vmapped over several cotangents makes exactly that pattern: the forward pass's residuals are shared by every
+cotangent, so they broadcast along the vmapped axis. The RMSNorm backward pass, vmapped over four cotangents at
+SmolLM2-135M's width, gave wrong per-objective gradients that way. One pullback at a time does not broadcast its
+residuals, and its gradients agreed with and without the fusions on SmolLM2.
 
-:func:`training_compiler_options` is what mojax's trainers pass to ``jax.jit(..., compiler_options=...)`` for the
-programs that differentiate the policy or score it for the update. Users who vmap pullbacks in their own jitted code
-(:func:`mojax.combiners.per_objective_grads`) can pass the same options.
+Without the reduction fusions the batched pullbacks are right, but the fusions are worth 5-20% of an RL update at
+the 56M and SmolLM2-135M sizes (``benchmarks/xla_cpu_options.py``), so mojax turns them off only in the programs that
+vmap a pullback: the RL step with ``combiner.pullbacks: batched`` and the DPO step (per-objective gradients and the
+per-pair entanglement). Users who vmap pullbacks in their own jitted code (:func:`mojax.combiners.per_objective_grads`)
+can pass :func:`batched_pullback_options` the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ NO_YNN_REDUCTION_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUS
 fusion type, so it names the one kept."""
 
 
-def training_compiler_options() -> dict[str, str] | None:
-    """``compiler_options`` for a jitted training program: :data:`NO_YNN_REDUCTION_FUSIONS` when JAX's default
-    backend is the CPU, else None (XLA's defaults; the option is XLA:CPU's)."""
+def batched_pullback_options() -> dict[str, str] | None:
+    """``jax.jit``'s ``compiler_options`` for a program that vmaps a pullback: :data:`NO_YNN_REDUCTION_FUSIONS` when
+    JAX's default backend is the CPU, else None (XLA's defaults; the option is XLA:CPU's)."""
     return dict(NO_YNN_REDUCTION_FUSIONS) if jax.default_backend() == "cpu" else None
 
 

@@ -1,5 +1,5 @@
-"""mojax.xla_cpu: the trainers' programs compile without XLA:CPU's YNNPACK reduction fusions, and with those options
-the fused broadcast reduction that the default fusions get wrong comes out right."""
+"""mojax.xla_cpu: the programs with batched pullbacks compile without XLA:CPU's YNNPACK reduction fusions, and with
+those options the fused broadcast reduction that the default fusions get wrong comes out right."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mojax.rl.config import load_config
 from mojax.rl.dpo import DPOTrainer
 from mojax.rl.dpo_config import load_dpo_config
 from mojax.rl.trainer import Trainer
-from mojax.xla_cpu import NO_YNN_REDUCTION_FUSIONS, broadcast_reduce_error, training_compiler_options
+from mojax.xla_cpu import NO_YNN_REDUCTION_FUSIONS, batched_pullback_options, broadcast_reduce_error
 
 QUIET = ["logging.tensorboard=false", "logging.progress=false", "export=false"]
 
@@ -26,8 +26,8 @@ def ynn_reduction_fusions(compiled_text: str) -> int:
 
 def test_the_options_keep_the_fused_broadcast_reduction_exact_on_the_cpu():
     assert jax.default_backend() == "cpu"
-    assert training_compiler_options() == NO_YNN_REDUCTION_FUSIONS
-    assert broadcast_reduce_error(training_compiler_options()) < 1e-3
+    assert batched_pullback_options() == NO_YNN_REDUCTION_FUSIONS
+    assert broadcast_reduce_error(batched_pullback_options()) < 1e-3
 
 
 def test_the_reduction_fusion_counter_sees_ynn_reductions_and_the_options_remove_them():
@@ -37,25 +37,15 @@ def test_the_reduction_fusion_counter_sees_ynn_reductions_and_the_options_remove
     grad = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) ** 2))
     with_reductions = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
     assert ynn_reduction_fusions(jax.jit(grad, compiler_options=with_reductions).lower(x).compile().as_text()) > 0
-    assert (
-        ynn_reduction_fusions(jax.jit(grad, compiler_options=NO_YNN_REDUCTION_FUSIONS).lower(x).compile().as_text())
-        == 0
-    )
+    without = jax.jit(grad, compiler_options=NO_YNN_REDUCTION_FUSIONS).lower(x).compile().as_text()
+    assert ynn_reduction_fusions(without) == 0
 
 
-def test_the_rl_train_step_compiles_without_ynn_reduction_fusions(tmp_path):
-    """Full mode's step, whose n pullbacks are batched off a mesh whatever n is."""
+def test_the_rl_train_step_with_batched_pullbacks_compiles_without_ynn_reduction_fusions(tmp_path):
     four = ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in "abcd")
-    overrides = [
-        f"output_dir={tmp_path}",
-        *QUIET,
-        "eval_steps=0",
-        "combiner.name=mgda",
-        "combiner.mode=full",
-        f"objectives=[{four}]",
-    ]
-    trainer = Trainer(load_config("tiny", overrides))
-    assert not trainer.update_spec.sequential_pullbacks
+    overrides = [f"output_dir={tmp_path}", *QUIET, "eval_steps=0", "combiner.name=mgda", "combiner.mode=full"]
+    trainer = Trainer(load_config("tiny", [*overrides, f"objectives=[{four}]", "combiner.pullbacks=batched"]))
+    assert trainer.update_spec.batched_pullbacks
     args = (trainer.state, trainer.prepare(1).batch, jax.random.key(0), jnp.float32(0.1), None)
     assert ynn_reduction_fusions(trainer._train_step.lower(*args).compile().as_text()) == 0
 

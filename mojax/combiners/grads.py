@@ -95,7 +95,7 @@ def per_objective_grads(
       the structure of ``params`` and every leaf a leading objective axis of size n. With ``probe_mask`` the non-probe
       leaves are ``optax.MaskedNode()`` (as ``optax.masked`` does), so a combiner sees the probe gradients only.
 
-    On XLA:CPU, jit the caller with ``compiler_options=mojax.xla_cpu.training_compiler_options()`` as mojax's trainers
+    On XLA:CPU, jit the caller with ``compiler_options=mojax.xla_cpu.batched_pullback_options()`` as mojax's trainers
     do: with jaxlib 0.10's default YNNPACK reduction fusions a vmapped pullback can come out wrong (:mod:`mojax.xla_cpu`).
 
     References:

@@ -175,14 +175,13 @@ class CombinerSection:
     mode: str = "auto"
     """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``."""
     pullbacks: str = "auto"
-    """How probe and full modes run the n per-objective backward passes: ``"batched"`` (one pass vmapped over the n
-    unit cotangents: n-times wider matmuls, the faster on small models), ``"sequential"`` (one pass after another:
+    """How probe and full modes run the n per-objective backward passes: ``"sequential"`` (one pass after another:
     1/n of the batched activation gradients' memory, and the stacked gradients come out objective-major, with no
-    transposes; the faster on SmolLM2-135M on XLA:CPU, see the README's performance section; on a mesh each
-    objective's gradient is kept sharded like the parameters) or ``"auto"`` (sequential on a mesh, where memory
-    binds: LLaMA-70B in probe mode on 256 devices plans at 41 GiB per device in sequence against 86 GiB batched;
-    batched otherwise). Either way the step compiles without XLA:CPU's YNNPACK reduction fusions, which made batched
-    pullbacks wrong (:mod:`mojax.xla_cpu`)."""
+    transposes; on a mesh each objective's gradient is kept sharded like the parameters: LLaMA-70B in probe mode on
+    256 devices plans at 41 GiB per device in sequence against 86 GiB batched), ``"batched"`` (one pass vmapped over
+    the n unit cotangents: n-times wider matmuls, the faster on the tiny model; on the CPU its step compiles without
+    XLA:CPU's YNNPACK reduction fusions, which get batched pullbacks wrong and are worth 5-20% of an update at real
+    sizes: :mod:`mojax.xla_cpu`) or ``"auto"`` (sequential)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()

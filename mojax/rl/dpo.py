@@ -92,7 +92,7 @@ from mojax.rl.trainer import (
     response_fn,
 )
 from mojax.rl.update import all_finite, keep_if, objective_cosines, step_if_finite, zeros_where_masked
-from mojax.xla_cpu import training_compiler_options
+from mojax.xla_cpu import batched_pullback_options
 
 __all__ = ["DPOConfig", "DPOState", "DPOTrainer", "PairBatch", "load_dpo_config", "run_dpo", "tiny_preference_pairs"]
 
@@ -774,12 +774,10 @@ class DPOTrainer(Run):
                 lora_mask(params) if config.lora.rank else None,
             ),
             donate_argnums=0,
-            compiler_options=training_compiler_options(),
+            # its per-objective gradients and per-pair entanglement vmap pullbacks (mojax.xla_cpu)
+            compiler_options=batched_pullback_options(),
         )
-        self._logps = jax.jit(
-            functools.partial(pair_logps, self.policy, average=config.length_average),
-            compiler_options=training_compiler_options(),
-        )
+        self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))
         self.margin_rewards = tuple(
             resolve(
                 {key: rl_config.to_dict(getattr(reward, key)) for key in ("name", "fn", "weight", "kind", "options")}

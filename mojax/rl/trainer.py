@@ -75,7 +75,7 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
 )
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
 from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, make_train_step
-from mojax.xla_cpu import training_compiler_options
+from mojax.xla_cpu import batched_pullback_options
 
 NORMALIZER_EPS = 1e-6
 
@@ -433,8 +433,7 @@ class Trainer(Run):
             entropy_coef=algorithm.entropy_coef,
             vf_coef=algorithm.vf_coef,
             value_clip=algorithm.value_clip,
-            sequential_pullbacks=config.combiner.pullbacks == "sequential"
-            or (config.combiner.pullbacks == "auto" and self.mesh is not None),
+            sequential_pullbacks=config.combiner.pullbacks != "batched",
             on_policy=one_update_per_rollout(config),
         )
         # Probe mode splits the final block from the stacked layers: the default set is that block (or its adapters),
@@ -458,8 +457,6 @@ class Trainer(Run):
         # a bool per (split) parameter leaf, False for LoRA's frozen weights (None: every leaf trains)
         self.trainable_flags = jax.tree.leaves(lora_mask(params)) if config.lora.rank else None
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
-        # the policy's and the critic's programs compile without XLA:CPU's YNNPACK reduction fusions (mojax.xla_cpu)
-        exact = training_compiler_options()
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
                 build_critic(self.model, self.num_trained, config.model.init_seed + 1), nnx.Param, ...
@@ -469,7 +466,7 @@ class Trainer(Run):
                     critic_params, state_shardings(critic_params, self.mesh, config.mesh.rules)
                 )
             critic = critic_fn(critic_graphdef, critic_rest)
-            self._values = jax.jit(critic, compiler_options=exact)
+            self._values = jax.jit(critic)
             critic_optimizer = build_optimizer(config.optimizer)[0]
             critic_opt_state = critic_optimizer.init(critic_params)
         self._train_step = jax.jit(
@@ -485,7 +482,8 @@ class Trainer(Run):
                 self.trainable_flags,
             ),
             donate_argnums=0,
-            compiler_options=exact,
+            # batched pullbacks compile without XLA:CPU's YNNPACK reduction fusions, which get them wrong (mojax.xla_cpu)
+            compiler_options=batched_pullback_options() if self.update_spec.batched_pullbacks else None,
         )
         scalar = self.update_spec.mode == "scalar"
         self._scalar_weights = jax.jit(make_scalar_weights(self.combiner, self.update_spec)) if scalar else None
@@ -493,15 +491,13 @@ class Trainer(Run):
         # LoRA: the reference is the base model (adapters off) of the current parameters, no copy; else a frozen copy.
         self.reference_params = jax.tree.map(jnp.copy, params) if self.uses_reference and not config.lora.rank else None
         self._logp = jax.jit(
-            lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0],
-            compiler_options=exact,
+            lambda p, ids, mask, tokens: self.policy(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )
         base = response_fn(
             self.graphdef, self.rest, split=self.split, adapters=False, chunk_size=algorithm.logits_chunk_size
         )
         self._base_logp = jax.jit(
-            lambda p, ids, mask, tokens: base(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0],
-            compiler_options=exact,
+            lambda p, ids, mask, tokens: base(p, ids, mask, tokens, jnp.ones(tokens.shape, jnp.float32))[0]
         )
         # Every leaf its own buffer: the train step donates the state, and an init may share one array twice.
         self.state = jax.tree.map(

@@ -100,7 +100,9 @@ class UpdateSpec(NamedTuple):
     entropy_coef: float = 0.0
     vf_coef: float = 0.1
     value_clip: float = 0.2
-    sequential_pullbacks: bool = False
+    sequential_pullbacks: bool = True
+    """Probe and full mode run the n pullbacks one after another (False: one pullback vmapped over the n cotangents,
+    which needs :func:`mojax.xla_cpu.batched_pullback_options` on XLA:CPU; :func:`stacked_pullbacks`)."""
     max_grad_norm: float | None = None
     """Clip the combined gradient to this global norm before the optimizer (as ``optax.clip_by_global_norm``, which the
     optimizer then leaves out; None: no clipping). In full mode without a shared term the norm comes from the
@@ -111,6 +113,11 @@ class UpdateSpec(NamedTuple):
     update's own log-probabilities with the gradient stopped, so the ratio is exactly 1 and ``Batch.old_logp`` is not
     read (the rollout then needs no forward pass to recompute it; TRL's GRPO does the same when
     ``num_iterations`` is 1)."""
+
+    @property
+    def batched_pullbacks(self) -> bool:
+        """Whether the step vmaps the policy's pullback over the n objectives (probe or full mode, not in sequence)."""
+        return self.mode != "scalar" and not self.sequential_pullbacks
 
 
 class Denominators(NamedTuple):
@@ -256,6 +263,8 @@ def stacked_pullbacks(
     Batched (vmap) runs one backward pass on n-times wider operands; sequential (lax.map) runs n passes in a loop,
     holding one pass's activation gradients at a time and writing each result straight into its objective-major
     slot (vmap through the layer scan leaves the objective axis second, so later whole-leaf consumers transpose).
+    On XLA:CPU, jit a program with batched pullbacks with :func:`mojax.xla_cpu.batched_pullback_options`: with the
+    default fusions they can come out wrong.
 
     On a mesh (``param_shardings``: the parameters' NamedShardings) each sequential pass's gradient is constrained
     to its parameters' sharding. The per-objective gradients feed only reductions (the Gram, the cosines), so

@@ -270,15 +270,17 @@ def test_five_updates_on_8_devices_with_fsdp_equal_one_device(mode):
     assert_trees_close(sharded, single, atol=1e-5)
 
 
-def test_pullbacks_auto_batches_them_off_a_mesh_whatever_the_number_of_objectives():
-    """Off a mesh "auto" batches the n pullbacks, four objectives as three (the train step compiles without the
-    XLA:CPU fusions that made four or more wrong: tests/test_xla_cpu.py); "sequential" runs them in sequence."""
-    four = "objectives=[" + ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in "abcd")
+def test_pullbacks_auto_runs_them_in_sequence_and_batched_ones_compile_without_ynn_reductions():
+    """ "auto" runs the n pullbacks in sequence, off a mesh too; "batched" vmaps them, and only then does the step
+    compile with the XLA:CPU options that keep batched pullbacks right (tests/test_xla_cpu.py)."""
+    from mojax.rl.update import UpdateSpec
+
     full = ("combiner.name=mgda", "combiner.mode=full")
-    assert trainer(*full, four + "]").update_spec.num_objectives == 4
-    assert not trainer(*full, four + "]").update_spec.sequential_pullbacks
-    assert not trainer(*full).update_spec.sequential_pullbacks  # three objectives
-    assert trainer(*full, "combiner.pullbacks=sequential").update_spec.sequential_pullbacks
+    assert trainer(*full).update_spec.sequential_pullbacks
+    assert trainer("combiner.name=mgda", "combiner.mode=probe").update_spec.sequential_pullbacks
+    assert trainer(*full, "combiner.pullbacks=batched").update_spec.batched_pullbacks
+    assert not trainer(*full).update_spec.batched_pullbacks
+    assert not UpdateSpec("scalar", 3, "linear", (), sequential_pullbacks=False).batched_pullbacks
 
 
 def test_pullbacks_auto_runs_them_in_sequence_on_a_mesh_keeping_each_gradient_sharded():
@@ -288,7 +290,6 @@ def test_pullbacks_auto_runs_them_in_sequence_on_a_mesh_keeping_each_gradient_sh
     from mojax.rl.update import make_train_step
 
     probe = ("combiner.name=mgda", "combiner.mode=probe")
-    assert not trainer(*probe).update_spec.sequential_pullbacks
     run = trainer(*probe, "mesh.shape={fsdp: 8}")
     assert run.update_spec.sequential_pullbacks
 
