@@ -180,8 +180,8 @@ class CombinerSection:
     transposes; on a mesh each objective's gradient is kept sharded like the parameters: LLaMA-70B in probe mode on
     256 devices plans at 41 GiB per device in sequence against 86 GiB batched), ``"batched"`` (one pass vmapped over
     the n unit cotangents: n-times wider matmuls, the faster on the tiny model; on the CPU its step compiles without
-    XLA:CPU's YNNPACK reduction fusions, which get batched pullbacks wrong and are worth 5-20% of an update at real
-    sizes: :mod:`mojax.xla_cpu`) or ``"auto"`` (sequential)."""
+    XLA:CPU's YNNPACK reduction fusions, which get batched pullbacks wrong: :mod:`mojax.xla_cpu`) or ``"auto"``
+    (sequential)."""
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword options of the combiner's factory (the objectives' weights are passed where it takes weights)."""
     probe: Sequence[str] = ()
