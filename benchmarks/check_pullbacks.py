@@ -77,6 +77,7 @@ def row_differences(
 
 
 def markdown(report: dict[str, Any]) -> str:
+    errors = report["broadcast_reduce_error"]
     lines = [
         "# Batched against separate pullbacks of the policy",
         "",
@@ -84,8 +85,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['cpu']}; batch of {report['batch']} completions, {report['prompt_tokens']} prompt and "
         f"{report['completion_tokens']} completion tokens.",
         f"Compiler options: {report['compiler_options'] or 'XLA defaults'}. XLA:CPU's fused broadcast reduction "
-        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error']['defaults']:.3g} "
-        f"with XLA's defaults, {report['broadcast_reduce_error']['options']:.3g} without the reduction fusions.",
+        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {errors['defaults']:.3g} with XLA's defaults, "
+        f"{errors['options']:.3g} without the reduction fusions.",
         "",
         "| k | max abs difference per row | largest gradient entry |",
         "|---:|---|---:|",

@@ -40,9 +40,9 @@ OPTIONS, DEFAULTS = "no YNN reduction fusions", "XLA defaults"
 
 
 def compiled_both_ways(n: int, combiner: str, mode: str, workdir: str, extra: list[str]) -> dict[str, Any]:
-    """The trainer's train step jitted without YNNPACK's reduction fusions and with XLA's defaults, each as a call on the trainer's
-    first state and rollout (not donated), each one's first call (compile and run) in seconds, and the largest
-    parameter difference after one update."""
+    """The trainer's train step jitted without YNNPACK's reduction fusions and with XLA's defaults, each as a call on
+    the trainer's first state and rollout (not donated), each one's first call (compile and run) in seconds, and the
+    largest parameter difference after one update."""
     trainer = trainer_for(n, combiner, mode, workdir, extra)
     batch = trainer.prepare(1).batch
     state, weights = trainer.state, None
@@ -80,7 +80,7 @@ def measure(n: int, combiner: str, mode: str, workdir: str, extra: list[str], ro
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
+    m, errors = report["machine"], report["broadcast_reduce_error"]
     lines = [
         "# One RL update compiled without XLA:CPU's YNNPACK reduction fusions against XLA's defaults",
         "",
@@ -90,10 +90,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load before: `{report['load_before']}`  ",
         f"Load after: `{report['load_after']}`  ",
         f"Options without the reduction fusions: `{report['compiler_options']}`. XLA:CPU's fused broadcast reduction "
-        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {report['broadcast_reduce_error'][DEFAULTS]:.3g} "
-        f"with XLA's defaults, {report['broadcast_reduce_error'][OPTIONS]:.3g} without the reduction fusions.  ",
+        f"(`mojax.xla_cpu.broadcast_reduce_error`, values of order 100): {errors[DEFAULTS]:.3g} with XLA's defaults, "
+        f"{errors[OPTIONS]:.3g} without the reduction fusions.  ",
         f"Rounds: {report['rounds']}, calls per program per round: {report['repeats']} (random orders); ratio = median "
-        "over rounds of (median without the fusions / defaults median in the same round); spread = min-max over rounds.",
+        "over rounds of (median without the fusions / defaults median in the same round); spread = min-max over "
+        "rounds.",
         "",
         "| n | contender | without ms | defaults ms | ratio without / defaults | spread | first call s (without, "
         "defaults) | max parameter difference after one update |",

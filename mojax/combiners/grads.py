@@ -96,7 +96,8 @@ def per_objective_grads(
       leaves are ``optax.MaskedNode()`` (as ``optax.masked`` does), so a combiner sees the probe gradients only.
 
     On XLA:CPU, jit the caller with ``compiler_options=mojax.xla_cpu.batched_pullback_options()`` as mojax's trainers
-    do: with jaxlib 0.10's default YNNPACK reduction fusions a vmapped pullback can come out wrong (:mod:`mojax.xla_cpu`).
+    do: with jaxlib 0.10's default YNNPACK reduction fusions a vmapped pullback can come out wrong
+    (:mod:`mojax.xla_cpu`).
 
     References:
       C. Li, H. Zhang, Y. Xu, H. Xue, X. Ao, Q. He. Gradient-Adaptive Policy Optimization: Towards Multi-Objective

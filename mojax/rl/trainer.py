@@ -482,7 +482,7 @@ class Trainer(Run):
                 self.trainable_flags,
             ),
             donate_argnums=0,
-            # batched pullbacks compile without XLA:CPU's YNNPACK reduction fusions, which get them wrong (mojax.xla_cpu)
+            # batched pullbacks compile without XLA:CPU's YNNPACK reduction fusions: they get them wrong (mojax.xla_cpu)
             compiler_options=batched_pullback_options() if self.update_spec.batched_pullbacks else None,
         )
         scalar = self.update_spec.mode == "scalar"
