@@ -7,6 +7,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mojax.rl.config import load_config
 from mojax.rl.dpo import DPOTrainer
@@ -41,13 +42,25 @@ def test_the_reduction_fusion_counter_sees_ynn_reductions_and_the_options_remove
     assert ynn_reduction_fusions(without) == 0
 
 
-def test_the_rl_train_step_with_batched_pullbacks_compiles_without_ynn_reduction_fusions(tmp_path):
+def test_the_rl_train_step_with_batched_pullbacks_compiles_without_ynn_reduction_fusions_and_equals_sequential(
+    tmp_path,
+):
     four = ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in "abcd")
-    overrides = [f"output_dir={tmp_path}", *QUIET, "eval_steps=0", "combiner.name=mgda", "combiner.mode=full"]
-    trainer = Trainer(load_config("tiny", [*overrides, f"objectives=[{four}]", "combiner.pullbacks=batched"]))
-    assert trainer.update_spec.batched_pullbacks
-    args = (trainer.state, trainer.prepare(1).batch, jax.random.key(0), jnp.float32(0.1), None)
-    assert ynn_reduction_fusions(trainer._train_step.lower(*args).compile().as_text()) == 0
+    overrides = [*QUIET, "eval_steps=0", "combiner.name=mgda", "combiner.mode=full", f"objectives=[{four}]"]
+    batched = Trainer(load_config("tiny", [f"output_dir={tmp_path / 'b'}", *overrides, "combiner.pullbacks=batched"]))
+    sequential = Trainer(load_config("tiny", [f"output_dir={tmp_path / 's'}", *overrides]))
+    assert batched.update_spec.batched_pullbacks and not sequential.update_spec.batched_pullbacks
+    batch = batched.prepare(1).batch
+    args = (batched.state, batch, jax.random.key(0), jnp.float32(0.1), None)
+    assert ynn_reduction_fusions(batched._train_step.lower(*args).compile().as_text()) == 0
+    before = [np.array(leaf) for leaf in jax.tree.leaves(sequential.state.params)]
+    batched.update(batch, 1)
+    sequential.update(batch, 1)
+    after = jax.tree.leaves(sequential.state.params)
+    moved = [np.abs(np.asarray(leaf) - start).max() for leaf, start in zip(after, before, strict=True)]
+    assert max(moved) > 1e-4  # the update moves the parameters, so equal updates mean equal gradients
+    for got, want in zip(jax.tree.leaves(batched.state.params), jax.tree.leaves(sequential.state.params), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_the_dpo_step_compiles_without_ynn_reduction_fusions(tmp_path):
