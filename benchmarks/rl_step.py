@@ -16,7 +16,10 @@ is the fixed batch; every other contender runs on that same batch:
 * ``peers' MGDA step``: those peers' whole update: the n passes, then MGDA's weights on their Gram, the combination,
   the clip and the trainer's optimizer (mojax's own MGDA and optimizer; the peers' solvers differ). MGDA's full mode
   does the same work with one forward pass: the verdict gives how much faster it is. With LoRA every reference
-  differentiates the adapters only, as the trainers do.
+  differentiates the adapters only, as the trainers do;
+* ``<combiner>/full, select skip`` (``--references other-skip``): a full-mode update whose non-finite skip is a
+  select of the stepped state against the old one where the trainer's is a ``lax.cond`` (pullbacks in sequence), or
+  a conditional where the trainer's is a select (batched pullbacks): the two measured each way round.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times
@@ -77,6 +80,7 @@ from mojax.rl.update import (  # noqa: E402
     clip_to_norm,
     denominators,
     make_scalar_weights,
+    make_train_step,
     masked_nodes,
     minibatch_losses,
     stacked_pullbacks,
@@ -93,7 +97,8 @@ PEERS_STEP = "peers' MGDA step: n x (fwd + bwd), MGDA, optimizer"
 TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
-REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP}  # --references names of the optional reference passes
+OTHER_SKIP = "other skip"
+REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP, "other-skip": OTHER_SKIP}  # --references names
 
 
 class Contender(NamedTuple):
@@ -236,8 +241,8 @@ def contenders(
     wanted_modes: Sequence[str] = ALL_MODES,
     references: Sequence[str] = (PEERS, PEERS_STEP),
 ) -> list[Contender]:
-    """The baseline first, then every combiner x mode (of `wanted_modes`), then the bound and the peers' `references`;
-    all compiled and warm."""
+    """The baseline first, then every combiner x mode (of `wanted_modes`; each full mode followed by its other skip
+    when `references` ask for it), then the bound and the peers' `references`; all compiled and warm."""
     linear = trainer_for(n, "linear", "scalar", workdir, extra)
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
@@ -250,9 +255,36 @@ def contenders(
             trainer = trainer_for(n, name, mode, workdir, extra)
             call, weights = update_call(trainer, batch), weights_call(trainer, batch) if mode == "scalar" else None
             found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call), weights))
+            if mode == "full" and OTHER_SKIP in references:
+                found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [Contender(label, "", call, timed_first(call)) for label, call in passes.items()]
     return found
+
+
+def other_skip_contender(trainer: Trainer, batch: Batch) -> Contender:
+    """A full-mode trainer's update with its non-finite skip done the other way round (``make_train_step``'s
+    ``skip_by_conditional``): a select of the stepped state where the trainer branches (pullbacks in sequence), a
+    ``lax.cond`` where it selects (batched pullbacks); compiled and warm. Timed like the trainer's own update."""
+    spec = trainer.update_spec
+    if trainer.state.critic_params is not None:
+        raise ValueError("the other-skip reference supports trainers without a critic (the tiny task's GRPO)")
+    conditional = spec.batched_pullbacks
+    trainer._train_step = jax.jit(
+        make_train_step(
+            trainer.policy,
+            trainer.combiner,
+            trainer.optimizer,
+            spec,
+            trainable_flags=trainer.trainable_flags,
+            skip_by_conditional=conditional,
+        ),
+        donate_argnums=0,
+        compiler_options=batched_pullback_options() if spec.batched_pullbacks else None,
+    )
+    call = update_call(trainer, batch)
+    label = f"{spec.combiner_name}/full, {'conditional' if conditional else 'select'} skip"
+    return Contender(label, "", call, timed_first(call))
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -498,9 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--references",
-        default=",".join(REFERENCES),
-        help="comma-separated peers' references to time besides the bound: peers (their n passes), peers-step (their "
-        "whole MGDA step); fewer for less memory (n = 8 on SmolLM2)",
+        default="peers,peers-step",
+        help="comma-separated references to time besides the bound: peers (their n passes), peers-step (their "
+        "whole MGDA step), other-skip (every full-mode update with its non-finite skip done the other way: a select "
+        "where it branches, a conditional where it selects); fewer for less memory (n = 8 on SmolLM2)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")

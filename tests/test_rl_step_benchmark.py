@@ -76,6 +76,34 @@ def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_
     chex.assert_trees_all_close(params, mgda.state.params, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pullbacks", ["sequential", "batched"])
+def test_other_skip_updates_as_the_trainer_with_the_other_skip(rl_step, tmp_path, pullbacks):
+    """The other-skip reference follows each full-mode contender and updates the parameters as the trainer does,
+    from a step that skips a non-finite update the other way round (a select where the trainer branches)."""
+    extra = [f"combiner.pullbacks={pullbacks}"]
+    linear = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path), extra)
+    batch = linear.prepare(1).batch
+    own, other = (rl_step.trainer_for(2, "mgda", "full", str(tmp_path), extra) for _ in range(2))
+    contender = rl_step.other_skip_contender(other, batch)  # compiled and called twice (warm-up): two updates
+    assert contender.label == f"mgda/full, {'conditional' if pullbacks == 'batched' else 'select'} skip"
+    for step in (1, 2):
+        own.update(batch, step)
+    chex.assert_trees_all_close(other.state.params, own.state.params, atol=1e-6, rtol=0)
+    args = (other.state, batch, jax.random.key(0), np.float32(0), None)
+    text = other._train_step.lower(*args).compile().as_text()
+    assert (" conditional(" in text) is (pullbacks == "batched")
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear,mgda", "--modes", "full", "--references", "other-skip"]
+        + ["--out", str(tmp_path)]
+    )
+    assert [row["contender"] for row in report["rows"]] == [
+        rl_step.BASELINE,
+        "mgda/full",
+        "mgda/full, select skip",
+        rl_step.BOUND,
+    ]
+
+
 def test_modes_follow_the_registry(rl_step):
     assert rl_step.modes("mgda") == ("probe", "full")
     assert rl_step.modes("ctwa") == ("scalar",)

@@ -594,7 +594,7 @@ def make_dpo_step(
             learned_mask_step(spec, batch, state.mask_logits, mask_grads) if spec.learned_mask else (None, {})
         )
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
-        # the select: like the RL step's full mode, the gradient is a combiner's combination (conditional unmeasured)
+        # the select, as the RL step's full mode with batched pullbacks: DPO's per-objective gradients are vmapped too
         step = zeros_where_masked(combined, state.params)  # the frozen leaves' zeros, which the optimizer ignores
         params, opt_state = step_if_finite(finite, optimizer, step, state.opt_state, state.params, branch=False)
         keep = functools.partial(keep_if, finite)

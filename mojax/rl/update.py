@@ -395,8 +395,10 @@ def step_if_finite(
     The select made XLA:CPU copy the optimizer's moments at every call, since the step and the select both read them
     and the step writes their new values in place (an isolated AdamW step on 55M donated parameters: 178 ms with the
     select, 70 ms with the conditional, 41 ms with no skip); the conditional steps them where they lie. The RL step
-    branches in scalar and probe mode only: in full mode, whose gradient is the combination of the batched
-    pullbacks, the conditional measured slower than the select (see benchmarks/RESULTS.md, cause not established).
+    branches in every mode but one: full mode with batched pullbacks, whose combined gradient is read from the
+    layer-stacked [L, n, ...] leaves, measured slower with the conditional than with the select (cause not
+    established); in sequence, where the leaves are objective-major, the conditional measured faster
+    (benchmarks/RESULTS.md).
     """
 
     def step(_):
@@ -418,6 +420,7 @@ def make_train_step(
     critic_optimizer: optax.GradientTransformation | None = None,
     param_shardings: Any | None = None,
     trainable_flags: list[bool] | None = None,
+    skip_by_conditional: bool | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array, jax.Array, jax.Array | None], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) train step ``(state, batch, key, beta, weights) -> (state, metrics)`` for one rollout.
 
@@ -442,6 +445,9 @@ def make_train_step(
         are dropped right after each pullback (``optax.MaskedNode``), so no norm, check or combiner reads them and
         XLA never computes them (no weight-gradient products of the frozen projections, head and embedding); the
         optimizer, which freezes them, gets zeros.
+      skip_by_conditional: how a non-finite update is skipped (:func:`step_if_finite`): under a ``lax.cond`` (True)
+        or by a select of the stepped state against the old one (False). None: the conditional, except in full
+        mode with batched pullbacks, where the select measured faster.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -449,6 +455,8 @@ def make_train_step(
     """
     n = spec.num_objectives
     eye = jnp.eye(n + 1, dtype=jnp.float32)
+    if skip_by_conditional is None:
+        skip_by_conditional = not (spec.mode == "full" and spec.batched_pullbacks)
 
     def trained(tree):
         """``tree`` without the frozen leaves (MaskedNode in their place)."""
@@ -550,7 +558,7 @@ def make_train_step(
             zeros_where_masked(grads, state.params),
             state.opt_state,
             state.params,
-            branch=spec.mode != "full",
+            branch=skip_by_conditional,
         )
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic is not None:

@@ -421,12 +421,14 @@ def test_step_if_finite_updates_donated_moments_in_place_without_copies():
     [
         ((), True),
         (("combiner.name=upgrad", "combiner.mode=probe"), True),
-        (("combiner.name=upgrad", "combiner.mode=full"), False),
+        (("combiner.name=upgrad", "combiner.mode=full"), True),
+        (("combiner.name=upgrad", "combiner.mode=probe", "combiner.pullbacks=batched"), True),
+        (("combiner.name=upgrad", "combiner.mode=full", "combiner.pullbacks=batched"), False),
     ],
 )
-def test_the_optimizer_step_branches_in_scalar_and_probe_mode_and_selects_in_full_mode(mode, conditional):
-    """The trainer's step skips a non-finite update with the conditional in scalar and probe mode and with the select
-    in full mode (where the conditional measured slower); its KL-free full-mode step has no other conditional."""
+def test_the_optimizer_step_branches_but_in_full_mode_with_batched_pullbacks(mode, conditional):
+    """The trainer's step skips a non-finite update with the conditional, except in full mode with batched pullbacks
+    (where the conditional measured slower) which selects; its KL-free full-mode step has no other conditional."""
     t = trainer(*mode)
     lowered = t._train_step.lower(t.state, fixed_batch(), jax.random.key(0), jnp.float32(t.kl_coef), None)
     assert (" conditional(" in lowered.compile().as_text()) is conditional
