@@ -66,6 +66,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,9 +115,24 @@ class Contender(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------ building
 def objectives_override(n: int) -> str:
-    """The ``objectives=[...]`` override: n ``char_fraction`` objectives, one letter each."""
-    entries = ", ".join(f"{{name: {c}_rate, fn: char_fraction, options: {{chars: {c}}}}}" for c in LETTERS[:n])
+    """The ``objectives=[...]`` override: n ``char_fraction`` objectives, each rewarding one letter and one digit.
+
+    The tiny model writes letters only; the digit is for models whose completions decode to no letters, such as
+    the SmolLM2-shaped test folders (``benchmarks/smollm2_shaped.py``: placeholder tokens ``<t123>``), where
+    letters alone scored every completion 0 and left the update with zero advantages and zero gradients.
+    """
+    entries = ", ".join(
+        f"{{name: {c}_rate, fn: char_fraction, options: {{chars: '{c}{i % 10}'}}}}" for i, c in enumerate(LETTERS[:n])
+    )
     return f"objectives=[{entries}]"
+
+
+def nonzero_share(batch: Batch) -> float:
+    """The share of the batch's response-token advantages (every objective) that are non-zero: at 0 every gradient
+    is zero, and iterative combiners may stop early."""
+    advantages, mask = np.asarray(batch.advantages), np.asarray(batch.mask)
+    response = np.broadcast_to(mask[:, None, :], advantages.shape) > 0
+    return float(np.sum((advantages != 0) & response) / max(np.sum(response), 1))
 
 
 def trainer_for(n: int, combiner: str, mode: str, output_dir: str, extra: Sequence[str] = ()) -> Trainer:
@@ -240,9 +256,10 @@ def contenders(
     extra: Sequence[str] = (),
     wanted_modes: Sequence[str] = ALL_MODES,
     references: Sequence[str] = (PEERS, PEERS_STEP),
-) -> list[Contender]:
-    """The baseline first, then every combiner x mode (of `wanted_modes`; each full mode followed by its other skip
-    when `references` ask for it), then the bound and the peers' `references`; all compiled and warm."""
+) -> tuple[list[Contender], Batch]:
+    """(contenders, the fixed batch): the baseline first, then every combiner x mode (of `wanted_modes`; each full
+    mode followed by its other skip when `references` ask for it), then the bound and the peers' `references`; all
+    compiled and warm."""
     linear = trainer_for(n, "linear", "scalar", workdir, extra)
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
@@ -259,7 +276,7 @@ def contenders(
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [Contender(label, "", call, timed_first(call)) for label, call in passes.items()]
-    return found
+    return found, batch
 
 
 def other_skip_contender(trainer: Trainer, batch: Batch) -> Contender:
@@ -481,7 +498,10 @@ def markdown(report: dict[str, Any]) -> str:
         "contenders in a random order); ratio = median over rounds of (contender median / linear median in the same "
         "round); spread = min-max over rounds; CPU user / system seconds and minor page faults: medians per call of the whole "
         "process (2 threads: CPU seconds can exceed the wall time). The tiny task: batch of "
-        f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}.",
+        f"{report['batch']} completions; trainer overrides: {' '.join(report['overrides']) or 'none'}; share of "
+        "non-zero advantages on its response tokens: "
+        + ", ".join(f"{share:.2f} (n = {n})" for n, share in report["nonzero_advantages"].items())
+        + ".",
         "",
         "## Targets",
         "",
@@ -584,12 +604,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "references": list(args.references),
         "rows": [],
         "profiles": [],
+        "nonzero_advantages": {},
     }
     tiny = load_config("tiny", list(args.set))
     report["batch"] = tiny.data.prompts_per_step * tiny.rollout.num_generations
     with tempfile.TemporaryDirectory() as workdir:
         for n in args.n:
-            entries = contenders(n, args.combiners, workdir, args.set, args.modes, args.references)
+            entries, batch = contenders(n, args.combiners, workdir, args.set, args.modes, args.references)
+            report["nonzero_advantages"][str(n)] = nonzero_share(batch)
             rows = measure(n, entries, args.repeats, args.rounds)
             report["rows"] += rows
             if args.profile:

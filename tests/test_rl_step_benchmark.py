@@ -109,10 +109,18 @@ def test_modes_follow_the_registry(rl_step):
     assert rl_step.modes("ctwa") == ("scalar",)
 
 
-def test_objectives_override_has_one_letter_per_objective(rl_step):
+def test_objectives_override_has_one_letter_and_digit_per_objective(rl_step):
     override = rl_step.objectives_override(3)
     assert override.count("fn: char_fraction") == 3
-    assert all(f"chars: {c}" in override for c in "abc") and "chars: d" not in override
+    assert all(f"chars: '{c}{i}'" in override for i, c in enumerate("abc")) and "chars: 'd" not in override
+    config = rl_step.load_config("tiny", [override])
+    assert [o.options["chars"] for o in config.objectives] == ["a0", "b1", "c2"]
+
+
+def test_the_fixed_batch_has_nonzero_advantages_and_the_report_says_how_many(rl_step, tmp_path):
+    report = rl_step.main(["--quick", "--n", "2", "--combiners", "linear", "--references", "", "--out", str(tmp_path)])
+    assert 0.1 < report["nonzero_advantages"]["2"] <= 1.0
+    assert f"{report['nonzero_advantages']['2']:.2f} (n = 2)" in (tmp_path / "rl_step.md").read_text()
 
 
 def test_bad_arguments_are_refused(rl_step):
