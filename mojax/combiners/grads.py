@@ -1,7 +1,7 @@
 """Per-objective gradients from one shared forward pass, and the probe mode of the trainer.
 
 ``per_objective_grads``: for ``loss_fn(params, *args) -> f32[n]`` run ``jax.vjp`` once (one
-forward) and vmap its pullback over the n unit cotangents ``eye(n)``: row i is grad L_i. With a
+forward) and pull back the n unit cotangents ``eye(n)``, vmapped or in sequence: row i is grad L_i. With a
 ``probe_mask`` only the probe parameters are differentiated; the others are closed over as
 constants, so no backward work or residual memory is spent on them.
 
@@ -70,17 +70,25 @@ def _reported(losses: jax.Array, aux: Any, has_aux: bool) -> Any:
     return (losses, aux) if has_aux else losses
 
 
-def _stacked_pullback(pullback: Callable, losses: jax.Array) -> Any:
-    """(grad L_1, ..., grad L_n) stacked on a leading axis: the pullback vmapped over eye(n)."""
+def _stacked_pullback(pullback: Callable, losses: jax.Array, sequential: bool) -> Any:
+    """(grad L_1, ..., grad L_n) stacked on a leading axis: the pullback of every row of eye(n), vmapped (one
+    backward pass on n-times wider operands) or in sequence (``lax.map``: n passes, one pass's temporaries)."""
     n = _check_losses(losses)
-    (stacked,) = jax.vmap(pullback)(jnp.eye(n, dtype=losses.dtype))
-    return stacked
+    eye = jnp.eye(n, dtype=losses.dtype)
+    if sequential:
+        return jax.lax.map(lambda cotangent: pullback(cotangent)[0], eye)
+    return jax.vmap(pullback)(eye)[0]
 
 
 def per_objective_grads(
-    loss_fn: Callable, params: Any, *args: Any, probe_mask: ProbeMask | None = None, has_aux: bool = False
+    loss_fn: Callable,
+    params: Any,
+    *args: Any,
+    probe_mask: ProbeMask | None = None,
+    has_aux: bool = False,
+    sequential: bool = False,
 ) -> tuple[Any, Any]:
-    """(losses, stacked grads) with grads[i] = d L_i / d params from one forward (jax.vjp) and a vmapped pullback.
+    """(losses, stacked grads) with grads[i] = d L_i / d params from one forward (jax.vjp) and n pullbacks.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> f32[n]`` (or ``(f32[n], aux)`` with ``has_aux``): the n objective losses.
@@ -89,15 +97,17 @@ def per_objective_grads(
       probe_mask: optional optax-style mask (a pytree prefix of bools, or a callable on ``params``): only the probe
         leaves are differentiated; the others are closed over as constants.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      sequential: run the n pullbacks one after another (``lax.map``: one pass's activation gradients at a time)
+        instead of one pullback vmapped over the n unit cotangents (one pass on n-times wider operands).
 
     Returns:
       ``(losses, grads)``, or ``((losses, aux), grads)`` with ``has_aux``, like ``jax.value_and_grad``. ``grads`` has
       the structure of ``params`` and every leaf a leading objective axis of size n. With ``probe_mask`` the non-probe
       leaves are ``optax.MaskedNode()`` (as ``optax.masked`` does), so a combiner sees the probe gradients only.
 
-    On XLA:CPU, jit the caller with ``compiler_options=mojax.xla_cpu.batched_pullback_options()`` as mojax's trainers
-    do: with jaxlib 0.10's default YNNPACK reduction fusions a vmapped pullback can come out wrong
-    (:mod:`mojax.xla_cpu`).
+    On XLA:CPU, jit a caller of the vmapped pullback with ``compiler_options=mojax.xla_cpu.batched_pullback_options()``
+    as mojax's trainers do, or pass ``sequential=True``: with jaxlib 0.10's default YNNPACK reduction fusions a
+    vmapped pullback can come out wrong, one pullback at a time does not (:mod:`mojax.xla_cpu`).
 
     References:
       C. Li, H. Zhang, Y. Xu, H. Xue, X. Ao, Q. He. Gradient-Adaptive Policy Optimization: Towards Multi-Objective
@@ -113,7 +123,7 @@ def per_objective_grads(
     """
     if probe_mask is None:
         losses, pullback, aux = _vjp(lambda p: loss_fn(p, *args), params, has_aux)
-        return _reported(losses, aux, has_aux), _stacked_pullback(pullback, losses)
+        return _reported(losses, aux, has_aux), _stacked_pullback(pullback, losses, sequential)
     leaves, treedef = jax.tree.flatten(params)
     flags = _probe_flags(probe_mask, params)
 
@@ -124,7 +134,7 @@ def per_objective_grads(
 
     probe_leaves = [leaf for leaf, flag in zip(leaves, flags, strict=False) if flag]
     losses, pullback, aux = _vjp(loss_of_probe, probe_leaves, has_aux)
-    supply = iter(_stacked_pullback(pullback, losses))
+    supply = iter(_stacked_pullback(pullback, losses, sequential))
     grads = _masked_like(treedef, [next(supply) if flag else None for flag in flags], flags)
     return _reported(losses, aux, has_aux), grads
 
@@ -137,6 +147,7 @@ def probe_combined_grads(
     *args: Any,
     probe_mask: ProbeMask,
     has_aux: bool = False,
+    sequential: bool = False,
     **extra_args: Any,
 ) -> tuple[Any, Any, Any]:
     """(grad_params sum_i sg(w_i) L_i, new combiner state, losses), w = combiner weights of the probe gradients.
@@ -155,6 +166,7 @@ def probe_combined_grads(
       *args: passed to ``loss_fn`` after ``params``.
       probe_mask: which leaves the combiner sees (an optax-style mask), e.g. the LM head.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      sequential: the probe's n pullbacks one after another, as in :func:`per_objective_grads`.
       **extra_args: passed to ``combiner.update`` (``losses`` is always passed).
 
     Returns:
@@ -178,7 +190,7 @@ def probe_combined_grads(
     leaves, treedef = jax.tree.flatten(params)
     flags = _probe_flags(probe_mask, params)
     losses, pullback, aux = _vjp(lambda p: loss_fn(p, *args), params, has_aux)
-    probe_grads = _masked_like(treedef, jax.tree.leaves(_stacked_pullback(pullback, losses)), flags)
+    probe_grads = _masked_like(treedef, jax.tree.leaves(_stacked_pullback(pullback, losses, sequential)), flags)
     probe_params = _masked_like(treedef, leaves, flags)
     _, new_state = combiner.update(probe_grads, combiner_state, probe_params, **{"losses": losses, **extra_args})
     weights = getattr(new_state, "weights", None)

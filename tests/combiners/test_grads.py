@@ -45,9 +45,10 @@ def separate_grads(params, x):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows)
 
 
-def test_agrees_with_separate_grads():
+@pytest.mark.parametrize("sequential", [False, True], ids=["vmapped", "sequential"])
+def test_agrees_with_separate_grads(sequential):
     params = make_params()
-    losses, grads = per_objective_grads(losses_fn, params, INPUTS)
+    losses, grads = per_objective_grads(losses_fn, params, INPUTS, sequential=sequential)
     np.testing.assert_allclose(losses, losses_fn(params, INPUTS), rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, separate_grads(params, INPUTS)
@@ -79,9 +80,10 @@ def test_has_aux_returns_value_like_value_and_grad():
         ),
     ],
 )
-def test_probe_mask_restricts_leaves(probe_mask):
+@pytest.mark.parametrize("sequential", [False, True], ids=["vmapped", "sequential"])
+def test_probe_mask_restricts_leaves(probe_mask, sequential):
     params = make_params()
-    losses, grads = per_objective_grads(losses_fn, params, INPUTS, probe_mask=probe_mask)
+    losses, grads = per_objective_grads(losses_fn, params, INPUTS, probe_mask=probe_mask, sequential=sequential)
     full = separate_grads(params, INPUTS)
     assert isinstance(grads["body"]["W1"], optax.MaskedNode)
     np.testing.assert_allclose(grads["head"]["W2"], full["head"]["W2"], rtol=1e-5, atol=1e-6)
@@ -95,10 +97,11 @@ def test_probe_mask_restricts_leaves(probe_mask):
 
 
 def test_one_forward_pass_per_call():
-    """loss_fn is traced exactly once: one jax.vjp, whose pullback is vmapped over eye(n)."""
+    """loss_fn is traced exactly once: one jax.vjp, whose pullback is vmapped over eye(n) or mapped in sequence."""
     params = make_params()
     for run in (
         lambda calls: per_objective_grads(losses_fn, params, INPUTS, calls),
+        lambda calls: per_objective_grads(losses_fn, params, INPUTS, calls, sequential=True),
         lambda calls: per_objective_grads(losses_fn, params, INPUTS, calls, probe_mask=HEAD_ONLY),
         lambda calls: jax.jit(lambda p: per_objective_grads(losses_fn, p, INPUTS, calls))(params),
         lambda calls: probe_combined_grads(
@@ -162,14 +165,15 @@ def test_probe_gradient_is_the_rescaled_min_norm_point():
     np.testing.assert_allclose(losses, losses_fn(params, INPUTS), rtol=1e-6)
 
 
-def test_probe_combined_grads_under_jit_and_losses_reach_the_combiner():
+@pytest.mark.parametrize("sequential", [False, True], ids=["vmapped", "sequential"])
+def test_probe_combined_grads_under_jit_and_losses_reach_the_combiner(sequential):
     """Jitted equals eager; MGDA's `loss` normaliser reads the losses probe_combined_grads passes on."""
     params = make_params()
     tx = mgda(num_objectives=N, normalize="loss")
     state = tx.init(params)
 
     def step(p, s):
-        return probe_combined_grads(losses_fn, p, tx, s, INPUTS, probe_mask=HEAD_ONLY)
+        return probe_combined_grads(losses_fn, p, tx, s, INPUTS, probe_mask=HEAD_ONLY, sequential=sequential)
 
     grads, new_state, losses = jax.jit(step)(params, state)
     eager_grads, eager_state, _ = step(params, state)
@@ -214,3 +218,11 @@ def test_chain_instead_of_combiner_raises():
     chain = optax.chain(mgda(num_objectives=N), optax.identity())
     with pytest.raises(ValueError, match="field `weights`"):
         probe_combined_grads(losses_fn, params, chain, chain.init(params), INPUTS, probe_mask=HEAD_ONLY)
+
+
+def test_sequential_pullbacks_run_as_a_loop_of_unbatched_passes():
+    """In sequence the compiled program loops over the objectives (a while loop) instead of batching the pullback."""
+    params = make_params()
+    for sequential, looped in ((True, True), (False, False)):
+        program = jax.jit(lambda p, s=sequential: per_objective_grads(losses_fn, p, INPUTS, sequential=s)[1])
+        assert ("while(" in program.lower(params).compile().as_text()) is looped
