@@ -26,18 +26,29 @@ def test_the_tiny_models_batched_pullbacks_agree_with_separate_ones(check, tmp_p
     assert report["broadcast_reduce_error"]["options"] < 1e-3
     assert json.loads((tmp_path / "check_pullbacks.json").read_text())["rows"] == report["rows"]
     assert "| 4 | " in (tmp_path / "check_pullbacks.md").read_text()
+    assert set(report["batch"]) == {"completions", "prompt tokens", "completion tokens"}
 
 
 def test_a_wrong_batched_row_shows_in_its_difference(check, tmp_path):
     """The check can fail: a batching that returns the first row's gradient for every row is caught from row 2 on."""
     import jax
 
-    from mojax.rl.config import load_config
-    from mojax.rl.trainer import Trainer
-
     def first_row_everywhere(fn):
         return lambda cotangents: jax.vmap(lambda _: fn(cotangents[0]))(cotangents)
 
-    trainer = Trainer(load_config("tiny", [f"output_dir={tmp_path}", "logging.tensorboard=false", "export=false"]))
-    differences, scale = check.row_differences(trainer, trainer.prepare(1).batch, 3, vmap=first_row_everywhere)
+    checked = check.policy_pullbacks("tiny", str(tmp_path), [])
+    differences, scale = check.row_differences(
+        checked.outputs, checked.params, checked.rows(3), vmap=first_row_everywhere
+    )
     assert differences[0] < 1e-4 * scale and min(differences[1:]) > 1e-3 * scale
+
+
+def test_a_preference_configs_pair_log_probs_are_checked_with_unit_cotangents(check, tmp_path):
+    report = check.main(["dpo_tiny", "--dpo", "--rows", "3", "--set", "steps=1", "--out", str(tmp_path)])
+    (row,) = report["rows"]
+    assert len(row["differences"]) == 3 and row["scale"] > 1e-3 and max(row["differences"]) < 1e-4 * row["scale"]
+    assert set(report["batch"]) == {"pairs", "prompt tokens", "response tokens"}
+    checked = check.pair_pullbacks("dpo_tiny", str(tmp_path), ["steps=1"])
+    pairs = report["batch"]["pairs"]
+    assert checked.outputs(checked.params).shape == (2 * pairs,)
+    assert checked.rows(3).tolist() == [[float(i == j) for i in range(2 * pairs)] for j in range(3)]
