@@ -84,6 +84,7 @@ from mojax.rl.update import (  # noqa: E402
     make_train_step,
     masked_nodes,
     minibatch_losses,
+    skips_by_conditional,
     stacked_pullbacks,
     zeros_where_masked,
 )
@@ -286,7 +287,7 @@ def other_skip_contender(trainer: Trainer, batch: Batch) -> Contender:
     spec = trainer.update_spec
     if trainer.state.critic_params is not None:
         raise ValueError("the other-skip reference supports trainers without a critic (the tiny task's GRPO)")
-    conditional = spec.batched_pullbacks
+    conditional = not skips_by_conditional(spec)
     trainer._train_step = jax.jit(
         make_train_step(
             trainer.policy,

@@ -12,8 +12,8 @@ the per-objective gradients and the per-pair entanglement. The table gives each 
 defaults (median over rounds, min-max spread), both first calls (compile and run), the largest difference between
 the parameters after one update, and the largest relative difference between the two programs' metrics
 (``COMPARED_METRICS``: the objective losses, the weights, the combined gradient's norm, and the DPO step's per-pair
-gradient norms). The defaults can be wrong there: with batched
-pullbacks of four or more objectives on SmolLM2-135M they are (``benchmarks/check_pullbacks.py --xla-defaults``).
+gradient norms). The defaults can be wrong there: with batched pullbacks of four or more objectives on SmolLM2-135M
+they are (``benchmarks/check_pullbacks.py --xla-defaults``, and ``--dpo`` for the DPO step's pairs).
 
     python benchmarks/xla_cpu_options.py --n 3,5 --combiners linear,mgda
     python benchmarks/xla_cpu_options.py --n 3 --combiners linear,mgda --set model.path=/tmp/shaped_56m

@@ -380,6 +380,12 @@ def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
+def skips_by_conditional(spec: UpdateSpec) -> bool:
+    """Whether the train step skips a non-finite update under a ``lax.cond`` (:func:`step_if_finite`): in every
+    mode but full mode with batched pullbacks, where the select measured faster."""
+    return not (spec.mode == "full" and spec.batched_pullbacks)
+
+
 def step_if_finite(
     finite: jax.Array,
     optimizer: optax.GradientTransformation,
@@ -446,8 +452,7 @@ def make_train_step(
         XLA never computes them (no weight-gradient products of the frozen projections, head and embedding); the
         optimizer, which freezes them, gets zeros.
       skip_by_conditional: how a non-finite update is skipped (:func:`step_if_finite`): under a ``lax.cond`` (True)
-        or by a select of the stepped state against the old one (False). None: the conditional, except in full
-        mode with batched pullbacks, where the select measured faster.
+        or by a select of the stepped state against the old one (False). None: :func:`skips_by_conditional`.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -456,7 +461,7 @@ def make_train_step(
     n = spec.num_objectives
     eye = jnp.eye(n + 1, dtype=jnp.float32)
     if skip_by_conditional is None:
-        skip_by_conditional = not (spec.mode == "full" and spec.batched_pullbacks)
+        skip_by_conditional = skips_by_conditional(spec)
 
     def trained(tree):
         """``tree`` without the frozen leaves (MaskedNode in their place)."""
