@@ -86,6 +86,7 @@ from mojax.rl.update import (  # noqa: E402
     minibatch_losses,
     skips_by_conditional,
     stacked_pullbacks,
+    train_step_compiler_options,
     zeros_where_masked,
 )
 from mojax.testing import call_orders, cpu_model, write_report  # noqa: E402
@@ -298,7 +299,7 @@ def other_skip_contender(trainer: Trainer, batch: Batch) -> Contender:
             skip_by_conditional=conditional,
         ),
         donate_argnums=0,
-        compiler_options=batched_pullback_options() if spec.batched_pullbacks else None,
+        compiler_options=train_step_compiler_options(spec),
     )
     call = update_call(trainer, batch)
     label = f"{spec.combiner_name}/full, {'conditional' if conditional else 'select'} skip"

@@ -16,7 +16,8 @@ Without the reduction fusions the batched pullbacks are right, but the scalar an
 without them on the 56M configuration and SmolLM2-135M (``benchmarks/xla_cpu_options.py``). So mojax turns them
 off only in the programs that vmap a pullback: the RL step with ``combiner.pullbacks: batched`` and the DPO step
 (per-objective gradients and the per-pair entanglement). Users who vmap pullbacks in their own jitted code
-(:func:`mojax.combiners.per_objective_grads`) can pass :func:`batched_pullback_options` the same way. JAX takes
+(:func:`mojax.combiners.per_objective_grads`) can pass :func:`batched_pullback_options` the same way, or run the
+pullbacks in sequence (``per_objective_grads(..., sequential=True)``), which needs no options. JAX takes
 ``compiler_options`` on a top-level ``jax.jit`` only: a step jitted with them raises if it is called inside another
 jit, so call it directly (lower it to inspect it).
 """

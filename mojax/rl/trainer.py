@@ -74,8 +74,14 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     replicate,
 )
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
-from mojax.rl.update import Batch, TrainState, UpdateSpec, make_scalar_weights, make_train_step
-from mojax.xla_cpu import batched_pullback_options
+from mojax.rl.update import (
+    Batch,
+    TrainState,
+    UpdateSpec,
+    make_scalar_weights,
+    make_train_step,
+    train_step_compiler_options,
+)
 
 NORMALIZER_EPS = 1e-6
 
@@ -482,8 +488,7 @@ class Trainer(Run):
                 self.trainable_flags,
             ),
             donate_argnums=0,
-            # batched pullbacks compile without XLA:CPU's YNNPACK reduction fusions: they get them wrong (mojax.xla_cpu)
-            compiler_options=batched_pullback_options() if self.update_spec.batched_pullbacks else None,
+            compiler_options=train_step_compiler_options(self.update_spec),
         )
         scalar = self.update_spec.mode == "scalar"
         self._scalar_weights = jax.jit(make_scalar_weights(self.combiner, self.update_spec)) if scalar else None

@@ -41,6 +41,7 @@ import optax
 from mojax.combiners import cosine_gram, ctwa_next_weights, tree_gram
 from mojax.diagnostics import ctwa_signal
 from mojax.rl import losses as rl_losses
+from mojax.xla_cpu import batched_pullback_options
 
 PolicyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs f32[B, T], entropies f32[B, T])."""
@@ -378,6 +379,13 @@ def critic_gradients(critic: CriticFn, state: TrainState, minibatch: Batch, spec
 def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``finite`` (bool[]), else ``old``: a select of every leaf."""
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+def train_step_compiler_options(spec: UpdateSpec) -> dict[str, str] | None:
+    """``jax.jit``'s ``compiler_options`` for the train step: :func:`mojax.xla_cpu.batched_pullback_options` when it
+    vmaps the policy's pullback (``spec.batched_pullbacks``: XLA:CPU's default fusions get those wrong), else None
+    (XLA's defaults, which the other steps run faster with)."""
+    return batched_pullback_options() if spec.batched_pullbacks else None
 
 
 def skips_by_conditional(spec: UpdateSpec) -> bool:
