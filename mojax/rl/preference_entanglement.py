@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from mojax import _checks
 from mojax._numerics import safe_divide
+from mojax.combiners.grads import per_objective_grads
 from mojax.diagnostics.entanglement import EntanglementStatistics, entanglement_statistics
 from mojax.rl.preference import PREFERENCE_LOSSES, preference_loss
 
@@ -44,21 +45,6 @@ class PairEntanglement(NamedTuple):
     rejected_logps: jax.Array
 
 
-def _probe_leaves(where: str, params: Any, probe_mask: Any) -> tuple[list[Any], list[bool], Any]:
-    """(leaves of params, their probe flags, treedef); ValueError unless the mask matches and selects a leaf."""
-    mask = probe_mask(params) if callable(probe_mask) else probe_mask
-    leaves, treedef = jax.tree.flatten(params)
-    flags, mask_def = jax.tree.flatten(mask)
-    if mask_def != treedef:
-        raise ValueError(
-            _checks.message(where, "probe_mask", f"has structure {mask_def}", f"a tree of bools like params, {treedef}")
-        )
-    flags = [bool(flag) for flag in flags]
-    if not any(flags):
-        raise ValueError(_checks.message(where, "probe_mask", "selects no parameter", "at least one probe leaf"))
-    return leaves, flags, treedef
-
-
 def pair_entanglement(
     logp_fn: Callable[[Any, Any], tuple[jax.Array, jax.Array]],
     params: Any,
@@ -75,8 +61,9 @@ def pair_entanglement(
         log-probabilities the loss sees (length-averaged ones for SimPO).
       params: the parameter pytree.
       batch: whatever ``logp_fn`` reads.
-      probe_mask: a pytree of bools with the structure of ``params`` (or a callable params -> such a
-        tree) marking the probe parameters; gradients are taken on those only.
+      probe_mask: an optax-style mask marking the probe parameters (a pytree of bools shaped like ``params`` or a
+        prefix of it, or a callable params -> such a tree); gradients are taken on those only
+        (:func:`mojax.combiners.per_objective_grads`, whose row i is grad log pi of response i).
       coeff_chosen, coeff_rejected: the margin coefficients a_w, a_l (scalars or f32[B]): 1 for DPO,
         IPO and SimPO on the log-probabilities they see; a_w > a_l for a loss with an SFT term.
 
@@ -95,19 +82,14 @@ def pair_entanglement(
       >>> float(out.predicted_chosen[0]), float(out.predicted_rejected[0])  # a DPO step raises both
       (1.0, 1.0)
     """
-    where = "pair_entanglement"
-    leaves, flags, treedef = _probe_leaves(where, params, probe_mask)
-    probe = [leaf for leaf, flag in zip(leaves, flags, strict=True) if flag]
 
-    def logps_of_probe(probe_values: list[Any]) -> jax.Array:
-        values = iter(probe_values)
-        merged = [next(values) if flag else leaf for leaf, flag in zip(leaves, flags, strict=True)]
-        chosen, rejected = logp_fn(jax.tree.unflatten(treedef, merged), batch)
+    def logps_of(params_: Any) -> jax.Array:
+        chosen, rejected = logp_fn(params_, batch)
         return jnp.concatenate([jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)])
 
-    logps, pullback = jax.vjp(logps_of_probe, probe)
+    logps, stacked = per_objective_grads(logps_of, params, probe_mask=probe_mask)
+    grads = jax.tree.leaves(stacked)  # the probe leaves' [2B, ...] gradients (MaskedNode elsewhere has no leaf)
     pairs = logps.shape[0] // 2
-    (grads,) = jax.vmap(pullback)(jnp.eye(2 * pairs, dtype=logps.dtype))
     grad_chosen = [grad[:pairs] for grad in grads]
     grad_rejected = [grad[pairs:] for grad in grads]
     statistics = entanglement_statistics(grad_chosen, grad_rejected, coeff_chosen, coeff_rejected)

@@ -441,7 +441,7 @@ def test_pair_entanglement_refuses_a_bad_probe_mask():
     params, batch = random_toy(0)
     with pytest.raises(ValueError, match="selects no parameter"):
         pair_entanglement(toy_logps, params, batch, probe_mask={"W": False, "b": False})
-    with pytest.raises(ValueError, match="tree of bools like params"):
+    with pytest.raises(ValueError, match="structure must match params"):
         pair_entanglement(toy_logps, params, batch, probe_mask={"W": True})
 
 
