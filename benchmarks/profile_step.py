@@ -7,9 +7,10 @@ downloaded), batch 4 x 128 tokens, fp32, 2 threads on both sides.
 * mojax: ``jax.profiler`` traces ``--calls`` steps under each ``--remat`` policy; every XLA operation's time is
   summed per kind (the kinds come from XLA's fusion names: library matmuls ``ynn_fusion`` and Eigen ``dot``;
   ``copy``/``transpose`` fusions, which lay an operand out for a matmul; ``dynamic-update-slice`` writes of the layer
-  scan's stacked residuals and gradients, ``dynamic-slice`` reads of them; ``broadcast``, the zeroing of those
-  stacked buffers; the rest, elementwise work). XLA runs independent operations on its two threads at once, so the
-  per-kind sums can exceed the wall time. The step's scratch memory is its compiled temporaries
+  scan's stacked residuals and gradients, ``dynamic-slice`` reads of them; a lone ``broadcast``, the zeroing of
+  those stacked buffers (a fusion whose name merely starts with a broadcast, such as ``broadcast_divide_fusion``, is
+  elementwise work); the rest, elementwise work). XLA runs independent operations on its two threads at once, so
+  the per-kind sums can exceed the wall time. The step's scratch memory is its compiled temporaries
   (``memory_analysis().temp_size_in_bytes``).
 * torch: ``torch.profiler`` self CPU time per operator over the same number of steps; matmuls are ``aten::mm``,
   ``addmm``, ``bmm`` and the fused attention kernel, the rest is elementwise work and bookkeeping.
@@ -55,7 +56,7 @@ XLA_KINDS = (
     ("stacked writes (dynamic-update-slice)", r"dynamic-update-slice"),
     ("stacked reads (dynamic-slice)", r"dynamic-slice"),
     ("layout copies / transposes", r"^copy|transpose"),
-    ("zeroing stacked buffers (broadcast)", r"broadcast"),
+    ("zeroing stacked buffers (broadcast)", r"^wrapped_broadcast|^broadcast(\.\d+)?$"),
 )
 TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 

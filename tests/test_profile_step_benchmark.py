@@ -19,7 +19,8 @@ def test_operation_kinds_follow_xla_fusion_names():
     assert kind("bitcast_dynamic-update-slice_fusion.24") == "stacked writes (dynamic-update-slice)"
     assert kind("dynamic-slice_bitcast_fusion.7") == "stacked reads (dynamic-slice)"
     assert kind("copy_bitcast_fusion.5") == "layout copies / transposes"
-    assert kind("wrapped_broadcast.14") == "zeroing stacked buffers (broadcast)"
+    assert kind("wrapped_broadcast.14") == kind("broadcast.3") == "zeroing stacked buffers (broadcast)"
+    assert kind("broadcast_divide_fusion.9") == "elementwise and other"  # a scalar broadcast inside elementwise work
     assert kind("add_multiply_fusion") == "elementwise and other"
 
 
