@@ -19,7 +19,10 @@ is the fixed batch; every other contender runs on that same batch:
   differentiates the adapters only, as the trainers do;
 * ``<combiner>/full, select skip`` (``--references other-skip``): a full-mode update whose non-finite skip is a
   select of the stepped state against the old one where the trainer's is a ``lax.cond`` (pullbacks in sequence), or
-  a conditional where the trainer's is a select (batched pullbacks): the two measured each way round.
+  a conditional where the trainer's is a select (batched pullbacks): the two measured each way round;
+* ``optimizer alone: clip, optimizer step`` (``--references optimizer``): the clip and the trainer's optimizer step
+  (AdamW) on one gradient, with nothing before them: what every update runs after its gradients and the bound leaves
+  out. The verdict then also gives each full mode's ratio to the bound plus this step.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times
@@ -101,7 +104,8 @@ TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
 OTHER_SKIP = "other skip"
-REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP, "other-skip": OTHER_SKIP}  # --references names
+OPTIMIZER = "optimizer alone: clip, optimizer step"
+REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP, "other-skip": OTHER_SKIP, "optimizer": OPTIMIZER}
 
 
 class Contender(NamedTuple):
@@ -186,9 +190,10 @@ def weights_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
 def reference_passes(
     trainer: Trainer, batch: Batch, wanted: Sequence[str] = (PEERS, PEERS_STEP)
 ) -> dict[str, Callable[[], Any]]:
-    """The bound (one forward, n pullbacks) and those of the peers' references that are `wanted`: their n separate
-    forward+backward passes, and their whole MGDA step (:func:`peers_mgda_step`), jitted; the bound's pullbacks run as
-    the trainer runs them (batched ones with :func:`mojax.xla_cpu.batched_pullback_options`).
+    """The bound (one forward, n pullbacks) and those of the other references that are `wanted`: the peers' n separate
+    forward+backward passes, their whole MGDA step (:func:`peers_mgda_step`) and the optimizer step alone
+    (:func:`optimizer_alone`), jitted; the bound's pullbacks run as the trainer runs them (batched ones with
+    :func:`mojax.xla_cpu.batched_pullback_options`).
 
     The passes use a copy of the trainer's initial parameters (its own are donated by every update). With LoRA they
     return the adapters' gradients only, as the trainer differentiates them (PEFT's peers: ``requires_grad`` off on the
@@ -218,6 +223,8 @@ def reference_passes(
         calls[PEERS_STEP] = peers_mgda_step(
             trainer, lambda p: [one_objective_grad(p, batch, jnp.int32(i)) for i in range(n)]
         )
+    if OPTIMIZER in wanted:
+        calls[OPTIMIZER] = optimizer_alone(trainer, one_objective_grad(params, batch, jnp.int32(0)))
     return calls
 
 
@@ -225,6 +232,14 @@ def trained_only(trainer: Trainer) -> Callable[[Any], Any]:
     """A parameter-shaped tree without its frozen leaves (``optax.MaskedNode()`` there) for a LoRA trainer, else as is."""
     flags = trainer.trainable_flags
     return (lambda tree: tree) if flags is None else (lambda tree: masked_nodes(tree, flags))
+
+
+def clipped_optimizer_step(trainer: Trainer, params: Any, opt_state: Any, combined: Any) -> tuple[Any, Any]:
+    """(params, optimizer state) after the trainer's clip to ``max_grad_norm`` and its optimizer step on `combined`
+    (the trainable leaves' gradient; the frozen ones get the zeros the trainer gives its optimizer)."""
+    combined = clip_to_norm(combined, optax.tree.norm(combined), trainer.update_spec.max_grad_norm)
+    updates, opt_state = trainer.optimizer.update(zeros_where_masked(combined, params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]) -> Callable[[], Any]:
@@ -237,9 +252,7 @@ def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]
     def mgda_and_optimizer(p, opt_state, mgda_state, grads):
         stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
         combined, mgda_state = mgda.update(stacked, mgda_state, p)
-        combined = clip_to_norm(combined, optax.tree.norm(combined), trainer.update_spec.max_grad_norm)
-        updates, opt_state = trainer.optimizer.update(zeros_where_masked(combined, p), opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, mgda_state
+        return *clipped_optimizer_step(trainer, p, opt_state, combined), mgda_state
 
     params = jax.tree.map(jnp.copy, trainer.state.params)
     state = [params, trainer.optimizer.init(params), mgda.init(params)]
@@ -249,6 +262,22 @@ def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]
         return state
 
     return step
+
+
+def optimizer_alone(trainer: Trainer, gradient: Any) -> Callable[[], Any]:
+    """What every update runs after its combined gradient and the bound leaves out: the clip and the trainer's
+    optimizer step (AdamW) on `gradient`, jitted with its parameters and optimizer state donated as the trainer's
+    update donates them, on its own copy of both (stepped at every call); each call returns [params, optimizer
+    state]."""
+    step = jax.jit(functools.partial(clipped_optimizer_step, trainer), donate_argnums=(0, 1))
+    params = jax.tree.map(jnp.copy, trainer.state.params)
+    state = [params, trainer.optimizer.init(params)]
+
+    def call():
+        state[:] = step(*state, gradient)
+        return state
+
+    return call
 
 
 def contenders(
@@ -351,6 +380,7 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
         calls = [u for r in rounds_usage for u in r[entry.label]]
         to_linear = [m[entry.label] / m[BASELINE] for m in medians]
         to_bound = [m[entry.label] / m[BOUND] for m in medians]
+        to_bound_and_optimizer = [m[entry.label] / (m[BOUND] + m[OPTIMIZER]) for m in medians if OPTIMIZER in m]
         rows.append(
             {
                 "n": n,
@@ -360,6 +390,11 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
                 "ratio_to_linear_spread": [min(to_linear), max(to_linear)],
                 "ratio_to_bound": statistics.median(to_bound),
                 "ratio_to_bound_spread": [min(to_bound), max(to_bound)],
+                **(
+                    {"ratio_to_bound_and_optimizer": statistics.median(to_bound_and_optimizer)}
+                    if to_bound_and_optimizer
+                    else {}
+                ),
                 "median_ms_per_round": [1e3 * m[entry.label] for m in medians],
                 "median_user_s": statistics.median(u.user for u in calls),
                 "median_system_s": statistics.median(u.system for u in calls),
@@ -449,6 +484,11 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     ]
     probe = [r for r in rows if r["mode"] == "probe" and r["n"] == 3]
     full = [r for r in rows if r["mode"] == "full"]
+    with_optimizer = [
+        f"{r['contender']} at n={r['n']} {r['ratio_to_bound_and_optimizer']:.2f}x"
+        for r in full
+        if "ratio_to_bound_and_optimizer" in r
+    ]
     return [
         check(f"scalar mode <= {TARGETS['scalar']}x linear", scalar, "ratio_to_linear", TARGETS["scalar"]),
         check(f"probe mode <= {TARGETS['probe']}x linear at n = 3", probe, "ratio_to_linear", TARGETS["probe"]),
@@ -456,6 +496,15 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         f"- MGDA's full mode against the peers' MGDA step (how much faster): {', '.join(against_peers)}."
         if against_peers
         else "- MGDA's full mode against the peers' MGDA step: not measured in this run.",
+        *(
+            [
+                "- full mode against the bound plus the optimizer step alone (which the bound leaves out): "
+                + ", ".join(with_optimizer)
+                + "."
+            ]
+            if with_optimizer
+            else []
+        ),
     ]
 
 
@@ -555,7 +604,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="peers,peers-step",
         help="comma-separated references to time besides the bound: peers (their n passes), peers-step (their "
         "whole MGDA step), other-skip (every full-mode update with its non-finite skip done the other way: a select "
-        "where it branches, a conditional where it selects); fewer for less memory (n = 8 on SmolLM2)",
+        "where it branches, a conditional where it selects), optimizer (the clip and optimizer step alone, which the bound "
+        "leaves out and every update runs); fewer for less memory (n = 8 on SmolLM2)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")

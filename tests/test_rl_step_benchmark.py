@@ -6,7 +6,9 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from script_module import load_script
 
@@ -155,3 +157,28 @@ def test_profile_reports_every_contenders_operation_time_by_kind(rl_step, tmp_pa
 def test_a_negative_profile_count_is_refused(rl_step):
     with pytest.raises(SystemExit):
         rl_step.parse_args(["--profile", "-1"])
+
+
+def test_optimizer_alone_steps_as_the_trainers_clip_and_optimizer(rl_step, tmp_path):
+    """The optimizer reference is the trainer's clip and optimizer step alone: one call on a gradient equals
+    clip_by_global_norm + the trainer's optimizer applied by hand; the report gives full mode against bound + it."""
+    trainer = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path))
+    before = jax.tree.map(np.asarray, trainer.state.params)
+    gradient = jax.tree.map(lambda leaf: jnp.full_like(leaf, 10.0), trainer.state.params)  # norm far above the clip
+    params, _ = rl_step.optimizer_alone(trainer, gradient)()
+    clipped, _ = optax.clip_by_global_norm(trainer.update_spec.max_grad_norm).update(gradient, None)
+    updates, _ = trainer.optimizer.update(clipped, trainer.optimizer.init(before), before)
+    chex.assert_trees_all_close(params, optax.apply_updates(before, updates), atol=1e-7, rtol=0)
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params, before))) > 1e-4
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear,mgda", "--modes", "full", "--references", "optimizer"]
+        + ["--out", str(tmp_path)]
+    )
+    labels = [row["contender"] for row in report["rows"]]
+    assert labels == [rl_step.BASELINE, "mgda/full", rl_step.BOUND, rl_step.OPTIMIZER]
+    (full,) = [row for row in report["rows"] if row["contender"] == "mgda/full"]
+    ms = {row["contender"]: row["median_ms_per_round"][0] for row in report["rows"]}
+    assert full["ratio_to_bound_and_optimizer"] == pytest.approx(
+        ms["mgda/full"] / (ms[rl_step.BOUND] + ms[rl_step.OPTIMIZER])
+    )
+    assert f"mgda/full at n=2 {full['ratio_to_bound_and_optimizer']:.2f}x" in report["verdict"][-1]
