@@ -6,8 +6,8 @@
 #      transformers + PyTorch eager in the same process;
 #   2. benchmarks/rl_step.py on the accelerator at SmolLM2-135M's size (benchmarks/smollm2_shaped.py: its
 #      architecture with random weights, written on the spot: no download), bf16 compute, 64 completions of 16 + 64
-#      tokens per update, n = 3 objectives: the linear step, MGDA in probe and full mode, the bound and the peers'
-#      way (on an H200 the probe-mode update alone took 129 s to compile, so more combiners do not fit the 10 minutes).
+#      tokens per update, n = 3 objectives: the linear step, MGDA in probe and full mode, the bound, the peers'
+#      way and the optimizer step alone, which the bound leaves out (on an H200 the probe-mode update alone took 129 s to compile, so more combiners do not fit the 10 minutes).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu; writes gpu_model.{json,md},
 #                                           # rl_step.{json,md} and device.txt
@@ -35,10 +35,10 @@ MODEL_DIR="$(mktemp -d)"
 trap 'rm -rf "$MODEL_DIR"' EXIT
 if [ -n "$SMOKE" ]; then
   SHAPE_ARGS=(--layers 2 --vocab 512)
-  RL_ARGS=(--quick --n 2 --combiners linear,mgda)
+  RL_ARGS=(--quick --n 2 --combiners linear,mgda --references peers,peers-step,optimizer)
 else
   SHAPE_ARGS=()
-  RL_ARGS=(--n 3 --combiners linear,mgda --rounds 2 --repeats 3)
+  RL_ARGS=(--n 3 --combiners linear,mgda --references peers,peers-step,optimizer --rounds 2 --repeats 3)
 fi
 "$PYTHON" benchmarks/smollm2_shaped.py "$MODEL_DIR" "${SHAPE_ARGS[@]}" &&
   timeout "${MOJAX_GPU_RL_S:-330}" "$PYTHON" benchmarks/rl_step.py "${RL_ARGS[@]}" --out "$OUT" \
