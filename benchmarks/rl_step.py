@@ -21,7 +21,7 @@ is the fixed batch; every other contender runs on that same batch:
   select of the stepped state against the old one where the trainer's is a ``lax.cond`` (pullbacks in sequence), or
   a conditional where the trainer's is a select (batched pullbacks): the two measured each way round;
 * ``optimizer alone: clip, optimizer step`` (``--references optimizer``): the clip and the trainer's optimizer step
-  (AdamW) on one gradient, with nothing before them: what every update runs after its gradients and the bound leaves
+  (AdamW by default) on one gradient, with nothing before them: what every update runs after its gradients and the bound leaves
   out. The verdict then also gives each full mode's ratio to the bound plus this step.
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
@@ -266,7 +266,7 @@ def peers_mgda_step(trainer: Trainer, separate_grads: Callable[[Any], list[Any]]
 
 def optimizer_alone(trainer: Trainer, gradient: Any) -> Callable[[], Any]:
     """What every update runs after its combined gradient and the bound leaves out: the clip and the trainer's
-    optimizer step (AdamW) on `gradient`, jitted with its parameters and optimizer state donated as the trainer's
+    optimizer step (``optimizer.name``, AdamW by default) on `gradient`, jitted with its parameters and optimizer state donated as the trainer's
     update donates them, on its own copy of both (stepped at every call); each call returns [params, optimizer
     state]."""
     step = jax.jit(functools.partial(clipped_optimizer_step, trainer), donate_argnums=(0, 1))
