@@ -7,7 +7,8 @@
 #   2. benchmarks/rl_step.py on the accelerator at SmolLM2-135M's size (benchmarks/smollm2_shaped.py: its
 #      architecture with random weights, written on the spot: no download), bf16 compute, 64 completions of 16 + 64
 #      tokens per update, n = 3 objectives: the linear step, MGDA in probe and full mode, the bound, the peers'
-#      way and the optimizer step alone, which the bound leaves out (on an H200 the probe-mode update alone took 129 s to compile, so more combiners do not fit the 10 minutes).
+#      way and the optimizer step alone, which the bound leaves out (on an H200 the probe-mode update alone took
+#      129 s to compile, so more combiners do not fit the 10 minutes).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu; writes gpu_model.{json,md},
 #                                           # rl_step.{json,md} and device.txt
