@@ -53,6 +53,7 @@ def pair_entanglement(
     probe_mask: Any,
     coeff_chosen: jax.Array | float = 1.0,
     coeff_rejected: jax.Array | float = 1.0,
+    sequential: bool = False,
 ) -> PairEntanglement:
     """Per-pair <g_w, g_l>, norms, cosine, condition and predicted moves on the probe parameters.
 
@@ -66,9 +67,15 @@ def pair_entanglement(
         (:func:`mojax.combiners.per_objective_grads`, whose row i is grad log pi of response i).
       coeff_chosen, coeff_rejected: the margin coefficients a_w, a_l (scalars or f32[B]): 1 for DPO,
         IPO and SimPO on the log-probabilities they see; a_w > a_l for a loss with an SFT term.
+      sequential: pull back the 2B unit cotangents one after another (``lax.map``) instead of vmapped, as
+        ``per_objective_grads`` does.
 
     Returns:
       ``PairEntanglement``; its norms feed ``npo_preference_loss``.
+
+    On XLA:CPU, jit a caller of the vmapped pullbacks with ``compiler_options=mojax.xla_cpu.batched_pullback_options()``
+    as the DPO trainer does, or pass ``sequential=True``: with jaxlib 0.10's default fusions the per-pair gradients of
+    a model of SmolLM2-135M's size can come out wrong (:mod:`mojax.xla_cpu`).
 
     References:
       Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
@@ -87,7 +94,7 @@ def pair_entanglement(
         chosen, rejected = logp_fn(params_, batch)
         return jnp.concatenate([jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)])
 
-    logps, stacked = per_objective_grads(logps_of, params, probe_mask=probe_mask)
+    logps, stacked = per_objective_grads(logps_of, params, probe_mask=probe_mask, sequential=sequential)
     grads = jax.tree.leaves(stacked)  # the probe leaves' [2B, ...] gradients (MaskedNode elsewhere has no leaf)
     pairs = logps.shape[0] // 2
     grad_chosen = [grad[:pairs] for grad in grads]

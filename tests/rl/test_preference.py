@@ -411,6 +411,9 @@ def test_pair_entanglement_equals_explicit_per_pair_gradients():
     np.testing.assert_allclose(out.rejected_logps, rejected, rtol=1e-6)
     weighted = pair_entanglement(toy_logps, params, batch, probe_mask=lambda p: PROBE, coeff_chosen=2.0)
     np.testing.assert_array_equal(weighted.predicted_chosen, np.sign(2.0 * sq_w - inner))
+    in_sequence = pair_entanglement(toy_logps, params, batch, probe_mask=PROBE, sequential=True).statistics
+    np.testing.assert_allclose(in_sequence.inner, inner, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(in_sequence.norm_rejected, np.sqrt(sq_l), rtol=1e-5)
 
 
 def toy_mean_logps(params, batch):
