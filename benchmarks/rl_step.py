@@ -76,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY, make  # noqa: E402
+from mojax.combiners.grads import stacked_pullbacks  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
@@ -88,7 +89,6 @@ from mojax.rl.update import (  # noqa: E402
     masked_nodes,
     minibatch_losses,
     skips_by_conditional,
-    stacked_pullbacks,
     train_step_compiler_options,
     zeros_where_masked,
 )
