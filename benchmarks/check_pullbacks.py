@@ -105,12 +105,18 @@ def policy_pullbacks(config: str, workdir: str, extra: list[str], seed: int = 1)
     return Pullbacks(log_probs, trainer.state.params, rows, {**shape, "completion tokens": batch.tokens.shape[1]})
 
 
+def dpo_first_step(config: str, workdir: str, extra: list[str]) -> tuple[DPOTrainer, Any]:
+    """A DPO trainer on the preference config (``extra`` overrides last, no logging) and its first step's pairs, placed
+    as its step reads them."""
+    overrides = [f"output_dir={workdir}", "logging.tensorboard=false", "logging.progress=false", *extra]
+    trainer = DPOTrainer(load_dpo_config(config, overrides))
+    return trainer, trainer._place(trainer.pairs_for_step(1))
+
+
 def pair_pullbacks(config: str, workdir: str, extra: list[str]) -> Pullbacks:
     """A DPO trainer's sequence log-probs of its first step's pairs, [chosen..., rejected...]; the first k unit
     cotangents, as the DPO step's per-pair entanglement pulls back every pair's two log-probs."""
-    overrides = [f"output_dir={workdir}", "logging.tensorboard=false", "logging.progress=false", *extra]
-    trainer = DPOTrainer(load_dpo_config(config, overrides))
-    batch = trainer._place(trainer.pairs_for_step(1))
+    trainer, batch = dpo_first_step(config, workdir, extra)
 
     def log_probs(params):
         chosen, rejected = pair_logps(trainer.policy, params, batch, average=trainer.config.length_average)

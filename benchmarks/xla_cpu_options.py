@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from check_pullbacks import dpo_first_step  # noqa: E402
 from rl_step import load, machine, modes, trainer_for  # noqa: E402
 
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.rl.dpo import DPOTrainer, load_dpo_config  # noqa: E402
 from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
 from mojax.xla_cpu import batched_pullback_options, broadcast_reduce_error  # noqa: E402
 
@@ -105,9 +105,7 @@ def rl_step_program(n: int, combiner: str, mode: str, workdir: str, extra: list[
 def dpo_step_program(config: str, workdir: str, extra: list[str]) -> tuple[Callable, tuple, int]:
     """The DPO trainer's step (unjitted) of the preference config, its arguments (the first state, the first
     step's pairs, the reference parameters) and its number of objectives."""
-    overrides = [f"output_dir={workdir}", "logging.tensorboard=false", "logging.progress=false", *extra]
-    trainer = DPOTrainer(load_dpo_config(config, overrides))
-    batch = trainer._place(trainer.pairs_for_step(1))
+    trainer, batch = dpo_first_step(config, workdir, extra)
     return trainer._step_fn.__wrapped__, (trainer.state, batch, trainer.reference_params), trainer.spec.num_objectives
 
 
