@@ -10,6 +10,11 @@ layer scan's body once. The peak comes from the device kind (:data:`PEAK_TFLOPS`
     python benchmarks/gpu_model.py --out benchmarks/results/gpu   # 56M and 1.1B LLaMA shapes; gpu_model.{json,md}
     python benchmarks/gpu_model.py --smoke --out /tmp/x            # the tiny config on any backend (CPU included)
 
+``--attention mojax,cudnn`` (the default on a GPU) times mojax's training step and forward once per attention
+kernel (``mojax.models.llama.ATTENTION_KERNELS``: mojax's query blocks, XLA's or cuDNN's fused attention through
+``jax.nn.dot_product_attention``), each against the same peer, every config with one kernel before the next kernel;
+greedy decode, which attends through the KV cache whatever the kernel, is timed with the first kernel only.
+
 The peer, measured in the same process after mojax on the same device (``--no-torch`` skips it): transformers'
 ``LlamaForCausalLM`` of the same config and random weights in PyTorch eager, fp32 master weights and
 ``torch.optim.AdamW`` (fused on CUDA), bf16 compute under ``torch.autocast``, gradient checkpointing per layer, the
@@ -38,7 +43,7 @@ from flax import nnx
 
 from mojax.models.config import ModelConfig
 from mojax.models.generate import SamplingConfig, generate
-from mojax.models.llama import LlamaForCausalLM
+from mojax.models.llama import ATTENTION_KERNELS, LlamaForCausalLM
 from mojax.testing import write_report
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
@@ -98,10 +103,14 @@ def median_s(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, config: ModelConfig, train_shape, decode_shape, peak: float, repeats: int) -> dict:
-    """One config's row: training step (AdamW), forward and greedy decode times, tokens/s and MFU, and the training
-    loss at the first step and at the last timed one (the same batch every step, so it falls)."""
+def bench(
+    name: str, config: ModelConfig, train_shape, decode_shape, peak: float, repeats: int, kernel: str, decode: bool
+) -> dict:
+    """One config's row with attention ``kernel``: training step (AdamW), forward and (if ``decode``) greedy decode
+    times, tokens/s and MFU, and the training loss at the first step and at the last timed one (the same batch every
+    step, so it falls; the same initial weights for every kernel)."""
     model = LlamaForCausalLM(config, remat=True, rngs=nnx.Rngs(0))
+    model.set_attributes(attention_kernel=kernel)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adamw(1e-4)
     batch, length = train_shape
@@ -131,28 +140,33 @@ def bench(name: str, config: ModelConfig, train_shape, decode_shape, peak: float
     train_s = median_s(one_step, repeats)
     last_loss = float(state["loss"])  # the loss the last timed step saw, after 1 + repeats updates
     forward_s = median_s(lambda: forward(state["params"]), repeats)
-    d_batch, prompt, new = decode_shape
-    prompts = np.random.default_rng(1).integers(3, config.vocab_size, (d_batch, prompt)).astype(np.int32)
-    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, stop_token_ids=(), pad_token_id=0)
-    decode_model = nnx.merge(graphdef, state["params"], rest)
-    decode_s = median_s(lambda: generate(decode_model, prompts, None, jax.random.key(0), sampling).tokens, repeats)
-
     forward_flops = config.forward_flops(batch * length, length)
-    return {
+    row = {
         "config": name,
+        "attention": kernel,
         "parameters": config.num_params(),
         "train_shape": f"{batch}x{length}",
-        "decode_shape": f"{d_batch}x({prompt}+{new})",
         "compile_train_s": compile_s,
         "train_step_ms": 1e3 * train_s,
         "train_tokens_per_s": batch * length / train_s,
         "train_mfu": 3 * forward_flops / train_s / peak,
         "forward_ms": 1e3 * forward_s,
         "forward_mfu": forward_flops / forward_s / peak,
-        "decode_ms": 1e3 * decode_s,
-        "decode_tokens_per_s": d_batch * new / decode_s,
         "loss_first_step": first_loss,
         "loss_last_step": last_loss,
+    }
+    if not decode:
+        return row
+    d_batch, prompt, new = decode_shape
+    prompts = np.random.default_rng(1).integers(3, config.vocab_size, (d_batch, prompt)).astype(np.int32)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=0.0, stop_token_ids=(), pad_token_id=0)
+    decode_model = nnx.merge(graphdef, state["params"], rest)
+    decode_s = median_s(lambda: generate(decode_model, prompts, None, jax.random.key(0), sampling).tokens, repeats)
+    return {
+        **row,
+        "decode_shape": f"{d_batch}x({prompt}+{new})",
+        "decode_ms": 1e3 * decode_s,
+        "decode_tokens_per_s": d_batch * new / decode_s,
     }
 
 
@@ -230,11 +244,14 @@ def torch_peer(config: ModelConfig, train_shape, decode_shape, repeats: int) -> 
 
 
 def with_peer(row: dict, peer: dict) -> dict:
-    """``row`` with the peer's times and the ratios peer time / mojax time (> 1: mojax faster)."""
-    ratios = {
-        f"torch_over_mojax_{op}": peer[f"torch_{op}_ms"] / row[f"{op}_ms"] for op in ("train_step", "forward", "decode")
-    }
-    return {**row, **peer, **ratios}
+    """``row`` with the peer's times and the ratios peer time / mojax time (> 1: mojax faster) of the ops it timed."""
+    ops = [op for op in ("train_step", "forward", "decode") if f"{op}_ms" in row]
+    return {**row, **peer, **{f"torch_over_mojax_{op}": peer[f"torch_{op}_ms"] / row[f"{op}_ms"] for op in ops}}
+
+
+def cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
+    """``row[key]`` formatted by ``spec``, or "-" where the row did not time it."""
+    return format(row[key], spec) + suffix if key in row else "-"
 
 
 def markdown(report: dict) -> str:
@@ -247,16 +264,16 @@ def markdown(report: dict) -> str:
         f"{report['repeats']} calls after a warm-up. MFU: matmul FLOPs (ModelConfig.forward_flops: PaLM's 2N + 4LHT "
         "per forward token, three times that per trained token) over the peak.",
         "",
-        "| config | params | train BxT | train step ms | tokens/s | MFU | forward ms | forward MFU | "
+        "| config | attention | params | train BxT | train step ms | tokens/s | MFU | forward ms | forward MFU | "
         "decode (greedy) | decode ms | decode tok/s | compile s | loss first / last step |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['config']} | {r['parameters']:,} | {r['train_shape']} | {r['train_step_ms']:.1f} | "
-            f"{r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | "
-            f"{r['forward_ms']:.1f} | {r['forward_mfu']:.1%} | {r['decode_shape']} | {r['decode_ms']:.1f} | "
-            f"{r['decode_tokens_per_s']:,.0f} | {r['compile_train_s']:.1f} | "
+            f"| {r['config']} | {r['attention']} | {r['parameters']:,} | {r['train_shape']} | "
+            f"{r['train_step_ms']:.1f} | {r['train_tokens_per_s']:,.0f} | {r['train_mfu']:.1%} | "
+            f"{r['forward_ms']:.1f} | {r['forward_mfu']:.1%} | {r.get('decode_shape', '-')} | "
+            f"{cell(r, 'decode_ms', '.1f')} | {cell(r, 'decode_tokens_per_s', ',.0f')} | {r['compile_train_s']:.1f} | "
             f"{r['loss_first_step']:.3f} / {r['loss_last_step']:.3f} |"
         )
     peers = [r for r in report["rows"] if "torch_train_step_ms" in r]
@@ -267,14 +284,16 @@ def markdown(report: dict) -> str:
             "bf16, gradient checkpointing, `generate` greedy with a KV cache). Ratio: peer time / mojax time "
             "(> 1: mojax faster).",
             "",
-            "| config | torch train step ms | ratio | torch forward ms | ratio | torch decode ms | ratio | "
-            "torch loss first / last step |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| config | mojax attention | torch train step ms | ratio | torch forward ms | ratio | torch decode ms | "
+            "ratio | torch loss first / last step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         lines += [
-            f"| {r['config']} | {r['torch_train_step_ms']:.1f} | {r['torch_over_mojax_train_step']:.2f}x | "
-            f"{r['torch_forward_ms']:.1f} | {r['torch_over_mojax_forward']:.2f}x | {r['torch_decode_ms']:.1f} | "
-            f"{r['torch_over_mojax_decode']:.2f}x | {r['torch_loss_first_step']:.3f} / {r['torch_loss_last_step']:.3f} |"
+            f"| {r['config']} | {r['attention']} | {r['torch_train_step_ms']:.1f} | "
+            f"{r['torch_over_mojax_train_step']:.2f}x | {r['torch_forward_ms']:.1f} | "
+            f"{r['torch_over_mojax_forward']:.2f}x | "
+            f"{r['torch_decode_ms']:.1f} | {cell(r, 'torch_over_mojax_decode', '.2f', 'x')} | "
+            f"{r['torch_loss_first_step']:.3f} / {r['torch_loss_last_step']:.3f} |"
             for r in peers
         ]
     return "\n".join(lines) + "\n"
@@ -285,6 +304,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="the tiny config only, on any backend")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after a warm-up")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument(
+        "--attention",
+        help="comma-separated attention kernels of mojax's rows (default: mojax,cudnn on a GPU, mojax,xla elsewhere)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 dense TFLOP/s (default: by kind)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu")
     args = parser.parse_args(argv)
@@ -292,6 +315,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.peak_tflops = float(os.environ["MOJAX_PEAK_TFLOPS"])
     if args.repeats < 1 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         parser.error(f"--repeats must be >= 1 and --peak-tflops > 0; got {args.repeats} and {args.peak_tflops}")
+    default = "mojax,cudnn" if jax.default_backend() == "gpu" else "mojax,xla"
+    args.attention = (args.attention or default).split(",")
+    unknown = sorted(set(args.attention) - set(ATTENTION_KERNELS))
+    if unknown:
+        parser.error(f"--attention has {', '.join(unknown)}; expected names from {', '.join(ATTENTION_KERNELS)}")
     return args
 
 
@@ -305,13 +333,19 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "rows": [],
     }
-    for name, (config, train_shape, decode_shape) in sizes(args.smoke).items():
-        row = bench(name, config, train_shape, decode_shape, report["peak_flops"], args.repeats)
-        if not args.no_torch and importlib.util.find_spec("torch") is not None:
-            row = with_peer(row, torch_peer(config, train_shape, decode_shape, args.repeats))
-        report["rows"].append(row)
-        write_report(args.out, "gpu_model", report, markdown(report))  # each config as soon as it is done
-        print(markdown(report), flush=True)
+    torch_ok = not args.no_torch and importlib.util.find_spec("torch") is not None
+    peers = {}
+    # every config with one kernel before the next kernel: a kernel that fails on this device loses only its own rows
+    for i, kernel in enumerate(args.attention):
+        for name, (config, train_shape, decode_shape) in sizes(args.smoke).items():
+            row = bench(name, config, train_shape, decode_shape, report["peak_flops"], args.repeats, kernel, i == 0)
+            if torch_ok:
+                if name not in peers:
+                    peers[name] = torch_peer(config, train_shape, decode_shape, args.repeats)
+                row = with_peer(row, peers[name])
+            report["rows"].append(row)
+            write_report(args.out, "gpu_model", report, markdown(report))  # each row as soon as it is done
+            print(markdown(report), flush=True)
     return report
 
 

@@ -24,6 +24,9 @@ Call convention (shared by the sampler and the trainer)::
   the layer scan. ``remat`` says what each layer keeps for the backward pass (:func:`checkpointed`):
   ``"dots"`` (the default) its matmul outputs, ``"full"`` (or True) nothing, ``"none"`` (or False) everything.
 * logits are fp32; attention softmax and RMSNorm statistics are fp32 whatever ``config.dtype``.
+* ``model.set_attributes(attention_kernel=...)`` picks how a forward without a cache runs attention
+  (:data:`ATTENTION_KERNELS`): mojax's query blocks (the default, any mask), or ``jax.nn.dot_product_attention``
+  with XLA's or cuDNN's fused kernel (:func:`fused_causal_attention`: rows of contiguous real tokens only).
 * ``adapters=False`` runs the base model without its LoRA adapters (:mod:`mojax.models.lora`), the
   reference policy; ``dropout_rng`` (a PRNG key) turns on the adapters' dropout, for training only.
 * ``layer_weights=model.per_layer_weights()`` (with a cache, for decode loops): the layers run unrolled on
@@ -274,6 +277,71 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.concatenate(blocks, axis=1)
 
 
+ATTENTION_KERNELS = ("mojax", "xla", "cudnn")
+"""How a forward without a cache (training, scoring) runs attention. ``"mojax"``: :func:`causal_attention`, query
+blocks that skip the masked future, for any mask. ``"xla"`` and ``"cudnn"``: :func:`fused_causal_attention` through
+``jax.nn.dot_product_attention``, with XLA's implementation (the whole [T, T] score matrix) or cuDNN's fused
+flash-attention kernel, which never writes the scores to memory (NVIDIA GPUs, bfloat16 or float16 compute, head
+dimension a multiple of 8 up to 256). A forward with a cache (prefill, decode) always runs :func:`attention`."""
+
+
+def fused_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, implementation: str
+) -> jax.Array:
+    """:func:`causal_attention` under ``causal_mask(valid, arange(T))`` through ``jax.nn.dot_product_attention``
+    (``implementation``: ``"xla"`` or ``"cudnn"``), for rows whose real tokens are contiguous: left and right padding
+    only, the layout of the trainers' prompts and completions.
+
+    The fused kernels know the causal mask and right padding only (query and key lengths l_b). Each row b is
+    therefore rotated left by its leading pads s_b, which puts its l_b real tokens first: rotated query i < l_b
+    attends to rotated keys j <= i, the real tokens s_b .. s_b + i of the row, as the mask says. The output is
+    rotated back. Shapes as :func:`attention` with S = T; ``valid`` bool[B, T]. A pad query's output is finite and
+    meaningless, as in :func:`attention`. A row whose real tokens are not contiguous comes out NaN, never silently
+    wrong (the rotation would let its queries attend across the gap).
+    """
+    T = valid.shape[1]
+    starts = jnp.argmax(valid, axis=1).astype(jnp.int32)
+    lengths = jnp.maximum(valid.sum(axis=1, dtype=jnp.int32), 1)
+    rises = valid[:, 0].astype(jnp.int32) + jnp.sum(valid[:, 1:] & ~valid[:, :-1], axis=1, dtype=jnp.int32)
+    slots = jnp.arange(T, dtype=jnp.int32)
+
+    def rotated(a: jax.Array, shift: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(a, ((slots[None] + shift[:, None]) % T)[:, :, None, None], axis=1)
+
+    heads_last = lambda a: rotated(jnp.swapaxes(a, 1, 2), starts)  # noqa: E731 ([B, KV, T, hd] -> [B, T, KV, hd])
+    out = jax.nn.dot_product_attention(
+        rotated(q, starts),
+        heads_last(k),
+        heads_last(v),
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return jnp.where((rises <= 1)[:, None, None, None], rotated(out, -starts), jnp.nan)
+
+
+def check_attention_kernel(kernel: str, config: ModelConfig) -> None:
+    """ValueError unless ``kernel`` is one of :data:`ATTENTION_KERNELS` and, for ``"cudnn"``, the model and this
+    process can run cuDNN's fused attention (a GPU backend, bfloat16 or float16 compute, a head dimension that is a
+    multiple of 8 up to 256)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel is {kernel!r}; expected one of {ATTENTION_KERNELS}")
+    if kernel != "cudnn":
+        return
+    problems = []
+    if jax.default_backend() != "gpu":
+        problems.append(f"it runs on NVIDIA GPUs only, and this process's default backend is {jax.default_backend()}")
+    if jnp.dtype(config.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        problems.append(f"it needs a bfloat16 or float16 compute dtype, and the model computes in {config.dtype}")
+    if config.head_dim % 8 or config.head_dim > 256:
+        problems.append(
+            f"it needs a head dimension that is a multiple of 8 up to 256, and the model's is {config.head_dim}"
+        )
+    if problems:
+        raise ValueError("attention_kernel='cudnn' cannot run here: " + "; ".join(problems) + ". Use 'mojax' or 'xla'")
+
+
 def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
     """``offset + cumsum(mask) - 1`` clipped at 0: i32[B, T]."""
     m = attention_mask.astype(jnp.int32)
@@ -480,12 +548,14 @@ def _matmul(x: jax.Array, kernel: jax.Array | OutputMajor, input_dims: int) -> j
 
 class AttentionInputs(NamedTuple):
     """What every layer needs besides its weights: mask bool[B, T, S], RoPE cos/sin [B, T, hd],
-    and with a cache the slot ``index`` i32[] where the T new keys are written (None without a cache)."""
+    with a cache the slot ``index`` i32[] where the T new keys are written (None without a cache), and the attention
+    ``kernel`` of a forward without a cache (:data:`ATTENTION_KERNELS`)."""
 
     mask: jax.Array
     cos: jax.Array
     sin: jax.Array
     index: jax.Array | None
+    kernel: str = "mojax"
 
 
 def key_slots(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -563,10 +633,14 @@ def attention_and_mlp(
 ) -> jax.Array:
     """The second half of a LLaMA block: x + attention(q, keys, values), then x + MLP(norm(x)). Without a cache
     (``inputs.index`` None) the keys are the queries' own tokens, and attention skips the masked future
-    (:func:`causal_attention`). ``prefix``: this layer's shared keys and values and each row's valid prefix slots
-    (:func:`attention`), read in the compute dtype as the keys and values are."""
+    (:func:`causal_attention`, or :func:`fused_causal_attention` as ``inputs.kernel`` says). ``prefix``: this
+    layer's shared keys and values and each row's valid prefix slots (:func:`attention`), read in the compute dtype as
+    the keys and values are."""
     linear = _projector(w, lora)
-    if inputs.index is None:
+    if inputs.index is None and inputs.kernel != "mojax":
+        # the last query may attend to every real key: its mask row is the rows' real tokens
+        attended = fused_causal_attention(q, keys, values, inputs.mask[:, -1], inputs.kernel)
+    elif inputs.index is None:
         attended = causal_attention(q, keys, values, inputs.mask)
     else:
         if prefix is not None:
@@ -837,11 +911,18 @@ class LlamaModel(nnx.Module):
     ``last_layer`` is None, except in the probe-mode representation built by :func:`apply_split`:
     then ``layers`` holds the first L - 1 blocks and ``last_layer`` the final one (stacked, [1, ...]),
     which runs after the scan, on its own.
+
+    ``attention_kernel`` (static, one of :data:`ATTENTION_KERNELS`): how a forward without a cache runs attention;
+    checked at every call (:func:`check_attention_kernel`), so it may be changed with
+    ``model.set_attributes(attention_kernel=...)`` on any module that holds this one.
     """
 
-    def __init__(self, config: ModelConfig, *, remat: bool | str = "dots", rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, *, remat: bool | str = "dots", attention_kernel: str = "mojax", rngs: nnx.Rngs
+    ):
         self.config = config
         self.remat = remat_policy(remat)
+        self.attention_kernel = attention_kernel
         self.embed_tokens = _Embed(config.vocab_size, config.hidden_size, dtype=config.param_dtype, rngs=rngs)
         self.layers = LlamaDecoderLayers(config, rngs=rngs)
         self.norm = _Scale((config.hidden_size,), ("norm",), dtype=config.param_dtype, rngs=rngs)
@@ -887,7 +968,8 @@ class LlamaModel(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask, 0 if cache is None else cache.lengths)
         cos, sin = rope_cos_sin(jnp.asarray(positions, jnp.int32), rope_inv_freq(c), dtype)
-        inputs = AttentionInputs(causal_mask(valid, query_slots), cos, sin, index)
+        check_attention_kernel(self.attention_kernel, c)
+        inputs = AttentionInputs(causal_mask(valid, query_slots), cos, sin, index, self.attention_kernel)
 
         lora = self.layers.lora_call(adapters)
         dropout_keys = None

@@ -41,6 +41,10 @@ class ModelSection:
     remat: bool | str = "dots"
     """What each decoder layer keeps for the backward pass: ``"dots"`` its matmul outputs (the rest is recomputed),
     ``"full"`` (or true) nothing (least memory, one more forward), ``"none"`` (or false) every intermediate."""
+    attention_kernel: str = "mojax"
+    """How the policy and critic run attention in their forwards without a cache (the update, the scoring):
+    ``"mojax"`` (query blocks, any padding), ``"xla"`` or ``"cudnn"`` (``jax.nn.dot_product_attention``; cuDNN's fused
+    flash attention needs an NVIDIA GPU and ``dtype: bfloat16``); see ``mojax.models.llama.ATTENTION_KERNELS``."""
     init_seed: int = 0
     """Seed of the random initialisation of ``"tiny"`` models."""
 
@@ -383,10 +387,18 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
+def check_model_section(where: str, model: ModelSection) -> None:
+    """ValueError unless ``model.remat`` is a bool or a policy name and ``model.attention_kernel`` a kernel name."""
+    from mojax.models.llama import ATTENTION_KERNELS, REMAT_POLICIES
+
+    if not isinstance(model.remat, bool):
+        checks.choice(where, "model.remat", model.remat, REMAT_POLICIES)
+    checks.choice(where, "model.attention_kernel", model.attention_kernel, ATTENTION_KERNELS)
+
+
 def validate(config: TrainConfig) -> None:
     """Cross-field checks of a TrainConfig; ValueError naming the key and what was expected."""
     from mojax.combiners import REGISTRY
-    from mojax.models.llama import REMAT_POLICIES
     from mojax.rl.advantages import ESTIMATORS
 
     where = "TrainConfig"
@@ -395,8 +407,7 @@ def validate(config: TrainConfig) -> None:
     for key in _POSITIVE_INTS:
         checks.integer(where, key, _get(config, key), minimum=1)
     checks.choice(where, "combiner.name", config.combiner.name, REGISTRY)
-    if not isinstance(config.model.remat, bool):
-        checks.choice(where, "model.remat", config.model.remat, REMAT_POLICIES)
+    check_model_section(where, config.model)
     checks.choice(where, "algorithm.advantage_estimator", config.algorithm.advantage_estimator, ESTIMATORS)
     if not config.objectives:
         raise ValueError(checks.message(where, "objectives", "is empty", "at least one objective"))

@@ -57,6 +57,7 @@ from mojax.models import (
     split_last_layer,
 )
 from mojax.models.generate import SamplingConfig
+from mojax.models.llama import check_attention_kernel
 from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
@@ -89,24 +90,30 @@ NORMALIZER_EPS = 1e-6
 # ------------------------------------------------------------------------------------------------ building blocks
 def build_policy(config: rl_config.TrainConfig) -> tuple[Any, Any]:
     """(model, tokenizer) for ``config.model.path``: ``"tiny"`` (the tiny task's model), ``"smollm2"``
-    (SmolLM2-135M-Instruct, fetched into the cache by ``mojax fetch smollm2``), or a Hugging Face folder / GGUF file."""
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    if config.model.path == "tiny":
+    (SmolLM2-135M-Instruct, fetched into the cache by ``mojax fetch smollm2``), or a Hugging Face folder / GGUF file;
+    its attention kernel set as ``config.model.attention_kernel`` says, and checked against the model and backend."""
+    model, tokenizer = _load_policy(config.model)
+    model.set_attributes(attention_kernel=config.model.attention_kernel)
+    check_attention_kernel(config.model.attention_kernel, model.config)
+    return model, tokenizer
+
+
+def _load_policy(section: rl_config.ModelSection) -> tuple[Any, Any]:
+    """(model, tokenizer) of a model section's ``path`` (:func:`build_policy`)."""
+    dtype = jnp.bfloat16 if section.dtype == "bfloat16" else jnp.float32
+    if section.path == "tiny":
         from mojax.models import LlamaForCausalLM
 
-        model = LlamaForCausalLM(
-            tiny_model_config(dtype=dtype), remat=config.model.remat, rngs=nnx.Rngs(config.model.init_seed)
-        )
+        model = LlamaForCausalLM(tiny_model_config(dtype=dtype), remat=section.remat, rngs=nnx.Rngs(section.init_seed))
         return model, tiny_tokenizer()
     from mojax.models import load_causal_lm, load_tokenizer
 
-    path = config.model.path
+    path = section.path
     if path == "smollm2":
         from mojax.data import smollm2_gguf
 
         path = smollm2_gguf()
-    model = load_causal_lm(path, dtype=dtype, remat=config.model.remat)
-    return model, load_tokenizer(path)
+    return load_causal_lm(path, dtype=dtype, remat=section.remat), load_tokenizer(path)
 
 
 def attach_lora(model: Any, lora: rl_config.LoraSection, seed: int) -> None:
@@ -288,10 +295,11 @@ def critic_fn(graphdef: Any, rest: Any) -> Callable:
 
 def build_critic(policy: Any, num_objectives: int, seed: int) -> Any:
     """The vector critic: a ``LlamaValueModel`` with n outputs whose trunk starts as a copy of the policy's (and
-    rematerialises its layers as the policy does)."""
+    rematerialises its layers and runs attention as the policy does)."""
     from mojax.models import LlamaValueModel
 
     critic = LlamaValueModel(policy.config, num_objectives, remat=policy.model.remat, rngs=nnx.Rngs(seed))
+    critic.set_attributes(attention_kernel=policy.model.attention_kernel)
     nnx.update(critic.model, jax.tree.map(jnp.copy, nnx.state(policy.model, nnx.Param)))
     return critic
 

@@ -26,6 +26,8 @@ from mojax.models.llama import (
     attention,
     causal_attention,
     causal_mask,
+    check_attention_kernel,
+    fused_causal_attention,
     output_major,
     project,
     rope_inv_freq,
@@ -302,6 +304,85 @@ def test_causal_attention_contracts_each_query_block_with_its_past_keys_only():
     shapes = set(_dot_shapes(lambda q, k, v: causal_attention(q, k, v, mask), q, k, v))
     assert shapes == {(2, 2, 48, keys) for keys in (16, 32, 48, 64)}  # scores; the outputs are [2, 2, 48, hd = 16]
     assert (2, 2, 192, 64) in set(_dot_shapes(lambda q, k, v: attention(q, k, v, mask), q, k, v))
+
+
+def _padded_rows(B: int, T: int) -> jax.Array:
+    """bool[B, T] with left padding, right padding, both, none and a single real token across the rows."""
+    spans = [(5, T), (0, T - 7), (3, T - 4), (0, T), (T - 1, T)]
+    return jnp.asarray([[start <= t < stop for t in range(T)] for start, stop in spans[:B]])
+
+
+def test_fused_attention_equals_blocked_attention_on_left_and_right_padded_rows():
+    """``jax.nn.dot_product_attention`` (XLA's implementation, whose arguments the cuDNN kernel shares) on rows rotated
+    to right padding: causal_attention's output on every real query and its gradients (cotangents on real queries only,
+    as a loss masked to real tokens gives); pad queries stay finite."""
+    B, T, H, KV, hd = 5, 40, 6, 2, 16
+    q = jax.random.normal(jax.random.key(0), (B, T, H, hd))
+    k, v = jax.random.normal(jax.random.key(1), (2, B, KV, T, hd))
+    valid = _padded_rows(B, T)
+    mask = causal_mask(valid, jnp.arange(T, dtype=jnp.int32))
+    real = valid[..., None, None]
+    cotangent = jax.random.normal(jax.random.key(2), q.shape) * real
+    fused = lambda q, k, v, mask: fused_causal_attention(q, k, v, mask[:, -1], "xla")  # noqa: E731
+
+    got, want = jax.jit(fused)(q, k, v, mask), jax.jit(causal_attention)(q, k, v, mask)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got * real, want * real, rtol=1e-5, atol=1e-6)
+    grads, want_grads = (
+        jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+        for fn in (fused, causal_attention)
+    )
+    for mine, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_poisons_a_row_whose_real_tokens_have_a_gap():
+    """A gap inside a row's real tokens cannot be expressed by rotation and lengths: that row comes out NaN, the others
+    as before."""
+    B, T, H, KV, hd = 2, 16, 2, 1, 8
+    q = jax.random.normal(jax.random.key(0), (B, T, H, hd))
+    k, v = jax.random.normal(jax.random.key(1), (2, B, KV, T, hd))
+    valid = jnp.ones((B, T), bool).at[1, 6:9].set(False)
+    out = np.asarray(jax.jit(fused_causal_attention, static_argnums=4)(q, k, v, valid, "xla"))
+    assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+
+
+def test_a_model_with_fused_attention_gives_the_logits_and_gradients_of_the_default(model):
+    """``set_attributes(attention_kernel="xla")`` on the whole causal LM: the default kernel's logits on real tokens
+    and its parameter gradients for a loss on them, with left- and right-padded rows."""
+    ids = _ids(5, 24, seed=4)
+    mask = _padded_rows(5, 24).astype(jnp.int32)
+
+    def loss(m):
+        logits = m(ids, attention_mask=mask)[0]
+        return jnp.sum(jnp.tanh(logits) * mask[..., None]), logits
+
+    (_, want_logits), want = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    fused = nnx.clone(model)
+    fused.set_attributes(attention_kernel="xla")
+    assert fused.model.attention_kernel == "xla" and model.model.attention_kernel == "mojax"
+    (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(fused)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(want_logits)[real], atol=2e-5)
+    for mine, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+
+
+def test_attention_kernels_are_checked_before_tracing(model):
+    """An unknown kernel, and cuDNN's where it cannot run (this CPU process, float32 compute, odd head dims), are
+    refused with what was wrong and what would do."""
+    with pytest.raises(ValueError, match=r"attention_kernel is 'flash'; expected one of \('mojax', 'xla', 'cudnn'\)"):
+        check_attention_kernel("flash", model.config)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="runs on NVIDIA GPUs only.*computes in float32.*Use 'mojax' or 'xla'"):
+            check_attention_kernel("cudnn", model.config)
+    with pytest.raises(ValueError, match="head dimension that is a multiple of 8 up to 256, and the model's is 12"):
+        check_attention_kernel("cudnn", model.config.replace(head_dim=12, dtype=jnp.bfloat16))
+    check_attention_kernel("xla", model.config)
+    broken = nnx.clone(model)
+    broken.set_attributes(attention_kernel="flash")
+    with pytest.raises(ValueError, match="attention_kernel is 'flash'"):
+        broken(_ids(1, 4))
 
 
 def test_a_long_forward_without_cache_equals_the_cache_prefill(model, fwd, step):

@@ -375,6 +375,8 @@ def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner)
         ("data.pairs_per_step=0", "`data.pairs_per_step` is 0"),
         ("data.setting=two_token", "`data.setting` is 'two_token'"),
         ("combiner.name=nope", "`combiner.name` is 'nope'"),
+        ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
+        ("model.attention_kernel=flash", "`model.attention_kernel` is 'flash'; expected one of"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):

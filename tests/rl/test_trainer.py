@@ -16,7 +16,7 @@ import pytest
 
 from mojax.rl.config import CONFIG_DIR, load_config
 from mojax.rl.logging import read_metrics
-from mojax.rl.trainer import CRASH_ENV, Trainer
+from mojax.rl.trainer import CRASH_ENV, Trainer, build_critic
 
 REPO = Path(__file__).resolve().parents[2]
 # A small run: 2 prompts x 2 generations, 6 new tokens; every test of this file shares these settings.
@@ -210,12 +210,38 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("combiner.pullbacks=vmap", "`combiner.pullbacks` is 'vmap'; expected one of"),
         ("optimizer.schedule=cosine", "`optimizer.schedule_steps` is None"),
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
+        ("model.attention_kernel=flash", "`model.attention_kernel` is 'flash'; expected one of"),
         ("optimizer.max_grad_norm=0", r"`optimizer.max_grad_norm` is 0; expected a number in \(0, inf\] \(or null"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         small_config(tmp_path, "steps=1", override)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's attention can run on a GPU")
+def test_cudnn_attention_is_refused_off_a_gpu_before_anything_compiles(tmp_path):
+    with pytest.raises(ValueError, match="attention_kernel='cudnn' cannot run here: it runs on NVIDIA GPUs only"):
+        Trainer(small_config(tmp_path, "steps=1", "model.attention_kernel=cudnn"))
+
+
+def test_the_fused_attention_kernel_trains_the_policy_and_critic_as_the_default_does(tmp_path):
+    """One GAE step (policy and vector critic) with ``jax.nn.dot_product_attention`` in every forward without a cache:
+    the metrics of the default kernel's step to float rounding, and its parameters to a hundredth of the learning
+    rate (AdamW's first step moves a parameter by about lr sign(g), which amplifies rounding where g is near 0)."""
+    runs = {}
+    for kernel in ("mojax", "xla"):
+        overrides = ("steps=1", "algorithm.advantage_estimator=gae", f"model.attention_kernel={kernel}")
+        trainer = Trainer(small_config(tmp_path / kernel, *overrides))
+        assert build_critic(trainer.model, 2, seed=0).model.attention_kernel == kernel
+        trainer.train()
+        trainer.close()
+        runs[kernel] = params_of(trainer), without_timing(read_metrics(tmp_path / kernel))[0]
+    for mine, want in zip(runs["xla"][0], runs["mojax"][0], strict=True):
+        np.testing.assert_allclose(mine, want, rtol=0, atol=3e-5)
+    (_, got), (_, want) = runs["xla"], runs["mojax"]
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-3, atol=1e-5)
 
 
 def test_wrong_types_raise_type_errors(tmp_path):
