@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import ms_by_kind, xla_operation_times  # noqa: E402
 
 from mojax.combiners import REGISTRY, make  # noqa: E402
-from mojax.combiners.grads import stacked_pullbacks  # noqa: E402
+from mojax.combiners.grads import separate_pullbacks, stacked_pullbacks  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
@@ -192,8 +192,8 @@ def reference_passes(
 ) -> dict[str, Callable[[], Any]]:
     """The bound (one forward, n pullbacks) and those of the other references that are `wanted`: the peers' n separate
     forward+backward passes, their whole MGDA step (:func:`peers_mgda_step`) and the optimizer step alone
-    (:func:`optimizer_alone`), jitted; the bound's pullbacks run as the trainer runs them (batched ones with
-    :func:`mojax.xla_cpu.batched_pullback_options`).
+    (:func:`optimizer_alone`), jitted; the bound's pullbacks run as the trainer's full mode runs them (in sequence
+    without a mesh: n separate gradient trees; batched ones with :func:`mojax.xla_cpu.batched_pullback_options`).
 
     The passes use a copy of the trainer's initial parameters (its own are donated by every update). With LoRA they
     return the adapters' gradients only, as the trainer differentiates them (PEFT's peers: ``requires_grad`` off on the
@@ -210,7 +210,10 @@ def reference_passes(
     @functools.partial(jax.jit, compiler_options=None if spec.sequential_pullbacks else batched_pullback_options())
     def forward_n_backward(p, b):
         _, pullback = jax.vjp(lambda q: vector_loss(q, b), p)
-        return trained(stacked_pullbacks(pullback, jnp.eye(n + 1, dtype=jnp.float32)[:n], spec.sequential_pullbacks))
+        cotangents = jnp.eye(n + 1, dtype=jnp.float32)[:n]
+        if spec.sequential_pullbacks and trainer.mesh is None:  # as the trainer's full mode: n separate trees
+            return separate_pullbacks(pullback, cotangents, trained)
+        return trained(stacked_pullbacks(pullback, cotangents, spec.sequential_pullbacks))
 
     @jax.jit
     def one_objective_grad(p, b, index):

@@ -1,11 +1,20 @@
-"""Combiners: optax transforms from per-objective updates (leading objective axis n) to one update.
+"""Combiners: optax transforms from per-objective updates (leading objective axis n, or ``ObjectiveTrees``: n
+separate pytrees) to one update.
 
 The factories and their state types are also exported at the top level of :mod:`mojax`; the building blocks
 (``combine``, ``tree_gram``, ``weighted_combiner``, ``noon``, the PAMA and CTWA helpers, the min-norm solver) and the
 registry live here.
 """
 
-from mojax.combiners._base import WeightsState, combine, cosine_gram, raw_tree_gram, tree_gram, weighted_combiner
+from mojax.combiners._base import (
+    ObjectiveTrees,
+    WeightsState,
+    combine,
+    cosine_gram,
+    raw_tree_gram,
+    tree_gram,
+    weighted_combiner,
+)
 from mojax.combiners.cagrad import cagrad
 from mojax.combiners.ctwa import CtwaState, ctwa_controller_step, ctwa_next_weights, ctwa_reweight
 from mojax.combiners.gapo import gapo_rescale
@@ -77,6 +86,7 @@ __all__ = [
     "WeightsState",
     "per_objective_grads",
     "probe_combined_grads",
+    "ObjectiveTrees",
     "REGISTRY",
     "CombinerSpec",
     "combine",

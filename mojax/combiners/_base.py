@@ -1,4 +1,7 @@
-"""The combiner contract: stacked per-objective updates -> n weights -> one update.
+"""The combiner contract: per-objective updates -> n weights -> one update.
+
+The n updates come stacked (every leaf with a leading objective axis of size n) or as :class:`ObjectiveTrees`, n
+separate pytrees of one structure, the form n separate pullbacks leave them in; both give the same weights and update.
 
 Every combiner in mojax is built by :func:`weighted_combiner` from a *weighting*
 
@@ -41,8 +44,45 @@ class WeightsState(NamedTuple):
     weights: jax.Array
 
 
+class ObjectiveTrees(NamedTuple):
+    """n per-objective updates as n separate pytrees of one structure (objective i's update is ``trees[i]``).
+
+    The form in which n separate backward passes leave their gradients: every combiner takes it where it takes
+    stacked updates and returns the same update, computed from the n trees as they lie, so no [n, ...] copy of the
+    gradients is ever written. A pytree itself (its leaves are the n trees' leaves), so ``jax.tree.map`` adds two of
+    them objective by objective.
+    """
+
+    trees: tuple[Any, ...]
+
+
+def _tree_objective_count(updates: ObjectiveTrees, name: str) -> int:
+    """n of :class:`ObjectiveTrees`; ValueError unless its n >= 1 trees share one structure with array leaves."""
+    trees = tuple(updates.trees)
+    if not trees:
+        raise ValueError(f"{name}: `updates` holds no trees; expected ObjectiveTrees of n >= 1 per-objective pytrees.")
+    structure = jax.tree.structure(trees[0])
+    for i, tree in enumerate(trees[1:], start=1):
+        if jax.tree.structure(tree) != structure:
+            raise ValueError(
+                f"{name}: the per-objective trees of `updates` differ in structure: tree {i} is "
+                f"{jax.tree.structure(tree)}, tree 0 is {structure}; all n must match."
+            )
+    if not jax.tree.leaves(trees[0]):
+        raise ValueError(f"{name}: the per-objective trees of `updates` have no array leaves.")
+    return len(trees)
+
+
 def objective_count(updates: Any, name: str, expected: int | None = None) -> int:
-    """Size n of the leading objective axis shared by every leaf; ValueError naming the leaf otherwise."""
+    """n: the length of :class:`ObjectiveTrees`, or the size of the leading objective axis shared by every leaf of
+    stacked updates; ValueError naming the leaf (or tree) otherwise."""
+    if isinstance(updates, ObjectiveTrees):
+        n = _tree_objective_count(updates, name)
+        if expected is not None and n != expected:
+            raise ValueError(
+                f"{name}: `updates` holds {n} objectives' trees, but the combiner was built for {expected}."
+            )
+        return n
     leaves = jax.tree_util.tree_leaves_with_path(updates)
     if not leaves:
         raise ValueError(
@@ -167,35 +207,53 @@ def _block_width(dims: tuple[int, ...]) -> int | None:
     return width if width >= GRAM_ROW_MIN or used == len(dims) else None
 
 
-def _row_blocks(leaf: jax.Array) -> list[jax.Array]:
-    """A leaf [n, ...] as blocks [n, k, c] for one reduction over c: c the product of its trailing dimensions
-    (:func:`_block_width`), else its rows [n, P] as whole rows of GRAM_ROW columns, then the remainder as one
-    [n, 1, P % GRAM_ROW] block (each only when not empty).
+class _Leaf(NamedTuple):
+    """One leaf's n per-objective arrays (``rows``), and the stacked [n, ...] array they are slices of, if any."""
+
+    rows: list[jax.Array]
+    stacked: jax.Array | None
+
+    def whole(self) -> jax.Array:
+        """The leaf as one [n, ...] array: the stacked one, or the rows stacked (a copy)."""
+        return jnp.stack(self.rows) if self.stacked is None else self.stacked
+
+
+def _objective_leaves(updates: Any) -> list[_Leaf]:
+    """Every leaf of stacked updates or of :class:`ObjectiveTrees` as its n per-objective arrays."""
+    if isinstance(updates, ObjectiveTrees):
+        per_tree = [jax.tree.leaves(tree) for tree in updates.trees]
+        return [_Leaf(list(rows), None) for rows in zip(*per_tree, strict=True)]
+    return [_Leaf([leaf[i] for i in range(leaf.shape[0])], leaf) for leaf in jax.tree.leaves(updates)]
+
+
+def _row_blocks(rows: Sequence[jax.Array]) -> list[list[jax.Array]]:
+    """One leaf's n per-objective arrays as blocks of n arrays [k, c] for one reduction over c: c the product of the
+    arrays' trailing dimensions (:func:`_block_width`), else their flat rows as whole rows of GRAM_ROW columns, then
+    the remainder as one [1, P % GRAM_ROW] block (each only when not empty).
 
     Cutting at the leaf's own dimensions keeps every element's place a per-row offset plus its column. The flat cut
     of a layer-stacked leaf of the batched pullbacks (f32[3, 30, 1536, 576], in memory [30, 3, 1536, 576]) had
     XLA:CPU find each element by dividing its index by the trailing dimensions: the peak's pass over it took 25 ms
     against 7 ms cut at the 576 columns (isolated measurements; the Gram's pass 17 ms against 15 ms).
     """
-    n = leaf.shape[0]
-    width = _block_width(leaf.shape[1:])
+    width = _block_width(rows[0].shape)
     if width is not None:
-        return [leaf.reshape(n, -1, width)]
-    rows = leaf.reshape(n, -1)
-    size = rows.shape[1]
+        return [[row.reshape(-1, width) for row in rows]]
+    flat = [row.reshape(-1) for row in rows]
+    size = flat[0].shape[0]
     whole = size - size % GRAM_ROW
-    blocks = [rows[:, :whole].reshape(n, whole // GRAM_ROW, GRAM_ROW)] if whole else []
-    return blocks + ([rows[:, whole:].reshape(n, 1, size - whole)] if whole < size else [])
+    blocks = [[row[:whole].reshape(-1, GRAM_ROW) for row in flat]] if whole else []
+    return blocks + ([[row[whole:].reshape(1, -1) for row in flat]] if whole < size else [])
 
 
-def _pair_sums(blocks: jax.Array) -> jax.Array:
-    """f32[n (n + 1) / 2]: sum over every block and column of g_i g_j for i <= j, blocks [n, k, c].
+def _pair_sums(block: Sequence[jax.Array]) -> jax.Array:
+    """f32[n (n + 1) / 2]: sum over the block's rows and columns of g_i g_j for i <= j, the block n arrays [k, c].
 
-    One variadic reduction over the columns computes every pair's products from one read of the blocks (XLA fuses
+    One variadic reduction over the columns computes every pair's products from one read of the block (XLA fuses
     the products, a dtype cast and any transpose of the input into it), then each pair's k partial sums are added.
     """
-    n = blocks.shape[0]
-    rows = [blocks[i].astype(jnp.float32) for i in range(n)]
+    n = len(block)
+    rows = [part.astype(jnp.float32) for part in block]
     products = [rows[i] * rows[j] for i in range(n) for j in range(i, n)]
     partials = jax.lax.reduce(
         products,
@@ -206,37 +264,39 @@ def _pair_sums(blocks: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(partial) for partial in partials])
 
 
-def _fused_gram(leaf: jax.Array) -> jax.Array:
-    """rows @ rows.T for a leaf's rows [n, P] in one pass over the data: the pair sums of its blocks
+def _fused_gram(rows: Sequence[jax.Array]) -> jax.Array:
+    """The Gram of one leaf's n per-objective arrays in one pass over the data: the pair sums of its blocks
     (:func:`_row_blocks`).
 
     XLA:CPU reads a 3 x 26.5M leaf this way in 20 ms against the chunked matmuls' 146 ms, and reads the batched
     pullbacks' layer-stacked leaves ([L, n, ...] in memory) in place, where the matmuls needed an objective-major
     copy first (isolated measurements; benchmarks/RESULTS.md, full mode on SmolLM2).
     """
-    n = leaf.shape[0]
-    sums = sum((_pair_sums(blocks) for blocks in _row_blocks(leaf)), jnp.zeros((n * (n + 1) // 2,), jnp.float32))
+    n = len(rows)
+    sums = sum((_pair_sums(block) for block in _row_blocks(rows)), jnp.zeros((n * (n + 1) // 2,), jnp.float32))
     upper = np.zeros((n, n), np.int32)
     upper[np.triu_indices(n)] = np.arange(n * (n + 1) // 2)
     return sums[np.maximum(upper, upper.T)]
 
 
-def _leaf_gram(leaf: jax.Array, inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
+def _leaf_gram(leaf: _Leaf, inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
     """<g_i, g_j> over one leaf in fp32. If `flatten`, on the leaf as [n, -1]: one matmul below GRAM_LOOP_FROM
-    columns, else one fused pass (up to GRAM_FUSED_MAX_OBJECTIVES objectives) or chunked matmuls. Otherwise one dot
+    columns, else one fused pass over its n arrays (up to GRAM_FUSED_MAX_OBJECTIVES objectives, and always for
+    separate trees, which would have to be stacked into a copy for the matmuls) or chunked matmuls. Otherwise one dot
     contracting every non-leading dim."""
-    scaled = leaf * jnp.asarray(inv_scale, leaf.dtype)
+    n, size = len(leaf.rows), leaf.rows[0].size
+    if flatten and size >= GRAM_LOOP_FROM and (n <= GRAM_FUSED_MAX_OBJECTIVES or leaf.stacked is None):
+        return _fused_gram([row * jnp.asarray(inv_scale, row.dtype) for row in leaf.rows])
+    scaled = leaf.whole() * jnp.asarray(inv_scale, leaf.rows[0].dtype)
     if flatten:
-        rows = scaled.reshape(scaled.shape[0], -1)
-        if rows.shape[1] < GRAM_LOOP_FROM:
-            return _pair_dot(rows)
-        return _fused_gram(scaled) if rows.shape[0] <= GRAM_FUSED_MAX_OBJECTIVES else _chunked_gram(rows)
+        rows = scaled.reshape(n, -1)
+        return _pair_dot(rows) if size < GRAM_LOOP_FROM else _chunked_gram(rows)
     rest = tuple(range(1, scaled.ndim))
     return jax.lax.dot_general(scaled, scaled, ((rest, rest), ((), ())), preferred_element_type=jnp.float32)
 
 
 def raw_tree_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | None = None) -> jax.Array:
-    """sum over leaves of <g_i, g_j> (fp32 accumulation).
+    """sum over leaves of <g_i, g_j> (fp32 accumulation), of stacked updates or :class:`ObjectiveTrees`.
 
     Flattening each leaf to [n, -1] runs 2-5x faster on XLA:CPU, but a leaf sharded along a minor
     dimension would be all-gathered to reshape it. So the default flattens only on a single-device
@@ -244,13 +304,13 @@ def raw_tree_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | No
     contracted in one dot, which stays a local partial dot plus an n x n all-reduce for any sharding.
     """
     flatten = jax.device_count() == 1 if flatten is None else flatten
-    return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in jax.tree.leaves(updates))
+    return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in _objective_leaves(updates))
 
 
-def _block_peak(blocks: jax.Array) -> jax.Array:
-    """max |g| over blocks [n, k, c] in fp32: one variadic reduction over the columns (every row's block maxima from
-    one read of the blocks, as :func:`_pair_sums`), then the largest of those."""
-    magnitudes = [jnp.abs(block).astype(jnp.float32) for block in blocks]
+def _block_peak(block: Sequence[jax.Array]) -> jax.Array:
+    """max |g| over a block of n arrays [k, c] in fp32: one variadic reduction over the columns (every row's block
+    maxima from one read of the block, as :func:`_pair_sums`), then the largest of those."""
+    magnitudes = [jnp.abs(part).astype(jnp.float32) for part in block]
     partials = jax.lax.reduce(
         magnitudes,
         [jnp.float32(0)] * len(magnitudes),
@@ -260,24 +320,25 @@ def _block_peak(blocks: jax.Array) -> jax.Array:
     return jnp.max(jnp.stack([jnp.max(partial) for partial in partials]))
 
 
-def _leaf_max_abs(leaf: jax.Array, flatten: bool) -> jax.Array:
+def _leaf_max_abs(leaf: _Leaf, flatten: bool) -> jax.Array:
     """max |g| over one leaf in fp32.
 
     If `flatten`, over the blocks :func:`_fused_gram` reads (:func:`_row_blocks`, :func:`_block_peak`), which reads
     the leaf in whatever layout it has. A plain ``max(abs(leaf))`` had XLA:CPU copy each layer-stacked leaf of
     the batched pullbacks to objective-major order first (a windowed-reduction tree or a library reduction, neither
-    reading through a transpose). Otherwise one reduction over the whole leaf (a local one plus a scalar all-reduce
-    when sharded).
+    reading through a transpose). Otherwise one reduction over each of the leaf's arrays (a local one plus a scalar
+    all-reduce when sharded).
     """
     if not flatten:
-        return jnp.max(jnp.abs(leaf)).astype(jnp.float32)
-    return jnp.max(jnp.stack([_block_peak(blocks) for blocks in _row_blocks(leaf)]))
+        parts = [leaf.stacked] if leaf.stacked is not None else leaf.rows
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(part)).astype(jnp.float32) for part in parts]))
+    return jnp.max(jnp.stack([_block_peak(block) for block in _row_blocks(leaf.rows)]))
 
 
 def _max_abs(updates: Any, flatten: bool | None = None) -> jax.Array:
     """max |g| over every leaf and objective, in fp32 (``flatten`` as :func:`raw_tree_gram`)."""
     flatten = jax.device_count() == 1 if flatten is None else flatten
-    return jnp.max(jnp.stack([_leaf_max_abs(leaf, flatten) for leaf in jax.tree.leaves(updates)]))
+    return jnp.max(jnp.stack([_leaf_max_abs(leaf, flatten) for leaf in _objective_leaves(updates)]))
 
 
 def gram_scale(peak: jax.Array, size: int) -> jax.Array:
@@ -301,8 +362,8 @@ def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax
     Gram took the updates as a branch operand, and XLA:CPU copied every layer-stacked leaf to objective-major
     order for it at every call, whichever branch ran (1.3 GB written per full-mode update on SmolLM2-135M).
     """
-    leaves = jax.tree.leaves(updates)
-    scale = gram_scale(_max_abs(updates, flatten), sum(leaf.size // leaf.shape[0] for leaf in leaves))
+    size = sum(leaf.rows[0].size for leaf in _objective_leaves(updates))
+    scale = gram_scale(_max_abs(updates, flatten), size)
     return raw_tree_gram(updates, 1.0 / scale, flatten), scale
 
 
@@ -314,7 +375,8 @@ def cosine_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def combine(weights: jax.Array, updates: Any) -> Any:
-    """sum_i w_i g_i on every leaf: the n rows weighted and added one by one in fp32, cast back to the leaf's dtype.
+    """sum_i w_i g_i on every leaf: the n rows weighted and added one by one in fp32, cast back to the leaf's dtype;
+    of stacked updates or of :class:`ObjectiveTrees` (then a tree of the trees' structure).
 
     That is ``tensordot(weights, leaf, axes=1)`` written as one elementwise fusion, which XLA:CPU runs at the speed
     of a read of the leaf in whatever layout it has: a tensordot first copied the batched pullbacks' layer-stacked
@@ -322,11 +384,13 @@ def combine(weights: jax.Array, updates: Any) -> Any:
     measurement). Never ``(w[:, None] * leaf).sum(0)``: XLA:CPU reduces a small leading axis 15-20x slower.
     """
 
-    def weighted_sum(leaf: jax.Array) -> jax.Array:
-        scaled = [weights[i].astype(jnp.float32) * leaf[i].astype(jnp.float32) for i in range(leaf.shape[0])]
-        return sum(scaled[1:], scaled[0]).astype(leaf.dtype)
+    def weighted_sum(*rows: jax.Array) -> jax.Array:
+        scaled = [weights[i].astype(jnp.float32) * row.astype(jnp.float32) for i, row in enumerate(rows)]
+        return sum(scaled[1:], scaled[0]).astype(rows[0].dtype)
 
-    return jax.tree.map(weighted_sum, updates)
+    if isinstance(updates, ObjectiveTrees):
+        return jax.tree.map(weighted_sum, *updates.trees)
+    return jax.tree.map(lambda leaf: weighted_sum(*(leaf[i] for i in range(leaf.shape[0]))), updates)
 
 
 def weighted_combiner(

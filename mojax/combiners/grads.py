@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mojax.combiners._base import ObjectiveTrees
+
 ProbeMask = Any  # a bool pytree shaped like (a prefix of) params, or a callable params -> such a pytree
 
 
@@ -92,6 +94,20 @@ def stacked_pullbacks(
     if sequential:
         return jax.lax.map(lambda cotangent: _sharded_like(pullback(cotangent)[0], param_shardings), cotangents)
     return jax.vmap(pullback)(cotangents)[0]
+
+
+def separate_pullbacks(pullback: Callable, cotangents: jax.Array, each: Callable[[Any], Any] = lambda g: g) -> Any:
+    """The pullbacks of the rows of ``cotangents`` [n, m] as n separate gradient trees (:class:`ObjectiveTrees`),
+    ``each`` applied to every tree (e.g. dropping frozen leaves).
+
+    n backward passes one after another in the program, each leaving its own tree, which the combiners read as it
+    lies. :func:`stacked_pullbacks`' loop (``lax.map``) instead zero-fills every [n, ...] stacked leaf and copies
+    each pass's gradients into its slot, which costs full mode about a fifth of its time on the 56M configuration
+    (benchmarks/RESULTS.md, "Full mode without stacked gradients"). For one device: on a mesh the stacked loop
+    constrains each pass to the parameters' sharding, and the Gram of separate trees with sharded leaves would stack
+    them into a copy.
+    """
+    return ObjectiveTrees(tuple(each(pullback(cotangent)[0]) for cotangent in cotangents))
 
 
 def _sharded_like(grads: Any, param_shardings: Any | None) -> Any:

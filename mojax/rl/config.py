@@ -180,9 +180,10 @@ class CombinerSection:
     """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``."""
     pullbacks: str = "auto"
     """How probe and full modes run the n per-objective backward passes: ``"sequential"`` (one pass after another:
-    1/n of the batched activation gradients' memory, and the stacked gradients come out objective-major, with no
-    transposes; on a mesh each objective's gradient is kept sharded like the parameters: LLaMA-70B in probe mode on
-    256 devices plans at 41 GiB per device in sequence against 86 GiB batched), ``"batched"`` (one pass vmapped over
+    1/n of the batched activation gradients' memory, and the gradients come out objective-major, with no transposes,
+    in full mode on one device as n separate trees that are never stacked; on a mesh each objective's gradient is
+    kept sharded like the parameters: LLaMA-70B in probe mode on 256 devices plans at 41 GiB per device in sequence
+    against 86 GiB batched), ``"batched"`` (one pass vmapped over
     the n unit cotangents: n-times wider matmuls, the faster on the tiny model; on the CPU its step compiles without
     XLA:CPU's YNNPACK reduction fusions, which get batched pullbacks wrong: :mod:`mojax.xla_cpu`) or ``"auto"``
     (sequential)."""

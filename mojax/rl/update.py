@@ -17,8 +17,8 @@ The combiner mode is chosen from the registry:
   vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
   the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
-* ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory); the
-  shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
+* ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory; in
+  sequence on one device as n separate trees, which no pass copies into a stacked array); the shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
   the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
   default), so the update then costs one forward and n backward passes.
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from mojax.combiners import cosine_gram, ctwa_next_weights, tree_gram
-from mojax.combiners.grads import stacked_pullbacks
+from mojax.combiners.grads import separate_pullbacks, stacked_pullbacks
 from mojax.diagnostics import ctwa_signal
 from mojax.rl import losses as rl_losses
 from mojax.xla_cpu import batched_pullback_options
@@ -461,18 +461,24 @@ def make_train_step(
         return _accumulate(grads_of, micro_batches)
 
     def per_objective(params, micro_batches, divide, beta):
-        """(stacked gradients f[n, ...] of L_1..L_n, gradient of the shared term or None), summed over micro-batches.
+        """(gradients of L_1..L_n, gradient of the shared term or None), summed over micro-batches. In sequence and
+        without a mesh the n gradients are separate trees (:func:`mojax.combiners.grads.separate_pullbacks`), else
+        stacked f[n, ...] (:func:`stacked_pullbacks`).
 
         The shared term's pullback is the (n + 1)-th backward pass; it is left out (None) when the term is zero in
         every update (:func:`shared_term_is_zero`).
         """
         skip_shared = shared_term_is_zero(spec)
+        separate = spec.sequential_pullbacks and param_shardings is None
 
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
+            if separate:
+                objectives = separate_pullbacks(pullback, eye[:n], trained)
+            else:
+                objectives = trained(stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings))
             shared = None if skip_shared else trained(pullback(eye[n])[0])
-            return (trained(stacked), shared), vector, metrics
+            return (objectives, shared), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 

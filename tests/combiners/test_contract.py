@@ -16,6 +16,7 @@ from combiner_cases import CASES, extra_args
 from compile_log import compilations as log_compilations
 from flax import nnx
 
+from mojax.combiners import ObjectiveTrees
 from mojax.testing import stacked_gradients
 
 N = 3
@@ -72,6 +73,12 @@ def outcomes(name: str) -> dict[str, Outcome]:
             params,
             extras,
         )
+    combiners["trees"] = case.make(N)  # the f32 variant's gradients as n separate trees
+    grads, state, params, extras = inputs["f32"]
+    inputs["trees"] = (
+        ObjectiveTrees(tuple(jax.tree.map(lambda g, i=i: g[i], grads) for i in range(N))),
+        *inputs["f32"][1:],
+    )
 
     @jax.jit
     def run_all(inputs):
@@ -122,6 +129,20 @@ def test_update_is_the_sum_weighted_by_the_logged_weights(name):
     jax.tree.map(
         lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5), outcome.update, expected
     )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_separate_trees_give_the_stacked_updates_weights_and_state(name):
+    """The same n gradients as ObjectiveTrees (n separate pytrees) and stacked: the same update, weights and state."""
+    trees, stacked = outcomes(name)["trees"], outcomes(name)["f32"]
+    assert jax.tree.structure(trees.update) == jax.tree.structure(stacked.update)
+    pairs = zip(
+        jax.tree.leaves((trees.update, trees.state)), jax.tree.leaves((stacked.update, stacked.state)), strict=True
+    )
+    for got, want in pairs:
+        if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):  # a combiner's random stream (PCGrad's order)
+            got, want = jax.random.key_data(got), jax.random.key_data(want)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -321,7 +342,7 @@ def test_fused_gram_equals_the_float64_gram(n, size, dtype):
     columns = {"below one row": GRAM_ROW - 3, "whole rows": 4 * GRAM_ROW, "rows and a remainder": 3 * GRAM_ROW + 7}
     rows = jnp.asarray(np.random.default_rng(n).normal(size=(n, columns[size])), dtype)
     exact = np.asarray(rows, np.float64)
-    got = _fused_gram(rows)
+    got = _fused_gram(list(rows))
     assert got.dtype == jnp.float32 and got.shape == (n, n)
     np.testing.assert_allclose(got, exact @ exact.T, rtol=1e-5, atol=1e-6 * columns[size])
     np.testing.assert_array_equal(got, got.T)
@@ -334,7 +355,7 @@ def test_fused_gram_keeps_its_digits_over_millions_of_columns():
 
     rows = np.random.default_rng(0).uniform(0.5, 1.5, size=(2, 1 << 22)).astype(np.float32)
     exact = rows.astype(np.float64) @ rows.astype(np.float64).T
-    np.testing.assert_allclose(_fused_gram(jnp.asarray(rows)), exact, rtol=1e-6)
+    np.testing.assert_allclose(_fused_gram(list(jnp.asarray(rows))), exact, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -349,17 +370,19 @@ def test_fused_gram_keeps_its_digits_over_millions_of_columns():
     ],
 )
 def test_blocks_are_cut_at_the_leafs_trailing_dimensions(dims, width):
-    """A leaf [n, ...] is read in blocks [n, k, c] with c its trailing dimensions' product (at least GRAM_ROW_MIN, at
-    most GRAM_ROW_MAX, or the whole row), else in GRAM_ROW columns of its flat rows plus the remainder; either way the
-    blocks hold the flat rows in order."""
+    """A leaf's n arrays are read in blocks of n [k, c] with c their trailing dimensions' product (at least
+    GRAM_ROW_MIN, at most GRAM_ROW_MAX, or the whole row), else in GRAM_ROW columns of their flat rows plus the
+    remainder; either way the blocks hold each flat row in order."""
     from mojax.combiners._base import GRAM_ROW, _block_width, _row_blocks
 
     assert _block_width(dims) == width
     leaf = jnp.arange(2 * math.prod(dims), dtype=jnp.float32).reshape((2, *dims))
-    blocks = _row_blocks(leaf)
-    widths = [block.shape[2] for block in blocks]
+    blocks = _row_blocks([leaf[0], leaf[1]])
+    assert all(len(block) == 2 and block[0].shape == block[1].shape for block in blocks)
+    widths = [block[0].shape[1] for block in blocks]
     assert widths == ([width] if width else [GRAM_ROW, math.prod(dims) % GRAM_ROW])
-    np.testing.assert_array_equal(jnp.concatenate([b.reshape(2, -1) for b in blocks], axis=1), leaf.reshape(2, -1))
+    for i in range(2):
+        np.testing.assert_array_equal(jnp.concatenate([b[i].reshape(-1) for b in blocks]), leaf[i].reshape(-1))
 
 
 @pytest.mark.parametrize("dims", [(6, 40, 48), (5, 48, 3, 16), (2, 50, 1500), (700, 3)])
@@ -371,7 +394,7 @@ def test_gram_and_peak_of_leaves_cut_at_their_dimensions(dims):
     leaf = np.random.default_rng(len(dims)).normal(size=(3, *dims))
     leaf.reshape(-1)[-5] = -60.0
     rows = leaf.reshape(3, -1)
-    got = _fused_gram(jnp.asarray(leaf, jnp.float32))
+    got = _fused_gram(list(jnp.asarray(leaf, jnp.float32)))
     np.testing.assert_allclose(got, rows @ rows.T, rtol=1e-5, atol=1e-6 * rows.shape[1])
     assert float(_max_abs({"w": jnp.asarray(leaf, jnp.float32)}, flatten=True)) == 60.0
 
@@ -435,6 +458,72 @@ def test_gram_scale_is_one_unless_the_raw_gram_could_leave_the_fp32_range(peak, 
     from mojax.combiners._base import gram_scale
 
     assert float(gram_scale(jnp.float32(peak), size)) == pytest.approx(want, rel=1e-6)
+
+
+def _separate(updates: Any, n: int) -> ObjectiveTrees:
+    """Stacked updates as n separate trees."""
+    return ObjectiveTrees(tuple(jax.tree.map(lambda leaf, i=i: leaf[i], updates) for i in range(n)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_separate_trees_give_the_float64_gram_peak_and_combination(n, dtype, monkeypatch):
+    """Leaves cut at their dimensions, flat with a remainder, and below the fused threshold (lowered here, so that
+    small leaves take the fused pass): the Gram, peak and combination of n separate trees are the float64 ones, read
+    in one fused pass per leaf at every n (the stacked form's chunked matmuls would need a stacked copy)."""
+    from mojax.combiners import _base, combine, tree_gram
+    from mojax.combiners._base import GRAM_ROW, _max_abs
+
+    monkeypatch.setattr(_base, "GRAM_LOOP_FROM", 4 * GRAM_ROW)
+    rng = np.random.default_rng(n)
+    shapes = {"cut": (6, 40, 48), "flat": (3 * GRAM_ROW + 7,), "small": (5, 7)}
+    stacked = {key: rng.normal(size=(n, *shape)).astype(np.float32) for key, shape in shapes.items()}
+    stacked["flat"][n - 1, -2] = -50.0
+    stacked = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), stacked)
+    trees = _separate(stacked, n)
+    rows = np.concatenate([np.asarray(leaf, np.float64).reshape(n, -1) for leaf in jax.tree.leaves(stacked)], axis=1)
+    gram, scale = jax.jit(tree_gram)(trees)
+    assert float(scale) == 1.0
+    np.testing.assert_allclose(gram, rows @ rows.T, rtol=1e-5, atol=1e-6 * rows.shape[1])
+    assert float(_max_abs(trees, flatten=True)) == float(_max_abs(trees, flatten=False)) == 50.0
+    weights = jnp.linspace(0.5, 1.5, n)
+    for got, want in zip(
+        jax.tree.leaves(combine(weights, trees)), jax.tree.leaves(combine(weights, stacked)), strict=True
+    ):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(tree_gram, static_argnums=1)(trees, False)[0], gram, rtol=1e-5)
+
+
+def test_separate_trees_skip_masked_leaves_and_rescale_an_overflowing_gram():
+    """optax.MaskedNode leaves (LoRA's frozen weights) hold no gradient: the Gram and the combination read the others.
+    Entries near 3e17 overflow the raw fp32 Gram: the separate trees' Gram is rescaled as the stacked one is."""
+    from mojax.combiners import combine, tree_gram
+
+    rows = np.random.default_rng(5).uniform(3e17, 3.2e17, size=(2, 4096)).astype(np.float32)
+    trees = ObjectiveTrees(tuple({"w": jnp.asarray(row), "frozen": optax.MaskedNode()} for row in rows))
+    gram, scale = tree_gram(trees)
+    exact = rows.astype(np.float64) @ rows.astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(gram, np.float64) * float(scale) ** 2, exact, rtol=1e-5)
+    combined = combine(jnp.asarray([1.0, -1.0]), trees)
+    assert isinstance(combined["frozen"], optax.MaskedNode)
+    np.testing.assert_allclose(combined["w"], rows[0] - rows[1], rtol=1e-6, atol=1e11)
+
+
+@pytest.mark.parametrize(
+    ("trees", "match"),
+    [
+        ((), "holds no trees"),
+        (({"w": jnp.ones(3)}, {"v": jnp.ones(3)}), "the per-objective trees of `updates` differ in structure: tree 1"),
+        (({"w": optax.MaskedNode()},) * 2, "have no array leaves"),
+        (({"w": jnp.ones(3)},) * 2, "holds 2 objectives' trees, but the combiner was built for 3"),
+    ],
+)
+def test_malformed_separate_trees_raise_saying_what_is_wrong(trees, match):
+    from mojax.combiners import mgda
+
+    with pytest.raises(ValueError, match=match):
+        mgda(num_objectives=3).update(ObjectiveTrees(trees), mgda(num_objectives=3).init({"w": jnp.ones(3)}))
 
 
 def test_tree_gram_rescales_gradients_whose_raw_gram_overflows():

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from mojax.combiners import REGISTRY, make, tree_gram
+from mojax.combiners import REGISTRY, ObjectiveTrees, make, tree_gram
 from mojax.rl.update import (
     Batch,
     TrainState,
@@ -131,6 +131,24 @@ def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(
     want = reference_params(name, beta, entropy_coef, kl_in_loss)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("sequential", "separate"), [(True, True), (False, False)])
+def test_pullbacks_in_sequence_leave_separate_trees_that_the_combiner_reads(sequential, separate, monkeypatch):
+    """Without a mesh, the step's pullbacks in sequence are n separate gradient trees (no stacked copy), and the
+    combiner and the Gram get them as ``ObjectiveTrees``; batched ones stay stacked."""
+    from mojax.rl import update
+
+    seen = []
+    monkeypatch.setattr(update, "tree_gram", lambda objectives: seen.append(objectives) or tree_gram(objectives))
+    params, batch = inputs()
+    combiner, optimizer = make("mgda", N), optax.sgd(1.0)
+    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    step = make_train_step(policy, combiner, optimizer, spec_for("mgda", 0.0, sequential, kl_in_loss=False))
+    jax.jit(step).lower(state, batch, jax.random.key(0), jnp.float32(0), None)
+    assert seen and all(isinstance(objectives, ObjectiveTrees) == separate for objectives in seen)
+    if separate:
+        assert len(seen[0].trees) == N and jax.tree.structure(seen[0].trees[0]) == jax.tree.structure(params)
 
 
 def test_the_shared_term_changes_the_update_when_it_is_on():
