@@ -110,13 +110,15 @@ REFERENCES = {"peers": PEERS, "peers-step": PEERS_STEP, "other-skip": OTHER_SKIP
 
 class Contender(NamedTuple):
     """One timed callable: its label, the combiner mode ("" for the reference passes) and its compile time; in scalar
-    mode also its trainer's weight program alone (:func:`weights_call`)."""
+    mode also its trainer's weight program alone (:func:`weights_call`); and what its compiled program's temporaries
+    take in bytes (``--memory``)."""
 
     label: str
     mode: str
     call: Callable[[], Any]
     compile_s: float
     weights: Callable[[], Any] | None = None
+    temporaries: Callable[[], int] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -219,7 +221,7 @@ def reference_passes(
     def one_objective_grad(p, b, index):
         return trained(jax.grad(lambda q: vector_loss(q, b)[index])(p))
 
-    calls = {BOUND: lambda: forward_n_backward(params, batch)}
+    calls = {BOUND: functools.partial(forward_n_backward, params, batch)}
     if PEERS in wanted:
         calls[PEERS] = lambda: [one_objective_grad(params, batch, jnp.int32(i)) for i in range(n)]
     if PEERS_STEP in wanted:
@@ -298,19 +300,40 @@ def contenders(
     batch = linear.prepare(1).batch
     jax.block_until_ready(batch)
     passes = reference_passes(linear, batch, references)
-    found = [Contender(BASELINE, "scalar", update_call(linear, batch), 0.0, weights_call(linear, batch))]
+    found = [
+        Contender(
+            BASELINE, "scalar", update_call(linear, batch), 0.0, weights_call(linear, batch), temporaries(linear, batch)
+        )
+    ]
     for name in combiners:
         for mode in modes(name):
             if (name, mode) == ("linear", "scalar") or mode not in wanted_modes:
                 continue
             trainer = trainer_for(n, name, mode, workdir, extra)
             call, weights = update_call(trainer, batch), weights_call(trainer, batch) if mode == "scalar" else None
-            found.append(Contender(f"{name}/{mode}", mode, call, timed_first(call), weights))
+            found.append(
+                Contender(f"{name}/{mode}", mode, call, timed_first(call), weights, temporaries(trainer, batch))
+            )
             if mode == "full" and OTHER_SKIP in references:
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
-    found += [Contender(label, "", call, timed_first(call)) for label, call in passes.items()]
+    found += [
+        Contender(label, "", call, timed_first(call), None, pass_temporaries(call)) for label, call in passes.items()
+    ]
     return found, batch
+
+
+def temporaries(trainer: Trainer, batch: Batch) -> Callable[[], int]:
+    """The bytes of temporaries of the trainer's compiled update of the batch, when called."""
+    return lambda: trainer.update_temporaries(batch)
+
+
+def pass_temporaries(call: Callable[[], Any]) -> Callable[[], int] | None:
+    """For a reference pass that is a jitted function bound to its arguments (``functools.partial``), the bytes of
+    temporaries of its compiled program, when called; None for the others."""
+    if not (isinstance(call, functools.partial) and hasattr(call.func, "lower")):
+        return None
+    return lambda: call.func.lower(*call.args).compile().memory_analysis().temp_size_in_bytes
 
 
 def other_skip_contender(trainer: Trainer, batch: Batch) -> Contender:
@@ -372,9 +395,10 @@ def one_round(entries: list[Contender], repeats: int, round_index: int) -> dict[
     return usages
 
 
-def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list[dict[str, Any]]:
+def measure(n: int, entries: list[Contender], repeats: int, rounds: int, memory: bool = False) -> list[dict[str, Any]]:
     """One row per contender: its ratio to the linear step (and to the bound), median and spread; the median CPU
-    user and system seconds and page faults of its calls."""
+    user and system seconds and page faults of its calls; with ``memory`` its compiled program's temporaries (after
+    the timing: compiling again would perturb it)."""
     rounds_usage = [one_round(entries, repeats, r) for r in range(rounds)]
     medians = [{label: statistics.median(u.wall for u in calls) for label, calls in r.items()} for r in rounds_usage]
     weights_ms = weight_program_times(entries, repeats * rounds)
@@ -403,6 +427,8 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int) -> list
         )
         if to_bound_and_optimizer:
             rows[-1]["ratio_to_bound_and_optimizer"] = statistics.median(to_bound_and_optimizer)
+        if memory and entry.temporaries is not None:
+            rows[-1]["temporaries_gb"] = entry.temporaries() / 1e9
     return rows
 
 
@@ -584,6 +610,19 @@ def markdown(report: dict[str, Any]) -> str:
                 for r in weights
             ),
         ]
+    memory = [r for r in report["rows"] if "temporaries_gb" in r]
+    if memory:
+        lines += [
+            "",
+            "## Compiled temporaries",
+            "",
+            "What each contender's compiled program plans for its temporaries (`memory_analysis().temp_size_in_bytes`; "
+            "parameters, optimizer state and outputs not included):",
+            "",
+            "| n | contender | temporaries GB |",
+            "|---:|---|---:|",
+            *(f"| {r['n']} | {r['contender']} | {r['temporaries_gb']:.3f} |" for r in memory),
+        ]
     if report.get("profiles"):
         lines += ["", *profile_markdown(report["profiles"])]
     return "\n".join(lines + [""])
@@ -620,6 +659,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         metavar="CALLS",
         help="after timing, trace CALLS calls of every contender (XLA:CPU's operations)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="after timing, compile every update and the bound again and report their temporaries",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for rl_step.*")
     args = parser.parse_args(argv)
@@ -661,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in args.n:
             entries, batch = contenders(n, args.combiners, workdir, args.set, args.modes, args.references)
             report["nonzero_advantages"][str(n)] = nonzero_share(batch)
-            rows = measure(n, entries, args.repeats, args.rounds)
+            rows = measure(n, entries, args.repeats, args.rounds, args.memory)
             report["rows"] += rows
             if args.profile:
                 report["profiles"] += operation_profiles(n, entries, args.profile)

@@ -800,14 +800,27 @@ class Trainer(Run):
     def update(self, batch: Batch, step: int) -> dict[str, Any]:
         """The jitted update of one rollout (on the mesh); returns its metrics on the host."""
         with self.on_mesh():
-            batch, key, beta = self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
-            if self._scalar_weights is None:
-                self.state, update = self._train_step(self.state, batch, key, beta, None)
-            else:  # the weights as data, so the train step is the same program for every scalar-mode combiner
-                weights, combiner_state = self._scalar_weights(self.state.combiner_state, batch)
-                state, update = self._train_step(self.state._replace(combiner_state=None), batch, key, beta, weights)
-                self.state = state._replace(combiner_state=combiner_state)
+            arguments, combiner_state = self.update_arguments(batch, step)
+            state, update = self._train_step(*arguments)
+            self.state = state if combiner_state is None else state._replace(combiner_state=combiner_state)
         return fetch(update)
+
+    def update_arguments(self, batch: Batch, step: int) -> tuple[tuple[Any, ...], Any]:
+        """(the train step's arguments for one rollout's update, the combiner state to keep after it or None); call it
+        on the mesh. In scalar mode the weights come first from their own program and go to the train step as data,
+        so the train step is the same program for every scalar-mode combiner."""
+        batch, key, beta = self.place_batch(batch), self._step_key(step, 1), jnp.float32(self.kl_coef)
+        if self._scalar_weights is None:
+            return (self.state, batch, key, beta, None), None
+        weights, combiner_state = self._scalar_weights(self.state.combiner_state, batch)
+        return (self.state._replace(combiner_state=None), batch, key, beta, weights), combiner_state
+
+    def update_temporaries(self, batch: Batch) -> int:
+        """Bytes of temporaries that the compiled update of ``batch`` plans (``memory_analysis()``; compiles it again
+        unless the compilation cache holds it)."""
+        with self.on_mesh():
+            arguments, _ = self.update_arguments(batch, 1)
+            return self._train_step.lower(*arguments).compile().memory_analysis().temp_size_in_bytes
 
     def train_step(self) -> dict[str, float]:
         """Run one step (rollout, rewards, advantages, update) and return its metrics."""
