@@ -595,37 +595,37 @@ def markdown(report: dict[str, Any]) -> str:
         )
     weights = [r for r in report["rows"] if "weights_ms" in r]
     if weights:
-        lines += [
-            "",
-            "## Scalar mode's weight programs",
-            "",
+        lines += table_section(
+            "Scalar mode's weight programs",
             "Every scalar-mode combiner runs the linear step's train step (the same compiled program) after its own "
             "weight program; that program alone, timed in passes of random order with the linear update (median ms "
             "per call):",
-            "",
-            "| n | combiner | weight program ms | share of the linear update |",
-            "|---:|---|---:|---:|",
-            *(
-                f"| {r['n']} | {r['contender']} | {r['weights_ms']:.3f} | {r['weights_to_linear_update']:.2%} |"
+            ["n", "combiner", "weight program ms", "share of the linear update"],
+            [
+                [r["n"], r["contender"], f"{r['weights_ms']:.3f}", f"{r['weights_to_linear_update']:.2%}"]
                 for r in weights
-            ),
-        ]
+            ],
+        )
     memory = [r for r in report["rows"] if "temporaries_gb" in r]
     if memory:
-        lines += [
-            "",
-            "## Compiled temporaries",
-            "",
+        lines += table_section(
+            "Compiled temporaries",
             "What each contender's compiled program plans for its temporaries (`memory_analysis().temp_size_in_bytes`; "
             "parameters, optimizer state and outputs not included):",
-            "",
-            "| n | contender | temporaries GB |",
-            "|---:|---|---:|",
-            *(f"| {r['n']} | {r['contender']} | {r['temporaries_gb']:.3f} |" for r in memory),
-        ]
+            ["n", "contender", "temporaries GB"],
+            [[r["n"], r["contender"], f"{r['temporaries_gb']:.3f}"] for r in memory],
+        )
     if report.get("profiles"):
         lines += ["", *profile_markdown(report["profiles"])]
     return "\n".join(lines + [""])
+
+
+def table_section(title: str, intro: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown lines of a section: its title, an introduction and a table (the second column left-aligned, the
+    others right-aligned)."""
+    align = ["---:", "---"] + ["---:"] * (len(header) - 2)
+    table = [header, align, *rows]
+    return ["", f"## {title}", "", intro, "", *("| " + " | ".join(map(str, row)) + " |" for row in table)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

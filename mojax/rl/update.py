@@ -14,11 +14,11 @@ The combiner mode is chosen from the registry:
   sum_i w_i L_i + shared per micro-batch. The train step takes w as data and no combiner state, so every scalar-mode
   combiner runs the same compiled train step (shared through JAX's persistent compilation cache when it is on).
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
-  vmapped or in sequence: :func:`stacked_pullbacks`; XLA prunes everything but the probe part) go through the
+  vmapped or in sequence, as full mode runs them; XLA prunes everything but the probe part) go through the
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
   the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory; in
-  sequence on one device as n separate trees, which no pass copies into a stacked array); the shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
+  sequence without a mesh as n separate trees, which no pass copies into a stacked array); the shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
   the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
   default), so the update then costs one forward and n backward passes.
 
@@ -460,25 +460,27 @@ def make_train_step(
 
         return _accumulate(grads_of, micro_batches)
 
+    def objective_grads(pullback, keep):
+        """The n objectives' gradients from one forward's ``pullback``, ``keep`` dropping leaves from each: in
+        sequence without a mesh n separate trees (:func:`mojax.combiners.grads.separate_pullbacks`), else stacked
+        f[n, ...] (:func:`stacked_pullbacks`)."""
+        if spec.sequential_pullbacks and param_shardings is None:
+            return separate_pullbacks(pullback, eye[:n], keep)
+        return keep(stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings))
+
     def per_objective(params, micro_batches, divide, beta):
-        """(gradients of L_1..L_n, gradient of the shared term or None), summed over micro-batches. In sequence and
-        without a mesh the n gradients are separate trees (:func:`mojax.combiners.grads.separate_pullbacks`), else
-        stacked f[n, ...] (:func:`stacked_pullbacks`).
+        """(gradients of L_1..L_n (:func:`objective_grads`), gradient of the shared term or None), summed over
+        micro-batches.
 
         The shared term's pullback is the (n + 1)-th backward pass; it is left out (None) when the term is zero in
         every update (:func:`shared_term_is_zero`).
         """
         skip_shared = shared_term_is_zero(spec)
-        separate = spec.sequential_pullbacks and param_shardings is None
 
         def grads_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            if separate:
-                objectives = separate_pullbacks(pullback, eye[:n], trained)
-            else:
-                objectives = trained(stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings))
             shared = None if skip_shared else trained(pullback(eye[n])[0])
-            return (objectives, shared), vector, metrics
+            return (objective_grads(pullback, trained), shared), vector, metrics
 
         return _accumulate(grads_of, micro_batches)
 
@@ -505,8 +507,8 @@ def make_train_step(
 
         def probe_of(micro):
             vector, pullback, metrics = jax.vjp(lambda p: vector_loss(p, micro, divide, beta), params, has_aux=True)
-            stacked = stacked_pullbacks(pullback, eye[:n], spec.sequential_pullbacks, param_shardings)
-            return (masked_nodes(stacked, probe_flags), vector, metrics), pullback
+            probe = objective_grads(pullback, lambda grads: masked_nodes(grads, probe_flags))
+            return (probe, vector, metrics), pullback
 
         def weights_of(probe, vector):
             extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)

@@ -133,10 +133,12 @@ def test_full_mode_update_equals_combined_gradients_plus_the_shared_gradient(
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "probe"])
 @pytest.mark.parametrize(("sequential", "separate"), [(True, True), (False, False)])
-def test_pullbacks_in_sequence_leave_separate_trees_that_the_combiner_reads(sequential, separate, monkeypatch):
+def test_pullbacks_in_sequence_leave_separate_trees_that_the_combiner_reads(mode, sequential, separate, monkeypatch):
     """Without a mesh, the step's pullbacks in sequence are n separate gradient trees (no stacked copy), and the
-    combiner and the Gram get them as ``ObjectiveTrees``; batched ones stay stacked."""
+    combiner and the Gram get them as ``ObjectiveTrees`` (probe mode: with every leaf in the probe); batched ones stay
+    stacked."""
     from mojax.rl import update
 
     seen = []
@@ -144,7 +146,8 @@ def test_pullbacks_in_sequence_leave_separate_trees_that_the_combiner_reads(sequ
     params, batch = inputs()
     combiner, optimizer = make("mgda", N), optax.sgd(1.0)
     state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    step = make_train_step(policy, combiner, optimizer, spec_for("mgda", 0.0, sequential, kl_in_loss=False))
+    spec = spec_for("mgda", 0.0, sequential, kl_in_loss=False)._replace(mode=mode)
+    step = make_train_step(policy, combiner, optimizer, spec, [True] * len(jax.tree.leaves(params)))
     jax.jit(step).lower(state, batch, jax.random.key(0), jnp.float32(0), None)
     assert seen and all(isinstance(objectives, ObjectiveTrees) == separate for objectives in seen)
     if separate:
