@@ -18,8 +18,9 @@ The combiner mode is chosen from the registry:
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
   the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory; in
-  sequence without a mesh as n separate trees, which no pass copies into a stacked array); the shared term's gradient is one more pullback, added after the combination, and left out of the traced step when
-  the term is zero in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
+  sequence without a mesh as n separate trees, which no pass copies into a stacked array); the shared term's
+  gradient is one more pullback, added after the combination, and left out of the traced step when the term is zero
+  in every update (the KL not in the loss, as when beta starts at 0, and no entropy bonus: the
   default), so the update then costs one forward and n backward passes.
 
 The combined gradient is clipped to ``max_grad_norm`` before the optimizer, by the update rather than the optimizer
@@ -103,8 +104,9 @@ class UpdateSpec(NamedTuple):
     vf_coef: float = 0.1
     value_clip: float = 0.2
     sequential_pullbacks: bool = True
-    """Probe and full mode run the n pullbacks one after another (False: one pullback vmapped over the n cotangents,
-    which needs :func:`mojax.xla_cpu.batched_pullback_options` on XLA:CPU; :func:`stacked_pullbacks`)."""
+    """Probe and full mode run the n pullbacks one after another, without a mesh as n separate gradient trees
+    (False: one pullback vmapped over the n cotangents, which needs :func:`mojax.xla_cpu.batched_pullback_options` on
+    XLA:CPU; :func:`stacked_pullbacks`)."""
     max_grad_norm: float | None = None
     """Clip the combined gradient to this global norm before the optimizer (as ``optax.clip_by_global_norm``, which the
     optimizer then leaves out; None: no clipping). In full mode without a shared term the norm comes from the

@@ -465,8 +465,7 @@ def _separate(updates: Any, n: int) -> ObjectiveTrees:
     return ObjectiveTrees(tuple(jax.tree.map(lambda leaf, i=i: leaf[i], updates) for i in range(n)))
 
 
-@pytest.mark.parametrize("n", [2, 3, 8])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("n", "dtype"), [(2, jnp.float32), (3, jnp.bfloat16), (8, jnp.float32)])
 def test_separate_trees_give_the_float64_gram_peak_and_combination(n, dtype, monkeypatch):
     """Leaves cut at their dimensions, flat with a remainder, and below the fused threshold (lowered here, so that
     small leaves take the fused pass): the Gram, peak and combination of n separate trees are the float64 ones, read
