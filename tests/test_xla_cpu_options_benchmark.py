@@ -17,11 +17,13 @@ def benchmark():
     return load_script(SCRIPT, "xla_cpu_options_benchmark")
 
 
-def test_a_short_run_times_both_compilations_of_every_mode(benchmark, tmp_path):
-    argv = ["--n", "2", "--combiners", "linear,mgda", "--rounds", "1", "--repeats", "1", "--out", str(tmp_path)]
+def test_a_short_run_times_both_compilations_of_the_pullback_modes(benchmark, tmp_path):
+    """Probe and full mode, whose batched pullbacks the options are for (scalar mode runs the same code of the
+    script, and the trainer never compiles it with the options)."""
+    argv = ["--n", "2", "--combiners", "mgda", "--rounds", "1", "--repeats", "1", "--out", str(tmp_path)]
     report = benchmark.main(argv)
     assert json.loads((tmp_path / "xla_cpu_options.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
-    assert [row["contender"] for row in report["rows"]] == ["linear/scalar", "mgda/probe", "mgda/full"]
+    assert [row["contender"] for row in report["rows"]] == ["mgda/probe", "mgda/full"]
     for row in report["rows"]:
         assert row["options_ms"] > 0 and row["defaults_ms"] > 0 and row["ratio"] > 0
         assert all(seconds > 0 for seconds in row["first_call_s"].values())
