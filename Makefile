@@ -22,10 +22,12 @@ demo: $(STAMP)
 	$(PY) -m mojax demo
 
 # One worker process per core (pytest-xdist); a test file stays on one worker, so its module fixtures are built once.
+# A worker that crashes ends the run, naming its test (pytest-xdist restarts it otherwise, which can hang under
+# --dist loadfile).
 PYTEST_WORKERS ?= auto
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -36,7 +38,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 
 bench: $(STAMP)
 	$(PY) benchmarks/combiners.py

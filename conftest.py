@@ -12,11 +12,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One persistent XLA compilation cache for the whole session, subprocess tests included: runs of the trainer that
-# build the same program (every resume test does) load it instead of compiling it again.
-os.environ.setdefault(
+# A persistent XLA compilation cache per pytest-xdist worker (a subfolder named after it), shared with the
+# subprocesses its tests start: runs of the trainer that build the same program (every resume test does) load it
+# instead of compiling it again. One cache per worker, because JAX writes an entry in place, unlocked, while another
+# process may be reading that key; a size cap turns on JAX's file lock around every read and write, for a test's own
+# subprocesses.
+_cache = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
 )
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker and os.path.basename(_cache) != _worker:
+    _cache = os.path.join(_cache, _worker)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from hypothesis import settings  # noqa: E402 (the environment above must be set before JAX is imported anywhere)
