@@ -302,7 +302,12 @@ def contenders(
     passes = reference_passes(linear, batch, references)
     found = [
         Contender(
-            BASELINE, "scalar", update_call(linear, batch), 0.0, weights_call(linear, batch), temporaries(linear, batch)
+            BASELINE,
+            "scalar",
+            update_call(linear, batch),
+            0.0,
+            weights_call(linear, batch),
+            update_temporaries(linear, batch),
         )
     ]
     for name in combiners:
@@ -312,7 +317,7 @@ def contenders(
             trainer = trainer_for(n, name, mode, workdir, extra)
             call, weights = update_call(trainer, batch), weights_call(trainer, batch) if mode == "scalar" else None
             found.append(
-                Contender(f"{name}/{mode}", mode, call, timed_first(call), weights, temporaries(trainer, batch))
+                Contender(f"{name}/{mode}", mode, call, timed_first(call), weights, update_temporaries(trainer, batch))
             )
             if mode == "full" and OTHER_SKIP in references:
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
@@ -323,7 +328,7 @@ def contenders(
     return found, batch
 
 
-def temporaries(trainer: Trainer, batch: Batch) -> Callable[[], int]:
+def update_temporaries(trainer: Trainer, batch: Batch) -> Callable[[], int]:
     """The bytes of temporaries of the trainer's compiled update of the batch, when called."""
     return lambda: trainer.update_temporaries(batch)
 

@@ -303,8 +303,17 @@ def raw_tree_gram(updates: Any, inv_scale: jax.Array | float, flatten: bool | No
     process, where nothing can be sharded; with several devices every non-leading dimension is
     contracted in one dot, which stays a local partial dot plus an n x n all-reduce for any sharding.
     """
-    flatten = jax.device_count() == 1 if flatten is None else flatten
-    return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in _objective_leaves(updates))
+    return _leaves_gram(_objective_leaves(updates), inv_scale, _flatten_default(flatten))
+
+
+def _flatten_default(flatten: bool | None) -> bool:
+    """``flatten`` as given, or by default whether this process has a single device (:func:`raw_tree_gram`)."""
+    return jax.device_count() == 1 if flatten is None else flatten
+
+
+def _leaves_gram(leaves: Sequence[_Leaf], inv_scale: jax.Array | float, flatten: bool) -> jax.Array:
+    """:func:`raw_tree_gram` of the updates' leaves as :func:`_objective_leaves` lists them."""
+    return sum(_leaf_gram(leaf, inv_scale, flatten) for leaf in leaves)
 
 
 def _block_peak(block: Sequence[jax.Array]) -> jax.Array:
@@ -337,8 +346,12 @@ def _leaf_max_abs(leaf: _Leaf, flatten: bool) -> jax.Array:
 
 def _max_abs(updates: Any, flatten: bool | None = None) -> jax.Array:
     """max |g| over every leaf and objective, in fp32 (``flatten`` as :func:`raw_tree_gram`)."""
-    flatten = jax.device_count() == 1 if flatten is None else flatten
-    return jnp.max(jnp.stack([_leaf_max_abs(leaf, flatten) for leaf in _objective_leaves(updates)]))
+    return _leaves_max_abs(_objective_leaves(updates), _flatten_default(flatten))
+
+
+def _leaves_max_abs(leaves: Sequence[_Leaf], flatten: bool) -> jax.Array:
+    """:func:`_max_abs` of the updates' leaves as :func:`_objective_leaves` lists them."""
+    return jnp.max(jnp.stack([_leaf_max_abs(leaf, flatten) for leaf in leaves]))
 
 
 def gram_scale(peak: jax.Array, size: int) -> jax.Array:
@@ -362,9 +375,9 @@ def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax
     Gram took the updates as a branch operand, and XLA:CPU copied every layer-stacked leaf to objective-major
     order for it at every call, whichever branch ran (1.3 GB written per full-mode update on SmolLM2-135M).
     """
-    size = sum(leaf.rows[0].size for leaf in _objective_leaves(updates))
-    scale = gram_scale(_max_abs(updates, flatten), size)
-    return raw_tree_gram(updates, 1.0 / scale, flatten), scale
+    leaves, flatten = _objective_leaves(updates), _flatten_default(flatten)
+    scale = gram_scale(_leaves_max_abs(leaves, flatten), sum(leaf.rows[0].size for leaf in leaves))
+    return _leaves_gram(leaves, 1.0 / scale, flatten), scale
 
 
 def cosine_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
