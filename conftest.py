@@ -14,9 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # A persistent XLA compilation cache per pytest-xdist worker (a subfolder named after it), shared with the
 # subprocesses its tests start: runs of the trainer that build the same program (every resume test does) load it
-# instead of compiling it again. One cache per worker, because JAX writes an entry in place, unlocked, while another
-# process may be reading that key; a size cap turns on JAX's file lock around every read and write, for a test's own
-# subprocesses.
+# instead of compiling it again. No worker reads what the other writes: a worker once crashed while deserializing a
+# cache entry, for a reason not found. Without a size cap JAX writes an entry in place and unlocked, so the cap is set
+# to turn on JAX's file lock around every read and write, between a worker and its tests' subprocesses.
 _cache = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
 )
