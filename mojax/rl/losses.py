@@ -543,6 +543,37 @@ def _head_backward(residuals, cotangents):
 head_logprobs_and_entropy.defvjp(_head_forward, _head_backward, symbolic_zeros=True)
 
 
+def head_token_kernel(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
+    """K f32[N, N] over the N = B T tokens with c_i^T K c_j = <g_i, g_j>, the head gradients' Gram (data, not
+    differentiated).
+
+    For log-prob cotangents c_i f32[N] (objective i's dL_i / d log p_y per token), the head's gradient through
+    :func:`head_logprobs_and_entropy` is g_i = H^T diag(c_i) E with H [N, D] the hidden states and E = e_y - p [N, V],
+    so <g_i, g_j> = sum_{t,s} c_{i,t} c_{j,s} (h_t . h_s)(e_t . e_s) = c_i^T K c_j with
+
+        K = (H H^T) o (E E^T)        (o: the elementwise product; both factors PSD, so K is).
+
+    That costs N^2 (D + V) multiply-adds, once, where the n gradients cost n N D V and their Gram n^2 D V / 2: fewer
+    when N (D + V) < n D V, as in probe mode over short rollouts with an untied head (N < n D roughly). The logits are
+    those of the forward pass (the same product, which XLA computes once).
+
+    Args:
+        hidden: [B, T, D] final hidden states (as the head op takes them).
+        head: [D, V] the LM head.
+        targets: i32[B, T] token ids.
+
+    Returns:
+        f32[B T, B T] the kernel K.
+    """
+    hidden, head = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
+    logits = token_matmul(hidden, head)
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    residual, rows = token_rows(one_hot - probs), token_rows(hidden).astype(jnp.float32)
+    hidden_gram = jnp.einsum("nd,md->nm", rows, rows, preferred_element_type=jnp.float32)
+    return hidden_gram * jnp.einsum("nv,mv->nm", residual, residual, preferred_element_type=jnp.float32)
+
+
 def _vocabulary_chunks(head: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """The head [D, V] as chunks [V / chunk_size, D, chunk_size] and each chunk's first column i32[V / chunk_size]."""
     vocab = head.shape[1]

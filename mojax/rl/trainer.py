@@ -62,7 +62,7 @@ from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
-from mojax.rl.losses import chunked_logprobs_and_entropy, head_logprobs_and_entropy
+from mojax.rl.losses import chunked_logprobs_and_entropy, head_logprobs_and_entropy, head_token_kernel
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
 from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
@@ -77,6 +77,7 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
 from mojax.rl.update import (
     Batch,
+    ProbeHead,
     TrainState,
     UpdateSpec,
     make_scalar_weights,
@@ -216,6 +217,24 @@ def probe_flags(
     return flags
 
 
+def kernel_probe_obstacles(
+    config: rl_config.TrainConfig, head_in_probe: bool, head_trained: bool, on_mesh: bool
+) -> list[str]:
+    """Why probe mode cannot take the LM head's share of the Gram from its token kernel (``combiner.probe_head``);
+    empty where it can."""
+    algorithm = config.algorithm
+    reasons = {
+        "the probe set holds no untied LM head": not head_in_probe,
+        "the LM head is frozen": head_in_probe and not head_trained,
+        "the parameters live on a mesh": on_mesh,
+        "algorithm.logits_chunk_size is set": bool(algorithm.logits_chunk_size),
+        "algorithm.num_microbatches > 1 (the Gram of a sum over micro-batches has their cross terms)": (
+            algorithm.num_microbatches > 1
+        ),
+    }
+    return [reason for reason, applies in reasons.items() if applies]
+
+
 def build_mesh(config: rl_config.TrainConfig) -> Mesh | None:
     """The device mesh of ``config.mesh`` (None: no mesh), after checking that it divides every micro-batch."""
     if config.mesh.shape is None:
@@ -253,7 +272,13 @@ def one_update_per_rollout(config: rl_config.TrainConfig) -> bool:
 
 
 def response_fn(
-    graphdef: Any, rest: Any, *, split: bool = False, adapters: bool = True, chunk_size: int | None = None
+    graphdef: Any,
+    rest: Any,
+    *,
+    split: bool = False,
+    adapters: bool = True,
+    chunk_size: int | None = None,
+    head_kernel: bool = False,
 ) -> Callable:
     """(params, prompt_ids, prompt_mask, tokens, response_mask) -> (log-probs, entropies) f32[B, T] of the responses.
 
@@ -261,7 +286,9 @@ def response_fn(
     ``adapters=False`` runs the base model of a LoRA policy (the reference policy); ``chunk_size`` computes the
     log-probs and entropies over vocabulary chunks (:func:`mojax.rl.losses.chunked_logprobs_and_entropy`), else
     :func:`mojax.rl.losses.head_logprobs_and_entropy` computes them from the full logits. Both backward passes let
-    the n per-objective pullbacks share the LM head's product for the hidden states.
+    the n per-objective pullbacks share the LM head's product for the hidden states. With ``head_kernel`` (full
+    logits only) the function returns ((log-probs, entropies), K) with K f32[B T, B T] the head's token kernel
+    (:func:`mojax.rl.losses.head_token_kernel`), as :class:`mojax.rl.update.ProbeHead` takes it.
     """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
@@ -274,7 +301,8 @@ def response_fn(
         hidden = hidden[:, window].astype(model.config.dtype)
         if chunk_size:
             return chunked_logprobs_and_entropy(hidden, lm_head(model), tokens, chunk_size)
-        return head_logprobs_and_entropy(hidden, lm_head(model), tokens)
+        outputs = head_logprobs_and_entropy(hidden, lm_head(model), tokens)
+        return (outputs, head_token_kernel(hidden, lm_head(model), tokens)) if head_kernel else outputs
 
     return policy
 
@@ -470,6 +498,7 @@ class Trainer(Run):
             self.optimizer = adapters_only(self.optimizer, params)
         # a bool per (split) parameter leaf, False for LoRA's frozen weights (None: every leaf trains)
         self.trainable_flags = jax.tree.leaves(lora_mask(params)) if config.lora.rank else None
+        self.probe_head = None if flags is None else self._probe_head(config, params, flags)
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
@@ -494,6 +523,7 @@ class Trainer(Run):
                 critic_optimizer,
                 None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
                 self.trainable_flags,
+                probe_head=self.probe_head,
             ),
             donate_argnums=0,
             compiler_options=train_step_compiler_options(self.update_spec),
@@ -541,6 +571,37 @@ class Trainer(Run):
         )
 
     # ---------------------------------------------------------------------------------------------- pieces
+    def _probe_head(self, config: rl_config.TrainConfig, params: Any, flags: list[bool]) -> ProbeHead | None:
+        """Probe mode's :class:`ProbeHead` for ``combiner.probe_head`` (None: the head's n gradients, or no head).
+
+        ValueError for ``kernel`` where the kernel cannot stand in for the head's gradients (:func:`kernel_probe_obstacles`).
+        """
+        setting = config.combiner.probe_head
+        head = [
+            str(getattr(path[0], "key", path[0])) == "lm_head"
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)
+        ]
+        trained = self.trainable_flags or [True] * len(head)
+        obstacles = kernel_probe_obstacles(
+            config,
+            head_in_probe=any(h and f for h, f in zip(head, flags, strict=True)),
+            head_trained=all(t for h, t in zip(head, trained, strict=True) if h),
+            on_mesh=self.mesh is not None,
+        )
+        if setting == "gradients" or (obstacles and setting == "auto"):
+            return None
+        if obstacles:
+            raise ValueError(
+                checks.message(
+                    "Trainer",
+                    "combiner.probe_head",
+                    f"is 'kernel', but {'; '.join(obstacles)}",
+                    "'auto' or 'gradients' here, or an untied, trained head in the probe set of one micro-batch",
+                )
+            )
+        policy = response_fn(self.graphdef, self.rest, split=self.split, head_kernel=True)
+        return ProbeHead(policy, head, always=setting == "kernel")
+
     def _stop_ids(self) -> tuple[int, ...]:
         eos = self.model.config.eos_token_id
         ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)

@@ -16,7 +16,8 @@ The combiner mode is chosen from the registry:
 * ``probe``: the per-objective gradients of a probe subset of the parameters (the pullbacks of n unit cotangents,
   vmapped or in sequence, as full mode runs them; XLA prunes everything but the probe part) go through the
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
-  the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes.
+  the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes. An untied LM head in
+  the probe set can enter the probe Gram through its token kernel instead of its n gradients (:class:`ProbeHead`).
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory; in
   sequence without a mesh as n separate trees, which no pass copies into a stacked array); the shared term's
   gradient is one more pullback, added after the combination, and left out of the traced step when the term is zero
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mojax.combiners import cosine_gram, ctwa_next_weights, tree_gram
+from mojax.combiners import ObjectiveTrees, cosine_gram, ctwa_next_weights, tree_gram
 from mojax.combiners.grads import separate_pullbacks, stacked_pullbacks
 from mojax.diagnostics import ctwa_signal
 from mojax.rl import losses as rl_losses
@@ -145,6 +146,13 @@ def minibatch_losses(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(f32[n + 1] = [L_1 .. L_n, shared], metric sums) of one (micro-)batch, normalised by the minibatch's denominators."""
     logp, entropy = policy(params, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+    return losses_of_outputs(logp, entropy, batch, divide, beta, spec)
+
+
+def losses_of_outputs(
+    logp: jax.Array, entropy: jax.Array, batch: Batch, divide: Denominators, beta: jax.Array, spec: UpdateSpec
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`minibatch_losses` from the policy's log-probs and entropies f32[B, T]."""
     old_logp = jax.lax.stop_gradient(logp) if spec.on_policy else batch.old_logp
     advantages = jnp.moveaxis(batch.advantages, 1, 0)
     terms = rl_losses.ppo_policy_terms(
@@ -396,6 +404,45 @@ def step_if_finite(
     return keep_if(finite, step(None), (params, opt_state))
 
 
+class ProbeHead(NamedTuple):
+    """Probe mode's untied LM head through the token kernel instead of its n gradients (``combiner.probe_head``).
+
+    The head's gradient for objective i is H^T diag(c_i) E (:func:`mojax.rl.losses.head_token_kernel`), so its share
+    of the probe Gram is C K C^T with C f32[n, N] the objectives' log-prob cotangents and K f32[N, N] the token
+    kernel: the probe pullbacks then skip the head, and no head-sized gradient is formed.
+    """
+
+    policy: Callable
+    """(params, prompt_ids, prompt_mask, tokens, response_mask) -> ((log-probs, entropies) f32[B, T], K f32[N, N]):
+    the policy, which also returns its head's token kernel."""
+    flags: list[bool]
+    """One bool per parameter leaf, True for the head's (a leaf of the probe set)."""
+    always: bool = False
+    """Take the kernel whatever it costs (False: only where it takes fewer multiply-adds, :func:`kernel_pays_off`)."""
+
+
+def kernel_pays_off(tokens: int, num_objectives: int, head_shape: tuple[int, int]) -> bool:
+    """Whether the token kernel, N^2 (D + V) multiply-adds, costs fewer than the n head gradients, n N D V (their
+    Gram's n^2 D V / 2 left out: a pass over memory rather than a matmul), for N tokens and a [D, V] head."""
+    hidden, vocab = head_shape
+    return tokens * (hidden + vocab) < num_objectives * hidden * vocab
+
+
+def gram_rows(gram: jax.Array) -> jax.Array:
+    """Rows R f32[n, n] with R R^T = G for a PSD Gram G: R = U sqrt(max(lambda, 0)) from G's eigendecomposition, so
+    n coordinates per objective stand in for a gradient in any Gram (its rounding's negative eigenvalues clipped)."""
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram.astype(jnp.float32))
+    return eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))[None, :]
+
+
+def with_rows(grads: Any, rows: jax.Array) -> Any:
+    """The per-objective gradients with each objective's rows[i] as one more leaf: ``(stacked, rows)`` for stacked
+    gradients, each tree paired with its row for :class:`mojax.combiners.ObjectiveTrees`."""
+    if isinstance(grads, ObjectiveTrees):
+        return ObjectiveTrees(tuple((tree, rows[i]) for i, tree in enumerate(grads.trees)))
+    return grads, rows
+
+
 def make_train_step(
     policy: PolicyFn,
     combiner: optax.GradientTransformationExtraArgs,
@@ -407,6 +454,7 @@ def make_train_step(
     param_shardings: Any | None = None,
     trainable_flags: list[bool] | None = None,
     skip_by_conditional: bool | None = None,
+    probe_head: ProbeHead | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array, jax.Array, jax.Array | None], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) train step ``(state, batch, key, beta, weights) -> (state, metrics)`` for one rollout.
 
@@ -433,6 +481,9 @@ def make_train_step(
         optimizer, which freezes them, gets zeros.
       skip_by_conditional: how a non-finite update is skipped (:func:`step_if_finite`): under a ``lax.cond`` (True)
         or by a select of the stepped state against the old one (False). None: :func:`skips_by_conditional`.
+      probe_head: probe mode with one micro-batch: the untied head's share of the probe Gram from its token kernel
+        (:class:`ProbeHead`), where it pays off or always as it says; None: the head's n gradients, as every other
+        probe leaf's.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -499,6 +550,31 @@ def make_train_step(
         checked = norm_from_gram(gram, scale, combiner_state.weights)
         return combined, vector, metrics, combiner_state, cosines, checked
 
+    def head_kernel_pays_off(params, micro):
+        """:func:`kernel_pays_off` for the micro-batch's response tokens and the head's leaf."""
+        (head,) = [leaf for leaf, flag in zip(jax.tree.leaves(params), probe_head.flags, strict=True) if flag]
+        return kernel_pays_off(micro.tokens.size, n, head.shape)
+
+    def probe_with_kernel(params, micro, divide, beta):
+        """:func:`probe_of` with the head's share of the Gram as n rows (:func:`gram_rows` of C K C^T, see
+        :class:`ProbeHead`) in place of its gradients, which the pullbacks then leave out."""
+
+        def loss_and_kernel(p):
+            (logp, entropy), kernel = probe_head.policy(
+                p, micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask
+            )
+            vector, metrics = losses_of_outputs(logp, entropy, micro, divide, beta, spec)
+            return vector, (metrics, logp, entropy, kernel)
+
+        vector, pullback, (metrics, logp, entropy, kernel) = jax.vjp(loss_and_kernel, params, has_aux=True)
+        rest = [probe and not head for probe, head in zip(probe_flags, probe_head.flags, strict=True)]
+        probe = objective_grads(pullback, lambda grads: masked_nodes(grads, rest))
+        _, logp_pullback = jax.vjp(lambda lp: losses_of_outputs(lp, entropy, micro, divide, beta, spec)[0], logp)
+        cotangents = jnp.stack([logp_pullback(row)[0].reshape(-1) for row in eye[:n]])
+        highest = jax.lax.Precision.HIGHEST
+        head_gram = jnp.matmul(jnp.matmul(cotangents, kernel, precision=highest), cotangents.T, precision=highest)
+        return (with_rows(probe, gram_rows(head_gram)), vector, metrics), pullback
+
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
 
@@ -514,11 +590,14 @@ def make_train_step(
 
         def weights_of(probe, vector):
             extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
-            _, new_state = combiner.update(probe, combiner_state, masked_nodes(params, probe_flags), **extras)
+            _, new_state = combiner.update(probe, combiner_state, None, **extras)
             return jax.lax.stop_gradient(new_state.weights), new_state
 
         if spec.num_microbatches == 1:
-            (probe, vector, metrics), pullback = probe_of(jax.tree.map(lambda x: x[0], micro_batches))
+            first = jax.tree.map(lambda x: x[0], micro_batches)
+            take_kernel = probe_head is not None and (probe_head.always or head_kernel_pays_off(params, first))
+            probe_and_forward = probe_with_kernel(params, first, divide, beta) if take_kernel else probe_of(first)
+            (probe, vector, metrics), pullback = probe_and_forward
             weights, new_state = weights_of(probe, vector)
             grads = trained(pullback(weighted(weights))[0])
         else:

@@ -475,3 +475,21 @@ def test_head_logprobs_keep_the_input_dtypes_of_their_gradients(function):
     )(hidden, head)
     for g, w in zip(grads, want, strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=0.1, rtol=0.05)
+
+
+def test_head_token_kernel_gives_the_gram_of_the_heads_gradients():
+    """c_i^T K c_j = <g_i, g_j> for the head gradients g_i of sum_t c_{i,t} log p_t, by autodiff of the logits."""
+    from mojax.rl.losses import head_token_kernel
+
+    hidden, head, targets, _ = _head_case(seed=3)
+    cotangents = jax.random.normal(jax.random.key(4), (3, *targets.shape))
+
+    def head_grad(c):
+        return jax.grad(lambda w: jnp.sum(c * _autodiff_head(hidden, w, targets)[0]))(head).reshape(-1)
+
+    grads = np.stack([np.asarray(head_grad(c), np.float64) for c in cotangents])
+    kernel = np.asarray(head_token_kernel(hidden, head, targets), np.float64)
+    rows = np.asarray(cotangents, np.float64).reshape(3, -1)
+    assert kernel.shape == (10, 10)
+    np.testing.assert_allclose(rows @ kernel @ rows.T, grads @ grads.T, rtol=1e-5)
+    assert np.linalg.eigvalsh(kernel).min() > -1e-4 * np.abs(kernel).max()  # PSD up to round-off

@@ -175,6 +175,67 @@ def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
         np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("pullbacks", ["batched", "sequential"])
+def test_probe_mode_takes_the_same_step_from_the_heads_token_kernel_as_from_its_gradients(pullbacks):
+    """``combiner.probe_head: kernel`` (the head's share of the probe Gram as C K C^T) and ``gradients`` give the
+    same weights, cosines and step: the stacked form (batched) and separate trees (sequential) of the probe."""
+    batch = fixed_batch()  # objective 0's advantages are zero: give it a mix of the others', then a conflict
+    mixed = batch.advantages.at[:, 0].set(0.3 * batch.advantages[:, 1] + batch.advantages[:, 2])
+    batch = batch._replace(advantages=mixed * jnp.asarray([0.5, 1.0, -2.0])[None, :, None])
+    common = ("combiner.name=upgrad", "combiner.mode=probe", f"combiner.pullbacks={pullbacks}")
+    runs = {setting: trainer(*common, f"combiner.probe_head={setting}") for setting in ("kernel", "gradients")}
+    assert runs["kernel"].probe_head is not None and runs["gradients"].probe_head is None
+    results = {}
+    for setting, run in runs.items():
+        start = run.state
+        run.state = jax.tree.map(jnp.copy, start)
+        metrics = run.update(batch, 1)
+        results[setting] = (metrics, unsplit_leaves(run))
+        run.state = start
+    (kernel_metrics, kernel_params), (metrics, params) = results["kernel"], results["gradients"]
+    weights = np.asarray(metrics["weights"])
+    assert np.ptp(weights) > 0.05  # the objectives get different weights, so the head's Gram share matters
+    np.testing.assert_allclose(kernel_metrics["weights"], weights, atol=2e-5)
+    np.testing.assert_allclose(kernel_metrics["cosines"], metrics["cosines"], atol=2e-5)
+    assert_trees_close(kernel_params, params, atol=2e-6)
+
+
+def test_gram_rows_factor_a_psd_gram_even_a_singular_one():
+    from mojax.rl.update import gram_rows
+
+    vectors = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    vectors[3] = 2 * vectors[1]  # rank 3
+    gram = vectors @ vectors.T
+    rows = np.asarray(gram_rows(jnp.asarray(gram)))
+    assert rows.shape == (4, 4) and np.all(np.isfinite(rows))
+    np.testing.assert_allclose(rows @ rows.T, gram, atol=1e-4 * np.abs(gram).max())
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (("lora.rank=2", "lora.alpha=4", "combiner.probe=[last_layer, lm_head]"), "the LM head is frozen"),
+        (("combiner.probe=[last_layer, model.norm]",), "the probe set holds no untied LM head"),
+        (("algorithm.logits_chunk_size=2",), "logits_chunk_size is set"),
+        (("algorithm.num_microbatches=2",), "num_microbatches > 1"),
+    ],
+    ids=["frozen head", "no head", "vocabulary chunks", "micro-batches"],
+)
+def test_probe_head_kernel_says_why_it_cannot_apply_and_auto_falls_back(extra, reason):
+    common = ("combiner.name=mgda", "combiner.mode=probe", *extra)
+    with pytest.raises(ValueError, match=f"combiner.probe_head.*is 'kernel', but .*{re.escape(reason)}"):
+        Trainer(load_config("tiny", [*BASE, *common, "combiner.probe_head=kernel"]))
+    assert trainer(*common, "combiner.probe_head=auto").probe_head is None
+
+
+def test_kernel_pays_off_for_fewer_tokens_than_about_n_times_the_hidden_size():
+    from mojax.rl.update import kernel_pays_off
+
+    assert kernel_pays_off(448, 3, (512, 32000))  # the 56M configuration's probe over 16 x 28 tokens
+    assert not kernel_pays_off(16384, 3, (4096, 32000))  # 64 x 256 tokens at LLaMA-7B's width
+    assert kernel_pays_off(7000, 8, (4096, 32000)) and not kernel_pays_off(7000, 1, (4096, 32000))
+
+
 def test_probe_patterns_name_the_split_final_block_and_leaving_the_untied_head_out_costs_fewer_flops():
     """Probe mode splits the final block from the stacked layers whatever the patterns: ``last_layer`` selects it
     alone, so the default set without the untied head is expressible, and its step compiles to fewer FLOPs (the
