@@ -10,7 +10,9 @@ pass in a random order); ratio = torch's round median / mojax's in the same roun
   forward         logits of a [B, T] batch (torch under ``inference_mode``)
   forward+backward  next-token cross-entropy and its gradient w.r.t. every parameter (no optimizer)
   decode          greedy generation of N tokens after [B, P] prompts with a KV cache:
-                  ``mojax.models.generate.generate`` against ``model.generate(use_cache=True)``
+                  ``mojax.models.generate.generate`` against ``model.generate(use_cache=True)``; each step reads
+                  every weight, so a jitted sum over as many bytes, timed in the same rounds, gives the memory
+                  bandwidth's ceiling on the decode ratio (``weight_reads``)
 
 Run on a quiet machine: ``python benchmarks/model.py`` (writes benchmarks/results/model.{json,md});
 ``--smoke --rounds 1 --repeats 1 --out /tmp/x`` runs tiny sizes in seconds to check the script.
@@ -140,6 +142,24 @@ def row(config_name: str, op: str, shape: str, tokens: int, timing: dict) -> dic
     }
 
 
+def weight_reads(weight_bytes: int, new_tokens: int, timing: dict) -> dict:
+    """Decode against the memory bandwidth: every greedy step reads all the weights once, so N new tokens take at
+    least N reads of them. From the decode timings with a ``read`` contender (one jitted sum over as many fp32 bytes
+    as the weights, timed in the same rounds): each side's weight-read rate N bytes / decode time (the prefill
+    counted in the time, so a lower bound of the rate), the sum's rate, and the highest ratio torch / mojax that
+    rate allows, torch's time / (N sum times)."""
+    medians = {name: statistics.median(times) for name, times in timing["round_medians_s"].items()}
+    rate = lambda seconds: weight_bytes * new_tokens / seconds / 1e9  # noqa: E731
+    return {
+        "weight_bytes": weight_bytes,
+        "read_median_ms": 1e3 * medians["read"],
+        "read_gb_per_s": weight_bytes / medians["read"] / 1e9,
+        "mojax_weight_gb_per_s": rate(medians["mojax"]),
+        "torch_weight_gb_per_s": rate(medians["torch"]),
+        "ratio_ceiling": medians["torch"] / (new_tokens * medians["read"]),
+    }
+
+
 def bench_config(name, config, train_shape, decode_shape, rounds, repeats, folder):
     """Forward, forward+backward and decode timings for one model size, and the parity of their outputs."""
     import torch
@@ -199,8 +219,17 @@ def bench_config(name, config, train_shape, decode_shape, rounds, repeats, folde
                 pad_token_id=config.pad_token_id,
             )[:, prompt:]
 
-    decode = interleaved_timings({"mojax": mojax_decode, "torch": torch_decode}, rounds, repeats)
-    results.append(row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, decode))
+    weights = jnp.ones((config.num_params(),), jnp.float32)  # as many bytes as the fp32 weights
+    read = jax.jit(jnp.sum)
+    decode = interleaved_timings(
+        {"mojax": mojax_decode, "torch": torch_decode, "read": lambda: jax.block_until_ready(read(weights))},
+        rounds,
+        repeats,
+    )
+    results.append(
+        row(name, "decode (greedy, KV cache)", f"{d_batch}x({prompt}+{new})", d_batch * new, decode)
+        | weight_reads(weights.nbytes, new, decode)
+    )
     mojax_tokens, torch_tokens = mojax_decode(), torch_decode()
     parity = {
         "config": name,
@@ -262,6 +291,23 @@ def markdown(report: dict) -> str:
             f"{r['mojax_tokens_per_s']:,.0f} | {r['torch_tokens_per_s']:,.0f} | {r['ratio_mojax_over_torch']:.2f} | "
             f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['mojax_compile_s']:.2f} |"
         )
+    lines += [
+        "",
+        "Decode against the memory bandwidth: each greedy step reads every weight once; GB/s = weight bytes x new "
+        "tokens / decode time (prefill included, so a lower bound of the rate); one read = a jitted sum over as "
+        "many fp32 bytes, timed in the same rounds; ceiling = torch's decode time / (new tokens x one read), the "
+        "highest ratio reads at that rate allow:",
+        "",
+        "| config | weights MB | mojax GB/s | torch GB/s | one read GB/s | ratio | ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if "weight_bytes" in r:
+            lines.append(
+                f"| {r['config']} | {r['weight_bytes'] / 1e6:.0f} | {r['mojax_weight_gb_per_s']:.1f} | "
+                f"{r['torch_weight_gb_per_s']:.1f} | {r['read_gb_per_s']:.1f} | {r['ratio_mojax_over_torch']:.2f} | "
+                f"{r['ratio_ceiling']:.2f} |"
+            )
     lines += [
         "",
         "Parity (same weights through safetensors):",
