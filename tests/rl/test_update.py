@@ -231,7 +231,7 @@ def test_probe_head_kernel_says_why_it_cannot_apply_and_auto_falls_back(extra, r
 def test_kernel_pays_off_for_fewer_tokens_than_about_n_times_the_hidden_size():
     from mojax.rl.update import kernel_pays_off
 
-    assert kernel_pays_off(448, 3, (512, 32000))  # the 56M configuration's probe over 16 x 28 tokens
+    assert kernel_pays_off(192, 3, (512, 32000))  # the 56M benchmark: 16 completions of 12 tokens
     assert not kernel_pays_off(16384, 3, (4096, 32000))  # 64 x 256 tokens at LLaMA-7B's width
     assert kernel_pays_off(7000, 8, (4096, 32000)) and not kernel_pays_off(7000, 1, (4096, 32000))
 
