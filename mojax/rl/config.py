@@ -195,15 +195,16 @@ class CombinerSection:
     (``["lora_"]``: every layer's adapters). In probe mode the final block is split from the stacked layers so that it
     can be differentiated alone: the patterns see it as ``model.last_layer`` and the blocks before it as
     ``model.layers``, so ``["last_layer", "model.norm"]`` is the default set without an untied head (whose share of
-    the Gram comes from its token kernel where that is cheaper than its n gradients: ``probe_head``)."""
-    probe_head: str = "auto"
-    """How probe mode takes an untied LM head's share of the probe Gram: ``"kernel"`` from the token kernel
-    K = (H H^T) o (E E^T) of the head's N response tokens (hidden states H, e_y - softmax E), as c_i^T K c_j for the
-    objectives' log-prob cotangents c_i, so the head's n gradients are never formed: N^2 (D + V) multiply-adds
-    instead of n N D V (:func:`mojax.rl.losses.head_token_kernel`); it needs the head in the probe set and trained,
-    no mesh, no ``algorithm.logits_chunk_size`` and one micro-batch. ``"gradients"``: the head's n gradients, as
-    every other probe leaf's. ``"auto"``: the kernel where it applies and takes fewer multiply-adds, i.e. for fewer
-    response tokens per update than about n D."""
+    the Gram comes from its token kernel where that is cheaper than its n gradients: ``head_gram``)."""
+    head_gram: str = "auto"
+    """How probe and full mode take an untied LM head's share of the combiner's Gram: ``"kernel"`` from the token
+    kernel K = (H H^T) o (E E^T) of the head's N response tokens (hidden states H, e_y - softmax E), as c_i^T K c_j
+    for the objectives' log-prob cotangents c_i, so the head's n gradients are never formed (its gradient is formed
+    once, weighted): N^2 (D + V) multiply-adds instead of n N D V (:func:`mojax.rl.losses.head_token_kernel`); it
+    needs the head differentiated per objective (in probe mode: in the probe set) and trained, no mesh, no
+    ``algorithm.logits_chunk_size`` and one micro-batch. ``"gradients"``: the head's n gradients, as every other
+    leaf's. ``"auto"``: the kernel where it applies and takes fewer multiply-adds, i.e. for fewer response tokens
+    per update than about n D."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -367,7 +368,7 @@ _CHOICES = {
     "kl.controller": ("fixed", "adaptive"),
     "combiner.mode": ("auto", "scalar", "probe", "full"),
     "combiner.pullbacks": ("auto", "batched", "sequential"),
-    "combiner.probe_head": ("auto", "kernel", "gradients"),
+    "combiner.head_gram": ("auto", "kernel", "gradients"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
     "optimizer.name": ("adamw", "sgd"),
     "model.dtype": ("float32", "bfloat16"),

@@ -77,7 +77,7 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
 from mojax.rl.tiny import tiny_model_config, tiny_prompts, tiny_tokenizer
 from mojax.rl.update import (
     Batch,
-    ProbeHead,
+    HeadKernel,
     TrainState,
     UpdateSpec,
     make_scalar_weights,
@@ -217,15 +217,17 @@ def probe_flags(
     return flags
 
 
-def kernel_probe_obstacles(
-    config: rl_config.TrainConfig, head_in_probe: bool, head_trained: bool, on_mesh: bool
+def head_kernel_obstacles(
+    config: rl_config.TrainConfig, head_per_objective: bool, head_trained: bool, on_mesh: bool
 ) -> list[str]:
-    """Why probe mode cannot take the LM head's share of the Gram from its token kernel (``combiner.probe_head``);
-    empty where it can."""
+    """Why probe or full mode cannot take the LM head's share of the Gram from its token kernel
+    (``combiner.head_gram``); empty where it can."""
     algorithm = config.algorithm
     reasons = {
-        "the probe set holds no untied LM head": not head_in_probe,
-        "the LM head is frozen": head_in_probe and not head_trained,
+        "no untied LM head is differentiated per objective (a tied head, or one outside the probe set)": not (
+            head_per_objective
+        ),
+        "the LM head is frozen": head_per_objective and not head_trained,
         "the parameters live on a mesh": on_mesh,
         "algorithm.logits_chunk_size is set": bool(algorithm.logits_chunk_size),
         "algorithm.num_microbatches > 1 (the Gram of a sum over micro-batches has their cross terms)": (
@@ -288,7 +290,7 @@ def response_fn(
     :func:`mojax.rl.losses.head_logprobs_and_entropy` computes them from the full logits. Both backward passes let
     the n per-objective pullbacks share the LM head's product for the hidden states. With ``head_kernel`` (full
     logits only) the function returns ((log-probs, entropies), K) with K f32[B T, B T] the head's token kernel
-    (:func:`mojax.rl.losses.head_token_kernel`), as :class:`mojax.rl.update.ProbeHead` takes it.
+    (:func:`mojax.rl.losses.head_token_kernel`), as :class:`mojax.rl.update.HeadKernel` takes it.
     """
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
@@ -498,7 +500,11 @@ class Trainer(Run):
             self.optimizer = adapters_only(self.optimizer, params)
         # a bool per (split) parameter leaf, False for LoRA's frozen weights (None: every leaf trains)
         self.trainable_flags = jax.tree.leaves(lora_mask(params)) if config.lora.rank else None
-        self.probe_head = None if flags is None else self._probe_head(config, params, flags)
+        self.head_kernel = (
+            None
+            if mode == "scalar"
+            else self._head_kernel(config, params, flags or [True] * len(jax.tree.leaves(params)))
+        )
         critic_params = critic_opt_state = critic = critic_optimizer = self._values = None
         if rl_advantages.ESTIMATORS[algorithm.advantage_estimator].needs_values:
             critic_graphdef, critic_params, critic_rest = nnx.split(
@@ -523,7 +529,7 @@ class Trainer(Run):
                 critic_optimizer,
                 None if self.mesh is None else jax.tree.map(lambda leaf: leaf.sharding, params),
                 self.trainable_flags,
-                probe_head=self.probe_head,
+                head_kernel=self.head_kernel,
             ),
             donate_argnums=0,
             compiler_options=train_step_compiler_options(self.update_spec),
@@ -571,20 +577,21 @@ class Trainer(Run):
         )
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def _probe_head(self, config: rl_config.TrainConfig, params: Any, flags: list[bool]) -> ProbeHead | None:
-        """Probe mode's :class:`ProbeHead` for ``combiner.probe_head`` (None: the head's n gradients, or no head).
+    def _head_kernel(self, config: rl_config.TrainConfig, params: Any, flags: list[bool]) -> HeadKernel | None:
+        """The :class:`HeadKernel` of probe or full mode for ``combiner.head_gram`` (None: the head's n gradients, or
+        no head), ``flags`` marking the leaves differentiated per objective.
 
-        ValueError for ``kernel`` where the kernel cannot stand in for the head's gradients (:func:`kernel_probe_obstacles`).
+        ValueError for ``kernel`` where the kernel cannot stand in for the head's gradients (:func:`head_kernel_obstacles`).
         """
-        setting = config.combiner.probe_head
+        setting = config.combiner.head_gram
         head = [
             str(getattr(path[0], "key", path[0])) == "lm_head"
             for path, _ in jax.tree_util.tree_leaves_with_path(params)
         ]
         trained = self.trainable_flags or [True] * len(head)
-        obstacles = kernel_probe_obstacles(
+        obstacles = head_kernel_obstacles(
             config,
-            head_in_probe=any(h and f for h, f in zip(head, flags, strict=True)),
+            head_per_objective=any(h and f for h, f in zip(head, flags, strict=True)),
             head_trained=all(t for h, t in zip(head, trained, strict=True) if h),
             on_mesh=self.mesh is not None,
         )
@@ -594,13 +601,13 @@ class Trainer(Run):
             raise ValueError(
                 checks.message(
                     "Trainer",
-                    "combiner.probe_head",
+                    "combiner.head_gram",
                     f"is 'kernel', but {'; '.join(obstacles)}",
-                    "'auto' or 'gradients' here, or an untied, trained head in the probe set of one micro-batch",
+                    "'auto' or 'gradients' here, or an untied, trained head, one device, full logits and one micro-batch",
                 )
             )
         policy = response_fn(self.graphdef, self.rest, split=self.split, head_kernel=True)
-        return ProbeHead(policy, head, always=setting == "kernel")
+        return HeadKernel(policy, head, always=setting == "kernel")
 
     def _stop_ids(self) -> tuple[int, ...]:
         eos = self.model.config.eos_token_id

@@ -17,7 +17,8 @@ The combiner mode is chosen from the registry:
   vmapped or in sequence, as full mode runs them; XLA prunes everything but the probe part) go through the
   combiner, whose weights w then weight one backward pass of sum_i sg(w_i) L_i + shared over every parameter, from
   the same forward pass (one ``jax.vjp``). With micro-batches this takes two forward passes. An untied LM head in
-  the probe set can enter the probe Gram through its token kernel instead of its n gradients (:class:`ProbeHead`).
+  the probe set can enter the probe Gram through its token kernel instead of its n gradients (:class:`HeadKernel`),
+  in full mode too.
 * ``full``: per-objective gradients of every parameter go through the combiner (n backward passes' memory; in
   sequence without a mesh as n separate trees, which no pass copies into a stacked array); the shared term's
   gradient is one more pullback, added after the combination, and left out of the traced step when the term is zero
@@ -255,7 +256,7 @@ def _accumulate(step: Callable, micro_batches: Any) -> Any:
     beside the loop's: LLaMA-70B's probe-mode update in 4 micro-batches on 64 devices (FSDP) planned 98.7 GiB per
     device that way, 78.8 GiB from zeros.
     """
-    first = jax.tree.map(lambda x: x[0], micro_batches)
+    first = first_of(micro_batches)
     if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
         return step(first)
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(step, first))
@@ -404,12 +405,15 @@ def step_if_finite(
     return keep_if(finite, step(None), (params, opt_state))
 
 
-class ProbeHead(NamedTuple):
-    """Probe mode's untied LM head through the token kernel instead of its n gradients (``combiner.probe_head``).
+class HeadKernel(NamedTuple):
+    """An untied LM head through its token kernel instead of its n gradients, in probe and full mode
+    (``combiner.head_gram``).
 
     The head's gradient for objective i is H^T diag(c_i) E (:func:`mojax.rl.losses.head_token_kernel`), so its share
-    of the probe Gram is C K C^T with C f32[n, N] the objectives' log-prob cotangents and K f32[N, N] the token
-    kernel: the probe pullbacks then skip the head, and no head-sized gradient is formed.
+    of the combiner's Gram is C K C^T with C f32[n, N] the objectives' log-prob cotangents and K f32[N, N] the token
+    kernel: the per-objective pullbacks skip the head, and the combiner sees n coordinates per objective in its
+    place (:func:`gram_rows`). The head's gradient is then formed once, weighted: by probe mode's weighted pass, and
+    in full mode by one more pullback, which XLA reduces to the head's weight-gradient product.
     """
 
     policy: Callable
@@ -435,6 +439,18 @@ def gram_rows(gram: jax.Array) -> jax.Array:
     return eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))[None, :]
 
 
+def first_of(micro_batches: Any) -> Any:
+    """The first micro-batch of ``micro_batches`` (every leaf [parts, ...])."""
+    return jax.tree.map(lambda x: x[0], micro_batches)
+
+
+def fill_masked(tree: Any, filler: Any) -> Any:
+    """``tree`` with ``filler``'s leaf in place of every ``optax.MaskedNode()`` (two trees of one structure whose
+    leaves are masked in complementary places; a node masked in both stays masked)."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree.map(lambda a, b: b if is_masked(a) else a, tree, filler, is_leaf=is_masked)
+
+
 def with_rows(grads: Any, rows: jax.Array) -> Any:
     """The per-objective gradients with each objective's rows[i] as one more leaf: ``(stacked, rows)`` for stacked
     gradients, each tree paired with its row for :class:`mojax.combiners.ObjectiveTrees`."""
@@ -454,7 +470,7 @@ def make_train_step(
     param_shardings: Any | None = None,
     trainable_flags: list[bool] | None = None,
     skip_by_conditional: bool | None = None,
-    probe_head: ProbeHead | None = None,
+    head_kernel: HeadKernel | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array, jax.Array, jax.Array | None], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) train step ``(state, batch, key, beta, weights) -> (state, metrics)`` for one rollout.
 
@@ -481,9 +497,9 @@ def make_train_step(
         optimizer, which freezes them, gets zeros.
       skip_by_conditional: how a non-finite update is skipped (:func:`step_if_finite`): under a ``lax.cond`` (True)
         or by a select of the stepped state against the old one (False). None: :func:`skips_by_conditional`.
-      probe_head: probe mode with one micro-batch: the untied head's share of the probe Gram from its token kernel
-        (:class:`ProbeHead`), where it pays off or always as it says; None: the head's n gradients, as every other
-        probe leaf's.
+      head_kernel: probe and full mode with one micro-batch: the untied head's share of the combiner's Gram from its
+        token kernel (:class:`HeadKernel`), where it pays off or always as it says; None: the head's n gradients, as
+        every other leaf's.
 
     Returns:
       The step; jit it with ``donate_argnums=0``. Metrics are means over the optimizer updates of the step
@@ -540,9 +556,16 @@ def make_train_step(
     def combine_full(params, micro_batches, divide, beta, combiner_state, batch):
         """The combined gradient and, without a shared term, its norm and finiteness from the Gram (XLA merges this
         Gram with the combiner's: every combiner returns sum_i w_i g_i with w its state's ``weights``)."""
+        if takes_kernel(params, micro_batches):
+            return combine_full_with_kernel(params, micro_batches, divide, beta, combiner_state, batch)
         (objectives, shared), vector, metrics = per_objective(params, micro_batches, divide, beta)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         combined, combiner_state = combiner.update(objectives, combiner_state, trained(params), **extras)
+        return full_mode_result(objectives, combined, shared, vector, metrics, combiner_state)
+
+    def full_mode_result(objectives, combined, shared, vector, metrics, combiner_state):
+        """combine_full's outputs from the per-objective gradients, their combination and the shared term's
+        gradient (None: zero, so the norm and finiteness come from the Gram)."""
         gram, scale = tree_gram(objectives)
         cosines, _ = cosine_gram(gram)
         if shared is not None:
@@ -550,30 +573,50 @@ def make_train_step(
         checked = norm_from_gram(gram, scale, combiner_state.weights)
         return combined, vector, metrics, combiner_state, cosines, checked
 
-    def head_kernel_pays_off(params, micro):
-        """:func:`kernel_pays_off` for the micro-batch's response tokens and the head's leaf."""
-        (head,) = [leaf for leaf, flag in zip(jax.tree.leaves(params), probe_head.flags, strict=True) if flag]
-        return kernel_pays_off(micro.tokens.size, n, head.shape)
+    def combine_full_with_kernel(params, micro_batches, divide, beta, combiner_state, batch):
+        """:func:`combine_full` with the head's share of the Gram from its token kernel (:class:`HeadKernel`): the n
+        pullbacks leave the head out, and one pullback of the weighted cotangent gives the head's combined gradient
+        (with the shared term's), which only the head's weight-gradient product computes."""
+        rest = without_head(trainable_flags or [True] * len(head_kernel.flags))
+        (objectives, vector, metrics), pullback = with_head_kernel(params, first_of(micro_batches), divide, beta, rest)
+        extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
+        (combined, _), combiner_state = combiner.update(objectives, combiner_state, None, **extras)
+        head = masked_nodes(pullback(weighted(combiner_state.weights))[0], head_kernel.flags)
+        shared = None if shared_term_is_zero(spec) else masked_nodes(pullback(eye[n])[0], rest)
+        result = full_mode_result(objectives, combined, shared, vector, metrics, combiner_state)
+        return (fill_masked(result[0], head), *result[1:])
 
-    def probe_with_kernel(params, micro, divide, beta):
-        """:func:`probe_of` with the head's share of the Gram as n rows (:func:`gram_rows` of C K C^T, see
-        :class:`ProbeHead`) in place of its gradients, which the pullbacks then leave out."""
+    def without_head(flags):
+        """``flags`` with the head's leaf False."""
+        return [flag and not head for flag, head in zip(flags, head_kernel.flags, strict=True)]
+
+    def takes_kernel(params, micro_batches):
+        """Whether the update takes the head's share of the Gram from its token kernel: one micro-batch, and the
+        kernel always or where it takes fewer multiply-adds (:func:`kernel_pays_off`)."""
+        if head_kernel is None or spec.num_microbatches > 1:
+            return False
+        (head,) = [leaf for leaf, flag in zip(jax.tree.leaves(params), head_kernel.flags, strict=True) if flag]
+        return head_kernel.always or kernel_pays_off(micro_batches.tokens[0].size, n, head.shape)
+
+    def with_head_kernel(params, micro, divide, beta, flags):
+        """((per-objective gradients of the leaves ``flags`` selects, the head left out, with the head's share of
+        the Gram as n rows (:func:`gram_rows` of C K C^T, see :class:`HeadKernel`), the loss vector, metrics), the
+        forward's pullback)."""
 
         def loss_and_kernel(p):
-            (logp, entropy), kernel = probe_head.policy(
+            (logp, entropy), kernel = head_kernel.policy(
                 p, micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask
             )
             vector, metrics = losses_of_outputs(logp, entropy, micro, divide, beta, spec)
             return vector, (metrics, logp, entropy, kernel)
 
         vector, pullback, (metrics, logp, entropy, kernel) = jax.vjp(loss_and_kernel, params, has_aux=True)
-        rest = [probe and not head for probe, head in zip(probe_flags, probe_head.flags, strict=True)]
-        probe = objective_grads(pullback, lambda grads: masked_nodes(grads, rest))
+        objectives = objective_grads(pullback, lambda grads: masked_nodes(grads, without_head(flags)))
         _, logp_pullback = jax.vjp(lambda lp: losses_of_outputs(lp, entropy, micro, divide, beta, spec)[0], logp)
         cotangents = jnp.stack([logp_pullback(row)[0].reshape(-1) for row in eye[:n]])
         highest = jax.lax.Precision.HIGHEST
         head_gram = jnp.matmul(jnp.matmul(cotangents, kernel, precision=highest), cotangents.T, precision=highest)
-        return (with_rows(probe, gram_rows(head_gram)), vector, metrics), pullback
+        return (with_rows(objectives, gram_rows(head_gram)), vector, metrics), pullback
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
@@ -594,9 +637,11 @@ def make_train_step(
             return jax.lax.stop_gradient(new_state.weights), new_state
 
         if spec.num_microbatches == 1:
-            first = jax.tree.map(lambda x: x[0], micro_batches)
-            take_kernel = probe_head is not None and (probe_head.always or head_kernel_pays_off(params, first))
-            probe_and_forward = probe_with_kernel(params, first, divide, beta) if take_kernel else probe_of(first)
+            first = first_of(micro_batches)
+            kernel = takes_kernel(params, micro_batches)
+            probe_and_forward = (
+                with_head_kernel(params, first, divide, beta, probe_flags) if kernel else probe_of(first)
+            )
             (probe, vector, metrics), pullback = probe_and_forward
             weights, new_state = weights_of(probe, vector)
             grads = trained(pullback(weighted(weights))[0])

@@ -175,16 +175,26 @@ def test_probe_mode_steps_along_the_weighted_gradient_of_every_parameter(extra):
         np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("pullbacks", ["batched", "sequential"])
-def test_probe_mode_takes_the_same_step_from_the_heads_token_kernel_as_from_its_gradients(pullbacks):
-    """``combiner.probe_head: kernel`` (the head's share of the probe Gram as C K C^T) and ``gradients`` give the
-    same weights, cosines and step: the stacked form (batched) and separate trees (sequential) of the probe."""
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("probe", "combiner.pullbacks=sequential"),
+        ("full", "combiner.pullbacks=batched"),
+        ("full", "combiner.pullbacks=sequential"),
+        ("full", "algorithm.entropy_coef=0.05"),
+    ],
+    ids=["probe, separate trees", "full, stacked", "full, separate trees", "full, shared term"],
+)
+def test_the_heads_token_kernel_gives_the_same_step_as_its_gradients(mode, extra):
+    """``combiner.head_gram: kernel`` (the head's share of the Gram as C K C^T, its gradient formed once, weighted)
+    and ``gradients`` give the same weights, cosines and step, for the stacked gradients and separate trees; in full
+    mode also with a shared term (an entropy bonus), whose gradient is then added apart from the Gram."""
     batch = fixed_batch()  # objective 0's advantages are zero: give it a mix of the others', then a conflict
     mixed = batch.advantages.at[:, 0].set(0.3 * batch.advantages[:, 1] + batch.advantages[:, 2])
     batch = batch._replace(advantages=mixed * jnp.asarray([0.5, 1.0, -2.0])[None, :, None])
-    common = ("combiner.name=upgrad", "combiner.mode=probe", f"combiner.pullbacks={pullbacks}")
-    runs = {setting: trainer(*common, f"combiner.probe_head={setting}") for setting in ("kernel", "gradients")}
-    assert runs["kernel"].probe_head is not None and runs["gradients"].probe_head is None
+    common = ("combiner.name=upgrad", f"combiner.mode={mode}", extra)
+    runs = {setting: trainer(*common, f"combiner.head_gram={setting}") for setting in ("kernel", "gradients")}
+    assert runs["kernel"].head_kernel is not None and runs["gradients"].head_kernel is None
     results = {}
     for setting, run in runs.items():
         start = run.state
@@ -197,6 +207,7 @@ def test_probe_mode_takes_the_same_step_from_the_heads_token_kernel_as_from_its_
     assert np.ptp(weights) > 0.05  # the objectives get different weights, so the head's Gram share matters
     np.testing.assert_allclose(kernel_metrics["weights"], weights, atol=2e-5)
     np.testing.assert_allclose(kernel_metrics["cosines"], metrics["cosines"], atol=2e-5)
+    np.testing.assert_allclose(kernel_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-5)
     assert_trees_close(kernel_params, params, atol=2e-6)
 
 
@@ -215,17 +226,18 @@ def test_gram_rows_factor_a_psd_gram_even_a_singular_one():
     ("extra", "reason"),
     [
         (("lora.rank=2", "lora.alpha=4", "combiner.probe=[last_layer, lm_head]"), "the LM head is frozen"),
-        (("combiner.probe=[last_layer, model.norm]",), "the probe set holds no untied LM head"),
+        (("lora.rank=2", "lora.alpha=4", "combiner.mode=full"), "the LM head is frozen"),
+        (("combiner.probe=[last_layer, model.norm]",), "no untied LM head is differentiated per objective"),
         (("algorithm.logits_chunk_size=2",), "logits_chunk_size is set"),
         (("algorithm.num_microbatches=2",), "num_microbatches > 1"),
     ],
-    ids=["frozen head", "no head", "vocabulary chunks", "micro-batches"],
+    ids=["frozen head", "full mode, frozen head", "no head", "vocabulary chunks", "micro-batches"],
 )
-def test_probe_head_kernel_says_why_it_cannot_apply_and_auto_falls_back(extra, reason):
+def test_head_gram_kernel_says_why_it_cannot_apply_and_auto_falls_back(extra, reason):
     common = ("combiner.name=mgda", "combiner.mode=probe", *extra)
-    with pytest.raises(ValueError, match=f"combiner.probe_head.*is 'kernel', but .*{re.escape(reason)}"):
-        Trainer(load_config("tiny", [*BASE, *common, "combiner.probe_head=kernel"]))
-    assert trainer(*common, "combiner.probe_head=auto").probe_head is None
+    with pytest.raises(ValueError, match=f"combiner.head_gram.*is 'kernel', but .*{re.escape(reason)}"):
+        Trainer(load_config("tiny", [*BASE, *common, "combiner.head_gram=kernel"]))
+    assert trainer(*common, "combiner.head_gram=auto").head_kernel is None
 
 
 def test_kernel_pays_off_for_fewer_tokens_than_about_n_times_the_hidden_size():
