@@ -100,13 +100,16 @@ def test_micro_batched_gradients_equal_full_batch_gradients(combiner):
 def test_micro_batches_run_in_one_loop_holding_one_copy_of_the_pass(mode):
     """Two micro-batches lower to as many matmuls as one: the forward and backward pass appears once, inside the
     accumulation loop (seeding the sum with the first micro-batch outside the loop doubled them, and the compiler
-    kept both copies' temporaries)."""
+    kept both copies' temporaries). The head's gradients in both: its token kernel needs one micro-batch."""
     combiner = "linear" if mode == "scalar" else "mgda"
     weights = jnp.ones(3) / 3 if mode == "scalar" else None
 
     def matmuls(microbatches: int) -> int:
         run = trainer(
-            f"combiner.name={combiner}", f"combiner.mode={mode}", f"algorithm.num_microbatches={microbatches}"
+            f"combiner.name={combiner}",
+            f"combiner.mode={mode}",
+            f"algorithm.num_microbatches={microbatches}",
+            "combiner.head_gram=gradients",
         )
         program = run._train_step.lower(run.state, fixed_batch(), jax.random.key(0), jnp.float32(0.1), weights)
         return program.as_text().count("stablehlo.dot_general")
