@@ -554,8 +554,8 @@ def head_token_kernel(hidden: jax.Array, head: jax.Array, targets: jax.Array) ->
         K = (H H^T) o (E E^T)        (o: the elementwise product; both factors PSD, so K is).
 
     That costs N^2 (D + V) multiply-adds, once, where the n gradients cost n N D V and their Gram n^2 D V / 2: fewer
-    when N (D + V) < n D V, as in probe mode over short rollouts with an untied head (N < n D roughly). The logits are
-    those of the forward pass (the same product, which XLA computes once).
+    when N (D + V) < n D V, as in probe and full mode over short rollouts with an untied head (N < n D roughly).
+    The logits are those of the forward pass (the same product, which XLA computes once).
 
     Args:
         hidden: [B, T, D] final hidden states (as the head op takes them).

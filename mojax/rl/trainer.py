@@ -581,11 +581,12 @@ class Trainer(Run):
         """The :class:`HeadKernel` of probe or full mode for ``combiner.head_gram`` (None: the head's n gradients, or
         no head), ``flags`` marking the leaves differentiated per objective.
 
-        ValueError for ``kernel`` where the kernel cannot stand in for the head's gradients (:func:`head_kernel_obstacles`).
+        ValueError for ``kernel`` where the kernel cannot stand in for the head's gradients
+        (:func:`head_kernel_obstacles`).
         """
         setting = config.combiner.head_gram
-        head = [
-            str(getattr(path[0], "key", path[0])) == "lm_head"
+        head = [  # the untied head's weight matrix alone (an adapter's or a bias's gradient has no such kernel)
+            tuple(str(getattr(key, "key", key)) for key in path[:2]) == ("lm_head", "kernel")
             for path, _ in jax.tree_util.tree_leaves_with_path(params)
         ]
         trained = self.trainable_flags or [True] * len(head)
@@ -603,7 +604,8 @@ class Trainer(Run):
                     "Trainer",
                     "combiner.head_gram",
                     f"is 'kernel', but {'; '.join(obstacles)}",
-                    "'auto' or 'gradients' here, or an untied, trained head, one device, full logits and one micro-batch",
+                    "'auto' or 'gradients' here, or an untied, trained head, one device, full logits and one "
+                    "micro-batch",
                 )
             )
         policy = response_fn(self.graphdef, self.rest, split=self.split, head_kernel=True)

@@ -420,7 +420,7 @@ class HeadKernel(NamedTuple):
     """(params, prompt_ids, prompt_mask, tokens, response_mask) -> ((log-probs, entropies) f32[B, T], K f32[N, N]):
     the policy, which also returns its head's token kernel."""
     flags: list[bool]
-    """One bool per parameter leaf, True for the head's (a leaf of the probe set)."""
+    """One bool per parameter leaf, True for the head's (a leaf differentiated per objective)."""
     always: bool = False
     """Take the kernel whatever it costs (False: only where it takes fewer multiply-adds, :func:`kernel_pays_off`)."""
 
@@ -577,12 +577,12 @@ def make_train_step(
         """:func:`combine_full` with the head's share of the Gram from its token kernel (:class:`HeadKernel`): the n
         pullbacks leave the head out, and one pullback of the weighted cotangent gives the head's combined gradient
         (with the shared term's), which only the head's weight-gradient product computes."""
-        rest = without_head(trainable_flags or [True] * len(head_kernel.flags))
-        (objectives, vector, metrics), pullback = with_head_kernel(params, first_of(micro_batches), divide, beta, rest)
+        flags = trainable_flags or [True] * len(head_kernel.flags)
+        (objectives, vector, metrics), pullback = with_head_kernel(params, first_of(micro_batches), divide, beta, flags)
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         (combined, _), combiner_state = combiner.update(objectives, combiner_state, None, **extras)
         head = masked_nodes(pullback(weighted(combiner_state.weights))[0], head_kernel.flags)
-        shared = None if shared_term_is_zero(spec) else masked_nodes(pullback(eye[n])[0], rest)
+        shared = None if shared_term_is_zero(spec) else masked_nodes(pullback(eye[n])[0], without_head(flags))
         result = full_mode_result(objectives, combined, shared, vector, metrics, combiner_state)
         return (fill_masked(result[0], head), *result[1:])
 
