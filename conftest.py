@@ -12,12 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# A persistent XLA compilation cache per pytest-xdist worker (a subfolder named after it) for the subprocesses its
-# tests start: runs of the trainer that build the same program (every resume test does) load it instead of compiling
-# it again. The test processes themselves do not use it (below): twice a worker crashed inside JAX while
-# deserializing an executable from it (a segmentation fault, then an abort), for a reason not found; the entries
-# loaded without fault on their own. Without a size cap JAX writes an entry in place and unlocked, so the cap is set
-# to turn on JAX's file lock around every read and write, between the subprocesses.
+# A persistent XLA compilation cache per pytest-xdist worker (a subfolder named after it), shared with the
+# subprocesses its tests start: runs of the trainer that build the same program (every resume test does) load it
+# instead of compiling it again. No worker reads what the other writes: a worker once crashed while deserializing a
+# cache entry, for a reason not found. Without a size cap JAX writes an entry in place and unlocked, so the cap is set
+# to turn on JAX's file lock around every read and write, between a worker and its tests' subprocesses.
 _cache = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
 )
@@ -28,10 +27,7 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax  # noqa: E402 (the environment above must be set before JAX is imported anywhere)
-from hypothesis import settings  # noqa: E402
-
-jax.config.update("jax_enable_compilation_cache", False)  # this process only: its subprocesses read the environment
+from hypothesis import settings  # noqa: E402 (the environment above must be set before JAX is imported anywhere)
 
 settings.register_profile("mojax", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, max_examples=200, deadline=None, print_blob=True)
