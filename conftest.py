@@ -4,6 +4,7 @@ Hypothesis runs the registered ``mojax`` profile (derandomized, no example datab
 the same examples); set ``MOJAX_HYPOTHESIS_PROFILE=explore`` to search with fresh random examples.
 """
 
+import gc
 import os
 import tempfile
 
@@ -14,9 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # A persistent XLA compilation cache per pytest-xdist worker (a subfolder named after it), shared with the
 # subprocesses its tests start: runs of the trainer that build the same program (every resume test does) load it
-# instead of compiling it again. No worker reads what the other writes: a worker once crashed while deserializing a
-# cache entry, for a reason not found. Without a size cap JAX writes an entry in place and unlocked, so the cap is set
-# to turn on JAX's file lock around every read and write, between a worker and its tests' subprocesses.
+# instead of compiling it again; no worker reads what the other writes. Without a size cap JAX writes an entry in place
+# and unlocked, so the cap is set to turn on JAX's file lock around every read and write, between a worker and its
+# tests' subprocesses.
 _cache = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mojax-xla-cache-{os.getuid()}")
 )
@@ -27,8 +28,51 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402 (the environment above must be set before JAX is imported anywhere)
 
 settings.register_profile("mojax", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, max_examples=200, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("MOJAX_HYPOTHESIS_PROFILE", "mojax"))
+
+
+def memory_map_count() -> int:
+    """The number of memory mappings of this process (Linux's /proc/self/maps; 0 elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def memory_map_limit() -> int:
+    """The kernel's limit on a process's memory mappings (vm.max_map_count, 65530 by default; 0 where unknown)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs(request):
+    """After each test file, drop JAX's in-memory caches of compiled programs.
+
+    XLA:CPU maps every compiled program's machine code into the process: about three memory mappings per kernel, for
+    as long as a cache or a live object holds the executable. A worker that runs a few hundred test files' programs
+    reached Linux's limit of 65530 mappings; past it an mmap fails, and the worker crashed wherever XLA next allocated
+    (compiling, or reading or writing the persistent cache). JAX's caches hold most of them, and the persistent cache
+    gives a later file the same program back without compiling it. If a single file still comes within a quarter of
+    the limit, its teardown says so instead of a later crash.
+    """
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    count, limit = memory_map_count(), memory_map_limit()
+    if limit and count > 3 * limit // 4:
+        pytest.fail(
+            f"{request.node.nodeid}: this process holds {count} memory mappings after dropping JAX's caches, near the "
+            f"kernel's limit of {limit} (vm.max_map_count); release the compiled programs the file keeps alive"
+        )
