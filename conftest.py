@@ -59,20 +59,21 @@ def _release_compiled_programs(request):
     """After each test file, drop JAX's in-memory caches of compiled programs.
 
     XLA:CPU maps every compiled program's machine code into the process: about three memory mappings per kernel, for
-    as long as a cache or a live object holds the executable. A worker that runs a few hundred test files' programs
-    reached Linux's limit of 65530 mappings; past it an mmap fails, and the worker crashed wherever XLA next allocated
+    as long as a cache or a live object holds the executable. A worker that had run half the suite's files came to 62000
+    of Linux's default limit of 65530 mappings; past it an mmap fails, and the worker crashed wherever XLA next allocated
     (compiling, or reading or writing the persistent cache). JAX's caches hold most of them, and the persistent cache
-    gives a later file the same program back without compiling it. If a single file still comes within a quarter of
-    the limit, its teardown says so instead of a later crash.
+    gives a later file the same program back without compiling it. A file whose programs alone bring the process
+    within a quarter of the limit fails at its teardown, named, rather than crash a worker later (the heaviest file,
+    tests/rl/test_update.py, reached 27000).
     """
     yield
     import jax
 
+    count, limit = memory_map_count(), memory_map_limit()
     jax.clear_caches()
     gc.collect()
-    count, limit = memory_map_count(), memory_map_limit()
     if limit and count > 3 * limit // 4:
         pytest.fail(
-            f"{request.node.nodeid}: this process holds {count} memory mappings after dropping JAX's caches, near the "
-            f"kernel's limit of {limit} (vm.max_map_count); release the compiled programs the file keeps alive"
+            f"{request.node.nodeid}: the process held {count} memory mappings at the end of this file, near the "
+            f"kernel's limit of {limit} (vm.max_map_count); split the file or release its compiled programs sooner"
         )
