@@ -1,5 +1,5 @@
-"""The premise of conftest's release of compiled programs after each test file: XLA:CPU maps each compiled program's
-code into the process until JAX's caches drop it, even while the jitted functions live on."""
+"""Compiled programs and the process's memory mappings: XLA:CPU maps each compiled program's code into the process
+until nothing holds its executable, and Linux caps a process's mappings (vm.max_map_count, 65530 by default)."""
 
 import gc
 
@@ -20,9 +20,12 @@ def compiled_programs(count: int) -> list:
     return programs
 
 
+needs_proc = pytest.mark.skipif(not memory_map_limit(), reason="the mappings are read from Linux's /proc")
+
+
+@needs_proc
 def test_dropping_jaxs_caches_unmaps_the_compiled_programs():
-    if not memory_map_limit():
-        pytest.skip("the process's memory mappings are read from Linux's /proc")
+    """The premise of conftest's release of compiled programs after each test file."""
     compiled_programs(2)  # XLA's thread pools and allocator arenas come with the first programs, and stay
     jax.clear_caches()
     gc.collect()
