@@ -36,24 +36,6 @@ settings.register_profile("explore", derandomize=False, max_examples=200, deadli
 settings.load_profile(os.environ.get("MOJAX_HYPOTHESIS_PROFILE", "mojax"))
 
 
-def memory_map_count() -> int:
-    """The number of memory mappings of this process (Linux's /proc/self/maps; 0 elsewhere)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps)
-    except OSError:
-        return 0
-
-
-def memory_map_limit() -> int:
-    """The kernel's limit on a process's memory mappings (vm.max_map_count, 65530 by default; 0 where unknown)."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as limit:
-            return int(limit.read())
-    except (OSError, ValueError):
-        return 0
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs(request):
     """After each test file, drop JAX's in-memory caches of compiled programs.
@@ -68,6 +50,8 @@ def _release_compiled_programs(request):
     """
     yield
     import jax
+
+    from mojax.host_memory import memory_map_count, memory_map_limit
 
     count, limit = memory_map_count(), memory_map_limit()
     jax.clear_caches()

@@ -18,6 +18,13 @@ with 144 MiB of scratch per call levelled off at 3-5 such blocks; the SmolLM2 ex
 
 The settings are process-wide and must come before XLA's threads allocate (before the first computation), which is
 why the ``mojax`` command line applies them at its start. Without glibc (macOS, musl) nothing is changed.
+
+A second limit concerns compiled programs, not scratch memory: XLA:CPU maps each compiled program's kernels into the
+process (code, read-only data, data: about three memory mappings per kernel) for as long as a JAX cache or a live
+jitted function holds the executable, and Linux caps a process's mappings (``vm.max_map_count``, 65530 by default).
+Past the cap an ``mmap`` fails and the process crashes wherever XLA next allocates. A process that compiles programs
+by the thousand (a test worker running hundreds of files' programs came to 62000) can call ``jax.clear_caches()`` to
+unmap the programs it no longer calls; :func:`memory_map_count` and :func:`memory_map_limit` tell how close it is.
 """
 
 from __future__ import annotations
@@ -56,3 +63,21 @@ def keep_freed_host_memory() -> bool:
         if libc.mallopt(parameter, value) != 1:
             raise OSError(f"mallopt({parameter}, {value}) failed: glibc {glibc_version()} refused the setting")
     return True
+
+
+def memory_map_count() -> int:
+    """The number of memory mappings of this process (Linux's ``/proc/self/maps``; 0 where there is none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def memory_map_limit() -> int:
+    """Linux's cap on a process's memory mappings (``vm.max_map_count``, 65530 by default; 0 where unknown)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 0

@@ -1,13 +1,23 @@
-"""mojax.host_memory: glibc's malloc keeps XLA:CPU's freed scratch buffers for the next call."""
+"""mojax.host_memory: glibc's malloc keeps XLA:CPU's freed scratch buffers for the next call; compiled programs hold
+memory mappings until JAX's caches drop them."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from mojax.host_memory import OPT_OUT_VARIABLE, glibc_version, keep_freed_host_memory
+from mojax.host_memory import (
+    OPT_OUT_VARIABLE,
+    glibc_version,
+    keep_freed_host_memory,
+    memory_map_count,
+    memory_map_limit,
+)
 
 # A program whose 144 MiB of temporaries (the [6144, 6144] tanh(a a^T)) are allocated and freed at every call; the
 # child prints the minor page faults of each of CALLS calls but the first.
@@ -76,3 +86,33 @@ def test_the_command_line_keeps_freed_memory_only_when_run_as_the_program(monkey
     with pytest.raises(SystemExit):
         cli.main()
     assert calls == ["kept"]
+
+
+PROGRAMS = 40
+
+
+def compiled_programs(count: int) -> list:
+    """``count`` jitted functions, each called once (so each compiled to its own program)."""
+    programs = [jax.jit(lambda x, k=k: jnp.tanh(x @ x.T + k).sum(0) * jnp.exp(x).mean()) for k in range(count)]
+    for program in programs:
+        program(jnp.ones((8, 8))).block_until_ready()
+    return programs
+
+
+needs_proc = pytest.mark.skipif(not memory_map_limit(), reason="the mappings are read from Linux's /proc")
+
+
+@needs_proc
+def test_dropping_jaxs_caches_unmaps_the_compiled_programs():
+    """The premise of conftest's release of compiled programs after each test file."""
+    compiled_programs(2)  # XLA's thread pools and allocator arenas come with the first programs, and stay
+    jax.clear_caches()
+    gc.collect()
+    before = memory_map_count()
+    programs = compiled_programs(PROGRAMS)
+    grown = memory_map_count() - before
+    assert grown >= 3 * PROGRAMS, grown  # code, read-only data and data of each program's kernels
+    jax.clear_caches()
+    gc.collect()
+    assert memory_map_count() - before < grown / 4, (grown, memory_map_count() - before)
+    assert all(callable(program) for program in programs)  # the functions lived on while their programs were dropped
