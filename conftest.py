@@ -40,12 +40,11 @@ settings.load_profile(os.environ.get("MOJAX_HYPOTHESIS_PROFILE", "mojax"))
 def _release_compiled_programs(request):
     """After each test file, drop JAX's in-memory caches of compiled programs.
 
-    XLA:CPU maps every compiled program's machine code into the process: about three memory mappings per kernel, for
-    as long as a cache or a live object holds the executable. A worker that had run half the suite's files came to 62000
-    of Linux's default limit of 65530 mappings; past it an mmap fails, and the worker crashed wherever XLA next allocated
-    (compiling, or reading or writing the persistent cache). JAX's caches hold most of them, and the persistent cache
-    gives a later file the same program back without compiling it. A file whose programs alone bring the process
-    within a quarter of the limit fails at its teardown, named, rather than crash a worker later (the heaviest file,
+    Each compiled program holds memory mappings of its code until its executable is dropped, and Linux caps a process's
+    mappings (:mod:`mojax.host_memory`). A worker late in a suite run came to 62000 of the default 65530, and past the
+    cap it crashed wherever XLA next allocated (compiling, or reading or writing the persistent cache). A later file
+    that needs a dropped program loads it from the persistent cache. A file whose programs alone bring the process
+    within a quarter of the cap fails at its teardown, named, rather than crash a worker later (the heaviest file,
     tests/rl/test_update.py, reached 27000).
     """
     yield

@@ -23,7 +23,7 @@ A second limit concerns compiled programs, not scratch memory: XLA:CPU maps each
 process (code, read-only data, data: about three memory mappings per kernel) for as long as a JAX cache or a live
 jitted function holds the executable, and Linux caps a process's mappings (``vm.max_map_count``, 65530 by default).
 Past the cap an ``mmap`` fails and the process crashes wherever XLA next allocates. A process that compiles programs
-by the thousand (a test worker running hundreds of files' programs came to 62000) can call ``jax.clear_caches()`` to
+by the thousand (a pytest worker late in a run of mojax's test suite came to 62000) can call ``jax.clear_caches()`` to
 unmap the programs it no longer calls; :func:`memory_map_count` and :func:`memory_map_limit` tell how close it is.
 """
 

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mojax.host_memory import (
@@ -103,8 +104,9 @@ needs_proc = pytest.mark.skipif(not memory_map_limit(), reason="the mappings are
 
 
 @needs_proc
-def test_dropping_jaxs_caches_unmaps_the_compiled_programs():
-    """The premise of conftest's release of compiled programs after each test file."""
+def test_dropping_jaxs_caches_unmaps_the_compiled_programs_of_live_functions():
+    """The premise of conftest's release of compiled programs after each test file: the jitted functions stay
+    referenced, their programs are unmapped all the same, and a function called again compiles afresh."""
     compiled_programs(2)  # XLA's thread pools and allocator arenas come with the first programs, and stay
     jax.clear_caches()
     gc.collect()
@@ -112,7 +114,8 @@ def test_dropping_jaxs_caches_unmaps_the_compiled_programs():
     programs = compiled_programs(PROGRAMS)
     grown = memory_map_count() - before
     assert grown >= 3 * PROGRAMS, grown  # code, read-only data and data of each program's kernels
+    first = np.asarray(programs[0](jnp.ones((8, 8))))
     jax.clear_caches()
     gc.collect()
     assert memory_map_count() - before < grown / 4, (grown, memory_map_count() - before)
-    assert all(callable(program) for program in programs)  # the functions lived on while their programs were dropped
+    np.testing.assert_array_equal(np.asarray(programs[0](jnp.ones((8, 8)))), first)
