@@ -194,3 +194,32 @@ def test_optimizer_alone_steps_as_the_trainers_clip_and_optimizer(rl_step, tmp_p
         ms["mgda/full"] / (ms[rl_step.BOUND] + ms[rl_step.OPTIMIZER])
     )
     assert f"mgda/full at n=2 {full['ratio_to_bound_and_optimizer']:.2f}x" in report["verdict"][-1]
+
+
+def test_gradient_read_reads_the_bounds_gradients_once_and_the_verdict_gives_what_full_mode_cannot_avoid(
+    rl_step, tmp_path
+):
+    """The gradient-read reference is the sum of the squares of the bound's n gradients (the trace of their Gram);
+    with the optimizer step it gives full mode's ratio to bound + optimizer + read, and their share of the bound."""
+    trainer = rl_step.trainer_for(2, "linear", "scalar", str(tmp_path))
+    batch = trainer.prepare(1).batch
+    calls = rl_step.reference_passes(trainer, batch, [rl_step.GRADIENT_READ])
+    gradients = jax.tree.leaves(calls[rl_step.BOUND]())
+    expected = sum(float(np.sum(np.square(np.asarray(leaf, np.float64)))) for leaf in gradients)
+    assert expected > 0
+    assert float(calls[rl_step.GRADIENT_READ]()) == pytest.approx(expected, rel=1e-5)
+    argv = ["--quick", "--n", "2", "--combiners", "linear,mgda", "--modes", "full"]
+    report = rl_step.main([*argv, "--references", "optimizer,gradient-read", "--out", str(tmp_path)])
+    rows = {row["contender"]: row for row in report["rows"]}
+    assert list(rows) == [rl_step.BASELINE, "mgda/full", rl_step.BOUND, rl_step.OPTIMIZER, rl_step.GRADIENT_READ]
+    ms = {label: row["median_ms_per_round"][0] for label, row in rows.items()}
+    floor = ms[rl_step.BOUND] + ms[rl_step.OPTIMIZER] + ms[rl_step.GRADIENT_READ]
+    full = rows["mgda/full"]["ratio_to_bound_optimizer_and_read"]
+    assert full == pytest.approx(ms["mgda/full"] / floor)
+    share = (floor - ms[rl_step.BOUND]) / ms[rl_step.BOUND]
+    assert rl_step.unavoidable_share(report["rows"]) == {2: pytest.approx(share)}
+    assert f"n = 2: {share:.2f}x the bound" in report["verdict"][-1]
+    assert f"mgda/full at n=2 {full:.2f}x" in report["verdict"][-1]
+    report = rl_step.main([*argv, "--references", "gradient-read", "--out", str(tmp_path)])
+    assert rl_step.unavoidable_share(report["rows"]) == {}  # the optimizer step not timed: no share, no line
+    assert not any("timed alone" in line for line in report["verdict"])
