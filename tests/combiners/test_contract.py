@@ -535,3 +535,60 @@ def test_tree_gram_rescales_gradients_whose_raw_gram_overflows():
     gram, scale = tree_gram({"w": jnp.asarray(rows)})
     exact = rows.astype(np.float64) @ rows.astype(np.float64).T
     np.testing.assert_allclose(np.asarray(gram, np.float64) * float(scale) ** 2, exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("diagonal", "off_diagonal", "usable"),
+    [
+        pytest.param((2.0, 3.0), 1.0, True, id="ordinary"),
+        pytest.param((2.0, np.inf), 1.0, False, id="infinite-diagonal"),
+        pytest.param((2.0, 3.0), np.nan, False, id="nan-entry"),
+        pytest.param((2e38, 1.0), 0.0, False, id="above-half-the-fp32-maximum"),
+        pytest.param((1.6e38, 1.0), 0.0, True, id="below-half-the-fp32-maximum"),
+        pytest.param((4e-31, 5e-31), 0.0, False, id="trace-below-1e-30"),
+        pytest.param((6e-31, 5e-31), 0.0, True, id="trace-above-1e-30"),
+    ],
+)
+def test_raw_gram_is_usable_only_finite_below_half_the_fp32_maximum_and_with_a_trace_above_1e_30(
+    diagonal, off_diagonal, usable
+):
+    from mojax.combiners._base import raw_gram_is_usable
+
+    gram = np.diag(np.asarray(diagonal, np.float32))
+    gram[0, 1] = gram[1, 0] = off_diagonal
+    assert bool(raw_gram_is_usable(jnp.asarray(gram))) is usable
+
+
+def _top_level_primitives(function, *args) -> set[str]:
+    """The primitives of ``function``'s jaxpr outside any sub-jaxpr (a conditional's branches, a jitted call)."""
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(function)(*args).jaxpr.eqns}
+
+
+@pytest.mark.parametrize(
+    ("magnitude", "rescaled"),
+    [
+        pytest.param(1.0, False, id="ordinary"),
+        pytest.param(1e-17, True, id="underflowing"),
+        pytest.param(3e17, True, id="overflowing"),
+    ],
+)
+def test_separate_trees_read_once_for_their_gram_and_rescale_it_only_where_it_is_unusable(magnitude, rescaled):
+    """Of ObjectiveTrees the raw Gram comes first and the peak (the only |g| taken) lies in a conditional's branch,
+    which runs only where the raw Gram is unusable: ordinary gradients keep s = 1; gradients of 1e-17 over 4096
+    columns (trace ~4e-31) and of 3e17 (entries ~4e38) get s = their peak. Each time s^2 G is the float64 Gram, as
+    the stacked form's, which takes its peak unconditionally."""
+    from mojax.combiners import tree_gram
+
+    rows = np.random.default_rng(7).uniform(1.0, 1.1, size=(2, 4096)).astype(np.float32) * np.float32(magnitude)
+    stacked = {"w": jnp.asarray(rows)}
+    trees = _separate(stacked, 2)
+    assert "cond" in _top_level_primitives(tree_gram, trees) and "abs" not in _top_level_primitives(tree_gram, trees)
+    assert "cond" not in _top_level_primitives(tree_gram, stacked) and "abs" in _top_level_primitives(
+        tree_gram, stacked
+    )
+    exact = rows.astype(np.float64) @ rows.astype(np.float64).T
+    gram, scale = jax.jit(tree_gram)(trees)
+    assert float(scale) == (pytest.approx(float(rows.max()), rel=1e-6) if rescaled else 1.0)
+    np.testing.assert_allclose(np.asarray(gram, np.float64) * float(scale) ** 2, exact, rtol=1e-5)
+    stacked_gram, stacked_scale = jax.jit(tree_gram)(stacked)
+    np.testing.assert_allclose(np.asarray(stacked_gram, np.float64) * float(stacked_scale) ** 2, exact, rtol=1e-5)
