@@ -196,7 +196,7 @@ def test_optimizer_alone_steps_as_the_trainers_clip_and_optimizer(rl_step, tmp_p
     assert f"mgda/full at n=2 {full['ratio_to_bound_and_optimizer']:.2f}x" in report["verdict"][-1]
 
 
-def test_gradient_read_reads_the_bounds_gradients_once_and_the_verdict_gives_what_full_mode_cannot_avoid(
+def test_gradient_read_reads_the_bounds_gradients_once_and_the_verdict_gives_its_share_with_the_optimizer_step(
     rl_step, tmp_path
 ):
     """The gradient-read reference is the sum of the squares of the bound's n gradients (the trace of their Gram);

@@ -373,8 +373,8 @@ def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax
 
     Of :class:`ObjectiveTrees`, one read of the updates where the raw Gram is usable, as it is for gradients of
     ordinary size: the raw Gram first, then a ``lax.cond`` that only where it is not takes the updates' peak and the
-    Gram of g / s. On XLA:CPU the peak's pass took 45% of the two passes' time over SmolLM2-135M's three gradients
-    (isolated measurement). Stacked updates always take both passes, with no conditional: to hand a stacked leaf's
+    Gram of g / s: full mode's elementwise work on SmolLM2-135M fell by a fifth (benchmarks/RESULTS.md, the Gram of
+    separate trees in one read). Stacked updates always take both passes, with no conditional: to hand a stacked leaf's
     rows to a branch XLA:CPU copies them out, and the batched pullbacks' layer-stacked leaves to objective-major
     order (1.3 GB written per full-mode update on SmolLM2-135M, whichever branch ran).
     """
