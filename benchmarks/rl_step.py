@@ -207,8 +207,9 @@ def reference_passes(
 ) -> dict[str, Callable[[], Any]]:
     """The bound (one forward, n pullbacks) and those of the other references that are `wanted`: the peers' n separate
     forward+backward passes, their whole MGDA step (:func:`peers_mgda_step`), the optimizer step alone
-    (:func:`optimizer_alone`) and one read of the bound's n gradients (:func:`gradient_read`), jitted; the bound's pullbacks run as the trainer's full mode runs them (in sequence
-    without a mesh: n separate gradient trees; batched ones with :func:`mojax.xla_cpu.batched_pullback_options`).
+    (:func:`optimizer_alone`) and one read of the bound's n gradients (:func:`gradient_read`), jitted; the bound's
+    pullbacks run as the trainer's full mode runs them (in sequence without a mesh: n separate gradient trees;
+    batched ones with :func:`mojax.xla_cpu.batched_pullback_options`).
 
     The passes use a copy of the trainer's initial parameters (its own are donated by every update). With LoRA they
     return the adapters' gradients only, as the trainer differentiates them (PEFT's peers: ``requires_grad`` off on the
@@ -391,7 +392,7 @@ def squared_norm_sum(gradients: Any) -> jax.Array:
 
 def gradient_read(gradients: Any) -> Callable[[], jax.Array]:
     """One read of the n per-objective `gradients` (the bound's, held), compiled and warm: the least a full-mode
-    update reads them beyond the bound, which writes them and stops."""
+    update that pulls back as the bound does reads them beyond the bound, which writes them and stops."""
     call = functools.partial(squared_norm_sum, gradients)
     jax.block_until_ready(call())
     return call
@@ -570,12 +571,12 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
             f"- full mode against the bound plus the optimizer step alone (which the bound leaves out): "
             f"{', '.join(with_optimizer)}."
         )
-    unavoidable = unavoidable_share(rows)
-    if unavoidable:
+    shares = optimizer_and_read_share(rows)
+    if shares:
         lines.append(
             "- the optimizer step and one read of the bound's n gradients, timed alone, against the "
             f"{FULL_TARGET - 1:.2f} of the bound that the target allows: "
-            + ", ".join(f"n = {n}: {share:.2f}x the bound" for n, share in unavoidable.items())
+            + ", ".join(f"n = {n}: {share:.2f}x the bound" for n, share in shares.items())
             + "; full mode against the bound plus both: "
             + ", ".join(
                 f"{r['contender']} at n={r['n']} {r['ratio_to_bound_optimizer_and_read']:.2f}x"
@@ -587,7 +588,7 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def unavoidable_share(rows: list[dict[str, Any]]) -> dict[int, float]:
+def optimizer_and_read_share(rows: list[dict[str, Any]]) -> dict[int, float]:
     """Per n with both references timed: (optimizer step + one read of the n gradients) / bound, each the median over
     rounds of its ratio to the bound."""
     parts: dict[int, list[float]] = {}

@@ -367,6 +367,10 @@ def gram_scale(peak: jax.Array, size: int) -> jax.Array:
     return jnp.where(needs_scaling, peak, jnp.ones((), jnp.float32))
 
 
+GRAM_RESCALING_SCOPE = "gram_rescaling"
+"""The name scope of :func:`tree_gram`'s conditional, in its compiled program's operation names."""
+
+
 def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(G / s^2, s) with G_ij = <g_i, g_j> over the pytree and s = 1 where the raw fp32 Gram is usable
     (:func:`raw_gram_is_usable`), else s from :func:`gram_scale`; ``flatten`` as :func:`raw_tree_gram`.
@@ -382,12 +386,13 @@ def tree_gram(updates: Any, flatten: bool | None = None) -> tuple[jax.Array, jax
     if any(leaf.stacked is not None for leaf in leaves):
         return _leaves_gram_both_passes(leaves, flatten)
     raw = _leaves_gram(leaves, 1.0, flatten)
-    return jax.lax.cond(
-        raw_gram_is_usable(raw),
-        lambda _: (raw, jnp.ones((), jnp.float32)),
-        lambda parts: _leaves_gram_both_passes(parts, flatten),
-        leaves,
-    )
+    with jax.named_scope(GRAM_RESCALING_SCOPE):
+        return jax.lax.cond(
+            raw_gram_is_usable(raw),
+            lambda _: (raw, jnp.ones((), jnp.float32)),
+            lambda parts: _leaves_gram_both_passes(parts, flatten),
+            leaves,
+        )
 
 
 def _leaves_gram_both_passes(leaves: Sequence[_Leaf], flatten: bool) -> tuple[jax.Array, jax.Array]:

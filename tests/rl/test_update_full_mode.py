@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from mojax.combiners import REGISTRY, ObjectiveTrees, make, tree_gram
+from mojax.combiners._base import GRAM_RESCALING_SCOPE
 from mojax.rl.update import (
     Batch,
     TrainState,
@@ -196,11 +197,14 @@ def _step_hlo(kl_in_loss: bool, sequential: bool) -> str:
 def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_conditional(sequential):
     """The skip is decided when the step is traced: no (n + 1)-th backward pass, and no conditional (whose skipping
     branch would materialise a zero gradient tree to add) but the optimizer's skip of a non-finite update, which
-    branches when the pullbacks run in sequence."""
+    branches when the pullbacks run in sequence, and the Gram's rescaling of separate trees (``tree_gram``)."""
     skipped, with_kl = _step_hlo(False, sequential), _step_hlo(True, sequential)
     dots = lambda text: len(re.findall(r" dot\(", text))  # noqa: E731
     assert dots(skipped) < dots(with_kl)
-    assert skipped.count(" conditional(") == int(sequential)
+    conditionals = [line for line in skipped.splitlines() if " conditional(" in line]
+    rescaling = [line for line in conditionals if GRAM_RESCALING_SCOPE in line]
+    assert len(rescaling) == int(sequential)  # the sequential pullbacks leave separate trees
+    assert len(conditionals) - len(rescaling) == int(sequential)
 
 
 def _stacked_gradients(peak: float = 1e30) -> dict:
