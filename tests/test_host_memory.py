@@ -55,11 +55,13 @@ def faults_per_call() -> dict:
 def test_freed_scratch_memory_is_reused_without_page_faults():
     """With glibc's defaults every call maps and faults in its temporaries afresh (40 x 37k faults here); with the
     setting the calls reuse the freed heap. The heap still grows by one block of temporaries now and then (a small
-    allocation settles in the freed block, and the next call's no longer fits): 0-6 such calls of 15 were seen,
-    2-5 of 150, after which it stops growing. So: at most a quarter of the default's faults."""
+    allocation settles in the freed block, and the next call's no longer fits): 0-6 such calls of 40 on an idle
+    machine, 10 in a run of the whole suite on 2 busy cores, where other threads' allocations interleave more. So:
+    fewer than half of the calls fault their temporaries in, where by default every one does."""
     kept = faults_per_call()
     assert kept["applied"] and kept["temp_pages"] > 30_000
-    assert sum(kept["faults"]) < (CALLS - 1) * kept["temp_pages"] // 4, kept
+    faulting = [faults for faults in kept["faults"] if faults > kept["temp_pages"] // 2]
+    assert len(faulting) < (CALLS - 1) // 2, kept
 
 
 def test_the_opt_out_variable_keeps_glibcs_defaults(monkeypatch):
