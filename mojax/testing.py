@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mojax.combiners._base import GRAM_RESCALING_SCOPE
+
 
 def graded_weights(n: int) -> np.ndarray:
     """f32[n] proportional to 1..n and summing to 1: a non-uniform point of the simplex."""
@@ -81,6 +83,14 @@ def stacked_gradients(shapes: Any, n: int, seed: int = 0, dtype: Any = np.float3
         return (loadings.reshape((n,) + (1,) * len(shape)) * shared + noise).astype(dtype)
 
     return jax.tree.map(leaf, shapes, is_leaf=is_shape)
+
+
+def conditionals(program_text: str, gram_rescaling: bool = False) -> list[str]:
+    """The ``conditional`` operations of a compiled program's text (``.compile().as_text()``): those of
+    :func:`mojax.combiners.tree_gram`'s rescaling if ``gram_rescaling``, else all the others (a train step's skip of
+    a non-finite update, for one)."""
+    found = [line for line in program_text.splitlines() if " conditional(" in line]
+    return [line for line in found if (GRAM_RESCALING_SCOPE in line) is gram_rescaling]
 
 
 def call_orders(contenders: int, count: int, seed: int = 0) -> list[list[int]]:

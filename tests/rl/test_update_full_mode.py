@@ -18,7 +18,6 @@ import optax
 import pytest
 
 from mojax.combiners import REGISTRY, ObjectiveTrees, make, tree_gram
-from mojax.combiners._base import GRAM_RESCALING_SCOPE
 from mojax.rl.update import (
     Batch,
     TrainState,
@@ -30,6 +29,7 @@ from mojax.rl.update import (
     norm_from_gram,
     shared_term_is_zero,
 )
+from mojax.testing import conditionals
 
 N, B, P, T, V, D = 2, 4, 2, 3, 5, 3
 
@@ -201,10 +201,8 @@ def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_condition
     skipped, with_kl = _step_hlo(False, sequential), _step_hlo(True, sequential)
     dots = lambda text: len(re.findall(r" dot\(", text))  # noqa: E731
     assert dots(skipped) < dots(with_kl)
-    conditionals = [line for line in skipped.splitlines() if " conditional(" in line]
-    rescaling = [line for line in conditionals if GRAM_RESCALING_SCOPE in line]
-    assert len(rescaling) == int(sequential)  # the sequential pullbacks leave separate trees
-    assert len(conditionals) - len(rescaling) == int(sequential)
+    assert len(conditionals(skipped, gram_rescaling=True)) == int(sequential)  # separate trees in sequence
+    assert len(conditionals(skipped)) == int(sequential)
 
 
 def _stacked_gradients(peak: float = 1e30) -> dict:
