@@ -596,7 +596,7 @@ def make_dpo_step(
         finite = all_finite(losses, combined, combiner_state.weights, mask_logits)
         # the select, as the RL step's full mode with batched pullbacks: DPO's per-objective gradients are vmapped too
         step = zeros_where_masked(combined, state.params)  # the frozen leaves' zeros, which the optimizer ignores
-        params, opt_state = step_if_finite(finite, optimizer, step, state.opt_state, state.params, branch=False)
+        params, opt_state = step_if_finite(finite, optimizer, lambda: step, state.opt_state, state.params, branch=False)
         keep = functools.partial(keep_if, finite)
         new_state = DPOState(
             params=params,

@@ -466,9 +466,11 @@ def test_step_if_finite_steps_or_keeps_the_old_state_to_the_bit(finite, branch):
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,))}
     opt_state = optimizer.init(params)
     grads = jax.tree.map(lambda leaf: 0.5 - leaf, params)
-    got_params, got_state = jax.jit(functools.partial(step_if_finite, branch=branch), static_argnums=1)(
-        jnp.asarray(finite), optimizer, grads, opt_state, params
-    )
+    got_params, got_state = jax.jit(
+        lambda flag, grads, opt_state, params: step_if_finite(
+            flag, optimizer, lambda: grads, opt_state, params, branch=branch
+        )
+    )(jnp.asarray(finite), grads, opt_state, params)
     updates, stepped_state = optimizer.update(grads, opt_state, params)
     want_params, want_state = (optax.apply_updates(params, updates), stepped_state) if finite else (params, opt_state)
     jax.tree.map(np.testing.assert_array_equal, (got_params, got_state), (want_params, want_state))
@@ -486,7 +488,7 @@ def test_step_if_finite_updates_donated_moments_in_place_without_copies():
     grads = jax.tree.map(lambda leaf: 0.1 * leaf, params)
 
     def step(params, opt_state, grads):
-        return step_if_finite(all_finite(grads), optimizer, grads, opt_state, params)
+        return step_if_finite(all_finite(grads), optimizer, lambda: grads, opt_state, params)
 
     program = jax.jit(step, donate_argnums=(0, 1)).lower(params, optimizer.init(params), grads).compile().as_text()
     entry = program[program.index("\nENTRY") :]
