@@ -27,9 +27,9 @@ The combiner mode is chosen from the registry:
 
 The combined gradient is clipped to ``max_grad_norm`` before the optimizer, by the update rather than the optimizer
 chain: in full mode without a shared term its norm comes from the combiner's Gram (:func:`norm_from_gram`), so no
-pass reads the combined gradient but the optimizer's. A non-finite loss, gradient or combiner weight skips the
-optimizer step (parameters, optimizer and combiner state unchanged, as ``optax.apply_if_finite`` does) and is
-counted.
+pass reads the combined gradient but the optimizer's, which computes it from the n gradients where it reads it (it is
+never written out). A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer
+and combiner state unchanged, as ``optax.apply_if_finite`` does) and is counted.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class UpdateSpec(NamedTuple):
     """Clip the combined gradient to this global norm before the optimizer (as ``optax.clip_by_global_norm``, which the
     optimizer then leaves out; None: no clipping). In full mode without a shared term the norm comes from the
     combiner's Gram (:func:`norm_from_gram`), so neither it nor the non-finite check reads the combined gradient,
-    which XLA can then fuse into the optimizer's update instead of writing it out."""
+    which XLA then fuses into the optimizer's update instead of writing it out."""
     on_policy: bool = False
     """One optimizer update per rollout, at the parameters that sampled it: the PPO ratio's denominator is the
     update's own log-probabilities with the gradient stopped, so the ratio is exactly 1 and ``Batch.old_logp`` is not
@@ -145,7 +145,8 @@ def denominators(mask: jax.Array, spec: UpdateSpec) -> Denominators:
 def minibatch_losses(
     policy: PolicyFn, params: Any, batch: Batch, divide: Denominators, beta: jax.Array, spec: UpdateSpec
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(f32[n + 1] = [L_1 .. L_n, shared], metric sums) of one (micro-)batch, normalised by the minibatch's denominators."""
+    """(f32[n + 1] = [L_1 .. L_n, shared], metric sums) of one (micro-)batch, normalised by the minibatch's
+    denominators."""
     logp, entropy = policy(params, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
     return losses_of_outputs(logp, entropy, batch, divide, beta, spec)
 
@@ -391,8 +392,11 @@ def step_if_finite(
     *,
     branch: bool = True,
 ) -> tuple[Any, Any]:
-    """(params, optimizer state) after one optimizer step if ``finite``, else the old ones: a ``lax.cond``, or with
-    ``branch=False`` a select of every stepped leaf against its old value.
+    """(params, optimizer state) after one optimizer step on ``gradient()`` if ``finite``, else the old ones: a
+    ``lax.cond``, or with ``branch=False`` a select of every stepped leaf against its old value.
+
+    ``gradient`` is called inside the step, so under the conditional what it computes (full mode's combination of the
+    n gradients, the clip) fuses into the optimizer's reads of it instead of being written out before the branch.
 
     The select made XLA:CPU copy the optimizer's moments at every call, since the step and the select both read them
     and the step writes their new values in place (an isolated AdamW step on 55M donated parameters: 178 ms with the
@@ -577,8 +581,14 @@ def make_train_step(
         return full_mode_result(objectives, shared, vector, metrics, combiner_state)
 
     def full_mode_result(objectives, shared, vector, metrics, combiner_state, finish=lambda tree: tree):
-        """combine_full's outputs from the per-objective gradients, their combination and the shared term's
-        gradient (None: zero, so the norm and finiteness come from the Gram)."""
+        """combine_full's outputs from the per-objective gradients and the shared term's gradient (None: zero, so
+        the norm and finiteness come from the Gram); ``finish`` maps the combination to the step's gradient.
+
+        The combination sum_i w_i g_i (:func:`mojax.combiners.combine`, as the combiner computes it; the combiner's
+        own is left unused, and XLA drops it) is returned as a function, which the optimizer step calls inside its
+        conditional (:func:`step_if_finite`): without a shared term nothing reads it before, and AdamW's moment
+        updates read the n gradients in its place, so the combined gradient is never written out.
+        """
         gram, scale = tree_gram(objectives)
         cosines, _ = cosine_gram(gram)
         combined = lambda: finish(combine(combiner_state.weights, objectives))  # noqa: E731
@@ -676,8 +686,8 @@ def make_train_step(
             combiner_state, weights, checked = state.combiner_state, scalar_w, None
             cosines = jnp.full((n, n), jnp.nan, jnp.float32)
         else:
-            combine = combine_full if spec.mode == "full" else combine_probe
-            gradient, vector, metrics, combiner_state, cosines, checked = combine(
+            combine_mode = combine_full if spec.mode == "full" else combine_probe
+            gradient, vector, metrics, combiner_state, cosines, checked = combine_mode(
                 state.params, micro_batches, divide, beta, state.combiner_state, minibatch
             )
             weights = combiner_state.weights

@@ -205,6 +205,29 @@ def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_condition
     assert len(conditionals(skipped)) == int(sequential)
 
 
+def _stepping_branch_inputs(kl_in_loss: bool, shape: str) -> int:
+    """How many arrays of ``shape`` the full-mode step (in sequence, AdamW, clipped) hands the branch of its optimizer
+    conditional that steps: the larger count of the two branches' inputs (the other takes the old state)."""
+    params, batch = inputs()
+    spec = spec_for("mgda", 0.0, True, kl_in_loss)._replace(max_grad_norm=1e-3)
+    combiner, optimizer = make("mgda", N), optax.adamw(1e-2)
+    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    step = jax.jit(make_train_step(policy, combiner, optimizer, spec))
+    text = step.lower(state, batch, jax.random.key(0), jnp.float32(0), None).compile().as_text()
+    (skip,) = conditionals(text)
+    branches = re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", skip).group(1))
+    headers = [line for line in text.splitlines() for name in branches if line.startswith(f"%{name} (")]
+    return max(header.split(") -> ")[0].count(f"{shape}") for header in headers)
+
+
+@pytest.mark.parametrize(("kl_in_loss", "gradients"), [(False, N), (True, 1)])
+def test_without_a_shared_term_the_optimizer_step_combines_the_n_gradients_itself(kl_in_loss, gradients):
+    """Without a shared term the combined, clipped gradient is computed inside the optimizer's conditional (where
+    XLA fuses it into AdamW's moment updates, and it is never written out): the stepping branch takes each leaf's n
+    gradients besides its parameter and two moments. With one, the sum with the shared gradient comes first."""
+    assert _stepping_branch_inputs(kl_in_loss, f"f32[{D},{V}]") == gradients + 3
+
+
 def _stacked_gradients(peak: float = 1e30) -> dict:
     """Three objectives' gradients; the second leaf's ~``peak`` entries overflow a raw fp32 Gram."""
     rng = np.random.default_rng(0)
