@@ -320,11 +320,11 @@ def clip_to_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
     """``optax.clip_by_global_norm(max_norm)`` given the global norm: g * f with f = 1 where norm < max_norm (g to the
     bit), else f = max_norm / norm in fp32 (optax's (g / norm) * max_norm up to its rounding: within 2 ulp).
 
-    One multiply by a scalar, which XLA duplicates into every consumer of the clipped gradient: inside the optimizer
-    step, AdamW's two moment updates each recompute full mode's combination sum_i w_i g_i from the n gradients
-    rather than read it written out. A divide by the traced norm, as optax's, XLA computes once and writes out first
-    (an isolated conditional AdamW step on SmolLM2-135M's largest leaves, combination and clip inside: 250 ms with
-    the divide, 197 ms with the multiply, 258 ms with the combination written out before the step).
+    One multiply by a scalar, which XLA fuses into every consumer of the clipped gradient: inside the optimizer step
+    AdamW's two moment updates each compute the clip (and full mode's combination sum_i w_i g_i) where they read the
+    gradient. A divide by the traced norm, as optax's, XLA computes once and writes out first, so the clipped
+    gradient was written and read once more (benchmarks/RESULTS.md, "The combination and the clip inside the
+    optimizer step").
     """
     if max_norm is None:
         return grads
