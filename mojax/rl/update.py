@@ -277,9 +277,13 @@ def masked_nodes(tree: Any, flags: list[bool]) -> Any:
     )
 
 
+def is_masked(node: Any) -> bool:
+    """Whether ``node`` is an ``optax.MaskedNode()`` (a frozen or left-out leaf's place)."""
+    return isinstance(node, optax.MaskedNode)
+
+
 def zeros_where_masked(tree: Any, like: Any) -> Any:
     """``tree`` with zeros shaped like ``like``'s leaf in place of every ``optax.MaskedNode()``."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return jax.tree.map(
         lambda leaf, full: jnp.zeros_like(full) if is_masked(leaf) else leaf, tree, like, is_leaf=is_masked
     )
@@ -458,13 +462,11 @@ def first_of(micro_batches: Any) -> Any:
 def fill_masked(tree: Any, filler: Any) -> Any:
     """``tree`` with ``filler``'s leaf in place of every ``optax.MaskedNode()`` (two trees of one structure whose
     leaves are masked in complementary places; a node masked in both stays masked)."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return jax.tree.map(lambda a, b: b if is_masked(a) else a, tree, filler, is_leaf=is_masked)
 
 
 def add_unmasked(tree: Any, other: Any) -> Any:
     """``tree`` + ``other`` leaf by leaf, where ``other``'s ``optax.MaskedNode()`` leaves add nothing."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return jax.tree.map(lambda a, b: a if is_masked(b) else a + b, tree, other, is_leaf=is_masked)
 
 

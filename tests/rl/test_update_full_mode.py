@@ -217,7 +217,7 @@ def _stepping_branch_inputs(kl_in_loss: bool, shape: str) -> int:
     (skip,) = conditionals(text)
     branches = re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", skip).group(1))
     headers = [line for line in text.splitlines() for name in branches if line.startswith(f"%{name} (")]
-    return max(header.split(") -> ")[0].count(f"{shape}") for header in headers)
+    return max(header.split(") -> ")[0].count(shape) for header in headers)
 
 
 @pytest.mark.parametrize(("kl_in_loss", "gradients"), [(False, N), (True, 1)])
