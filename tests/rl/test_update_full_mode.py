@@ -78,6 +78,18 @@ def spec_for(name: str, entropy_coef: float, sequential: bool = False, kl_in_los
     )
 
 
+def initial_state(combiner, optimizer) -> TrainState:
+    """The train state at :func:`inputs`' parameters: fresh optimizer and combiner states, no skips."""
+    params, _ = inputs()
+    return TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+
+
+def program_text(step, state: TrainState) -> str:
+    """The compiled text of the jitted ``step`` on :func:`inputs`' batch at beta 0."""
+    _, batch = inputs()
+    return step.lower(state, batch, jax.random.key(0), jnp.float32(0), None).compile().as_text()
+
+
 def reference_params(name: str, beta: float, entropy_coef: float, kl_in_loss: bool = True) -> dict:
     """SGD (learning rate 1) on combiner(g_1 .. g_n) + g_shared, the n + 1 gradients from jax.jacrev."""
     params, batch = inputs()
@@ -101,10 +113,10 @@ def compiled_step(name: str, entropy_coef: float, sequential: bool = False, kl_i
 def full_mode_params(
     name: str, beta: float, entropy_coef: float, sequential: bool = False, kl_in_loss: bool = True
 ) -> dict:
-    params, batch = inputs()
+    _, batch = inputs()
     combiner, optimizer = make(name, N), optax.sgd(1.0)
     step = compiled_step(name, entropy_coef, sequential, kl_in_loss)
-    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    state = initial_state(combiner, optimizer)
     new_state, metrics = step(state, batch, jax.random.key(0), jnp.float32(beta), None)
     assert int(metrics["skipped"]) == 0
     return new_state.params
@@ -146,7 +158,7 @@ def test_pullbacks_in_sequence_leave_separate_trees_that_the_combiner_reads(mode
     monkeypatch.setattr(update, "tree_gram", lambda objectives: seen.append(objectives) or tree_gram(objectives))
     params, batch = inputs()
     combiner, optimizer = make("mgda", N), optax.sgd(1.0)
-    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
+    state = initial_state(combiner, optimizer)
     spec = spec_for("mgda", 0.0, sequential, kl_in_loss=False)._replace(mode=mode)
     step = make_train_step(policy, combiner, optimizer, spec, [True] * len(jax.tree.leaves(params)))
     jax.jit(step).lower(state, batch, jax.random.key(0), jnp.float32(0), None)
@@ -175,22 +187,19 @@ def test_the_shared_term_is_zero_only_without_entropy_bonus_and_kl_in_the_loss(k
 def test_the_logged_cosines_reuse_the_combiners_gram():
     """XLA merges the cosine matrix's Gram with the combiner's: one n x n dot per parameter leaf outside the rare
     rescaling branch (taken only when the raw fp32 Gram over- or underflows)."""
-    params, batch = inputs()
+    params, _ = inputs()
     combiner, optimizer = make("mgda", N), optax.sgd(1.0)
-    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    lowered = compiled_step("mgda", 0.0).lower(state, batch, jax.random.key(0), jnp.float32(0.0), None)
-    lines = lowered.compile().as_text().splitlines()
+    state = initial_state(combiner, optimizer)
+    lines = program_text(compiled_step("mgda", 0.0), state).splitlines()
     gram_dots = [line for line in lines if re.search(rf"= f32\[{N},{N}\]\{{[0-9,]*\}} dot\(", line)]
     outside_rescaling = [line for line in gram_dots if "cond/branch" not in line]
     assert len(outside_rescaling) == len(jax.tree.leaves(params))
 
 
 def _step_hlo(kl_in_loss: bool, sequential: bool) -> str:
-    params, batch = inputs()
     combiner, optimizer = make("mgda", N), optax.sgd(1.0)
-    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    step = compiled_step("mgda", 0.0, sequential, kl_in_loss)
-    return step.lower(state, batch, jax.random.key(0), jnp.float32(0), None).compile().as_text()
+    state = initial_state(combiner, optimizer)
+    return program_text(compiled_step("mgda", 0.0, sequential, kl_in_loss), state)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -208,12 +217,10 @@ def test_without_a_shared_term_the_step_runs_no_shared_pullback_and_no_condition
 def _stepping_branch_inputs(kl_in_loss: bool, shape: str) -> int:
     """How many arrays of ``shape`` the full-mode step (in sequence, AdamW, clipped) hands the branch of its optimizer
     conditional that steps: the larger count of the two branches' inputs (the other takes the old state)."""
-    params, batch = inputs()
     spec = spec_for("mgda", 0.0, True, kl_in_loss)._replace(max_grad_norm=1e-3)
     combiner, optimizer = make("mgda", N), optax.adamw(1e-2)
-    state = TrainState(params, optimizer.init(params), combiner.init(params), jnp.int32(0), jnp.int32(0))
-    step = jax.jit(make_train_step(policy, combiner, optimizer, spec))
-    text = step.lower(state, batch, jax.random.key(0), jnp.float32(0), None).compile().as_text()
+    state = initial_state(combiner, optimizer)
+    text = program_text(jax.jit(make_train_step(policy, combiner, optimizer, spec)), state)
     (skip,) = conditionals(text)
     branches = re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", skip).group(1))
     headers = [line for line in text.splitlines() for name in branches if line.startswith(f"%{name} (")]
