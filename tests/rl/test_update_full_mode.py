@@ -235,6 +235,23 @@ def test_without_a_shared_term_the_optimizer_step_combines_the_n_gradients_itsel
     assert _stepping_branch_inputs(kl_in_loss, f"f32[{D},{V}]") == gradients + 3
 
 
+def test_beyond_the_fused_limit_the_optimizer_step_takes_the_combination_written_out(monkeypatch):
+    """With more objectives than ``MAX_OBJECTIVES_FUSED_INTO_THE_STEP`` the combination is computed before the
+    conditional, which takes it (one array per leaf) in place of the n gradients; the update stays the same."""
+    from mojax.rl import update
+
+    fused = full_mode_params("mgda", 0.0, 0.0, sequential=True, kl_in_loss=False)
+    monkeypatch.setattr(update, "MAX_OBJECTIVES_FUSED_INTO_THE_STEP", N - 1)
+    compiled_step.cache_clear()
+    try:
+        assert _stepping_branch_inputs(False, f"f32[{D},{V}]") == 1 + 3
+        written = full_mode_params("mgda", 0.0, 0.0, sequential=True, kl_in_loss=False)
+    finally:
+        compiled_step.cache_clear()
+    for a, b in zip(jax.tree.leaves(written), jax.tree.leaves(fused), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def _stacked_gradients(peak: float = 1e30) -> dict:
     """Three objectives' gradients; the second leaf's ~``peak`` entries overflow a raw fp32 Gram."""
     rng = np.random.default_rng(0)
