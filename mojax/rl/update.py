@@ -289,7 +289,7 @@ def combination_for_the_step(weights: jax.Array, objectives: Any, finish: Callab
     it, the combination is an operand of the conditional, written out once: n reads, a write and two reads. So up to
     :data:`MAX_OBJECTIVES_FUSED_INTO_THE_STEP` objectives the step computes it, and beyond, it is computed before.
     Measured in full mode on SmolLM2-135M and a 56M configuration, written out it took as long at n = 3 and 5, and
-    4-8% less at n = 8 (benchmarks/RESULTS.md, the combination written out beyond three objectives). An optimization
+    3-6% less at n = 8 (benchmarks/RESULTS.md, the combination written out beyond three objectives). An optimization
     barrier inside the conditional does not write it out: XLA:CPU removes barriers before it fuses.
     """
     if weights.shape[0] <= MAX_OBJECTIVES_FUSED_INTO_THE_STEP:
