@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.dpo import DPOTrainer, load_dpo_config, pair_logps  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.testing import cpu_model, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_model, write_report  # noqa: E402
 from mojax.xla_cpu import batched_pullback_options, broadcast_reduce_error  # noqa: E402
 
 
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"k": k, "differences": differences, "scale": scale})
             print(f"k={k}: max |batched - separate| per row {[f'{d:.3g}' for d in differences]}, scale {scale:.3g}")
     report = {
-        "command": "python " + shlex.join(["benchmarks/check_pullbacks.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/check_pullbacks.py", sys.argv[1:] if argv is None else argv),
         "cpu": cpu_model(),
         "batch": {key: int(value) for key, value in checked.batch.items()},
         "compiler_options": options,

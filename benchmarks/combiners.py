@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 from mojax.combiners import REGISTRY, make  # noqa: E402
 from mojax.combiners._base import combine, raw_tree_gram, tree_gram  # noqa: E402
 from mojax.testing import (  # noqa: E402
+    benchmark_command,
     cpu_model,
     graded_weights,
     is_shape,
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     names = args.combiners.split(",")
     meta = {
-        "command": " ".join(["python", "benchmarks/combiners.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/combiners.py", sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": machine(),
         "load_before": load(),

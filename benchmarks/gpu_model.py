@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from flax import nnx
 from mojax.models.config import ModelConfig
 from mojax.models.generate import SamplingConfig, generate
 from mojax.models.llama import ATTENTION_KERNELS, LlamaForCausalLM
-from mojax.testing import write_report
+from mojax.testing import benchmark_command, write_report
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
 """Peak dense bf16 TFLOP/s by a name the device kind contains (SXM parts; the first match wins)."""
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = jax.devices()[0]
     report = {
-        "command": "python " + shlex.join(["benchmarks/gpu_model.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/gpu_model.py", sys.argv[1:] if argv is None else argv),
         "device": f"{device.platform} {device.device_kind}",
         "peak_flops": peak_flops(device.device_kind, args.peak_tflops),
         "repeats": args.repeats,

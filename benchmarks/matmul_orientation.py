@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, rows_contraction  # noqa: E402
-from mojax.testing import cpu_summary, interleaved_timings, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_summary, interleaved_timings, write_report  # noqa: E402
 
 
 def folded_columns(rows: jax.Array, kernel_t: jax.Array) -> jax.Array:
@@ -198,9 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = smollm2_shapes(args.layers, args.vocab)
     report = {
-        "command": shlex.join(
-            ["python", "benchmarks/matmul_orientation.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": benchmark_command("benchmarks/matmul_orientation.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary(),
         "load_before": [round(v, 2) for v in os.getloadavg()],
         "jax": jax.__version__,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from mojax.models.config import ModelConfig  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
-from mojax.testing import cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_model, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(TORCH_THREADS)
     hf_logging.disable_progress_bar()
     report = {
-        "command": "python " + shlex.join(["benchmarks/model.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/model.py", sys.argv[1:] if argv is None else argv),
         "machine": machine_info(),
         "rounds": args.rounds,
         "repeats": args.repeats,

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -68,7 +67,7 @@ from mojax._numerics import columns_matmul  # noqa: E402
 from mojax.data import smollm2_gguf  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models.hf import load_causal_lm, save_pretrained  # noqa: E402
-from mojax.testing import cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 MODEL_PIECES = ("forward", "forward+backward", "trunk forward+backward", "head+CE forward+backward", "trunk forward")
@@ -445,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(TORCH_THREADS)
     hf_logging.disable_progress_bar()
     report = {
-        "command": "python " + shlex.join(["benchmarks/model_real.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/model_real.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary(),
         "batch": args.batch,
         "rounds": args.rounds,

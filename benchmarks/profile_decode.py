@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import os
 import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from profile_step import smollm2_shapes, xla_operation_times  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM  # noqa: E402
 from mojax.models.generate import SamplingConfig, generate  # noqa: E402
-from mojax.testing import cpu_summary, interleaved_timings, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_summary, interleaved_timings, write_report  # noqa: E402
 
 ATTENTION_EINSUMS = ("bkgts", "btkgd", "bksd", "bskd", "pksd")
 """Index letters of :func:`mojax.models.llama.attention`'s contractions, as they appear in their ``op_name`` (``pksd``:
@@ -171,7 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = {
-        "command": "python " + shlex.join(["benchmarks/profile_decode.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/profile_decode.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary() + f", jax {jax.__version__}",
         "load_before": [round(x, 2) for x in os.getloadavg()],
         **{key: getattr(args, key) for key in ("prompts", "generations", "prompt_tokens", "new_tokens", "calls")},

@@ -26,7 +26,6 @@ import collections
 import glob
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from mojax.host_memory import keep_freed_host_memory  # noqa: E402
 from mojax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.models.llama import REMAT_POLICIES  # noqa: E402
-from mojax.testing import cpu_summary, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_summary, write_report  # noqa: E402
 
 XLA_KINDS = (
     ("matmul (library)", r"^ynn_fusion|^xnn_fusion|^onednn"),
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(2)
     report = {
-        "command": "python " + shlex.join(["benchmarks/profile_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/profile_step.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary() + f", jax {jax.__version__}, torch {torch.__version__}",
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "batch": args.batch,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from mojax.rl.rewards import BUILTIN_REWARDS
-from mojax.testing import cpu_model
+from mojax.testing import benchmark_command, cpu_model
 
 WORDS = (
     "the a movie film story plot actor scene was is and but not very really quite so too it this that "
@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     short, long = texts(1000, 8, seed=0), texts(200, 50, seed=1)
     meta = {
-        "command": "python " + " ".join(sys.argv),
+        "command": benchmark_command("benchmarks/rewards.py", sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "load_before": load(),

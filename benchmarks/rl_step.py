@@ -61,7 +61,6 @@ import importlib.metadata
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -98,7 +97,7 @@ from mojax.rl.update import (  # noqa: E402
     train_step_compiler_options,
     zeros_where_masked,
 )
-from mojax.testing import call_orders, cpu_model, write_report  # noqa: E402
+from mojax.testing import benchmark_command, call_orders, cpu_model, write_report  # noqa: E402
 from mojax.xla_cpu import batched_pullback_options  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
@@ -755,7 +754,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     report: dict[str, Any] = {
-        "command": "python " + shlex.join(["benchmarks/rl_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/rl_step.py", sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "load_before": load(),
         "repeats": args.repeats,

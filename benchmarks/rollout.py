@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from mojax.models.hf import save_pretrained  # noqa: E402
 from mojax.rl.config import load_config  # noqa: E402
 from mojax.rl.rollout import encode_prompts, repeat_prompts  # noqa: E402
 from mojax.rl.trainer import Trainer  # noqa: E402
-from mojax.testing import cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import benchmark_command, cpu_summary, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_reviews.yaml"
 GENERATIONS = 4
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _header(args, argv, sampling: SamplingConfig, load_before, old_logp: str) -> dict:
     return {
-        "command": "python " + shlex.join(["benchmarks/rollout.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/rollout.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary(),
         "settings": (
             f"{GENERATIONS} generations per prompt, temperature {sampling.temperature} (0: greedy), top-p "

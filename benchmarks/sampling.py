@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from flax import nnx  # noqa: E402
 from model import FULL_SIZES, SMOKE_SIZES  # noqa: E402
 
 from mojax.models.llama import LlamaForCausalLM  # noqa: E402
-from mojax.testing import write_report  # noqa: E402
+from mojax.testing import benchmark_command, write_report  # noqa: E402
 
 after = importlib.import_module("mojax.models.generate")  # the module (mojax.models.generate is also a function)
 TOP_P = 0.9
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     report = {
-        "command": "python " + shlex.join(["benchmarks/sampling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/sampling.py", sys.argv[1:] if argv is None else argv),
         "load_before": uptime(),
         "repeats": args.repeats,
         "rounds": args.rounds,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_step import smollm2_shapes  # noqa: E402
 
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import benchmark_command, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 
 TORCH_THREADS = 2
 PASSES = ("forward", "input gradient", "weight gradient")
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(TORCH_THREADS)
     config = smollm2_shapes(args.layers, args.vocab)
     report = {
-        "command": "python " + shlex.join(["benchmarks/step_matmuls.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/step_matmuls.py", sys.argv[1:] if argv is None else argv),
         "tokens": args.tokens,
         "layers": args.layers,
         "vocab": args.vocab,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from rl_step import load, machine, modes, trainer_for  # noqa: E402
 
 from mojax.combiners import REGISTRY  # noqa: E402
 from mojax.host_memory import keep_freed_host_memory  # noqa: E402
-from mojax.testing import interleaved_timings, same_round_ratios, write_report  # noqa: E402
+from mojax.testing import benchmark_command, interleaved_timings, same_round_ratios, write_report  # noqa: E402
 from mojax.xla_cpu import batched_pullback_options, broadcast_reduce_error  # noqa: E402
 
 OPTIONS, DEFAULTS = "no YNN reduction fusions", "XLA defaults"
@@ -184,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     report: dict[str, Any] = {
-        "command": "python " + shlex.join(["benchmarks/xla_cpu_options.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": benchmark_command("benchmarks/xla_cpu_options.py", sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "overrides": args.set,
         "rounds": args.rounds,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,15 @@ def same_round_ratios(timing: dict, reference: str, contender: str) -> tuple[flo
     medians = timing["round_medians_s"]
     ratios = [r / c for r, c in zip(medians[reference], medians[contender], strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def benchmark_command(script: str, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> str:
+    """The shell command that reruns a benchmark, as its report states it: ``python script argv``, after
+    ``XLA_FLAGS=...`` where that is set (in ``environ``, the process environment by default), since XLA's options change
+    the compiled programs a report times."""
+    command = shlex.join(["python", script, *argv])
+    flags = (os.environ if environ is None else environ).get("XLA_FLAGS", "")
+    return f"XLA_FLAGS={shlex.quote(flags)} {command}" if flags else command
 
 
 def write_report(out: Path, name: str, report: dict, table: str) -> None:

@@ -1,4 +1,13 @@
-from mojax.testing import call_orders, cpu_description, cpu_model, cpu_summary, interleaved_timings
+import shlex
+
+from mojax.testing import (
+    benchmark_command,
+    call_orders,
+    cpu_description,
+    cpu_model,
+    cpu_summary,
+    interleaved_timings,
+)
 
 
 def test_every_contender_is_timed_once_first_then_each_pass_in_the_seeded_random_orders():
@@ -48,3 +57,14 @@ def test_the_cpu_description_names_the_family_and_the_widest_vector_extension():
 def test_the_cpu_description_keeps_a_bare_model_name_and_needs_one():
     assert cpu_description("model name\t: Some CPU\n") == "Some CPU"
     assert cpu_description("processor\t: 0\nFeatures\t: fp asimd\n") is None
+
+
+def test_a_benchmark_command_names_the_xla_flags_it_ran_with_and_quotes_every_argument():
+    argv = ["--set", "combiner.probe=[last_layer, model.norm]", "--n", "3"]
+    plain = benchmark_command("benchmarks/rl_step.py", argv, environ={})
+    assert plain == "python benchmarks/rl_step.py --set 'combiner.probe=[last_layer, model.norm]' --n 3"
+    assert shlex.split(plain) == ["python", "benchmarks/rl_step.py", *argv]
+    assert benchmark_command("benchmarks/rl_step.py", argv, environ={"XLA_FLAGS": ""}) == plain
+    flags = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion --xla_cpu_use_onednn=true"
+    flagged = benchmark_command("benchmarks/rl_step.py", argv, environ={"XLA_FLAGS": flags})
+    assert shlex.split(flagged) == [f"XLA_FLAGS={flags}", "python", "benchmarks/rl_step.py", *argv]
