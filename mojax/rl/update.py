@@ -609,9 +609,9 @@ def make_train_step(
 
         The combination sum_i w_i g_i (:func:`mojax.combiners.combine`, as the combiner computes it; the combiner's
         own is left unused, and XLA drops it) is returned as a function, which the optimizer step calls inside its
-        conditional (:func:`step_if_finite`): without a shared term nothing reads it before, and up to a few
-        objectives AdamW's moment updates read the n gradients in its place, so the combined gradient is never
-        written out (:func:`combination_for_the_step`).
+        conditional (:func:`step_if_finite`): without a shared term nothing reads it before, and up to
+        :data:`MAX_OBJECTIVES_FUSED_INTO_THE_STEP` objectives AdamW's moment updates read the n gradients in its
+        place, so the combined gradient is never written out (:func:`combination_for_the_step`).
         """
         gram, scale = tree_gram(objectives)
         cosines, _ = cosine_gram(gram)
