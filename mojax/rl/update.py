@@ -27,9 +27,10 @@ The combiner mode is chosen from the registry:
 
 The combined gradient is clipped to ``max_grad_norm`` before the optimizer, by the update rather than the optimizer
 chain: in full mode without a shared term its norm comes from the combiner's Gram (:func:`norm_from_gram`), so no
-pass reads the combined gradient but the optimizer's, which computes it from the n gradients where it reads it (it is
-never written out). A non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer
-and combiner state unchanged, as ``optax.apply_if_finite`` does) and is counted.
+pass reads the combined gradient but the optimizer's, which up to ``MAX_OBJECTIVES_FUSED_INTO_THE_STEP`` objectives
+computes it from the n gradients where it reads it (it is never written out; :func:`combination_for_the_step`). A
+non-finite loss, gradient or combiner weight skips the optimizer step (parameters, optimizer and combiner state
+unchanged, as ``optax.apply_if_finite`` does) and is counted.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class UpdateSpec(NamedTuple):
     """Clip the combined gradient to this global norm before the optimizer (as ``optax.clip_by_global_norm``, which the
     optimizer then leaves out; None: no clipping). In full mode without a shared term the norm comes from the
     combiner's Gram (:func:`norm_from_gram`), so neither it nor the non-finite check reads the combined gradient,
-    which XLA then fuses into the optimizer's update instead of writing it out."""
+    which XLA then fuses into the optimizer's update instead of writing it out, up to
+    ``MAX_OBJECTIVES_FUSED_INTO_THE_STEP`` objectives (:func:`combination_for_the_step`)."""
     on_policy: bool = False
     """One optimizer update per rollout, at the parameters that sampled it: the PPO ratio's denominator is the
     update's own log-probabilities with the gradient stopped, so the ratio is exactly 1 and ``Batch.old_logp`` is not
