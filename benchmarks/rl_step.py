@@ -20,6 +20,9 @@ is the fixed batch; every other contender runs on that same batch:
 * ``<combiner>/full, select skip`` (``--references other-skip``): a full-mode update whose non-finite skip is a
   select of the stepped state against the old one where the trainer's is a ``lax.cond`` (pullbacks in sequence), or
   a conditional where the trainer's is a select (batched pullbacks): the two measured each way round;
+* ``<combiner>/<mode>, head's n gradients`` (``--references head-gradients``): each probe- and full-mode contender
+  again with ``combiner.head_gram=gradients``, the LM head's n gradients in its Gram instead of its token kernel
+  (where ``auto`` takes the kernel the two differ; where it does not, they are the same program);
 * ``optimizer alone: clip, optimizer step`` (``--references optimizer``): the clip and the trainer's optimizer step
   (AdamW by default) on one gradient, with nothing before them: what every update runs after its gradients and the
   bound leaves out. The verdict then also gives each full mode's ratio to the bound plus this step;
@@ -109,12 +112,14 @@ TARGETS = {"scalar": 1.02, "probe": 1.15}  # ratio to linear (probe: at n = 3)
 FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
 OTHER_SKIP = "other skip"
+HEAD_GRADIENTS = "head's n gradients"
 OPTIMIZER = "optimizer alone: clip, optimizer step"
 GRADIENT_READ = "one read of the n gradients"
 REFERENCES = {
     "peers": PEERS,
     "peers-step": PEERS_STEP,
     "other-skip": OTHER_SKIP,
+    "head-gradients": HEAD_GRADIENTS,
     "optimizer": OPTIMIZER,
     "gradient-read": GRADIENT_READ,
 }
@@ -336,6 +341,10 @@ def contenders(
             )
             if mode == "full" and OTHER_SKIP in references:
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
+            if HEAD_GRADIENTS in references:
+                with_gradients = trainer_for(n, name, mode, workdir, [*extra, "combiner.head_gram=gradients"])
+                call = update_call(with_gradients, batch)
+                found.append(Contender(f"{name}/{mode}, {HEAD_GRADIENTS}", "", call, timed_first(call)))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [
         Contender(label, "", call, timed_first(call), None, pass_temporaries(call)) for label, call in passes.items()
@@ -706,7 +715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="peers,peers-step",
         help="comma-separated references to time besides the bound: peers (their n passes), peers-step (their "
         "whole MGDA step), other-skip (every full-mode update with its non-finite skip done the other way: a select "
-        "where it branches, a conditional where it selects), optimizer (the clip and optimizer step alone, which the "
+        "where it branches, a conditional where it selects), head-gradients (every probe- and full-mode update with "
+        "the LM head's n gradients instead of its token kernel), optimizer (the clip and optimizer step alone, which the "
         "bound leaves out and every update runs), gradient-read (one read of the bound's n gradients, the least a "
         "Gram reads); fewer for less memory (n = 8 on SmolLM2)",
     )

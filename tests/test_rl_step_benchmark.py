@@ -80,6 +80,22 @@ def test_peers_step_is_mgdas_full_mode_update_from_separate_passes(rl_step, tmp_
     chex.assert_trees_all_close(params, mgda.state.params, atol=1e-5, rtol=0)
 
 
+def test_the_head_gradients_reference_follows_each_full_mode_with_the_heads_gradients(rl_step, tmp_path):
+    """``--references head-gradients`` times each probe- and full-mode update again with ``combiner.head_gram``
+    set to ``gradients``, after it (full mode here; probe mode's loop is the same)."""
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear,mgda", "--modes", "full", "--references", "head-gradients"]
+        + ["--out", str(tmp_path), "--set", "combiner.head_gram=kernel"]
+    )
+    assert [row["contender"] for row in report["rows"]] == [
+        rl_step.BASELINE,
+        "mgda/full",
+        "mgda/full, head's n gradients",
+        rl_step.BOUND,
+    ]
+    assert "head-gradients" in report["command"]
+
+
 @pytest.mark.parametrize("pullbacks", ["sequential", "batched"])
 def test_other_skip_updates_as_the_trainer_with_the_other_skip(rl_step, tmp_path, pullbacks):
     """The other-skip reference follows each full-mode contender and updates the parameters as the trainer does,

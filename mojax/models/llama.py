@@ -938,6 +938,7 @@ class LlamaModel(nnx.Module):
         adapters: bool = True,
         dropout_rng: jax.Array | None = None,
         layer_weights: Sequence[LayerWeights] | None = None,
+        input_embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] and the updated cache.
 
@@ -945,6 +946,10 @@ class LlamaModel(nnx.Module):
         outside a decode loop), run unrolled (:func:`decode_layers`) instead of the layer scan; only with a cache
         (inference), which is then used and returned split per layer (:meth:`KVCache.per_layer`; pass it split to
         avoid slicing it at every call). Without ``layer_weights`` the cache is used and returned stacked.
+
+        ``input_embeddings`` [B, T, D]: the layers' input in place of the embedding table's rows at ``input_ids``
+        (which still give the shape), as Hugging Face's ``inputs_embeds``; differentiated as an input of its own, its
+        cotangent is the input part of the embedding's gradient before the scatter onto the table's rows.
         """
         c = self.config
         dtype = c.dtype
@@ -978,7 +983,13 @@ class LlamaModel(nnx.Module):
         if cache is not None:
             cache = cache.per_layer() if layer_weights is not None else cache.stacked()
         past = None if cache is None else (cache.keys, cache.values)
-        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(dtype)
+        if input_embeddings is None:
+            input_embeddings = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0)
+        elif input_embeddings.shape != (B, T, c.hidden_size):
+            raise ValueError(
+                f"input_embeddings shape {input_embeddings.shape} != (batch, time, hidden_size) {(B, T, c.hidden_size)}"
+            )
+        x = input_embeddings.astype(dtype)
         if layer_weights is not None:
             x, past = decode_layers(layer_weights, x, inputs, past, c.rms_norm_eps, lora, cache.prefix)
         else:
@@ -1022,6 +1033,7 @@ class LlamaForCausalLM(nnx.Module):
         adapters: bool = True,
         dropout_rng: jax.Array | None = None,
         layer_weights: Sequence[LayerWeights] | None = None,
+        input_embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (see :class:`LlamaModel`)."""
         return self.model(
@@ -1032,6 +1044,7 @@ class LlamaForCausalLM(nnx.Module):
             adapters=adapters,
             dropout_rng=dropout_rng,
             layer_weights=layer_weights,
+            input_embeddings=input_embeddings,
         )
 
     def per_layer_weights(self, adapters: bool = True, columns: bool | None = None) -> tuple[LayerWeights, ...]:

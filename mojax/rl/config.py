@@ -197,12 +197,13 @@ class CombinerSection:
     ``model.layers``, so ``["last_layer", "model.norm"]`` is the default set without an untied head (whose share of
     the Gram comes from its token kernel where that is cheaper than its n gradients: ``head_gram``)."""
     head_gram: str = "auto"
-    """How probe and full mode take an untied LM head's share of the combiner's Gram: ``"kernel"`` from the token
+    """How probe and full mode take the LM head's share of the combiner's Gram: ``"kernel"`` from the token
     kernel K = (H H^T) o (E E^T) of the head's N response tokens (hidden states H, e_y - softmax E), as c_i^T K c_j
     for the objectives' log-prob cotangents c_i, so the head's n gradients are never formed (its gradient is formed
-    once, weighted): N^2 (D + V) multiply-adds instead of n N D V (:func:`mojax.rl.losses.head_token_kernel`); it
-    needs the head differentiated per objective (in probe mode: in the probe set) and trained, no mesh, no
-    ``algorithm.logits_chunk_size`` and one micro-batch. ``"gradients"``: the head's n gradients, as every other
+    once, weighted): N^2 (D + V) multiply-adds instead of n N D V (:func:`mojax.rl.losses.head_token_kernel`). A head
+    tied to the embedding (full mode only) adds the input part of the table's gradient from the cotangents of the
+    layers' input (:func:`mojax.rl.losses.tied_head_gram`). It needs the head differentiated per objective (in probe
+    mode: in the probe set) and trained, no mesh, no ``algorithm.logits_chunk_size`` and one micro-batch. ``"gradients"``: the head's n gradients, as every other
     leaf's. ``"auto"``: the kernel where it applies and takes fewer multiply-adds, i.e. for fewer response tokens
     per update than about n D."""
 

@@ -565,13 +565,99 @@ def head_token_kernel(hidden: jax.Array, head: jax.Array, targets: jax.Array) ->
     Returns:
         f32[B T, B T] the kernel K.
     """
+    residual, rows = _head_residual_and_rows(hidden, head, targets)
+    return _token_kernel(residual, rows)
+
+
+def _head_residual_and_rows(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(E = e_y - p f32[N, V], H f32[N, D]) over the N = B T tokens, as data (not differentiated): the log-probs'
+    derivative in the logits and the hidden states' rows."""
     hidden, head = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
     logits = token_matmul(hidden, head)
     probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    residual, rows = token_rows(one_hot - probs), token_rows(hidden).astype(jnp.float32)
+    return token_rows(one_hot - probs), token_rows(hidden).astype(jnp.float32)
+
+
+def _token_kernel(residual: jax.Array, rows: jax.Array) -> jax.Array:
+    """K = (H H^T) o (E E^T) f32[N, N] (:func:`head_token_kernel`)."""
     hidden_gram = jnp.einsum("nd,md->nm", rows, rows, preferred_element_type=jnp.float32)
     return hidden_gram * jnp.einsum("nv,mv->nm", residual, residual, preferred_element_type=jnp.float32)
+
+
+class TiedHeadKernel(NamedTuple):
+    """What the Gram of a tied head's gradients needs from the forward pass (:func:`tied_head_token_kernel`), as
+    data: with the log-prob cotangents and the cotangents of the layers' input, :func:`tied_head_gram` gives it."""
+
+    kernel: jax.Array
+    """f32[N, N]: the head part's token kernel K (:func:`head_token_kernel`)."""
+    input_residual: jax.Array
+    """f32[N, M]: E's columns at the M input tokens' ids, E = e_y - p the log-probs' derivative in the logits."""
+    hidden_rows: jax.Array
+    """f32[N, D]: the final hidden states H."""
+    input_ids: jax.Array
+    """i32[M]: the ids whose embedding rows were the layers' input (prompt and response, every position)."""
+
+
+def tied_head_token_kernel(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, input_ids: jax.Array
+) -> TiedHeadKernel:
+    """:func:`head_token_kernel` for a head tied to the input embedding: K and what the input part of the gradient
+    needs (:class:`TiedHeadKernel`).
+
+    Args:
+        hidden: [B, T, D] final hidden states (as the head op takes them).
+        head: [D, V] the LM head, the embedding table transposed.
+        targets: i32[B, T] token ids.
+        input_ids: i32[B, L] the ids looked up in the embedding table for the layers' input.
+
+    Returns:
+        The kernel's parts, as data (not differentiated).
+    """
+    residual, rows = _head_residual_and_rows(hidden, head, targets)
+    ids = input_ids.reshape(-1)
+    return TiedHeadKernel(_token_kernel(residual, rows), jnp.take(residual, ids, axis=1), rows, ids)
+
+
+def tied_head_gram(parts: TiedHeadKernel, logp_cotangents: jax.Array, input_cotangents: jax.Array) -> jax.Array:
+    """The Gram f32[n, n] of the n gradients of an embedding table tied to the LM head, from the token kernel's
+    parts, without forming them.
+
+    Objective i's gradient is the head part A_i = E^T diag(c_i) H (the transpose of :func:`head_token_kernel`'s g_i,
+    in the table's [V, D] layout) plus the input part S_i, the scatter of the layers' input cotangents X_i [M, D] onto
+    the rows of their ids: S_i[v] = sum_{p: id_p = v} X_i[p]. So, with R = E's columns at the input ids,
+
+        <A_i, A_j> = c_i^T K c_j,
+        <A_i, S_j> = sum_p <A_i[id_p], X_j[p]> = sum_{t,p} c_{i,t} R[t, p] (h_t . X_j[p]) = c_i . P_j,
+                     P_j[t] = sum_p R[t, p] (H X_j^T)[t, p],
+        <S_i, S_j> = sum_{p,q: id_p = id_q} X_i[p] . X_j[q],
+
+    and G = C K C^T + C P^T + P C^T + S. Every term is over the N output and M input tokens: N M D multiply-adds per
+    objective and M^2 D per pair, against the n gradients' n N D V.
+
+    Args:
+        parts: :func:`tied_head_token_kernel`'s.
+        logp_cotangents: f32[n, N] each objective's dL_i / d log p_y per token.
+        input_cotangents: [n, M, D] each objective's cotangent of the layers' input (the looked-up rows).
+
+    Returns:
+        f32[n, n] the Gram of the n gradients of the tied table.
+    """
+    highest = jax.lax.Precision.HIGHEST
+    c = logp_cotangents.astype(jnp.float32)
+    x = input_cotangents.astype(jnp.float32)
+    head = jnp.matmul(jnp.matmul(c, parts.kernel, precision=highest), c.T, precision=highest)
+    hidden_dot_inputs = jnp.einsum("td,jpd->jtp", parts.hidden_rows, x, precision=highest)
+    cross = jnp.matmul(c, jnp.sum(parts.input_residual[None] * hidden_dot_inputs, axis=2).T, precision=highest)
+    same_id = (parts.input_ids[:, None] == parts.input_ids[None, :]).astype(jnp.float32)
+    inputs = jnp.einsum("ipd,pq,jqd->ij", x, same_id, x, precision=highest)
+    return head + cross + cross.T + inputs
+
+
+def scatter_onto_rows(input_ids: jax.Array, cotangents: jax.Array, table: jax.Array) -> jax.Array:
+    """The gradient of an embedding lookup: ``cotangents`` [M, D] added onto the rows of a zero table shaped and
+    typed like ``table`` [V, D] at ``input_ids`` i32[M] (the input part S of :func:`tied_head_gram`)."""
+    return jnp.zeros_like(table).at[input_ids].add(cotangents.astype(table.dtype))
 
 
 def _vocabulary_chunks(head: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:

@@ -62,7 +62,12 @@ from mojax.models.sharding import batch_sharding, make_mesh, state_shardings
 from mojax.rl import advantages as rl_advantages
 from mojax.rl import config as rl_config
 from mojax.rl.logging import SamplesLogger
-from mojax.rl.losses import chunked_logprobs_and_entropy, head_logprobs_and_entropy, head_token_kernel
+from mojax.rl.losses import (
+    chunked_logprobs_and_entropy,
+    head_logprobs_and_entropy,
+    head_token_kernel,
+    tied_head_token_kernel,
+)
 from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
 from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
@@ -218,15 +223,15 @@ def probe_flags(
 
 
 def head_kernel_obstacles(
-    config: rl_config.TrainConfig, head_per_objective: bool, head_trained: bool, on_mesh: bool
+    config: rl_config.TrainConfig, head_per_objective: bool, head_trained: bool, on_mesh: bool, tied: bool
 ) -> list[str]:
     """Why probe or full mode cannot take the LM head's share of the Gram from its token kernel
     (``combiner.head_gram``); empty where it can."""
     algorithm = config.algorithm
     reasons = {
-        "no untied LM head is differentiated per objective (a tied head, or one outside the probe set)": not (
-            head_per_objective
-        ),
+        "no LM head is differentiated per objective (an untied head outside the probe set)": not head_per_objective,
+        "the LM head is tied to the embedding, in probe mode (its gradient's input part needs every layer's backward "
+        "pass)": tied and config.combiner.mode == "probe",
         "the LM head is frozen": head_per_objective and not head_trained,
         "the parameters live on a mesh": on_mesh,
         "algorithm.logits_chunk_size is set": bool(algorithm.logits_chunk_size),
@@ -290,23 +295,41 @@ def response_fn(
     :func:`mojax.rl.losses.head_logprobs_and_entropy` computes them from the full logits. Both backward passes let
     the n per-objective pullbacks share the LM head's product for the hidden states. With ``head_kernel`` (full
     logits only) the function returns ((log-probs, entropies), K) with K f32[B T, B T] the head's token kernel
-    (:func:`mojax.rl.losses.head_token_kernel`), as :class:`mojax.rl.update.HeadKernel` takes it.
+    (:func:`mojax.rl.losses.head_token_kernel`), as :class:`mojax.rl.update.HeadKernel` takes it; for a head tied to
+    the embedding it takes a sixth argument, the layers' input (:func:`input_embeddings_fn`'s, differentiated apart
+    from the table), and K is :func:`mojax.rl.losses.tied_head_token_kernel`'s parts.
     """
 
-    def policy(params, prompt_ids, prompt_mask, tokens, response_mask):
+    def policy(params, prompt_ids, prompt_mask, tokens, response_mask, input_embeddings=None):
         width = prompt_ids.shape[1]
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
         window = slice(width - 1, width - 1 + tokens.shape[1])
         model = merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
-        hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters)
+        hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters, input_embeddings=input_embeddings)
         hidden = hidden[:, window].astype(model.config.dtype)
         if chunk_size:
             return chunked_logprobs_and_entropy(hidden, lm_head(model), tokens, chunk_size)
         outputs = head_logprobs_and_entropy(hidden, lm_head(model), tokens)
-        return (outputs, head_token_kernel(hidden, lm_head(model), tokens)) if head_kernel else outputs
+        if not head_kernel:
+            return outputs
+        if model.config.tie_word_embeddings:
+            return outputs, tied_head_token_kernel(hidden, lm_head(model), tokens, ids)
+        return outputs, head_token_kernel(hidden, lm_head(model), tokens)
 
     return policy
+
+
+def input_embeddings_fn(graphdef: Any, rest: Any, *, split: bool = False) -> Callable:
+    """(params, prompt_ids, tokens) -> the embedding table's rows [B, P + T, D] at the prompt's and the responses' ids:
+    the layers' input, for :func:`response_fn`'s tied head kernel (``split`` as there)."""
+
+    def input_embeddings(params, prompt_ids, tokens):
+        model = merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        return jnp.take(model.model.embed_tokens.embedding[...], ids, axis=0)
+
+    return input_embeddings
 
 
 def critic_fn(graphdef: Any, rest: Any) -> Callable:
@@ -585,8 +608,10 @@ class Trainer(Run):
         (:func:`head_kernel_obstacles`).
         """
         setting = config.combiner.head_gram
-        head = [  # the untied head's weight matrix alone (an adapter's or a bias's gradient has no such kernel)
-            tuple(str(getattr(key, "key", key)) for key in path[:2]) == ("lm_head", "kernel")
+        tied = self.model.config.tie_word_embeddings
+        weight = ("model", "embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+        head = [  # the head's weight matrix alone (an adapter's or a bias's gradient has no such kernel)
+            tuple(str(getattr(key, "key", key)) for key in path[: len(weight)]) == weight
             for path, _ in jax.tree_util.tree_leaves_with_path(params)
         ]
         trained = self.trainable_flags or [True] * len(head)
@@ -595,6 +620,7 @@ class Trainer(Run):
             head_per_objective=any(h and f for h, f in zip(head, flags, strict=True)),
             head_trained=all(t for h, t in zip(head, trained, strict=True) if h),
             on_mesh=self.mesh is not None,
+            tied=tied,
         )
         if setting == "gradients" or (obstacles and setting == "auto"):
             return None
@@ -609,7 +635,8 @@ class Trainer(Run):
                 )
             )
         policy = response_fn(self.graphdef, self.rest, split=self.split, head_kernel=True)
-        return HeadKernel(policy, head, always=setting == "kernel")
+        embed = input_embeddings_fn(self.graphdef, self.rest, split=self.split) if tied else None
+        return HeadKernel(policy, head, always=setting == "kernel", input_embeddings=embed)
 
     def _stop_ids(self) -> tuple[int, ...]:
         eos = self.model.config.eos_token_id

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mojax._numerics import token_rows
 from mojax.combiners import ObjectiveTrees, combine, cosine_gram, ctwa_next_weights, tree_gram
 from mojax.combiners.grads import separate_pullbacks, stacked_pullbacks
 from mojax.diagnostics import ctwa_signal
@@ -444,7 +445,7 @@ def step_if_finite(
 
 
 class HeadKernel(NamedTuple):
-    """An untied LM head through its token kernel instead of its n gradients, in probe and full mode
+    """The LM head through its token kernel instead of its n gradients, in probe and full mode
     (``combiner.head_gram``).
 
     The head's gradient for objective i is H^T diag(c_i) E (:func:`mojax.rl.losses.head_token_kernel`), so its share
@@ -452,15 +453,41 @@ class HeadKernel(NamedTuple):
     kernel: the per-objective pullbacks skip the head, and the combiner sees n coordinates per objective in its
     place (:func:`gram_rows`). The head's gradient is then formed once, weighted: by probe mode's weighted pass, and
     in full mode by one more pullback, which XLA reduces to the head's weight-gradient product.
+
+    A head tied to the embedding (full mode) is also the table the layers' input is looked up in: the forward then
+    takes that input as an argument of its own (``input_embeddings``), so the pullbacks give the table's head part
+    and the input's cotangents X_i [M, D] apart. The table's share of the Gram comes from both
+    (:func:`mojax.rl.losses.tied_head_gram`), and its combined gradient is the weighted head part plus the scatter of
+    sum_i w_i X_i onto the rows of the input ids: the n pullbacks form neither the head's weight-gradient product nor
+    a table-sized scatter.
     """
 
     policy: Callable
-    """(params, prompt_ids, prompt_mask, tokens, response_mask) -> ((log-probs, entropies) f32[B, T], K f32[N, N]):
-    the policy, which also returns its head's token kernel."""
+    """(params, prompt_ids, prompt_mask, tokens, response_mask[, input_embeddings]) -> ((log-probs, entropies)
+    f32[B, T], K): the policy, which also returns its head's token kernel K f32[N, N], or for a tied head
+    :class:`mojax.rl.losses.TiedHeadKernel` (and then takes the layers' input)."""
     flags: list[bool]
     """One bool per parameter leaf, True for the head's (a leaf differentiated per objective)."""
     always: bool = False
     """Take the kernel whatever it costs (False: only where it takes fewer multiply-adds, :func:`kernel_pays_off`)."""
+    input_embeddings: Callable | None = None
+    """A tied head's: (params, prompt_ids, tokens) -> the layers' input [B, P + T, D], the table's rows at the ids
+    (None: an untied head)."""
+
+
+class TiedInputs(NamedTuple):
+    """The input part of a tied head's gradients in full mode (:class:`HeadKernel`)."""
+
+    cotangents: jax.Array
+    """[n, M, D] each objective's cotangent of the layers' input."""
+    input_ids: jax.Array
+    """i32[M] the ids they were looked up at."""
+
+    def combined(self, weights: jax.Array, table: jax.Array, shared: jax.Array | None) -> jax.Array:
+        """The table's input part of sum_i w_i g_i (plus the shared term's, whose input cotangent is ``shared``):
+        one scatter of the weighted cotangents, shaped like ``table``."""
+        weighted = jnp.tensordot(weights.astype(jnp.float32), self.cotangents.astype(jnp.float32), axes=1)
+        return rl_losses.scatter_onto_rows(self.input_ids, weighted if shared is None else weighted + shared, table)
 
 
 def kernel_pays_off(tokens: int, num_objectives: int, head_shape: tuple[int, int]) -> bool:
@@ -491,6 +518,16 @@ def fill_masked(tree: Any, filler: Any) -> Any:
 def add_unmasked(tree: Any, other: Any) -> Any:
     """``tree`` + ``other`` leaf by leaf, where ``other``'s ``optax.MaskedNode()`` leaves add nothing."""
     return jax.tree.map(lambda a, b: a if is_masked(b) else a + b, tree, other, is_leaf=is_masked)
+
+
+def split_input_cotangents(pullbacks: Any) -> tuple[Any, jax.Array | None]:
+    """(the parameters' gradients, the layers' input cotangents [n, ...] or None) of n pullbacks that each returned
+    ``(gradients, *input cotangent)`` (:class:`HeadKernel`), as separate trees or stacked."""
+    if isinstance(pullbacks, ObjectiveTrees):
+        grads = ObjectiveTrees(tuple(both[0] for both in pullbacks.trees))
+        inputs = [both[1] for both in pullbacks.trees if len(both) > 1]
+        return grads, jnp.stack(inputs) if inputs else None
+    return pullbacks[0], pullbacks[1] if len(pullbacks) > 1 else None
 
 
 def with_rows(grads: Any, rows: jax.Array) -> Any:
@@ -627,13 +664,26 @@ def make_train_step(
     def combine_full_with_kernel(params, micro_batches, divide, beta, combiner_state, batch):
         """:func:`combine_full` with the head's share of the Gram from its token kernel (:class:`HeadKernel`): the n
         pullbacks leave the head out, and one pullback of the weighted cotangent gives the head's combined gradient
-        (with the shared term's), which only the head's weight-gradient product computes."""
+        (with the shared term's), which only the head's weight-gradient product computes; a tied head adds the
+        scatter of the weighted input cotangents (:class:`TiedInputs`)."""
         flags = trainable_flags or [True] * len(head_kernel.flags)
-        (objectives, vector, metrics), pullback = with_head_kernel(params, first_of(micro_batches), divide, beta, flags)
+        (objectives, vector, metrics), pullback, tied = with_head_kernel(
+            params, first_of(micro_batches), divide, beta, flags
+        )
         extras = combiner_extras(batch, vector[:n], combiner_state.weights, spec)
         _, combiner_state = combiner.update(objectives, combiner_state, None, **extras)
         head = masked_nodes(pullback(weighted(combiner_state.weights))[0], head_kernel.flags)
-        shared = None if shared_term_is_zero(spec) else masked_nodes(pullback(eye[n])[0], without_head(flags))
+        shared_pullback = None if shared_term_is_zero(spec) else pullback(eye[n])
+        shared = None if shared_pullback is None else masked_nodes(shared_pullback[0], without_head(flags))
+        if tied is not None:
+            shared_input = None if shared_pullback is None else token_rows(shared_pullback[1])
+            head = jax.tree.map(
+                lambda leaf: (
+                    leaf if is_masked(leaf) else leaf + tied.combined(combiner_state.weights, leaf, shared_input)
+                ),
+                head,
+                is_leaf=is_masked,
+            )
         finish = lambda pair: fill_masked(pair[0], head)  # noqa: E731
         return full_mode_result(objectives, shared, vector, metrics, combiner_state, finish)
 
@@ -652,22 +702,33 @@ def make_train_step(
     def with_head_kernel(params, micro, divide, beta, flags):
         """((per-objective gradients of the leaves ``flags`` selects, the head left out, with the head's share of
         the Gram as n rows (:func:`gram_rows` of C K C^T, see :class:`HeadKernel`), the loss vector, metrics), the
-        forward's pullback)."""
+        forward's pullback, :class:`TiedInputs` for a tied head or None).
 
-        def loss_and_kernel(p):
+        A tied head's forward takes the layers' input as a second argument, so the pullbacks return its cotangent
+        after the parameters' gradients; its Gram share is :func:`mojax.rl.losses.tied_head_gram`."""
+        embed = head_kernel.input_embeddings
+        inputs = () if embed is None else (jax.lax.stop_gradient(embed(params, micro.prompt_ids, micro.tokens)),)
+
+        def loss_and_kernel(p, *layer_input):
             (logp, entropy), kernel = head_kernel.policy(
-                p, micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask
+                p, micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask, *layer_input
             )
             vector, metrics = losses_of_outputs(logp, entropy, micro, divide, beta, spec)
             return vector, (metrics, logp, entropy, kernel)
 
-        vector, pullback, (metrics, logp, entropy, kernel) = jax.vjp(loss_and_kernel, params, has_aux=True)
-        objectives = objective_grads(pullback, lambda grads: masked_nodes(grads, without_head(flags)))
+        vector, pullback, (metrics, logp, entropy, kernel) = jax.vjp(loss_and_kernel, params, *inputs, has_aux=True)
+        keep = lambda both: (masked_nodes(both[0], without_head(flags)), *both[1:])  # noqa: E731
+        objectives, input_cotangents = split_input_cotangents(objective_grads(lambda c: (pullback(c),), keep))
         _, logp_pullback = jax.vjp(lambda lp: losses_of_outputs(lp, entropy, micro, divide, beta, spec)[0], logp)
         cotangents = jnp.stack([logp_pullback(row)[0].reshape(-1) for row in eye[:n]])
-        highest = jax.lax.Precision.HIGHEST
-        head_gram = jnp.matmul(jnp.matmul(cotangents, kernel, precision=highest), cotangents.T, precision=highest)
-        return (with_rows(objectives, gram_rows(head_gram)), vector, metrics), pullback
+        if embed is None:
+            highest = jax.lax.Precision.HIGHEST
+            head_gram = jnp.matmul(jnp.matmul(cotangents, kernel, precision=highest), cotangents.T, precision=highest)
+            tied = None
+        else:
+            tied = TiedInputs(input_cotangents.reshape(n, -1, input_cotangents.shape[-1]), kernel.input_ids)
+            head_gram = rl_losses.tied_head_gram(kernel, cotangents, tied.cotangents)
+        return (with_rows(objectives, gram_rows(head_gram)), vector, metrics), pullback, tied
 
     def combine_probe(params, micro_batches, divide, beta, combiner_state, batch):
         """Probe gradients -> combiner weights -> one weighted backward pass over every parameter.
@@ -693,7 +754,7 @@ def make_train_step(
             probe_and_forward = (
                 with_head_kernel(params, first, divide, beta, probe_flags) if kernel else probe_of(first)
             )
-            (probe, vector, metrics), pullback = probe_and_forward
+            (probe, vector, metrics), pullback, *_ = probe_and_forward
             weights, new_state = weights_of(probe, vector)
             grads = trained(pullback(weighted(weights))[0])
         else:

@@ -368,6 +368,25 @@ def test_a_model_with_fused_attention_gives_the_logits_and_gradients_of_the_defa
         np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
 
 
+def test_input_embeddings_stand_in_for_the_lookup_and_their_cotangent_is_the_lookups_gradient(model):
+    """hidden_states with the table's rows at the ids as ``input_embeddings`` equals the lookup; the table's gradient
+    through the lookup is the scatter of their cotangent; a wrong shape is refused before tracing."""
+    ids = _ids(2, 5)
+    table = model.model.embed_tokens.embedding[...]
+    rows = jnp.take(table, ids, axis=0)
+    np.testing.assert_array_equal(model.hidden_states(ids, input_embeddings=rows)[0], model.hidden_states(ids)[0])
+
+    def loss(rows):
+        return jnp.sum(jnp.sin(model.hidden_states(ids, input_embeddings=rows)[0]))
+
+    cotangent = jax.grad(loss)(rows)
+    scattered = jnp.zeros_like(table).at[ids.reshape(-1)].add(cotangent.reshape(-1, table.shape[1]))
+    grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m.hidden_states(ids)[0])))(model)
+    np.testing.assert_allclose(scattered, grads.model.embed_tokens.embedding[...], atol=1e-6)
+    with pytest.raises(ValueError, match=r"input_embeddings shape \(2, 5, 3\) != \(batch, time, hidden_size\)"):
+        model.hidden_states(ids, input_embeddings=rows[..., :3])
+
+
 def test_attention_kernels_are_checked_before_tracing(model):
     """An unknown kernel, and cuDNN's where it cannot run (this CPU process, float32 compute, odd head dims), are
     refused with what was wrong and what would do."""

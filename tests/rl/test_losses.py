@@ -493,3 +493,33 @@ def test_head_token_kernel_gives_the_gram_of_the_heads_gradients():
     assert kernel.shape == (10, 10)
     np.testing.assert_allclose(rows @ kernel @ rows.T, grads @ grads.T, rtol=1e-5)
     assert np.linalg.eigvalsh(kernel).min() > -1e-4 * np.abs(kernel).max()  # PSD up to round-off
+
+
+def test_tied_head_gram_gives_the_gram_of_the_tables_gradients_head_and_input_parts():
+    """tied_head_gram's closed form equals the Gram of the tied table's gradients g_i = A_i + S_i, formed by autodiff:
+    the head part of sum_t c_{i,t} log p_t and the lookup's part of sum_p X_i[p] . table[id_p], with repeated ids (so
+    the scatter adds rows) and ids that are also targets (so head and input parts meet on a row)."""
+    from mojax.rl.losses import scatter_onto_rows, tied_head_gram, tied_head_token_kernel
+
+    hidden, head, targets, _ = _head_case(seed=5)
+    table = head.T  # [V, D]
+    input_ids = jnp.concatenate([targets, jnp.asarray([[3, 3, 7], [0, 3, 11]])], axis=1)  # [2, 8]: M = 16
+    keys = jax.random.split(jax.random.key(6), 2)
+    cotangents = jax.random.normal(keys[0], (3, *targets.shape))
+    inputs = jax.random.normal(keys[1], (3, input_ids.size, table.shape[1]))
+
+    def table_grad(c, x):
+        def loss(w):
+            lookup = jnp.take(w, input_ids.reshape(-1), axis=0)
+            return jnp.sum(c * _autodiff_head(hidden, w.T, targets)[0]) + jnp.sum(x * lookup)
+
+        return jax.grad(loss)(table)
+
+    grads = np.stack(
+        [np.asarray(table_grad(c, x), np.float64).reshape(-1) for c, x in zip(cotangents, inputs, strict=True)]
+    )
+    parts = tied_head_token_kernel(hidden, head, targets, input_ids)
+    gram = tied_head_gram(parts, cotangents.reshape(3, -1), inputs)
+    np.testing.assert_allclose(np.asarray(gram, np.float64), grads @ grads.T, rtol=1e-5, atol=1e-4)
+    input_part = np.asarray(jax.grad(lambda w: jnp.sum(inputs[1] * jnp.take(w, input_ids.reshape(-1), axis=0)))(table))
+    np.testing.assert_allclose(scatter_onto_rows(parts.input_ids, inputs[1], table), input_part, atol=1e-6)

@@ -193,11 +193,21 @@ def test_the_heads_token_kernel_gives_the_same_step_as_its_gradients(mode, extra
     """``combiner.head_gram: kernel`` (the head's share of the Gram as C K C^T, its gradient formed once, weighted)
     and ``gradients`` give the same weights, cosines and step, for the stacked gradients and separate trees; in full
     mode also with a shared term (an entropy bonus), whose gradient is then added apart from the Gram."""
+    common = ("combiner.name=upgrad", f"combiner.mode={mode}", extra)
+    assert_kernel_steps_as_gradients(
+        {setting: trainer(*common, f"combiner.head_gram={setting}") for setting in SETTINGS}
+    )
+
+
+SETTINGS = ("kernel", "gradients")
+
+
+def assert_kernel_steps_as_gradients(runs: dict[str, Trainer]) -> None:
+    """The ``kernel`` and ``gradients`` trainers of ``runs`` give the same weights, cosines, norm and step on the
+    fixed batch, its advantages made to conflict so that the weights differ."""
     batch = fixed_batch()  # objective 0's advantages are zero: give it a mix of the others', then a conflict
     mixed = batch.advantages.at[:, 0].set(0.3 * batch.advantages[:, 1] + batch.advantages[:, 2])
     batch = batch._replace(advantages=mixed * jnp.asarray([0.5, 1.0, -2.0])[None, :, None])
-    common = ("combiner.name=upgrad", f"combiner.mode={mode}", extra)
-    runs = {setting: trainer(*common, f"combiner.head_gram={setting}") for setting in ("kernel", "gradients")}
     assert runs["kernel"].head_kernel is not None and runs["gradients"].head_kernel is None
     results = {}
     for setting, run in runs.items():
@@ -213,6 +223,30 @@ def test_the_heads_token_kernel_gives_the_same_step_as_its_gradients(mode, extra
     np.testing.assert_allclose(kernel_metrics["cosines"], metrics["cosines"], atol=2e-5)
     np.testing.assert_allclose(kernel_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-5)
     assert_trees_close(kernel_params, params, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["combiner.pullbacks=batched", "combiner.pullbacks=sequential", "algorithm.entropy_coef=0.05"],
+    ids=["stacked", "separate trees", "shared term"],
+)
+def test_a_tied_heads_token_kernel_gives_the_same_full_mode_step_as_its_gradients(extra, monkeypatch):
+    """The same for a head tied to the embedding in full mode: the table's Gram share from the kernel and the input
+    cotangents, its gradient the weighted head part plus one scatter of the weighted input cotangents (and the
+    shared term's)."""
+    import mojax.rl.trainer as trainer_module
+    from mojax.rl.tiny import tiny_model_config
+
+    monkeypatch.setattr(
+        trainer_module, "tiny_model_config", lambda **fields: tiny_model_config(tie_word_embeddings=True, **fields)
+    )
+    common = [*BASE, "combiner.name=upgrad", "combiner.mode=full", extra]
+    runs = {s: Trainer(load_config("tiny", [*common, f"combiner.head_gram={s}"])) for s in SETTINGS}
+    assert runs["kernel"].model.config.tie_word_embeddings and runs["kernel"].head_kernel.input_embeddings is not None
+    assert_kernel_steps_as_gradients(runs)
+    probe = ["combiner.mode=probe", "combiner.probe=[last_layer, embed_tokens]", "combiner.head_gram=kernel"]
+    with pytest.raises(ValueError, match="tied to the embedding, in probe mode"):
+        Trainer(load_config("tiny", [*common, *probe]))
 
 
 def test_gram_rows_factor_a_psd_gram_even_a_singular_one():
@@ -231,7 +265,7 @@ def test_gram_rows_factor_a_psd_gram_even_a_singular_one():
     [
         (("lora.rank=2", "lora.alpha=4", "combiner.probe=[last_layer, lm_head]"), "the LM head is frozen"),
         (("lora.rank=2", "lora.alpha=4", "combiner.mode=full"), "the LM head is frozen"),
-        (("combiner.probe=[last_layer, model.norm]",), "no untied LM head is differentiated per objective"),
+        (("combiner.probe=[last_layer, model.norm]",), "no LM head is differentiated per objective"),
         (("algorithm.logits_chunk_size=2",), "logits_chunk_size is set"),
         (("algorithm.num_microbatches=2",), "num_microbatches > 1"),
     ],
