@@ -632,8 +632,8 @@ def tied_head_gram(parts: TiedHeadKernel, logp_cotangents: jax.Array, input_cota
                      P_j[t] = sum_p R[t, p] (H X_j^T)[t, p],
         <S_i, S_j> = sum_{p,q: id_p = id_q} X_i[p] . X_j[q],
 
-    and G = C K C^T + C P^T + P C^T + S. Every term is over the N output and M input tokens: N M D multiply-adds per
-    objective and M^2 D per pair, against the n gradients' n N D V.
+    and G = C K C^T + C P^T + P C^T + S. Every term is over the N output and M input tokens: M D (N + M)
+    multiply-adds per objective (S from S_j's rows at the ids, [id_p = id_q] X_j), against the n gradients' n N D V.
 
     Args:
         parts: :func:`tied_head_token_kernel`'s.
@@ -650,7 +650,8 @@ def tied_head_gram(parts: TiedHeadKernel, logp_cotangents: jax.Array, input_cota
     hidden_dot_inputs = jnp.einsum("td,jpd->jtp", parts.hidden_rows, x, precision=highest)
     cross = jnp.matmul(c, jnp.sum(parts.input_residual[None] * hidden_dot_inputs, axis=2).T, precision=highest)
     same_id = (parts.input_ids[:, None] == parts.input_ids[None, :]).astype(jnp.float32)
-    inputs = jnp.einsum("ipd,pq,jqd->ij", x, same_id, x, precision=highest)
+    rows_of_same_id = jnp.einsum("pq,jqd->jpd", same_id, x, precision=highest)  # S_j[id_p] for every p
+    inputs = jnp.einsum("ipd,jpd->ij", x, rows_of_same_id, precision=highest)
     return head + cross + cross.T + inputs
 
 

@@ -490,11 +490,15 @@ class TiedInputs(NamedTuple):
         return rl_losses.scatter_onto_rows(self.input_ids, weighted if shared is None else weighted + shared, table)
 
 
-def kernel_pays_off(tokens: int, num_objectives: int, head_shape: tuple[int, int]) -> bool:
+def kernel_pays_off(tokens: int, num_objectives: int, head_shape: tuple[int, int], input_tokens: int = 0) -> bool:
     """Whether the token kernel, N^2 (D + V) multiply-adds, costs fewer than the n head gradients, n N D V (their
-    Gram's n^2 D V / 2 left out: a pass over memory rather than a matmul), for N tokens and a [D, V] head."""
+    Gram's n^2 D V / 2 left out: a pass over memory rather than a matmul), for N tokens and a [D, V] head.
+
+    A tied head's input part over M ``input_tokens`` adds n M D (N + M) (:func:`mojax.rl.losses.tied_head_gram`)."""
     hidden, vocab = head_shape
-    return tokens * (hidden + vocab) < num_objectives * hidden * vocab
+    n = num_objectives
+    kernel = tokens * tokens * (hidden + vocab) + n * input_tokens * hidden * (tokens + input_tokens)
+    return kernel < n * tokens * hidden * vocab
 
 
 def gram_rows(gram: jax.Array) -> jax.Array:
@@ -697,7 +701,11 @@ def make_train_step(
         if head_kernel is None or spec.num_microbatches > 1:
             return False
         (head,) = [leaf for leaf, flag in zip(jax.tree.leaves(params), head_kernel.flags, strict=True) if flag]
-        return head_kernel.always or kernel_pays_off(micro_batches.tokens[0].size, n, head.shape)
+        tokens = micro_batches.tokens[0]
+        if head_kernel.input_embeddings is None:
+            return head_kernel.always or kernel_pays_off(tokens.size, n, head.shape)
+        inputs = tokens.size + micro_batches.prompt_ids[0].size  # the tied table [V, D]: the layers' input tokens
+        return head_kernel.always or kernel_pays_off(tokens.size, n, head.shape[::-1], inputs)
 
     def with_head_kernel(params, micro, divide, beta, flags):
         """((per-objective gradients of the leaves ``flags`` selects, the head left out, with the head's share of

@@ -284,6 +284,9 @@ def test_kernel_pays_off_for_fewer_tokens_than_about_n_times_the_hidden_size():
     assert kernel_pays_off(192, 3, (512, 32000))  # the 56M benchmark: 16 completions of 12 tokens
     assert not kernel_pays_off(16384, 3, (4096, 32000))  # 64 x 256 tokens at LLaMA-7B's width
     assert kernel_pays_off(7000, 8, (4096, 32000)) and not kernel_pays_off(7000, 1, (4096, 32000))
+    # a tied head also pays for its input part, n M D (N + M): SmolLM2's benchmark, 16 x (8 + 12) input tokens
+    assert kernel_pays_off(192, 3, (576, 49152), input_tokens=320)
+    assert kernel_pays_off(192, 3, (576, 49152), 2000) and not kernel_pays_off(192, 3, (576, 49152), 3000)
 
 
 def test_probe_patterns_name_the_split_final_block_and_leaving_the_untied_head_out_costs_fewer_flops():
