@@ -31,7 +31,7 @@ is the fixed batch; every other contender runs on that same batch:
   that a Gram takes, since on XLA:CPU a pullback writes its gradients out before any other operation reads them.
   With the optimizer step, the verdict gives each full mode's ratio to the bound plus both, and what both take of
   the bound: where that is above the 1.1x target's allowance, no full mode that pulls back as the bound does can
-  meet the target on that machine (an untied head's token kernel, ``combiner.head_gram``, pulls back less).
+  meet the target on that machine (the LM head's token kernel, ``combiner.head_gram``, pulls back less).
 
 Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
 each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times

@@ -585,6 +585,14 @@ def _token_kernel(residual: jax.Array, rows: jax.Array) -> jax.Array:
     return hidden_gram * jnp.einsum("nv,mv->nm", residual, residual, preferred_element_type=jnp.float32)
 
 
+def kernel_gram(kernel: jax.Array, logp_cotangents: jax.Array) -> jax.Array:
+    """C K C^T f32[n, n]: the Gram of the head's n gradients from its token kernel K f32[N, N]
+    (:func:`head_token_kernel`) and the objectives' log-prob cotangents C f32[n, N]."""
+    highest = jax.lax.Precision.HIGHEST
+    c = logp_cotangents.astype(jnp.float32)
+    return jnp.matmul(jnp.matmul(c, kernel, precision=highest), c.T, precision=highest)
+
+
 class TiedHeadKernel(NamedTuple):
     """What the Gram of a tied head's gradients needs from the forward pass (:func:`tied_head_token_kernel`), as
     data: with the log-prob cotangents and the cotangents of the layers' input, :func:`tied_head_gram` gives it."""
@@ -646,7 +654,7 @@ def tied_head_gram(parts: TiedHeadKernel, logp_cotangents: jax.Array, input_cota
     highest = jax.lax.Precision.HIGHEST
     c = logp_cotangents.astype(jnp.float32)
     x = input_cotangents.astype(jnp.float32)
-    head = jnp.matmul(jnp.matmul(c, parts.kernel, precision=highest), c.T, precision=highest)
+    head = kernel_gram(parts.kernel, c)
     hidden_dot_inputs = jnp.einsum("td,jpd->jtp", parts.hidden_rows, x, precision=highest)
     cross = jnp.matmul(c, jnp.sum(parts.input_residual[None] * hidden_dot_inputs, axis=2).T, precision=highest)
     same_id = (parts.input_ids[:, None] == parts.input_ids[None, :]).astype(jnp.float32)

@@ -681,13 +681,7 @@ def make_train_step(
         shared = None if shared_pullback is None else masked_nodes(shared_pullback[0], without_head(flags))
         if tied is not None:
             shared_input = None if shared_pullback is None else token_rows(shared_pullback[1])
-            head = jax.tree.map(
-                lambda leaf: (
-                    leaf if is_masked(leaf) else leaf + tied.combined(combiner_state.weights, leaf, shared_input)
-                ),
-                head,
-                is_leaf=is_masked,
-            )
+            head = jax.tree.map(lambda leaf: leaf + tied.combined(combiner_state.weights, leaf, shared_input), head)
         finish = lambda pair: fill_masked(pair[0], head)  # noqa: E731
         return full_mode_result(objectives, shared, vector, metrics, combiner_state, finish)
 
@@ -730,9 +724,7 @@ def make_train_step(
         _, logp_pullback = jax.vjp(lambda lp: losses_of_outputs(lp, entropy, micro, divide, beta, spec)[0], logp)
         cotangents = jnp.stack([logp_pullback(row)[0].reshape(-1) for row in eye[:n]])
         if embed is None:
-            highest = jax.lax.Precision.HIGHEST
-            head_gram = jnp.matmul(jnp.matmul(cotangents, kernel, precision=highest), cotangents.T, precision=highest)
-            tied = None
+            head_gram, tied = rl_losses.kernel_gram(kernel, cotangents), None
         else:
             tied = TiedInputs(input_cotangents.reshape(n, -1, input_cotangents.shape[-1]), kernel.input_ids)
             head_gram = rl_losses.tied_head_gram(kernel, cotangents, tied.cotangents)
