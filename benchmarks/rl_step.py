@@ -344,7 +344,9 @@ def contenders(
             if HEAD_GRADIENTS in references:
                 with_gradients = trainer_for(n, name, mode, workdir, [*extra, "combiner.head_gram=gradients"])
                 call = update_call(with_gradients, batch)
-                found.append(Contender(f"{name}/{mode}, {HEAD_GRADIENTS}", "", call, timed_first(call)))
+                label = f"{name}/{mode}, {HEAD_GRADIENTS}"
+                temporaries = update_temporaries(with_gradients, batch)
+                found.append(Contender(label, "", call, timed_first(call), None, temporaries))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [
         Contender(label, "", call, timed_first(call), None, pass_temporaries(call)) for label, call in passes.items()
