@@ -203,9 +203,9 @@ class CombinerSection:
     once, weighted): N^2 (D + V) multiply-adds instead of n N D V (:func:`mojax.rl.losses.head_token_kernel`). A head
     tied to the embedding (full mode only) adds the input part of the table's gradient from the cotangents of the
     layers' input (:func:`mojax.rl.losses.tied_head_gram`). It needs the head differentiated per objective (in probe
-    mode: in the probe set) and trained, no mesh, no ``algorithm.logits_chunk_size`` and one micro-batch. ``"gradients"``: the head's n gradients, as every other
-    leaf's. ``"auto"``: the kernel where it applies and takes fewer multiply-adds, i.e. for fewer response tokens
-    per update than about n D."""
+    mode: in the probe set) and trained, no mesh, no ``algorithm.logits_chunk_size`` and one micro-batch.
+    ``"gradients"``: the head's n gradients, as every other leaf's. ``"auto"``: the kernel where it applies and takes
+    fewer multiply-adds, i.e. for fewer response tokens per update than about n D."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

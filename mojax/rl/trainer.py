@@ -229,7 +229,7 @@ def head_kernel_obstacles(
     (``combiner.head_gram``); empty where it can."""
     algorithm = config.algorithm
     reasons = {
-        "no LM head is differentiated per objective (an untied head outside the probe set)": not head_per_objective,
+        "no LM head is differentiated per objective (a head outside the probe set)": not head_per_objective,
         "the LM head is tied to the embedding, in probe mode (its gradient's input part needs every layer's backward "
         "pass)": tied and config.combiner.mode == "probe",
         "the LM head is frozen": head_per_objective and not head_trained,
@@ -630,8 +630,8 @@ class Trainer(Run):
                     "Trainer",
                     "combiner.head_gram",
                     f"is 'kernel', but {'; '.join(obstacles)}",
-                    "'auto' or 'gradients' here, or an untied, trained head, one device, full logits and one "
-                    "micro-batch",
+                    "'auto' or 'gradients' here, or a trained head differentiated per objective (untied in probe "
+                    "mode), one device, full logits and one micro-batch",
                 )
             )
         policy = response_fn(self.graphdef, self.rest, split=self.split, head_kernel=True)
