@@ -606,15 +606,21 @@ def _projector(w: LayerWeights, lora: LoraCall) -> Callable[[str, jax.Array], ja
 
 
 def attention_inputs(
-    w: LayerWeights, x: jax.Array, inputs: AttentionInputs, eps: float, lora: LoraCall
+    w: LayerWeights,
+    x: jax.Array,
+    inputs: AttentionInputs,
+    eps: float,
+    lora: LoraCall,
+    query_rows: slice = slice(None),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The first half of a LLaMA block: (q [B, T, H, hd], k, v [B, KV, T, hd]) of x [B, T, D], RoPE applied.
 
-    Keys and values come out in the KV cache's layout (:class:`KVCache`), heads before time.
+    Keys and values come out in the KV cache's layout (:class:`KVCache`), heads before time. ``query_rows``: the
+    positions that get a query (all by default), for a block whose output is read at those rows only.
     """
     linear = _projector(w, lora)
     h = rms_norm(x, w.input_layernorm, eps)
-    q = apply_rope(linear("q_proj", h), inputs.cos, inputs.sin)
+    q = apply_rope(linear("q_proj", h[:, query_rows]), inputs.cos[:, query_rows], inputs.sin[:, query_rows])
     k = apply_rope(linear("k_proj", h), inputs.cos, inputs.sin)
     heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
     return q, heads_first(k), heads_first(linear("v_proj", h))
@@ -636,7 +642,6 @@ def attention_and_mlp(
     (:func:`causal_attention`, or :func:`fused_causal_attention` as ``inputs.kernel`` says). ``prefix``: this
     layer's shared keys and values and each row's valid prefix slots (:func:`attention`), read in the compute dtype as
     the keys and values are."""
-    linear = _projector(w, lora)
     if inputs.index is None and inputs.kernel != "mojax":
         # the last query may attend to every real key: its mask row is the rows' real tokens
         attended = fused_causal_attention(q, keys, values, inputs.mask[:, -1], inputs.kernel)
@@ -646,6 +651,12 @@ def attention_and_mlp(
         if prefix is not None:
             prefix = (prefix[0].astype(x.dtype), prefix[1].astype(x.dtype), prefix[2])
         attended = attention(q, keys, values, inputs.mask, prefix)
+    return output_and_mlp(w, x, attended, eps, lora)
+
+
+def output_and_mlp(w: LayerWeights, x: jax.Array, attended: jax.Array, eps: float, lora: LoraCall) -> jax.Array:
+    """The rest of a LLaMA block after attention: x + o_proj(attended), then x + MLP(norm(x)); row by row."""
+    linear = _projector(w, lora)
     x = x + linear("o_proj", attended)
     h = rms_norm(x, w.post_attention_layernorm, eps)
     return x + linear("down_proj", jax.nn.silu(linear("gate_proj", h)) * linear("up_proj", h))
@@ -676,6 +687,19 @@ def decoder_layer(
         v_all = jax.lax.dynamic_update_slice(past[1], v.astype(past[1].dtype), start).astype(x.dtype)
     x = attention_and_mlp(w, x, q, k_all, v_all, inputs, eps, lora, prefix)
     return constrain(x, ("batch", None, None)), (k, v)
+
+
+def decoder_layer_at_rows(
+    w: LayerWeights, x: jax.Array, inputs: AttentionInputs, eps: float, lora: LoraCall, rows: slice
+) -> jax.Array:
+    """``decoder_layer(w, x, inputs, None, eps, lora)[0][:, rows]`` (no cache) for a final block whose output is read
+    at positions ``rows`` only, as the trainers read the responses' hidden states: every position's keys and values,
+    but the queries, the output projection and the MLP at ``rows`` only. Its attention is :func:`attention` with the
+    mask's rows (the query blocks and the fused kernels assume queries at every key's position)."""
+    x = constrain(x, ("batch", None, None))
+    q, k, v = attention_inputs(w, x, inputs, eps, lora, query_rows=rows)
+    attended = attention(q, k, v, inputs.mask[:, rows])
+    return constrain(output_and_mlp(w, x[:, rows], attended, eps, lora), ("batch", None, None))
 
 
 REMAT_POLICIES = ("dots", "full", "none")
@@ -722,7 +746,8 @@ def run_layers(
     remat: bool | str,
     last: LayerWeights | None = None,
     prefix: SharedPrefix | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    rows: slice | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """``jax.lax.scan`` of :func:`decoder_layer` over stacked weights [L, ...], cache slices [L, B, KV, S, hd]
     and dropout keys [L].
 
@@ -738,6 +763,11 @@ def run_layers(
     same maths as one scan over all L blocks. ``prefix``: the cache's shared prefix (:class:`SharedPrefix`, stacked),
     its keys and values scanned with the layers.
     Returns (x, (k_new, v_new)) with k/v [L, B, KV, T, hd].
+
+    ``rows`` (no cache): only x's positions ``rows`` are wanted. With ``last`` the final block then computes its
+    queries, output projection and MLP at those rows only (:func:`decoder_layer_at_rows`), which its backward pass
+    (probe mode's n pullbacks) pays for too; without it x is sliced after the scan. Returns (x [B, len(rows), D],
+    None).
     """
 
     prefix_valid = None if prefix is None else prefix.rows_valid(x.shape[0])
@@ -748,13 +778,20 @@ def run_layers(
         layer_prefix = None if layer_shared is None else (*layer_shared, prefix_valid)
         return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key), layer_prefix)
 
+    def layer_at_rows(w, x, key):
+        w = jax.tree.map(lambda a: a.astype(x.dtype), w)
+        return decoder_layer_at_rows(w, x, inputs, eps, lora._replace(key=key), rows)
+
     layer = checkpointed(layer, remat)
     body = lambda x, xs: layer(xs[0], x, *xs[1:])  # noqa: E731
     if last is None:
-        return jax.lax.scan(body, x, (stacked, past, keys, shared))
+        x, new = jax.lax.scan(body, x, (stacked, past, keys, shared))
+        return (x, new) if rows is None else (x[:, rows], None)
     first = lambda tree: jax.tree.map(lambda a: a[:-1], tree)  # noqa: E731 (None stays None)
     final = lambda tree: jax.tree.map(lambda a: a[-1], tree)  # noqa: E731
     x, new = jax.lax.scan(body, x, (stacked, first(past), first(keys), first(shared)))
+    if rows is not None:
+        return checkpointed(layer_at_rows, remat)(final(last), x, final(keys)), None
     x, last_new = layer(final(last), x, final(past), final(keys), final(shared))
     return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new, last_new)
 
@@ -939,6 +976,7 @@ class LlamaModel(nnx.Module):
         dropout_rng: jax.Array | None = None,
         layer_weights: Sequence[LayerWeights] | None = None,
         input_embeddings: jax.Array | None = None,
+        output_rows: slice | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] and the updated cache.
 
@@ -950,6 +988,11 @@ class LlamaModel(nnx.Module):
         ``input_embeddings`` [B, T, D]: the layers' input in place of the embedding table's rows at ``input_ids``
         (which still give the shape), as Hugging Face's ``inputs_embeds``; differentiated as an input of its own, its
         cotangent is the input part of the embedding's gradient before the scatter onto the table's rows.
+
+        ``output_rows`` (a static slice of positions; no cache): the hidden states at those positions only,
+        [B, len(rows), D]. With the final block apart (``last_layer``, probe mode) it computes its queries, output
+        projection and MLP at those rows only, in the forward pass and in every backward pass through it
+        (:func:`run_layers`): the trainers read the responses' rows, a fraction of prompt + response.
         """
         c = self.config
         dtype = c.dtype
@@ -964,6 +1007,11 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}")
         if cache is not None:
             check_cache_fits(cache, B, T)
+        if output_rows is not None and (cache is not None or not isinstance(output_rows, slice)):
+            raise ValueError(
+                f"output_rows must be a slice of positions and needs a forward without a cache; got {output_rows!r} "
+                f"and {'a' if cache is not None else 'no'} cache"
+            )
         if layer_weights is not None and (cache is None or len(layer_weights) != c.num_hidden_layers):
             raise ValueError(
                 f"layer_weights (per-layer weights for decoding) need a KV cache and {c.num_hidden_layers} layers; got "
@@ -996,7 +1044,9 @@ class LlamaModel(nnx.Module):
             last = None if self.last_layer is None else self.last_layer.weights(adapters)
             stacked = self.layers.weights(adapters)
             prefix = None if cache is None else cache.prefix
-            x, new = run_layers(stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last, prefix)
+            x, new = run_layers(
+                stacked, x, inputs, past, c.rms_norm_eps, lora, dropout_keys, self.remat, last, prefix, output_rows
+            )
             if past is not None:
                 start = (0, 0, 0, index, 0)
                 past = tuple(
@@ -1034,6 +1084,7 @@ class LlamaForCausalLM(nnx.Module):
         dropout_rng: jax.Array | None = None,
         layer_weights: Sequence[LayerWeights] | None = None,
         input_embeddings: jax.Array | None = None,
+        output_rows: slice | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (see :class:`LlamaModel`)."""
         return self.model(
@@ -1045,6 +1096,7 @@ class LlamaForCausalLM(nnx.Module):
             dropout_rng=dropout_rng,
             layer_weights=layer_weights,
             input_embeddings=input_embeddings,
+            output_rows=output_rows,
         )
 
     def per_layer_weights(self, adapters: bool = True, columns: bool | None = None) -> tuple[LayerWeights, ...]:

@@ -745,6 +745,51 @@ def test_apply_split_logits_and_gradients_equal_the_model(split_case):
     assert float(jnp.abs(split_grads["model"]["last_layer"]["mlp"]["up_proj"]["kernel"][...]).max()) > 0
 
 
+def test_output_rows_give_those_rows_hidden_states_and_gradients(split_case):
+    """``output_rows`` gives the hidden states at those positions, and the gradients of a loss on them, of the whole
+    forward: split (the final block computes its queries and MLP at those rows only) and unsplit (sliced after), with
+    left padding; the split model's final block runs on the rows alone (its MLP matmuls have 2 x 3 rows where the
+    layer scan's have 2 x 9), and gives the same rows with the layers' fused attention kernel. A cache or a non-slice
+    is refused."""
+    from mojax.models.llama import merge_split
+
+    graphdef, params, split = split_case
+    ids = _ids(2, 9, seed=11)
+    mask = jnp.asarray([[1] * 9, [0] * 3 + [1] * 6], jnp.int32)
+    rows = slice(5, 8)
+
+    def hidden(model, output_rows=None, kernel="mojax"):
+        model.model.attention_kernel = kernel
+        return model.hidden_states(ids, attention_mask=mask, output_rows=output_rows)[0]
+
+    def loss(p, merge, output_rows):
+        h = hidden(merge(p), output_rows)
+        return jnp.sum(jnp.sin(h if output_rows is not None else h[:, rows]) * jnp.arange(1, 65))
+
+    unsplit = lambda p: nnx.merge(graphdef, p)  # noqa: E731
+    split_model = lambda s: merge_split(graphdef, s)  # noqa: E731
+    want = jax.jit(lambda p: hidden(unsplit(p))[:, rows])(params)
+    for merge, state in ((unsplit, params), (split_model, split)):
+        got = jax.jit(lambda p, merge=merge: hidden(merge(p), rows))(state)
+        assert got.shape == (2, 3, 64)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+        grads = jax.jit(jax.grad(lambda p, merge=merge: loss(p, merge, rows)))(state)
+        expected = jax.jit(jax.grad(lambda p, merge=merge: loss(p, merge, None)))(state)
+        for mine, full in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(mine, full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+    fused = jax.jit(lambda s: hidden(split_model(s), rows, kernel="xla"))(split)
+    np.testing.assert_allclose(fused, want, atol=2e-5)
+    rows_of_mlp = [s[-2] for s in _dot_shapes(lambda s: hidden(split_model(s), rows), split) if s[-1] == 128]
+    assert 2 * 3 in rows_of_mlp and 2 * 9 in rows_of_mlp
+    model = unsplit(params)
+    with pytest.raises(
+        ValueError, match="output_rows must be a slice of positions and needs a forward without a cache"
+    ):
+        model.hidden_states(ids, output_rows=slice(0, 2), cache=model.init_cache(2, 9))
+    with pytest.raises(ValueError, match=r"output_rows must be a slice.*got \[0, 1\]"):
+        model.hidden_states(ids, output_rows=[0, 1])
+
+
 def test_the_split_model_fills_and_reads_a_kv_cache_as_the_model(split_case, step):
     """merge_split's model with a cache: the prefill (layer scan, then the final block) and per-layer decode steps give
     the unsplit model's logits and cache."""
