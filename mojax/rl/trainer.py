@@ -278,6 +278,20 @@ def one_update_per_rollout(config: rl_config.TrainConfig) -> bool:
     return algorithm.num_iterations == 1 and algorithm.num_minibatches == 1 and config.kl.placement == "loss"
 
 
+def joined_sequence(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax.Array]:
+    """The model's input for a batch of responses: the ids [B, P + T] of prompt then response, and the attention mask
+    (the prompt's, then 1 on the response's tokens that count)."""
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
+    return ids, mask
+
+
+def merged_policy(graphdef: Any, rest: Any, params: Any, split: bool) -> Any:
+    """The policy module from its trained parameters: :func:`mojax.models.merge_split`'s with ``split``, else
+    ``nnx.merge`` with the untrained state ``rest``."""
+    return merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
+
+
 def response_fn(
     graphdef: Any,
     rest: Any,
@@ -302,12 +316,13 @@ def response_fn(
 
     def policy(params, prompt_ids, prompt_mask, tokens, response_mask, input_embeddings=None):
         width = prompt_ids.shape[1]
-        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
-        mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
+        ids, mask = joined_sequence(prompt_ids, prompt_mask, tokens, response_mask)
         window = slice(width - 1, width - 1 + tokens.shape[1])
-        model = merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
-        hidden, _ = model.hidden_states(ids, attention_mask=mask, adapters=adapters, input_embeddings=input_embeddings)
-        hidden = hidden[:, window].astype(model.config.dtype)
+        model = merged_policy(graphdef, rest, params, split)
+        hidden, _ = model.hidden_states(
+            ids, attention_mask=mask, adapters=adapters, input_embeddings=input_embeddings, output_rows=window
+        )
+        hidden = hidden.astype(model.config.dtype)
         if chunk_size:
             return chunked_logprobs_and_entropy(hidden, lm_head(model), tokens, chunk_size)
         outputs = head_logprobs_and_entropy(hidden, lm_head(model), tokens)
@@ -325,7 +340,7 @@ def input_embeddings_fn(graphdef: Any, rest: Any, *, split: bool = False) -> Cal
     the layers' input, for :func:`response_fn`'s tied head kernel (``split`` as there)."""
 
     def input_embeddings(params, prompt_ids, tokens):
-        model = merge_split(graphdef, params) if split else nnx.merge(graphdef, params, rest)
+        model = merged_policy(graphdef, rest, params, split)
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         return jnp.take(model.model.embed_tokens.embedding[...], ids, axis=0)
 
@@ -338,8 +353,7 @@ def critic_fn(graphdef: Any, rest: Any) -> Callable:
     def values(params, prompt_ids, prompt_mask, tokens, response_mask):
         critic = nnx.merge(graphdef, params, rest)
         width = prompt_ids.shape[1]
-        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
-        mask = jnp.concatenate([prompt_mask, (response_mask > 0).astype(prompt_mask.dtype)], axis=1)
+        ids, mask = joined_sequence(prompt_ids, prompt_mask, tokens, response_mask)
         out, _ = critic(ids, attention_mask=mask)
         return jnp.moveaxis(out[:, width - 1 : width - 1 + tokens.shape[1]], -1, 0) * response_mask
 

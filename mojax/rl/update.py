@@ -694,12 +694,14 @@ def make_train_step(
         kernel always or where it takes fewer multiply-adds (:func:`kernel_pays_off`)."""
         if head_kernel is None or spec.num_microbatches > 1:
             return False
+        if head_kernel.always:
+            return True
         (head,) = [leaf for leaf, flag in zip(jax.tree.leaves(params), head_kernel.flags, strict=True) if flag]
         tokens = micro_batches.tokens[0]
         if head_kernel.input_embeddings is None:
-            return head_kernel.always or kernel_pays_off(tokens.size, n, head.shape)
+            return kernel_pays_off(tokens.size, n, head.shape)
         inputs = tokens.size + micro_batches.prompt_ids[0].size  # the tied table [V, D]: the layers' input tokens
-        return head_kernel.always or kernel_pays_off(tokens.size, n, head.shape[::-1], inputs)
+        return kernel_pays_off(tokens.size, n, head.shape[::-1], inputs)
 
     def with_head_kernel(params, micro, divide, beta, flags):
         """((per-objective gradients of the leaves ``flags`` selects, the head left out, with the head's share of
