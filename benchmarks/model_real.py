@@ -123,11 +123,11 @@ def layer_loop(per_layer: list) -> Callable:
     layer scan, so no stacked residuals or stacked gradients to zero-fill, write and read back."""
     from mojax.models import llama
 
-    def run(_stacked, x, inputs, _past, eps, lora, _keys, remat, _last=None, _prefix=None):
+    def run(_stacked, x, inputs, _past, eps, lora, _keys, remat, _last=None, _prefix=None, rows=None):
         layer = llama.checkpointed(lambda w, h: llama.decoder_layer(w, h, inputs, None, eps, lora)[0], remat)
         for w in per_layer:
             x = layer(w, x)
-        return x, (None, None)
+        return (x, (None, None)) if rows is None else (x[:, rows], None)
 
     return run
 
