@@ -91,6 +91,8 @@ def stacked_pullbacks(
     passes are left unconstrained: there the same constraint makes XLA gather the cotangents of every token
     instead (87 -> 217 GiB).
     """
+    if cotangents.shape[0] == 1:  # one pass: neither a loop nor a vmap of size one, whose layouts cost copies
+        return jax.tree.map(lambda g: g[None], _sharded_like(pullback(cotangents[0])[0], param_shardings))
     if sequential:
         return jax.lax.map(lambda cotangent: _sharded_like(pullback(cotangent)[0], param_shardings), cotangents)
     return jax.vmap(pullback)(cotangents)[0]

@@ -2,9 +2,9 @@
 
 A margin loss moves log pi(y_w) and log pi(y_l) through the per-pair gradients g_w, g_l only
 (``mojax.diagnostics.entanglement`` has the first-order algebra). ``pair_entanglement`` measures them
-during training: one forward pass of the batch, then the pullback vmapped over the 2B unit cotangents
-gives grad log pi of every response on the probe parameters (LM head, last block or LoRA adapters for
-a large model), O(2B x probe size) memory. Mitigations, as losses that autodiff turns into the update:
+during training: a forward pass of each pair (vmapped over the B pairs) and its two pullbacks give
+grad log pi of every response on the probe parameters (LM head, last block or LoRA adapters for a large
+model), O(2B x probe size) memory, 2B backward passes of one pair each. Mitigations, as losses that autodiff turns into the update:
 
 * NPO, the pairwise-normalised update c (g_w/|g_w| - g_l/|g_l|), c = |f'(m)|. Any margin loss gets it
   by feeding it log-probabilities whose value is unchanged and whose gradient is divided by the
@@ -57,18 +57,24 @@ def pair_entanglement(
 ) -> PairEntanglement:
     """Per-pair <g_w, g_l>, norms, cosine, condition and predicted moves on the probe parameters.
 
+    Each pair's two gradients come from its own forward pass and two pullbacks (``per_objective_grads`` of the pair's
+    log-probabilities), vmapped over the pairs: 2B backward passes of one pair's two sequences each. Pulling the 2B
+    unit cotangents back through one forward pass of the whole batch would run 2B backward passes of all 2B
+    sequences: B times the work for the same gradients, since a cotangent on one response reaches no other's rows.
+
     Args:
       logp_fn: ``(params, batch) -> (chosen_logps f32[B], rejected_logps f32[B])``, the sequence
-        log-probabilities the loss sees (length-averaged ones for SimPO).
+        log-probabilities the loss sees (length-averaged ones for SimPO); called here on one pair at a time (a
+        batch of 1, vmapped), so a pair's log-probabilities must not depend on the other pairs of the batch.
       params: the parameter pytree.
-      batch: whatever ``logp_fn`` reads.
+      batch: whatever ``logp_fn`` reads, every leaf with the B pairs on its leading axis.
       probe_mask: an optax-style mask marking the probe parameters (a pytree of bools shaped like ``params`` or a
         prefix of it, or a callable params -> such a tree); gradients are taken on those only
         (:func:`mojax.combiners.per_objective_grads`, whose row i is grad log pi of response i).
       coeff_chosen, coeff_rejected: the margin coefficients a_w, a_l (scalars or f32[B]): 1 for DPO,
         IPO and SimPO on the log-probabilities they see; a_w > a_l for a loss with an SFT term.
-      sequential: pull back the 2B unit cotangents one after another (``lax.map``) instead of vmapped, as
-        ``per_objective_grads`` does.
+      sequential: pull back each pair's two unit cotangents one after the other (``lax.map``) instead of vmapped,
+        as ``per_objective_grads`` does.
 
     Returns:
       ``PairEntanglement``; its norms feed ``npo_preference_loss``.
@@ -90,23 +96,43 @@ def pair_entanglement(
       (1.0, 1.0)
     """
 
-    def logps_of(params_: Any) -> jax.Array:
-        chosen, rejected = logp_fn(params_, batch)
+    _check_pairs(batch)
+
+    def logps_of(params_: Any, pair: Any) -> jax.Array:
+        chosen, rejected = logp_fn(params_, jax.tree.map(lambda leaf: leaf[None], pair))
         return jnp.concatenate([jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)])
 
-    logps, stacked = per_objective_grads(logps_of, params, probe_mask=probe_mask, sequential=sequential)
-    grads = jax.tree.leaves(stacked)  # the probe leaves' [2B, ...] gradients (MaskedNode elsewhere has no leaf)
-    pairs = logps.shape[0] // 2
-    grad_chosen = [grad[:pairs] for grad in grads]
-    grad_rejected = [grad[pairs:] for grad in grads]
-    statistics = entanglement_statistics(grad_chosen, grad_rejected, coeff_chosen, coeff_rejected)
+    def pair_gradients(pair: Any) -> tuple[jax.Array, Any]:
+        return per_objective_grads(logps_of, params, pair, probe_mask=probe_mask, sequential=sequential)
+
+    logps, stacked = jax.vmap(pair_gradients)(batch)  # logps [B, 2]; the probe leaves' gradients [B, 2, ...]
+    grads = jax.tree.leaves(stacked)  # (MaskedNode off the probe has no leaf)
+    statistics = entanglement_statistics(
+        [grad[:, 0] for grad in grads], [grad[:, 1] for grad in grads], coeff_chosen, coeff_rejected
+    )
     return PairEntanglement(
         statistics,
         jnp.sign(statistics.delta_chosen),
         jnp.sign(statistics.delta_rejected),
-        logps[:pairs],
-        logps[pairs:],
+        logps[:, 0],
+        logps[:, 1],
     )
+
+
+def _check_pairs(batch: Any) -> None:
+    """Raise a clear error unless every leaf of ``batch`` holds the same number of pairs on its leading axis."""
+    leaves = jax.tree.leaves(batch)
+    leading = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+    if not leaves or len(leading) != 1 or None in leading:
+        shapes = [jnp.shape(leaf) for leaf in leaves]
+        raise ValueError(
+            _checks.message(
+                "pair_entanglement",
+                "batch",
+                f"has leaves of shapes {shapes}",
+                "arrays that all hold the pairs on their leading axis (one row per pair)",
+            )
+        )
 
 
 def observed_moves_agree(pred_signs: jax.Array, before: jax.Array, after: jax.Array) -> jax.Array:

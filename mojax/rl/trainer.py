@@ -198,7 +198,10 @@ def probe_flags(
     """One bool per parameter leaf: in the probe set (leaves whose path contains a pattern).
 
     The default set is the final norm plus the LM head when it is untied (the tied embedding is vocabulary-sized);
-    for a tied model without explicit patterns it is the final norm and the last stacked layer weights' owners.
+    for a tied model without explicit patterns it is the final norm and the leaves holding the post-attention norms
+    and MLP down-projections: stacked, every layer's, unless the final block is split apart
+    (:func:`mojax.models.split_last_layer`, as probe mode's parameters are; its default mask is
+    :func:`mojax.models.default_probe_mask`).
     """
     if not patterns:
         patterns = (

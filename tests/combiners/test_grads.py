@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,3 +228,20 @@ def test_sequential_pullbacks_run_as_a_loop_of_unbatched_passes():
     for sequential, looped in ((True, True), (False, False)):
         program = jax.jit(lambda p, s=sequential: per_objective_grads(losses_fn, p, INPUTS, sequential=s)[1])
         assert ("while(" in program.lower(params).compile().as_text()) is looped
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["vmapped", "sequential"])
+def test_one_objective_is_one_plain_pullback(sequential):
+    """n = 1: jax.grad's gradient with a leading axis of one, from a single pass (no loop, and the same compiled cost
+    as jax.grad: a vmap of size one made XLA:CPU lay the weight gradients' operands out with transposing copies)."""
+    params = make_params()
+    single_loss = lambda p, x: losses_fn(p, x)[:1]  # noqa: E731
+    losses, grads = per_objective_grads(single_loss, params, INPUTS, sequential=sequential)
+    expected = jax.grad(lambda p: single_loss(p, INPUTS)[0])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[None], rtol=1e-6), grads, expected)
+    np.testing.assert_allclose(losses, single_loss(params, INPUTS), rtol=1e-6)
+    text = jax.jit(lambda p: per_objective_grads(single_loss, p, INPUTS, sequential=sequential)[1]).lower(params)
+    text = text.compile().as_text()
+    plain = jax.jit(lambda p: jax.grad(lambda q: single_loss(q, INPUTS)[0])(p)).lower(params).compile().as_text()
+    layout_ops = lambda hlo: len(re.findall(r"= \S+ (?:copy|transpose)\(", hlo))  # noqa: E731
+    assert "while(" not in text and layout_ops(text) == layout_ops(plain)

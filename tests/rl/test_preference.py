@@ -364,19 +364,30 @@ TOY_OPTIONS = {
 }
 
 
-def random_toy(seed):
-    """Random parameters and a batch of 3 pairs of 3-token responses; rejected responses of lengths 3, 2, 1."""
-    rng = np.random.default_rng(seed)
-    params = {
+def toy_params(rng):
+    """Random toy parameters W f32[dim, vocab] and b f32[vocab]."""
+    return {
         "W": jnp.asarray(rng.normal(size=(TOY_DIM, TOY_VOCAB)), jnp.float32),
         "b": jnp.asarray(rng.normal(size=TOY_VOCAB), jnp.float32),
     }
-    shape = (TOY_PAIRS, TOY_LENGTH)
-    batch = {"m_w": jnp.ones(shape), "m_l": jnp.asarray(np.triu(np.ones(shape))[::-1].copy())}
+
+
+def toy_batch(rng, pairs, length, rejected_mask=None):
+    """`pairs` pairs of `length`-token responses with random features and tokens; full masks unless given."""
+    shape = (pairs, length)
+    batch = {"m_w": jnp.ones(shape), "m_l": jnp.ones(shape) if rejected_mask is None else rejected_mask}
     for side in ("w", "l"):
         batch[f"x_{side}"] = jnp.asarray(rng.normal(size=(*shape, TOY_DIM)), jnp.float32)
         batch[f"y_{side}"] = jnp.asarray(rng.integers(0, TOY_VOCAB, size=shape))
-    return params, batch
+    return batch
+
+
+def random_toy(seed):
+    """Random parameters and a batch of 3 pairs of 3-token responses; rejected responses of lengths 3, 2, 1."""
+    rng = np.random.default_rng(seed)
+    params = toy_params(rng)
+    upper = jnp.asarray(np.triu(np.ones((TOY_PAIRS, TOY_LENGTH)))[::-1].copy())
+    return params, toy_batch(rng, TOY_PAIRS, TOY_LENGTH, rejected_mask=upper)
 
 
 @jax.jit
@@ -438,6 +449,27 @@ def test_length_averaged_log_probs_are_the_summed_ones_with_coefficients_one_ove
     np.testing.assert_allclose(
         averaged.statistics.delta_chosen, summed.statistics.delta_chosen / lengths_w, rtol=1e-4, atol=1e-6
     )
+
+
+def test_pair_entanglement_work_grows_linearly_with_the_pairs():
+    """Each pair's two pullbacks run through that pair's responses alone: 4x the pairs, about 4x the compiled flops
+    (2B pullbacks through the whole batch's forward would make it 16x)."""
+    params = toy_params(np.random.default_rng(0))
+
+    def compiled_flops(pairs):
+        batch = toy_batch(np.random.default_rng(1), pairs, length=64)
+        program = jax.jit(lambda p, b: pair_entanglement(toy_logps, p, b, probe_mask=PROBE).statistics.inner)
+        return program.lower(params, batch).compile().cost_analysis()["flops"]
+
+    assert compiled_flops(16) / compiled_flops(4) < 5.0
+
+
+def test_pair_entanglement_refuses_a_batch_without_a_pair_axis():
+    params, batch = random_toy(0)
+    with pytest.raises(ValueError, match="pairs on their leading axis"):
+        pair_entanglement(toy_logps, params, {**batch, "m_w": batch["m_w"][:2]}, probe_mask=PROBE)
+    with pytest.raises(ValueError, match="pairs on their leading axis"):
+        pair_entanglement(toy_logps, params, {**batch, "m_w": jnp.float32(1.0)}, probe_mask=PROBE)
 
 
 def test_pair_entanglement_refuses_a_bad_probe_mask():
