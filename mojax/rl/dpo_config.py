@@ -67,7 +67,7 @@ class PreferenceSection:
     norm plus the LM head when untied (never a tied vocabulary-sized embedding). A tied model's default adds every
     decoder layer's ``post_attention_layernorm`` and ``mlp.down_proj`` (the stacked leaves hold all the layers), so
     each measured pair's pullbacks run through the whole trunk: ``["model.norm"]`` measures on the final norm alone,
-    for about the cost of the LM head's backward pass."""
+    whose pullbacks run through the LM head only."""
     entanglement_pairs: int = 4
     """Pairs per step (the first of the batch) that get the per-pair entanglement statistics (0: none)."""
 
