@@ -4,7 +4,8 @@ A margin loss moves log pi(y_w) and log pi(y_l) through the per-pair gradients g
 (``mojax.diagnostics.entanglement`` has the first-order algebra). ``pair_entanglement`` measures them
 during training: a forward pass of each pair (vmapped over the B pairs) and its two pullbacks give
 grad log pi of every response on the probe parameters (LM head, last block or LoRA adapters for a large
-model), O(2B x probe size) memory, 2B backward passes of one pair each. Mitigations, as losses that autodiff turns into the update:
+model): 2B backward passes of one pair each, O(2B x probe size) memory. Mitigations, as losses that
+autodiff turns into the update:
 
 * NPO, the pairwise-normalised update c (g_w/|g_w| - g_l/|g_l|), c = |f'(m)|. Any margin loss gets it
   by feeding it log-probabilities whose value is unchanged and whose gradient is divided by the

@@ -453,7 +453,7 @@ def test_length_averaged_log_probs_are_the_summed_ones_with_coefficients_one_ove
 
 def test_pair_entanglement_work_grows_linearly_with_the_pairs():
     """Each pair's two pullbacks run through that pair's responses alone: 4x the pairs, about 4x the compiled flops
-    (2B pullbacks through the whole batch's forward would make it 16x)."""
+    (2B pullbacks through the whole batch's forward grow as the square of the pairs: about 16x)."""
     params = toy_params(np.random.default_rng(0))
 
     def compiled_flops(pairs):
