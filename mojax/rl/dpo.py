@@ -12,7 +12,8 @@ One step of :class:`DPOTrainer`:
    every parameter) -> the combiner -> one AdamW step, all in one jitted function whose state is donated;
 4. metrics under TRL's names (``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``)
    and the gradient-entanglement statistics of Yuan et al. (arXiv 2410.13828) on the probe set for the first
-   ``preference.entanglement_pairs`` pairs of the batch.
+   ``preference.entanglement_pairs`` pairs of the batch, at every ``preference.entanglement_every``-th step (the
+   steps between run the same step compiled without them).
 
 How the entanglement paper was read: a step on any per-pair loss l(lp_w, lp_l) moves the parameters by
 -eta (dl/dlp_w g_w + dl/dlp_l g_l), so to first order log pi_w moves by eta (a_w |g_w|^2 - a_l <g_w, g_l>) and
@@ -763,19 +764,19 @@ class DPOTrainer(Run):
         on_the_fly = preference.reference == "on_the_fly"
         # LoRA: the on-the-fly reference is the base model (adapters off) of the current parameters, no copy.
         base = response_fn(self.graphdef, self.rest, adapters=False) if on_the_fly and config.lora.rank else None
-        self._step_fn = jax.jit(
-            make_dpo_step(
-                self.policy,
-                self.combiner,
-                self.optimizer,
-                self.spec,
-                self.probe_mask,
-                base,
-                lora_mask(params) if config.lora.rank else None,
-            ),
-            donate_argnums=0,
+        trainable = lora_mask(params) if config.lora.rank else None
+
+        def compiled(spec: StepSpec) -> Callable:
+            step = make_dpo_step(self.policy, self.combiner, self.optimizer, spec, self.probe_mask, base, trainable)
             # its per-objective gradients and per-pair entanglement vmap pullbacks (mojax.xla_cpu)
-            compiler_options=batched_pullback_options(),
+            return jax.jit(step, donate_argnums=0, compiler_options=batched_pullback_options())
+
+        self._step_fn = compiled(self.spec)
+        # the steps between two measurements of the entanglement statistics run the same step without them
+        self._unmeasured_step_fn = (
+            compiled(self.spec._replace(entanglement_pairs=0))
+            if preference.entanglement_every > 1 and self.spec.entanglement_pairs
+            else self._step_fn
         )
         self._logps = jax.jit(functools.partial(pair_logps, self.policy, average=config.length_average))
         self.margin_rewards = tuple(
@@ -900,8 +901,10 @@ class DPOTrainer(Run):
         step = self.step + 1
         started = time.perf_counter()
         batch = self.pairs_for_step(step)
+        measured = (step - 1) % self.config.preference.entanglement_every == 0
+        step_fn = self._step_fn if measured else self._unmeasured_step_fn
         with self.on_mesh():
-            self.state, update = self._step_fn(self.state, self._place(batch), self.reference_params)
+            self.state, update = step_fn(self.state, self._place(batch), self.reference_params)
         update = jax.device_get(update)
         self.step = step
         metrics = self._metrics(update, batch.objective_ids)

@@ -70,6 +70,10 @@ class PreferenceSection:
     whose pullbacks run through the LM head only."""
     entanglement_pairs: int = 4
     """Pairs per step (the first of the batch) that get the per-pair entanglement statistics (0: none)."""
+    entanglement_every: int = 1
+    """Measure the entanglement statistics at steps 1, 1 + k, 1 + 2k, ... only (k = this value; 1: every step). The
+    other steps run a second compiled program without them, which trains the same (NPO still reads its norms at every
+    step): on a tied model the default statistics double the step's time."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -225,6 +229,7 @@ _POSITIVE_INTS = (
     "data.pairs_per_step",
     "data.max_prompt_length",
     "data.max_completion_length",
+    "preference.entanglement_every",
     "checkpoint.save_steps",
     "checkpoint.max_to_keep",
     "max_consecutive_skips",

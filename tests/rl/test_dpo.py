@@ -247,6 +247,24 @@ def test_rerun_with_more_steps_equals_a_straight_run(run_root, tmp_path):
     assert without_timing(read_metrics(tmp_path)) == without_timing(want_records[:4])
 
 
+def test_entanglement_measured_every_third_step_trains_the_same(run_root, tmp_path):
+    """``preference.entanglement_every=3``: the statistics at steps 1 and 4 only; the steps between run the program
+    without them, and the run's parameters and other metrics are the straight run's (to float rounding: the two
+    programs are compiled apart)."""
+    _, want_params, want_records = straight_run(run_root)
+    trainer = DPOTrainer(dpo_config(tmp_path, "steps=4", "preference.entanglement_every=3"))
+    trainer.train()
+    trainer.close()
+    records = without_timing(read_metrics(tmp_path))
+    assert [record["step"] for record in records if "entanglement/cosine" in record] == [1, 4]
+    for got, want in zip(params_of(trainer), want_params, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(records, without_timing(want_records[:4]), strict=True):
+        expected = {key: value for key, value in want.items() if key in got}
+        assert set(got) == set(expected) and set(want) - set(got) <= {f"entanglement/{k}" for k in ENTANGLEMENT_KEYS}
+        np.testing.assert_allclose([got[key] for key in expected], list(expected.values()), rtol=1e-4, atol=1e-6)
+
+
 def test_mojax_plot_draws_the_rewards_and_weights_of_a_dpo_run(run_root, tmp_path):
     straight_run(run_root)
     written = plot_runs([Path(run_root) / "straight"], tmp_path)
@@ -373,6 +391,7 @@ def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner)
         ("preference.loss_weights=[1, 2]", "`preference.loss_weights` has 2 entries"),
         ("preference.label_smoothing=0.6", "`preference.label_smoothing` is 0.6"),
         ("data.pairs_per_step=0", "`data.pairs_per_step` is 0"),
+        ("preference.entanglement_every=0", "`preference.entanglement_every` is 0"),
         ("data.setting=two_token", "`data.setting` is 'two_token'"),
         ("combiner.name=nope", "`combiner.name` is 'nope'"),
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
