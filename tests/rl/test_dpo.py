@@ -265,6 +265,19 @@ def test_entanglement_measured_every_third_step_trains_the_same(run_root, tmp_pa
         np.testing.assert_allclose([got[key] for key in expected], list(expected.values()), rtol=1e-4, atol=1e-6)
 
 
+def test_npo_reads_its_norms_on_the_steps_between_measurements(run_root, tmp_path):
+    """NPO's update needs the per-pair norms at every step: the steps without the statistics still compute them, so
+    the log-probs move as in the every-step run."""
+    want = without_timing(toy_run(run_root, "npo"))
+    trainer = DPOTrainer(dpo_config(tmp_path, *TOY, "preference.mitigation=npo", "preference.entanglement_every=2"))
+    trainer.train()
+    trainer.close()
+    got = without_timing(read_metrics(tmp_path))
+    assert [record["step"] for record in got if "entanglement/cosine" in record] == [1, 3]
+    for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_mojax_plot_draws_the_rewards_and_weights_of_a_dpo_run(run_root, tmp_path):
     straight_run(run_root)
     written = plot_runs([Path(run_root) / "straight"], tmp_path)
