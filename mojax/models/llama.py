@@ -773,14 +773,15 @@ def run_layers(
     prefix_valid = None if prefix is None else prefix.rows_valid(x.shape[0])
     shared = None if prefix is None else (prefix.keys, prefix.values)
 
+    def in_compute_dtype(w, x):
+        return jax.tree.map(lambda a: a.astype(x.dtype), w)
+
     def layer(w, x, layer_past, key, layer_shared):
-        w = jax.tree.map(lambda a: a.astype(x.dtype), w)
         layer_prefix = None if layer_shared is None else (*layer_shared, prefix_valid)
-        return decoder_layer(w, x, inputs, layer_past, eps, lora._replace(key=key), layer_prefix)
+        return decoder_layer(in_compute_dtype(w, x), x, inputs, layer_past, eps, lora._replace(key=key), layer_prefix)
 
     def layer_at_rows(w, x, key):
-        w = jax.tree.map(lambda a: a.astype(x.dtype), w)
-        return decoder_layer_at_rows(w, x, inputs, eps, lora._replace(key=key), rows)
+        return decoder_layer_at_rows(in_compute_dtype(w, x), x, inputs, eps, lora._replace(key=key), rows)
 
     layer = checkpointed(layer, remat)
     body = lambda x, xs: layer(xs[0], x, *xs[1:])  # noqa: E731
