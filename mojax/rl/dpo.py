@@ -13,7 +13,8 @@ One step of :class:`DPOTrainer`:
 4. metrics under TRL's names (``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``)
    and the gradient-entanglement statistics of Yuan et al. (arXiv 2410.13828) on the probe set for the first
    ``preference.entanglement_pairs`` pairs of the batch, at every ``preference.entanglement_every``-th step (the
-   steps between run the same step compiled without them).
+   steps between run the same step compiled without them); each measured response's probe gradient comes from its
+   own forward pass and one pullback (``response_entanglement``).
 
 How the entanglement paper was read: a step on any per-pair loss l(lp_w, lp_l) moves the parameters by
 -eta (dl/dlp_w g_w + dl/dlp_l g_l), so to first order log pi_w moves by eta (a_w |g_w|^2 - a_l <g_w, g_l>) and
@@ -77,7 +78,7 @@ from mojax.rl.preference_entanglement import (
     learned_token_mask,
     normalised_gradient_logps,
     observed_moves_agree,
-    pair_entanglement,
+    response_entanglement,
     token_mask_penalty,
 )
 from mojax.rl.rewards import Objective, resolve, score, signed
@@ -418,18 +419,40 @@ class StepSpec(NamedTuple):
         return "bco_pair" in self.loss_types
 
 
+class Responses(NamedTuple):
+    """One response of each pair after its prompt, the pair axis first (a :class:`PairBatch`'s chosen or rejected
+    side)."""
+
+    prompt_ids: Any  # i32[R, P]
+    prompt_mask: Any  # i32[R, P]
+    ids: Any  # i32[R, T]
+    mask: Any  # f32[R, T]
+    weights: Any  # f32[R, T]
+
+
+def chosen_responses(batch: PairBatch) -> Responses:
+    """The batch's chosen responses after their prompts."""
+    return Responses(batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask, batch.chosen_weights)
+
+
+def rejected_responses(batch: PairBatch) -> Responses:
+    """The batch's rejected responses after their prompts."""
+    return Responses(
+        batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask, batch.rejected_weights
+    )
+
+
+def response_logps(policy: Callable, params: Any, responses: Responses, *, average: bool) -> jax.Array:
+    """f32[R] the sequence log-probs of the responses (summed or length-averaged over their weighted tokens)."""
+    token_logps, _ = policy(params, responses.prompt_ids, responses.prompt_mask, responses.ids, responses.mask)
+    return sequence_logps(token_logps, responses.weights, average=average)
+
+
 def pair_logps(policy: Callable, params: Any, batch: PairBatch, *, average: bool) -> tuple[jax.Array, jax.Array]:
     """(chosen f32[B], rejected f32[B]) sequence log-probs from one forward pass of the 2B sequences."""
     pairs = batch.chosen_ids.shape[0]
-    twice = lambda a, b: jnp.concatenate([a, b], axis=0)
-    token_logps, _ = policy(
-        params,
-        twice(batch.prompt_ids, batch.prompt_ids),
-        twice(batch.prompt_mask, batch.prompt_mask),
-        twice(batch.chosen_ids, batch.rejected_ids),
-        twice(batch.chosen_mask, batch.rejected_mask),
-    )
-    logps = sequence_logps(token_logps, twice(batch.chosen_weights, batch.rejected_weights), average=average)
+    both = jax.tree.map(lambda *sides: jnp.concatenate(sides), chosen_responses(batch), rejected_responses(batch))
+    logps = response_logps(policy, params, both, average=average)
     return logps[:pairs], logps[pairs:]
 
 
@@ -548,6 +571,7 @@ def make_dpo_step(
     """
     n = spec.num_objectives
     logps_of = functools.partial(pair_logps, policy, average=spec.length_average)
+    response_logps_of = functools.partial(response_logps, policy, average=spec.length_average)
     reference_logps_of = functools.partial(pair_logps, reference_policy or policy, average=spec.length_average)
     measured = spec.entanglement_pairs
 
@@ -573,8 +597,15 @@ def make_dpo_step(
             batch = batch._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
             seen = seen._replace(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         geometry_pairs = batch.chosen_ids.shape[0] if spec.npo else measured
+        measured_pairs = _take(seen, slice(0, geometry_pairs))
         geometry = (
-            pair_entanglement(logps_of, state.params, _take(seen, slice(0, geometry_pairs)), probe_mask=probe_mask)
+            response_entanglement(
+                response_logps_of,
+                state.params,
+                chosen_responses(measured_pairs),
+                rejected_responses(measured_pairs),
+                probe_mask=probe_mask,
+            )
             if geometry_pairs
             else None
         )

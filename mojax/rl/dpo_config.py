@@ -66,8 +66,8 @@ class PreferenceSection:
     """Parameter path substrings of the probe set of the entanglement statistics and of NPO's norms; empty: the final
     norm plus the LM head when untied (never a tied vocabulary-sized embedding). A tied model's default adds every
     decoder layer's ``post_attention_layernorm`` and ``mlp.down_proj`` (the stacked leaves hold all the layers), so
-    each measured pair's pullbacks run through the whole trunk: ``["model.norm"]`` measures on the final norm alone,
-    whose pullbacks run through the LM head only."""
+    each measured response's pullback runs through the whole trunk: ``["model.norm"]`` measures on the final norm
+    alone, whose pullbacks run through the LM head only."""
     entanglement_pairs: int = 4
     """Pairs per step (the first of the batch) that get the per-pair entanglement statistics (0: none)."""
     entanglement_every: int = 1

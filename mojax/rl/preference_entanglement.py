@@ -4,8 +4,9 @@ A margin loss moves log pi(y_w) and log pi(y_l) through the per-pair gradients g
 (``mojax.diagnostics.entanglement`` has the first-order algebra). ``pair_entanglement`` measures them
 during training: a forward pass of each pair (vmapped over the B pairs) and its two pullbacks give
 grad log pi of every response on the probe parameters (LM head, last block or LoRA adapters for a large
-model): 2B backward passes of one pair each, O(2B x probe size) memory. Mitigations, as losses that
-autodiff turns into the update:
+model): 2B backward passes of one pair each, O(2B x probe size) memory. ``response_entanglement`` does the same
+from a log-probability function of one response: a forward pass and one pullback per response, half the backward
+work. Mitigations, as losses that autodiff turns into the update:
 
 * NPO, the pairwise-normalised update c (g_w/|g_w| - g_l/|g_l|), c = |f'(m)|. Any margin loss gets it
   by feeding it log-probabilities whose value is unchanged and whose gradient is divided by the
@@ -97,7 +98,7 @@ def pair_entanglement(
       (1.0, 1.0)
     """
 
-    _check_pairs(batch)
+    _check_pairs("pair_entanglement", "batch", batch)
 
     def logps_of(params_: Any, pair: Any) -> jax.Array:
         chosen, rejected = logp_fn(params_, jax.tree.map(lambda leaf: leaf[None], pair))
@@ -108,32 +109,116 @@ def pair_entanglement(
 
     logps, stacked = jax.vmap(pair_gradients)(batch)  # logps [B, 2]; the probe leaves' gradients [B, 2, ...]
     grads = jax.tree.leaves(stacked)  # (MaskedNode off the probe has no leaf)
-    statistics = entanglement_statistics(
-        [grad[:, 0] for grad in grads], [grad[:, 1] for grad in grads], coeff_chosen, coeff_rejected
-    )
+    chosen_grads, rejected_grads = [grad[:, 0] for grad in grads], [grad[:, 1] for grad in grads]
+    return _entanglement_of(chosen_grads, rejected_grads, logps[:, 0], logps[:, 1], coeff_chosen, coeff_rejected)
+
+
+def response_entanglement(
+    response_logp_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    chosen: Any,
+    rejected: Any,
+    *,
+    probe_mask: Any,
+    coeff_chosen: jax.Array | float = 1.0,
+    coeff_rejected: jax.Array | float = 1.0,
+    sequential: bool = False,
+) -> PairEntanglement:
+    """:func:`pair_entanglement` for log-probabilities computed one response at a time: half its backward passes.
+
+    Each response's gradient grad log pi(y) on the probe parameters comes from its own forward pass and one pullback,
+    vmapped over the 2B responses: 2B backward passes of one sequence each, where ``pair_entanglement`` (whose
+    ``logp_fn`` sees both responses of a pair at once) runs 2B backward passes of one pair's two sequences. Use it
+    whenever log pi(y_w) does not read y_l, as for a causal LM scoring each response after the prompt.
+
+    Args:
+      response_logp_fn: ``(params, responses) -> f32[R]``, the sequence log-probability of each of R responses as the
+        loss sees it; called here on one response at a time (R = 1, vmapped).
+      params: the parameter pytree.
+      chosen, rejected: the B chosen and the B rejected responses, whatever ``response_logp_fn`` reads: two pytrees of
+        the same structure and leaf shapes, every leaf with the B pairs on its leading axis.
+      probe_mask, coeff_chosen, coeff_rejected: as for :func:`pair_entanglement`.
+      sequential: pull back one response after the other (``lax.map``, one response's activation gradients at a time)
+        instead of vmapped over the 2B responses.
+
+    Returns:
+      ``PairEntanglement``, the same statistics as ``pair_entanglement`` of the pair function
+      ``(params, (chosen, rejected)) -> (response_logp_fn(params, chosen), response_logp_fn(params, rejected))``.
+
+    On XLA:CPU, jit a caller of the vmapped pullbacks with ``compiler_options=mojax.xla_cpu.batched_pullback_options()``
+    as the DPO trainer does, or pass ``sequential=True`` (:mod:`mojax.xla_cpu`).
+
+    References:
+      Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+      ICLR 2025, arXiv 2410.13828.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> response_logp_fn = lambda theta, phi: phi @ theta  # log pi(y) = theta . phi(y)
+      >>> chosen, rejected = jnp.array([[1.0, 1.0]]), jnp.array([[1.0, 0.9]])  # shared features: entangled
+      >>> out = response_entanglement(response_logp_fn, jnp.zeros(2), chosen, rejected, probe_mask=True)
+      >>> float(out.predicted_chosen[0]), float(out.predicted_rejected[0])  # a DPO step raises both
+      (1.0, 1.0)
+    """
+    where = "response_entanglement"
+    pairs = _check_pairs(where, "chosen", chosen)
+    _check_pairs(where, "rejected", rejected)
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+    if jax.tree.structure(chosen) != jax.tree.structure(rejected) or shapes(chosen) != shapes(rejected):
+        raise ValueError(
+            _checks.message(
+                where,
+                "rejected",
+                f"has the structure and leaf shapes {shapes(rejected)}",
+                f"the chosen responses' {shapes(chosen)}, so that the 2B responses form one batch",
+            )
+        )
+
+    def logp_of(params_: Any, response: Any) -> jax.Array:
+        return jnp.asarray(response_logp_fn(params_, jax.tree.map(lambda leaf: leaf[None], response)), jnp.float32)
+
+    def response_gradient(response: Any) -> tuple[jax.Array, Any]:
+        logp, stacked = per_objective_grads(logp_of, params, response, probe_mask=probe_mask)  # one plain pullback
+        return logp[0], jax.tree.leaves(stacked)
+
+    responses = jax.tree.map(lambda *sides: jnp.concatenate(sides), chosen, rejected)
+    each = jax.lax.map(response_gradient, responses) if sequential else jax.vmap(response_gradient)(responses)
+    logps, grads = each  # [2B], the probe leaves' gradients [2B, 1, ...]
+    chosen_grads, rejected_grads = [grad[:pairs, 0] for grad in grads], [grad[pairs:, 0] for grad in grads]
+    return _entanglement_of(chosen_grads, rejected_grads, logps[:pairs], logps[pairs:], coeff_chosen, coeff_rejected)
+
+
+def _entanglement_of(
+    chosen_grads: list[jax.Array],
+    rejected_grads: list[jax.Array],
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    coeff_chosen: jax.Array | float,
+    coeff_rejected: jax.Array | float,
+) -> PairEntanglement:
+    """``PairEntanglement`` of the per-pair gradients (the probe leaves, each [B, ...]) and log-probabilities."""
+    statistics = entanglement_statistics(chosen_grads, rejected_grads, coeff_chosen, coeff_rejected)
     return PairEntanglement(
         statistics,
         jnp.sign(statistics.delta_chosen),
         jnp.sign(statistics.delta_rejected),
-        logps[:, 0],
-        logps[:, 1],
+        chosen_logps,
+        rejected_logps,
     )
 
 
-def _check_pairs(batch: Any) -> None:
-    """Raise a clear error unless every leaf of ``batch`` holds the same number of pairs on its leading axis."""
+def _check_pairs(where: str, name: str, batch: Any) -> int:
+    """The number of pairs B; a clear error unless every leaf of ``batch`` holds B rows on its leading axis."""
     leaves = jax.tree.leaves(batch)
     leading = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
     if not leaves or len(leading) != 1 or None in leading:
         shapes = [jnp.shape(leaf) for leaf in leaves]
         raise ValueError(
             _checks.message(
-                "pair_entanglement",
-                "batch",
-                f"has leaves of shapes {shapes}",
-                "arrays that all hold the pairs on their leading axis (one row per pair)",
+                where, name, f"has leaves of shapes {shapes}", "arrays that all hold the pairs on their leading axis"
             )
         )
+    return leading.pop()
 
 
 def observed_moves_agree(pred_signs: jax.Array, before: jax.Array, after: jax.Array) -> jax.Array:

@@ -18,8 +18,10 @@ from mojax.rl.dpo import (
     DPOTrainer,
     PairBatch,
     StepSpec,
+    _take,
     encode_pairs,
     margin_coefficients,
+    pair_logps,
     predicted_moves,
     run_dpo,
     tiny_preference_pairs,
@@ -263,6 +265,27 @@ def test_entanglement_measured_every_third_step_trains_the_same(run_root, tmp_pa
         expected = {key: value for key, value in want.items() if key in got}
         assert set(got) == set(expected) and set(want) - set(got) <= {f"entanglement/{k}" for k in ENTANGLEMENT_KEYS}
         np.testing.assert_allclose([got[key] for key in expected], list(expected.values()), rtol=1e-4, atol=1e-6)
+
+
+def test_the_steps_entanglement_statistics_are_the_per_response_gradients_of_its_log_probs(tmp_path):
+    """The step's ``entanglement/{inner,norm_chosen,norm_rejected}`` are the means over the measured pairs of the
+    products of jax.grad of each response's log-prob alone (``pair_logps`` on that pair) on the probe leaves."""
+    trainer = DPOTrainer(dpo_config(tmp_path, "steps=1", "preference.entanglement_pairs=3"))
+    params, batch = jax.tree.map(jnp.copy, trainer.state.params), trainer.pairs_for_step(1)
+    flags = jax.tree.leaves(trainer.probe_mask)
+
+    def probe_gradient(pair: int, side: int) -> np.ndarray:
+        logp = lambda p: pair_logps(trainer.policy, p, _take(batch, slice(pair, pair + 1)), average=False)[side][0]
+        grads = jax.tree.leaves(jax.grad(logp)(params))
+        return np.concatenate([np.ravel(grad) for grad, flag in zip(grads, flags, strict=True) if flag])
+
+    grads = np.asarray([[probe_gradient(pair, side) for side in (0, 1)] for pair in range(3)])
+    metrics = trainer.train()
+    trainer.close()
+    np.testing.assert_allclose(metrics["entanglement/inner"], np.mean(np.sum(grads[:, 0] * grads[:, 1], 1)), rtol=1e-4)
+    for side, key in enumerate(("norm_chosen", "norm_rejected")):
+        want = np.mean(np.linalg.norm(grads[:, side], axis=1))
+        np.testing.assert_allclose(metrics[f"entanglement/{key}"], want, rtol=1e-4, err_msg=key)
 
 
 def test_npo_reads_its_norms_on_the_steps_between_measurements(run_root, tmp_path):

@@ -28,6 +28,7 @@ from mojax.rl.preference_entanglement import (
     npo_preference_loss,
     observed_moves_agree,
     pair_entanglement,
+    response_entanglement,
     token_mask_penalty,
 )
 
@@ -462,6 +463,75 @@ def test_pair_entanglement_work_grows_linearly_with_the_pairs():
         return program.lower(params, batch).compile().cost_analysis()["flops"]
 
     assert compiled_flops(16) / compiled_flops(4) < 5.0
+
+
+def toy_response_logps(params, responses):
+    return sequence_logps(toy_token_logps(params, responses["x"], responses["y"]), responses["m"])
+
+
+def toy_sides(batch):
+    """The toy batch's chosen and rejected responses, each a dict of x, y, m."""
+    return tuple({key: batch[f"{key}_{side}"] for key in ("x", "y", "m")} for side in ("w", "l"))
+
+
+def test_response_entanglement_equals_explicit_per_pair_gradients_and_pair_entanglement():
+    params, batch = random_toy(2)
+    g_w, g_l = explicit_pair_grads(params, batch)
+    inner, sq_w, sq_l = np.sum(g_w * g_l, 1), np.sum(g_w**2, 1), np.sum(g_l**2, 1)
+    chosen, rejected = toy_logps(params, batch)
+    coefficients = {"coeff_chosen": 2.0, "coeff_rejected": jnp.asarray([1.0, 0.5, 3.0])}
+    by_pairs = pair_entanglement(toy_logps, params, batch, probe_mask=PROBE, **coefficients)
+    for sequential in (False, True):
+        out = jax.jit(
+            lambda p, chosen, rejected, sequential=sequential: response_entanglement(
+                toy_response_logps, p, chosen, rejected, probe_mask=PROBE, sequential=sequential, **coefficients
+            )
+        )(params, *toy_sides(batch))
+        np.testing.assert_allclose(out.statistics.inner, inner, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out.statistics.norm_chosen, np.sqrt(sq_w), rtol=1e-5)
+        np.testing.assert_allclose(out.statistics.norm_rejected, np.sqrt(sq_l), rtol=1e-5)
+        np.testing.assert_array_equal(
+            out.predicted_chosen, np.sign(2.0 * sq_w - coefficients["coeff_rejected"] * inner)
+        )
+        np.testing.assert_allclose(out.chosen_logps, chosen, rtol=1e-6)
+        np.testing.assert_allclose(out.rejected_logps, rejected, rtol=1e-6)
+        for mine, theirs in zip(jax.tree.leaves(out), jax.tree.leaves(by_pairs), strict=True):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_response_entanglement_pulls_back_through_one_response_where_pair_entanglement_runs_both():
+    """Each response's pullback runs through its own sequence only; each of ``pair_entanglement``'s two pullbacks per
+    pair runs through both of the pair's sequences: the toy model's backward flops halve, its forward's stay."""
+    params = toy_params(np.random.default_rng(0))
+    batch = toy_batch(np.random.default_rng(1), 8, length=64)
+
+    def compiled_flops(program, *args):
+        return jax.jit(program).lower(params, *args).compile().cost_analysis()["flops"]
+
+    by_pairs = compiled_flops(lambda p, b: pair_entanglement(toy_logps, p, b, probe_mask=PROBE).statistics.inner, batch)
+    by_responses = compiled_flops(
+        lambda p, chosen, rejected: (
+            response_entanglement(toy_response_logps, p, chosen, rejected, probe_mask=PROBE).statistics.inner
+        ),
+        *toy_sides(batch),
+    )
+    forward = compiled_flops(lambda p, b: jnp.stack(toy_logps(p, b)), batch)
+    assert by_responses - forward < 0.6 * (by_pairs - forward)
+
+
+def test_response_entanglement_refuses_sides_that_do_not_match():
+    params, batch = random_toy(0)
+    chosen, rejected = toy_sides(batch)
+    with pytest.raises(ValueError, match="the chosen responses'"):
+        response_entanglement(
+            toy_response_logps, params, chosen, {**rejected, "x": rejected["x"][:, :2]}, probe_mask=PROBE
+        )
+    with pytest.raises(ValueError, match="the chosen responses'"):
+        response_entanglement(toy_response_logps, params, chosen, {"x": rejected["x"]}, probe_mask=PROBE)
+    with pytest.raises(ValueError, match="rejected.*pairs on their leading axis"):
+        response_entanglement(
+            toy_response_logps, params, chosen, {**rejected, "m": rejected["m"][:2]}, probe_mask=PROBE
+        )
 
 
 def test_pair_entanglement_refuses_a_batch_without_a_pair_axis():
