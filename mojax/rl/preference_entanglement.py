@@ -63,6 +63,8 @@ def pair_entanglement(
     log-probabilities), vmapped over the pairs: 2B backward passes of one pair's two sequences each. Pulling the 2B
     unit cotangents back through one forward pass of the whole batch would run 2B backward passes of all 2B
     sequences: B times the work for the same gradients, since a cotangent on one response reaches no other's rows.
+    When each response's log-probability can be computed alone, :func:`response_entanglement` does half the backward
+    work: each pair's two pullbacks here still run through both of its sequences.
 
     Args:
       logp_fn: ``(params, batch) -> (chosen_logps f32[B], rejected_logps f32[B])``, the sequence
