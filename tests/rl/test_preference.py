@@ -501,7 +501,7 @@ def test_response_entanglement_equals_explicit_per_pair_gradients_and_pair_entan
 
 def test_response_entanglement_pulls_back_through_one_response_where_pair_entanglement_runs_both():
     """Each response's pullback runs through its own sequence only; each of ``pair_entanglement``'s two pullbacks per
-    pair runs through both of the pair's sequences: the toy model's backward flops halve, its forward's stay."""
+    pair runs through both of the pair's sequences: beyond the forward pass, the toy model's flops fall below 0.6x."""
     params = toy_params(np.random.default_rng(0))
     batch = toy_batch(np.random.default_rng(1), 8, length=64)
 
