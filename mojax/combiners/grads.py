@@ -92,7 +92,8 @@ def stacked_pullbacks(
     instead (87 -> 217 GiB).
 
     One row (n = 1) runs one plain pullback either way: a vmap of size one made XLA:CPU lay the weight gradients'
-    operands out with transposing copies (the single-objective DPO step took 1.12x longer with them on SmolLM2-135M).
+    operands out with transposing copies (benchmarks/RESULTS.md, "The DPO step: each pair's entanglement pullbacks
+    over that pair alone").
     """
     if cotangents.shape[0] == 1:
         return jax.tree.map(lambda g: g[None], _sharded_like(pullback(cotangents[0])[0], param_shardings))

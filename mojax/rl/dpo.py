@@ -799,7 +799,7 @@ class DPOTrainer(Run):
 
         def compiled(spec: StepSpec) -> Callable:
             step = make_dpo_step(self.policy, self.combiner, self.optimizer, spec, self.probe_mask, base, trainable)
-            # its per-objective gradients and per-pair entanglement vmap pullbacks (mojax.xla_cpu)
+            # its per-objective gradients and per-response entanglement vmap pullbacks (mojax.xla_cpu)
             return jax.jit(step, donate_argnums=0, compiler_options=batched_pullback_options())
 
         self._step_fn = compiled(self.spec)

@@ -73,7 +73,7 @@ class PreferenceSection:
     entanglement_every: int = 1
     """Measure the entanglement statistics at steps 1, 1 + k, 1 + 2k, ... only (k = this value; 1: every step). The
     other steps run a second compiled program without them, which trains the same (NPO still reads its norms at every
-    step): on a tied model the default statistics double the step's time."""
+    step): on SmolLM2-135M the default statistics add half the time of the step without them."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
