@@ -23,6 +23,10 @@ is the fixed batch; every other contender runs on that same batch:
 * ``<combiner>/<mode>, head's n gradients`` (``--references head-gradients``): each probe- and full-mode contender
   again with ``combiner.head_gram=gradients``, the LM head's n gradients in its Gram instead of its token kernel
   (where ``auto`` takes the kernel the two differ; where it does not, they are the same program);
+* ``<combiner>/<mode>, batched pullbacks`` (``--references other-pullbacks``): each probe- and full-mode contender
+  again with its n pullbacks the other way (``combiner.pullbacks``): one pullback vmapped over the n cotangents,
+  compiled with :func:`mojax.xla_cpu.batched_pullback_options` as the trainer does, where the trainer's runs them in
+  sequence; in sequence where the trainer's are batched;
 * ``optimizer alone: clip, optimizer step`` (``--references optimizer``): the clip and the trainer's optimizer step
   (AdamW by default) on one gradient, with nothing before them: what every update runs after its gradients and the
   bound leaves out. The verdict then also gives each full mode's ratio to the bound plus this step;
@@ -113,6 +117,7 @@ FULL_TARGET = 1.1  # ratio of full mode to the bound
 ALL_MODES = ("scalar", "probe", "full")
 OTHER_SKIP = "other skip"
 HEAD_GRADIENTS = "head's n gradients"
+OTHER_PULLBACKS = "other pullbacks"
 OPTIMIZER = "optimizer alone: clip, optimizer step"
 GRADIENT_READ = "one read of the n gradients"
 REFERENCES = {
@@ -120,6 +125,7 @@ REFERENCES = {
     "peers-step": PEERS_STEP,
     "other-skip": OTHER_SKIP,
     "head-gradients": HEAD_GRADIENTS,
+    "other-pullbacks": OTHER_PULLBACKS,
     "optimizer": OPTIMIZER,
     "gradient-read": GRADIENT_READ,
 }
@@ -342,16 +348,29 @@ def contenders(
             if mode == "full" and OTHER_SKIP in references:
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
             if HEAD_GRADIENTS in references:
-                with_gradients = trainer_for(n, name, mode, workdir, [*extra, "combiner.head_gram=gradients"])
-                call = update_call(with_gradients, batch)
-                label = f"{name}/{mode}, {HEAD_GRADIENTS}"
-                temporaries = update_temporaries(with_gradients, batch)
-                found.append(Contender(label, "", call, timed_first(call), None, temporaries))
+                variant = "combiner.head_gram=gradients", HEAD_GRADIENTS
+                found.append(variant_contender(n, name, mode, workdir, extra, variant, batch))
+            if OTHER_PULLBACKS in references:
+                other = "batched" if trainer.update_spec.sequential_pullbacks else "sequential"
+                variant = f"combiner.pullbacks={other}", f"{other} pullbacks"
+                found.append(variant_contender(n, name, mode, workdir, extra, variant, batch))
     found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
     found += [
         Contender(label, "", call, timed_first(call), None, pass_temporaries(call)) for label, call in passes.items()
     ]
     return found, batch
+
+
+def variant_contender(
+    n: int, name: str, mode: str, workdir: str, extra: Sequence[str], variant: tuple[str, str], batch: Batch
+) -> Contender:
+    """The update of the combiner's trainer with one more override, ``variant = (override, label)`` (e.g.
+    ``("combiner.pullbacks=batched", "batched pullbacks")``), labelled ``<name>/<mode>, <label>``; compiled and
+    warm."""
+    override, label = variant
+    trainer = trainer_for(n, name, mode, workdir, [*extra, override])
+    call = update_call(trainer, batch)
+    return Contender(f"{name}/{mode}, {label}", "", call, timed_first(call), None, update_temporaries(trainer, batch))
 
 
 def update_temporaries(trainer: Trainer, batch: Batch) -> Callable[[], int]:
@@ -718,9 +737,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated references to time besides the bound: peers (their n passes), peers-step (their "
         "whole MGDA step), other-skip (every full-mode update with its non-finite skip done the other way: a select "
         "where it branches, a conditional where it selects), head-gradients (every probe- and full-mode update with "
-        "the LM head's n gradients instead of its token kernel), optimizer (the clip and optimizer step alone, which the "
-        "bound leaves out and every update runs), gradient-read (one read of the bound's n gradients, the least a "
-        "Gram reads); fewer for less memory (n = 8 on SmolLM2)",
+        "the LM head's n gradients instead of its token kernel), other-pullbacks (every probe- and full-mode update with "
+        "its n pullbacks batched where the trainer runs them in sequence, or the other way), optimizer (the clip and "
+        "optimizer step alone, which the bound leaves out and every update runs), gradient-read (one read of the "
+        "bound's n gradients, the least a Gram reads); fewer for less memory (n = 8 on SmolLM2)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="calls per contender per round (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the spread is over rounds)")

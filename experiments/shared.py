@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mojax.compilation_cache import enable_persistent_cache
-from mojax.host_memory import keep_freed_host_memory
+from mojax.host_memory import keep_freed_host_memory_for
 
 QUIET = (
     "eval_steps=0",
@@ -60,6 +60,12 @@ def read_config(path: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     config["base"] = [*as_overrides(config.get("base") or {}), *extra]
     config["methods"] = {name: as_overrides(entries or {}) for name, entries in config["methods"].items()}
     return config
+
+
+def base_model_path(config: Mapping[str, Any]) -> str:
+    """The ``model.path`` that a read config's ``base`` overrides set: the last one, or the tiny model without any."""
+    paths = [entry.split("=", 1)[1] for entry in config["base"] if entry.startswith("model.path=")]
+    return paths[-1] if paths else "tiny"
 
 
 def as_overrides(entries: Mapping[str, Any]) -> list[str]:
@@ -245,15 +251,16 @@ def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
     """Parse the command line, enable the compilation cache and read the config (in quick mode: the first seed,
     ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``).
 
-    Run as the program (``argv`` None), it first makes ``malloc`` keep freed memory for XLA's next call, as the
-    ``mojax`` command line does (:func:`mojax.host_memory.keep_freed_host_memory`; ``MOJAX_RELEASE_HOST_MEMORY=1``
-    keeps glibc's defaults); in-process calls with an argument list leave the process alone.
+    Run as the program (``argv`` None), it then makes ``malloc`` keep freed memory for XLA's next call, as the
+    ``mojax`` command line does, unless the base config's ``model.path`` is the tiny model
+    (:func:`mojax.host_memory.keep_freed_host_memory_for`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults);
+    in-process calls with an argument list leave the process alone.
     """
-    if argv is None:
-        keep_freed_host_memory()
     args = parse_args(argv, description)
-    enable_persistent_cache()
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
+    if argv is None:
+        keep_freed_host_memory_for(base_model_path(config))
+    enable_persistent_cache()
     if args.quick and "quick_methods" in config:
         config["methods"] = {name: config["methods"][name] for name in config["quick_methods"]}
     seeds = list(config["seeds"][:1] if args.quick else config["seeds"])

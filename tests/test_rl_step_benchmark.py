@@ -96,6 +96,26 @@ def test_the_head_gradients_reference_follows_each_full_mode_with_the_heads_grad
     assert "head-gradients" in report["command"]
 
 
+@pytest.mark.parametrize("pullbacks, other", [("auto", "batched"), ("batched", "sequential")])
+def test_the_other_pullbacks_reference_follows_each_probe_and_full_mode_with_the_other_pullbacks(
+    rl_step, tmp_path, pullbacks, other
+):
+    """``--references other-pullbacks`` times each probe- and full-mode update again with its n pullbacks the other
+    way: batched where the trainer's default runs them in sequence, in sequence where they are batched."""
+    report = rl_step.main(
+        ["--quick", "--n", "2", "--combiners", "linear,mgda", "--modes", "probe,full", "--references"]
+        + ["other-pullbacks", "--out", str(tmp_path), "--set", f"combiner.pullbacks={pullbacks}"]
+    )
+    assert [row["contender"] for row in report["rows"]] == [
+        rl_step.BASELINE,
+        "mgda/probe",
+        f"mgda/probe, {other} pullbacks",
+        "mgda/full",
+        f"mgda/full, {other} pullbacks",
+        rl_step.BOUND,
+    ]
+
+
 @pytest.mark.parametrize("pullbacks", ["sequential", "batched"])
 def test_other_skip_updates_as_the_trainer_with_the_other_skip(rl_step, tmp_path, pullbacks):
     """The other-skip reference follows each full-mode contender and updates the parameters as the trainer does,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mojax.compilation_cache import enable_persistent_cache
+from mojax.host_memory import keep_freed_host_memory_for
 from mojax.rl.config import load_config
 from mojax.rl.logging import read_metrics
 from mojax.rl.trainer import Trainer
@@ -75,7 +76,12 @@ def table(summaries: dict[str, dict[str, float]], objectives: Sequence[str]) -> 
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None, *, keep_host_memory: bool = False) -> dict[str, dict[str, float]]:
+    """Train every method of ``--methods`` on the tiny task, print the table and draw the plots.
+
+    ``keep_host_memory`` (the ``mojax`` command line run as the program) first applies
+    :func:`mojax.host_memory.keep_freed_host_memory_for` to the runs' ``model.path``: nothing for the tiny model.
+    """
     parser = argparse.ArgumentParser(prog="mojax demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="out/demo", help="where the runs and plots go (default out/demo)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per method (default 30)")
@@ -84,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
+    config = load_config("tiny", [*args.overrides, "output_dir=unused"])
+    if keep_host_memory:
+        keep_freed_host_memory_for(config.model.path)
     enable_persistent_cache()
-    objectives = [objective.name for objective in load_config("tiny", ["output_dir=unused"]).objectives]
+    objectives = [objective.name for objective in config.objectives]
     summaries = {}
     for name in args.methods.split(","):
         print(f"training {name} ...", flush=True)

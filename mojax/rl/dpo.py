@@ -959,17 +959,21 @@ class DPOTrainer(Run):
         return metrics
 
 
-def run_dpo(source: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, float]:
+def run_dpo(source: str | os.PathLike | DPOConfig, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Train (or resume) the run of a DPO config with ``dotted.key=value`` overrides: what ``mojax dpo`` does.
 
     Args:
-      source: a YAML file or a built-in config name (``"dpo_tiny"``).
-      overrides: ``dotted.key=value`` assignments.
+      source: a YAML file, a built-in config name (``"dpo_tiny"``) or a loaded :class:`DPOConfig`.
+      overrides: ``dotted.key=value`` assignments (none with a loaded config).
 
     Returns:
       The last step's metrics.
     """
-    trainer = DPOTrainer(load_dpo_config(source, overrides))
+    if isinstance(source, DPOConfig) and overrides:
+        raise ValueError(
+            checks.message("run_dpo", "overrides", f"are {list(overrides)}", "none with a loaded DPOConfig")
+        )
+    trainer = DPOTrainer(source if isinstance(source, DPOConfig) else load_dpo_config(source, overrides))
     try:
         return trainer.train()
     finally:

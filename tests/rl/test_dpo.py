@@ -237,6 +237,13 @@ def test_plain_dpo_on_one_token_pairs_moves_both_logps_together(run_root):
     assert np.mean([record["entanglement/agreement_rejected"] for record in records]) > 0.85
 
 
+def test_run_dpo_refuses_overrides_with_a_loaded_config(tmp_path):
+    """A loaded DPOConfig is run as it is (``mojax dpo`` loads it first); overrides beside it are an error."""
+    config = load_dpo_config("dpo_tiny", [f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="none with a loaded DPOConfig"):
+        run_dpo(config, ["steps=2"])
+
+
 def test_rerun_with_more_steps_equals_a_straight_run(run_root, tmp_path):
     _, want_params, want_records = straight_run(run_root)
     run_dpo("dpo_tiny", [f"output_dir={tmp_path}", *QUIET, "steps=2"])
