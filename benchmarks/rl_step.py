@@ -45,9 +45,10 @@ the median ratio over ``--rounds`` rounds and its spread (min-max). Scalar-mode 
 train step, so their weight programs are also timed alone, against the linear update. Run as a script, it first
 makes ``malloc`` keep freed memory for XLA's next call (``mojax.host_memory``; ``MOJAX_RELEASE_HOST_MEMORY=1``:
 glibc's defaults, every large scratch buffer mapped and faulted in afresh at every call), for every model: the
-``mojax`` command line leaves the tiny model alone, whose updates the setting slows down, though hardly their ratios
-(``benchmarks/RESULTS.md``, "The host-memory setting on the tiny model"). Only ratios measured in the same run are reported: the machine these numbers come from is shared and loaded,
-so absolute times move by tens of percent between minutes.
+``mojax`` command line leaves models of fewer than 1.5M parameters alone, whose updates the setting slows down,
+though hardly their ratios (``benchmarks/RESULTS.md``, "The host-memory setting on the tiny model" and "The
+host-memory setting by model size"). Only ratios measured in the same run are reported: the machine these numbers
+come from is shared and loaded, so absolute times move by tens of percent between minutes.
 
     python benchmarks/rl_step.py                      # n in {2, 3, 5, 8}, every combiner and mode
     python benchmarks/rl_step.py --quick --n 2 --combiners pama,ctwa --out /tmp/x   # seconds-long smoke run

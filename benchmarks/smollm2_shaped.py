@@ -9,6 +9,9 @@ of the 49152 ids filled by placeholder tokens ``<t34>`` ... that encoding never 
 and rewards work unchanged while the policy samples from the whole vocabulary. The weights are random, so only costs
 mean anything. ``--shapes 56m`` writes the 56M configuration of ``benchmarks/model.py`` instead (vocabulary 32000,
 d 512, 8 layers, 8/4 heads, MLP 1408, untied head): the RL update at the size between the tiny model and SmolLM2.
+``--width D`` narrows either architecture to hidden size D, keeping its head size (64), its ratio of query to key-value
+heads and its MLP's ratio to the hidden size (SmolLM2's shapes at ``--width 192``: 3/1 heads, MLP 512), for models
+between the tiny one and one SmolLM2 layer.
 
     python benchmarks/smollm2_shaped.py /tmp/smollm2_shaped
     python benchmarks/rl_step.py --n 3 --combiners linear,ctwa,mgda --set model.path=/tmp/smollm2_shaped
@@ -33,15 +36,19 @@ from mojax.rl.tiny import BOS_ID, EOS_ID, PAD_ID, character_tokenizer  # noqa: E
 SHAPES = ("smollm2", "56m")
 
 
-def shaped_config(shapes: str = "smollm2", layers: int | None = None, vocab: int | None = None) -> ModelConfig:
-    """The architecture `shapes` names (``"smollm2"`` or ``"56m"``), with `layers` decoder layers and `vocab` tokens
-    when given (smaller, for smoke runs) and the character tokenizer's special ids."""
+def shaped_config(
+    shapes: str = "smollm2", layers: int | None = None, vocab: int | None = None, width: int | None = None
+) -> ModelConfig:
+    """The architecture `shapes` names (``"smollm2"`` or ``"56m"``), with `layers` decoder layers, `vocab` tokens and
+    hidden size `width` (:func:`narrowed`) when given, and the character tokenizer's special ids."""
     if shapes == "smollm2":
         config = smollm2_shapes(30)
     elif shapes == "56m":
         config = next(config for name, (config, _, _) in FULL_SIZES.items() if name.startswith("56M"))
     else:
         raise ValueError(f"shapes must be one of {SHAPES}; got {shapes!r}")
+    if width is not None:
+        config = narrowed(config, width)
     return config.replace(
         num_hidden_layers=layers or config.num_hidden_layers,
         vocab_size=vocab or config.vocab_size,
@@ -51,11 +58,34 @@ def shaped_config(shapes: str = "smollm2", layers: int | None = None, vocab: int
     )
 
 
+def narrowed(config: ModelConfig, width: int) -> ModelConfig:
+    """`config` at hidden size `width`: heads of the same size, as many query heads per key-value head, and the MLP
+    as many times wider than the hidden size (rounded down); ValueError unless `width` is a whole number of key-value
+    head groups."""
+    group = config.head_dim * (config.num_attention_heads // config.num_key_value_heads)
+    if width <= 0 or width % group:
+        raise ValueError(
+            f"width must be a positive multiple of {group} (head size x query heads per key-value head); got {width}"
+        )
+    heads = width // config.head_dim
+    return config.replace(
+        hidden_size=width,
+        intermediate_size=config.intermediate_size * width // config.hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=heads * config.num_key_value_heads // config.num_attention_heads,
+    )
+
+
 def write_folder(
-    path: Path, layers: int | None = None, vocab: int | None = None, seed: int = 0, shapes: str = "smollm2"
+    path: Path,
+    layers: int | None = None,
+    vocab: int | None = None,
+    seed: int = 0,
+    shapes: str = "smollm2",
+    width: int | None = None,
 ) -> None:
     """Write the folder: ``config.json``, random fp32 ``model.safetensors`` and the padded tokenizer."""
-    config = shaped_config(shapes, layers, vocab)
+    config = shaped_config(shapes, layers, vocab, width)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
     save_pretrained(model, path, tokenizer=character_tokenizer(config.vocab_size))
 
@@ -70,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vocab", type=int, help="vocabulary size (default: the architecture's; smaller for a smoke run)"
     )
+    parser.add_argument("--width", type=int, help="hidden size (default: the architecture's; see the docstring)")
     args = parser.parse_args(argv)
-    write_folder(args.out, args.layers, args.vocab, shapes=args.shapes)
+    write_folder(args.out, args.layers, args.vocab, shapes=args.shapes, width=args.width)
     print(f"wrote {args.out}")
 
 

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mojax.compilation_cache import enable_persistent_cache
-from mojax.host_memory import keep_freed_host_memory_for
 
 QUIET = (
     "eval_steps=0",
@@ -252,14 +251,16 @@ def setup(argv: Sequence[str] | None, description: str, here: Path) -> Setup:
     ``quick_steps`` steps and, when the config lists them, only the ``quick_methods``).
 
     Run as the program (``argv`` None), it then makes ``malloc`` keep freed memory for XLA's next call, as the
-    ``mojax`` command line does, unless the base config's ``model.path`` is the tiny model
-    (:func:`mojax.host_memory.keep_freed_host_memory_for`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults);
-    in-process calls with an argument list leave the process alone.
+    ``mojax`` command line does, unless the base config's ``model.path`` is a small model such as the tiny one
+    (:func:`mojax.rl.trainer.keep_freed_host_memory_for_policy`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's
+    defaults); in-process calls with an argument list leave the process alone.
     """
     args = parse_args(argv, description)
     config = read_config(Path(args.config) if args.config else here / "config.yaml", args.set)
     if argv is None:
-        keep_freed_host_memory_for(base_model_path(config))
+        from mojax.rl.trainer import keep_freed_host_memory_for_policy
+
+        keep_freed_host_memory_for_policy(base_model_path(config))
     enable_persistent_cache()
     if args.quick and "quick_methods" in config:
         config["methods"] = {name: config["methods"][name] for name in config["quick_methods"]}

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 def _keep_host_memory(args: argparse.Namespace, model_path: str) -> None:
     """Run as the program, make ``malloc`` keep freed memory for XLA's next call before anything is built, unless the
-    policy is the tiny model (:func:`mojax.host_memory.keep_freed_host_memory_for`)."""
+    policy is a small model (:func:`mojax.rl.trainer.keep_freed_host_memory_for_policy`)."""
     if args.as_program:
-        from mojax.host_memory import keep_freed_host_memory_for
+        from mojax.rl.trainer import keep_freed_host_memory_for_policy
 
-        keep_freed_host_memory_for(model_path)
+        keep_freed_host_memory_for_policy(model_path)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mojax`` console script and of ``python -m mojax``.
 
     Run as the program (``argv`` None), ``train``, ``dpo`` and ``demo`` make ``malloc`` keep freed memory for XLA's
-    next call once their config is read, before anything is built, unless the policy is the tiny model
-    (:func:`mojax.host_memory.keep_freed_host_memory_for`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps glibc's defaults).
+    next call once their config is read, before anything is built, unless the policy is a small model such as the
+    tiny one (:func:`mojax.rl.trainer.keep_freed_host_memory_for_policy`; ``MOJAX_RELEASE_HOST_MEMORY=1`` keeps
+    glibc's defaults).
     """
     parser = argparse.ArgumentParser(prog="mojax", description="Multi-objective alignment of LLMs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)

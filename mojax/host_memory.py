@@ -21,10 +21,15 @@ why the ``mojax`` command line applies them after reading its config and before 
 (macOS, musl) nothing is changed.
 
 They do not pay for small programs, whose temporaries glibc's defaults already reuse (below its largest mmap
-threshold, 32 MiB). With one arena every thread's ``malloc`` takes the same lock, the likely reason why the built-in
-tiny model's RL update took 1.3-1.9x as long with the setting on a 2-core machine (``benchmarks/RESULTS.md``, "The
-host-memory setting on the tiny model"). :func:`keep_freed_host_memory_for` therefore leaves a run of the tiny model
-alone; the command line, the demo and the experiments' scripts call it with their config's ``model.path``.
+threshold, 32 MiB). With one arena every thread's ``malloc`` takes the same lock, the likely reason why small models'
+RL updates took longer with the setting on a 2-core machine: the built-in tiny model's (78k parameters) 1.2-1.9x as
+long, those of models of 0.5M and 1.0M parameters 1.16-1.26x, while from 2.0M parameters on full mode's temporaries
+passed the threshold and the setting paid (``benchmarks/RESULTS.md``, "The host-memory setting by model size").
+:func:`keep_freed_host_memory_for` therefore leaves a policy of fewer than ``SMALL_MODEL_PARAMETERS`` (1.5M) alone; the
+command line, the demo and the experiments' scripts call it, through
+``mojax.rl.trainer.keep_freed_host_memory_for_policy``, with the parameter count of their config's ``model.path``. The
+count stands in for the size of the temporaries, which the batch and the sequence length also set: a small model
+trained on long sequences or large batches may gain from calling :func:`keep_freed_host_memory` itself.
 
 A second limit concerns compiled programs, not scratch memory: XLA:CPU maps each compiled program's kernels into the
 process (code, read-only data, data: about three memory mappings per kernel) for as long as a JAX cache or a live
@@ -45,7 +50,7 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
 OPT_OUT_VARIABLE = "MOJAX_RELEASE_HOST_MEMORY"
-SMALL_MODELS = frozenset({"tiny"})  # model.path values left alone by keep_freed_host_memory_for
+SMALL_MODEL_PARAMETERS = 1_500_000  # policies with fewer parameters are left alone by keep_freed_host_memory_for
 
 
 def glibc_version() -> str | None:
@@ -73,18 +78,20 @@ def keep_freed_host_memory() -> bool:
     return True
 
 
-def keep_freed_host_memory_for(model_path: object) -> bool:
-    """:func:`keep_freed_host_memory` for a run whose policy is ``model.path``, except the built-in tiny model.
+def keep_freed_host_memory_for(parameter_count: int) -> bool:
+    """:func:`keep_freed_host_memory` for a run whose policy has `parameter_count` parameters, unless it is smaller
+    than ``SMALL_MODEL_PARAMETERS``.
 
     Args:
-      model_path: the run config's ``model.path`` (``"tiny"``, ``"smollm2"``, a folder or a GGUF file).
+      parameter_count: the policy's parameters (``ModelConfig.num_params()``; the RL command line and scripts read
+        it from the model's config with ``mojax.rl.trainer.keep_freed_host_memory_for_policy``).
 
     Returns:
-      True when the setting was applied; False for ``SMALL_MODELS`` (the tiny model's milliseconds-long programs wait
-      on the single arena's lock for longer than keeping their small temporaries saves: see the module docstring),
-      without glibc, or with ``MOJAX_RELEASE_HOST_MEMORY=1``.
+      True when the setting was applied; False for a small model (its milliseconds-long programs wait on the single
+      arena's lock for longer than keeping their small temporaries saves: see the module docstring), without glibc,
+      or with ``MOJAX_RELEASE_HOST_MEMORY=1``.
     """
-    return model_path not in SMALL_MODELS and keep_freed_host_memory()
+    return parameter_count >= SMALL_MODEL_PARAMETERS and keep_freed_host_memory()
 
 
 def memory_map_count() -> int:

@@ -211,10 +211,10 @@ def test_final_rewards_are_the_mean_of_the_last_steps_and_aggregate_over_seeds()
 @pytest.mark.parametrize("extra, path", [([], "tiny"), (["--set", "model.path=some/folder"], "some/folder")])
 def test_setup_keeps_freed_host_memory_for_the_base_model_only_when_run_as_the_program(monkeypatch, extra, path):
     """Run as a script (argv None) an experiment hands its base config's ``model.path`` to
-    ``keep_freed_host_memory_for`` (which leaves the tiny model alone) before its first computation; in-process calls
-    with an argument list (these tests) leave the process alone."""
+    ``keep_freed_host_memory_for_policy`` (which leaves small models alone) before its first computation; in-process
+    calls with an argument list (these tests) leave the process alone."""
     calls = []
-    monkeypatch.setattr(shared, "keep_freed_host_memory_for", calls.append)
+    monkeypatch.setattr("mojax.rl.trainer.keep_freed_host_memory_for_policy", calls.append)
     monkeypatch.setattr(sys, "argv", ["run.py", "--quick", *extra])
     here = EXPERIMENTS / "01_interference"
     shared.setup(["--quick", *extra], "", here)

@@ -14,6 +14,7 @@ import pytest
 
 from mojax.host_memory import (
     OPT_OUT_VARIABLE,
+    SMALL_MODEL_PARAMETERS,
     glibc_version,
     keep_freed_host_memory,
     memory_map_count,
@@ -74,18 +75,55 @@ def test_glibc_version_is_a_dotted_number_or_none():
     assert version is None or all(part.isdigit() for part in version.split("."))
 
 
-def test_the_setting_leaves_the_tiny_model_alone_and_applies_to_the_others(monkeypatch):
-    """``keep_freed_host_memory_for`` applies the setting for every policy but the built-in tiny model, whose
-    milliseconds-long programs the single arena's lock slows down."""
+def test_the_setting_leaves_small_models_alone_and_applies_to_the_others(monkeypatch):
+    """``keep_freed_host_memory_for`` applies the setting from ``SMALL_MODEL_PARAMETERS`` parameters up; smaller
+    policies' milliseconds-long programs the single arena's lock slows down."""
     import mojax.host_memory
 
     calls = []
     monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory", lambda: calls.append("kept") or True)
-    assert mojax.host_memory.keep_freed_host_memory_for("tiny") is False
+    assert mojax.host_memory.keep_freed_host_memory_for(SMALL_MODEL_PARAMETERS - 1) is False
     assert calls == []
-    assert mojax.host_memory.keep_freed_host_memory_for("smollm2") is True
-    assert mojax.host_memory.keep_freed_host_memory_for("/models/llama-7b") is True
+    assert mojax.host_memory.keep_freed_host_memory_for(SMALL_MODEL_PARAMETERS) is True
+    assert mojax.host_memory.keep_freed_host_memory_for(135_000_000) is True
     assert calls == ["kept", "kept"]
+
+
+def write_model_config(folder, config) -> str:
+    """An HF model folder holding only ``config.json``: all the policy's size needs."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as file:
+        json.dump(config.to_hf_dict(), file)
+    return str(folder)
+
+
+def test_the_policys_parameter_count_comes_from_its_config_alone(monkeypatch, tmp_path):
+    """``keep_freed_host_memory_for_policy`` decides by the parameters of the model a ``model.path`` names, read from
+    its config without weights: the built-in tiny model (78k parameters) stays below the threshold; a folder's
+    ``config.json`` of a wider model is above it, one of a narrower model below; ``smollm2`` is the cached file's."""
+    import mojax.host_memory
+    from mojax.models import ModelConfig
+    from mojax.rl.tiny import tiny_model_config
+    from mojax.rl.trainer import keep_freed_host_memory_for_policy, policy_model_config
+
+    counts = []
+    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory", lambda: True)
+    monkeypatch.setattr(
+        "mojax.rl.trainer.keep_freed_host_memory_for",
+        lambda count: counts.append(count) or mojax.host_memory.keep_freed_host_memory_for(count),
+    )
+    large = ModelConfig.tiny(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, vocab_size=2048)
+    small = ModelConfig.tiny()
+    assert large.num_params() > SMALL_MODEL_PARAMETERS > small.num_params()
+    assert keep_freed_host_memory_for_policy("tiny") is False
+    assert keep_freed_host_memory_for_policy(write_model_config(tmp_path / "large", large)) is True
+    assert keep_freed_host_memory_for_policy(write_model_config(tmp_path / "small", small)) is False
+    assert counts == [tiny_model_config().num_params(), large.num_params(), small.num_params()]
+    assert policy_model_config(str(tmp_path / "large")) == large
+    monkeypatch.setattr("mojax.data.smollm2_gguf", lambda: tmp_path / "large")  # where the cache would hold it
+    assert policy_model_config("smollm2") == large
+    with pytest.raises(FileNotFoundError, match="no model at .*the path does not exist"):
+        keep_freed_host_memory_for_policy(str(tmp_path / "missing"))
 
 
 class Built(Exception):
@@ -97,15 +135,17 @@ def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run
     monkeypatch, tmp_path, command, config
 ):
     """``mojax train`` / ``mojax dpo`` run as the program (argv None) hand their config's ``model.path`` to
-    ``keep_freed_host_memory_for`` before the trainer is built; ``main([...])`` calls from Python leave the process
-    alone."""
+    ``keep_freed_host_memory_for_policy`` before the trainer is built; ``main([...])`` calls from Python leave the
+    process alone."""
     import mojax.host_memory
     import mojax.rl.dpo
     import mojax.rl.trainer
     from mojax import cli
 
     events = []
-    monkeypatch.setattr(mojax.host_memory, "keep_freed_host_memory_for", lambda path: events.append(("kept", path)))
+    monkeypatch.setattr(
+        mojax.rl.trainer, "keep_freed_host_memory_for_policy", lambda path: events.append(("kept", path))
+    )
 
     def built(config):
         events.append(("built", config.model.path))
@@ -125,11 +165,11 @@ def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run
 
 def test_the_demo_keeps_freed_memory_only_when_asked(monkeypatch, tmp_path):
     """``mojax demo`` run as the program hands the runs' ``model.path`` (the tiny model) to
-    ``keep_freed_host_memory_for`` before training; the function called from Python does not."""
+    ``keep_freed_host_memory_for_policy`` before training; the function called from Python does not."""
     from mojax.rl import demo
 
     events = []
-    monkeypatch.setattr(demo, "keep_freed_host_memory_for", lambda path: events.append(("kept", path)))
+    monkeypatch.setattr(demo, "keep_freed_host_memory_for_policy", lambda path: events.append(("kept", path)))
 
     def trained(*args):
         events.append(("trained", None))

@@ -43,3 +43,19 @@ def test_default_sizes_are_the_architectures_own():
     assert (module.shaped_config().num_hidden_layers, module.shaped_config().vocab_size) == (30, 49152)
     with pytest.raises(ValueError, match="shapes must be one of"):
         module.shaped_config("7b")
+
+
+@pytest.mark.parametrize(
+    "shapes, width, expected",
+    [("smollm2", 192, (192, 512, 3, 1)), ("smollm2", 1152, (1152, 3072, 18, 6)), ("56m", 128, (128, 352, 2, 1))],
+)
+def test_width_narrows_the_architecture_keeping_its_head_size_and_ratios(shapes, width, expected):
+    config = _load().shaped_config(shapes, layers=1, width=width)
+    shape = (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+    assert shape == expected and config.head_dim == 64
+
+
+@pytest.mark.parametrize("width", [0, 96, 200])
+def test_a_width_that_splits_a_head_group_is_refused(width):
+    with pytest.raises(ValueError, match=f"width must be a positive multiple of 192 .*got {width}"):
+        _load().shaped_config(width=width)

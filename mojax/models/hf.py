@@ -39,7 +39,7 @@ from flax import nnx
 
 from mojax._checks import message
 from mojax.models.config import ModelConfig
-from mojax.models.gguf import GGUFFile, gguf_file_in
+from mojax.models.gguf import GGUFFile, gguf_file_in, read_gguf_config
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -360,6 +360,21 @@ def _num_labels(raw: dict) -> int:
     if raw.get("id2label"):
         return len(raw["id2label"])
     return 2  # transformers' PreTrainedConfig default
+
+
+def read_causal_lm_config(path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a model source that :func:`load_causal_lm` reads, from its metadata alone.
+
+    Args:
+      path: an HF folder, a ``.gguf`` file, or a folder holding one ``.gguf`` file (as :func:`load_causal_lm`).
+
+    Returns:
+      The config (fp32 dtypes); no weight is read.
+    """
+    gguf_path = gguf_file_in(path)
+    if gguf_path is None:
+        return _read_config(path, jnp.float32, jnp.float32, CAUSAL_LM_SOURCES)[0]
+    return read_gguf_config(gguf_path)
 
 
 def load_causal_lm(

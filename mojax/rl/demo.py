@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from mojax.compilation_cache import enable_persistent_cache
-from mojax.host_memory import keep_freed_host_memory_for
 from mojax.rl.config import load_config
 from mojax.rl.logging import read_metrics
-from mojax.rl.trainer import Trainer
+from mojax.rl.trainer import Trainer, keep_freed_host_memory_for_policy
 
 METHODS = {
     "linear": ["combiner.name=linear"],
@@ -80,7 +79,8 @@ def main(argv: Sequence[str] | None = None, *, keep_host_memory: bool = False) -
     """Train every method of ``--methods`` on the tiny task, print the table and draw the plots.
 
     ``keep_host_memory`` (the ``mojax`` command line run as the program) first applies
-    :func:`mojax.host_memory.keep_freed_host_memory_for` to the runs' ``model.path``: nothing for the tiny model.
+    :func:`mojax.rl.trainer.keep_freed_host_memory_for_policy` to the runs' ``model.path``: nothing for the tiny
+    model.
     """
     parser = argparse.ArgumentParser(prog="mojax demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="out/demo", help="where the runs and plots go (default out/demo)")
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None, *, keep_host_memory: bool = False) -
     output_dir = Path(args.output_dir)
     config = load_config("tiny", [*args.overrides, "output_dir=unused"])
     if keep_host_memory:
-        keep_freed_host_memory_for(config.model.path)
+        keep_freed_host_memory_for_policy(config.model.path)
     enable_persistent_cache()
     objectives = [objective.name for objective in config.objectives]
     summaries = {}

@@ -46,8 +46,10 @@ from jax.sharding import Mesh
 from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make, noon
 from mojax.diagnostics import covariance_statistics, ctwa_signal
+from mojax.host_memory import keep_freed_host_memory_for
 from mojax.models import (
     LoraConfig,
+    ModelConfig,
     adapters_only,
     add_lora,
     default_probe_mask,
@@ -114,12 +116,33 @@ def _load_policy(section: rl_config.ModelSection) -> tuple[Any, Any]:
         return model, tiny_tokenizer()
     from mojax.models import load_causal_lm, load_tokenizer
 
-    path = section.path
-    if path == "smollm2":
+    path = policy_source(section.path)
+    return load_causal_lm(path, dtype=dtype, remat=section.remat), load_tokenizer(path)
+
+
+def policy_source(model_path: str) -> str:
+    """The folder or GGUF file behind a config's ``model.path`` other than ``"tiny"``: ``"smollm2"`` is the cached
+    SmolLM2-135M-Instruct GGUF (extracted into the cache on first use), anything else the path itself."""
+    if model_path == "smollm2":
         from mojax.data import smollm2_gguf
 
-        path = smollm2_gguf()
-    return load_causal_lm(path, dtype=dtype, remat=section.remat), load_tokenizer(path)
+        return str(smollm2_gguf())
+    return model_path
+
+
+def policy_model_config(model_path: str) -> ModelConfig:
+    """The architecture a config's ``model.path`` names (:func:`build_policy`'s sources), read without its weights."""
+    if model_path == "tiny":
+        return tiny_model_config()
+    from mojax.models import read_causal_lm_config
+
+    return read_causal_lm_config(policy_source(model_path))
+
+
+def keep_freed_host_memory_for_policy(model_path: str) -> bool:
+    """:func:`mojax.host_memory.keep_freed_host_memory_for` the parameter count of the policy ``model_path`` names
+    (read from its config or metadata alone, so nothing is computed before the setting); True when applied."""
+    return keep_freed_host_memory_for(policy_model_config(model_path).num_params())
 
 
 def attach_lora(model: Any, lora: rl_config.LoraSection, seed: int) -> None:

@@ -25,6 +25,7 @@ from mojax.models import (
     ModelConfig,
     load_causal_lm,
     load_tokenizer,
+    read_causal_lm_config,
     read_gguf_config,
     save_pretrained,
 )
@@ -110,6 +111,19 @@ def test_config_comes_from_the_metadata(original, files):
     config = original[0]
     assert read_gguf_config(files["F32"]) == config
     assert read_gguf_config(files["F32"], param_dtype="bfloat16").param_dtype == jnp.bfloat16
+
+
+def test_read_causal_lm_config_reads_every_source_of_load_causal_lm_without_weights(folder, original, files):
+    """A GGUF file, a folder holding one, and an HF folder all give the model's config; a missing path is named."""
+    config = original[0]
+    alone = folder / "alone"
+    alone.mkdir(exist_ok=True)
+    shutil.copy(files["Q8_0"], alone / "model.gguf")
+    assert read_causal_lm_config(files["F32"]) == config
+    assert read_causal_lm_config(alone) == config
+    assert read_causal_lm_config(folder / "hf") == config
+    with pytest.raises(FileNotFoundError, match="the path does not exist; expected an HF folder .*\\.gguf file"):
+        read_causal_lm_config(folder / "missing")
 
 
 def test_end_of_turn_id_joins_the_eos_ids_and_floats_keep_their_decimal(folder, original):
