@@ -28,8 +28,8 @@ passed the threshold and the setting paid (``benchmarks/RESULTS.md``, "The host-
 :func:`keep_freed_host_memory_for` therefore leaves a policy of fewer than ``SMALL_MODEL_PARAMETERS`` (1.5M) alone; the
 command line, the demo and the experiments' scripts call it, through
 ``mojax.rl.trainer.keep_freed_host_memory_for_policy``, with the parameter count of their config's ``model.path``. The
-count stands in for the size of the temporaries, which the batch and the sequence length also set: a small model
-trained on long sequences or large batches may gain from calling :func:`keep_freed_host_memory` itself.
+count stands in for the size of the temporaries, which the batch and the sequence length also set: for a small model
+trained on long sequences or large batches, ``MOJAX_RELEASE_HOST_MEMORY=0`` applies the setting whatever the size.
 
 A second limit concerns compiled programs, not scratch memory: XLA:CPU maps each compiled program's kernels into the
 process (code, read-only data, data: about three memory mappings per kernel) for as long as a JAX cache or a live
@@ -50,6 +50,7 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
 OPT_OUT_VARIABLE = "MOJAX_RELEASE_HOST_MEMORY"
+KEEP_FOR_EVERY_MODEL = "0"  # OPT_OUT_VARIABLE's value that keeps freed memory for small models too
 SMALL_MODEL_PARAMETERS = 1_500_000  # policies with fewer parameters are left alone by keep_freed_host_memory_for
 
 
@@ -80,7 +81,7 @@ def keep_freed_host_memory() -> bool:
 
 def keep_freed_host_memory_for(parameter_count: int) -> bool:
     """:func:`keep_freed_host_memory` for a run whose policy has `parameter_count` parameters, unless it is smaller
-    than ``SMALL_MODEL_PARAMETERS``.
+    than ``SMALL_MODEL_PARAMETERS`` and ``MOJAX_RELEASE_HOST_MEMORY`` is not ``0``.
 
     Args:
       parameter_count: the policy's parameters (``ModelConfig.num_params()``; the RL command line and scripts read
@@ -89,9 +90,11 @@ def keep_freed_host_memory_for(parameter_count: int) -> bool:
     Returns:
       True when the setting was applied; False for a small model (its milliseconds-long programs wait on the single
       arena's lock for longer than keeping their small temporaries saves: see the module docstring), without glibc,
-      or with ``MOJAX_RELEASE_HOST_MEMORY=1``.
+      or with ``MOJAX_RELEASE_HOST_MEMORY=1``. ``MOJAX_RELEASE_HOST_MEMORY=0`` applies it to a small model too (one
+      trained on sequences or batches long enough that its temporaries pass 32 MiB).
     """
-    return parameter_count >= SMALL_MODEL_PARAMETERS and keep_freed_host_memory()
+    keep_small_models = os.environ.get(OPT_OUT_VARIABLE) == KEEP_FOR_EVERY_MODEL
+    return (keep_small_models or parameter_count >= SMALL_MODEL_PARAMETERS) and keep_freed_host_memory()
 
 
 def memory_map_count() -> int:

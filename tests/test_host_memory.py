@@ -76,8 +76,9 @@ def test_glibc_version_is_a_dotted_number_or_none():
 
 
 def test_the_setting_leaves_small_models_alone_and_applies_to_the_others(monkeypatch):
-    """``keep_freed_host_memory_for`` applies the setting from ``SMALL_MODEL_PARAMETERS`` parameters up; smaller
-    policies' milliseconds-long programs the single arena's lock slows down."""
+    """``keep_freed_host_memory_for`` applies the setting from ``SMALL_MODEL_PARAMETERS`` parameters up (smaller
+    policies' milliseconds-long programs the single arena's lock slows down), to every model with
+    ``MOJAX_RELEASE_HOST_MEMORY=0``."""
     import mojax.host_memory
 
     calls = []
@@ -87,6 +88,9 @@ def test_the_setting_leaves_small_models_alone_and_applies_to_the_others(monkeyp
     assert mojax.host_memory.keep_freed_host_memory_for(SMALL_MODEL_PARAMETERS) is True
     assert mojax.host_memory.keep_freed_host_memory_for(135_000_000) is True
     assert calls == ["kept", "kept"]
+    monkeypatch.setenv(OPT_OUT_VARIABLE, "0")  # small models too
+    assert mojax.host_memory.keep_freed_host_memory_for(1) is True
+    assert calls == ["kept", "kept", "kept"]
 
 
 def write_model_config(folder, config) -> str:
