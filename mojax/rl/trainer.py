@@ -116,11 +116,11 @@ def _load_policy(section: rl_config.ModelSection) -> tuple[Any, Any]:
         return model, tiny_tokenizer()
     from mojax.models import load_causal_lm, load_tokenizer
 
-    path = policy_source(section.path)
+    path = _policy_source(section.path)
     return load_causal_lm(path, dtype=dtype, remat=section.remat), load_tokenizer(path)
 
 
-def policy_source(model_path: str) -> str:
+def _policy_source(model_path: str) -> str:
     """The folder or GGUF file behind a config's ``model.path`` other than ``"tiny"``: ``"smollm2"`` is the cached
     SmolLM2-135M-Instruct GGUF (extracted into the cache on first use), anything else the path itself."""
     if model_path == "smollm2":
@@ -136,7 +136,7 @@ def policy_model_config(model_path: str) -> ModelConfig:
         return tiny_model_config()
     from mojax.models import read_causal_lm_config
 
-    return read_causal_lm_config(policy_source(model_path))
+    return read_causal_lm_config(_policy_source(model_path))
 
 
 def keep_freed_host_memory_for_policy(model_path: str) -> bool:
