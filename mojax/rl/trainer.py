@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 
 from mojax import _checks as checks
 from mojax.combiners import REGISTRY, make, noon
-from mojax.diagnostics import covariance_statistics, ctwa_signal
+from mojax.diagnostics import CovarianceStatistics, covariance_statistics, ctwa_signal
 from mojax.host_memory import keep_freed_host_memory_for
 from mojax.models import (
     LoraConfig,
@@ -143,6 +143,66 @@ def keep_freed_host_memory_for_policy(model_path: str) -> bool:
     """:func:`mojax.host_memory.keep_freed_host_memory_for` the parameter count of the policy ``model_path`` names
     (read from its config or metadata alone, so nothing is computed before the setting); True when applied."""
     return keep_freed_host_memory_for(policy_model_config(model_path).num_params())
+
+
+def estimate_advantages(
+    scores: jax.Array,
+    rollout: Rollout,
+    weights: jax.Array,
+    kl_coef: jax.Array,
+    *,
+    estimator: str,
+    options: tuple[tuple[str, Any], ...],
+    kl_in_reward: bool,
+    aggregate_first: bool,
+    use_noon: bool,
+) -> rl_advantages.Advantages:
+    """Per-objective advantages f32[n, B, T] of a rollout's reward-oriented scores f32[B, n], and the critic's returns
+    for gae: :func:`mojax.rl.advantages.compute_advantages` of the ``estimator`` with its ``options`` as (name, value)
+    pairs.
+
+    With ``kl_in_reward`` each sequence's score loses kl_coef sum_t (log pi_old - log pi_ref) over its response, and
+    the token-level rewards (gae's, REINFORCE++'s) carry the per-token KL penalty. ``aggregate_first`` combines the
+    scores into one weighted reward before the estimator; ``use_noon`` applies PAMA's Noon transform (arXiv
+    2508.07768) to the advantages. Pure, so the trainer compiles it, once per shape for every trainer in a process
+    (everything after ``kl_coef`` is static).
+    """
+    kl_tokens = rollout.old_logp - rollout.ref_logp
+    if kl_in_reward:
+        scores = scores - kl_coef * jnp.sum(kl_tokens * rollout.response_mask, axis=1, keepdims=True)
+    if aggregate_first:
+        scores, weights = rl_advantages.combine_rewards(scores, weights), jnp.ones((1,), jnp.float32)
+    token_level = rl_advantages.token_rewards(
+        scores, rollout.response_mask, kl=kl_tokens if kl_in_reward else None, beta=kl_coef
+    )
+    inputs = rl_advantages.AdvantageInputs(
+        scores=scores,
+        mask=rollout.response_mask,
+        group_ids=rollout.group_ids,
+        values=rollout.values,
+        token_rewards=token_level,
+        weights=weights,
+    )
+    result = rl_advantages.compute_advantages(estimator, inputs, **dict(options))
+    return result._replace(advantages=noon(result.advantages)) if use_noon else result
+
+
+def interference_statistics(
+    weights: jax.Array, advantages: jax.Array, rollout: Rollout, oriented: jax.Array
+) -> CovarianceStatistics:
+    """CTWA's within-prompt covariances of each objective's oriented reward f32[B, n] with the training signal of the
+    update's combined advantages sum_i w_i A_i (:func:`mojax.diagnostics.covariance_statistics`, arXiv 2602.06869),
+    the signal at the rollout policy (ratio 1)."""
+    signal = ctwa_signal(
+        jnp.einsum("n,nbt->bt", weights, advantages), rollout.response_mask, rollout.old_logp, rollout.old_logp
+    )
+    return covariance_statistics(oriented, signal, rollout.group_ids)
+
+
+_estimate_advantages = jax.jit(
+    estimate_advantages, static_argnames=("estimator", "options", "kl_in_reward", "aggregate_first", "use_noon")
+)
+_interference_statistics = jax.jit(interference_statistics)
 
 
 def attach_lora(model: Any, lora: rl_config.LoraSection, seed: int) -> None:
@@ -775,32 +835,19 @@ class Trainer(Run):
 
     def advantages(self, scores: np.ndarray, rollout: Rollout) -> rl_advantages.Advantages:
         """Per-objective advantages f32[n, B, T] of reward-oriented scores (KL in the reward when so placed), with the
-        critic's returns for gae."""
-        config = self.config
-        scores = jnp.asarray(scores, jnp.float32)
-        weights = jnp.asarray([objective.weight for objective in self.objectives], jnp.float32)
-        kl_tokens = rollout.old_logp - rollout.ref_logp
-        kl_in_reward = config.kl.placement == "reward" and self.kl_coef > 0
-        if kl_in_reward:
-            scores = scores - self.kl_coef * jnp.sum(kl_tokens * rollout.response_mask, axis=1, keepdims=True)
-        if self.aggregate_first:
-            scores, weights = rl_advantages.combine_rewards(scores, weights), jnp.ones((1,), jnp.float32)
-        token_level = rl_advantages.token_rewards(
-            scores, rollout.response_mask, kl=kl_tokens if kl_in_reward else None, beta=self.kl_coef
+        critic's returns for gae: :func:`estimate_advantages`, compiled once per rollout shape."""
+        algorithm = self.config.algorithm
+        return _estimate_advantages(
+            jnp.asarray(scores, jnp.float32),
+            rollout,
+            jnp.asarray([objective.weight for objective in self.objectives], jnp.float32),
+            jnp.float32(self.kl_coef),
+            estimator=algorithm.advantage_estimator,
+            options=tuple(sorted(algorithm.estimator_options.items())),
+            kl_in_reward=self.config.kl.placement == "reward" and self.kl_coef > 0,
+            aggregate_first=self.aggregate_first,
+            use_noon=algorithm.noon if algorithm.noon is not None else self.config.combiner.name == "pama",
         )
-        inputs = rl_advantages.AdvantageInputs(
-            scores=scores,
-            mask=rollout.response_mask,
-            group_ids=rollout.group_ids,
-            values=rollout.values,
-            token_rewards=token_level,
-            weights=weights,
-        )
-        result = rl_advantages.compute_advantages(
-            config.algorithm.advantage_estimator, inputs, **config.algorithm.estimator_options
-        )
-        use_noon = config.algorithm.noon if config.algorithm.noon is not None else config.combiner.name == "pama"
-        return result._replace(advantages=noon(result.advantages)) if use_noon else result
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_tree(self) -> dict[str, Any]:
@@ -863,14 +910,10 @@ class Trainer(Run):
             for a in range(len(self.names)):
                 for b in range(a + 1, len(self.names)):
                     metrics[f"combiner/cos/{self.names[a]}/{self.names[b]}"] = float(cosines[a, b])
-        signal = ctwa_signal(
-            jnp.einsum("n,nbt->bt", jnp.asarray(weights), advantages),
-            rollout.response_mask,
-            rollout.old_logp,
-            rollout.old_logp,
-        )
         if not self.aggregate_first:
-            statistics = covariance_statistics(jnp.asarray(oriented), signal, rollout.group_ids)
+            statistics = fetch(
+                _interference_statistics(jnp.asarray(weights), advantages, rollout, jnp.asarray(oriented))
+            )
             for index, name in enumerate(self.names):
                 metrics[f"interference/cov/{name}"] = float(statistics.cov[index])
                 metrics[f"interference/frac_neg/{name}"] = float(statistics.frac_neg[index])

@@ -325,3 +325,55 @@ def test_the_samplers_log_probs_equal_the_recomputed_old_logp(tmp_path):
     assert not np.array_equal(sampled.old_logp, recomputed.old_logp)  # two computations: equal to float rounding
     np.testing.assert_allclose(sampled.old_logp, recomputed.old_logp, atol=2e-5)
     np.testing.assert_array_equal(rollouts["default"].old_logp, sampled.old_logp)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("algorithm.advantage_estimator=gae",),
+        ("kl.beta=0.05", "kl.placement=reward", "combiner.name=pama"),
+        ("algorithm.objective_aggregation=sum_then_normalize",),
+    ],
+)
+def test_the_compiled_advantages_and_statistics_equal_their_op_by_op_run(tmp_path, overrides):
+    """The trainer compiles its advantage estimate and its interference statistics (one program per rollout shape,
+    shared by every trainer of the process); they equal the same functions run op by op, to float rounding."""
+    from mojax.rl.trainer import _estimate_advantages, interference_statistics
+
+    trainer = Trainer(small_config(tmp_path, "steps=1", *overrides))
+    prepared = trainer.prepare(1)
+    compiled = trainer.advantages(prepared.oriented, prepared.rollout)
+    with jax.disable_jit():
+        eager = trainer.advantages(prepared.oriented, prepared.rollout)
+        weights = jnp.asarray([0.2, 0.3, 0.5])
+        statistics = interference_statistics(weights, eager.advantages, prepared.rollout, prepared.oriented)
+    np.testing.assert_allclose(compiled.advantages, eager.advantages, rtol=1e-5, atol=1e-6)
+    assert (compiled.returns is None) == (eager.returns is None) == ("gae" not in str(overrides))
+    compiled_statistics = jax.jit(interference_statistics)(
+        weights, eager.advantages, prepared.rollout, prepared.oriented
+    )
+    for field, value in statistics._asdict().items():
+        np.testing.assert_allclose(getattr(compiled_statistics, field), value, rtol=1e-5, atol=1e-7, err_msg=field)
+    programs = _estimate_advantages._cache_size()
+    Trainer(small_config(tmp_path / "again", "steps=1", *overrides)).prepare(1)
+    assert _estimate_advantages._cache_size() == programs  # the second trainer reuses the first one's program
+
+
+def test_the_kl_in_the_reward_lowers_each_score_by_beta_times_its_summed_kl(tmp_path):
+    """With ``kl.placement=reward`` GRPO's advantages are those of the scores minus beta sum_t (log pi_old - log
+    pi_ref) over each response (after one update, so that the policy has left the reference)."""
+    from mojax.rl.advantages import AdvantageInputs, compute_advantages
+
+    trainer = Trainer(small_config(tmp_path, "steps=2", "kl.beta=0.5", "kl.placement=reward"))
+    trainer.train_step()
+    prepared = trainer.prepare(2)
+    rollout = prepared.rollout
+    kl = np.sum((np.asarray(rollout.old_logp) - np.asarray(rollout.ref_logp)) * np.asarray(rollout.response_mask), 1)
+    assert np.abs(kl).max() > 1e-4
+    penalised = np.asarray(prepared.oriented) - trainer.kl_coef * kl[:, None]
+    expected = compute_advantages(
+        "grpo", AdvantageInputs(scores=jnp.asarray(penalised), mask=rollout.response_mask, group_ids=rollout.group_ids)
+    ).advantages
+    actual = trainer.advantages(prepared.oriented, rollout).advantages
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
