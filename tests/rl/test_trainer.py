@@ -30,6 +30,7 @@ SMALL = [
     "logging.progress=false",
     "logging.tensorboard=false",
     "export=false",
+    "checkpoint.save_steps=1",  # resumption is tested from every step
 ]
 
 
