@@ -638,6 +638,23 @@ def _check_inputs(where: str, name: str, estimator: Estimator, inputs: Any) -> N
         )
 
 
+def check_estimator_options(
+    where: str, name: Any, options: Mapping[str, Any], *, arg: str = "options"
+) -> dict[str, Any]:
+    """The options of the estimator ``name`` with its defaults filled in, each checked: TypeError or ValueError naming
+    ``where``, the estimator or the option (``arg.key`` unless ``arg`` is ``"options"``) and what was expected."""
+    if not isinstance(name, str):
+        raise TypeError(_checks.message(where, "name", f"is a {type(name).__name__} ({name!r})", "an estimator name"))
+    estimator = ESTIMATORS[_checks.choice(where, "name", name, ESTIMATORS)]
+    unknown = sorted(set(options) - set(estimator.options))
+    if unknown:
+        accepted = ", ".join(estimator.options) or "no options"
+        raise ValueError(_checks.message(where, arg, f"has {unknown} for {name!r}", accepted))
+    named = (lambda key: key) if arg == "options" else (lambda key: f"{arg}.{key}")
+    checked = {key: _OPTION_CHECKS[key](where, named(key), value) for key, value in options.items()}
+    return {**estimator.options, **checked}
+
+
 def compute_advantages(name: str, inputs: AdvantageInputs, **options: Any) -> Advantages:
     """Advantages f32[n, B, T] of the named estimator, one protocol for every estimator of ``ESTIMATORS``.
 
@@ -669,16 +686,10 @@ def compute_advantages(name: str, inputs: AdvantageInputs, **options: Any) -> Ad
         [[[0.5, 0.5], [-0.5, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
     """
     where = "compute_advantages"
-    if not isinstance(name, str):
-        raise TypeError(_checks.message(where, "name", f"is a {type(name).__name__} ({name!r})", "an estimator name"))
-    estimator = ESTIMATORS[_checks.choice(where, "name", name, ESTIMATORS)]
-    unknown = sorted(set(options) - set(estimator.options))
-    if unknown:
-        accepted = ", ".join(estimator.options) or "no options"
-        raise ValueError(_checks.message(where, "options", f"has {unknown} for {name!r}", accepted))
-    checked = {key: _OPTION_CHECKS[key](where, key, value) for key, value in options.items()}
+    checked = check_estimator_options(where, name, options)
+    estimator = ESTIMATORS[name]
     _check_inputs(where, name, estimator, inputs)
-    result = estimator.fn(inputs, **{**estimator.options, **checked})
+    result = estimator.fn(inputs, **checked)
     applicable = _applicable(inputs)
     advantages = result.advantages if result.advantages.ndim == 3 else result.advantages[:, :, None]
     return Advantages(jnp.where(applicable > 0, advantages, 0.0), result.returns)

@@ -413,7 +413,7 @@ def check_model_section(where: str, model: ModelSection) -> None:
 def validate(config: TrainConfig) -> None:
     """Cross-field checks of a TrainConfig; ValueError naming the key and what was expected."""
     from mojax.combiners import REGISTRY
-    from mojax.rl.advantages import ESTIMATORS
+    from mojax.rl.advantages import ESTIMATORS, check_estimator_options
 
     where = "TrainConfig"
     for key, options in _CHOICES.items():
@@ -423,6 +423,12 @@ def validate(config: TrainConfig) -> None:
     checks.choice(where, "combiner.name", config.combiner.name, REGISTRY)
     check_model_section(where, config.model)
     checks.choice(where, "algorithm.advantage_estimator", config.algorithm.advantage_estimator, ESTIMATORS)
+    check_estimator_options(
+        where,
+        config.algorithm.advantage_estimator,
+        config.algorithm.estimator_options,
+        arg="algorithm.estimator_options",
+    )
     if not config.objectives:
         raise ValueError(checks.message(where, "objectives", "is empty", "at least one objective"))
     checks.names(where, "objectives[].name", [objective.name for objective in config.objectives])

@@ -213,6 +213,8 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
         ("model.attention_kernel=flash", "`model.attention_kernel` is 'flash'; expected one of"),
         ("optimizer.max_grad_norm=0", r"`optimizer.max_grad_norm` is 0; expected a number in \(0, inf\] \(or null"),
+        ("algorithm.estimator_options={scale: group}", r"`algorithm.estimator_options` has \['scale'\] for 'grpo'"),
+        ("algorithm.estimator_options={scale_rewards: std}", "`algorithm.estimator_options.scale_rewards` is 'std'"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):
