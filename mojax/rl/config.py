@@ -291,8 +291,9 @@ class CheckpointSection:
 
     save_steps: int = 1
     """Save every this many steps (and at the last step). A save is asynchronous, but its writing competes with the
-    training for the host's cores: on a 2-core CPU a save after every step took the tiny task's steps from 16-19 to
-    59-64 ms (``benchmarks/RESULTS.md``, "Checkpoints on the tiny task"); the built-in tiny config saves every 10."""
+    training for the host's cores: on a 2-core CPU a save after every step made the tiny task's steps take 59-64 ms
+    instead of 16-19, and SmolLM2's example's about 1.1 s longer, of 12-14 s (``benchmarks/RESULTS.md``, "Checkpoints
+    on the tiny task"); the built-in tiny config and the examples save every 10."""
     max_to_keep: int = 2
     """Checkpoints kept on disk."""
 
