@@ -650,8 +650,10 @@ def check_estimator_options(
     if unknown:
         accepted = ", ".join(estimator.options) or "no options"
         raise ValueError(_checks.message(where, arg, f"has {unknown} for {name!r}", accepted))
-    named = (lambda key: key) if arg == "options" else (lambda key: f"{arg}.{key}")
-    checked = {key: _OPTION_CHECKS[key](where, named(key), value) for key, value in options.items()}
+    checked = {
+        key: _OPTION_CHECKS[key](where, key if arg == "options" else f"{arg}.{key}", value)
+        for key, value in options.items()
+    }
     return {**estimator.options, **checked}
 
 
