@@ -9,7 +9,14 @@ from mojax.models.config import ModelConfig
 from mojax.models.generate import GenerationResult, SamplingConfig, bucket_length, generate, sample_next_token
 from mojax.models.gguf import SUPPORTED_TENSOR_TYPES, GGUFFile, read_gguf_config
 from mojax.models.heads import LlamaRewardModel, LlamaValueModel, ValueHead
-from mojax.models.hf import load_causal_lm, load_reward_model, load_value_model, read_causal_lm_config, save_pretrained
+from mojax.models.hf import (
+    load_causal_lm,
+    load_reward_model,
+    load_value_model,
+    read_causal_lm_config,
+    save_pretrained,
+    weight_file_digests,
+)
 from mojax.models.llama import (
     KV_CACHE_LOGICAL_AXES,
     LOGICAL_AXES,
@@ -79,4 +86,5 @@ __all__ = [
     "read_gguf_config",
     "sample_next_token",
     "save_pretrained",
+    "weight_file_digests",
 ]

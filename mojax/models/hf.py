@@ -25,6 +25,7 @@ gets a ``ValueError`` listing them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -375,6 +376,27 @@ def read_causal_lm_config(path: str | os.PathLike) -> ModelConfig:
     if gguf_path is None:
         return _read_config(path, jnp.float32, jnp.float32, CAUSAL_LM_SOURCES)[0]
     return read_gguf_config(gguf_path)
+
+
+def weight_file_digests(path: str | os.PathLike) -> dict[str, str]:
+    """``{file name: sha256 hex digest}`` of the files that :func:`load_causal_lm` reads the weights of ``path`` from:
+    an HF folder's safetensors (every shard), or the GGUF file. Reads every byte once, as loading them does.
+
+    Args:
+      path: an HF folder, a ``.gguf`` file, or a folder holding one ``.gguf`` file (as :func:`load_causal_lm`).
+
+    Returns:
+      The digests, by file name.
+    """
+    gguf_path = gguf_file_in(path)
+    files = (
+        [gguf_path] if gguf_path is not None else [os.path.join(path, name) for name in _weight_files(os.fspath(path))]
+    )
+    digests = {}
+    for file in files:
+        with open(file, "rb") as handle:
+            digests[os.path.basename(file)] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
 
 
 def load_causal_lm(

@@ -54,9 +54,9 @@ class LoraSection:
     """Low-rank adapters on the policy (rank 0: none, full fine-tuning)."""
 
     rank: int = 0
-    """Adapter rank r (0 disables LoRA); with adapters only they are trained, the reference policy is the base model
-    with the adapters disabled (no second copy of the weights), and the final block's adapters are the default
-    probe set."""
+    """Adapter rank r (0 disables LoRA); with adapters only they are trained and checkpointed (the base model is read
+    again from ``model.path`` on resumption), the reference policy is the base model with the adapters disabled (no
+    second copy of the weights), and the final block's adapters are the default probe set."""
     alpha: float = 16.0
     """The update is scaled by alpha / rank."""
     dropout: float = 0.0

@@ -33,9 +33,10 @@ the entanglement paper, after SparsePO, arXiv 2410.05102). Losses with state or 
 lengths, ``bco_pair`` BCO's running shift, updated with each batch before the loss reads it as in TRL. MODPO
 (Zhou et al., arXiv 2310.03708) shifts the margin by weighted reward margins of other objectives, scored once per pair
 with the rewards of the RL trainer; multi-objective DPO also takes one pair set per objective and a combiner that
-reads no per-sample rewards (``check_combiner_for_preference``). The checkpoint holds parameters, optimizer and
-combiner state, BCO's shift, the mask logits and the step, and nothing in a step is random, so a resumed run equals
-an uninterrupted one bit for bit on CPU. ``docs/preference.md`` describes the options.
+reads no per-sample rewards (``check_combiner_for_preference``). The checkpoint holds the trained parameters (with
+LoRA the adapters alone), optimizer and combiner state, BCO's shift, the mask logits and the step, and nothing in a
+step is random, so a resumed run equals an uninterrupted one bit for bit on CPU. ``docs/preference.md`` describes the
+options.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ from mojax.rl.trainer import (
     build_optimizer,
     build_policy,
     combiner_options,
+    policy_weight_digests,
     probe_flags,
     response_fn,
 )
@@ -748,6 +750,7 @@ class DPOTrainer(Run):
         )
         self.names = tuple(objective.name for objective in self.objectives)
         self.model, self.tokenizer = build_policy(config)
+        self.weight_digests = policy_weight_digests(config.model.path)
         attach_lora(self.model, config.lora, config.model.init_seed + 2)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = self._build_mesh()
@@ -796,6 +799,7 @@ class DPOTrainer(Run):
         # LoRA: the on-the-fly reference is the base model (adapters off) of the current parameters, no copy.
         base = response_fn(self.graphdef, self.rest, adapters=False) if on_the_fly and config.lora.rank else None
         trainable = lora_mask(params) if config.lora.rank else None
+        self.trainable_flags = None if trainable is None else jax.tree.leaves(trainable)
 
         def compiled(spec: StepSpec) -> Callable:
             step = make_dpo_step(self.policy, self.combiner, self.optimizer, spec, self.probe_mask, base, trainable)

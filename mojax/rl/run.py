@@ -7,6 +7,10 @@ writes ``OUTPUT_DIR/config.yaml`` on its first start and refuses to resume with 
 the last one) unless the step's update was skipped, and stops after ``max_consecutive_skips`` skipped updates with the
 last good checkpoint intact.
 
+Checkpoints hold the trained parameters alone (:attr:`Run.trainable_flags`): LoRA's frozen base model is read again
+from ``model.path`` at resumption, and ``OUTPUT_DIR/weight_digests.json`` (sha256 of the policy's weight files at the
+first start) makes a resumed run refuse weight files that changed.
+
 A run may span several processes (``jax.distributed`` with a global mesh): every process runs the same loop on the
 same data, :func:`fetch` gathers device arrays to every host for host-side work, checkpoints are written by every
 process together (Orbax), and only process 0 writes config.yaml, metrics, samples, TensorBoard and the export.
@@ -36,6 +40,8 @@ from mojax.rl import config as rl_config
 from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, TensorBoardLogger
 
 Callback = Callable[[int, Mapping[str, float]], None]
+WEIGHT_DIGESTS = "weight_digests.json"
+"""The file of ``output_dir`` holding :attr:`Run.weight_digests` of the run's first start."""
 CRASH_ENV = "MOJAX_CRASH_AT_STEP"
 """Test hook: kill the process with SIGKILL right after the update of this step, before its checkpoint is saved."""
 
@@ -99,6 +105,37 @@ def typed_keys_to_data(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
 
 
+def float64_bits(value: float) -> np.ndarray:
+    """The 64 bits of a Python float as uint32[2], so that a checkpoint (JAX arrays: no float64 without x64) keeps a
+    host-side float exactly; :func:`float_from_bits` is the inverse."""
+    return np.asarray([value], np.float64).view(np.uint32)
+
+
+def float_from_bits(bits: Any) -> float:
+    """The Python float whose :func:`float64_bits` are ``bits``."""
+    return float(np.asarray(bits, np.uint32).view(np.float64)[0])
+
+
+def without_frozen(state: Any, trainable_flags: list[bool] | None) -> Any:
+    """``state`` (a NamedTuple with ``params``) with ``params`` cut to the list of its trained leaves, the leaves whose
+    flag is True; unchanged when ``trainable_flags`` is None."""
+    if trainable_flags is None:
+        return state
+    leaves = jax.tree.leaves(state.params)
+    return state._replace(params=[leaf for leaf, flag in zip(leaves, trainable_flags, strict=True) if flag])
+
+
+def with_frozen(saved: Any, params: Any, trainable_flags: list[bool] | None) -> Any:
+    """The inverse of :func:`without_frozen`: ``saved.params`` (the trained leaves) put back among the frozen leaves
+    of ``params``."""
+    if trainable_flags is None:
+        return saved
+    trained = iter(saved.params)
+    leaves, treedef = jax.tree.flatten(params)
+    merged = [next(trained) if flag else leaf for leaf, flag in zip(leaves, trainable_flags, strict=True)]
+    return saved._replace(params=jax.tree.unflatten(treedef, merged))
+
+
 def data_to_typed_keys(tree: Any, template: Any) -> Any:
     """The inverse of :func:`typed_keys_to_data`, guided by a template holding the typed keys."""
     return jax.tree.map(
@@ -124,6 +161,11 @@ class Run(abc.ABC):
       callbacks: ``callback(step, metrics)`` run after every step.
       mesh: the device mesh, or None.
       tokenizer: saved beside the exported policy.
+      trainable_flags: one bool per leaf of ``state.params``, False for the weights that the run never changes
+        (LoRA's base model), or None (every leaf trains). Checkpoints leave the frozen leaves out: a resumed run keeps
+        those it read from ``model.path`` (:attr:`weight_digests` checks that they are the same).
+      weight_digests: ``{file name: sha256}`` of the files the policy's initial weights were read from (empty for
+        weights built from a seed); a resumed run refuses files that changed since its first start.
     """
 
     config: Any
@@ -134,6 +176,8 @@ class Run(abc.ABC):
     callbacks: tuple[Callback, ...]
     mesh: Mesh | None
     tokenizer: Any
+    trainable_flags: list[bool] | None = None
+    weight_digests: Mapping[str, str] = {}
     _checkpoints: ocp.CheckpointManager | None = None
 
     # ----------------------------------------------------------------------------------------- subclass hooks
@@ -146,12 +190,14 @@ class Run(abc.ABC):
         """The current policy as an NNX model (the subclass knows its parameter layout)."""
 
     def checkpoint_tree(self) -> dict[str, Any]:
-        """What a checkpoint holds: by default the training state."""
-        return {"train": typed_keys_to_data(self.state)}
+        """What a checkpoint holds: by default the training state without its frozen parameters
+        (:func:`without_frozen`); a LoRA run's checkpoint is then its adapters, optimizer and run state alone."""
+        return {"train": typed_keys_to_data(without_frozen(self.state, self.trainable_flags))}
 
     def load_checkpoint_tree(self, restored: Mapping[str, Any]) -> None:
-        """Set the run's state from a restored :meth:`checkpoint_tree`."""
-        self.state = data_to_typed_keys(restored["train"], self.state)
+        """Set the run's state from a restored :meth:`checkpoint_tree` (the frozen parameters kept as they are)."""
+        saved = data_to_typed_keys(restored["train"], without_frozen(self.state, self.trainable_flags))
+        self.state = with_frozen(saved, self.state.params, self.trainable_flags)
 
     def log_step(self, metrics: Mapping[str, float]) -> None:  # noqa: B027 (an optional hook; the default reports nothing)
         """Extra per-step reports beside the metrics (the RL trainer writes samples.jsonl)."""
@@ -196,8 +242,9 @@ class Run(abc.ABC):
         return True
 
     def check_resumable(self) -> None:
-        """Write config.yaml on a fresh run; on a resumed one, refuse a config that changed beyond steps/logging."""
-        path = self.output_dir / "config.yaml"
+        """Write config.yaml and the weight digests on a fresh run; on a resumed one, refuse a config that changed
+        beyond steps/logging, or initial weight files that changed (:attr:`weight_digests`)."""
+        path, digests = self.output_dir / "config.yaml", self.output_dir / WEIGHT_DIGESTS
         current = rl_config.to_dict(self.config)
         if path.exists():
             # Read back through the config class, so keys added since the run started count at their defaults.
@@ -212,10 +259,31 @@ class Run(abc.ABC):
                         "the same config when resuming (only steps, output_dir and logging may change), or a new output_dir",
                     )
                 )
+        if digests.exists():  # a run started before the digests were kept has none
+            self.check_weight_digests(json.loads(digests.read_text()))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("mojax: config checked")  # every process read it before it is written
         if is_main_process():
             path.write_text(yaml.safe_dump(current, sort_keys=False))
+            digests.write_text(json.dumps(dict(self.weight_digests), indent=1))
+
+    def check_weight_digests(self, saved: Mapping[str, str]) -> None:
+        """Raise unless the policy's initial weight files hash as they did at the run's first start (``saved``)."""
+        changed = sorted(
+            name
+            for name in saved.keys() | self.weight_digests.keys()
+            if saved.get(name) != self.weight_digests.get(name)
+        )
+        if changed:
+            raise ValueError(
+                checks.message(
+                    type(self).__name__,
+                    "model.path",
+                    f"holds weight files that differ from those the run in {self.output_dir} started from: {changed}",
+                    "the same weights when resuming (a checkpoint holds the trained weights alone, not LoRA's frozen "
+                    "base model, and the reference policy is read again from them too), or a new output_dir",
+                )
+            )
 
     def loggers(self, resumed_at: int | None) -> CompositeLogger:
         """metrics.jsonl, TensorBoard (unless disabled) and the progress bar; none on processes other than 0."""

@@ -11,10 +11,11 @@ Who runs where (models, tokenizers, data, checkpoints, logging) lives here; what
 5. the jitted update (:func:`mojax.rl.update.make_train_step`);
 6. metrics (DESIGN's keys), samples, checkpoint.
 
-Every random draw is a function of (``seed``, step), and the checkpoint holds the parameters, the optimizer and
-combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
+Every random draw is a function of (``seed``, step), and the checkpoint holds the trained parameters, the optimizer
+and combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
 uninterrupted one bit for bit on CPU. Rerunning on the same ``output_dir`` resumes; a changed config is an error
-except ``steps`` and logging keys.
+except ``steps`` and logging keys. LoRA's frozen base weights are not saved: a resumed run reads them again from
+``model.path``, as it does the reference policy, and refuses weight files that changed since the run started.
 
 Response widths: the sampler draws ``rollout.max_completion_length`` tokens; the update runs on the smallest of
 ``rollout.length_buckets`` that holds the batch's longest completion (the padded tail columns cut, which changes no
@@ -76,6 +77,8 @@ from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     CRASH_ENV,
     Run,
     fetch,
+    float64_bits,
+    float_from_bits,
     is_main_process,
     place,
     place_sharded,
@@ -137,6 +140,16 @@ def policy_model_config(model_path: str) -> ModelConfig:
     from mojax.models import read_causal_lm_config
 
     return read_causal_lm_config(_policy_source(model_path))
+
+
+def policy_weight_digests(model_path: str) -> dict[str, str]:
+    """:func:`mojax.models.weight_file_digests` of the weights a config's ``model.path`` names (:func:`build_policy`'s
+    sources); empty for ``"tiny"``, whose weights are built from ``model.init_seed``."""
+    if model_path == "tiny":
+        return {}
+    from mojax.models import weight_file_digests
+
+    return weight_file_digests(_policy_source(model_path))
 
 
 def keep_freed_host_memory_for_policy(model_path: str) -> bool:
@@ -539,6 +552,7 @@ class Trainer(Run):
                 )
             )
         self.model, self.tokenizer = build_policy(config)
+        self.weight_digests = policy_weight_digests(config.model.path)
         attach_lora(self.model, config.lora, config.model.init_seed + 2)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = build_mesh(config)
@@ -851,15 +865,16 @@ class Trainer(Run):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_tree(self) -> dict[str, Any]:
-        """The training state, the reward normalisers and the KL coefficient (host values replicated on the mesh, so
-        that every process saves and restores the same global arrays)."""
-        host = {"normalizer": self.normalizer, "kl_coef": jnp.asarray(self.kl_coef, jnp.float32)}
+        """The training state, the reward normalisers and the KL coefficient (its 64 bits: the adaptive controller
+        updates it in float64 on the host), host values replicated on the mesh, so that every process saves and
+        restores the same global arrays."""
+        host = {"normalizer": self.normalizer, "kl_coef": jnp.asarray(float64_bits(self.kl_coef))}
         return {**super().checkpoint_tree(), **(host if self.mesh is None else replicate(host, self.mesh))}
 
     def load_checkpoint_tree(self, restored: Mapping[str, Any]) -> None:
         super().load_checkpoint_tree(restored)
         self.normalizer = type(self.normalizer)(*(jnp.asarray(x) for x in fetch(tuple(restored["normalizer"]))))
-        self.kl_coef = float(fetch(restored["kl_coef"]))
+        self.kl_coef = float_from_bits(fetch(restored["kl_coef"]))
 
     def open_logs(self, resumed_at: int | None) -> None:
         """samples.jsonl: a few decoded completions per step (process 0 only)."""

@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct Q4_1 file is used only by the tests marked ``parity``, whe
 disk ($MOJAX_SMOLLM2_GGUF, or the mojax cache that ``mojax.data.fetch`` fills); nothing is downloaded.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from mojax.models import (
     read_causal_lm_config,
     read_gguf_config,
     save_pretrained,
+    weight_file_digests,
 )
 from mojax.models.gguf import gguf_file_in, unpermute_rotary_rows
 
@@ -124,6 +126,28 @@ def test_read_causal_lm_config_reads_every_source_of_load_causal_lm_without_weig
     assert read_causal_lm_config(folder / "hf") == config
     with pytest.raises(FileNotFoundError, match="the path does not exist; expected an HF folder .*\\.gguf file"):
         read_causal_lm_config(folder / "missing")
+
+
+def test_weight_file_digests_hash_the_files_load_causal_lm_reads(folder, original, files):
+    """A GGUF file, a folder holding one, an HF folder and a sharded one: sha256 of each weight file by its name, and
+    nothing else of the folder (config, tokenizer)."""
+
+    def sha256(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    alone = folder / "alone_digest"
+    alone.mkdir(exist_ok=True)
+    shutil.copy(files["Q8_0"], alone / "model.gguf")
+    assert weight_file_digests(files["F32"]) == {"tiny-F32.gguf": sha256(files["F32"])}
+    assert weight_file_digests(alone) == {"model.gguf": sha256(files["Q8_0"])}
+    assert weight_file_digests(folder / "hf") == {"model.safetensors": sha256(folder / "hf" / "model.safetensors")}
+    sharded = folder / "sharded_digest"
+    save_pretrained(load_causal_lm(folder / "hf"), sharded, max_shard_size="16KB")
+    shards = sorted(path.name for path in sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert weight_file_digests(sharded) == {name: sha256(sharded / name) for name in shards}
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        weight_file_digests(folder / "missing")
 
 
 def test_end_of_turn_id_joins_the_eos_ids_and_floats_keep_their_decimal(folder, original):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_dpo import without_timing
 
 from mojax.rl.dpo import DPOTrainer, make_dpo_step
 from mojax.rl.dpo_config import load_dpo_config
@@ -80,6 +81,24 @@ def test_the_on_the_fly_reference_is_the_base_model_with_adapters_disabled(root)
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
     assert on_the_fly[1]["rewards/margins"] != 0.0  # the adapters moved the policy away from its reference
+
+
+def test_a_resumed_lora_run_restores_its_adapters_and_matches_a_straight_run(root, tmp_path):
+    """The checkpoint holds the adapters alone (the base model is read again from the model at resumption)."""
+    straight, _, want = lora_run(root, "on_the_fly")
+    for steps in (1, 2):
+        trainer = DPOTrainer(
+            load_dpo_config(
+                "dpo_tiny", [f"output_dir={tmp_path}", *LORA, "preference.reference=on_the_fly", f"steps={steps}"]
+            )
+        )
+        trainer.train()
+    assert len(trainer.checkpoint_tree()["train"].params) == sum(trainer.trainable_flags) < len(trainer.trainable_flags)
+    for got, expected in zip(
+        jax.tree.leaves(trainer.state.params), jax.tree.leaves(straight.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert without_timing(read_metrics(tmp_path)) == without_timing(want)
 
 
 def test_adapter_dropout_is_refused_before_anything_compiles(tmp_path):

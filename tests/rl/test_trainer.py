@@ -141,6 +141,22 @@ def test_kill_9_mid_run_resumes_bit_identically(run_root):
     assert without_timing(read_metrics(output)) == without_timing(want_records)
 
 
+def test_the_adaptive_kl_coefficient_resumes_to_its_last_bit(tmp_path):
+    """The adaptive controller updates beta in float64 on the host; the checkpoint keeps all 64 bits, so a resumed run
+    logs (and trains with) the coefficients of a straight run."""
+    adaptive = ("kl.beta=0.05", "kl.controller=adaptive", "kl.target=0.01", "kl.horizon=100")
+    runs = {"straight": (3,), "resumed": (2, 3)}
+    for name, stops in runs.items():
+        for steps in stops:
+            trainer = Trainer(small_config(tmp_path / name, *adaptive, f"steps={steps}"))
+            trainer.train()
+            trainer.close()
+    want = [record["kl_coef"] for record in read_metrics(tmp_path / "straight")]
+    assert len(set(want)) == 3  # the controller moved it at every step
+    assert [record["kl_coef"] for record in read_metrics(tmp_path / "resumed")] == want
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "straight"))
+
+
 def test_a_changed_config_refuses_to_resume(run_root):
     output = Path(run_root) / "straight"
     straight_run(run_root)

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_trainer import small_config
+from test_trainer import small_config, without_timing
 
 from mojax.combiners import per_objective_grads
-from mojax.models import lora_mask
+from mojax.models import lora_mask, save_pretrained
 from mojax.rl.logging import read_metrics
-from mojax.rl.trainer import Trainer, response_fn
+from mojax.rl.trainer import Trainer, build_policy, response_fn
 from mojax.rl.update import denominators, make_train_step, minibatch_losses, objective_cosines
 
 LORA = [
@@ -135,3 +135,42 @@ def test_the_update_computes_no_gradient_of_the_frozen_weights(tmp_path):
         for name, step in (("adapters", trainer._train_step), ("every weight", every_weight))
     }
     assert flops["adapters"] < 0.9 * flops["every weight"], flops
+
+
+def test_a_checkpoint_holds_the_adapters_alone_and_resumes_like_a_straight_run(root):
+    """The frozen base weights are left out of the checkpoint (it takes fewer bytes on disk than they do); a run stopped
+    after step 2 and resumed, its base read again from ``model.path``, ends where the straight run does, bit for bit."""
+    straight, _, want = lora_run(root, "")
+    output = Path(root) / "resumed"
+    for steps in (2, 3):
+        trainer = Trainer(small_config(output, *LORA, f"steps={steps}"))
+        trainer.train()
+        trainer.close()
+    for got, expected in zip(
+        jax.tree.leaves(trainer.state.params), jax.tree.leaves(straight.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert without_timing(read_metrics(output)) == without_timing(want)
+    leaves = jax.tree.leaves(trainer.state.params)
+    frozen = sum(leaf.nbytes for leaf, trains in zip(leaves, trainer.trainable_flags, strict=True) if not trains)
+    saved = sum(path.stat().st_size for path in (output / "checkpoints" / "3").rglob("*") if path.is_file())
+    assert saved < frozen / 2, (saved, frozen)
+
+
+def test_a_resumed_run_refuses_base_weights_that_changed_since_its_start(tmp_path):
+    """The checkpoint holds no base weights, so a resumed run reads them again from ``model.path``: the same files
+    resume, other weights under the same path are refused with the file named."""
+    model, tokenizer = build_policy(small_config(tmp_path / "unused"))
+    save_pretrained(model, tmp_path / "model", tokenizer=tokenizer)
+    overrides = (*LORA, f"model.path={tmp_path / 'model'}")
+    for steps in (1, 2):
+        trainer = Trainer(small_config(tmp_path / "run", *overrides, f"steps={steps}"))
+        trainer.train()
+        trainer.close()
+    assert trainer.step == 2 and [record["step"] for record in read_metrics(tmp_path / "run")] == [1, 2]
+    other, _ = build_policy(small_config(tmp_path / "unused", "model.init_seed=1"))
+    save_pretrained(other, tmp_path / "model", tokenizer=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"(?s)`model.path` holds weight files that differ .*\['model.safetensors'\].*new output_dir"
+    ):
+        Trainer(small_config(tmp_path / "run", *overrides, "steps=3")).train()
