@@ -292,8 +292,15 @@ class CheckpointSection:
     save_steps: int = 1
     """Save every this many steps (and at the last step). A save is asynchronous, but its writing competes with the
     training for the host's cores: on a 2-core CPU a save after every step made the tiny task's steps take 59-64 ms
-    instead of 16-19, and SmolLM2's example's about 1.1 s longer, of 12-14 s (``benchmarks/RESULTS.md``, "Checkpoints
-    on the tiny task"); the built-in tiny config and the examples save every 10."""
+    instead of 16-19 (``benchmarks/RESULTS.md``, "Checkpoints on the tiny task"), so the built-in tiny config and its
+    example save every 10. A LoRA run saves its adapters alone: SmolLM2's example (5 MB a save) showed no cost, where
+    saving its whole model (354 MB) had cost 1.1 s of a 13-14 s step (RESULTS, "LoRA checkpoints hold the adapters
+    alone")."""
+    save_seconds: float | None = None
+    """Also save when this many seconds have passed since the last checkpoint (0: whenever the last one is written),
+    never while an earlier save is still being written (Orbax's ``ContinuousCheckpointingPolicy``: process 0 decides
+    for every process). A cadence in time costs about the same share of the steps at any model size; None: by
+    ``save_steps`` alone (set it high to save by time alone)."""
     max_to_keep: int = 2
     """Checkpoints kept on disk."""
 
@@ -411,6 +418,12 @@ def check_model_section(where: str, model: ModelSection) -> None:
     checks.choice(where, "model.attention_kernel", model.attention_kernel, ATTENTION_KERNELS)
 
 
+def check_checkpoint_section(where: str, checkpoint: CheckpointSection) -> None:
+    """ValueError unless ``checkpoint.save_seconds`` is None or a non-negative number of seconds."""
+    if checkpoint.save_seconds is not None:
+        checks.nonnegative(where, "checkpoint.save_seconds", checkpoint.save_seconds)
+
+
 def validate(config: TrainConfig) -> None:
     """Cross-field checks of a TrainConfig; ValueError naming the key and what was expected."""
     from mojax.combiners import REGISTRY
@@ -423,6 +436,7 @@ def validate(config: TrainConfig) -> None:
         checks.integer(where, key, _get(config, key), minimum=1)
     checks.choice(where, "combiner.name", config.combiner.name, REGISTRY)
     check_model_section(where, config.model)
+    check_checkpoint_section(where, config.checkpoint)
     checks.choice(where, "algorithm.advantage_estimator", config.algorithm.advantage_estimator, ESTIMATORS)
     check_estimator_options(
         where,

@@ -251,6 +251,7 @@ def validate(config: DPOConfig) -> None:
     for key in _POSITIVE_INTS:
         checks.integer(where, key, _get(config, key), minimum=1)
     rl_config.check_model_section(where, config.model)
+    rl_config.check_checkpoint_section(where, config.checkpoint)
     preference = config.preference
     checks.integer(where, "preference.entanglement_pairs", preference.entanglement_pairs, minimum=0)
     checks.integer(where, "lora.rank", config.lora.rank, minimum=0)

@@ -4,8 +4,8 @@
 :class:`Run` and provide ``train_step()`` (one step, returning its metrics) and the state they checkpoint. A run
 writes ``OUTPUT_DIR/config.yaml`` on its first start and refuses to resume with a config that changed beyond
 ``steps``, ``output_dir`` and logging keys; it saves an Orbax checkpoint every ``checkpoint.save_steps`` steps (and at
-the last one) unless the step's update was skipped, and stops after ``max_consecutive_skips`` skipped updates with the
-last good checkpoint intact.
+the last one, and every ``checkpoint.save_seconds`` if set) unless the step's update was skipped, and stops after
+``max_consecutive_skips`` skipped updates with the last good checkpoint intact.
 
 Checkpoints hold the trained parameters alone (:attr:`Run.trainable_flags`): LoRA's frozen base model is read again
 from ``model.path`` at resumption, and ``OUTPUT_DIR/weight_digests.json`` (sha256 of the policy's weight files at the
@@ -215,9 +215,26 @@ class Run(abc.ABC):
 
     def _manager(self) -> ocp.CheckpointManager:
         if self._checkpoints is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.config.checkpoint.max_to_keep)
+            checkpoint = self.config.checkpoint
+            by_time = (
+                None
+                if checkpoint.save_seconds is None
+                else ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+                    minimum_interval_secs=checkpoint.save_seconds
+                )
+            )
+            options = ocp.CheckpointManagerOptions(max_to_keep=checkpoint.max_to_keep, save_decision_policy=by_time)
             self._checkpoints = ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
         return self._checkpoints
+
+    def save_is_due(self) -> bool:
+        """Whether to save after the current step: at every ``checkpoint.save_steps``-th step and the last one, and with
+        ``checkpoint.save_seconds`` when that long has passed since the last checkpoint and none is being written
+        (process 0 decides and tells the others, so call it on every process)."""
+        checkpoint = self.config.checkpoint
+        if self.step % checkpoint.save_steps == 0 or self.step == self.config.steps:
+            return True
+        return checkpoint.save_seconds is not None and self._manager().should_save(self.step)
 
     def save(self) -> None:
         """Save the state after the current step (asynchronously; ``close`` waits)."""
@@ -322,9 +339,7 @@ class Run(abc.ABC):
                         f"{type(self).__name__}: {skips} consecutive updates were skipped (non-finite loss, gradient or "
                         f"combiner weight) at step {self.step}; the last good checkpoint is kept."
                     )
-                if skips == 0 and (
-                    self.step % self.config.checkpoint.save_steps == 0 or self.step == self.config.steps
-                ):
+                if skips == 0 and self.save_is_due():
                     self.save()
         finally:
             if self._checkpoints is not None:

@@ -439,6 +439,7 @@ def test_combiners_that_read_rollout_statistics_are_rejected(tmp_path, combiner)
         ("combiner.name=nope", "`combiner.name` is 'nope'"),
         ("model.remat=dot", "`model.remat` is 'dot'; expected one of"),
         ("model.attention_kernel=flash", "`model.attention_kernel` is 'flash'; expected one of"),
+        ("checkpoint.save_seconds=-5", "`checkpoint.save_seconds` is -5"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):

@@ -216,6 +216,17 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
     assert [record["step"] for record in read_metrics(tmp_path)] == [1]
 
 
+def test_save_seconds_saves_when_that_long_has_passed_since_the_last_checkpoint(tmp_path):
+    """With an hour's cadence and no step cadence, the first step saves (no checkpoint yet), the next ones do not until
+    the last; with no time cadence only the last step saves."""
+    no_step_cadence = ("steps=4", "checkpoint.save_steps=1000", "checkpoint.max_to_keep=5")
+    for name, extra, want in (("hourly", ["checkpoint.save_seconds=3600"], [1, 4]), ("by_steps", [], [4])):
+        trainer = Trainer(small_config(tmp_path / name, *no_step_cadence, *extra))
+        trainer.train()
+        assert trainer._manager().all_steps() == want, name
+        trainer.close()
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
@@ -231,6 +242,7 @@ def test_a_reward_that_raises_stops_the_run_with_the_last_checkpoint_intact(tmp_
         ("optimizer.max_grad_norm=0", r"`optimizer.max_grad_norm` is 0; expected a number in \(0, inf\] \(or null"),
         ("algorithm.estimator_options={scale: group}", r"`algorithm.estimator_options` has \['scale'\] for 'grpo'"),
         ("algorithm.estimator_options={scale_rewards: std}", "`algorithm.estimator_options.scale_rewards` is 'std'"),
+        ("checkpoint.save_seconds=-1", r"`checkpoint.save_seconds` is -1(\.0)?; expected"),
     ],
 )
 def test_bad_configs_raise_before_anything_compiles(tmp_path, override, match):

@@ -27,6 +27,7 @@ OVERRIDES = [
     "logging.tensorboard=false",
     "export=true",
     "mesh.shape={fsdp: 8}",
+    "checkpoint.save_seconds=3600",  # step 1 saves by time: process 0 decides, both save
 ]
 COMPARED = ("loss", "grad_norm", "kl", "entropy", "reward", "rewards/a_rate/mean", "rewards/b_count/mean")
 
@@ -117,6 +118,8 @@ def test_two_processes_train_like_one_process_with_8_devices(two_processes, one_
     assert_same_run(two_processes, one_dir, params[2], steps=2)
     # Only process 0 writes the reports: one line per step, samples_per_step samples per step, one exported policy.
     assert len((two_processes / "samples.jsonl").read_text().splitlines()) == 2 * 2
+    # step 1 saved by time (checkpoint.save_seconds, decided by process 0), step 2 as the last
+    assert sorted(int(path.name) for path in (two_processes / "checkpoints").iterdir() if path.name.isdigit()) == [1, 2]
     import jax
     from flax import nnx
 
