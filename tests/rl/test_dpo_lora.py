@@ -84,7 +84,7 @@ def test_the_on_the_fly_reference_is_the_base_model_with_adapters_disabled(root)
 
 
 def test_a_resumed_lora_run_restores_its_adapters_and_matches_a_straight_run(root, tmp_path):
-    """The checkpoint holds the adapters alone (the base model is read again from the model at resumption)."""
+    """The checkpoint holds the adapters alone (a resumed run reads the base model again from ``model.path``)."""
     straight, _, want = lora_run(root, "on_the_fly")
     for steps in (1, 2):
         trainer = DPOTrainer(
