@@ -8,8 +8,8 @@ the last one, and every ``checkpoint.save_seconds`` if set) unless the step's up
 ``max_consecutive_skips`` skipped updates with the last good checkpoint intact.
 
 Checkpoints hold the trained parameters alone (:attr:`Run.trainable_flags`): LoRA's frozen base model is read again
-from ``model.path`` at resumption, and ``OUTPUT_DIR/weight_digests.json`` (sha256 of the policy's weight files at the
-first start) makes a resumed run refuse weight files that changed.
+from ``model.path`` at resumption, and ``OUTPUT_DIR/weight_digests.json`` (sha256 of the policy's weight files and of
+the reward models' parameters at the first start) makes a resumed run refuse weights that changed.
 
 A run may span several processes (``jax.distributed`` with a global mesh): every process runs the same loop on the
 same data, :func:`fetch` gathers device arrays to every host for host-side work, checkpoints are written by every
@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mojax import _checks as checks
 from mojax.rl import config as rl_config
 from mojax.rl.logging import CompositeLogger, JsonlLogger, ProgressBar, TensorBoardLogger
+from mojax.rl.rewards.objectives import REWARD_MODEL_DIGEST_PREFIX
 
 Callback = Callable[[int, Mapping[str, float]], None]
 WEIGHT_DIGESTS = "weight_digests.json"
@@ -164,8 +165,9 @@ class Run(abc.ABC):
       trainable_flags: one bool per leaf of ``state.params``, False for the weights that the run never changes
         (LoRA's base model), or None (every leaf trains). Checkpoints leave the frozen leaves out: a resumed run keeps
         those it read from ``model.path`` (:attr:`weight_digests` checks that they are the same).
-      weight_digests: ``{file name: sha256}`` of the files the policy's initial weights were read from (empty for
-        weights built from a seed); a resumed run refuses files that changed since its first start.
+      weight_digests: ``{file name: sha256}`` of the files the policy's initial weights were read from (none for
+        weights built from a seed), and ``{"objectives.NAME": sha256}`` of each reward model's parameters
+        (:func:`mojax.rl.rewards.reward_model_digests`); a resumed run refuses any that changed since its first start.
     """
 
     config: Any
@@ -285,20 +287,33 @@ class Run(abc.ABC):
             digests.write_text(json.dumps(dict(self.weight_digests), indent=1))
 
     def check_weight_digests(self, saved: Mapping[str, str]) -> None:
-        """Raise unless the policy's initial weight files hash as they did at the run's first start (``saved``)."""
+        """Raise unless the policy's initial weight files and the reward models hash as they did at the run's first
+        start (``saved``); files are named by file name, reward models ``objectives.NAME``."""
         changed = sorted(
             name
             for name in saved.keys() | self.weight_digests.keys()
             if saved.get(name) != self.weight_digests.get(name)
         )
-        if changed:
+        files = [name for name in changed if not name.startswith(REWARD_MODEL_DIGEST_PREFIX)]
+        if files:
             raise ValueError(
                 checks.message(
                     type(self).__name__,
                     "model.path",
-                    f"holds weight files that differ from those the run in {self.output_dir} started from: {changed}",
+                    f"holds weight files that differ from those the run in {self.output_dir} started from: {files}",
                     "the same weights when resuming (a checkpoint holds the trained weights alone, not LoRA's frozen "
                     "base model, and the reference policy is read again from them too), or a new output_dir",
+                )
+            )
+        if changed:
+            raise ValueError(
+                checks.message(
+                    type(self).__name__,
+                    "objectives",
+                    f"score with reward models whose parameters differ from those the run in {self.output_dir} "
+                    f"started with: {changed}",
+                    "the same reward models when resuming (a checkpoint holds no reward model, and another one "
+                    "changes the rewards the resumed steps learn from), or a new output_dir",
                 )
             )
 

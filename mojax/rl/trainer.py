@@ -15,7 +15,9 @@ Every random draw is a function of (``seed``, step), and the checkpoint holds th
 and combiner state, the reward normalisers, the KL coefficient and the step, so a resumed run reproduces an
 uninterrupted one bit for bit on CPU. Rerunning on the same ``output_dir`` resumes; a changed config is an error
 except ``steps`` and logging keys. LoRA's frozen base weights are not saved: a resumed run reads them again from
-``model.path``, as it does the reference policy, and refuses weight files that changed since the run started.
+``model.path``, as it does the reference policy, and refuses weight files that changed since the run started; the
+reward models (:func:`mojax.rl.rewards.reward_model`) are not saved either, and a resumed run refuses one whose
+parameters differ from the first start's.
 
 Response widths: the sampler draws ``rollout.max_completion_length`` tokens; the update runs on the smallest of
 ``rollout.length_buckets`` that holds the batch's longest completion (the padded tail columns cut, which changes no
@@ -71,7 +73,16 @@ from mojax.rl.losses import (
     head_token_kernel,
     tied_head_token_kernel,
 )
-from mojax.rl.rewards import Objective, init_normalizer, normalize, resolve, score, signed, update_normalizer
+from mojax.rl.rewards import (
+    Objective,
+    init_normalizer,
+    normalize,
+    resolve,
+    reward_model_digests,
+    score,
+    signed,
+    update_normalizer,
+)
 from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     CRASH_ENV,
@@ -552,7 +563,7 @@ class Trainer(Run):
                 )
             )
         self.model, self.tokenizer = build_policy(config)
-        self.weight_digests = policy_weight_digests(config.model.path)
+        self.weight_digests = {**policy_weight_digests(config.model.path), **reward_model_digests(self.objectives)}
         attach_lora(self.model, config.lora, config.model.init_seed + 2)
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         self.mesh = build_mesh(config)

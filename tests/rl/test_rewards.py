@@ -23,11 +23,13 @@ from mojax.rl.rewards import (
     normalize,
     resolve,
     reward_model,
+    reward_model_digests,
     score,
     signed,
     token_reward,
     update_normalizer,
 )
+from mojax.rl.rewards.objectives import parameter_digest
 
 
 def constant(value):
@@ -278,6 +280,24 @@ def test_reward_model_checks_its_arguments(tiny_reward_model):
         reward_model(tiny_reward_model, label=2)
     with pytest.raises(TypeError, match="`model` is a function"):
         reward_model(lambda ids: ids)
+
+
+def test_parameter_digest_changes_with_any_bit_of_the_state(tiny_reward_model):
+    """Equal states digest alike; one element nudged by one ulp, or another initialisation, digest otherwise."""
+    config = ModelConfig.tiny(num_hidden_layers=1)
+    twin = random_module(lambda: LlamaRewardModel(config, num_labels=2, rngs=nnx.Rngs(0)), seed=3)
+    assert parameter_digest(twin) == parameter_digest(tiny_reward_model)
+    kernel = twin.score.kernel
+    kernel.value = kernel.value.at[0, 0].set(jnp.nextafter(kernel.value[0, 0], jnp.inf))
+    assert parameter_digest(twin) != parameter_digest(tiny_reward_model)
+    other = random_module(lambda: LlamaRewardModel(config, num_labels=2, rngs=nnx.Rngs(0)), seed=4)
+    assert parameter_digest(other) != parameter_digest(tiny_reward_model)
+
+
+def test_reward_model_digests_name_the_objectives_scored_by_a_reward_model(tiny_reward_model):
+    objectives = [Objective("short", constant(1.0)), Objective("rm", reward_model(tiny_reward_model, label=1))]
+    assert reward_model_digests(objectives) == {"objectives.rm": parameter_digest(tiny_reward_model)}
+    assert reward_model_digests(objectives[:1]) == {}
 
 
 # ---------------------------------------------------------------- resolve()

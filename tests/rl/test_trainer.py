@@ -164,6 +164,31 @@ def test_a_changed_config_refuses_to_resume(run_root):
         Trainer(small_config(output, "steps=5", "optimizer.learning_rate=0.5")).train()
 
 
+def test_a_resumed_run_refuses_a_reward_model_whose_parameters_changed(tmp_path):
+    """A checkpoint holds no reward model: the resumed run's own must digest as the first start's did. A model built
+    again with the same parameters resumes; one of another seed is refused, the objective named."""
+    from flax import nnx
+
+    from mojax.models.heads import LlamaRewardModel
+    from mojax.rl.rewards import Objective, reward_model
+    from mojax.rl.tiny import tiny_model_config
+
+    def scored_by_a_reward_model(seed: int) -> list[Objective]:
+        model = LlamaRewardModel(tiny_model_config(), num_labels=1, rngs=nnx.Rngs(seed))
+        return [Objective("rm", reward_model(model))]
+
+    entries = "objectives=[{name: rm, fn: 'mojax.rl.tiny:tiny_prompts'}]"  # a name for the objective given in code
+    for steps in (1, 2):
+        trainer = Trainer(small_config(tmp_path, entries, f"steps={steps}"), objectives=scored_by_a_reward_model(0))
+        trainer.train()
+        trainer.close()
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2]
+    with pytest.raises(
+        ValueError, match=r"(?s)`objectives` score with reward models whose parameters differ .*\['objectives.rm'\]"
+    ):
+        Trainer(small_config(tmp_path, entries, "steps=3"), objectives=scored_by_a_reward_model(1)).train()
+
+
 def test_a_checkpoint_of_another_state_layout_is_refused_with_the_step_and_the_remedy(run_root, tmp_path):
     straight_run(run_root)
     output = tmp_path / "copy"

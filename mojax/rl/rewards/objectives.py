@@ -22,6 +22,7 @@ for every combiner that maximises (all but a Lagrangian, which constrains costs 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,8 @@ from mojax import _checks
 from mojax.models.heads import LlamaRewardModel
 
 KINDS = ("reward", "cost")
+REWARD_MODEL_DIGEST_PREFIX = "objectives."
+""":func:`reward_model_digests` keys are this prefix and the objective's name (its config key)."""
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
 """Names a dataset column may not take: they are the reward function's own arguments."""
 
@@ -136,6 +139,28 @@ def reward_model(model: LlamaRewardModel, label: int = 0) -> RewardModel:
             )
         )
     return RewardModel(model, label)
+
+
+def parameter_digest(module: nnx.Module) -> str:
+    """sha256 hex digest of a module's state: every leaf's path, dtype, shape and bytes, in the state's order.
+
+    Two modules digest alike iff their states hold the same arrays under the same names (to the bit)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def reward_model_digests(objectives: Sequence[Objective]) -> dict[str, str]:
+    """``{"objectives.NAME": parameter_digest}`` for every objective scored by a :func:`reward_model`: what a
+    resumed run compares with its first start (the checkpoint holds no reward model; see :mod:`mojax.rl.run`)."""
+    return {
+        REWARD_MODEL_DIGEST_PREFIX + objective.name: parameter_digest(objective.fn.model)
+        for objective in objectives
+        if isinstance(objective.fn, RewardModel)
+    }
 
 
 def _accepted_keywords(name: str, fn: Callable) -> frozenset[str] | None:
