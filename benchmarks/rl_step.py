@@ -7,7 +7,9 @@ is the fixed batch; every other contender runs on that same batch:
 * ``linear/scalar``: ``Trainer.update(batch, 1)`` with the linear combiner: the baseline (ratio 1 by definition);
 * ``<combiner>/<mode>``: ``Trainer.update(batch, 1)`` of a trainer with that combiner, for every combiner of
   ``mojax.combiners.REGISTRY`` and every mode it supports (scalar without a Gram; probe and full with one). All
-  trainers start from the same random model (same seed) and have the same update settings;
+  trainers start from the same random model (same seed) and have the same update settings. A probe set that holds
+  every trained parameter (``--set 'combiner.probe=[lora_]'`` with LoRA) makes the trainer run full mode; its probe
+  contender is then labelled ``<combiner>/probe, run as full`` and judged as full mode;
 * ``bound: fwd + n bwd``: one forward pass and the pullbacks of the n objective losses (unit cotangents, batched or
   sequential as the trainers' ``combiner.pullbacks``), with no combiner and no optimizer: the least a full-mode
   update can cost;
@@ -344,9 +346,9 @@ def contenders(
                 continue
             trainer = trainer_for(n, name, mode, workdir, extra)
             call, weights = update_call(trainer, batch), weights_call(trainer, batch) if mode == "scalar" else None
-            found.append(
-                Contender(f"{name}/{mode}", mode, call, timed_first(call), weights, update_temporaries(trainer, batch))
-            )
+            ran = trainer.update_spec.mode  # probe mode runs as full mode when its set holds every trained parameter
+            label = f"{name}/{mode}" if ran == mode else f"{name}/{mode}, run as {ran}"
+            found.append(Contender(label, ran, call, timed_first(call), weights, update_temporaries(trainer, batch)))
             if mode == "full" and OTHER_SKIP in references:
                 found.append(other_skip_contender(trainer_for(n, name, mode, workdir, extra), batch))
             if HEAD_GRADIENTS in references:

@@ -57,6 +57,16 @@ def test_modes_option_times_only_those_modes_and_the_baseline(rl_step, tmp_path)
     assert f"n = 2: {faster:.2f}x" in line
 
 
+def test_a_probe_contender_that_the_trainer_runs_as_full_mode_says_so_and_is_judged_as_full_mode(rl_step, tmp_path):
+    args = ["--quick", "--n", "2", "--combiners", "mgda", "--modes", "probe", "--references", ""]
+    every_parameter = ["--set", "combiner.probe=[model, lm_head]"]  # no KL in the loss: the trainer runs full mode
+    report = rl_step.main([*args, *every_parameter, "--out", str(tmp_path)])
+    rows = {row["contender"]: row for row in report["rows"]}
+    assert set(rows) == {rl_step.BASELINE, "mgda/probe, run as full", rl_step.BOUND}
+    assert rows["mgda/probe, run as full"]["mode"] == "full"
+    assert any(line.startswith("- probe mode") and "not measured" in line for line in report["verdict"])
+
+
 def test_references_option_leaves_the_others_out(rl_step, tmp_path):
     report = rl_step.main(
         ["--quick", "--n", "2", "--combiners", "linear", "--references", "peers-step", "--out", str(tmp_path)]

@@ -177,7 +177,10 @@ class CombinerSection:
     name: str = "linear"
     """A name of ``mojax.combiners.REGISTRY``."""
     mode: str = "auto"
-    """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``."""
+    """``"auto"`` (scalar for combiners without a Gram, else probe), ``"scalar"``, ``"probe"`` or ``"full"``. Probe
+    mode whose set (``probe``) holds every trained parameter runs as full mode when the loss has no shared term (KL,
+    entropy bonus): the same Gram, weights and update, without probe mode's weighted backward pass
+    (:func:`mojax.rl.trainer.update_mode`)."""
     pullbacks: str = "auto"
     """How probe and full modes run the n per-objective backward passes: ``"sequential"`` (one pass after another:
     1/n of the batched activation gradients' memory, and the gradients come out objective-major, with no transposes,
@@ -192,10 +195,11 @@ class CombinerSection:
     probe: Sequence[str] = ()
     """Parameter path substrings of the probe set (e.g. ``["lm_head", "model.norm"]``); empty: the default probe set:
     the final decoder block with the final norm, plus the LM head when untied; with LoRA the final block's adapters
-    (``["lora_"]``: every layer's adapters). In probe mode the final block is split from the stacked layers so that it
-    can be differentiated alone: the patterns see it as ``model.last_layer`` and the blocks before it as
-    ``model.layers``, so ``["last_layer", "model.norm"]`` is the default set without an untied head (whose share of
-    the Gram comes from its token kernel where that is cheaper than its n gradients: ``head_gram``)."""
+    (``["lora_"]``: every layer's adapters, which can make probe mode full mode: see ``mode``). In probe mode the final
+    block is split from the stacked layers so that it can be differentiated alone: the patterns see it as
+    ``model.last_layer`` and the blocks before it as ``model.layers``, so ``["last_layer", "model.norm"]`` is the
+    default set without an untied head (whose share of the Gram comes from its token kernel where that is cheaper
+    than its n gradients: ``head_gram``)."""
     head_gram: str = "auto"
     """How probe and full mode take the LM head's share of the combiner's Gram: ``"kernel"`` from the token
     kernel K = (H H^T) o (E E^T) of the head's N response tokens (hidden states H, e_y - softmax E), as c_i^T K c_j

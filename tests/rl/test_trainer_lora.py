@@ -1,5 +1,6 @@
 """The RL trainer with LoRA adapters in probe mode: the probe set is the final block's adapters (split from the
-stacked layers), only the adapters train, and the split changes nothing but the probe set."""
+stacked layers), only the adapters train, and the split changes nothing but the probe set; a probe set of every
+adapter without a shared term (KL in the loss, entropy bonus) runs as full mode."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flax import nnx
 from test_trainer import small_config, without_timing
 
 from mojax.combiners import per_objective_grads
-from mojax.models import lora_mask, save_pretrained
+from mojax.models import LlamaForCausalLM, lora_mask, save_pretrained
 from mojax.rl.logging import read_metrics
 from mojax.rl.trainer import Trainer, build_policy, response_fn
 from mojax.rl.update import denominators, make_train_step, minibatch_losses, objective_cosines
@@ -40,11 +41,12 @@ def flat(tree) -> dict[str, object]:
 
 
 @functools.cache
-def lora_run(root: str, override: str) -> tuple[Trainer, dict[str, np.ndarray], list[dict]]:
+def lora_run(root: str, *overrides: str) -> tuple[Trainer, dict[str, np.ndarray], list[dict]]:
     """Three training steps (lora_b starts at zero, so lora_a's first gradient comes once lora_b has moved):
-    (trainer, parameters before training, metrics); `override` (e.g. a combiner.probe) comes after ``LORA``."""
-    output = Path(root) / (override.replace("=", "_") or "default")
-    trainer = Trainer(small_config(output, *LORA, "steps=3", *([override] if override else [])))
+    (trainer, parameters before training, metrics); `overrides` (e.g. a combiner.probe) come after ``LORA``."""
+    overrides = tuple(override for override in overrides if override)
+    output = Path(root) / ("-".join(overrides).replace("=", "_") or "default")
+    trainer = Trainer(small_config(output, *LORA, "steps=3", *overrides))
     start = {path: np.asarray(leaf.get_value()) for path, leaf in flat(trainer.state.params).items()}
     trainer.train()
     trainer.close()
@@ -63,10 +65,55 @@ def test_the_default_probe_set_is_the_final_blocks_adapters(root):
     selected = {path for path, flag in flat(trainer.probe_mask).items() if flag.get_value()}
     final_adapters = {p for p, leaf in leaves.items() if isinstance(leaf, nnx.LoRAParam) and ".last_layer." in p}
     assert selected == final_adapters and len(final_adapters) == 4  # lora_a and lora_b of q_proj and v_proj
-    every_layer, _, _ = lora_run(root, "combiner.probe=[lora_]")
+    every_layer, _, _ = lora_run(root, "combiner.probe=[lora_]")  # with LORA's KL in the loss it stays probe mode
     every_adapter = {path for path, flag in flat(every_layer.probe_mask).items() if flag.get_value()}
     adapters = {p for p, leaf in flat(every_layer.state.params).items() if isinstance(leaf, nnx.LoRAParam)}
     assert every_layer.split and every_adapter == adapters and len(adapters) == 8  # both parts of the split layers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "layers", "shared_term", "mode"),
+    [
+        ((), 2, {}, "probe"),  # the final block's adapters
+        (("combiner.probe=[lora_]",), 2, {}, "full"),  # every layer's
+        (("combiner.probe=[lora_]",), 2, {"kl_in_loss": True}, "probe"),  # its pass is probe mode's weighted one
+        (("combiner.probe=[lora_]",), 2, {"entropy_coef": 0.01}, "probe"),
+        (("combiner.probe=[last_layer]",), 2, {}, "probe"),  # the final block's weights and adapters, not the others
+        ((), 1, {}, "full"),  # one block: the default set is every adapter
+        (("combiner.probe=[model]", "lora.rank=0"), 2, {}, "probe"),  # the untied head is trained and left out
+        (("combiner.probe=[model, lm_head]", "lora.rank=0"), 2, {}, "full"),
+    ],
+)
+def test_a_probe_set_holding_every_trained_parameter_without_a_shared_term_makes_the_update_full_mode(
+    tmp_path, overrides, layers, shared_term, mode
+):
+    from mojax.rl.tiny import tiny_model_config
+    from mojax.rl.trainer import attach_lora, update_mode
+    from mojax.rl.update import UpdateSpec
+
+    config = small_config(tmp_path, *LORA, *overrides)
+    model_config = tiny_model_config(num_hidden_layers=layers)
+    model = LlamaForCausalLM(model_config, rngs=nnx.Rngs(0))
+    attach_lora(model, config.lora, 1)
+    params = nnx.split(model, nnx.Param, ...)[1]
+    spec = UpdateSpec("probe", 3, "mgda", (), **{"kl_in_loss": False, **shared_term})
+    assert update_mode(spec, config, params, model_config) == mode
+    for other in ("scalar", "full"):
+        assert update_mode(spec._replace(mode=other), config, params, model_config) == other
+
+
+def test_every_layers_adapters_in_the_probe_set_train_as_full_mode_without_the_kl_in_the_loss(root):
+    """``combiner.probe: [lora_]`` differentiates every trained parameter per objective, so without a shared term the
+    trainer runs full mode's update (the same Gram, weights and combined gradient as probe mode, without its weighted
+    backward pass): the run is the explicit full-mode run, metric for metric and bit for bit."""
+    every_adapter, _, metrics = lora_run(root, "combiner.probe=[lora_]", "kl.beta=0")
+    full_mode, _, want = lora_run(root, "combiner.mode=full", "kl.beta=0")
+    assert every_adapter.update_spec.mode == "full" and not every_adapter.split and every_adapter.probe_mask is None
+    assert without_timing(metrics) == without_timing(want)
+    for got, expected in zip(
+        jax.tree.leaves(every_adapter.state.params), jax.tree.leaves(full_mode.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_only_the_adapters_train_in_every_layer(root):

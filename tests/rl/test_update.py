@@ -56,9 +56,13 @@ def unsplit_leaves(run: Trainer) -> list[np.ndarray]:
 
 
 def params_after(overrides: tuple[str, ...], batch: Batch, updates: int = 1) -> list[np.ndarray]:
-    """Parameters after `updates` updates on `batch` (:func:`unsplit_leaves`), from the common initial state (which
+    """Parameters after `updates` updates on `batch` (:func:`unsplit_leaves`) of the trainer of `overrides`."""
+    return updated(trainer(*overrides), batch, updates)
+
+
+def updated(run: Trainer, batch: Batch, updates: int = 1) -> list[np.ndarray]:
+    """Parameters after `updates` updates of `run` on `batch` (:func:`unsplit_leaves`), from its initial state (which
     is restored after)."""
-    run = trainer(*overrides)
     start = run.state
     run.state = jax.tree.map(jnp.copy, start)
     for step in range(1, updates + 1):
@@ -133,13 +137,19 @@ def test_scalar_mode_combiners_compile_one_and_the_same_train_step():
 
 
 @pytest.mark.parametrize("pullbacks", ["batched", "sequential"])
-def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks):
-    """On the tiny LLaMA (a layer scan: vmap leaves the objective axis second there, lax.map writes it first)."""
+def test_probe_mode_with_every_parameter_in_the_probe_equals_full_mode(pullbacks, monkeypatch):
+    """On the tiny LLaMA (a layer scan: vmap leaves the objective axis second there, lax.map writes it first). The
+    trainer runs such a probe set as full mode (:func:`mojax.rl.trainer.update_mode`); probe mode is forced here."""
+    import mojax.rl.trainer as rl_trainer
+
     batch = fixed_batch()
     full = params_after(("combiner.name=mgda", "combiner.mode=full", f"combiner.pullbacks={pullbacks}"), batch)
-    everything = "combiner.probe=[model, lm_head]"
-    probe = params_after(("combiner.name=mgda", "combiner.mode=probe", everything), batch)
-    assert_trees_close(probe, full, atol=2e-6)
+    everything = ("combiner.name=mgda", "combiner.mode=probe", "combiner.probe=[model, lm_head]")
+    assert trainer(*everything).update_spec.mode == "full"
+    monkeypatch.setattr(rl_trainer, "update_mode", lambda spec, config, params, model_config: spec.mode)
+    forced = Trainer(load_config("tiny", [*BASE, *everything]))
+    assert forced.update_spec.mode == "probe"
+    assert_trees_close(updated(forced, batch), full, atol=2e-6)
 
 
 @pytest.mark.parametrize(
