@@ -391,7 +391,8 @@ def _cast_layers(model: Any, dtype: Any) -> None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "generations"))
 def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, config: SamplingConfig, generations):
-    """Prefill the left-padded bucketed prompts once, then decode until N tokens or all sequences stopped.
+    """Prefill the bucketed prompts once (their rows left-aligned first), then decode until N tokens or all sequences
+    stopped; the :class:`GenerationResult`, its sequences in the bucket's width.
 
     `knobs` is (temperature, top_p) as f32[] (traced); `config` is their :func:`_compiled_part`. Each prompt is
     prefilled once and its last logits and length repeated for its `generations` rows; its keys and values stay in
@@ -403,6 +404,7 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
     model = nnx.merge(graphdef, state)
     if config.layer_loop == "scan":
         _cast_layers(model, model.config.dtype)
+    prompt_ids, prompt_mask = _left_aligned(prompt_ids, prompt_mask)
     prompts, width = prompt_ids.shape
     batch, new = prompts * generations, config.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
@@ -439,7 +441,15 @@ def _generate_bucket(graphdef, state, prompt_ids, prompt_mask, rng_key, knobs, c
         return _record(s._replace(cache=cache), step_logits, rng_key, config, knobs)
 
     end = jax.lax.while_loop(unfinished, decode_one, start)
-    return end.tokens, end.response_mask, end.sampler_logprobs, end.model_logprobs
+    prompt_ids, prompt_mask = _repeat_rows((prompt_ids, prompt_mask), generations)
+    return GenerationResult(
+        tokens=end.tokens,
+        response_mask=end.response_mask,
+        sampler_logprobs=end.sampler_logprobs,
+        model_logprobs=end.model_logprobs,
+        sequences=jnp.concatenate([prompt_ids, end.tokens], axis=1),
+        sequence_mask=jnp.concatenate([prompt_mask, end.response_mask.astype(jnp.int32)], axis=1),
+    )
 
 
 def _resolved_layer_loop(config: SamplingConfig, state: Any) -> SamplingConfig:
@@ -551,6 +561,15 @@ def _ragged_to_arrays(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tu
     return ids, mask
 
 
+def _left_padded(array: Any, columns: int, value: int) -> Any:
+    """`array` [B, P] with `columns` columns of `value` on the left: on the host for a NumPy array (no device
+    operation before the sampler's program), else with ``jnp.pad``."""
+    if not columns:
+        return array
+    pad = np.pad if isinstance(array, np.ndarray) else jnp.pad
+    return pad(array, ((0, 0), (columns, 0)), constant_values=value)
+
+
 def _left_aligned(prompt_ids: Any, prompt_mask: Any) -> tuple[jax.Array, jax.Array]:
     """(ids, mask) i32[B, P] with each row's padding moved to the left (right-padded rows rolled right)."""
     ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
@@ -614,7 +633,7 @@ def generate(
     if not _is_int(num_generations) or num_generations < 1:
         raise ValueError(f"generate: num_generations must be an integer >= 1, got {num_generations!r}.")
     graphdef, state = _split_model(model)
-    model_config = nnx.merge(graphdef, state).config
+    model_config = model.config if isinstance(model, nnx.Module) else nnx.merge(graphdef, state).config
     config = _with_special_tokens(config, model_config, tokenizer)
     if isinstance(prompt_ids, (list, tuple)):
         prompt_ids, lengths_mask = _ragged_to_arrays(prompt_ids, config.pad_token_id)
@@ -625,24 +644,19 @@ def generate(
     _check_special_tokens(model_config, config)
     if not any(isinstance(x, jax.core.Tracer) for x in (prompt_ids, prompt_mask)):
         _check_prompt_values(prompt_ids, prompt_mask, model_config, config)
-    prompt_ids, prompt_mask = _left_aligned(prompt_ids, prompt_mask)
-    extra = bucket_length(prompt_ids.shape[1], config.prompt_bucket_multiple) - prompt_ids.shape[1]
-    tokens, response_mask, sampler_logprobs, model_logprobs = _generate_bucket(
+    width = jnp.shape(prompt_ids)[1]
+    extra = bucket_length(width, config.prompt_bucket_multiple) - width
+    result = _generate_bucket(
         graphdef,
         state,
-        jnp.pad(prompt_ids, ((0, 0), (extra, 0)), constant_values=config.pad_token_id),
-        jnp.pad(prompt_mask, ((0, 0), (extra, 0))),
+        _left_padded(prompt_ids, extra, config.pad_token_id),
+        _left_padded(prompt_mask, extra, 0),
         rng_key,
         (jnp.float32(config.temperature), jnp.float32(config.top_p)),
         _compiled_part(_resolved_layer_loop(config, state)),
         int(num_generations),
     )
-    prompt_ids, prompt_mask = _repeat_rows((prompt_ids, prompt_mask), num_generations)
-    return GenerationResult(
-        tokens=tokens,
-        response_mask=response_mask,
-        sampler_logprobs=sampler_logprobs,
-        model_logprobs=model_logprobs,
-        sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
-        sequence_mask=jnp.concatenate([prompt_mask, response_mask.astype(jnp.int32)], axis=1),
-    )
+    if not extra:
+        return result
+    # the sequences hold the prompts in their given width: the bucket's padding is the left-aligned rows' first columns
+    return result._replace(sequences=result.sequences[:, extra:], sequence_mask=result.sequence_mask[:, extra:])

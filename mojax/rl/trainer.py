@@ -804,9 +804,13 @@ class Trainer(Run):
         return nnx.merge(self.graphdef, params, self.rest)
 
     def sampling_model(self) -> Any:
-        """The current policy for the rollout: with split training parameters, :func:`mojax.models.merge_split`'s model,
-        which samples from them in place (:meth:`policy_model` concatenates a copy of every layer weight)."""
-        return merge_split(self.graphdef, self.state.params) if self.split else self.policy_model()
+        """The current policy for the rollout, as :func:`mojax.models.generate` takes it: with split training
+        parameters, :func:`mojax.models.merge_split`'s model, which samples from them in place (:meth:`policy_model`
+        concatenates a copy of every layer weight); else the ``(graphdef, state)`` pair of the parameters and the
+        rest, which ``generate`` would otherwise split from a merged model at every rollout."""
+        if self.split:
+            return merge_split(self.graphdef, self.state.params)
+        return self.graphdef, nnx.merge_state(self.state.params, self.rest)
 
     def place_batch(self, batch: Batch) -> Batch:
         """The batch split over the mesh's batch axes (unchanged without a mesh)."""

@@ -189,6 +189,20 @@ def test_a_resumed_run_refuses_a_reward_model_whose_parameters_changed(tmp_path)
         Trainer(small_config(tmp_path, entries, "steps=3"), objectives=scored_by_a_reward_model(1)).train()
 
 
+def test_the_rollout_samples_from_the_parameters_pair_what_the_merged_policy_samples(tmp_path):
+    """Unsplit parameters reach the sampler as a (graphdef, state) pair, with no model object built and split again
+    at every rollout; it draws the merged policy's tokens and log-probabilities."""
+    from mojax.models.generate import generate
+
+    trainer = Trainer(small_config(tmp_path))
+    pair = trainer.sampling_model()
+    assert isinstance(pair, tuple) and not trainer.split
+    ids, mask = np.asarray([[5, 6, 7, 8], [0, 9, 10, 11]]), np.asarray([[1, 1, 1, 1], [0, 1, 1, 1]])
+    got, want = (generate(m, ids, mask, jax.random.key(1), trainer.sampling) for m in (pair, trainer.policy_model()))
+    for field in ("tokens", "model_logprobs", "sampler_logprobs", "sequences"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
 def test_a_checkpoint_of_another_state_layout_is_refused_with_the_step_and_the_remedy(run_root, tmp_path):
     straight_run(run_root)
     output = tmp_path / "copy"
