@@ -8,8 +8,9 @@ is the fixed batch; every other contender runs on that same batch:
 * ``<combiner>/<mode>``: ``Trainer.update(batch, 1)`` of a trainer with that combiner, for every combiner of
   ``mojax.combiners.REGISTRY`` and every mode it supports (scalar without a Gram; probe and full with one). All
   trainers start from the same random model (same seed) and have the same update settings. A probe set that holds
-  every trained parameter (``--set 'combiner.probe=[lora_]'`` with LoRA) makes the trainer run full mode; its probe
-  contender is then labelled ``<combiner>/probe, run as full`` and judged as full mode;
+  every trained parameter (``--set 'combiner.probe=[lora_]'`` with LoRA) makes the trainer run full mode when the
+  loss has no shared term (the benchmark's default: no KL in the loss, no entropy bonus); its probe contender is then
+  labelled ``<combiner>/probe, run as full`` and judged as full mode;
 * ``bound: fwd + n bwd``: one forward pass and the pullbacks of the n objective losses (unit cotangents, batched or
   sequential as the trainers' ``combiner.pullbacks``), with no combiner and no optimizer: the least a full-mode
   update can cost;

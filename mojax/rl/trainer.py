@@ -350,7 +350,8 @@ def update_mode(spec: UpdateSpec, config: rl_config.TrainConfig, params: Any, mo
     sum_i w_i g_i; probe mode spends one more backward pass, its weighted one, recomputing that sum. Without a shared
     term (:func:`mojax.rl.update.shared_term_is_zero`: no KL in the loss, no entropy bonus) full mode takes n backward
     passes against probe mode's n + 1. With one, both take n + 1, and probe mode stays: its weighted pass carries the
-    shared term, where full mode adds a separate gradient (3-5% more time for SmolLM2's LoRA example, KL 0.02).
+    shared term, where full mode adds a separate gradient (its update took 2-17% longer per step on SmolLM2's LoRA
+    example with KL 0.02: benchmarks/RESULTS.md, "LoRA with every adapter in the probe set").
     ``params`` are the unsplit parameters (their shapes alone are read).
     """
     if spec.mode != "probe" or not shared_term_is_zero(spec):
