@@ -16,6 +16,8 @@
 * :func:`save_pretrained` writes ``config.json`` + ``model.safetensors`` (or shards + index)
   that ``transformers`` loads (``LlamaForCausalLM`` / ``LlamaForSequenceClassification``), with
   the tokenizer, its chat template and ``generation_config.json``, so a folder round-trips whole.
+* :func:`weight_file_digests` (sha256 of the weight files a load reads) and :func:`parameter_digest` (sha256 of a
+  module's arrays): what a resumed training run checks its initial weights against.
 
 Safety: never unpickles and never runs remote code. A folder with only ``pytorch_model.bin``
 gets a ``ValueError`` asking for a safetensors conversion; a missing or unexpected tensor name
@@ -397,6 +399,18 @@ def weight_file_digests(path: str | os.PathLike) -> dict[str, str]:
         with open(file, "rb") as handle:
             digests[os.path.basename(file)] = hashlib.file_digest(handle, "sha256").hexdigest()
     return digests
+
+
+def parameter_digest(module: nnx.Module) -> str:
+    """sha256 hex digest of a module's state: every leaf's path, dtype, shape and bytes, in the state's order.
+
+    Two modules digest alike iff their states hold the same arrays under the same names (to the bit)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def load_causal_lm(

@@ -13,7 +13,7 @@ from hf_fixtures import random_module
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mojax.models import ModelConfig
+from mojax.models import ModelConfig, parameter_digest
 from mojax.models.heads import LlamaRewardModel
 from mojax.rl.rewards import (
     BUILTIN_REWARDS,
@@ -29,7 +29,6 @@ from mojax.rl.rewards import (
     token_reward,
     update_normalizer,
 )
-from mojax.rl.rewards.objectives import parameter_digest
 
 
 def constant(value):

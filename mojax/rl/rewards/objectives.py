@@ -22,7 +22,6 @@ for every combiner that maximises (all but a Lagrangian, which constrains costs 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ from flax import nnx
 
 from mojax import _checks
 from mojax.models.heads import LlamaRewardModel
+from mojax.models.hf import parameter_digest
 
 KINDS = ("reward", "cost")
 REWARD_MODEL_DIGEST_PREFIX = "objectives."
@@ -139,18 +139,6 @@ def reward_model(model: LlamaRewardModel, label: int = 0) -> RewardModel:
             )
         )
     return RewardModel(model, label)
-
-
-def parameter_digest(module: nnx.Module) -> str:
-    """sha256 hex digest of a module's state: every leaf's path, dtype, shape and bytes, in the state's order.
-
-    Two modules digest alike iff their states hold the same arrays under the same names (to the bit)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
 
 
 def reward_model_digests(objectives: Sequence[Objective]) -> dict[str, str]:
