@@ -14,13 +14,18 @@ import sys
 from collections.abc import Sequence
 
 
-def _keep_host_memory(args: argparse.Namespace, model_path: str) -> None:
-    """Run as the program, make ``malloc`` keep freed memory for XLA's next call before anything is built, unless the
-    policy is a small model (:func:`mojax.rl.trainer.keep_freed_host_memory_for_policy`)."""
+def _prepare_process(args: argparse.Namespace, model_path: str) -> None:
+    """Before anything is built: run as the program, make ``malloc`` keep freed memory for XLA's next call unless the
+    policy is a small model (:func:`mojax.rl.trainer.keep_freed_host_memory_for_policy`); and turn on JAX's persistent
+    compilation cache (:mod:`mojax.compilation_cache`), so that a rerun or a resumed run loads its compiled programs
+    instead of compiling them again."""
+    from mojax.compilation_cache import enable_persistent_cache
+
     if args.as_program:
         from mojax.rl.trainer import keep_freed_host_memory_for_policy
 
         keep_freed_host_memory_for_policy(model_path)
+    enable_persistent_cache()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -28,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from mojax.rl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    _keep_host_memory(args, config.model.path)
+    _prepare_process(args, config.model.path)
     trainer = Trainer(config)
     try:
         metrics = trainer.train()
@@ -46,7 +51,7 @@ def _dpo(args: argparse.Namespace) -> int:
     from mojax.rl.dpo_config import load_dpo_config
 
     config = load_dpo_config(args.config, args.overrides)
-    _keep_host_memory(args, config.model.path)
+    _prepare_process(args, config.model.path)
     metrics = run_dpo(config)
     print({key: round(value, 4) for key, value in metrics.items() if key.startswith(("rewards/", "logps/"))})
     return 0

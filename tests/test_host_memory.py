@@ -140,7 +140,8 @@ def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run
 ):
     """``mojax train`` / ``mojax dpo`` run as the program (argv None) hand their config's ``model.path`` to
     ``keep_freed_host_memory_for_policy`` before the trainer is built; ``main([...])`` calls from Python leave the
-    process alone."""
+    process alone. Both turn on the persistent compilation cache before the trainer is built."""
+    import mojax.compilation_cache
     import mojax.host_memory
     import mojax.rl.dpo
     import mojax.rl.trainer
@@ -150,6 +151,7 @@ def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run
     monkeypatch.setattr(
         mojax.rl.trainer, "keep_freed_host_memory_for_policy", lambda path: events.append(("kept", path))
     )
+    monkeypatch.setattr(mojax.compilation_cache, "enable_persistent_cache", lambda: events.append(("cache", None)))
 
     def built(config):
         events.append(("built", config.model.path))
@@ -160,11 +162,11 @@ def test_the_command_line_keeps_freed_memory_for_its_configs_model_only_when_run
     argv = [command, config, f"output_dir={tmp_path}", "model.path=some/folder"]
     with pytest.raises(Built):
         cli.main(argv)
-    assert events == [("built", "some/folder")]
+    assert events == [("cache", None), ("built", "some/folder")]
     monkeypatch.setattr(sys, "argv", ["mojax", *argv])
     with pytest.raises(Built):
         cli.main()
-    assert events[1:] == [("kept", "some/folder"), ("built", "some/folder")]
+    assert events[2:] == [("kept", "some/folder"), ("cache", None), ("built", "some/folder")]
 
 
 def test_the_demo_keeps_freed_memory_only_when_asked(monkeypatch, tmp_path):
