@@ -47,6 +47,13 @@ class Rollout(NamedTuple):
     values: jax.Array | None = None
 
 
+def without_prompts(rollout: Rollout) -> Rollout:
+    """`rollout` with its prompt fields set to None: all that the per-response computations (the advantages, the
+    interference statistics) read, so that their compiled programs depend on the response width alone and not also
+    on each batch's prompt width (``rollout.prompt_bucket_multiple`` pads prompts to one of several widths)."""
+    return rollout._replace(prompt_ids=None, prompt_mask=None)
+
+
 def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], *, max_length: int, truncate: str = "left", bucket_multiple: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:

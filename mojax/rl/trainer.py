@@ -83,7 +83,7 @@ from mojax.rl.rewards import (
     signed,
     update_normalizer,
 )
-from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout
+from mojax.rl.rollout import Rollout, encode_prompts, response_bucket, sample_rollout, without_prompts
 from mojax.rl.run import (  # noqa: F401 (CRASH_ENV: the test hook, re-exported)
     CRASH_ENV,
     Run,
@@ -895,11 +895,12 @@ class Trainer(Run):
 
     def advantages(self, scores: np.ndarray, rollout: Rollout) -> rl_advantages.Advantages:
         """Per-objective advantages f32[n, B, T] of reward-oriented scores (KL in the reward when so placed), with the
-        critic's returns for gae: :func:`estimate_advantages`, compiled once per rollout shape."""
+        critic's returns for gae: :func:`estimate_advantages`, compiled once per response shape (whatever the prompts'
+        width)."""
         algorithm = self.config.algorithm
         return _estimate_advantages(
             jnp.asarray(scores, jnp.float32),
-            rollout,
+            without_prompts(rollout),
             jnp.asarray([objective.weight for objective in self.objectives], jnp.float32),
             jnp.float32(self.kl_coef),
             estimator=algorithm.advantage_estimator,
@@ -973,7 +974,9 @@ class Trainer(Run):
                     metrics[f"combiner/cos/{self.names[a]}/{self.names[b]}"] = float(cosines[a, b])
         if not self.aggregate_first:
             statistics = fetch(
-                _interference_statistics(jnp.asarray(weights), advantages, rollout, jnp.asarray(oriented))
+                _interference_statistics(
+                    jnp.asarray(weights), advantages, without_prompts(rollout), jnp.asarray(oriented)
+                )
             )
             for index, name in enumerate(self.names):
                 metrics[f"interference/cov/{name}"] = float(statistics.cov[index])

@@ -430,6 +430,31 @@ def test_the_compiled_advantages_and_statistics_equal_their_op_by_op_run(tmp_pat
     assert _estimate_advantages._cache_size() == programs  # the second trainer reuses the first one's program
 
 
+def test_a_wider_prompt_compiles_neither_the_advantages_nor_the_statistics_again(tmp_path):
+    """The advantages and the interference statistics read the responses alone: a batch whose prompts are padded to
+    another width (another ``rollout.prompt_bucket_multiple`` bucket) reuses their programs and gives the same
+    metrics."""
+    from mojax.rl.trainer import _estimate_advantages, _interference_statistics
+
+    trainer = Trainer(small_config(tmp_path, "steps=1"))
+    prepared = trainer.prepare(1)
+    rollout = prepared.rollout
+    wider = rollout._replace(
+        prompt_ids=np.pad(np.asarray(rollout.prompt_ids), ((0, 0), (8, 0))),
+        prompt_mask=np.pad(np.asarray(rollout.prompt_mask), ((0, 0), (8, 0))),
+    )
+    update = {"weights": np.full(3, 1 / 3, np.float32), "cosines": np.full((3, 3), np.nan, np.float32)}
+    update |= dict.fromkeys(("loss", "grad_norm", "kl", "entropy", "clip_ratio"), 0.0)
+    programs, metrics = [], []
+    for batch in (rollout, wider):
+        advantages = trainer.advantages(prepared.oriented, batch).advantages
+        metrics.append(trainer._metrics(prepared.raw, prepared.oriented, batch, advantages, update))
+        programs.append((_estimate_advantages._cache_size(), _interference_statistics._cache_size()))
+    assert programs[1] == programs[0]
+    assert metrics[1] == metrics[0]
+    assert np.isfinite(metrics[0]["interference/index"])
+
+
 def test_the_kl_in_the_reward_lowers_each_score_by_beta_times_its_summed_kl(tmp_path):
     """With ``kl.placement=reward`` GRPO's advantages are those of the scores minus beta sum_t (log pi_old - log
     pi_ref) over each response (after one update, so that the policy has left the reference)."""
