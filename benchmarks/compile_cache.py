@@ -148,12 +148,17 @@ def summary(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     return {"kinds": summarised, "same_last_metrics": same}
 
 
+def seconds_text(seconds: float) -> str:
+    """Seconds to a tenth from 10 s on, else to three significant digits (7.38, 0.0135)."""
+    return f"{seconds:.1f}" if seconds >= 10 else f"{seconds:#.3g}"
+
+
 def seconds_cell(value: tuple[float, float, float] | None, rounds: int) -> str:
-    """``median (min-max)`` in seconds, the range only with more than one round; a dash for no value."""
+    """``median (min-max)`` in :func:`seconds_text`, the range only with more than one round; a dash for no value."""
     if value is None:
         return "-"
-    median, low, high = value
-    return f"{median:.2f}" if rounds == 1 else f"{median:.2f} ({low:.2f}-{high:.2f})"
+    median, low, high = (seconds_text(seconds) for seconds in value)
+    return median if rounds == 1 else f"{median} ({low}-{high})"
 
 
 def markdown(report: dict) -> str:
