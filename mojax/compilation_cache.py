@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 DEFAULT_MAX_SIZE_BYTES = 8 * 2**30
 """The cache's default bound; past it JAX evicts the least recently used programs."""
+
+ENTRY_SUFFIX = "-cache"
+ACCESS_TIME_SUFFIX = "-atime"
+"""JAX's bounded cache keeps a program as ``<key>-cache`` and the time it was last read or written as ``<key>-atime``
+(8 bytes, little-endian nanoseconds); an unbounded cache writes the first file only."""
 
 
 def default_cache_dir() -> str:
@@ -29,7 +35,8 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None, min_comp
 
     An unbounded cache (JAX's default size, -1) gets :data:`DEFAULT_MAX_SIZE_BYTES`: with a bound JAX evicts old
     programs and holds a file lock around every read and write, so runs started side by side (a sweep) share one
-    folder safely; without one it writes entries in place, unlocked.
+    folder safely; without one it writes entries in place, unlocked. Programs that an unbounded cache wrote get an
+    access time (:func:`add_missing_access_times`), without which the bounded cache cannot write to their folder.
 
     Args:
       directory: the cache folder; default :func:`default_cache_dir`.
@@ -46,4 +53,33 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None, min_comp
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
     if jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_SIZE_BYTES)
+    add_missing_access_times(jax.config.jax_compilation_cache_dir)
     return jax.config.jax_compilation_cache_dir
+
+
+def add_missing_access_times(directory: str | os.PathLike) -> int:
+    """Give each program in a cache folder that has no access time one: its file's modification time.
+
+    JAX's bounded cache reads the access time of every program in the folder before it writes a new one, to choose
+    which to evict; a program written while the folder was used unbounded (as mojax's commands did before they set a
+    bound) has none, and then every write failed with a warning, so nothing new was cached.
+
+    Args:
+      directory: the cache folder (nothing is done when it is not a local folder).
+
+    Returns:
+      The number of access times written.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return 0
+    written = 0
+    for entry in folder.glob(f"*{ENTRY_SUFFIX}"):
+        access_time = entry.with_name(entry.name.removesuffix(ENTRY_SUFFIX) + ACCESS_TIME_SUFFIX)
+        try:
+            if not access_time.exists():
+                access_time.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+                written += 1
+        except FileNotFoundError:  # evicted by another process meanwhile
+            continue
+    return written

@@ -5,8 +5,15 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
+from jax._src.lru_cache import LRUCache
 
-from mojax.compilation_cache import DEFAULT_MAX_SIZE_BYTES, default_cache_dir, enable_persistent_cache
+from mojax.compilation_cache import (
+    DEFAULT_MAX_SIZE_BYTES,
+    add_missing_access_times,
+    default_cache_dir,
+    enable_persistent_cache,
+)
 
 CACHE_SETTINGS = (
     "jax_compilation_cache_dir",
@@ -60,6 +67,29 @@ def test_the_least_compile_time_cached_is_the_argument_unless_the_environment_se
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 3.0)
         enable_persistent_cache(tmp_path, min_compile_time_s=0.25)
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 3.0
+
+
+def test_a_folder_an_unbounded_cache_wrote_takes_new_programs_once_its_programs_have_access_times(tmp_path):
+    """JAX's own cache classes: a bounded cache cannot write into a folder where an unbounded one left a program
+    without an access time, and can once :func:`add_missing_access_times` has given it one."""
+    LRUCache(str(tmp_path), max_size=-1).put("jit_old-0", b"old program")
+    assert [path.name for path in tmp_path.iterdir()] == ["jit_old-0-cache"]
+    bounded = LRUCache(str(tmp_path), max_size=2**20)
+    with pytest.raises(FileNotFoundError, match="jit_old-0-atime"):
+        bounded.put("jit_new-1", b"new program")
+    assert add_missing_access_times(tmp_path) == 1
+    assert add_missing_access_times(tmp_path) == 0
+    bounded.put("jit_new-1", b"new program")
+    assert bounded.get("jit_new-1") == b"new program" and bounded.get("jit_old-0") == b"old program"
+    assert add_missing_access_times(tmp_path / "missing") == 0
+
+
+def test_enabling_the_cache_gives_the_configured_folders_programs_access_times(tmp_path):
+    (tmp_path / "jit_old-0-cache").write_bytes(b"old program")
+    with restored_cache_settings():
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        enable_persistent_cache()
+    assert (tmp_path / "jit_old-0-atime").exists()
 
 
 def test_mojax_train_writes_its_programs_to_the_default_bounded_cache(tmp_path):
