@@ -96,24 +96,12 @@ def test_mojax_train_writes_its_programs_to_the_default_bounded_cache(tmp_path):
     """A ``mojax train`` process with no cache settings of its own writes its train step and its sampler's program to
     ``mojax-xla-cache-<uid>`` in its temporary directory, with JAX's access-time files (written only by a bounded
     cache, which locks every read and write)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
-    }
+    inherited = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(inherited)}
     env["TMPDIR"] = str(tmp_path)
-    command = [
-        sys.executable,
-        "-m",
-        "mojax",
-        "train",
-        "tiny",
-        "steps=1",
-        "eval_steps=0",
-        f"output_dir={tmp_path / 'run'}",
-    ]
+    overrides = ["steps=1", "eval_steps=0", f"output_dir={tmp_path / 'run'}", "logging.tensorboard=false"]
     run = subprocess.run(
-        [*command, "logging.tensorboard=false", "logging.progress=false", "export=false"],
+        [sys.executable, "-m", "mojax", "train", "tiny", *overrides, "logging.progress=false", "export=false"],
         env=env,
         capture_output=True,
         text=True,
