@@ -1175,6 +1175,7 @@ def _with_trunk(state: Any, trunk: dict) -> Any:
     return type(state)(raw) if isinstance(state, nnx.State) else raw
 
 
+@jax.jit
 def split_last_layer(state: nnx.State) -> nnx.State:
     """The state with the final decoder block apart: ``model.layers`` [L-1, ...] and ``model.last_layer`` [1, ...].
 
@@ -1182,6 +1183,8 @@ def split_last_layer(state: nnx.State) -> nnx.State:
     can select the final block alone. This copies the layer weights once (the slices are new
     arrays): do it outside the differentiated function, ideally once, keeping the split state as the
     training representation (optimizer state included) and merging only to sample or export.
+    Jitted: every slice of the state in one compiled program (op by op, each leaf shape's two slices
+    compiled apart), which JAX's persistent compilation cache can keep.
 
     Args:
       state: ``nnx.state(model)`` or the ``nnx.Param`` part of ``nnx.split(model, nnx.Param, ...)``
@@ -1205,10 +1208,12 @@ def split_last_layer(state: nnx.State) -> nnx.State:
     )
 
 
+@jax.jit
 def merge_last_layer(split: nnx.State) -> nnx.State:
     """The inverse of :func:`split_last_layer`: ``model.layers`` and ``model.last_layer`` concatenated back.
 
-    Also turns gradients or optimizer moments of the split parameters into those of the model.
+    Also turns gradients or optimizer moments of the split parameters into those of the model. Jitted, as
+    :func:`split_last_layer` is.
 
     Args:
       split: a state (or a gradient pytree of the same structure) from :func:`split_last_layer`.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from compile_log import compilations
 from hf_fixtures import random_llama
 
 from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, head_matmul, rows_contraction, token_matmul
@@ -725,6 +726,21 @@ def test_split_last_layer_shapes_and_exact_inverse(split_case):
     merged = merge_last_layer(split)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     jax.tree.map(np.testing.assert_array_equal, merged, params)
+
+
+def test_split_and_merge_each_compile_one_program(split_case):
+    """Every leaf's slices (or concatenation) in one compiled program, which the persistent cache can keep; op by op
+    each leaf shape compiled its own slicing programs (18 for SmolLM2's state)."""
+    from mojax.models.llama import merge_last_layer, split_last_layer
+
+    _, params, _ = split_case
+    twin = jax.block_until_ready(jax.tree.map(lambda leaf: leaf + 0, params))  # the same shapes, built before counting
+    jax.clear_caches()
+    with compilations() as split_programs:
+        split = jax.block_until_ready(split_last_layer(twin))
+    with compilations() as merge_programs:
+        jax.block_until_ready(merge_last_layer(split))
+    assert [len(split_programs), len(merge_programs)] == [1, 1]
 
 
 def test_apply_split_logits_and_gradients_equal_the_model(split_case):
