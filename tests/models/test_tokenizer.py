@@ -1,10 +1,18 @@
 """Tokenizers from HF folders and GGUF files, and the end-of-turn token read off a chat template (offline)."""
 
+import os
+
 import pytest
 from gguf_fixtures import hf_weights, write_llama_gguf
 from hf_fixtures import save_tiny_tokenizer
 
-from mojax.models import ModelConfig, chat_stop_token_ids, end_of_turn_token_id, load_tokenizer
+from mojax.models import (
+    ModelConfig,
+    chat_stop_token_ids,
+    converted_tokenizer_folder,
+    end_of_turn_token_id,
+    load_tokenizer,
+)
 
 pytest.importorskip("gguf")
 
@@ -59,6 +67,69 @@ def test_gguf_tokenizer_equals_the_original_and_keeps_the_chat_template(gguf_fil
         == original(rendered, add_special_tokens=False)["input_ids"]
     )
     assert end_of_turn_token_id(loaded) == original.convert_tokens_to_ids("<|im_end|>")
+
+
+def _same_tokenizer(loaded, expected) -> None:
+    """The same vocabulary, merges, normalisation and post-processing, special tokens, template and encodings."""
+    assert type(loaded) is type(expected)
+    assert loaded.backend_tokenizer.to_str() == expected.backend_tokenizer.to_str()
+    assert loaded.special_tokens_map == expected.special_tokens_map
+    assert loaded.chat_template == expected.chat_template
+    for text in [*TEXTS, "<|im_start|>hi<|im_end|>"]:
+        assert loaded(text)["input_ids"] == expected(text)["input_ids"]
+        assert loaded.decode(loaded(text)["input_ids"]) == expected.decode(expected(text)["input_ids"])
+
+
+@pytest.mark.parametrize("add_bos_token", [False, True])
+def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(
+    folder, original, tmp_path, monkeypatch, add_bos_token
+):
+    import gguf
+
+    config = ModelConfig.tiny(vocab_size=len(original), num_hidden_layers=1)
+    _, weights = hf_weights(config, tmp_path / "weights")
+    path = write_llama_gguf(tmp_path / "t.gguf", config, weights, tokenizer=original, add_bos_token=add_bos_token)
+    monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", str(tmp_path / "kept"))
+    converted = load_tokenizer(path)
+    assert (converted_tokenizer_folder(path) / "tokenizer.json").is_file()
+    assert (converted("hi")["input_ids"][0] == converted.bos_token_id) == add_bos_token
+
+    def no_gguf_read(*args, **kwargs):
+        raise AssertionError("the GGUF file was read again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_gguf_read)
+    _same_tokenizer(load_tokenizer(path), converted)
+
+
+def test_a_rewritten_gguf_file_is_converted_again(folder, original, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", str(tmp_path / "kept"))
+    path = tmp_path / "chat.gguf"
+    shutil.copy(folder / "chat.gguf", path)
+    first = converted_tokenizer_folder(path)
+    assert load_tokenizer(path).chat_template == CHATML
+    plain = save_tiny_tokenizer(tmp_path / "plain")  # no chat template
+    config = ModelConfig.tiny(vocab_size=len(plain), num_hidden_layers=1)
+    _, weights = hf_weights(config, tmp_path / "weights")
+    write_llama_gguf(path, config, weights, tokenizer=plain)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))  # even on a coarse clock
+    assert converted_tokenizer_folder(path) != first
+    assert load_tokenizer(path).chat_template is None
+
+
+def test_off_keeps_no_converted_tokenizer(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", "off")
+    monkeypatch.setenv("MOJAX_CACHE", str(tmp_path))
+    assert converted_tokenizer_folder(gguf_file) is None
+    assert load_tokenizer(gguf_file).chat_template == CHATML
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_folder_is_in_the_mojax_cache(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("MOJAX_TOKENIZER_CACHE", raising=False)
+    monkeypatch.setenv("MOJAX_CACHE", str(tmp_path))
+    assert converted_tokenizer_folder(gguf_file).parent == tmp_path / "tokenizers"
 
 
 def test_gguf_without_a_tokenizer_is_a_clear_error(folder):
