@@ -161,3 +161,27 @@ def test_no_end_of_turn_without_a_special_token_after_the_turn(original, templat
     tokenizer.chat_template = template
     assert end_of_turn_token_id(tokenizer) is None
     assert chat_stop_token_ids(tokenizer) == (2,)
+
+
+def test_the_load_benchmark_times_conversions_and_reads_of_the_kept_folder(gguf_file, tmp_path, monkeypatch):
+    """``benchmarks/tokenizer_load.py``: per round the conversion alone and the first load on an empty folder read
+    the GGUF file, the third load reads the folder; every load gives the same tokenizer."""
+    from pathlib import Path
+
+    import gguf
+    from script_module import load_script
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tokenizer_load.py"
+    reads = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: reads.append(args) or reader(*args, **kwargs))
+    monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", str(tmp_path / "unused"))
+    report = load_script(script, "tokenizer_load_benchmark").main(
+        ["--gguf", str(gguf_file), "--rounds", "2", "--out", str(tmp_path)]
+    )
+    assert len(reads) == 4
+    assert report["same_tokenizer"] and len(report["rounds"]) == 2
+    assert set(report["summary"]) == {"converted", "converted and kept", "kept"}
+    table = (tmp_path / "tokenizer_load.md").read_text()
+    assert "| kept | " in table and "Every load gave the same tokenizer: yes." in table
+    assert not (tmp_path / "unused").exists()
