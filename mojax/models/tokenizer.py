@@ -13,13 +13,15 @@ a user turn and an assistant turn whose content is a marker, and takes the token
 writes right after the marker when that token is a special one (``<|im_end|>`` for ChatML,
 ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma, ``</s>`` for Llama 2).
 
-transformers is imported only inside :func:`load_tokenizer`; the other functions call methods of
-the tokenizer they are given.
+transformers is imported only when :func:`load_tokenizer` loads a tokenizer, and its ``AutoTokenizer`` (whose
+import takes transformers' model configuration, and torch where installed) only for a folder of another class than
+``PreTrainedTokenizerFast`` or a conversion; the other functions call methods of the tokenizer they are given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -70,11 +72,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
       >>> load_tokenizer(folder)("hello world")["input_ids"]
       [1, 2]
     """
-    from transformers import AutoTokenizer
-
     path = os.fspath(path)
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(path)
+        return _from_folder(path)
     gguf_path = gguf_file_in(path)
     if gguf_path is None:
         raise FileNotFoundError(
@@ -84,7 +84,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         )
     kept = converted_tokenizer_folder(gguf_path)
     if kept is not None and (kept / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(kept)
+        return _from_folder(kept)
+    from transformers import AutoTokenizer
+
     folder, name = os.path.split(os.path.abspath(gguf_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -94,6 +96,22 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if kept is not None:
         _keep(tokenizer, kept)
     return tokenizer
+
+
+def _from_folder(folder: str | os.PathLike) -> Any:
+    """The tokenizer of an HF folder: through ``PreTrainedTokenizerFast`` itself when that is the class its
+    ``tokenizer_config.json`` names (as for every tokenizer converted from a GGUF file), else ``AutoTokenizer``,
+    whose import also imports transformers' model configuration and, through it, torch where torch is installed
+    (1.2 s)."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = Path(folder) / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if named == PreTrainedTokenizerFast.__name__:
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def converted_tokenizer_folder(gguf_path: str | os.PathLike) -> Path | None:

@@ -101,6 +101,26 @@ def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(
     _same_tokenizer(load_tokenizer(path), converted)
 
 
+def test_a_kept_tokenizer_loads_without_transformers_auto_classes(gguf_file, tmp_path):
+    """In a fresh process the conversion imports ``AutoTokenizer`` (and with it transformers' model configuration,
+    and torch where installed); the kept folder, of class ``PreTrainedTokenizerFast``, loads without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mojax.models import load_tokenizer; tokenizer = load_tokenizer(sys.argv[1]); "
+        "print('transformers.models.auto.tokenization_auto' in sys.modules, tokenizer.chat_template is not None)"
+    )
+    env = {**os.environ, "MOJAX_TOKENIZER_CACHE": str(tmp_path / "kept")}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(gguf_file)], env=env, capture_output=True, text=True, check=True
+        )
+        for _ in range(2)
+    ]
+    assert [output.stdout.split() for output in outputs] == [["True", "True"], ["False", "True"]]
+
+
 def test_a_rewritten_gguf_file_is_converted_again(folder, original, tmp_path, monkeypatch):
     import shutil
 
