@@ -40,7 +40,8 @@ is the fixed batch; every other contender runs on that same batch:
   the bound: where that is above the 1.1x target's allowance, no full mode that pulls back as the bound does can
   meet the target on that machine (the LM head's token kernel, ``combiner.head_gram``, pulls back less).
 
-Timing: every contender is compiled and warmed up first (the first call's time is reported as compile time), then
+Timing: every contender is compiled and warmed up first (its first call's time is reported, and the part of it that
+XLA spent compiling: the rest is tracing, lowering and one run), then
 each round calls all contenders once in turn, in a random order drawn afresh for every pass, ``--repeats`` times
 (a call's time depends on the program that ran before it, so no contender always follows the same one); a
 contender's ratio in a round is its median time over the linear step's median time in that round. The table reports
@@ -109,7 +110,7 @@ from mojax.rl.update import (  # noqa: E402
     train_step_compiler_options,
     zeros_where_masked,
 )
-from mojax.testing import benchmark_command, call_orders, cpu_model, write_report  # noqa: E402
+from mojax.testing import benchmark_command, call_orders, cpu_model, write_report, xla_compile_seconds  # noqa: E402
 from mojax.xla_cpu import batched_pullback_options  # noqa: E402
 
 LETTERS = "abcdefghijklmnop"
@@ -136,15 +137,23 @@ REFERENCES = {
 }
 
 
+class FirstCall(NamedTuple):
+    """A contender's first call: its wall seconds (trace, lower, compile, run) and the seconds XLA spent compiling
+    its programs (:func:`mojax.testing.xla_compile_seconds`)."""
+
+    seconds: float
+    xla_compile_s: float
+
+
 class Contender(NamedTuple):
-    """One timed callable: its label, the combiner mode ("" for the reference passes) and its compile time; in scalar
+    """One timed callable: its label, the combiner mode ("" for the reference passes) and its first call; in scalar
     mode also its trainer's weight program alone (:func:`weights_call`); and what its compiled program's temporaries
     take in bytes (``--memory``)."""
 
     label: str
     mode: str
     call: Callable[[], Any]
-    compile_s: float
+    first_call: FirstCall
     weights: Callable[[], Any] | None = None
     temporaries: Callable[[], int] | None = None
 
@@ -193,13 +202,14 @@ def modes(name: str) -> tuple[str, ...]:
     return ("probe", "full") if REGISTRY[name].uses_gram else ("scalar",)
 
 
-def timed_first(call: Callable[[], Any]) -> float:
-    """Seconds of the first call (trace, compile, run), then one more warm-up call."""
-    started = time.perf_counter()
+def timed_first(call: Callable[[], Any]) -> FirstCall:
+    """The first call (trace, compile, run) timed, with its XLA compilations apart; then one more warm-up call."""
+    with xla_compile_seconds() as compiles:
+        started = time.perf_counter()
+        jax.block_until_ready(call())
+        elapsed = time.perf_counter() - started
     jax.block_until_ready(call())
-    elapsed = time.perf_counter() - started
-    jax.block_until_ready(call())
-    return elapsed
+    return FirstCall(elapsed, sum(compiles))
 
 
 def update_call(trainer: Trainer, batch: Batch) -> Callable[[], Any]:
@@ -336,7 +346,7 @@ def contenders(
             BASELINE,
             "scalar",
             update_call(linear, batch),
-            0.0,
+            FirstCall(0.0, 0.0),  # timed after the other trainers are built, below
             weights_call(linear, batch),
             update_temporaries(linear, batch),
         )
@@ -359,7 +369,7 @@ def contenders(
                 other = "batched" if trainer.update_spec.sequential_pullbacks else "sequential"
                 variant = f"combiner.pullbacks={other}", f"{other} pullbacks"
                 found.append(variant_contender(n, name, mode, workdir, extra, variant, batch))
-    found[0] = found[0]._replace(compile_s=timed_first(found[0].call))
+    found[0] = found[0]._replace(first_call=timed_first(found[0].call))
     found += [
         Contender(label, "", call, timed_first(call), None, pass_temporaries(call)) for label, call in passes.items()
     ]
@@ -496,7 +506,8 @@ def measure(n: int, entries: list[Contender], repeats: int, rounds: int, memory:
                 "median_user_s": statistics.median(u.user for u in calls),
                 "median_system_s": statistics.median(u.system for u in calls),
                 "median_page_faults": statistics.median(u.faults for u in calls),
-                "compile_s": entry.compile_s,
+                "first_call_s": entry.first_call.seconds,
+                "xla_compile_s": entry.first_call.xla_compile_s,
                 **weights_ms.get(entry.label, {}),
             }
         )
@@ -685,14 +696,15 @@ def markdown(report: dict[str, Any]) -> str:
         "## Ratios",
         "",
         "| n | contender | ratio to linear | spread | ratio to bound | spread | CPU user s | system s | "
-        "page faults (k) | compile s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "page faults (k) | first call s | XLA compile s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['n']} | {r['contender']} | {r['ratio_to_linear']:.2f} | {spread(r['ratio_to_linear_spread'])} | "
             f"{r['ratio_to_bound']:.2f} | {spread(r['ratio_to_bound_spread'])} | {r['median_user_s']:.2f} | "
-            f"{r['median_system_s']:.2f} | {r['median_page_faults'] / 1e3:.0f} | {r['compile_s']:.1f} |"
+            f"{r['median_system_s']:.2f} | {r['median_page_faults'] / 1e3:.0f} | {r['first_call_s']:.1f} | "
+            f"{r['xla_compile_s']:.1f} |"
         )
     weights = [r for r in report["rows"] if "weights_ms" in r]
     if weights:

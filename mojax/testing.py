@@ -8,13 +8,14 @@ contender against its peer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shlex
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,26 @@ def same_round_ratios(timing: dict, reference: str, contender: str) -> tuple[flo
     medians = timing["round_medians_s"]
     ratios = [r / c for r, c in zip(medians[reference], medians[contender], strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+@contextlib.contextmanager
+def xla_compile_seconds() -> Iterator[list[float]]:
+    """Yields a list that collects the seconds of every XLA compilation started inside the block (JAX's backend
+    compile event, one entry per program compiled): the part of a first call that is XLA's, apart from tracing,
+    lowering and running. A program that JAX's persistent compilation cache holds is read, not compiled: no entry."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    collected: list[float] = []
+
+    def listener(event: str, seconds: float, **_: Any) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            collected.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield collected
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def benchmark_command(script: str, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> str:

@@ -34,6 +34,7 @@ def test_quick_run_reports_every_contender_against_linear(rl_step, tmp_path):
     assert all(math.isfinite(row["ratio_to_linear"]) and row["ratio_to_linear"] > 0 for row in written["rows"])
     bound = written["rows"][2]
     assert bound["ratio_to_bound"] == 1.0
+    assert all(0 <= row["xla_compile_s"] < row["first_call_s"] for row in written["rows"])  # none if the cache holds it
     text = (tmp_path / "rl_step.md").read_text()
     assert "| 2 | pama/scalar |" in text and "scalar mode <= 1.02x linear" in text
     assert "probe mode <= 1.15x linear at n = 3: not measured" in text
@@ -271,3 +272,13 @@ def test_gradient_read_reads_the_bounds_gradients_once_and_the_verdict_gives_its
     report = rl_step.main([*argv, "--references", "gradient-read", "--out", str(tmp_path)])
     assert rl_step.optimizer_and_read_share(report["rows"]) == {}  # the optimizer step not timed: no share, no line
     assert not any("timed alone" in line for line in report["verdict"])
+
+
+def test_the_first_call_reports_xla_s_compile_time_apart(rl_step):
+    """A new program's first call includes its XLA compilation (too quick for the tests' persistent cache to keep it);
+    a call of a compiled program compiles nothing."""
+    program = jax.jit(lambda x: jnp.tanh(x) @ x.T)
+    argument = jnp.ones((64, 64))
+    first = rl_step.timed_first(lambda: program(argument))
+    assert 0 < first.xla_compile_s < first.seconds
+    assert rl_step.timed_first(lambda: program(argument)).xla_compile_s == 0
