@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mojax.testing import benchmark_command, cpu_summary, write_report
+from mojax.testing import benchmark_command, cpu_summary, report_heading, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("off", "cold", "warm")
@@ -171,11 +171,9 @@ def markdown(report: dict) -> str:
     count = len(report["rounds"])
     kinds = report["summary"]["kinds"]
     lines = [
-        "# `mojax train` with and without its caches (compiled programs; a GGUF model's converted tokenizer)",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}  ",
-        f"Date: {report['date']}  ",
+        *report_heading(
+            "`mojax train` with and without its caches (compiled programs; a GGUF model's converted tokenizer)", report
+        ),
         f"Config: `{report['config']}`, {report['steps']} steps, overrides: {' '.join(report['overrides']) or 'none'}; "
         f"{count} round(s), each in a new temporary directory; median (min-max) over the rounds.",
         "",

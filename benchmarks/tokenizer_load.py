@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mojax.models import load_tokenizer
-from mojax.testing import benchmark_command, cpu_summary, write_report
+from mojax.testing import benchmark_command, cpu_summary, report_heading, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("converted", "converted and kept", "kept")
@@ -61,11 +61,7 @@ def measure_round(path: str) -> tuple[dict[str, float], set[tuple[str, str, str]
 def markdown(report: dict) -> str:
     """The report's table."""
     lines = [
-        "# `load_tokenizer` of a GGUF file: converted, or read from the folder it keeps",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}  ",
-        f"Date: {report['date']}  ",
+        *report_heading("`load_tokenizer` of a GGUF file: converted, or read from the folder it keeps", report),
         f"File: `{report['gguf']}`; {len(report['rounds'])} round(s); median (min-max) over the rounds.",
         "",
         "| load | s | x kept |",

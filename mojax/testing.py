@@ -180,6 +180,18 @@ def benchmark_command(script: str, argv: Sequence[str], environ: Mapping[str, st
     return f"XLA_FLAGS={shlex.quote(flags)} {command}" if flags else command
 
 
+def report_heading(title: str, report: Mapping[str, Any]) -> list[str]:
+    """The first lines of a benchmark's markdown report: its title, then the ``command``, ``machine`` and ``date`` of
+    `report` (markdown line breaks between them)."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Date: {report['date']}  ",
+    ]
+
+
 def write_report(out: Path, name: str, report: dict, table: str) -> None:
     """A benchmark's results: ``report`` as ``out/<name>.json`` and its markdown ``table`` as ``out/<name>.md``."""
     out.mkdir(parents=True, exist_ok=True)
