@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from compile_log import compilations
+from flax import nnx
 from hf_fixtures import random_llama
 
 from mojax._numerics import COLUMNS_MAX_ROWS, columns_matmul, head_matmul, rows_contraction, token_matmul
