@@ -1,18 +1,22 @@
-"""What ``load_tokenizer`` spends on a GGUF file's tokenizer: transformers' conversion from the file's vocabulary
-against the HF tokenizer folder it keeps, in one process (transformers imported before any timing).
+"""What opening a GGUF model costs before its weights: parsing the file's header (its metadata, the tokenizer's
+vocabulary among them) and the tokenizer, in one process (transformers imported before any timing).
 
-Each round times, on a new empty folder of kept tokenizers (``MOJAX_TOKENIZER_CACHE``):
+Each round times:
 
-- ``converted``: ``MOJAX_TOKENIZER_CACHE=off``, the conversion alone (the file's ``tokenizer.ggml.*`` fields read
-  through the ``gguf`` package, then transformers' converter);
-- ``converted and kept``: the first load on the empty folder, the conversion and the folder written;
-- ``kept``: the next load, which reads that folder.
+- ``header: gguf.GGUFReader``: the ``gguf`` package's reader over the file's ``np.memmap``;
+- ``header: mojax's reader``: the same reader over a plain ``ndarray`` view of the map, as ``GGUFFile`` opens a file;
+- ``tokenizer: converted``: ``load_tokenizer`` with ``MOJAX_TOKENIZER_CACHE=off``, transformers' conversion alone
+  (the file's ``tokenizer.ggml.*`` fields read through the ``gguf`` package, then transformers' converter);
+- ``tokenizer: converted and kept``: the first load on a new empty folder of kept tokenizers, the conversion and the
+  folder written;
+- ``tokenizer: kept``: the next load, which reads that folder.
 
-Reported per kind: median (min-max) over the rounds, and whether every load gave the same tokenizer (its
-``tokenizer.json``, special tokens and chat template). Results go to ``OUT/tokenizer_load.{json,md}``.
+Reported per kind: median (min-max) over the rounds; whether both readers parsed the same fields and tensors, and
+whether every tokenizer load gave the same tokenizer (its ``tokenizer.json``, special tokens and chat template).
+Results go to ``OUT/gguf_load.{json,md}``.
 
-    MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/tokenizer_load.py          # SmolLM2-135M's GGUF
-    python benchmarks/tokenizer_load.py --gguf FILE --rounds 5
+    MOJAX_CACHE=/tmp/mojax-data-cache python benchmarks/gguf_load.py          # SmolLM2-135M's GGUF
+    python benchmarks/gguf_load.py --gguf FILE --rounds 5
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mojax.models import load_tokenizer
+from mojax.models.gguf import array_view_reader
 from mojax.testing import benchmark_command, cpu_summary, report_heading, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("converted", "converted and kept", "kept")
+HEADER_KINDS = ("header: gguf.GGUFReader", "header: mojax's reader")
+TOKENIZER_KINDS = ("tokenizer: converted", "tokenizer: converted and kept", "tokenizer: kept")
+KINDS = HEADER_KINDS + TOKENIZER_KINDS
 
 
-def fingerprint(tokenizer) -> tuple[str, str, str]:
+def tokenizer_fingerprint(tokenizer) -> tuple[str, str, str]:
     """What makes two loads the same tokenizer: its ``tokenizer.json``, special tokens and chat template."""
     return (
         tokenizer.backend_tokenizer.to_str(),
@@ -42,44 +50,70 @@ def fingerprint(tokenizer) -> tuple[str, str, str]:
     )
 
 
-def timed_load(path: str, kept_folder: str) -> tuple[float, tuple[str, str, str]]:
+def header_fingerprint(reader) -> tuple[str, ...]:
+    """What makes two parses the same: every field's name and contents, every tensor's name, type, shape and bytes."""
+    fields = tuple(f"{name}={field.contents()!r}" for name, field in reader.fields.items())
+    tensors = tuple(f"{t.name}:{t.tensor_type.name}:{tuple(t.shape)}:{hash(t.data.tobytes())}" for t in reader.tensors)
+    return fields + tensors
+
+
+def timed(load: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call."""
+    started = time.perf_counter()
+    result = load()
+    return time.perf_counter() - started, result
+
+
+def timed_tokenizer(path: str, kept_folder: str) -> tuple[float, tuple[str, str, str]]:
     """(seconds, fingerprint) of one ``load_tokenizer(path)`` with ``MOJAX_TOKENIZER_CACHE=kept_folder`` (left set in
     this process)."""
     os.environ["MOJAX_TOKENIZER_CACHE"] = kept_folder
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(path)
-    return time.perf_counter() - started, fingerprint(tokenizer)
+    seconds, tokenizer = timed(lambda: load_tokenizer(path))
+    return seconds, tokenizer_fingerprint(tokenizer)
 
 
-def measure_round(path: str) -> tuple[dict[str, float], set[tuple[str, str, str]]]:
-    """Kind -> seconds for one round, and the fingerprints of its loads."""
-    with tempfile.TemporaryDirectory(prefix="tokenizer-load-") as folder:
-        loads = {kind: timed_load(path, "off" if kind == "converted" else folder) for kind in KINDS}
-    return {kind: seconds for kind, (seconds, _) in loads.items()}, {found for _, found in loads.values()}
+def measure_round(path: str) -> tuple[dict[str, float], set, set]:
+    """Kind -> seconds for one round; the fingerprints of its two header parses and of its tokenizer loads."""
+    import gguf
+
+    headers = {
+        kind: timed(lambda reader=reader: reader(path))
+        for kind, reader in zip(HEADER_KINDS, (gguf.GGUFReader, array_view_reader()), strict=True)
+    }
+    with tempfile.TemporaryDirectory(prefix="gguf-load-") as folder:
+        kept = {"tokenizer: converted": "off"}
+        tokenizers = {kind: timed_tokenizer(path, kept.get(kind, folder)) for kind in TOKENIZER_KINDS}
+    seconds = {kind: result[0] for kind, result in {**headers, **tokenizers}.items()}
+    parses = {header_fingerprint(reader) for _, reader in headers.values()}
+    return seconds, parses, {found for _, found in tokenizers.values()}
 
 
 def markdown(report: dict) -> str:
     """The report's table."""
     lines = [
-        *report_heading("`load_tokenizer` of a GGUF file: converted, or read from the folder it keeps", report),
+        *report_heading("Opening a GGUF file: its header and its tokenizer", report),
         f"File: `{report['gguf']}`; {len(report['rounds'])} round(s); median (min-max) over the rounds.",
         "",
-        "| load | s | x kept |",
-        "|---|---:|---:|",
+        "| load | s |",
+        "|---|---:|",
     ]
-    kept = report["summary"]["kept"][0]
     for kind in KINDS:
         median, low, high = report["summary"][kind]
-        lines.append(f"| {kind} | {median:.3f} ({low:.3f}-{high:.3f}) | {median / kept:.1f} |")
-    same = "yes" if report["same_tokenizer"] else "NO"
-    lines += ["", f"Every load gave the same tokenizer: {same}.", ""]
+        lines.append(f"| {kind} | {median:.3f} ({low:.3f}-{high:.3f}) |")
+    same = {True: "yes", False: "NO"}
+    lines += [
+        "",
+        f"Both readers parsed the same fields and tensors: {same[report['same_header']]}. "
+        f"Every tokenizer load gave the same tokenizer: {same[report['same_tokenizer']]}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", default=None, help="the GGUF file (default: SmolLM2-135M's, `mojax fetch smollm2`)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three loads (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the five loads (default 3)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="the reports' folder")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -95,14 +129,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.gguf = str(smollm2_gguf())
     import transformers  # noqa: F401  (imported before the first timing)
 
-    rounds, fingerprints = [], set()
+    rounds, parses, tokenizers = [], set(), set()
     for index in range(1, args.rounds + 1):
-        seconds, found = measure_round(args.gguf)
+        seconds, round_parses, round_tokenizers = measure_round(args.gguf)
         rounds.append(seconds)
-        fingerprints |= found
+        parses |= round_parses
+        tokenizers |= round_tokenizers
         print(f"round {index}: " + ", ".join(f"{kind} {seconds[kind]:.3f} s" for kind in KINDS))
     report = {
-        "command": benchmark_command("benchmarks/tokenizer_load.py", sys.argv[1:] if argv is None else argv),
+        "command": benchmark_command("benchmarks/gguf_load.py", sys.argv[1:] if argv is None else argv),
         "machine": cpu_summary(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "gguf": Path(args.gguf).name,
@@ -115,10 +150,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             for kind in KINDS
         },
-        "same_tokenizer": len(fingerprints) == 1,
+        "same_header": len(parses) == 1,
+        "same_tokenizer": len(tokenizers) == 1,
     }
     table = markdown(report)
-    write_report(args.out, "tokenizer_load", report, table)
+    write_report(args.out, "gguf_load", report, table)
     print(table)
     return report
 

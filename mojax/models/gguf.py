@@ -29,6 +29,7 @@ The ``gguf`` package (the optional ``[gguf]`` extra, pure Python) is imported wh
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -139,6 +140,29 @@ def gguf_file_in(path: str | os.PathLike) -> str | None:
     return os.path.join(path, found[0]) if found else None
 
 
+@functools.cache
+def array_view_reader() -> type:
+    """``gguf.GGUFReader`` over a plain ``ndarray`` view of its memory map.
+
+    The reader slices its ``data`` once per header value while it parses the file, hundreds of thousands of times for
+    a vocabulary of 49k tokens and merges; a slice of an ``np.memmap`` runs Python code (``__array_finalize__``) that
+    a slice of an ``ndarray`` does not (SmolLM2's file: 2.2 s against 0.7 s). The view reads the same mapped pages,
+    and the memory map stays open as its base.
+    """
+    import gguf
+
+    class ArrayViewReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._array
+
+        @data.setter
+        def data(self, mapped: np.memmap) -> None:
+            self._array = mapped.view(np.ndarray)
+
+    return ArrayViewReader
+
+
 class GGUFFile:
     """A memory-mapped llama GGUF file: its :class:`ModelConfig` and its tensors as float32, under HF names.
 
@@ -158,10 +182,8 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = os.fspath(path)
-        self._reader = gguf.GGUFReader(self.path)
+        self._reader = array_view_reader()(self.path)
         self._tensors = {hf_tensor_name(t.name): t for t in self._reader.tensors}
         self._check_architecture()
         self._check_tensor_types()

@@ -109,6 +109,27 @@ def test_missing_shape_metadata_is_named(folder, original):
         GGUFFile(path)
 
 
+@pytest.mark.parametrize("kind", ["F32", "Q4_1"])
+def test_the_array_view_reader_parses_as_gguf_s_reader(files, kind):
+    """Every field (the tokenizer's vocabulary and merges too) and every tensor's name, type, shape and bytes, from a
+    plain ndarray view of the same memory map."""
+    import gguf
+
+    from mojax.models.gguf import array_view_reader
+
+    theirs, ours = gguf.GGUFReader(files[kind]), array_view_reader()(files[kind])
+    assert type(ours.data) is np.ndarray and not ours.data.flags.writeable
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert repr(ours.fields[name].contents()) == repr(field.contents()), name
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape)) for t in theirs.tensors
+    ]
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        np.testing.assert_array_equal(mine.data, reference.data)
+    assert "tokenizer.ggml.tokens" in ours.fields or kind != "F32"
+
+
 def test_config_comes_from_the_metadata(original, files):
     config = original[0]
     assert read_gguf_config(files["F32"]) == config

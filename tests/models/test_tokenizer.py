@@ -183,25 +183,32 @@ def test_no_end_of_turn_without_a_special_token_after_the_turn(original, templat
     assert chat_stop_token_ids(tokenizer) == (2,)
 
 
-def test_the_load_benchmark_times_conversions_and_reads_of_the_kept_folder(gguf_file, tmp_path, monkeypatch):
-    """``benchmarks/tokenizer_load.py``: per round the conversion alone and the first load on an empty folder read
-    the GGUF file, the third load reads the folder; every load gives the same tokenizer."""
+def test_the_gguf_load_benchmark_times_both_readers_and_the_kept_folder(gguf_file, tmp_path, monkeypatch):
+    """``benchmarks/gguf_load.py``: per round gguf's reader, the conversion alone and the first load on an empty folder
+    read the GGUF file through ``gguf.GGUFReader`` (mojax's reader is its subclass), the third load reads the folder;
+    both readers parse the same, and every load gives the same tokenizer."""
     from pathlib import Path
 
     import gguf
     from script_module import load_script
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tokenizer_load.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gguf_load.py"
     reads = []
     reader = gguf.GGUFReader
     monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: reads.append(args) or reader(*args, **kwargs))
     monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", str(tmp_path / "unused"))
-    report = load_script(script, "tokenizer_load_benchmark").main(
+    report = load_script(script, "gguf_load_benchmark").main(
         ["--gguf", str(gguf_file), "--rounds", "2", "--out", str(tmp_path)]
     )
-    assert len(reads) == 4
-    assert report["same_tokenizer"] and len(report["rounds"]) == 2
-    assert set(report["summary"]) == {"converted", "converted and kept", "kept"}
-    table = (tmp_path / "tokenizer_load.md").read_text()
-    assert "| kept | " in table and "Every load gave the same tokenizer: yes." in table
+    assert len(reads) == 6
+    assert report["same_header"] and report["same_tokenizer"] and len(report["rounds"]) == 2
+    assert set(report["summary"]) == {
+        "header: gguf.GGUFReader",
+        "header: mojax's reader",
+        "tokenizer: converted",
+        "tokenizer: converted and kept",
+        "tokenizer: kept",
+    }
+    table = (tmp_path / "gguf_load.md").read_text()
+    assert "| tokenizer: kept | " in table and "Every tokenizer load gave the same tokenizer: yes." in table
     assert not (tmp_path / "unused").exists()
