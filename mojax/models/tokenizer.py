@@ -30,7 +30,7 @@ from typing import Any
 
 from mojax._cache_dir import cache_dir
 from mojax._checks import message
-from mojax.models.gguf import gguf_file_in
+from mojax.models.gguf import array_view_reader, gguf_file_in
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 """Files whose presence makes a folder an HF tokenizer folder."""
@@ -151,9 +151,7 @@ def _keep(tokenizer: Any, folder: Path) -> None:
 
 def _require_gguf_tokenizer(path: str, error: Exception) -> None:
     """ValueError from `error` when the GGUF file carries no tokenizer (``tokenizer.ggml.model`` and its tokens)."""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields
+    fields = array_view_reader()(path).fields
     missing = [key for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if key not in fields]
     if missing:
         raise ValueError(
