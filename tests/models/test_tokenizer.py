@@ -184,23 +184,25 @@ def test_no_end_of_turn_without_a_special_token_after_the_turn(original, templat
 
 
 def test_the_gguf_load_benchmark_times_both_readers_and_the_kept_folder(gguf_file, tmp_path, monkeypatch):
-    """``benchmarks/gguf_load.py``: per round gguf's reader, the conversion alone and the first load on an empty folder
-    read the GGUF file through ``gguf.GGUFReader`` (mojax's reader is its subclass), the third load reads the folder;
-    both readers parse the same, and every load gives the same tokenizer."""
+    """``benchmarks/gguf_load.py``: per round both readers, the conversion alone and the first load on an empty folder
+    parse the GGUF file (mojax's reader is a subclass of ``gguf.GGUFReader``: its parse counts too), the third load
+    reads the folder; both readers parse the same, and every load gives the same tokenizer."""
     from pathlib import Path
 
     import gguf
     from script_module import load_script
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gguf_load.py"
-    reads = []
-    reader = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: reads.append(args) or reader(*args, **kwargs))
+    parses = []
+    parse = gguf.GGUFReader.__init__
+    monkeypatch.setattr(
+        gguf.GGUFReader, "__init__", lambda *args, **kwargs: parses.append(args) or parse(*args, **kwargs)
+    )
     monkeypatch.setenv("MOJAX_TOKENIZER_CACHE", str(tmp_path / "unused"))
     report = load_script(script, "gguf_load_benchmark").main(
         ["--gguf", str(gguf_file), "--rounds", "2", "--out", str(tmp_path)]
     )
-    assert len(reads) == 6
+    assert len(parses) == 8
     assert report["same_header"] and report["same_tokenizer"] and len(report["rounds"]) == 2
     assert set(report["summary"]) == {
         "header: gguf.GGUFReader",
